@@ -1,0 +1,61 @@
+"""celery-tuning: distributed rate limits, shared breakers, result cache and SLA metrics for Celery."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# Public names resolve lazily (PEP 562) so that importing a pure layer such as
+# celery_tuning.policy does not drag in celery and redis.
+_EXPORTS = {
+    "ConfigurationError": "celery_tuning.errors",
+    "RateLimited": "celery_tuning.errors",
+    "StorageError": "celery_tuning.errors",
+    "Throttled": "celery_tuning.errors",
+    "TuningError": "celery_tuning.errors",
+    "cache_result": "celery_tuning.decorators",
+    "circuit_breaker": "celery_tuning.decorators",
+    "rate_limit": "celery_tuning.decorators",
+    "sla": "celery_tuning.decorators",
+    "install": "celery_tuning.integration.install",
+    "stamp_headers": "celery_tuning.integration.receivers",
+    "TunedTask": "celery_tuning.integration.task",
+}
+
+__all__ = [
+    "ConfigurationError",
+    "RateLimited",
+    "StorageError",
+    "Throttled",
+    "TunedTask",
+    "TuningError",
+    "cache_result",
+    "circuit_breaker",
+    "install",
+    "rate_limit",
+    "sla",
+    "stamp_headers",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'celery_tuning' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .decorators import cache_result, circuit_breaker, rate_limit, sla
+    from .errors import ConfigurationError, RateLimited, StorageError, Throttled, TuningError
+    from .integration.install import install
+    from .integration.receivers import stamp_headers
+    from .integration.task import TunedTask

@@ -1,0 +1,72 @@
+"""Exceptions raised by celery-tuning; every one derives from :class:`TuningError`."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+__all__ = [
+    "ConfigurationError",
+    "RateLimited",
+    "StorageError",
+    "Throttled",
+    "TuningError",
+]
+
+
+class TuningError(Exception):
+    """Base class of every exception celery-tuning raises on purpose."""
+
+
+class ConfigurationError(TuningError, ValueError):
+    """A ``tuning_*`` setting or a decorator argument is invalid.
+
+    The message always names the setting or argument, the bad value and what
+    is accepted instead.
+    """
+
+
+class StorageError(TuningError):
+    """The tuning Redis could not be reached or answered something unusable.
+
+    Components catch this and apply their Redis-error policy; it never reaches
+    a user's task body.
+    """
+
+
+class RateLimited(TuningError):
+    """A rate limit refused a call and the policy says to raise.
+
+    Arguments:
+        retry_after: Seconds after which a retry is expected to be admitted.
+        name: The limiter's name.
+    """
+
+    def __init__(self, retry_after: float, name: Optional[str] = None) -> None:
+        self.retry_after = float(retry_after)
+        self.name = name
+        where = f" by limiter {name!r}" if name else ""
+        super().__init__(f"rate limited{where}; retry after {self.retry_after:.3f}s")
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (type(self), (self.retry_after, self.name))
+
+
+class Throttled(TuningError):
+    """Raised by task code when a remote API said "slow down" (e.g. HTTP 429).
+
+    Arguments:
+        retry_after: Seconds the remote side asked us to wait.
+        name: Limiter to pause; defaults to the task's own limiter.
+    """
+
+    def __init__(self, retry_after: float = 1.0, name: Optional[str] = None) -> None:
+        if retry_after < 0:
+            raise ConfigurationError(
+                f"Throttled(retry_after={retry_after!r}): must be >= 0 seconds"
+            )
+        self.retry_after = float(retry_after)
+        self.name = name
+        super().__init__(f"throttled by the remote side; retry after {self.retry_after:.3f}s")
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (type(self), (self.retry_after, self.name))

@@ -1,0 +1,1 @@
+"""Celery integration: the only package that imports celery."""

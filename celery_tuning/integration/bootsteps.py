@@ -1,0 +1,45 @@
+"""Worker bootstep: reports the effective tuning setup and checks Redis at worker start."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import bootsteps
+
+from ..errors import ConfigurationError, StorageError
+from .runtime import runtime_for
+
+__all__ = ["TuningWorkerStep"]
+
+logger = logging.getLogger("celery_tuning.worker")
+
+
+class TuningWorkerStep(bootsteps.StartStopStep):
+    """Runs in the worker's main process before the pool starts."""
+
+    label = "celery-tuning"
+
+    def __init__(self, worker: Any, without_tuning: bool = False, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        runtime = runtime_for(worker.app)
+        if without_tuning:
+            runtime.enabled = False
+        self.runtime = runtime
+
+    def start(self, worker: Any) -> None:
+        runtime = self.runtime
+        if not runtime.enabled:
+            logger.warning("celery-tuning is disabled on this worker: tuned tasks run as plain tasks")
+            return
+        try:
+            url = runtime.connector.safe_url
+            rtt = runtime.connector.ping()
+        except ConfigurationError:
+            raise
+        except StorageError as exc:
+            logger.warning("celery-tuning: tuning Redis unreachable at start (%s); "
+                           "capabilities follow their Redis-error policies", exc)
+            return
+        logger.info("celery-tuning: tuning Redis %s answered in %.2f ms (prefix %r)",
+                    url, rtt * 1000, runtime.config.key_prefix)

@@ -1,0 +1,54 @@
+"""``install(app)``: validate settings, connect receivers, register worker steps and options."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import click
+
+from .bootsteps import TuningWorkerStep
+from .receivers import connect_receivers
+from .runtime import TuningRuntime, env_disabled, runtime_for
+
+__all__ = ["install"]
+
+logger = logging.getLogger("celery_tuning")
+
+
+def install(app: Any) -> TuningRuntime:
+    """Install celery-tuning on a Celery app (idempotent).
+
+    Validates every ``tuning_*`` setting, connects the publish-side and
+    worker-side signal receivers (so a producer process that never starts a
+    worker still stamps its messages), registers the worker bootstep and the
+    ``--without-tuning`` worker option.
+
+    Arguments:
+        app: The :class:`celery.Celery` app.
+
+    Returns:
+        The app's runtime state.
+
+    Raises:
+        ConfigurationError: Naming the first invalid or unknown setting.
+    """
+    runtime = runtime_for(app)
+    if runtime.installed:
+        return runtime
+    if env_disabled() or not runtime.config.enabled:
+        runtime.enabled = False
+        runtime.installed = True
+        logger.info("celery-tuning installed but disabled by the kill switch")
+        return runtime
+    if any(runtime.config.sources[name] == "config" for name in
+           ("tuning_rate_limits", "tuning_circuit_breakers", "tuning_concurrency_limits")):
+        _ = runtime.redis_url  # fail at install, not at the first task, when no Redis is known
+    connect_receivers()
+    app.steps["worker"].add(TuningWorkerStep)
+    app.user_options["worker"].add(click.Option(
+        ["--without-tuning"], is_flag=True, default=False,
+        help="Run tuned tasks as plain Celery tasks on this worker (celery-tuning kill switch).",
+    ))
+    runtime.installed = True
+    return runtime

@@ -1,0 +1,58 @@
+"""The ordered chain of policy steps TunedTask builds around ``run`` when a task is bound."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Mapping, Tuple
+
+__all__ = ["STEP_ORDER", "Call", "Step", "build_chain", "register_step"]
+
+#: A link of the chain: ``call(task, args, kwargs) -> result``.
+Call = Callable[[Any, Tuple[Any, ...], Dict[str, Any]], Any]
+
+#: Outermost first: a cache hit skips everything; an open breaker is checked
+#: before a rate-limit token is spent; the cache store runs after ``run`` on
+#: the way back out of the cache step.
+STEP_ORDER: Tuple[str, ...] = ("cache", "breaker", "rate_limit")
+
+
+class Step:
+    """One capability's wrapper around the rest of the chain.
+
+    Subclasses implement :meth:`wrap`. Steps are built once per task class
+    when it is bound and must be safe to call from several threads.
+    """
+
+    #: Policy kind this step applies (a key of ``STEP_ORDER``).
+    kind: str = ""
+
+    def wrap(self, task_cls: Any, call_next: Call) -> Call:  # pragma: no cover - interface
+        """Return a call that applies this step, then ``call_next``."""
+        raise NotImplementedError
+
+
+#: kind -> factory(policy, task_cls) -> Step
+_FACTORIES: Dict[str, Callable[[Any, Any], Step]] = {}
+
+
+def register_step(kind: str, factory: Callable[[Any, Any], Step]) -> None:
+    """Make ``factory`` build the step for policies of ``kind``."""
+    if kind not in STEP_ORDER:
+        raise ValueError(f"unknown step kind {kind!r}; known: {STEP_ORDER}")
+    _FACTORIES[kind] = factory
+
+
+def build_chain(task_cls: Any, policies: Mapping[str, Any], run: Call) -> Tuple[Call, List[Step]]:
+    """Wrap ``run`` in the steps the policies ask for, in :data:`STEP_ORDER`.
+
+    Policies without a step (e.g. ``sla``, read by signal receivers) are
+    ignored here. Returns the outermost call and the steps, outermost first.
+    """
+    steps = [
+        _FACTORIES[kind](policies[kind], task_cls)
+        for kind in STEP_ORDER
+        if kind in policies and kind in _FACTORIES
+    ]
+    call = run
+    for step in reversed(steps):
+        call = step.wrap(task_cls, call)
+    return call, steps

@@ -1,0 +1,146 @@
+"""Signal receivers: publish-time header stamping and worker-side timing/SLA checks."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import datetime
+from typing import Any, Dict, Optional, Tuple
+
+from celery import signals as celery_signals
+
+from .. import signals
+from ..policy.attach import SlaPolicy
+from ..policy.timing import breach, compute_timings
+from .runtime import installed_runtime
+
+__all__ = ["HEADER_PUBLISHED", "HEADER_SENT", "connect_receivers", "stamp_headers"]
+
+logger = logging.getLogger("celery_tuning.sla")
+
+#: First publish time (publisher wall clock, epoch seconds); kept by retries.
+HEADER_PUBLISHED = "tuning_published_at"
+#: This attempt's publish time.
+HEADER_SENT = "tuning_sent_at"
+
+_connected = False
+_connect_lock = threading.Lock()
+
+# task id -> (wall start, monotonic start); several threads may run tasks.
+_started: Dict[str, Tuple[float, float]] = {}
+
+
+def stamp_headers(headers: Dict[str, Any], now: Optional[float] = None) -> Dict[str, Any]:
+    """Stamp publish times into message ``headers`` (in place) and return them.
+
+    Producers that do not install celery-tuning (``send_task`` from another
+    service) can call this on the ``headers=`` they pass to get queue-wait
+    figures too.
+    """
+    now = time.time() if now is None else now
+    headers.setdefault(HEADER_PUBLISHED, now)
+    headers[HEADER_SENT] = now
+    return headers
+
+
+def _on_before_publish(sender: Any = None, headers: Optional[Dict[str, Any]] = None,
+                       **_: Any) -> None:
+    if headers is None:
+        return
+    # Message protocol 2: custom headers sit in the message headers and come
+    # back in the worker as request attributes and request.headers.
+    stamp_headers(headers)
+
+
+def _queue_of(task: Any) -> str:
+    info = getattr(task.request, "delivery_info", None) or {}
+    return str(info.get("routing_key") or info.get("queue") or task.queue or "celery")
+
+
+def _eta_seconds(eta: Any) -> Optional[float]:
+    if not eta:
+        return None
+    if isinstance(eta, datetime):
+        return eta.timestamp()
+    try:
+        return datetime.fromisoformat(str(eta)).timestamp()
+    except ValueError:
+        return None
+
+
+def _header(request: Any, name: str) -> Optional[float]:
+    value = getattr(request, name, None)
+    if value is None:
+        value = (getattr(request, "headers", None) or {}).get(name)
+    try:
+        return float(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None  # a foreign producer wrote something else: treat as unstamped
+
+
+def _on_prerun(sender: Any = None, task_id: Optional[str] = None, task: Any = None,
+               **_: Any) -> None:
+    if task is None or task_id is None or installed_runtime(task.app) is None:
+        return
+    _started[task_id] = (time.time(), time.perf_counter())
+
+
+def _on_postrun(sender: Any = None, task_id: Optional[str] = None, task: Any = None,
+                state: Optional[str] = None, **_: Any) -> None:
+    if task is None or task_id is None:
+        return
+    start = _started.pop(task_id, None)
+    runtime = installed_runtime(task.app)
+    if start is None or runtime is None:
+        return
+    request = task.request
+    if getattr(request, "called_directly", False) or getattr(request, "is_eager", False):
+        return
+    timings = compute_timings(
+        sent_at=_header(request, HEADER_SENT),
+        published_at=_header(request, HEADER_PUBLISHED),
+        eta=_eta_seconds(getattr(request, "eta", None)),
+        started_wall=start[0],
+        finished_wall=time.time(),
+        run=time.perf_counter() - start[1],
+    )
+    queue = _queue_of(task)
+    signals.task_timed.send(sender=task, task_id=task_id, queue=queue, wait=timings.wait,
+                            run=timings.run, total=timings.total, state=state)
+    _check_sla(runtime, task, task_id, queue, timings)
+
+
+def _check_sla(runtime: Any, task: Any, task_id: str, queue: str, timings: Any) -> None:
+    policy = getattr(type(task), "_tuning_policies", {}).get("sla")
+    if policy is None:
+        spec = runtime.config.sla.get(queue)
+        if spec is None:
+            return
+        policy = SlaPolicy(warning=spec.get("warning"), critical=spec.get("critical"),
+                           on=spec.get("on", "total"))
+    measured = getattr(timings, policy.on)
+    crossed = breach(measured, policy.warning, policy.critical)
+    if crossed is None:
+        return
+    level, threshold = crossed
+    log = logger.error if level == "critical" else logger.warning
+    log("SLA %s breached: task=%s id=%s queue=%s %s=%.3fs threshold=%.3fs",
+        level, task.name, task_id, queue, policy.on, measured, threshold)
+    signals.sla_breached.send(sender=task, task_id=task_id, queue=queue, level=level,
+                              kind=policy.on, measured=measured, threshold=threshold)
+
+
+def connect_receivers() -> None:
+    """Connect the receivers once per process (``install`` calls it for every app)."""
+    global _connected
+    with _connect_lock:
+        if _connected:
+            return
+        celery_signals.before_task_publish.connect(
+            _on_before_publish, weak=False, dispatch_uid="celery_tuning.stamp")
+        celery_signals.task_prerun.connect(
+            _on_prerun, weak=False, dispatch_uid="celery_tuning.prerun")
+        celery_signals.task_postrun.connect(
+            _on_postrun, weak=False, dispatch_uid="celery_tuning.postrun")
+        _connected = True

@@ -1,0 +1,1 @@
+"""Pure policy: rate parsing, limiter math, keys. Standard library only, clock injected."""

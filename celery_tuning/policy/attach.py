@@ -1,0 +1,56 @@
+"""Policy records that decorators attach to task functions, and the attach helper."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional
+
+__all__ = ["POLICY_ATTR", "SlaPolicy", "attach_policy", "policies_of"]
+
+#: Attribute on a task function holding ``{kind: policy}``.
+POLICY_ATTR = "__tuning_policies__"
+
+
+@dataclass(frozen=True)
+class SlaPolicy:
+    """Per-task SLA thresholds in seconds."""
+
+    warning: Optional[float] = None
+    critical: Optional[float] = None
+    #: What is measured: 'wait', 'run' or 'total' (first publish -> finish).
+    on: str = "total"
+
+
+def _looks_like_task(obj: Any) -> bool:
+    # Celery tasks and their lazy proxies both expose apply_async.
+    try:
+        return callable(getattr(obj, "apply_async", None))
+    except Exception:
+        return False
+
+
+def attach_policy(fun: Callable[..., Any], kind: str, policy: Any, decorator: str) -> None:
+    """Record ``policy`` under ``kind`` on ``fun``.
+
+    Raises:
+        TypeError: When ``fun`` is already a Celery task (the decorator must
+            sit below ``@app.task``) or is not callable, or when the same kind
+            is attached twice.
+    """
+    if _looks_like_task(fun):
+        raise TypeError(
+            f"@{decorator} must be placed below @app.task (on the function), not above it"
+        )
+    if not callable(fun):
+        raise TypeError(f"@{decorator} decorates a function, got {fun!r}")
+    existing: Dict[str, Any] = dict(getattr(fun, POLICY_ATTR, None) or {})
+    if kind in existing:
+        raise TypeError(f"@{decorator} is applied twice to {getattr(fun, '__name__', fun)!r}")
+    existing[kind] = policy
+    setattr(fun, POLICY_ATTR, existing)
+
+
+def policies_of(fun: Any) -> Dict[str, Any]:
+    """The policies attached to ``fun`` (empty when none)."""
+    raw = getattr(fun, "__func__", fun)
+    return dict(getattr(raw, POLICY_ATTR, None) or {})

@@ -1,0 +1,1 @@
+"""Where shared state lives: the Redis connection layer and Lua scripts."""

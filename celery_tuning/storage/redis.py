@@ -1,0 +1,199 @@
+"""One lazily created, fork-safe Redis client per process per URL, and the Lua scripts."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from importlib import resources
+from typing import Any, Callable, Dict, Optional, Tuple, Type, TypeVar
+
+import redis
+from redis.commands.core import Script
+
+from ..errors import StorageError
+from .urls import RedisTarget, parse_redis_url, redact_url
+
+__all__ = ["CLIENT_NAME", "RedisConnector", "get_connector", "hash_tag", "load_lua"]
+
+logger = logging.getLogger("celery_tuning.storage")
+
+CLIENT_NAME = "celery-tuning"
+
+T = TypeVar("T")
+
+#: The redis-py errors that mean "the tuning store is not usable right now".
+REDIS_ERRORS: Tuple[Type[BaseException], ...] = (redis.RedisError, OSError)
+
+
+def hash_tag(prefix: str, kind: str, name: str) -> str:
+    """Key stem whose ``{...}`` part pins every key of one entity to one Cluster slot."""
+    return f"{prefix}:{kind}:{{{name}}}"
+
+
+def load_lua(name: str) -> str:
+    """Source of ``celery_tuning/storage/lua/<name>.lua`` (shipped as package data)."""
+    return (resources.files("celery_tuning.storage") / "lua" / f"{name}.lua").read_text("utf-8")
+
+
+class RedisConnector:
+    """Owns the Redis client of one URL in the current process.
+
+    The client is created on first use and re-created when the process id
+    changes, so a prefork child never shares its parent's sockets. Scripts are
+    registered once per client with ``register_script``, whose ``EVALSHA``
+    falls back to ``SCRIPT LOAD`` on ``NOSCRIPT`` (a restarted Redis).
+
+    Arguments:
+        url: Tuning Redis URL (never logged unredacted).
+        socket_timeout: Read/write timeout in seconds.
+        connect_timeout: Connect timeout in seconds.
+        max_connections: Pool bound per process (None: unbounded).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        socket_timeout: float = 0.5,
+        connect_timeout: float = 0.5,
+        max_connections: Optional[int] = None,
+    ) -> None:
+        self.target: RedisTarget = parse_redis_url(url)
+        self.safe_url = redact_url(url)
+        self._url = url
+        self.socket_timeout = socket_timeout
+        self.connect_timeout = connect_timeout
+        self.max_connections = max_connections
+        self._lock = threading.Lock()
+        self._pid: Optional[int] = None
+        self._client: Any = None
+        self._scripts: Dict[str, Script] = {}
+
+    def __repr__(self) -> str:
+        return f"<RedisConnector {self.safe_url}>"
+
+    def _options(self) -> Dict[str, Any]:
+        options: Dict[str, Any] = {
+            "socket_timeout": self.socket_timeout,
+            "socket_connect_timeout": self.connect_timeout,
+            "client_name": CLIENT_NAME,
+            "health_check_interval": 30,
+        }
+        if self.max_connections is not None:
+            options["max_connections"] = self.max_connections
+        return options
+
+    def _create(self) -> Any:
+        target = self.target
+        if target.kind == "standalone":
+            return redis.Redis.from_url(self._url, **self._options())
+        if target.kind == "cluster":
+            from redis.cluster import RedisCluster
+
+            options = self._options()
+            options.pop("health_check_interval", None)
+            return RedisCluster.from_url(target.url, **options)
+        from redis.sentinel import Sentinel
+
+        options = self._options()
+        sentinel = Sentinel(
+            list(target.sentinels),
+            socket_timeout=self.socket_timeout,
+            socket_connect_timeout=self.connect_timeout,
+            sentinel_kwargs={
+                "socket_timeout": self.socket_timeout,
+                "socket_connect_timeout": self.connect_timeout,
+                "password": target.sentinel_password,
+            },
+        )
+        options.pop("socket_timeout", None)
+        options.pop("socket_connect_timeout", None)
+        return sentinel.master_for(
+            target.master_name, db=target.db, password=target.password, **options
+        )
+
+    @property
+    def client(self) -> Any:
+        """The process's client, created lazily; re-created after ``fork()``."""
+        pid = os.getpid()
+        client = self._client
+        if client is not None and self._pid == pid:
+            return client
+        with self._lock:
+            if self._client is None or self._pid != pid:
+                # A forked child must not reuse the parent's sockets: start afresh.
+                self._client = self._create()
+                self._scripts = {}
+                self._pid = pid
+            return self._client
+
+    def script(self, name: str) -> Script:
+        """The registered Lua script ``name`` for this process's client."""
+        client = self.client
+        script = self._scripts.get(name)
+        if script is None:
+            script = client.register_script(load_lua(name))
+            self._scripts[name] = script
+        return script
+
+    def run(self, operation: Callable[[Any], T], what: str = "redis call") -> T:
+        """Run ``operation(client)``, turning Redis failures into :class:`StorageError`.
+
+        The error message names the redacted URL, never the password.
+        """
+        try:
+            return operation(self.client)
+        except REDIS_ERRORS as exc:
+            raise StorageError(
+                f"{what} failed against {self.safe_url}: {type(exc).__name__}: "
+                f"{redact_url(str(exc))}"
+            ) from None
+
+    def evalsha(self, name: str, keys: Any, args: Any) -> Any:
+        """Run a registered script with one round trip (two after a Redis restart)."""
+        return self.run(lambda client: self.script(name)(keys=keys, args=args, client=client),
+                        what=f"script {name}")
+
+    def ping(self) -> float:
+        """Round-trip time in seconds of one PING. Raises :class:`StorageError`."""
+        import time
+
+        start = time.perf_counter()
+        self.run(lambda client: client.ping(), what="PING")
+        return time.perf_counter() - start
+
+    def close(self) -> None:
+        """Drop this process's client (connections close when collected)."""
+        with self._lock:
+            client, self._client, self._pid = self._client, None, None
+            self._scripts = {}
+        if client is not None:
+            try:
+                client.close()
+            except REDIS_ERRORS:  # pragma: no cover - closing a dead socket
+                pass
+
+
+_connectors: Dict[Tuple[Any, ...], RedisConnector] = {}
+_connectors_lock = threading.Lock()
+
+
+def get_connector(
+    url: str,
+    *,
+    socket_timeout: float = 0.5,
+    connect_timeout: float = 0.5,
+    max_connections: Optional[int] = None,
+) -> RedisConnector:
+    """The shared :class:`RedisConnector` for these options (one per process per URL)."""
+    key = (url, socket_timeout, connect_timeout, max_connections)
+    with _connectors_lock:
+        connector = _connectors.get(key)
+        if connector is None:
+            connector = RedisConnector(
+                url, socket_timeout=socket_timeout, connect_timeout=connect_timeout,
+                max_connections=max_connections,
+            )
+            _connectors[key] = connector
+        return connector

@@ -1,0 +1,1 @@
+"""The celery-tuning demo: ``./run demo`` (or ``python -m examples.demo``)."""

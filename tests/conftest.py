@@ -1,0 +1,34 @@
+"""Shared fixtures: a private redis-server per session and helpers for real workers."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import pytest
+
+from tests.support.redis_server import RedisServer
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One private redis-server on a free loopback port for the whole session."""
+    server = RedisServer().start()
+    yield server
+    server.close()
+
+
+@pytest.fixture()
+def redis_clean(redis_server: RedisServer) -> Iterator[RedisServer]:
+    """The session server, started if a fault test stopped it, and flushed."""
+    if not redis_server.alive():
+        redis_server.start()
+    redis_server.client().flushall()
+    yield redis_server
+
+
+@pytest.fixture()
+def fault_redis() -> Iterator[RedisServer]:
+    """A private redis-server a test may kill and restart at will."""
+    server = RedisServer().start()
+    yield server
+    server.close()

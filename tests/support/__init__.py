@@ -1,0 +1,1 @@
+"""Test harness: private redis-server processes and real Celery workers."""

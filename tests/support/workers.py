@@ -1,0 +1,79 @@
+"""Real ``celery worker`` subprocesses (prefork by default), cleaned up by process group."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class WorkerProcess:
+    """``python -m celery -A APP worker`` in its own process group.
+
+    Arguments:
+        app: Import path of the Celery app (e.g. ``tests.apps.basic:app``).
+        env: Extra environment (broker and tuning URLs are passed this way).
+        pool, concurrency, queues, extra: Worker command-line options.
+    """
+
+    def __init__(self, app: str, env: Dict[str, str], *, pool: str = "prefork",
+                 concurrency: int = 2, queues: Optional[str] = None,
+                 extra: Optional[List[str]] = None, name: str = "w1") -> None:
+        self.args = [
+            sys.executable, "-m", "celery", "-A", app, "worker", "-P", pool,
+            "-c", str(concurrency), "-n", f"{name}@%h", "--without-gossip",
+            "--without-mingle", "--without-heartbeat", "-l", "INFO",
+        ]
+        if queues:
+            self.args += ["-Q", queues]
+        self.args += list(extra or [])
+        self.env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+        self.log = tempfile.NamedTemporaryFile(prefix="tuning-worker-", suffix=".log", delete=False)
+        self.proc: Optional[subprocess.Popen[bytes]] = None
+
+    def start(self, timeout: float = 30.0) -> WorkerProcess:
+        self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env=self.env, cwd=str(ROOT), start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.output()}")
+            if " ready." in self.output():
+                return self
+            time.sleep(0.1)
+        raise RuntimeError(f"worker not ready in {timeout}s:\n{self.output()}")
+
+    def output(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")
+
+    def stop(self, timeout: float = 15.0) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=5)
+            except ProcessLookupError:
+                pass
+        try:  # children of a killed parent may linger in the group
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def close(self) -> None:
+        self.stop()
+        try:
+            os.unlink(self.log.name)
+        except OSError:
+            pass

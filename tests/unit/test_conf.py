@@ -1,0 +1,112 @@
+from pathlib import Path
+
+import pytest
+from celery import Celery
+
+from celery_tuning.conf import SETTINGS, load_config, render_settings_markdown
+from celery_tuning.errors import ConfigurationError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_when_nothing_is_set():
+    cfg = load_config({}, environ={})
+    for setting in SETTINGS:
+        assert cfg.values[setting.attr] == setting.default
+        assert cfg.sources[setting.name] == "default"
+
+
+def test_bad_rate_names_setting_value_and_accepted_forms():
+    with pytest.raises(ConfigurationError) as info:
+        load_config({"tuning_rate_limits": {"api": "20/x"}}, environ={})
+    msg = str(info.value)
+    assert "tuning_rate_limits['api'].rate" in msg
+    assert "'20/x'" in msg
+    assert "'20/s', '1200/m' or '5000/h'" in msg
+
+
+def test_rate_limit_forms_are_normalized():
+    cfg = load_config({"tuning_rate_limits": {"a": "20/s", "b": {"rate": "60/m", "burst": 5}}}, environ={})
+    assert cfg.rate_limits["a"].burst == 1
+    assert cfg.rate_limits["b"].rate.per_second == 1.0
+    assert cfg.rate_limits["b"].burst == 5
+
+
+@pytest.mark.parametrize(
+    ("conf", "fragment"),
+    [
+        ({"tuning_rate_limits": {"a": {"rate": "1/s", "burst": 0}}}, "tuning_rate_limits['a'].burst"),
+        ({"tuning_rate_limits": {"a": {"rate": "1/s", "brust": 2}}}, "unknown option(s) ['brust']"),
+        ({"tuning_rate_limits": ["a"]}, "tuning_rate_limits: ['a'] is not valid; expected a dict"),
+        ({"tuning_circuit_breakers": {"p": {"fail_max": -1}}}, "tuning_circuit_breakers['p'].fail_max"),
+        ({"tuning_sla": {"q": {"warning": 10, "critical": 5}}}, "must not exceed critical"),
+        ({"tuning_sla": {"q": {"on": "queue"}}}, "tuning_sla['q'].on"),
+        ({"tuning_enabled": "maybe"}, "tuning_enabled: 'maybe'"),
+        ({"tuning_metrics_port": 70000}, "tuning_metrics_port"),
+        ({"tuning_redis_url": "http://x"}, "tuning_redis_url"),
+        ({"tuning_key_prefix": "a b"}, "tuning_key_prefix"),
+        ({"tuning_profiles": {"x": {"threads": 3}}}, "tuning_profiles['x']"),
+        ({"tuning_queue_concurrency": {"q": 0}}, "tuning_queue_concurrency['q']"),
+    ],
+)
+def test_bad_values_name_the_setting(conf, fragment):
+    with pytest.raises(ConfigurationError) as info:
+        load_config(conf, environ={})
+    assert fragment in str(info.value)
+
+
+def test_unknown_key_suggests_the_closest_setting():
+    with pytest.raises(ConfigurationError, match="did you mean 'tuning_rate_limits'"):
+        load_config({"tuning_rate_limit": {}}, environ={})
+
+
+def test_unknown_key_without_close_match():
+    with pytest.raises(ConfigurationError, match="tuning_zzzz: unknown celery-tuning setting$"):
+        load_config({"tuning_zzzz": 1}, environ={})
+
+
+def test_environment_overrides_config():
+    cfg = load_config({"tuning_enabled": True}, environ={"CELERY_TUNING_ENABLED": "0"})
+    assert cfg.enabled is False
+    assert cfg.sources["tuning_enabled"] == "env"
+    cfg = load_config({}, environ={"CELERY_TUNING_CONCURRENCY_SCALE": "2"})
+    assert cfg.concurrency_scale == 2.0
+
+
+def test_bad_environment_value_names_the_variable():
+    with pytest.raises(ConfigurationError, match="CELERY_TUNING_CONCURRENCY_SCALE"):
+        load_config({}, environ={"CELERY_TUNING_CONCURRENCY_SCALE": "-1"})
+
+
+def test_celery_conf_and_django_namespace():
+    app = Celery("t", set_as_current=False)
+    app.conf.update(tuning_rate_limits={"x": "5/s"})
+    assert load_config(app.conf, environ={}).rate_limits["x"].rate.amount == 5
+
+    class DjangoSettings:
+        CELERY_BROKER_URL = "redis://127.0.0.1:1/0"
+        CELERY_TUNING_RATE_LIMITS = {"y": "7/m"}
+        CELERY_TUNING_KEY_PREFIX = "shop"
+
+    app2 = Celery("t2", set_as_current=False)
+    app2.config_from_object(DjangoSettings, namespace="CELERY")
+    cfg = load_config(app2.conf, environ={})
+    assert cfg.rate_limits["y"].rate.period == 60
+    assert cfg.key_prefix == "shop"
+
+
+def test_django_namespace_unknown_key():
+    class DjangoSettings:
+        CELERY_TUNING_RATELIMITS = {}
+
+    app = Celery("t3", set_as_current=False)
+    app.config_from_object(DjangoSettings, namespace="CELERY")
+    with pytest.raises(ConfigurationError, match="CELERY_TUNING_RATELIMITS.*did you mean 'tuning_rate_limits'"):
+        load_config(app.conf, environ={})
+
+
+def test_settings_doc_is_generated_from_the_table():
+    page = (ROOT / "docs" / "settings.md").read_text()
+    assert page == render_settings_markdown(), "run: python docs/generate_settings.py"
+    for setting in SETTINGS:
+        assert f"`{setting.name}`" in page
