@@ -56,6 +56,10 @@ def _bool(name: str, value: Any) -> bool:
     raise _fail(name, value, "a boolean (True/False, or '1'/'0' in the environment)")
 
 
+def _optional_bool(name: str, value: Any) -> Optional[bool]:
+    return None if value is None else _bool(name, value)
+
+
 def _number(
     name: str, value: Any, *, minimum: float = 0.0, strict: bool = False, integer: bool = False
 ) -> float:
@@ -301,6 +305,10 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting("tuning_concurrency_scale", "float", 1.0,
             "Multiplies profile concurrency (operators set it from the environment).",
             _positive_float, env="CELERY_TUNING_CONCURRENCY_SCALE"),
+    Setting("tuning_timing", "bool | None", None,
+            "Worker-side timing (task_timed signal, SLA checks). None: on when tuning_sla, an @sla "
+            "task or tuning_metrics_port needs it, so pass-through workers pay nothing.",
+            _optional_bool),
     Setting("tuning_metrics_port", "int | None", None,
             "Port of the worker's Prometheus endpoint (None: no endpoint).", _metrics_port),
 )

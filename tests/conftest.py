@@ -6,7 +6,7 @@ from typing import Iterator
 
 import pytest
 
-from tests.support.redis_server import RedisServer
+from celery_tuning.testing import RedisServer
 
 
 @pytest.fixture(scope="session")

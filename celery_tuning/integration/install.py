@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from .bootsteps import TuningWorkerStep
-from .receivers import connect_receivers
+from .receivers import connect_publish_receivers, connect_timing_receivers, timing_wanted
 from .runtime import TuningRuntime, env_disabled, runtime_for
 
 __all__ = ["install"]
@@ -19,9 +19,10 @@ logger = logging.getLogger("celery_tuning")
 def install(app: Any) -> TuningRuntime:
     """Install celery-tuning on a Celery app (idempotent).
 
-    Validates every ``tuning_*`` setting, connects the publish-side and
-    worker-side signal receivers (so a producer process that never starts a
-    worker still stamps its messages), registers the worker bootstep and the
+    Validates every ``tuning_*`` setting, connects the publish-side receiver
+    (so a producer process that never starts a worker still stamps its
+    messages) and, when timing is wanted (``tuning_timing``), the worker-side
+    timing receivers; registers the worker bootstep and the
     ``--without-tuning`` worker option.
 
     Arguments:
@@ -44,7 +45,9 @@ def install(app: Any) -> TuningRuntime:
     if any(runtime.config.sources[name] == "config" for name in
            ("tuning_rate_limits", "tuning_circuit_breakers", "tuning_concurrency_limits")):
         _ = runtime.redis_url  # fail at install, not at the first task, when no Redis is known
-    connect_receivers()
+    connect_publish_receivers()
+    if timing_wanted(runtime.config):
+        connect_timing_receivers()
     app.steps["worker"].add(TuningWorkerStep)
     app.user_options["worker"].add(click.Option(
         ["--without-tuning"], is_flag=True, default=False,

@@ -15,7 +15,14 @@ from ..policy.attach import SlaPolicy
 from ..policy.timing import breach, compute_timings
 from .runtime import installed_runtime
 
-__all__ = ["HEADER_PUBLISHED", "HEADER_SENT", "connect_receivers", "stamp_headers"]
+__all__ = [
+    "HEADER_PUBLISHED",
+    "HEADER_SENT",
+    "connect_publish_receivers",
+    "connect_timing_receivers",
+    "stamp_headers",
+    "timing_wanted",
+]
 
 logger = logging.getLogger("celery_tuning.sla")
 
@@ -24,7 +31,8 @@ HEADER_PUBLISHED = "tuning_published_at"
 #: This attempt's publish time.
 HEADER_SENT = "tuning_sent_at"
 
-_connected = False
+_publish_connected = False
+_timing_connected = False
 _connect_lock = threading.Lock()
 
 # task id -> (wall start, monotonic start); several threads may run tasks.
@@ -131,16 +139,35 @@ def _check_sla(runtime: Any, task: Any, task_id: str, queue: str, timings: Any) 
                               kind=policy.on, measured=measured, threshold=threshold)
 
 
-def connect_receivers() -> None:
-    """Connect the receivers once per process (``install`` calls it for every app)."""
-    global _connected
+def connect_publish_receivers() -> None:
+    """Stamp every message this process publishes (producers included). Once per process."""
+    global _publish_connected
     with _connect_lock:
-        if _connected:
-            return
-        celery_signals.before_task_publish.connect(
-            _on_before_publish, weak=False, dispatch_uid="celery_tuning.stamp")
-        celery_signals.task_prerun.connect(
-            _on_prerun, weak=False, dispatch_uid="celery_tuning.prerun")
-        celery_signals.task_postrun.connect(
-            _on_postrun, weak=False, dispatch_uid="celery_tuning.postrun")
-        _connected = True
+        if not _publish_connected:
+            celery_signals.before_task_publish.connect(
+                _on_before_publish, weak=False, dispatch_uid="celery_tuning.stamp")
+            _publish_connected = True
+
+
+def connect_timing_receivers() -> None:
+    """Time every task attempt in this process. Once per process.
+
+    Only connected when something consumes the timings (see ``tuning_timing``):
+    Celery's tracer skips signal dispatch entirely while a signal has no
+    receivers, which keeps pass-through workers at plain-Celery cost.
+    """
+    global _timing_connected
+    with _connect_lock:
+        if not _timing_connected:
+            celery_signals.task_prerun.connect(
+                _on_prerun, weak=False, dispatch_uid="celery_tuning.prerun")
+            celery_signals.task_postrun.connect(
+                _on_postrun, weak=False, dispatch_uid="celery_tuning.postrun")
+            _timing_connected = True
+
+
+def timing_wanted(config: Any) -> bool:
+    """Whether the settings ask for worker-side timing."""
+    if config.timing is not None:
+        return bool(config.timing)
+    return bool(config.sla) or config.metrics_port is not None

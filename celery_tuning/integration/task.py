@@ -53,6 +53,10 @@ class TunedTask(Task):
             raise ConfigurationError(f"task {cls.name!r}: {exc}") from None
         if not runtime.config.enabled:
             return
+        if "sla" in policies and runtime.config.timing is not False:
+            from .receivers import connect_timing_receivers
+
+            connect_timing_receivers()
         _wrap_run(cls, raw_run, policies, runtime)
 
 

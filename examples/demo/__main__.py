@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +17,9 @@ from pathlib import Path
 from typing import List, Optional
 
 import redis
+
+from celery_tuning.storage.urls import redact_url
+from celery_tuning.testing import RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,32 +31,19 @@ def _answers(url: str) -> bool:
         return False
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def find_or_start_redis() -> tuple[str, Optional[subprocess.Popen[bytes]]]:
+def find_or_start_redis() -> tuple[str, Optional[RedisServer]]:
     base = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379")
+    shown = redact_url(base)
     if _answers(base):
-        print(f"using Redis at {base.split('@')[-1]}")
+        print(f"using Redis at {shown}")
         return base.rstrip("/").rsplit("/", 1)[0] if base.count("/") > 2 else base, None
-    binary = shutil.which("redis-server")
-    if binary is None:
-        sys.exit(f"no Redis answers at {base.split('@')[-1]} and redis-server is not installed "
+    try:
+        server = RedisServer().start()
+    except RuntimeError as exc:
+        sys.exit(f"no Redis answers at {shown} and no private one could be started: {exc} "
                  "(apt-get install redis-server, or set REDIS_URL)")
-    port = _free_port()
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", tempfile.mkdtemp()],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"redis://127.0.0.1:{port}"
-    for _ in range(100):
-        if _answers(url):
-            break
-        time.sleep(0.05)
-    print(f"no Redis answered at {base.split('@')[-1]}: started a private redis-server on port {port}")
-    return url, proc
+    print(f"no Redis answered at {shown}: started a private redis-server on port {server.port}")
+    return server.url, server
 
 
 def start_worker(env: dict) -> subprocess.Popen[bytes]:
@@ -116,8 +104,7 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 os.killpg(worker.pid, signal.SIGKILL)
         if private is not None:
-            private.terminate()
-            private.wait(timeout=10)
+            private.close()
             print("stopped the private redis-server")
 
 

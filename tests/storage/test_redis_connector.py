@@ -86,7 +86,7 @@ def test_unresponsive_redis_times_out(fault_redis):
 
 
 def test_unix_socket_url(tmp_path):
-    from tests.support.redis_server import RedisServer
+    from celery_tuning.testing import RedisServer
 
     sock = tmp_path / "r.sock"
     server = RedisServer(extra_args=["--unixsocket", str(sock), "--unixsocketperm", "700"]).start()

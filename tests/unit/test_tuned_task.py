@@ -187,3 +187,37 @@ def test_invalid_config_is_reported_with_the_task_name(recording_steps):
 
     with pytest.raises(ConfigurationError, match=r"task 'needs_conf': tuning_sla\['q'\].warning"):
         f.run  # noqa: B018 - binding happens on first access of the lazy task
+
+
+def _receivers_after(setup: str) -> str:
+    import subprocess
+    import sys
+
+    code = (
+        "from celery import Celery, signals\n"
+        "import celery_tuning\n"
+        "from celery_tuning import TunedTask, sla\n"
+        "app = Celery('p', broker='memory://', set_as_current=False)\n"
+        f"{setup}\n"
+        "print(len(signals.before_task_publish.receivers), len(signals.task_prerun.receivers),"
+        " len(signals.task_postrun.receivers))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+def test_pass_through_install_leaves_worker_signals_unconnected():
+    # Celery's tracer skips prerun/postrun dispatch while nobody listens: keep it that way.
+    assert _receivers_after("celery_tuning.install(app)") == "1 0 0"
+
+
+def test_timing_receivers_when_sla_configured_or_attached():
+    assert _receivers_after("app.conf.tuning_sla = {'q': {'warning': 1}}\ncelery_tuning.install(app)") == "1 1 1"
+    setup = (
+        "celery_tuning.install(app)\n"
+        "@app.task(base=TunedTask)\n@sla(warning=1)\ndef f(): pass\n"
+        "f.run"
+    )
+    assert _receivers_after(setup) == "1 1 1"
+    assert _receivers_after("app.conf.tuning_timing = True\ncelery_tuning.install(app)") == "1 1 1"
+    assert _receivers_after("app.conf.tuning_enabled = False\ncelery_tuning.install(app)") == "0 0 0"

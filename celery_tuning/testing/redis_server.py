@@ -1,4 +1,4 @@
-"""Start, stop and restart a private ``redis-server`` on a free loopback port."""
+"""Start, stop and restart a private ``redis-server`` on a free loopback port (tests, demo, benchmarks)."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ class RedisServer:
     def db_url(self, db: int) -> str:
         return f"{self.url}/{db}"
 
-    def client(self, db: int = 0) -> redis.Redis[bytes]:
+    def client(self, db: int = 0) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=self.port, db=db, socket_timeout=2)
 
     def start(self, timeout: float = 10.0) -> RedisServer:

@@ -1,0 +1,35 @@
+"""Benchmark apps: the same no-op task as plain Celery or through TunedTask (BENCH_VARIANT)."""
+
+from __future__ import annotations
+
+import os
+
+from celery import Celery
+
+VARIANT = os.environ.get("BENCH_VARIANT", "plain")
+URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+QUEUE = "bench"
+
+app = Celery(
+    f"bench_{VARIANT}",
+    broker=URL,
+    task_cls="celery_tuning:TunedTask" if VARIANT == "tuned" else "celery.app.task:Task",
+)
+app.conf.update(
+    task_default_queue=QUEUE,
+    task_ignore_result=True,
+    # Acks after the task body, so an empty unacked table means every task finished.
+    task_acks_late=True,
+    worker_prefetch_multiplier=8,
+    broker_connection_retry_on_startup=True,
+)
+if VARIANT == "tuned":
+    import celery_tuning
+
+    app.conf.tuning_redis_url = URL
+    celery_tuning.install(app)
+
+
+@app.task
+def noop() -> None:
+    return None
