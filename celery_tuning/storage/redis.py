@@ -23,7 +23,7 @@ CLIENT_NAME = "celery-tuning"
 T = TypeVar("T")
 
 #: The redis-py errors that mean "the tuning store is not usable right now".
-REDIS_ERRORS: Tuple[Type[BaseException], ...] = (redis.RedisError, OSError)
+REDIS_ERRORS: Tuple[Type[BaseException], ...] = (redis.RedisError, redis.exceptions.RedisClusterException, OSError)
 
 
 def hash_tag(prefix: str, kind: str, name: str) -> str:

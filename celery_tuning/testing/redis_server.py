@@ -83,3 +83,103 @@ class RedisServer:
     def close(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _cluster_port() -> int:
+    # A cluster node also listens on port + 10000 (the cluster bus), which must exist and be free.
+    for _ in range(200):
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+class RedisClusterServers:
+    """A Redis Cluster of ``masters`` loopback nodes (no replicas), made with ``redis-cli --cluster``."""
+
+    def __init__(self, masters: int = 3) -> None:
+        self.nodes = [RedisServer(port=_cluster_port(),
+                                  extra_args=["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
+                      for _ in range(masters)]
+        for node in self.nodes:
+            node.extra_args += ["--cluster-config-file", f"{node.dir}/nodes.conf"]
+
+    @property
+    def url(self) -> str:
+        return f"redis+cluster://127.0.0.1:{self.nodes[0].port}"
+
+    def start(self, timeout: float = 30.0) -> RedisClusterServers:
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            raise RuntimeError("redis-cli is not on PATH")
+        for node in self.nodes:
+            node.start()
+        subprocess.run([cli, "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in self.nodes],
+                        "--cluster-replicas", "0", "--cluster-yes"],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            infos = [n.client().cluster("INFO") for n in self.nodes]
+            if all(info.get("cluster_state") == "ok" for info in infos):
+                return self
+            time.sleep(0.1)
+        raise RuntimeError("cluster did not reach cluster_state:ok")
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()
+
+
+class RedisSentinelServers:
+    """One master, one replica and one sentinel on loopback, monitoring ``master_name``."""
+
+    def __init__(self, master_name: str = "tuningmaster") -> None:
+        self.master_name = master_name
+        self.master = RedisServer()
+        self.replica = RedisServer()
+        self.sentinel_port = free_port()
+        self.sentinel_dir = tempfile.mkdtemp(prefix="tuning-sentinel-")
+        self.sentinel: Optional[subprocess.Popen[bytes]] = None
+
+    @property
+    def url(self) -> str:
+        return f"sentinel://127.0.0.1:{self.sentinel_port}/0?master_name={self.master_name}"
+
+    def start(self, timeout: float = 20.0) -> RedisSentinelServers:
+        self.master.start()
+        self.replica.extra_args += ["--replicaof", "127.0.0.1", str(self.master.port)]
+        self.replica.start()
+        conf = os.path.join(self.sentinel_dir, "sentinel.conf")
+        with open(conf, "w") as fh:
+            fh.write(
+                f"port {self.sentinel_port}\nbind 127.0.0.1\ndir {self.sentinel_dir}\n"
+                f"sentinel monitor {self.master_name} 127.0.0.1 {self.master.port} 1\n"
+                f"sentinel down-after-milliseconds {self.master_name} 1000\n"
+                f"sentinel failover-timeout {self.master_name} 5000\n"
+            )
+        self.sentinel = subprocess.Popen([self.master.binary, conf, "--sentinel"], stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        client = redis.Redis(host="127.0.0.1", port=self.sentinel_port, socket_timeout=1)
+        while time.monotonic() < deadline:
+            try:
+                if client.execute_command("SENTINEL", "get-master-addr-by-name", self.master_name):
+                    return self
+            except redis.RedisError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("sentinel did not come up")
+
+    def close(self) -> None:
+        if self.sentinel is not None and self.sentinel.poll() is None:
+            self.sentinel.kill()
+            self.sentinel.wait(timeout=10)
+        self.replica.close()
+        self.master.close()
+        shutil.rmtree(self.sentinel_dir, ignore_errors=True)

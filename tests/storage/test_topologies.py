@@ -1,0 +1,39 @@
+"""The connector against a real Redis Cluster and a real Sentinel deployment on loopback."""
+
+import pytest
+import redis
+
+from celery_tuning.storage.redis import RedisConnector, hash_tag
+from celery_tuning.testing import RedisClusterServers, RedisSentinelServers
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    servers = RedisClusterServers().start()
+    yield servers
+    servers.close()
+
+
+def test_cluster_scripts_and_hash_tagged_keys(cluster):
+    conn = RedisConnector(cluster.url)
+    assert conn.ping() >= 0
+    assert conn.evalsha("server_time", keys=[], args=[]) > 0
+    stem = hash_tag("tuning", "rl", "openai")
+    # Keys of one entity share a slot, so multi-key commands and scripts work across the cluster.
+    conn.run(lambda c: c.mset({f"{stem}:tat": 1, f"{stem}:paused": 2}))
+    assert conn.run(lambda c: c.mget([f"{stem}:tat", f"{stem}:paused"])) == [b"1", b"2"]
+    with pytest.raises((redis.RedisError, redis.exceptions.RedisClusterException)):  # no shared tag: refused
+        conn.client.execute_command("MSET", "tuning:a:1", 1, "tuning:b:2", 2)
+
+
+def test_sentinel_url_reaches_the_master():
+    servers = RedisSentinelServers().start()
+    try:
+        conn = RedisConnector(servers.url)
+        conn.run(lambda c: c.set("tuning:probe", "x"))
+        assert servers.master.client().get("tuning:probe") == b"x"
+        assert conn.evalsha("server_time", keys=[], args=[]) > 0
+    finally:
+        servers.close()
