@@ -1,0 +1,190 @@
+"""``GcraLimiter``: a named token bucket shared through a store, usable from plain Python."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from .errors import ConfigurationError, RateLimited, StorageError
+from .policy.gcra import interval_us
+from .policy.rates import Rate
+from .storage.gcra import AdaptiveSpec, Bucket, GcraStore, MemoryGcraStore
+
+__all__ = ["Decision", "GcraLimiter", "hash_key"]
+
+logger = logging.getLogger("celery_tuning.ratelimit")
+
+#: Observer signature: (event, limiter name, seconds). Events: acquired, waited,
+#: rejected, reserved, throttled, fallback. Never receives bucket keys or arguments.
+Observer = Callable[[str, str, float], None]
+
+_ON_REDIS_ERROR = ("local", "allow", "deny")
+
+
+def hash_key(value: Any) -> str:
+    """Bounded, opaque bucket id for a per-key limiter (the raw key never reaches Redis)."""
+    return hashlib.sha256(str(value).encode("utf-8", "surrogatepass")).hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What an acquire decided."""
+
+    allowed: bool
+    #: Seconds: 0 admitted now; > 0 and allowed: slot reserved that far ahead;
+    #: not allowed: how long until it would be admitted.
+    wait: float
+    #: 'redis', 'local' (in-process fallback), 'allow' or 'deny' (Redis-error policies).
+    source: str = "redis"
+
+    @property
+    def reserved(self) -> bool:
+        return self.allowed and self.wait > 0
+
+
+class GcraLimiter:
+    """A token bucket (GCRA) whose state lives in a :class:`GcraStore`.
+
+    Arguments:
+        name: Limiter name (metrics and logs use it; keys are hash-tagged by it).
+        rate: Admissions per period.
+        burst: Bucket capacity.
+        store: Shared store (normally :class:`~celery_tuning.storage.gcra.RedisGcraStore`).
+        prefix: Redis key prefix.
+        on_redis_error: ``'local'`` (fall back to an in-process bucket at the
+            same rate), ``'allow'`` or ``'deny'``.
+        adaptive: Lower the rate on :meth:`throttle` and recover slowly.
+        observer: Called with ``(event, name, seconds)`` for metrics and signals.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        rate: Rate,
+        burst: int = 1,
+        *,
+        store: GcraStore,
+        prefix: str = "tuning",
+        on_redis_error: str = "local",
+        adaptive: Optional[AdaptiveSpec] = None,
+        observer: Optional[Observer] = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if burst < 1:
+            raise ConfigurationError(f"limiter {name!r}: burst={burst!r} must be >= 1")
+        if on_redis_error not in _ON_REDIS_ERROR:
+            raise ConfigurationError(
+                f"limiter {name!r}: on_redis_error={on_redis_error!r}; expected one of {_ON_REDIS_ERROR}")
+        self.name = name
+        self.rate = rate
+        self.burst = int(burst)
+        self.interval = interval_us(rate.period, rate.amount)
+        self.store = store
+        self.prefix = prefix
+        self.on_redis_error = on_redis_error
+        self.adaptive = adaptive
+        self.observer = observer
+        self.sleep = sleep
+        self._fallback = MemoryGcraStore()
+        self._warned = False
+        self._warn_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"<GcraLimiter {self.name!r} {self.rate} burst={self.burst}>"
+
+    def bucket(self, key: Any = None) -> Bucket:
+        return Bucket.for_limiter(self.prefix, self.name, None if key is None else hash_key(key))
+
+    def _emit(self, event: str, seconds: float = 0.0) -> None:
+        if self.observer is not None:
+            try:
+                self.observer(event, self.name, seconds)
+            except Exception:
+                logger.exception("rate-limit observer failed")
+
+    def _storage_failed(self, exc: StorageError) -> None:
+        with self._warn_lock:
+            first, self._warned = not self._warned, True
+        if first:
+            logger.warning("limiter %r: tuning Redis failed (%s); applying on_redis_error=%r until it is back",
+                           self.name, exc, self.on_redis_error)
+        self._emit("fallback")
+
+    def decide(self, cost: int = 1, *, reserve: Optional[float] = None, key: Any = None) -> Decision:
+        """One round trip: admit now, reserve a slot up to ``reserve`` seconds ahead, or refuse.
+
+        Never raises because Redis is down: the Redis-error policy answers instead.
+        """
+        if cost < 1 or cost > self.burst:
+            raise ConfigurationError(
+                f"limiter {self.name!r}: cost={cost!r} must be between 1 and burst ({self.burst})")
+        reserve_us = -1 if reserve is None else int(reserve * 1_000_000)
+        bucket = self.bucket(key)
+        try:
+            result = self.store.acquire(bucket, self.interval, self.burst, cost, reserve_us)
+            source = "redis"
+            if self._warned:
+                with self._warn_lock:
+                    self._warned = False
+                logger.info("limiter %r: tuning Redis is back", self.name)
+        except StorageError as exc:
+            self._storage_failed(exc)
+            if self.on_redis_error == "allow":
+                return Decision(True, 0.0, "allow")
+            if self.on_redis_error == "deny":
+                return Decision(False, max(1.0, self.interval / 1_000_000), "deny")
+            result = self._fallback.acquire(bucket, self.interval, self.burst, cost, reserve_us)
+            source = "local"
+        decision = Decision(result.allowed, result.wait_us / 1_000_000, source)
+        if not decision.allowed:
+            self._emit("rejected", decision.wait)
+        elif decision.wait > 0:
+            self._emit("reserved", decision.wait)
+        else:
+            self._emit("acquired")
+        return decision
+
+    def try_acquire(self, cost: int = 1, key: Any = None) -> bool:
+        """Take ``cost`` tokens if they are there now; never waits."""
+        return self.decide(cost, key=key).allowed
+
+    def acquire(self, timeout: Optional[float] = None, cost: int = 1, key: Any = None) -> float:
+        """Block until admitted, at most ``timeout`` seconds (None: wait as long as it takes).
+
+        The slot is reserved in the same round trip, so waiting callers are
+        spaced at the rate instead of retrying in a herd.
+
+        Returns:
+            Seconds waited.
+
+        Raises:
+            RateLimited: When admission is further away than ``timeout`` (raised at
+                once, without sleeping for nothing).
+        """
+        if timeout is not None and timeout < 0:
+            raise ConfigurationError(f"acquire(timeout={timeout!r}): must be >= 0 seconds or None")
+        decision = self.decide(cost, reserve=86_400.0 if timeout is None else timeout, key=key)
+        if not decision.allowed:
+            raise RateLimited(decision.wait, self.name)
+        if decision.wait > 0:
+            self._emit("waited", decision.wait)
+            self.sleep(decision.wait)
+        return decision.wait
+
+    def throttle(self, retry_after: float, key: Any = None) -> None:
+        """Admit nothing for ``retry_after`` seconds, in every process (e.g. after an HTTP 429).
+
+        With adaptive mode the shared rate is also lowered and recovers slowly.
+        """
+        pause = int(max(0.0, retry_after) * 1_000_000)
+        bucket = self.bucket(key)
+        self._emit("throttled", retry_after)
+        try:
+            self.store.pause(bucket, self.interval, self.burst, pause, self.adaptive)
+        except StorageError as exc:
+            self._storage_failed(exc)
+            self._fallback.pause(bucket, self.interval, self.burst, pause, self.adaptive)

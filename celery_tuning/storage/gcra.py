@@ -1,0 +1,180 @@
+"""Where GCRA buckets live: one interface, an in-process store and a Redis (Lua) store."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
+
+from ..policy.gcra import GcraResult, adaptive_interval, gcra_acquire, gcra_pause
+from .redis import RedisConnector, hash_tag
+
+__all__ = ["AdaptiveSpec", "Bucket", "GcraStore", "MemoryGcraStore", "RedisGcraStore", "now_us"]
+
+
+def now_us() -> int:
+    """Wall clock in integer microseconds (the memory store's default clock)."""
+    return time.time_ns() // 1000
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """Keys of one bucket; ``conf`` is shared by every bucket of a limiter (same hash tag)."""
+
+    tat: str
+    conf: str
+
+    @classmethod
+    def for_limiter(cls, prefix: str, name: str, key_hash: Optional[str] = None) -> Bucket:
+        stem = hash_tag(prefix, "rl", name)
+        return cls(tat=f"{stem}:k:{key_hash}" if key_hash else stem, conf=f"{stem}:conf")
+
+
+@dataclass(frozen=True)
+class AdaptiveSpec:
+    """Multiplicative decrease on throttling, linear recovery."""
+
+    decrease: float = 0.5
+    min_factor: float = 0.05
+    #: Seconds for the factor to climb from 0 back to 1.
+    recovery_seconds: float = 60.0
+
+    @property
+    def recover_per_us(self) -> float:
+        return 1.0 / (self.recovery_seconds * 1_000_000)
+
+
+class GcraStore(Protocol):
+    """State behind a GCRA limiter."""
+
+    def acquire(self, bucket: Bucket, interval: int, burst: int, cost: int, reserve: int,
+                now: Optional[int] = None) -> GcraResult: ...
+
+    def pause(self, bucket: Bucket, interval: int, burst: int, pause: int,
+              adaptive: Optional[AdaptiveSpec] = None, now: Optional[int] = None) -> None: ...
+
+    def set_override(self, bucket: Bucket, interval: Optional[int], burst: Optional[int]) -> None: ...
+
+    def get_override(self, bucket: Bucket) -> Dict[str, float]: ...
+
+    def reset(self, bucket: Bucket) -> None: ...
+
+
+class MemoryGcraStore:
+    """Buckets in this process only: the local fallback and the reference for the contract tests.
+
+    Arguments:
+        clock: Returns now in integer microseconds (inject a manual clock in tests).
+    """
+
+    def __init__(self, clock: Callable[[], int] = now_us) -> None:
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._tat: Dict[str, Tuple[int, int]] = {}  # key -> (tat, expires at)
+        self._conf: Dict[str, Dict[str, float]] = {}
+
+    def _effective(self, bucket: Bucket, interval: int, burst: int, now: int) -> Tuple[int, int]:
+        conf = self._conf.get(bucket.conf, {})
+        interval = int(conf.get("interval", interval))
+        burst = int(conf.get("burst", burst))
+        factor = conf.get("factor")
+        if factor is not None:
+            interval = adaptive_interval(interval, factor, int(conf["factor_at"]), conf["recover"], now)
+        return interval, burst
+
+    def _get(self, key: str, now: int) -> Optional[int]:
+        entry = self._tat.get(key)
+        if entry is None or entry[1] <= now:
+            self._tat.pop(key, None)
+            return None
+        return entry[0]
+
+    def acquire(self, bucket: Bucket, interval: int, burst: int, cost: int, reserve: int,
+                now: Optional[int] = None) -> GcraResult:
+        with self._lock:
+            now = self.clock() if now is None else now
+            interval, burst = self._effective(bucket, interval, burst, now)
+            result = gcra_acquire(self._get(bucket.tat, now), now, interval, burst, cost, reserve)
+            if result.new_tat is not None:
+                self._tat[bucket.tat] = (result.new_tat, result.new_tat + 1_000_000)
+            return result
+
+    def pause(self, bucket: Bucket, interval: int, burst: int, pause: int,
+              adaptive: Optional[AdaptiveSpec] = None, now: Optional[int] = None) -> None:
+        with self._lock:
+            now = self.clock() if now is None else now
+            if adaptive is not None:
+                conf = self._conf.setdefault(bucket.conf, {})
+                current = 1.0
+                if "factor" in conf:
+                    current = min(1.0, conf["factor"] + conf["recover"] * (now - conf["factor_at"]))
+                conf.update(factor=max(adaptive.min_factor, current * adaptive.decrease),
+                            factor_at=now, recover=adaptive.recover_per_us)
+            interval, burst = self._effective(bucket, interval, burst, now)
+            tat = gcra_pause(self._get(bucket.tat, now), now, interval, burst, pause)
+            self._tat[bucket.tat] = (tat, tat + 1_000_000)
+
+    def set_override(self, bucket: Bucket, interval: Optional[int], burst: Optional[int]) -> None:
+        with self._lock:
+            conf = self._conf.setdefault(bucket.conf, {})
+            if interval is not None:
+                conf["interval"] = interval
+            if burst is not None:
+                conf["burst"] = burst
+
+    def get_override(self, bucket: Bucket) -> Dict[str, float]:
+        with self._lock:
+            return dict(self._conf.get(bucket.conf, {}))
+
+    def reset(self, bucket: Bucket) -> None:
+        with self._lock:
+            self._conf.pop(bucket.conf, None)
+            self._tat.pop(bucket.tat, None)
+
+
+class RedisGcraStore:
+    """Buckets in Redis: every decision is one ``EVALSHA`` of ``gcra_acquire.lua``.
+
+    Raises :class:`~celery_tuning.errors.StorageError` when Redis fails; the
+    limiter applies its Redis-error policy.
+    """
+
+    def __init__(self, connector: RedisConnector) -> None:
+        self.connector = connector
+
+    def acquire(self, bucket: Bucket, interval: int, burst: int, cost: int, reserve: int,
+                now: Optional[int] = None) -> GcraResult:
+        allowed, wait, _interval, _burst = self.connector.evalsha(
+            "gcra_acquire", keys=[bucket.tat, bucket.conf],
+            args=[interval, burst, cost, reserve, "" if now is None else now])
+        wait = int(wait)
+        return GcraResult(bool(allowed), wait, None)
+
+    def pause(self, bucket: Bucket, interval: int, burst: int, pause: int,
+              adaptive: Optional[AdaptiveSpec] = None, now: Optional[int] = None) -> None:
+        args: List[Any] = [interval, burst, pause]
+        if adaptive is None:
+            args += ["", "", ""]
+        else:
+            args += [repr(adaptive.decrease), repr(adaptive.min_factor), repr(adaptive.recover_per_us)]
+        args.append("" if now is None else now)
+        self.connector.evalsha("gcra_pause", keys=[bucket.tat, bucket.conf], args=args)
+
+    def set_override(self, bucket: Bucket, interval: Optional[int], burst: Optional[int]) -> None:
+        mapping = {k: v for k, v in (("interval", interval), ("burst", burst)) if v is not None}
+        if mapping:
+            self.connector.run(lambda c: c.hset(bucket.conf, mapping=mapping), what="HSET override")
+
+    def get_override(self, bucket: Bucket) -> Dict[str, float]:
+        raw = self.connector.run(lambda c: c.hgetall(bucket.conf), what="HGETALL override")
+        out: Dict[str, float] = {}
+        for k, v in raw.items():
+            try:
+                out[k.decode() if isinstance(k, bytes) else str(k)] = float(v)
+            except (TypeError, ValueError):
+                continue  # foreign value: ignore rather than crash
+        return out
+
+    def reset(self, bucket: Bucket) -> None:
+        self.connector.run(lambda c: c.delete(bucket.conf, bucket.tat), what="DEL limiter")
