@@ -28,7 +28,7 @@ class GcraResult(NamedTuple):
 
 def interval_us(period_seconds: float, amount: float) -> int:
     """Emission interval in whole microseconds (at least 1)."""
-    return max(1, int(round(period_seconds * 1_000_000 / amount)))
+    return max(1, round(period_seconds * 1_000_000 / amount))
 
 
 def gcra_acquire(
