@@ -22,10 +22,13 @@ _EXPORTS = {
     "install": "celery_tuning.integration.install",
     "stamp_headers": "celery_tuning.integration.receivers",
     "TunedTask": "celery_tuning.integration.task",
+    "limiter": "celery_tuning.integration.limits",
+    "GcraLimiter": "celery_tuning.ratelimit",
 }
 
 __all__ = [
     "ConfigurationError",
+    "GcraLimiter",
     "RateLimited",
     "StorageError",
     "Throttled",
@@ -34,6 +37,7 @@ __all__ = [
     "cache_result",
     "circuit_breaker",
     "install",
+    "limiter",
     "rate_limit",
     "sla",
     "stamp_headers",
@@ -57,5 +61,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .decorators import cache_result, circuit_breaker, rate_limit, sla
     from .errors import ConfigurationError, RateLimited, StorageError, Throttled, TuningError
     from .integration.install import install
+    from .integration.limits import limiter
     from .integration.receivers import stamp_headers
     from .integration.task import TunedTask
+    from .ratelimit import GcraLimiter

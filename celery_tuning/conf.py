@@ -138,6 +138,7 @@ class LimiterSpec:
     name: str
     rate: Rate
     burst: int = 1
+    adaptive: bool = False
 
 
 def parse_limiter_spec(where: str, name: str, value: Any) -> LimiterSpec:
@@ -149,10 +150,10 @@ def parse_limiter_spec(where: str, name: str, value: Any) -> LimiterSpec:
             f"{where}: {value!r} is not valid; expected {RATE_FORMS} "
             "or a dict like {'rate': '20/s', 'burst': 5}"
         )
-    unknown = set(value) - {"rate", "burst"}
+    unknown = set(value) - {"rate", "burst", "adaptive"}
     if unknown:
         raise ConfigurationError(
-            f"{where}: unknown option(s) {sorted(unknown)}; accepted: 'rate', 'burst'"
+            f"{where}: unknown option(s) {sorted(unknown)}; accepted: 'rate', 'burst', 'adaptive'"
         )
     if "rate" not in value:
         raise ConfigurationError(f"{where}: missing 'rate' ({RATE_FORMS})")
@@ -161,7 +162,8 @@ def parse_limiter_spec(where: str, name: str, value: Any) -> LimiterSpec:
     except ValueError as exc:
         raise ConfigurationError(f"{where}.rate: {exc}") from None
     burst = int(_number(f"{where}.burst", value.get("burst", 1), minimum=1, integer=True))
-    return LimiterSpec(name=name, rate=rate, burst=burst)
+    adaptive = _bool(f"{where}.adaptive", value.get("adaptive", False))
+    return LimiterSpec(name=name, rate=rate, burst=burst, adaptive=adaptive)
 
 
 def _rate_limits(name: str, value: Any) -> Dict[str, LimiterSpec]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional, TypeVar
 
 from .errors import ConfigurationError
-from .policy.attach import SlaPolicy, attach_policy
+from .policy.attach import ON_LIMIT, RateLimitPolicy, SlaPolicy, attach_policy
 
 __all__ = ["cache_result", "circuit_breaker", "rate_limit", "sla"]
 
@@ -19,9 +19,99 @@ def _not_yet(decorator: str, capability: str) -> NotImplementedError:
     )
 
 
-def rate_limit(*args: Any, **kwargs: Any) -> Callable[[F], F]:
-    """Attach a distributed rate limit (arrives with the rate-limit capability)."""
-    raise _not_yet("rate_limit", "the distributed rate limiter")
+def _seconds(decorator: str, name: str, value: Any, *, allow_zero: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (
+            not allow_zero and value == 0):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigurationError(f"@{decorator}({name}={value!r}): expected a number of seconds {bound}")
+    return float(value)
+
+
+def _count(decorator: str, name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigurationError(f"@{decorator}({name}={value!r}): expected an integer >= {minimum}")
+    return value
+
+
+def rate_limit(
+    limit: str,
+    *,
+    burst: Optional[int] = None,
+    key: Optional[Callable[..., Any]] = None,
+    cost: int = 1,
+    on_limit: str = "auto",
+    max_wait: float = 1.0,
+    max_defer: float = 300.0,
+    max_deferrals: int = 100,
+    adaptive: bool = False,
+) -> Callable[[F], F]:
+    """Limit a task with a token bucket shared by every worker through Redis.
+
+    Arguments:
+        limit: A name from ``tuning_rate_limits`` (``"openai"``) or an inline
+            rate (``"10/s"``, ``"600/m"``, ``"5000/h"``) named after the task.
+        burst: Bucket capacity for an inline rate (default 1); named limiters
+            take theirs from the config.
+        key: Per-key limit: called with the task's arguments
+            (``key=lambda tenant_id, **kw: tenant_id``); one bucket per key,
+            keys hashed before they reach Redis, idle buckets expire.
+        cost: Tokens one run takes (1 to burst).
+        on_limit: ``"auto"`` (default) sleeps in the worker when the wait is at
+            most ``max_wait`` and otherwise re-publishes the task for its
+            reserved slot without touching ``request.retries``; ``"defer"``
+            always re-publishes; ``"wait"`` only sleeps (up to ``max_wait``, then
+            raises); ``"raise"`` raises :class:`~celery_tuning.RateLimited`.
+        max_wait: Seconds a task may sleep in the worker for its slot.
+        max_defer: Furthest a slot is reserved ahead (seconds); keep it below
+            the Redis broker's ``visibility_timeout``.
+        max_deferrals: Deferrals allowed per task before it fails with
+            :class:`~celery_tuning.RateLimited` (its own budget, not ``max_retries``).
+        adaptive: On :class:`~celery_tuning.Throttled`, halve the shared rate
+            and recover it over a minute.
+
+    Raises:
+        ConfigurationError: On anything malformed, naming the argument.
+    """
+    from .policy.rates import parse_rate
+
+    if not isinstance(limit, str) or not limit.strip():
+        raise ConfigurationError(
+            f"@rate_limit({limit!r}): expected a limiter name from tuning_rate_limits or a rate like '10/s'")
+    rate = None
+    name: Optional[str] = limit
+    if "/" in limit:
+        try:
+            rate = parse_rate(limit)
+        except ValueError as exc:
+            raise ConfigurationError(f"@rate_limit({limit!r}): {exc}") from None
+        name = None
+    if burst is not None:
+        if rate is None:
+            raise ConfigurationError(
+                f"@rate_limit({limit!r}, burst={burst!r}): a named limiter takes its burst from "
+                f"tuning_rate_limits[{limit!r}]")
+        _count("rate_limit", "burst", burst)
+    if key is not None and not callable(key):
+        raise ConfigurationError(f"@rate_limit(key={key!r}): expected a callable taking the task's arguments")
+    _count("rate_limit", "cost", cost)
+    if rate is not None and cost > (burst or 1):
+        raise ConfigurationError(f"@rate_limit(cost={cost}): must not exceed burst ({burst or 1})")
+    if on_limit not in ON_LIMIT:
+        raise ConfigurationError(
+            f"@rate_limit(on_limit={on_limit!r}): expected one of {', '.join(repr(x) for x in ON_LIMIT)}")
+    policy = RateLimitPolicy(
+        name=name, rate=rate, burst=burst, key=key, cost=cost, on_limit=on_limit,
+        max_wait=_seconds("rate_limit", "max_wait", max_wait),
+        max_defer=_seconds("rate_limit", "max_defer", max_defer, allow_zero=False),
+        max_deferrals=_count("rate_limit", "max_deferrals", max_deferrals, minimum=0),
+        adaptive=bool(adaptive),
+    )
+
+    def decorate(fun: F) -> F:
+        attach_policy(fun, "rate_limit", policy, "rate_limit")
+        return fun
+
+    return decorate
 
 
 def circuit_breaker(*args: Any, **kwargs: Any) -> Callable[[F], F]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from celery.utils.dispatch import Signal
 
-__all__ = ["sla_breached", "task_timed"]
+__all__ = ["limiter_event", "sla_breached", "task_deferred", "task_timed"]
 
 #: Sent in the worker when a task attempt crosses an SLA threshold.
 #: ``sender`` is the task; keyword arguments: ``task_id``, ``queue``,
@@ -23,3 +23,13 @@ task_timed = Signal(
     name="task_timed",
     providing_args={"task_id", "queue", "wait", "run", "total", "state"},
 )
+
+#: Sent on every rate-limit decision. ``sender`` is the limiter name; keyword
+#: arguments: ``event`` ('acquired', 'waited', 'reserved', 'rejected',
+#: 'throttled', 'fallback') and ``seconds``. Never carries keys or arguments.
+limiter_event = Signal(name="limiter_event", providing_args={"event", "seconds"})
+
+#: Sent in the worker when a task is re-published for later without using a
+#: retry. ``sender`` is the task; keyword arguments: ``task_id``, ``reason``
+#: ('rate_limit', 'throttled', ...), ``countdown`` (seconds), ``deferrals``.
+task_deferred = Signal(name="task_deferred", providing_args={"task_id", "reason", "countdown", "deferrals"})

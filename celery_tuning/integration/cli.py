@@ -69,3 +69,78 @@ def status(ctx: click.Context, as_json: bool) -> None:
     click.echo(f"enabled in this process: {runtime.enabled}")
     for name, value, source in rows:
         click.echo(f"{name:<{width}}  {value!r}  ({source})")
+
+
+@tuning.group(help="Show and change shared rate limits at run time (no restart).")
+def limit() -> None:
+    """Rate-limit commands."""
+
+
+def _limiter(ctx: click.Context, name: str) -> Any:
+    from .limits import limiter_for
+
+    try:
+        return limiter_for(_runtime(ctx), name)
+    except ConfigurationError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@limit.command("show", help="Configured rate, run-time override and tokens available now.")
+@click.argument("names", nargs=-1)
+@click.pass_context
+def limit_show(ctx: click.Context, names: Any) -> None:
+    runtime = _runtime(ctx)
+    for name in names or sorted(runtime.config.rate_limits):
+        lim = _limiter(ctx, name)
+        bucket = lim.bucket()
+        try:
+            override = lim.store.get_override(bucket)
+            tat_raw, (secs, micros) = runtime.connector.run(
+                lambda c, b=bucket: (c.get(b.tat), c.time()), what="limit show")
+        except StorageError as exc:
+            raise click.ClickException(str(exc)) from None
+        interval = int(override.get("interval", lim.interval))
+        burst = int(override.get("burst", lim.burst))
+        now = secs * 1_000_000 + micros
+        tat = max(int(tat_raw or 0), now)
+        tokens = max(0, min(burst, (now + burst * interval - tat) // interval))
+        effective = f"{1_000_000 / interval:g}/s burst {burst}"
+        extra = " (override)" if "interval" in override or "burst" in override else ""
+        adaptive = f" adaptive factor {override['factor']:.2f}" if "factor" in override else ""
+        click.echo(f"{name}: configured {lim.rate} burst {lim.burst}; effective {effective}{extra}"
+                   f"{adaptive}; tokens now {tokens}")
+
+
+@limit.command("set", help="Override a limiter's rate for every worker until reset.")
+@click.argument("name")
+@click.argument("rate")
+@click.option("--burst", type=int, default=None, help="New bucket capacity.")
+@click.pass_context
+def limit_set(ctx: click.Context, name: str, rate: str, burst: Any) -> None:
+    from ..policy.gcra import interval_us
+    from ..policy.rates import parse_rate
+
+    try:
+        parsed = parse_rate(rate)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="RATE") from None
+    if burst is not None and burst < 1:
+        raise click.BadParameter(f"{burst} must be >= 1", param_hint="--burst")
+    lim = _limiter(ctx, name)
+    try:
+        lim.store.set_override(lim.bucket(), interval_us(parsed.period, parsed.amount), burst)
+    except StorageError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{name}: now {parsed}" + (f" burst {burst}" if burst else "") + " for every worker")
+
+
+@limit.command("reset", help="Drop the run-time override and the bucket state of a limiter.")
+@click.argument("name")
+@click.pass_context
+def limit_reset(ctx: click.Context, name: str) -> None:
+    lim = _limiter(ctx, name)
+    try:
+        lim.store.reset(lim.bucket())
+    except StorageError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{name}: back to the configured {lim.rate} burst {lim.burst}")

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
-__all__ = ["POLICY_ATTR", "SlaPolicy", "attach_policy", "policies_of"]
+from .rates import Rate
+
+__all__ = ["ON_LIMIT", "POLICY_ATTR", "RateLimitPolicy", "SlaPolicy", "attach_policy", "policies_of"]
 
 #: Attribute on a task function holding ``{kind: policy}``.
 POLICY_ATTR = "__tuning_policies__"
@@ -19,6 +21,31 @@ class SlaPolicy:
     critical: Optional[float] = None
     #: What is measured: 'wait', 'run' or 'total' (first publish -> finish).
     on: str = "total"
+
+
+#: What a rate-limited task does: wait briefly else defer; always defer; only wait; raise.
+ON_LIMIT = ("auto", "defer", "wait", "raise")
+
+
+@dataclass(frozen=True)
+class RateLimitPolicy:
+    """A task's rate limit: a named limiter from ``tuning_rate_limits`` or an inline rate."""
+
+    #: Name in ``tuning_rate_limits``; None for an inline limit (named after the task).
+    name: Optional[str] = None
+    rate: Optional[Rate] = None
+    burst: Optional[int] = None
+    #: Per-key limit: called with the task's arguments, returns the bucket key.
+    key: Optional[Callable[..., Any]] = None
+    cost: int = 1
+    on_limit: str = "auto"
+    #: Longest wait (s) spent sleeping in the worker before deferring instead.
+    max_wait: float = 1.0
+    #: Furthest (s) a deferred task's slot is reserved ahead; keep below the broker's visibility_timeout.
+    max_defer: float = 300.0
+    #: Deferrals allowed per task before it fails with RateLimited (separate from max_retries).
+    max_deferrals: int = 100
+    adaptive: bool = False
 
 
 def _looks_like_task(obj: Any) -> bool:

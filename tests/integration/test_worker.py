@@ -15,11 +15,14 @@ from tests.support.workers import ROOT, WorkerProcess
 
 pytestmark = pytest.mark.integration
 
+from tests.support.workers import QUICK_BACKEND_RETRY  # noqa: E402
+
 
 def make_app(redis_server, name, **conf):
     app = Celery(name, set_as_current=False, broker=redis_server.db_url(0),
                  backend=redis_server.db_url(0), task_cls="celery_tuning:TunedTask")
     app.conf.update(tuning_redis_url=redis_server.db_url(1), broker_connection_retry_on_startup=True,
+                    result_backend_transport_options=QUICK_BACKEND_RETRY,
                     **conf)
     celery_tuning.install(app)
     return app

@@ -13,6 +13,11 @@ from typing import Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parents[2]
 
+#: Result-backend retry policy for test apps: a pending AsyncResult collected after its
+#: redis-server is gone would otherwise retry 20 times, a second apart.
+QUICK_BACKEND_RETRY = {"retry_policy": {"max_retries": 1, "interval_start": 0, "interval_step": 0.1,
+                                        "interval_max": 0.1}}
+
 
 class WorkerProcess:
     """``python -m celery -A APP worker`` in its own process group.

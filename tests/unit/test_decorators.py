@@ -48,7 +48,46 @@ def test_decorator_above_app_task_is_an_error():
         sla(warning=1)(FakeTask())
 
 
-@pytest.mark.parametrize("decorator", [rate_limit, circuit_breaker, cache_result])
+@pytest.mark.parametrize("decorator", [circuit_breaker, cache_result])
 def test_capabilities_not_built_yet_fail_loudly(decorator):
     with pytest.raises(NotImplementedError, match="not available in this version"):
         decorator("x")
+
+
+def test_rate_limit_named_and_inline():
+    def f(tenant_id):
+        pass
+
+    rate_limit("openai")(f)
+    named = policies_of(f)["rate_limit"]
+    assert (named.name, named.rate, named.on_limit, named.max_wait) == ("openai", None, "auto", 1.0)
+
+    def g(tenant_id):
+        pass
+
+    rate_limit("10/s", burst=3, key=lambda tenant_id, **_: tenant_id, on_limit="raise")(g)
+    inline = policies_of(g)["rate_limit"]
+    assert inline.name is None and inline.rate.amount == 10 and inline.burst == 3
+    assert inline.key(tenant_id="t1") == "t1"
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "fragment"),
+    [
+        (("20/x",), {}, "@rate_limit('20/x')"),
+        (("0/s",), {}, "more than zero"),
+        (("",), {}, "expected a limiter name"),
+        (("openai",), {"burst": 3}, "takes its burst from tuning_rate_limits['openai']"),
+        (("10/s",), {"burst": 0}, "@rate_limit(burst=0)"),
+        (("10/s",), {"on_limit": "drop"}, "@rate_limit(on_limit='drop'): expected one of 'auto', 'defer'"),
+        (("10/s",), {"max_wait": -1}, "@rate_limit(max_wait=-1)"),
+        (("10/s",), {"max_defer": 0}, "@rate_limit(max_defer=0)"),
+        (("10/s",), {"cost": 2}, "must not exceed burst (1)"),
+        (("10/s",), {"key": "tenant"}, "@rate_limit(key='tenant')"),
+        (("10/s",), {"max_deferrals": -1}, "@rate_limit(max_deferrals=-1)"),
+    ],
+)
+def test_rate_limit_rejects_nonsense(args, kwargs, fragment):
+    with pytest.raises(ConfigurationError) as info:
+        rate_limit(*args, **kwargs)
+    assert fragment in str(info.value)

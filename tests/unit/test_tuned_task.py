@@ -180,7 +180,7 @@ def test_sla_only_task_is_not_wrapped():
 def test_invalid_config_is_reported_with_the_task_name(recording_steps):
     app = make_app(tuning_sla={"q": {"warning": -1}})
 
-    @app.task(base=TunedTask, name="needs_conf")
+    @app.task(base=TunedTask, name="needs_conf", shared=False)
     @with_all_policies
     def f():
         return 1

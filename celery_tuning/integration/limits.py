@@ -1,0 +1,76 @@
+"""Limiters of one app: built from ``tuning_rate_limits`` or inline policies, shared per process."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Dict, Optional
+
+from .. import signals
+from ..errors import ConfigurationError
+from ..policy.rates import Rate
+from ..ratelimit import GcraLimiter
+from ..storage.gcra import AdaptiveSpec, RedisGcraStore
+from .runtime import TuningRuntime, runtime_for
+
+__all__ = ["limiter", "limiter_for"]
+
+_lock = threading.Lock()
+
+
+def _observer(event: str, name: str, seconds: float) -> None:
+    signals.limiter_event.send(sender=name, event=event, seconds=seconds)
+
+
+def limiter_for(runtime: TuningRuntime, name: str, *, rate: Optional[Rate] = None,
+                burst: Optional[int] = None, adaptive: bool = False) -> GcraLimiter:
+    """The process's limiter ``name`` for this app (created once).
+
+    Named limiters come from ``tuning_rate_limits``; passing ``rate`` makes an
+    inline limiter of that name.
+
+    Raises:
+        ConfigurationError: When ``name`` is not configured and no rate is given.
+    """
+    cache: Dict[str, GcraLimiter] = runtime.__dict__.setdefault("_limiters", {})
+    found = cache.get(name)
+    if found is not None:
+        return found
+    with _lock:
+        found = cache.get(name)
+        if found is not None:
+            return found
+        if rate is None:
+            spec = runtime.config.rate_limits.get(name)
+            if spec is None:
+                known = ", ".join(repr(n) for n in sorted(runtime.config.rate_limits)) or "none configured"
+                raise ConfigurationError(
+                    f"rate limiter {name!r} is not in tuning_rate_limits (known: {known})")
+            rate, burst, adaptive = spec.rate, spec.burst, spec.adaptive
+        found = GcraLimiter(
+            name, rate, burst or 1,
+            store=RedisGcraStore(runtime.connector),
+            prefix=runtime.config.key_prefix,
+            on_redis_error=runtime.config.rate_limit_on_redis_error,
+            adaptive=AdaptiveSpec() if adaptive else None,
+            observer=_observer,
+        )
+        cache[name] = found
+        return found
+
+
+def limiter(name: str, app: Any = None) -> GcraLimiter:
+    """The shared limiter ``name`` from ``tuning_rate_limits``, for use around single calls.
+
+    Example::
+
+        celery_tuning.limiter("openai").acquire(timeout=10)
+
+    Arguments:
+        name: A key of ``tuning_rate_limits``.
+        app: The Celery app (default: the current app).
+    """
+    if app is None:
+        from celery import current_app
+
+        app = current_app._get_current_object()
+    return limiter_for(runtime_for(app), name)

@@ -1,0 +1,162 @@
+"""The pipeline step that applies ``@rate_limit``: admit, sleep briefly, defer, or raise."""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from typing import Any, Dict, Optional, Tuple
+
+from ..errors import ConfigurationError, RateLimited, Throttled
+from ..policy.attach import RateLimitPolicy
+from ..ratelimit import GcraLimiter, hash_key
+from .deferral import defer, jitter
+from .limits import limiter_for
+from .pipeline import Call, Step, register_step
+from .runtime import runtime_for
+
+__all__ = ["HEADER_SLOT", "RateLimitStep"]
+
+logger = logging.getLogger("celery_tuning.ratelimit")
+
+#: A slot this task id already holds: {"limiter", "key", "at" (epoch s), "id"}.
+HEADER_SLOT = "tuning_rl_slot"
+
+
+class RateLimitStep(Step):
+    """Built once per task class when it is bound."""
+
+    kind = "rate_limit"
+
+    def __init__(self, policy: RateLimitPolicy, task_cls: Any) -> None:
+        self.policy = policy
+        self.task_name = task_cls.name
+        self.app = task_cls._app
+        runtime = runtime_for(self.app)
+        self.runtime = runtime
+        if policy.name is not None and policy.name not in runtime.config.rate_limits:
+            known = ", ".join(repr(n) for n in sorted(runtime.config.rate_limits)) or "none configured"
+            raise ConfigurationError(
+                f"@rate_limit({policy.name!r}): no such limiter in tuning_rate_limits (known: {known})")
+        if policy.name is not None and policy.cost > runtime.config.rate_limits[policy.name].burst:
+            raise ConfigurationError(
+                f"@rate_limit({policy.name!r}, cost={policy.cost}): exceeds the limiter's burst "
+                f"({runtime.config.rate_limits[policy.name].burst})")
+        self.limiter_name = policy.name or self.task_name
+        self._limiter: Optional[GcraLimiter] = None
+        self._warn_visibility(policy)
+
+    def _warn_visibility(self, policy: RateLimitPolicy) -> None:
+        broker = str(self.app.conf.broker_url or "")
+        if not broker.startswith(("redis", "rediss", "sentinel")) or policy.on_limit in ("raise", "wait"):
+            return
+        options = self.app.conf.broker_transport_options or {}
+        visibility = float(options.get("visibility_timeout", 3600))
+        if policy.max_defer >= visibility:
+            warnings.warn(
+                f"task {self.task_name!r}: @rate_limit(max_defer={policy.max_defer}) can defer a task "
+                f"beyond the Redis broker's visibility_timeout ({visibility:g}s), which redelivers it; "
+                "lower max_defer or raise broker_transport_options['visibility_timeout']",
+                stacklevel=2,
+            )
+
+    @property
+    def limiter(self) -> GcraLimiter:
+        if self._limiter is None:
+            p = self.policy
+            self._limiter = limiter_for(self.runtime, self.limiter_name, rate=p.rate,
+                                        burst=p.burst, adaptive=p.adaptive)
+        return self._limiter
+
+    def wrap(self, task_cls: Any, call_next: Call) -> Call:
+        policy = self.policy
+
+        def call(task: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+            key = policy.key(*args, **kwargs) if policy.key is not None else None
+            limiter = self.limiter
+            request = task.request
+            if not self._use_reserved_slot(request, limiter, key):
+                self._admit(task, request, limiter, key)
+            try:
+                return call_next(task, args, kwargs)
+            except Throttled as exc:
+                self._throttled(task, request, limiter, key, exc)
+                raise  # not reached: _throttled defers or raises
+
+        return call
+
+    def _slot_id(self, key: Any) -> Optional[str]:
+        return None if key is None else hash_key(key)
+
+    def _use_reserved_slot(self, request: Any, limiter: GcraLimiter, key: Any) -> bool:
+        headers = getattr(request, "headers", None) or {}
+        slot = headers.get(HEADER_SLOT)
+        if not isinstance(slot, dict):
+            return False
+        # Consume it: a later retry of this task must queue for a new slot.
+        headers.pop(HEADER_SLOT, None)
+        if (slot.get("id") != request.id or slot.get("limiter") != limiter.name
+                or slot.get("key") != self._slot_id(key)):
+            return False
+        try:
+            early = float(slot["at"]) - time.time()
+        except (KeyError, TypeError, ValueError):
+            return False
+        if early > 0:
+            # Countdown fired a little early (or host clocks differ): wait out the rest, bounded.
+            limiter.sleep(min(early, max(self.policy.max_wait, 0.05)))
+        return True
+
+    def _admit(self, task: Any, request: Any, limiter: GcraLimiter, key: Any) -> None:
+        policy = self.policy
+        if policy.on_limit == "raise":
+            decision = limiter.decide(policy.cost, key=key)
+            if not decision.allowed:
+                raise RateLimited(decision.wait, limiter.name)
+            return
+        eager = bool(getattr(request, "is_eager", False) or getattr(request, "called_directly", False))
+        if policy.on_limit == "wait" or eager:
+            # No broker to defer through (eager / direct call) or waiting is what was asked.
+            limiter.acquire(timeout=policy.max_wait if policy.on_limit == "wait" else policy.max_defer,
+                            cost=policy.cost, key=key)
+            return
+        decision = limiter.decide(policy.cost, reserve=policy.max_defer, key=key)
+        if decision.allowed and decision.wait == 0:
+            return
+        if decision.allowed and policy.on_limit == "auto" and decision.wait <= policy.max_wait:
+            limiter._emit("waited", decision.wait)
+            limiter.sleep(decision.wait)
+            return
+        headers = None
+        if decision.allowed:  # a slot is ours: come back for it without queueing again
+            headers = {HEADER_SLOT: {"limiter": limiter.name, "key": self._slot_id(key),
+                                     "at": time.time() + decision.wait, "id": request.id}}
+        self._defer(task, decision.wait, "rate_limit", headers)
+
+    def _defer(self, task: Any, wait: float, reason: str, headers: Optional[Dict[str, Any]]) -> None:
+        limiter_name = self.limiter_name
+        defer(task, jitter(wait), reason=reason, max_deferrals=self.policy.max_deferrals,
+              headers=headers,
+              on_exhausted=lambda n: RateLimited(wait, f"{limiter_name} (gave up after {n} deferrals)"))
+
+    def _throttled(self, task: Any, request: Any, limiter: GcraLimiter, key: Any, exc: Throttled) -> None:
+        target = limiter
+        if exc.name is not None and exc.name != limiter.name:
+            target = limiter_for(self.runtime, exc.name)
+            key = None
+        target.throttle(exc.retry_after, key=key)
+        logger.warning("task %s: remote side throttled limiter %r for %.1fs; task deferred",
+                       self.task_name, target.name, exc.retry_after)
+        eager = bool(getattr(request, "is_eager", False) or getattr(request, "called_directly", False))
+        if eager or self.policy.on_limit == "raise":
+            raise RateLimited(exc.retry_after, target.name) from exc
+        decision = limiter.decide(self.policy.cost, reserve=self.policy.max_defer, key=key)
+        headers = None
+        if decision.allowed:
+            headers = {HEADER_SLOT: {"limiter": limiter.name, "key": self._slot_id(key),
+                                     "at": time.time() + decision.wait, "id": request.id}}
+        self._defer(task, max(decision.wait, exc.retry_after if target is limiter else 0.0),
+                    "throttled", headers)
+
+
+register_step("rate_limit", RateLimitStep)

@@ -1,0 +1,258 @@
+"""Distributed rate limits against a real redis-server and real workers."""
+
+import multiprocessing
+import time
+
+import pytest
+from celery import Celery
+from celery.contrib.testing.worker import start_worker
+
+import celery_tuning
+from celery_tuning import ConfigurationError, RateLimited, TunedTask, rate_limit
+from celery_tuning.integration.limits import limiter_for
+from celery_tuning.integration.runtime import runtime_for
+from tests.support.hammer import hammer
+from tests.support.workers import WorkerProcess
+
+pytestmark = pytest.mark.integration
+
+from tests.support.workers import QUICK_BACKEND_RETRY  # noqa: E402
+
+
+def make_app(redis_server, name, tuning_url=None, **conf):
+    app = Celery(name, set_as_current=False, broker=redis_server.db_url(0), backend=redis_server.db_url(0),
+                 task_cls="celery_tuning:TunedTask")
+    app.conf.update(tuning_redis_url=tuning_url or redis_server.db_url(1),
+                    broker_connection_retry_on_startup=True,
+                    result_backend_transport_options=QUICK_BACKEND_RETRY, **conf)
+    celery_tuning.install(app)
+    return app
+
+
+@pytest.mark.slow
+def test_four_processes_share_one_bucket(redis_clean):
+    """4 processes sharing 50/s burst 5 for 6 s admit 305 +- 2 %, no 1 s window over 55."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    start_at = time.time() + 2.0  # spawn start-up happens before the clock starts
+    procs = [ctx.Process(target=hammer, args=(redis_clean.db_url(1), 6.0, queue, start_at)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    times = sorted(t for _ in procs for t in queue.get(timeout=60))
+    for p in procs:
+        p.join(timeout=10)
+    assert 305 * 0.98 <= len(times) <= 305 * 1.02, len(times)
+    worst, j = 0, 0
+    for i in range(len(times)):
+        while times[i] - times[j] > 1.0:
+            j += 1
+        worst = max(worst, i - j + 1)
+    assert worst <= 55, worst
+
+
+def worker_env(redis_server):
+    return {"TEST_BROKER_URL": redis_server.db_url(0), "TEST_TUNING_URL": redis_server.db_url(1)}
+
+
+@pytest.mark.slow
+def test_two_prefork_workers_respect_a_shared_limit_without_using_retries(redis_clean):
+    """40 tasks at 10/s burst 2 across 2 prefork workers x 2: >= 3.4 s, each exactly once, max_retries=0."""
+    workers = [WorkerProcess("tests.apps.limited:app", worker_env(redis_clean), concurrency=2, name=f"w{i}")
+               for i in range(2)]
+    try:
+        for w in workers:
+            w.start()
+        import os
+        import subprocess
+        import sys
+
+        from tests.support.workers import ROOT
+
+        code = (
+            "import time, json\n"
+            "from tests.apps.limited import limited\n"
+            "start = time.time()\n"
+            "results = [limited.delay(i) for i in range(40)]\n"
+            "values = [r.get(timeout=60) for r in results]\n"
+            "print(json.dumps({'elapsed': time.time() - start, 'values': values,"
+            " 'ids': [r.id for r in results], 'states': [r.state for r in results]}))\n"
+        )
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                             cwd=str(ROOT), env={**os.environ, "PYTHONPATH": str(ROOT), **worker_env(redis_clean)})
+        assert out.returncode == 0, out.stderr + workers[0].output()[-3000:]
+        import json
+
+        data = json.loads(out.stdout.strip().splitlines()[-1])
+    finally:
+        for w in workers:
+            w.close()
+    assert data["elapsed"] >= 3.4, data["elapsed"]
+    assert [v["i"] for v in data["values"]] == list(range(40))
+    assert all(v["retries"] == 0 for v in data["values"])
+    assert any(v["deferrals"] > 0 for v in data["values"]), "expected some tasks to be deferred"
+    assert set(data["states"]) == {"SUCCESS"}
+    runs = redis_clean.client(1).hgetall("runs")
+    assert len(runs) == 40 and set(runs.values()) == {b"1"}, runs
+    times = sorted(float(t) for t in redis_clean.client(1).lrange("run_times", 0, -1))
+    # the bucket admits 2 at once then one per 100 ms: 40 runs span at least 3.7 s (- jitter)
+    assert times[-1] - times[0] >= 3.6
+
+
+@pytest.mark.slow
+def test_throttled_pauses_the_limiter_for_every_worker(redis_clean):
+    workers = [WorkerProcess("tests.apps.limited:app", worker_env(redis_clean), concurrency=2, name=f"t{i}")
+               for i in range(2)]
+    try:
+        for w in workers:
+            w.start()
+        import os
+        import subprocess
+        import sys
+
+        from tests.support.workers import ROOT
+
+        code = (
+            "import time, json\n"
+            "from tests.apps.limited import flaky_api\n"
+            "start = time.time()\n"
+            "rs = [flaky_api.delay(i) for i in range(6)]\n"
+            "print(json.dumps({'start': start, 'values': [r.get(timeout=60) for r in rs]}))\n"
+        )
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                             cwd=str(ROOT), env={**os.environ, "PYTHONPATH": str(ROOT), **worker_env(redis_clean)})
+        assert out.returncode == 0, out.stderr + workers[0].output()[-3000:]
+        import json
+
+        data = json.loads(out.stdout.strip().splitlines()[-1])
+    finally:
+        for w in workers:
+            w.close()
+    assert data["values"] == list(range(6))
+    ok_times = sorted(float(t) for t in redis_clean.client(1).lrange("api_ok_times", 0, -1))
+    assert len(ok_times) == 6
+    # every first call was throttled with retry_after=1 s: nothing succeeds before the pause ends
+    assert ok_times[0] - data["start"] >= 0.95
+    calls = redis_clean.client(1).hgetall("api_calls")
+    assert set(calls.values()) == {b"2"}, calls
+
+
+def test_per_key_limits_isolate_tenants(redis_clean):
+    app = make_app(redis_clean, "perkey")
+    done = {}
+
+    @app.task(base=TunedTask, bind=True)
+    @rate_limit("5/s", key=lambda tenant, i: tenant)
+    def work(self, tenant, i):
+        done.setdefault(tenant, []).append(time.time())
+        return i
+
+    with start_worker(app, pool="threads", concurrency=6, perform_ping_check=False, shutdown_timeout=10):
+        start = time.time()
+        flood = [work.delay("noisy", i) for i in range(12)]
+        time.sleep(0.1)
+        quiet = work.delay("quiet", 0)
+        quiet.get(timeout=10)
+        quiet_latency = time.time() - start
+        [r.get(timeout=20) for r in flood]
+        noisy_span = max(done["noisy"]) - min(done["noisy"])
+    assert quiet_latency < 1.0, quiet_latency
+    assert noisy_span >= 11 * 0.2 * 0.9, noisy_span
+    keys = [k.decode() for k in redis_clean.client(1).keys("tuning:rl:*")]
+    assert all("noisy" not in k and "quiet" not in k for k in keys), "raw keys must not reach Redis"
+
+
+def test_on_limit_raise_and_eager_wait(redis_clean):
+    app = make_app(redis_clean, "raising")
+
+    @app.task(base=TunedTask)
+    @rate_limit("1/m", on_limit="raise")
+    def once_a_minute():
+        return "ran"
+
+    @app.task(base=TunedTask)
+    @rate_limit("20/s")
+    def quick():
+        return time.monotonic()
+
+    assert once_a_minute.apply().get() == "ran"
+    with pytest.raises(RateLimited) as info:
+        once_a_minute.apply().get()
+    assert 55 < info.value.retry_after <= 60
+    # eager: no broker to defer through, so the caller waits its turn
+    stamps = [quick.apply().get() for _ in range(4)]
+    assert stamps[-1] - stamps[0] >= 3 * 0.05 * 0.9
+
+
+def test_unknown_named_limiter_is_a_bind_time_error(redis_clean):
+    app = make_app(redis_clean, "unknown", tuning_rate_limits={"openai": "20/s"})
+
+    @app.task(base=TunedTask, name="uses_missing", shared=False)  # shared tasks bind to every later app
+    @rate_limit("opneai")
+    def f():
+        pass
+
+    with pytest.raises(ConfigurationError, match=r"task 'uses_missing': @rate_limit\('opneai'\): no such limiter"):
+        f.run  # noqa: B018 - binding happens on first access
+
+
+def test_visibility_timeout_warning(redis_clean):
+    app = make_app(redis_clean, "vis", broker_transport_options={"visibility_timeout": 60})
+
+    @app.task(base=TunedTask, name="long_defer", shared=False)
+    @rate_limit("1/h", max_defer=120)
+    def f():
+        pass
+
+    with pytest.warns(UserWarning, match="visibility_timeout"):
+        f.run  # noqa: B018
+
+
+def test_limiter_around_single_calls(redis_clean):
+    app = make_app(redis_clean, "single", tuning_rate_limits={"openai": {"rate": "10/s", "burst": 2}})
+    lim = celery_tuning.limiter("openai", app=app)
+    assert lim is celery_tuning.limiter("openai", app=app)
+    assert lim.try_acquire() and lim.try_acquire()
+    assert not lim.try_acquire()
+    waited = lim.acquire(timeout=1)
+    assert 0.05 < waited <= 0.1
+    lim.throttle(5)
+    with pytest.raises(RateLimited):
+        lim.acquire(timeout=1)
+    with pytest.raises(ConfigurationError, match="not in tuning_rate_limits"):
+        celery_tuning.limiter("nope", app=app)
+
+
+def test_redis_restart_and_outage_follow_the_policy(fault_redis):
+    events = []
+    app = Celery("outage", set_as_current=False)
+    app.conf.update(tuning_redis_url=fault_redis.db_url(1), tuning_rate_limits={"x": {"rate": "100/s", "burst": 5}},
+                    tuning_redis_socket_timeout=0.2, tuning_redis_connect_timeout=0.2)
+    lim = limiter_for(runtime_for(app), "x")
+    lim.observer = lambda event, name, seconds: events.append(event)
+    assert sum(lim.try_acquire() for _ in range(10)) == 5
+    fault_redis.restart()  # empty: scripts gone (NOSCRIPT), bucket gone
+    assert sum(lim.try_acquire() for _ in range(10)) == 5
+    fault_redis.stop()
+    start = time.monotonic()
+    local = sum(lim.try_acquire() for _ in range(10))  # in-process bucket at the same rate
+    assert local == 5
+    assert "fallback" in events
+    assert time.monotonic() - start < 5
+    fault_redis.start()
+    time.sleep(0.1)
+    assert lim.decide().source == "redis"
+
+
+def test_allow_and_deny_policies(fault_redis):
+    for policy, expect in (("allow", True), ("deny", False)):
+        app = Celery(f"p-{policy}", set_as_current=False)
+        app.conf.update(tuning_redis_url=fault_redis.db_url(1), tuning_rate_limits={"x": "1/m"},
+                        tuning_rate_limit_on_redis_error=policy, tuning_redis_connect_timeout=0.2)
+        lim = limiter_for(runtime_for(app), "x")
+        fault_redis.stop()
+        try:
+            decisions = [lim.decide() for _ in range(3)]
+        finally:
+            fault_redis.start()
+        assert [d.allowed for d in decisions] == [expect] * 3
+        assert {d.source for d in decisions} == {policy}
