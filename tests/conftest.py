@@ -1,9 +1,17 @@
-"""Shared fixtures: a private redis-server per session and helpers for real workers."""
+"""Shared fixtures: a private redis-server per session and helpers for real workers.
+
+hypothesis is imported here, up front, on purpose: CPython 3.11.7 can fail with "AST
+constructor recursion depth mismatch" when pytest rewrites a module while a Celery worker
+thread compiles a task signature at the same moment (gh-106905); importing early keeps
+pytest's rewriting out of the window where in-process worker threads run.
+"""
 
 from __future__ import annotations
 
 from typing import Iterator
 
+import hypothesis
+import hypothesis.strategies  # noqa: F401
 import pytest
 
 from celery_tuning.testing import RedisServer

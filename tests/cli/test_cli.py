@@ -53,3 +53,51 @@ def test_status_shows_sources_and_redacted_url(redis_clean):
 def test_listed_in_celery_help():
     out = subprocess.run([sys.executable, "-m", "celery", "--help"], capture_output=True, text=True, timeout=60)
     assert "tuning" in out.stdout
+
+
+def limited_env(redis_server):
+    import os
+
+    return {**os.environ, "PYTHONPATH": str(ROOT), "TEST_BROKER_URL": redis_server.db_url(0),
+            "TEST_TUNING_URL": redis_server.db_url(1)}
+
+
+def limit_cmd(*args, env):
+    return subprocess.run([sys.executable, "-m", "celery", "-A", "tests.apps.limited:app", "tuning", "limit", *args],
+                          capture_output=True, text=True, timeout=60, cwd=str(ROOT), env=env)
+
+
+def test_limit_set_show_reset_changes_the_shared_rate(redis_clean):
+    from celery import Celery
+
+    from celery_tuning.integration.limits import limiter_for
+    from celery_tuning.integration.runtime import runtime_for
+
+    env = limited_env(redis_clean)
+    out = limit_cmd("show", "shared", env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "shared: configured 10/s burst 2; effective 10/s burst 2; tokens now 2"
+
+    out = limit_cmd("set", "shared", "1/m", "--burst", "1", env=env)
+    assert out.returncode == 0, out.stderr
+    # a worker process that never restarted sees the new rate on its next acquire
+    app = Celery("observer", set_as_current=False)
+    app.conf.update(tuning_redis_url=redis_clean.db_url(1), tuning_rate_limits={"shared": {"rate": "10/s", "burst": 2}})
+    lim = limiter_for(runtime_for(app), "shared")
+    assert lim.try_acquire()
+    refused = lim.decide()
+    assert not refused.allowed and refused.wait > 50
+    out = limit_cmd("show", "shared", env=env)
+    assert "(override)" in out.stdout and "tokens now 0" in out.stdout
+
+    out = limit_cmd("reset", "shared", env=env)
+    assert out.returncode == 0 and "back to the configured 10/s burst 2" in out.stdout
+    assert lim.try_acquire() and lim.try_acquire()
+
+
+def test_limit_errors_name_the_problem(redis_clean):
+    env = limited_env(redis_clean)
+    out = limit_cmd("set", "shared", "10/x", env=env)
+    assert out.returncode != 0 and "'10/x' is not a rate" in out.stderr
+    out = limit_cmd("show", "nope", env=env)
+    assert out.returncode != 0 and "'nope' is not in tuning_rate_limits" in out.stderr

@@ -256,3 +256,42 @@ def test_allow_and_deny_policies(fault_redis):
             fault_redis.start()
         assert [d.allowed for d in decisions] == [expect] * 3
         assert {d.source for d in decisions} == {policy}
+
+
+def test_tasks_survive_tuning_redis_outage(redis_clean, fault_redis):
+    """Broker on one redis-server, tuning state on another that restarts, then stops for 2 s."""
+    app = make_app(redis_clean, "outage_tasks", tuning_url=fault_redis.db_url(1),
+                   tuning_redis_socket_timeout=0.2, tuning_redis_connect_timeout=0.2)
+    ran = []
+
+    @app.task(base=TunedTask, bind=True, max_retries=0, shared=False)
+    @rate_limit("40/s", burst=2)
+    def step(self, i):
+        ran.append((i, self.request.id))
+        return i
+
+    events = []
+
+    def on_event(sender=None, event=None, **_):
+        events.append(event)
+
+    celery_tuning.signals.limiter_event.connect(on_event)
+    try:
+        with start_worker(app, pool="threads", concurrency=4, perform_ping_check=False, shutdown_timeout=10):
+            first = [step.delay(i) for i in range(20)]
+            time.sleep(0.2)
+            fault_redis.restart()  # scripts and buckets gone
+            second = [step.delay(i) for i in range(20, 40)]
+            time.sleep(0.2)
+            fault_redis.stop()
+            third = [step.delay(i) for i in range(40, 60)]
+            time.sleep(2.0)
+            fault_redis.start()
+            fourth = [step.delay(i) for i in range(60, 80)]
+            values = [r.get(timeout=30) for r in first + second + third + fourth]
+    finally:
+        celery_tuning.signals.limiter_event.disconnect(on_event)
+    assert values == list(range(80))
+    ids = [task_id for _, task_id in ran]
+    assert len(ids) == len(set(ids)) == 80, "every task ran exactly once"
+    assert "fallback" in events and "acquired" in events
