@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import psutil
 import redis
@@ -28,6 +28,7 @@ from celery_tuning.testing import RedisServer
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 POOL_CONCURRENCY = {"prefork": 2, "threads": 4, "solo": 1}
+ACCURACY_CONCURRENCY = 1
 
 
 def _publish(url: str, variant: str, n: int) -> float:
@@ -53,19 +54,22 @@ def _rss_mb(pid: int) -> float:
     return sum(p.memory_info().rss for p in procs if p.is_running()) / 2**20
 
 
-def run_worker_once(url: str, variant: str, pool: str, n: int) -> Dict[str, float]:
-    """Fill the queue with ``n`` no-op tasks, start a worker, time it draining them."""
+def run_worker_once(url: str, variant: str, pool: str, n: int, workers: int = 1) -> Dict[str, float]:
+    """Fill the queue with ``n`` no-op tasks, start ``workers`` workers, time them draining it."""
     client = redis.Redis.from_url(url)
     client.flushdb()
     publish_rate = _publish(url, variant, n)
     assert client.llen("bench") == n, "publishing failed"
     env = {**os.environ, "BENCH_VARIANT": variant, "BENCH_REDIS_URL": url, "PYTHONPATH": str(ROOT)}
     log = tempfile.NamedTemporaryFile(prefix="bench-worker-", suffix=".log", delete=False)
-    worker = subprocess.Popen(
+    procs = [subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "benchmarks.apps:app", "worker", "-P", pool,
-         "-c", str(POOL_CONCURRENCY[pool]), "-Q", "bench", "--without-gossip", "--without-mingle",
-         "--without-heartbeat", "-l", "WARNING"],
+         "-c", str(POOL_CONCURRENCY[pool] if workers == 1 else ACCURACY_CONCURRENCY), "-Q", "bench",
+         "-n", f"bench{i}@%h", "--without-gossip",
+         "--without-mingle", "--without-heartbeat", "-l", "WARNING"],
         stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT), start_new_session=True)
+        for i in range(workers)]
+    worker = procs[0]
     try:
         deadline = time.monotonic() + 300
         while client.llen("bench") == n:  # the first fetch marks the start
@@ -80,11 +84,13 @@ def run_worker_once(url: str, variant: str, pool: str, n: int) -> Dict[str, floa
         elapsed = time.perf_counter() - start
         rss = _rss_mb(worker.pid)
     finally:
-        os.killpg(worker.pid, signal.SIGTERM)
-        try:
-            worker.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
+        for proc in procs:
+            os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
         os.unlink(log.name)
     return {"tasks_per_s": n / elapsed, "rss_mb": rss, "publish_per_s": publish_rate}
 
@@ -93,42 +99,87 @@ def summarize(values: List[float]) -> Dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
+def passthrough(url: str, pools: List[str], tasks: int, runs: int) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    variants = ("plain", "tuned", "limited")
+    for pool in pools:
+        samples: Dict[str, Dict[str, List[float]]] = {
+            v: {"tasks_per_s": [], "rss_mb": [], "publish_per_s": []} for v in variants}
+        for _ in range(runs):
+            for variant in variants:  # interleaved so drift hits all alike
+                one = run_worker_once(url, variant, pool, tasks)
+                for key, value in one.items():
+                    samples[variant][key].append(value)
+        entry: Dict[str, Any] = {v: {k: summarize(vals) for k, vals in s.items()} for v, s in samples.items()}
+        plain = entry["plain"]
+        entry["throughput_ratio"] = entry["tuned"]["tasks_per_s"]["median"] / plain["tasks_per_s"]["median"]
+        entry["limited_ratio"] = entry["limited"]["tasks_per_s"]["median"] / plain["tasks_per_s"]["median"]
+        entry["publish_ratio"] = entry["tuned"]["publish_per_s"]["median"] / plain["publish_per_s"]["median"]
+        entry["rss_ratio"] = entry["tuned"]["rss_mb"]["median"] / plain["rss_mb"]["median"]
+        out[pool] = entry
+    return out
+
+
+def accuracy(url: str, tasks: int = 60, pools: Tuple[str, ...] = ("prefork", "threads")) -> Dict[str, Any]:
+    """Celery's per-worker rate_limit vs ours, both '10/s', two worker processes per pool kind."""
+    out: Dict[str, Any] = {}
+    for pool in pools:
+        for variant in ("celery_rate_limit", "ours"):
+            one = run_worker_once(url, variant, pool, tasks, workers=2)
+            out[f"{pool}/{variant}"] = {"tasks_per_s": one["tasks_per_s"],
+                                        "admitted_over_configured": one["tasks_per_s"] / 10.0}
+    return out
+
+
 def main(argv: List[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--tasks", type=int, default=3000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--pools", default="prefork,threads")
+    parser.add_argument("--only", default="passthrough,limiter,accuracy",
+                        help="comma-separated sections: passthrough, limiter, accuracy")
     args = parser.parse_args(argv)
+    sections = set(args.only.split(","))
     server = RedisServer().start()
     results: Dict[str, Any] = {
         "command": "python -m benchmarks " + " ".join(argv),
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
-        "tasks": args.tasks, "runs": args.runs, "pass_through": {},
+        "tasks": args.tasks, "runs": args.runs,
     }
     try:
         url = server.db_url(0)
-        for pool in args.pools.split(","):
-            samples: Dict[str, Dict[str, List[float]]] = {
-                v: {"tasks_per_s": [], "rss_mb": [], "publish_per_s": []} for v in ("plain", "tuned")}
-            for _ in range(args.runs):
-                for variant in ("plain", "tuned"):  # interleaved so drift hits both alike
-                    one = run_worker_once(url, variant, pool, args.tasks)
-                    for key, value in one.items():
-                        samples[variant][key].append(value)
-            entry = {v: {k: summarize(vals) for k, vals in s.items()} for v, s in samples.items()}
-            entry["throughput_ratio"] = (entry["tuned"]["tasks_per_s"]["median"]
-                                         / entry["plain"]["tasks_per_s"]["median"])
-            entry["publish_ratio"] = (entry["tuned"]["publish_per_s"]["median"]
-                                      / entry["plain"]["publish_per_s"]["median"])
-            entry["rss_ratio"] = entry["tuned"]["rss_mb"]["median"] / entry["plain"]["rss_mb"]["median"]
-            results["pass_through"][pool] = entry
+        if "passthrough" in sections:
+            results["pass_through"] = passthrough(url, args.pools.split(","), args.tasks, args.runs)
+            print(render_table(results), flush=True)
+        if "limiter" in sections:
+            from benchmarks import limiter
+
+            results["limiter"] = limiter.run(server.db_url(2), runs=args.runs)
+            print("\n" + limiter.render(results["limiter"]), flush=True)
+        if "accuracy" in sections:
+            results["accuracy"] = accuracy(url)
+            print("\n" + render_accuracy(results["accuracy"]), flush=True)
     finally:
         server.close()
-    print(render_table(results))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "latest.json").write_text(json.dumps(results, indent=2))
     print(f"\nwritten: {RESULTS / 'latest.json'}")
     return 0
+
+
+def render_accuracy(result: Dict[str, Any]) -> str:
+    lines = [
+        "Rate-limit accuracy: 60 no-op tasks limited to 10/s, two worker processes",
+        "",
+        "| pool | limiter | achieved tasks/s | achieved / configured (ideal 1.0) |",
+        "|---|---|---|---|",
+    ]
+    labels = {"celery_rate_limit": "Celery `rate_limit='10/s'` (per worker)",
+              "ours": "celery-tuning `@rate_limit('10/s')` (shared)"}
+    for key, e in result.items():
+        pool, variant = key.split("/")
+        lines.append(f"| {pool} | {labels[variant]} | {e['tasks_per_s']:.2f} | {e['admitted_over_configured']:.2f} |")
+    return "\n".join(lines)
 
 
 def render_table(results: Dict[str, Any]) -> str:
@@ -138,16 +189,20 @@ def render_table(results: Dict[str, Any]) -> str:
         "until the queue and the unacked table are empty (acks_late); publish ratio is the producer's "
         "apply_async rate with header stamping vs without.",
         "",
-        "| pool | plain tasks/s | tuned tasks/s | ratio (target >= 0.97) | plain RSS MB | tuned RSS MB "
-        "| RSS ratio (target <= 1.05) | publish ratio |",
-        "|---|---|---|---|---|---|---|---|",
+        "| pool | plain tasks/s | tuned tasks/s | ratio (target >= 0.97) | never-binding limiter tasks/s "
+        "| ratio (target >= 0.90) | plain RSS MB | tuned RSS MB | RSS ratio (target <= 1.05) | publish ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for pool, e in results["pass_through"].items():
-        p, t = e["plain"], e["tuned"]
+        p, t, lim = e["plain"], e["tuned"], e["limited"]
+
+        def rng(x: Dict[str, float]) -> str:
+            return f"{x['median']:.0f} ({x['min']:.0f}-{x['max']:.0f})"
+
         lines.append(
-            f"| {pool} | {p['tasks_per_s']['median']:.0f} ({p['tasks_per_s']['min']:.0f}-{p['tasks_per_s']['max']:.0f})"
-            f" | {t['tasks_per_s']['median']:.0f} ({t['tasks_per_s']['min']:.0f}-{t['tasks_per_s']['max']:.0f})"
-            f" | {e['throughput_ratio']:.3f} | {p['rss_mb']['median']:.1f} | {t['rss_mb']['median']:.1f}"
+            f"| {pool} | {rng(p['tasks_per_s'])} | {rng(t['tasks_per_s'])} | {e['throughput_ratio']:.3f}"
+            f" | {rng(lim['tasks_per_s'])} | {e['limited_ratio']:.3f}"
+            f" | {p['rss_mb']['median']:.1f} | {t['rss_mb']['median']:.1f}"
             f" | {e['rss_ratio']:.3f} | {e['publish_ratio']:.3f} |")
     return "\n".join(lines)
 

@@ -10,10 +10,11 @@ VARIANT = os.environ.get("BENCH_VARIANT", "plain")
 URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 QUEUE = "bench"
 
+TUNED = VARIANT in ("tuned", "limited", "ours")
 app = Celery(
     f"bench_{VARIANT}",
     broker=URL,
-    task_cls="celery_tuning:TunedTask" if VARIANT == "tuned" else "celery.app.task:Task",
+    task_cls="celery_tuning:TunedTask" if TUNED else "celery.app.task:Task",
 )
 app.conf.update(
     task_default_queue=QUEUE,
@@ -23,13 +24,36 @@ app.conf.update(
     worker_prefetch_multiplier=8,
     broker_connection_retry_on_startup=True,
 )
-if VARIANT == "tuned":
+if TUNED:
     import celery_tuning
 
     app.conf.tuning_redis_url = URL
     celery_tuning.install(app)
 
+if VARIANT == "limited":
+    from celery_tuning import rate_limit
 
-@app.task
-def noop() -> None:
-    return None
+    @app.task(name="benchmarks.apps.noop")
+    @rate_limit("1000000/s", burst=1000)  # never binds: measures the limiter's cost alone
+    def noop() -> None:
+        return None
+
+elif VARIANT == "ours":
+    from celery_tuning import rate_limit
+
+    @app.task(name="benchmarks.apps.noop")
+    @rate_limit("10/s", burst=1)
+    def noop() -> None:
+        return None
+
+elif VARIANT == "celery_rate_limit":
+
+    @app.task(name="benchmarks.apps.noop", rate_limit="10/s")  # Celery's own, per worker
+    def noop() -> None:
+        return None
+
+else:
+
+    @app.task(name="benchmarks.apps.noop")
+    def noop() -> None:
+        return None

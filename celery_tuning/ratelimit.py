@@ -6,8 +6,7 @@ import hashlib
 import logging
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 from .errors import ConfigurationError, RateLimited, StorageError
 from .policy.gcra import interval_us
@@ -30,8 +29,7 @@ def hash_key(value: Any) -> str:
     return hashlib.sha256(str(value).encode("utf-8", "surrogatepass")).hexdigest()[:24]
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(NamedTuple):
     """What an acquire decided."""
 
     allowed: bool
@@ -90,6 +88,7 @@ class GcraLimiter:
         self.observer = observer
         self.sleep = sleep
         self._fallback = MemoryGcraStore()
+        self._shared_bucket = Bucket.for_limiter(prefix, name)
         self._warned = False
         self._warn_lock = threading.Lock()
 
@@ -97,7 +96,9 @@ class GcraLimiter:
         return f"<GcraLimiter {self.name!r} {self.rate} burst={self.burst}>"
 
     def bucket(self, key: Any = None) -> Bucket:
-        return Bucket.for_limiter(self.prefix, self.name, None if key is None else hash_key(key))
+        if key is None:
+            return self._shared_bucket
+        return Bucket.for_limiter(self.prefix, self.name, hash_key(key))
 
     def _emit(self, event: str, seconds: float = 0.0) -> None:
         if self.observer is not None:

@@ -18,7 +18,8 @@ _lock = threading.Lock()
 
 
 def _observer(event: str, name: str, seconds: float) -> None:
-    signals.limiter_event.send(sender=name, event=event, seconds=seconds)
+    if signals.limiter_event.receivers:  # the hot path pays nothing when nobody listens
+        signals.limiter_event.send(sender=name, event=event, seconds=seconds)
 
 
 def limiter_for(runtime: TuningRuntime, name: str, *, rate: Optional[Rate] = None,

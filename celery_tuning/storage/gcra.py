@@ -145,11 +145,10 @@ class RedisGcraStore:
 
     def acquire(self, bucket: Bucket, interval: int, burst: int, cost: int, reserve: int,
                 now: Optional[int] = None) -> GcraResult:
-        allowed, wait, _interval, _burst = self.connector.evalsha(
-            "gcra_acquire", keys=[bucket.tat, bucket.conf],
-            args=[interval, burst, cost, reserve, "" if now is None else now])
-        wait = int(wait)
-        return GcraResult(bool(allowed), wait, None)
+        packed = f"{interval} {burst} {cost} {reserve}"
+        args = [packed] if now is None else [packed, now]
+        r = int(self.connector.evalsha("gcra_acquire", keys=[bucket.tat, bucket.conf], args=args))
+        return GcraResult(r >= 0, abs(r), None)
 
     def pause(self, bucket: Bucket, interval: int, burst: int, pause: int,
               adaptive: Optional[AdaptiveSpec] = None, now: Optional[int] = None) -> None:

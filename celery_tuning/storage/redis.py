@@ -9,7 +9,10 @@ from importlib import resources
 from typing import Any, Callable, Dict, Optional, Tuple, Type, TypeVar
 
 import redis
+from redis.backoff import NoBackoff
 from redis.commands.core import Script
+from redis.exceptions import NoScriptError
+from redis.retry import Retry
 
 from ..errors import StorageError
 from .urls import RedisTarget, parse_redis_url, redact_url
@@ -79,6 +82,9 @@ class RedisConnector:
             "socket_connect_timeout": self.connect_timeout,
             "client_name": CLIENT_NAME,
             "health_check_interval": 30,
+            # redis-py retries failed commands with exponential backoff by default; a tuning
+            # decision must fail within the socket timeout so the caller's policy can answer.
+            "retry": Retry(NoBackoff(), 0),
         }
         if self.max_connections is not None:
             options["max_connections"] = self.max_connections
@@ -151,9 +157,27 @@ class RedisConnector:
             ) from None
 
     def evalsha(self, name: str, keys: Any, args: Any) -> Any:
-        """Run a registered script with one round trip (two after a Redis restart)."""
-        return self.run(lambda client: self.script(name)(keys=keys, args=args, client=client),
-                        what=f"script {name}")
+        """Run a registered script with one round trip (two after a Redis restart).
+
+        This is the hot path of every limiter decision, so it avoids the
+        closure that :meth:`run` would need.
+        """
+        client = self.client
+        script = self._scripts.get(name)
+        if script is None:
+            script = self.script(name)
+        try:
+            try:
+                return client.evalsha(script.sha, len(keys), *keys, *args)
+            except NoScriptError:
+                # Redis restarted or failed over: load the script again and retry once.
+                script.sha = client.script_load(script.script)
+                return client.evalsha(script.sha, len(keys), *keys, *args)
+        except REDIS_ERRORS as exc:
+            raise StorageError(
+                f"script {name} failed against {self.safe_url}: {type(exc).__name__}: "
+                f"{redact_url(str(exc))}"
+            ) from None
 
     def ping(self) -> float:
         """Round-trip time in seconds of one PING. Raises :class:`StorageError`."""

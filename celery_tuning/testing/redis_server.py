@@ -9,7 +9,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import redis
 
@@ -125,7 +125,7 @@ class RedisClusterServers:
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=timeout)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            infos = [n.client().cluster("INFO") for n in self.nodes]
+            infos: List[Any] = [n.client().cluster("INFO") for n in self.nodes]
             if all(info.get("cluster_state") == "ok" for info in infos):
                 return self
             time.sleep(0.1)

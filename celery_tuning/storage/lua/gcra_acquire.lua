@@ -3,23 +3,28 @@
 -- KEYS[1]  bucket TAT key (string: integer microseconds)        e.g. tuning:rl:{openai}
 -- KEYS[2]  limiter override hash (same hash tag as KEYS[1])      e.g. tuning:rl:{openai}:conf
 --          fields: interval (µs), burst, factor, factor_at (µs), recover (factor per µs)
--- ARGV[1]  interval: emission interval, integer microseconds
--- ARGV[2]  burst: bucket capacity, integer >= 1
--- ARGV[3]  cost: tokens taken, integer >= 1
--- ARGV[4]  reserve: largest wait (µs) for which a future slot is taken; -1 never
--- ARGV[5]  now override in µs ('' = use TIME; tests pass a fixed clock)
--- Returns: {allowed (1|0), wait_us (integer), interval_us used, burst used}
---          allowed=1,wait=0 admitted now; allowed=1,wait>0 slot reserved wait µs ahead;
---          allowed=0 refused, admitted in wait µs.
+-- ARGV[1]  "interval burst cost reserve" in one space-separated string (one argument to
+--          encode and send instead of four keeps the round trip near a bare EVALSHA):
+--            interval: emission interval, integer microseconds
+--            burst:    bucket capacity, integer >= 1
+--            cost:     tokens taken, integer >= 1
+--            reserve:  largest wait (µs) for which a future slot is taken; -1 never
+-- ARGV[2]  optional now override in µs (absent: the server's TIME; tests pass a fixed clock)
+-- Returns: one integer r (a single small reply keeps the round trip close to a bare EVALSHA):
+--          r = 0 admitted now; r > 0 slot reserved r µs ahead; r < 0 refused, admitted in -r µs.
 -- Units:   microseconds throughout; TAT keys expire (PEXPIRE, ms) once the bucket is idle.
 -- Mirrors celery_tuning.policy.gcra.gcra_acquire (the differential tests compare both).
-local interval = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
-local cost = tonumber(ARGV[3])
-local reserve = tonumber(ARGV[4])
+local a_interval, a_burst, a_cost, a_reserve = string.match(ARGV[1], '^(%d+) (%d+) (%d+) (%-?%d+)$')
+local interval = tonumber(a_interval)
+local burst = tonumber(a_burst)
+local cost = tonumber(a_cost)
+local reserve = tonumber(a_reserve)
+if interval == nil then
+  return redis.error_reply('gcra_acquire: ARGV[1] must be "interval burst cost reserve"')
+end
 local now
-if ARGV[5] ~= nil and ARGV[5] ~= '' then
-  now = tonumber(ARGV[5])
+if ARGV[2] then
+  now = tonumber(ARGV[2])
 else
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -46,6 +51,6 @@ if wait <= 0 or reserve >= wait then
   redis.call('SET', KEYS[1], string.format('%.0f', new_tat),
              'PX', math.ceil((new_tat - now) / 1000) + 1000)
   if wait < 0 then wait = 0 end
-  return {1, wait, interval, burst}
+  return wait
 end
-return {0, wait, interval, burst}
+return -wait
