@@ -44,11 +44,13 @@ class RateLimited(TuningError):
     def __init__(self, retry_after: float, name: Optional[str] = None) -> None:
         self.retry_after = float(retry_after)
         self.name = name
-        where = f" by limiter {name!r}" if name else ""
-        super().__init__(f"rate limited{where}; retry after {self.retry_after:.3f}s")
+        # args are the constructor's arguments, so Celery's result backends rebuild the
+        # exception (exc_type + args) instead of degrading it to a plain Exception.
+        super().__init__(self.retry_after, name)
 
-    def __reduce__(self):  # type: ignore[no-untyped-def]
-        return (type(self), (self.retry_after, self.name))
+    def __str__(self) -> str:
+        where = f" by limiter {self.name!r}" if self.name else ""
+        return f"rate limited{where}; retry after {self.retry_after:.3f}s"
 
 
 class Throttled(TuningError):
@@ -66,7 +68,7 @@ class Throttled(TuningError):
             )
         self.retry_after = float(retry_after)
         self.name = name
-        super().__init__(f"throttled by the remote side; retry after {self.retry_after:.3f}s")
+        super().__init__(self.retry_after, name)
 
-    def __reduce__(self):  # type: ignore[no-untyped-def]
-        return (type(self), (self.retry_after, self.name))
+    def __str__(self) -> str:
+        return f"throttled by the remote side; retry after {self.retry_after:.3f}s"

@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 import redis
 
@@ -46,16 +46,16 @@ def find_or_start_redis() -> tuple[str, Optional[RedisServer]]:
     return server.url, server
 
 
-def start_worker(env: dict) -> subprocess.Popen[bytes]:
-    log = open(Path(tempfile.gettempdir()) / "tuning-demo-worker.log", "wb")
+def start_worker(env: dict, name: str) -> subprocess.Popen[bytes]:
+    log = open(Path(tempfile.gettempdir()) / f"tuning-demo-{name}.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "examples.demo.app", "worker", "-P", "threads", "-c", "4",
-         "-Q", "tuning-demo", "-n", "demo@%h", "--without-gossip", "--without-mingle", "-l", "INFO"],
+         "-Q", "tuning-demo", "-n", f"{name}@%h", "--without-gossip", "--without-mingle", "-l", "INFO"],
         stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT), start_new_session=True)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if " ready." in Path(log.name).read_text(errors="replace"):
-            print(f"worker ready (pid {proc.pid}, log {log.name})")
+            print(f"worker {name} ready (pid {proc.pid}, log {log.name})")
             return proc
         if proc.poll() is not None:
             break
@@ -63,17 +63,54 @@ def start_worker(env: dict) -> subprocess.Popen[bytes]:
     sys.exit(f"the worker did not start; see {log.name}")
 
 
+def shared_rate_limit(call_llm: Any, events: Any, key: str) -> None:
+    print("\n2. Shared rate limit: 20 call_llm tasks, limiter 'llm' = 5/s burst 2, two worker processes")
+    print("   (Celery's own rate_limit='5/s' is per worker: two workers would send 10/s)")
+    events.delete(key)
+    start = time.time()
+    results = [call_llm.delay(i) for i in range(20)]
+    values = [r.get(timeout=60) for r in results]
+    elapsed = time.time() - start
+    runs = [json.loads(e) for e in events.lrange(key, 0, -1)]
+    runs = [e for e in runs if e.get("event") == "llm"]
+    assert sorted(v["prompt"] for v in values) == list(range(20))
+    per_second: Dict[int, int] = {}
+    for e in runs:
+        per_second[int(e["at"] - start)] = per_second.get(int(e["at"] - start), 0) + 1
+    workers = sorted({e["worker"] for e in runs})
+    print(f"   20 calls in {elapsed:.2f} s (expected >= {(20 - 2) / 5:.1f} s) on {len(workers)} workers: "
+          + ", ".join(workers))
+    print("   calls per second:", "  ".join(f"[{s}s] {n}" for s, n in sorted(per_second.items())))
+    print(f"   retries used: {sum(e['retries'] for e in runs)} (deferred tasks do not spend max_retries=0)")
+
+
+def throttling(call_busy_api: Any) -> None:
+    print("\n3. Feedback from the API: the first call gets '429, retry after 2 s' (celery_tuning.Throttled)")
+    time.sleep(1.0)  # let the bucket from section 2 refill
+    start = time.time()
+    first = call_busy_api.delay(0)
+    time.sleep(0.3)  # the 429 has arrived by now; 4 more calls are sent during the pause
+    results = [first] + [call_busy_api.delay(i) for i in range(1, 5)]
+    finished = sorted(r.get(timeout=60) - start for r in results)
+    print("   every worker held its calls until the pause ended; they completed at "
+          + ", ".join(f"{t:.2f}s" for t in finished))
+
+
 def main() -> None:
     base, private = find_or_start_redis()
     url = f"{base}/15"
     env = {**os.environ, "DEMO_REDIS_URL": url, "PYTHONPATH": str(ROOT)}
     os.environ["DEMO_REDIS_URL"] = url
-    worker: Optional[subprocess.Popen[bytes]] = None
+    workers: List[subprocess.Popen[bytes]] = []
     try:
-        worker = start_worker(env)
-        from examples.demo.app import EVENTS, _events, fetch_page, render_report
+        workers = [start_worker(env, "demo1"), start_worker(env, "demo2")]
+        from examples.demo.app import EVENTS, _events, call_busy_api, call_llm, fetch_page, render_report
 
-        _events.delete(EVENTS)
+        _events.delete(EVENTS, "tuning-demo:busy-calls")
+        # A fresh bucket, whatever an earlier run left behind.
+        from celery_tuning import limiter
+
+        limiter("llm").store.reset(limiter("llm").bucket())
         print("\n1. SLA timing: 20 fetch_page tasks on the 'tuning-demo' queue (queue SLA: warning 0.5 s total)")
         print("   and 8 render_report tasks (@sla warning 0.15 s run time)")
         results = [fetch_page.delay(i) for i in range(20)] + [render_report.delay(i) for i in range(8)]
@@ -95,10 +132,14 @@ def main() -> None:
         for b in breaches:
             print(f"     {b['level']:<8} {b['task'].rsplit('.', 1)[1]} {b['kind']}={b['measured']:.3f}s "
                   f"> {b['threshold']}s")
-        print("\ndemo finished: every task ran once and its timings came back through celery_tuning.signals")
+        shared_rate_limit(call_llm, _events, EVENTS)
+        throttling(call_busy_api)
+        print("\ndemo finished: every task ran exactly once")
     finally:
-        if worker is not None and worker.poll() is None:
-            os.killpg(worker.pid, signal.SIGTERM)
+        for worker in workers:
+            if worker.poll() is None:
+                os.killpg(worker.pid, signal.SIGTERM)
+        for worker in workers:
             try:
                 worker.wait(timeout=15)
             except subprocess.TimeoutExpired:

@@ -11,7 +11,7 @@ import redis
 from celery import Celery
 
 import celery_tuning
-from celery_tuning import TunedTask, signals, sla
+from celery_tuning import Throttled, TunedTask, rate_limit, signals, sla
 
 REDIS_URL = os.environ.get("DEMO_REDIS_URL", "redis://127.0.0.1:6379/15")
 QUEUE = "tuning-demo"
@@ -24,6 +24,8 @@ app.conf.update(
     result_expires=600,
     tuning_key_prefix="tuning-demo",
     tuning_sla={QUEUE: {"warning": 0.5, "critical": 2.0, "on": "total"}},
+    # One bucket shared by every worker process: 5 calls a second, 2 at once.
+    tuning_rate_limits={"llm": {"rate": "5/s", "burst": 2}},
 )
 celery_tuning.install(app)
 
@@ -41,6 +43,25 @@ def render_report(n: int) -> int:
     """Slow on purpose: every fourth report misses its 150 ms run-time SLA."""
     time.sleep(0.3 if n % 4 == 0 else 0.05)
     return n
+
+
+@app.task(bind=True, max_retries=0)
+@rate_limit("llm")
+def call_llm(self, prompt: int) -> dict:
+    """Stands in for a paid API allowing 5 calls/s across the whole deployment."""
+    now = time.time()
+    _events.rpush(EVENTS, json.dumps({"event": "llm", "at": now, "worker": self.request.hostname,
+                                      "retries": self.request.retries}))
+    return {"prompt": prompt, "at": now}
+
+
+@app.task(bind=True, max_retries=0)
+@rate_limit("llm")
+def call_busy_api(self, n: int) -> float:
+    """The first call is answered 429 'retry after 2 s': the limiter pauses for every worker."""
+    if _events.incr("tuning-demo:busy-calls") == 1:
+        raise Throttled(retry_after=2.0)
+    return time.time()
 
 
 _events = redis.Redis.from_url(REDIS_URL, socket_timeout=1)

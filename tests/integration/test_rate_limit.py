@@ -96,6 +96,13 @@ def test_two_prefork_workers_respect_a_shared_limit_without_using_retries(redis_
     times = sorted(float(t) for t in redis_clean.client(1).lrange("run_times", 0, -1))
     # the bucket admits 2 at once then one per 100 ms: 40 runs span at least 3.7 s (- jitter)
     assert times[-1] - times[0] >= 3.6
+    # deferred tasks come back on their reserved slots, not as a herd: no 1 s window over burst + rate
+    worst, j = 0, 0
+    for i in range(len(times)):
+        while times[i] - times[j] > 1.0:
+            j += 1
+        worst = max(worst, i - j + 1)
+    assert worst <= 12 + 1, worst  # 2 + 10, one more for run-time jitter between hosts' clocks
 
 
 @pytest.mark.slow
@@ -295,3 +302,41 @@ def test_tasks_survive_tuning_redis_outage(redis_clean, fault_redis):
     ids = [task_id for _, task_id in ran]
     assert len(ids) == len(set(ids)) == 80, "every task ran exactly once"
     assert "fallback" in events and "acquired" in events
+
+
+def test_deferral_budget_is_separate_and_capped(redis_clean):
+    app = make_app(redis_clean, "budget")
+    deferred = []
+
+    def on_deferred(sender=None, **kw):
+        deferred.append(kw["deferrals"])
+
+    @app.task(base=TunedTask, bind=True, max_retries=5, shared=False)
+    @rate_limit("1/m", on_limit="defer", max_deferrals=0)
+    def scarce(self):
+        return self.request.retries
+
+    celery_tuning.signals.task_deferred.connect(on_deferred)
+    try:
+        with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=10):
+            assert scarce.delay().get(timeout=10) == 0
+            second = scarce.delay()
+            with pytest.raises(RateLimited, match="gave up after 0 deferrals"):
+                second.get(timeout=10)
+    finally:
+        celery_tuning.signals.task_deferred.disconnect(on_deferred)
+    assert deferred == []
+
+
+def test_adaptive_limiter_slows_down_on_throttling_and_recovers(redis_clean):
+    app = make_app(redis_clean, "adaptive", tuning_rate_limits={"llm": {"rate": "10/s", "adaptive": True}})
+    lim = celery_tuning.limiter("llm", app=app)
+    assert lim.adaptive is not None
+    assert lim.try_acquire()
+    first_gap = lim.decide().wait
+    assert 0.09 <= first_gap <= 0.1
+    lim.throttle(0.0)  # an HTTP 429 with no Retry-After: halve the shared rate
+    time.sleep(0.25)
+    assert lim.try_acquire()
+    slowed_gap = lim.decide().wait
+    assert 0.18 <= slowed_gap <= 0.2, slowed_gap

@@ -91,3 +91,18 @@ def test_rate_limit_rejects_nonsense(args, kwargs, fragment):
     with pytest.raises(ConfigurationError) as info:
         rate_limit(*args, **kwargs)
     assert fragment in str(info.value)
+
+
+def test_errors_survive_pickling_and_celery_result_serialization():
+    import pickle
+
+    from celery import Celery
+
+    from celery_tuning import RateLimited, Throttled
+
+    app = Celery("ser", set_as_current=False, backend="cache+memory://")
+    for exc in (RateLimited(2.5, "api"), Throttled(30, "api")):
+        again = pickle.loads(pickle.dumps(exc))
+        assert (type(again), again.retry_after, again.name, str(again)) == (type(exc), exc.retry_after, "api", str(exc))
+        rebuilt = app.backend.exception_to_python(app.backend.prepare_exception(exc, "json"))
+        assert type(rebuilt) is type(exc) and rebuilt.retry_after == exc.retry_after
