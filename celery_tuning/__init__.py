@@ -23,17 +23,23 @@ _EXPORTS = {
     "stamp_headers": "celery_tuning.integration.receivers",
     "TunedTask": "celery_tuning.integration.task",
     "limiter": "celery_tuning.integration.limits",
+    "breaker": "celery_tuning.integration.breakers",
+    "CircuitOpen": "celery_tuning.circuit",
+    "SharedBreaker": "celery_tuning.circuit",
     "GcraLimiter": "celery_tuning.ratelimit",
 }
 
 __all__ = [
+    "CircuitOpen",
     "ConfigurationError",
     "GcraLimiter",
     "RateLimited",
+    "SharedBreaker",
     "StorageError",
     "Throttled",
     "TunedTask",
     "TuningError",
+    "breaker",
     "cache_result",
     "circuit_breaker",
     "install",
@@ -58,8 +64,10 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .circuit import CircuitOpen, SharedBreaker
     from .decorators import cache_result, circuit_breaker, rate_limit, sla
     from .errors import ConfigurationError, RateLimited, StorageError, Throttled, TuningError
+    from .integration.breakers import breaker
     from .integration.install import install
     from .integration.limits import limiter
     from .integration.receivers import stamp_headers

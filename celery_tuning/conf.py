@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import importlib
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
@@ -81,6 +82,10 @@ def _number(
 
 def _positive_float(name: str, value: Any) -> float:
     return float(_number(name, value, strict=True))
+
+
+def _non_negative_float(name: str, value: Any) -> float:
+    return float(_number(name, value))
 
 
 def _optional_positive_int(name: str, value: Any) -> Optional[int]:
@@ -173,28 +178,49 @@ def _rate_limits(name: str, value: Any) -> Dict[str, LimiterSpec]:
     }
 
 
+def _resolve_exclusion(where: str, item: Any) -> Any:
+    """An exception class, a dotted path to one, or a predicate ``exc -> bool``."""
+    if isinstance(item, str):
+        path = item
+        module, _, attr = path.rpartition(".")
+        try:
+            item = getattr(importlib.import_module(module), attr) if module else None
+        except (ImportError, AttributeError, ValueError):
+            item = None
+        if item is None:
+            raise ConfigurationError(f"{where}: cannot import {path!r}; expected 'package.module.ExceptionClass'")
+    if isinstance(item, type) and issubclass(item, BaseException):
+        return item
+    if callable(item) and not isinstance(item, type):
+        return item
+    raise ConfigurationError(
+        f"{where}: {item!r} is not an exception class, a dotted path to one, or a predicate")
+
+
+def parse_breaker_spec(where: str, spec: Any) -> Dict[str, Any]:
+    """Validate one ``tuning_circuit_breakers`` entry (also used by ``@circuit_breaker``)."""
+    if not isinstance(spec, Mapping):
+        raise _fail(where, spec, "a dict like {'fail_max': 5, 'reset_timeout': 60}")
+    allowed = {"fail_max", "reset_timeout", "success_threshold", "exclude", "trial_timeout"}
+    unknown = set(spec) - allowed
+    if unknown:
+        raise ConfigurationError(
+            f"{where}: unknown option(s) {sorted(unknown)}; accepted: {sorted(allowed)}"
+        )
+    exclude = spec.get("exclude", ())
+    if not isinstance(exclude, (list, tuple)):
+        exclude = (exclude,)
+    return {
+        "fail_max": _positive_int(f"{where}.fail_max", spec.get("fail_max", 5)),
+        "reset_timeout": _positive_float(f"{where}.reset_timeout", spec.get("reset_timeout", 60)),
+        "success_threshold": _positive_int(f"{where}.success_threshold", spec.get("success_threshold", 1)),
+        "trial_timeout": _positive_float(f"{where}.trial_timeout", spec.get("trial_timeout", 60)),
+        "exclude": tuple(_resolve_exclusion(f"{where}.exclude[{i}]", x) for i, x in enumerate(exclude)),
+    }
+
+
 def _breakers(name: str, value: Any) -> Dict[str, Dict[str, Any]]:
-    out: Dict[str, Dict[str, Any]] = {}
-    for key, spec in _mapping(name, value).items():
-        where = f"{name}[{key!r}]"
-        if not isinstance(spec, Mapping):
-            raise _fail(where, spec, "a dict like {'fail_max': 5, 'reset_timeout': 60}")
-        allowed = {"fail_max", "reset_timeout", "success_threshold", "exclude"}
-        unknown = set(spec) - allowed
-        if unknown:
-            raise ConfigurationError(
-                f"{where}: unknown option(s) {sorted(unknown)}; accepted: {sorted(allowed)}"
-            )
-        parsed = dict(spec)
-        parsed["fail_max"] = _positive_int(f"{where}.fail_max", spec.get("fail_max", 5))
-        parsed["reset_timeout"] = _positive_float(
-            f"{where}.reset_timeout", spec.get("reset_timeout", 60)
-        )
-        parsed["success_threshold"] = _positive_int(
-            f"{where}.success_threshold", spec.get("success_threshold", 1)
-        )
-        out[key] = parsed
-    return out
+    return {key: parse_breaker_spec(f"{name}[{key!r}]", spec) for key, spec in _mapping(name, value).items()}
 
 
 def _sla(name: str, value: Any) -> Dict[str, Dict[str, Any]]:
@@ -289,7 +315,14 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting("tuning_rate_limit_on_redis_error", "'local' | 'allow' | 'deny'", "local",
             "What a limiter does when Redis is unreachable.", _choice("local", "allow", "deny")),
     Setting("tuning_circuit_breakers", "dict[str, dict]", {},
-            "Named breakers: {'payments': {'fail_max': 5, 'reset_timeout': 60}}.", _breakers),
+            "Named breakers: {'payments': {'fail_max': 5, 'reset_timeout': 60}}; also success_threshold, "
+            "trial_timeout (s) and exclude (exception classes, dotted paths or predicates).", _breakers),
+    Setting("tuning_breaker_on_redis_error", "'local' | 'closed' | 'open'", "local",
+            "What a breaker does when Redis is unreachable ('local': per-process state).",
+            _choice("local", "closed", "open")),
+    Setting("tuning_breaker_refresh_interval", "float (s)", 0.5,
+            "How long a process trusts its cached breaker state; bounds how fast an open state spreads "
+            "(0: ask Redis on every call).", _non_negative_float),
     Setting("tuning_cache_l1_maxsize", "int", 1024,
             "Entries kept in each process's in-memory (L1) result cache.", _positive_int),
     Setting("tuning_sla", "dict[str, dict]", {},

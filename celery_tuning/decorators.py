@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional, TypeVar
 
 from .errors import ConfigurationError
-from .policy.attach import ON_LIMIT, RateLimitPolicy, SlaPolicy, attach_policy
+from .policy.attach import ON_LIMIT, ON_OPEN, BreakerPolicy, RateLimitPolicy, SlaPolicy, attach_policy
 
 __all__ = ["cache_result", "circuit_breaker", "rate_limit", "sla"]
 
@@ -114,9 +114,49 @@ def rate_limit(
     return decorate
 
 
-def circuit_breaker(*args: Any, **kwargs: Any) -> Callable[[F], F]:
-    """Attach a shared circuit breaker (arrives with the breaker capability)."""
-    raise _not_yet("circuit_breaker", "the shared circuit breaker")
+def circuit_breaker(
+    name: str,
+    *,
+    on_open: str = "retry",
+    fallback: Optional[Callable[..., Any]] = None,
+    max_deferrals: int = 100,
+    **options: Any,
+) -> Callable[[F], F]:
+    """Guard a task with a circuit breaker shared by every worker through Redis.
+
+    Arguments:
+        name: A key of ``tuning_circuit_breakers``, or a new name defined by
+            ``options`` (``fail_max``, ``reset_timeout``, ``success_threshold``,
+            ``trial_timeout``, ``exclude``).
+        on_open: ``"retry"`` (default) re-publishes the task for when the breaker
+            may close, without touching ``request.retries``; ``"fail"`` fails it
+            with :class:`~celery_tuning.CircuitOpen` (a ``pybreaker.CircuitBreakerError``).
+        fallback: Called with the task's arguments while the breaker is open;
+            its return value becomes the task's result.
+        max_deferrals: Deferrals allowed per task before it fails with ``CircuitOpen``.
+
+    Raises:
+        ConfigurationError: On anything malformed, naming the argument.
+    """
+    from .conf import parse_breaker_spec
+
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigurationError(f"@circuit_breaker({name!r}): expected a breaker name")
+    if on_open not in ON_OPEN:
+        raise ConfigurationError(
+            f"@circuit_breaker(on_open={on_open!r}): expected one of {', '.join(repr(x) for x in ON_OPEN)}")
+    if fallback is not None and not callable(fallback):
+        raise ConfigurationError(f"@circuit_breaker(fallback={fallback!r}): expected a callable")
+    inline = parse_breaker_spec(f"@circuit_breaker({name!r})", options) if options else None
+    policy = BreakerPolicy(name=name, on_open=on_open, fallback=fallback,
+                           max_deferrals=_count("circuit_breaker", "max_deferrals", max_deferrals, minimum=0),
+                           options=inline)
+
+    def decorate(fun: F) -> F:
+        attach_policy(fun, "breaker", policy, "circuit_breaker")
+        return fun
+
+    return decorate
 
 
 def cache_result(*args: Any, **kwargs: Any) -> Callable[[F], F]:

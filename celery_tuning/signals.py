@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from celery.utils.dispatch import Signal
 
-__all__ = ["limiter_event", "sla_breached", "task_deferred", "task_timed"]
+__all__ = ["circuit_state_changed", "limiter_event", "sla_breached", "task_deferred", "task_timed"]
 
 #: Sent in the worker when a task attempt crosses an SLA threshold.
 #: ``sender`` is the task; keyword arguments: ``task_id``, ``queue``,
@@ -33,3 +33,8 @@ limiter_event = Signal(name="limiter_event", providing_args={"event", "seconds"}
 #: retry. ``sender`` is the task; keyword arguments: ``task_id``, ``reason``
 #: ('rate_limit', 'throttled', ...), ``countdown`` (seconds), ``deferrals``.
 task_deferred = Signal(name="task_deferred", providing_args={"task_id", "reason", "countdown", "deferrals"})
+
+#: Sent when a shared circuit breaker changes state, in the process that changed it
+#: (``reason`` says why) and in every process that notices it (``reason='observed'``).
+#: ``sender`` is the breaker name; keyword arguments: ``old``, ``new``, ``reason``.
+circuit_state_changed = Signal(name="circuit_state_changed", providing_args={"old", "new", "reason"})

@@ -144,3 +144,66 @@ def limit_reset(ctx: click.Context, name: str) -> None:
     except StorageError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"{name}: back to the configured {lim.rate} burst {lim.burst}")
+
+
+@tuning.group(help="Show and operate shared circuit breakers.")
+def breaker() -> None:
+    """Circuit-breaker commands."""
+
+
+def _breaker(ctx: click.Context, name: str) -> Any:
+    from .breakers import breaker_for
+
+    try:
+        return breaker_for(_runtime(ctx), name)
+    except ConfigurationError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _describe(name: str, b: Any) -> str:
+    snap = b.refresh()
+    extra = ""
+    if snap.state == "open":
+        extra = f", trial allowed in {snap.remaining_us / 1_000_000:.1f}s"
+    elif snap.state == "half-open":
+        extra = ", trial running" if snap.remaining_us else ", waiting for a trial call"
+    return (f"{name}: {snap.state} (failures {snap.failures}/{b.fail_max}, reset_timeout {b.reset_timeout:g}s"
+            f"{extra})")
+
+
+@breaker.command("show", help="State, failure count and time to the next trial.")
+@click.argument("names", nargs=-1)
+@click.pass_context
+def breaker_show(ctx: click.Context, names: Any) -> None:
+    runtime = _runtime(ctx)
+    for name in names or sorted(runtime.config.circuit_breakers):
+        click.echo(_describe(name, _breaker(ctx, name)))
+
+
+def _operate(ctx: click.Context, name: str, action: str) -> None:
+    b = _breaker(ctx, name)
+    getattr(b, action)()
+    if b._warned:
+        raise click.ClickException(f"{name}: the tuning Redis is unreachable; nothing changed")
+    click.echo(_describe(name, b))
+
+
+@breaker.command("open", help="Open a breaker for every worker (e.g. during a provider incident).")
+@click.argument("name")
+@click.pass_context
+def breaker_open(ctx: click.Context, name: str) -> None:
+    _operate(ctx, name, "open")
+
+
+@breaker.command("close", help="Close a breaker for every worker.")
+@click.argument("name")
+@click.pass_context
+def breaker_close(ctx: click.Context, name: str) -> None:
+    _operate(ctx, name, "close")
+
+
+@breaker.command("reset", help="Forget a breaker's shared state (closed, no failures).")
+@click.argument("name")
+@click.pass_context
+def breaker_reset(ctx: click.Context, name: str) -> None:
+    _operate(ctx, name, "reset")

@@ -9,7 +9,7 @@ from celery import Task
 
 from ..errors import ConfigurationError
 from ..policy.attach import policies_of
-from . import ratelimit_step  # noqa: F401  (registers the rate_limit step)
+from . import breaker_step, ratelimit_step  # noqa: F401  (register their steps)
 from .pipeline import Step, build_chain
 from .runtime import env_disabled, runtime_for
 

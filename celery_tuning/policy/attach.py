@@ -7,7 +7,16 @@ from typing import Any, Callable, Dict, Optional
 
 from .rates import Rate
 
-__all__ = ["ON_LIMIT", "POLICY_ATTR", "RateLimitPolicy", "SlaPolicy", "attach_policy", "policies_of"]
+__all__ = [
+    "ON_LIMIT",
+    "ON_OPEN",
+    "POLICY_ATTR",
+    "BreakerPolicy",
+    "RateLimitPolicy",
+    "SlaPolicy",
+    "attach_policy",
+    "policies_of",
+]
 
 #: Attribute on a task function holding ``{kind: policy}``.
 POLICY_ATTR = "__tuning_policies__"
@@ -46,6 +55,23 @@ class RateLimitPolicy:
     #: Deferrals allowed per task before it fails with RateLimited (separate from max_retries).
     max_deferrals: int = 100
     adaptive: bool = False
+
+
+#: What a task does when its breaker is open: defer without a retry, or fail fast.
+ON_OPEN = ("retry", "fail")
+
+
+@dataclass(frozen=True)
+class BreakerPolicy:
+    """A task's circuit breaker: a named breaker from ``tuning_circuit_breakers``."""
+
+    name: str
+    on_open: str = "retry"
+    #: Called with the task's arguments when the breaker is open; its return value is the result.
+    fallback: Optional[Callable[..., Any]] = None
+    max_deferrals: int = 100
+    #: Inline breaker options (used when the name is not in the config).
+    options: Optional[Dict[str, Any]] = None
 
 
 def _looks_like_task(obj: Any) -> bool:

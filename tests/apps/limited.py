@@ -18,6 +18,7 @@ app = Celery("tests_limited", broker=URL, backend=URL, task_cls="celery_tuning:T
 app.conf.update(
     tuning_redis_url=TUNING,
     tuning_rate_limits={"shared": {"rate": "10/s", "burst": 2}, "api": {"rate": "20/s", "burst": 1}},
+    tuning_circuit_breakers={"payments": {"fail_max": 3, "reset_timeout": 30}},
     broker_connection_retry_on_startup=True,
     worker_prefetch_multiplier=1,
 )

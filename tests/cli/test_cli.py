@@ -101,3 +101,31 @@ def test_limit_errors_name_the_problem(redis_clean):
     assert out.returncode != 0 and "'10/x' is not a rate" in out.stderr
     out = limit_cmd("show", "nope", env=env)
     assert out.returncode != 0 and "'nope' is not in tuning_rate_limits" in out.stderr
+
+
+def breaker_cmd(*args, env):
+    return subprocess.run([sys.executable, "-m", "celery", "-A", "tests.apps.limited:app", "tuning", "breaker", *args],
+                          capture_output=True, text=True, timeout=60, cwd=str(ROOT), env=env)
+
+
+def test_breaker_show_open_close_reset(redis_clean):
+    from celery import Celery
+
+    from celery_tuning.integration.breakers import breaker_for
+    from celery_tuning.integration.runtime import runtime_for
+
+    env = limited_env(redis_clean)
+    out = breaker_cmd("show", env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "payments: closed (failures 0/3, reset_timeout 30s)"
+    out = breaker_cmd("open", "payments", env=env)
+    assert out.returncode == 0 and "payments: open" in out.stdout and "trial allowed in" in out.stdout
+    app = Celery("cli-observer", set_as_current=False)
+    app.conf.update(tuning_redis_url=redis_clean.db_url(1), tuning_circuit_breakers={"payments": {"fail_max": 3}})
+    assert breaker_for(runtime_for(app), "payments").refresh().state == "open"
+    out = breaker_cmd("close", "payments", env=env)
+    assert out.returncode == 0 and out.stdout.startswith("payments: closed")
+    out = breaker_cmd("reset", "payments", env=env)
+    assert out.returncode == 0
+    out = breaker_cmd("show", "nope", env=env)
+    assert out.returncode != 0 and "'nope' is not in tuning_circuit_breakers" in out.stderr

@@ -48,7 +48,7 @@ def test_decorator_above_app_task_is_an_error():
         sla(warning=1)(FakeTask())
 
 
-@pytest.mark.parametrize("decorator", [circuit_breaker, cache_result])
+@pytest.mark.parametrize("decorator", [cache_result])
 def test_capabilities_not_built_yet_fail_loudly(decorator):
     with pytest.raises(NotImplementedError, match="not available in this version"):
         decorator("x")
@@ -106,3 +106,36 @@ def test_errors_survive_pickling_and_celery_result_serialization():
         assert (type(again), again.retry_after, again.name, str(again)) == (type(exc), exc.retry_after, "api", str(exc))
         rebuilt = app.backend.exception_to_python(app.backend.prepare_exception(exc, "json"))
         assert type(rebuilt) is type(exc) and rebuilt.retry_after == exc.retry_after
+
+
+def test_circuit_breaker_policy():
+    def f():
+        pass
+
+    circuit_breaker("payments", on_open="fail")(f)
+    policy = policies_of(f)["breaker"]
+    assert (policy.name, policy.on_open, policy.options) == ("payments", "fail", None)
+
+    def g():
+        pass
+
+    circuit_breaker("inline", fail_max=2, reset_timeout=5, exclude=[KeyError])(g)
+    assert policies_of(g)["breaker"].options["exclude"] == (KeyError,)
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "fragment"),
+    [
+        (("",), {}, "expected a breaker name"),
+        (("p",), {"on_open": "ignore"}, "@circuit_breaker(on_open='ignore')"),
+        (("p",), {"fallback": "x"}, "@circuit_breaker(fallback='x')"),
+        (("p",), {"fail_max": 0}, "@circuit_breaker('p').fail_max"),
+        (("p",), {"reset_timeout": -1}, "@circuit_breaker('p').reset_timeout"),
+        (("p",), {"exclude": ["no.such.Error"]}, "cannot import 'no.such.Error'"),
+        (("p",), {"failmax": 3}, "unknown option(s) ['failmax']"),
+    ],
+)
+def test_circuit_breaker_rejects_nonsense(args, kwargs, fragment):
+    with pytest.raises(ConfigurationError) as info:
+        circuit_breaker(*args, **kwargs)
+    assert fragment in str(info.value)

@@ -1,0 +1,87 @@
+"""The pipeline step that applies ``@circuit_breaker``: fail fast, defer, or fall back while open."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, Optional, Tuple
+
+from ..circuit import CircuitOpen, SharedBreaker
+from ..errors import ConfigurationError
+from ..policy.attach import BreakerPolicy
+from .breakers import breaker_for
+from .deferral import defer, jitter
+from .pipeline import Call, Step, register_step
+from .runtime import runtime_for
+
+__all__ = ["BreakerStep"]
+
+logger = logging.getLogger("celery_tuning.breaker")
+
+
+class BreakerStep(Step):
+    """Built once per task class when it is bound."""
+
+    kind = "breaker"
+
+    def __init__(self, policy: BreakerPolicy, task_cls: Any) -> None:
+        self.policy = policy
+        self.task_name = task_cls.name
+        self.runtime = runtime_for(task_cls._app)
+        configured = self.runtime.config.circuit_breakers
+        if policy.name in configured and policy.options:
+            raise ConfigurationError(
+                f"@circuit_breaker({policy.name!r}, ...): the breaker is defined in tuning_circuit_breakers; "
+                "pass options in one place only")
+        if policy.name not in configured and not policy.options:
+            known = ", ".join(repr(n) for n in sorted(configured)) or "none configured"
+            raise ConfigurationError(
+                f"@circuit_breaker({policy.name!r}): no such breaker in tuning_circuit_breakers (known: {known}); "
+                "define it there or pass fail_max=/reset_timeout= to the decorator")
+        self._breaker: Optional[SharedBreaker] = None
+
+    @property
+    def breaker(self) -> SharedBreaker:
+        if self._breaker is None:
+            self._breaker = breaker_for(self.runtime, self.policy.name, self.policy.options)
+        return self._breaker
+
+    def wrap(self, task_cls: Any, call_next: Call) -> Call:
+        def call(task: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+            breaker = self.breaker
+            try:
+                trial = breaker.admit()
+            except CircuitOpen as exc:
+                return self._when_open(task, exc, args, kwargs)
+            try:
+                result = call_next(task, args, kwargs)
+            except BaseException as exc:
+                verdict = breaker.classify(exc)
+                if verdict is True:
+                    if breaker.record_failure(exc, trial):
+                        logger.warning("task %s opened circuit breaker %r", self.task_name, breaker.name)
+                elif verdict is False:
+                    breaker.record_success(trial)
+                elif trial:
+                    breaker._apply("release", holds_trial=True, reason="trial ended without a verdict")
+                # The task's own exception goes on to Celery (autoretry_for, retries, failure state).
+                raise
+            breaker.record_success(trial)
+            return result
+
+        return call
+
+    def _when_open(self, task: Any, exc: CircuitOpen, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        policy = self.policy
+        if policy.fallback is not None:
+            return policy.fallback(*args, **kwargs)
+        request = task.request
+        eager = bool(getattr(request, "is_eager", False) or getattr(request, "called_directly", False))
+        if policy.on_open == "fail" or eager:
+            raise exc
+        name = exc.name
+        defer(task, jitter(exc.retry_after), reason="circuit_open", max_deferrals=policy.max_deferrals,
+              on_exhausted=lambda n: CircuitOpen(f"{name} (gave up after {n} deferrals)", exc.retry_after))
+        return None  # not reached: defer() raises
+
+
+register_step("breaker", BreakerStep)

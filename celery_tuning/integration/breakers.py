@@ -1,0 +1,77 @@
+"""Breakers of one app: built from ``tuning_circuit_breakers`` (or inline options), shared per process."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Dict, Optional
+
+from celery.exceptions import Ignore, Reject, Retry
+
+from .. import signals
+from ..circuit import SharedBreaker
+from ..errors import ConfigurationError, RateLimited, Throttled
+from ..storage.breaker import RedisBreakerStore
+from .runtime import TuningRuntime, runtime_for
+
+__all__ = ["CONTROL_FLOW", "breaker", "breaker_for"]
+
+#: Exceptions that steer Celery rather than report a broken service: never failures.
+CONTROL_FLOW = (Retry, Ignore, Reject, RateLimited, Throttled)
+
+_lock = threading.Lock()
+
+
+def _on_transition(name: str, old: str, new: str, reason: str) -> None:
+    signals.circuit_state_changed.send(sender=name, old=old, new=new, reason=reason)
+
+
+def breaker_for(runtime: TuningRuntime, name: str, options: Optional[Dict[str, Any]] = None) -> SharedBreaker:
+    """The process's breaker ``name`` for this app (created once).
+
+    Raises:
+        ConfigurationError: When ``name`` is not configured and no options are given.
+    """
+    cache: Dict[str, SharedBreaker] = runtime.__dict__.setdefault("_breakers", {})
+    found = cache.get(name)
+    if found is not None:
+        return found
+    with _lock:
+        found = cache.get(name)
+        if found is not None:
+            return found
+        spec = runtime.config.circuit_breakers.get(name) or options
+        if spec is None:
+            known = ", ".join(repr(n) for n in sorted(runtime.config.circuit_breakers)) or "none configured"
+            raise ConfigurationError(f"circuit breaker {name!r} is not in tuning_circuit_breakers (known: {known})")
+        found = SharedBreaker(
+            name,
+            store=RedisBreakerStore(runtime.connector),
+            fail_max=spec["fail_max"], reset_timeout=spec["reset_timeout"],
+            success_threshold=spec["success_threshold"], trial_timeout=spec["trial_timeout"],
+            exclude=spec["exclude"], neutral=CONTROL_FLOW,
+            prefix=runtime.config.key_prefix,
+            on_redis_error=runtime.config.breaker_on_redis_error,
+            refresh_interval=runtime.config.breaker_refresh_interval,
+            on_transition=_on_transition,
+        )
+        cache[name] = found
+        return found
+
+
+def breaker(name: str, app: Any = None) -> SharedBreaker:
+    """The shared breaker ``name`` from ``tuning_circuit_breakers``, for use around single calls.
+
+    Example::
+
+        with celery_tuning.breaker("payments"):
+            charge()
+
+    Arguments:
+        name: A key of ``tuning_circuit_breakers``.
+        app: The Celery app (default: the current app).
+    """
+    if app is None:
+        from celery import current_app
+
+        app = current_app._get_current_object()
+    return breaker_for(runtime_for(app), name)
