@@ -136,8 +136,8 @@ def main(argv: List[str]) -> int:
     parser.add_argument("--tasks", type=int, default=3000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--pools", default="prefork,threads")
-    parser.add_argument("--only", default="passthrough,limiter,accuracy",
-                        help="comma-separated sections: passthrough, limiter, accuracy")
+    parser.add_argument("--only", default="passthrough,limiter,breaker,accuracy",
+                        help="comma-separated sections: passthrough, limiter, breaker, accuracy")
     args = parser.parse_args(argv)
     sections = set(args.only.split(","))
     server = RedisServer().start()
@@ -156,6 +156,11 @@ def main(argv: List[str]) -> int:
 
             results["limiter"] = limiter.run(server.db_url(2), runs=args.runs)
             print("\n" + limiter.render(results["limiter"]), flush=True)
+        if "breaker" in sections:
+            from benchmarks import breaker
+
+            results["breaker"] = breaker.run(server.db_url(3), runs=args.runs)
+            print("\n" + breaker.render(results["breaker"]), flush=True)
         if "accuracy" in sections:
             results["accuracy"] = accuracy(url)
             print("\n" + render_accuracy(results["accuracy"]), flush=True)
