@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Tuple, Type, Typ
 import pybreaker
 
 from .errors import StorageError, TuningError
-from .storage.breaker import CLOSED, OPEN, BreakerParams, BreakerStore, MemoryBreakerStore, Snapshot
+from .storage.breaker import CLOSED, HALF_OPEN, OPEN, BreakerParams, BreakerStore, MemoryBreakerStore, Snapshot
 
 __all__ = ["CircuitOpen", "SharedBreaker"]
 
@@ -27,6 +27,9 @@ T = TypeVar("T")
 TransitionHook = Callable[[str, str, str, str], None]
 
 _ON_REDIS_ERROR = ("local", "closed", "open")
+
+#: Seconds after which callers turned away by a running half-open trial look again.
+HALF_OPEN_RECHECK = 1.0
 
 
 class CircuitOpen(pybreaker.CircuitBreakerError, TuningError):
@@ -283,7 +286,12 @@ class SharedBreaker(pybreaker.CircuitBreaker):
             return True
         if snap.state == CLOSED:
             return False
-        raise CircuitOpen(self.name or "", max(snap.remaining_us / 1_000_000, 0.05))
+        wait = snap.remaining_us / 1_000_000
+        if snap.state == HALF_OPEN:
+            # Another process runs the trial; its lease is only an upper bound (a trial call
+            # usually ends in well under a second), so come back soon rather than at its end.
+            wait = min(wait, HALF_OPEN_RECHECK)
+        raise CircuitOpen(self.name or "", max(wait, 0.05))
 
     def record_success(self, trial: bool) -> None:
         """A guarded call succeeded: reset failures (round trip only if there were any)."""

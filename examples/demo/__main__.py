@@ -96,6 +96,38 @@ def throttling(call_busy_api: Any) -> None:
           + ", ".join(f"{t:.2f}s" for t in finished))
 
 
+def circuit(charge: Any, events: Any, key: str) -> None:
+    from celery_tuning import breaker
+
+    print("\n4. Circuit breaker 'payments' (fail_max 3, reset_timeout 2 s), shared by both workers")
+    events.delete(key)
+    events.set("tuning-demo:payments-down", 1)
+    start = time.time()
+    failures = 0
+    for order in range(3):
+        try:
+            charge.delay(order).get(timeout=30)
+        except Exception as exc:  # the worker's ConnectionError, rebuilt by the result backend
+            if "unreachable" not in str(exc):
+                raise
+            failures += 1
+    print(f"   the payments API is down: {failures} orders failed; breaker is now "
+          f"{breaker('payments').refresh().state}", flush=True)
+    time.sleep(0.6)  # every process re-reads breaker state within tuning_breaker_refresh_interval (0.5 s)
+    waiting = [charge.delay(order) for order in range(3, 8)]
+    time.sleep(0.5)
+    ran_while_open = [json.loads(e) for e in events.lrange(key, 0, -1)]
+    ran_while_open = [e for e in ran_while_open if e.get("event") == "charge" and e["order"] >= 3]
+    print(f"   5 more orders sent while open: {len(ran_while_open)} reached the API; "
+          f"{5 - len(ran_while_open)} were deferred (not failed, no retry spent)")
+    events.delete("tuning-demo:payments-down")
+    print(f"   [{time.time() - start:.1f}s] the API recovers")
+    done = [r.get(timeout=60) for r in waiting]
+    print(f"   after the reset timeout one trial call closed the breaker ({breaker('payments').refresh().state}); "
+          f"all 5 orders charged by {max(d['at'] for d in done) - start:.1f}s, retries used: "
+          f"{sum(d['retries'] for d in done)}")
+
+
 def main() -> None:
     base, private = find_or_start_redis()
     url = f"{base}/15"
@@ -104,13 +136,16 @@ def main() -> None:
     workers: List[subprocess.Popen[bytes]] = []
     try:
         workers = [start_worker(env, "demo1"), start_worker(env, "demo2")]
-        from examples.demo.app import EVENTS, _events, call_busy_api, call_llm, fetch_page, render_report
+        from examples.demo.app import EVENTS, _events, call_busy_api, call_llm, charge, fetch_page, render_report
 
         _events.delete(EVENTS, "tuning-demo:busy-calls")
         # A fresh bucket, whatever an earlier run left behind.
         from celery_tuning import limiter
 
         limiter("llm").store.reset(limiter("llm").bucket())
+        from celery_tuning import breaker
+
+        breaker("payments").reset()
         print("\n1. SLA timing: 20 fetch_page tasks on the 'tuning-demo' queue (queue SLA: warning 0.5 s total)")
         print("   and 8 render_report tasks (@sla warning 0.15 s run time)")
         results = [fetch_page.delay(i) for i in range(20)] + [render_report.delay(i) for i in range(8)]
@@ -134,6 +169,7 @@ def main() -> None:
                   f"> {b['threshold']}s")
         shared_rate_limit(call_llm, _events, EVENTS)
         throttling(call_busy_api)
+        circuit(charge, _events, EVENTS)
         print("\ndemo finished: every task ran exactly once")
     finally:
         for worker in workers:

@@ -11,7 +11,7 @@ import redis
 from celery import Celery
 
 import celery_tuning
-from celery_tuning import Throttled, TunedTask, rate_limit, signals, sla
+from celery_tuning import Throttled, TunedTask, circuit_breaker, rate_limit, signals, sla
 
 REDIS_URL = os.environ.get("DEMO_REDIS_URL", "redis://127.0.0.1:6379/15")
 QUEUE = "tuning-demo"
@@ -26,6 +26,8 @@ app.conf.update(
     tuning_sla={QUEUE: {"warning": 0.5, "critical": 2.0, "on": "total"}},
     # One bucket shared by every worker process: 5 calls a second, 2 at once.
     tuning_rate_limits={"llm": {"rate": "5/s", "burst": 2}},
+    # Shared by every worker: 3 failures in a row open it for 2 s, then one trial call decides.
+    tuning_circuit_breakers={"payments": {"fail_max": 3, "reset_timeout": 2}},
 )
 celery_tuning.install(app)
 
@@ -62,6 +64,17 @@ def call_busy_api(self, n: int) -> float:
     if _events.incr("tuning-demo:busy-calls") == 1:
         raise Throttled(retry_after=2.0)
     return time.time()
+
+
+@app.task(bind=True, max_retries=0)
+@circuit_breaker("payments")             # on_open="retry": wait out the outage without spending retries
+def charge(self, order: int) -> dict:
+    """Stands in for a payment API that is down while the 'tuning-demo:payments-down' flag is set."""
+    down = bool(_events.exists("tuning-demo:payments-down"))
+    _events.rpush(EVENTS, json.dumps({"event": "charge", "order": order, "at": time.time(), "down": down}))
+    if down:
+        raise ConnectionError("payments API unreachable")
+    return {"order": order, "at": time.time(), "retries": self.request.retries}
 
 
 _events = redis.Redis.from_url(REDIS_URL, socket_timeout=1)

@@ -19,6 +19,9 @@ def test_demo_runs_and_shows_each_capability(redis_clean):
     text = out.stdout
     assert "SLA breaches: 2" in text
     assert "on 2 workers" in text and "retries used: 0" in text
+    assert "3 orders failed; breaker is now open" in text
+    assert "0 reached the API; 5 were deferred" in text
+    assert "closed the breaker (closed); all 5 orders charged" in text
     assert "demo finished: every task ran exactly once" in text
 
 
