@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 from .errors import ConfigurationError
-from .policy.attach import ON_LIMIT, ON_OPEN, BreakerPolicy, RateLimitPolicy, SlaPolicy, attach_policy
+from .policy.attach import ON_LIMIT, ON_OPEN, BreakerPolicy, CachePolicy, RateLimitPolicy, SlaPolicy, attach_policy
 
 __all__ = ["cache_result", "circuit_breaker", "rate_limit", "sla"]
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _not_yet(decorator: str, capability: str) -> NotImplementedError:
-    return NotImplementedError(
-        f"@{decorator}: {capability} is not available in this version of celery-tuning; "
-        "remove the decorator (it would otherwise silently do nothing)"
-    )
 
 
 def _seconds(decorator: str, name: str, value: Any, *, allow_zero: bool = True) -> float:
@@ -159,9 +152,82 @@ def circuit_breaker(
     return decorate
 
 
-def cache_result(*args: Any, **kwargs: Any) -> Callable[[F], F]:
-    """Attach the two-level result cache (arrives with the cache capability)."""
-    raise _not_yet("cache_result", "the two-level result cache")
+def cache_result(
+    ttl: float = 3600,
+    *,
+    l1_ttl: float = 60,
+    key: Optional[Callable[..., Any]] = None,
+    version: int = 1,
+    vary_on: Optional[Sequence[str]] = None,
+    max_size: int = 1_000_000,
+    serializer: str = "json",
+    short_circuit: bool = False,
+    lock_timeout: Optional[float] = None,
+    wait_timeout: Optional[float] = None,
+) -> Callable[[F], F]:
+    """Cache a task's result in a per-process TTL cache (L1) and Redis (L2).
+
+    Identical calls (same task, version and canonical arguments) return the
+    cached value; across all workers only one runs the body at a time for a
+    key (single flight) while the others wait for its result.
+
+    Arguments:
+        ttl: Seconds a value lives in Redis.
+        l1_ttl: Seconds a value lives in each process's memory (never longer than in Redis).
+        key: Key function taking the task's arguments (default: all arguments, canonical JSON).
+        version: Bump to ignore everything cached by earlier code.
+        vary_on: Only these argument names make up the key.
+        max_size: Encoded values larger than this many bytes are not cached.
+        serializer: ``"json"`` (default) or ``"msgpack"``; never pickle.
+        short_circuit: ``delay()``/``apply_async()`` return an ``EagerResult`` on a
+            hit without publishing (no task id in the result backend, no signals).
+        lock_timeout: Seconds followers trust a computing worker (default: the
+            task's ``time_limit``, else 60).
+        wait_timeout: Seconds a follower waits before running the body itself
+            (default: ``lock_timeout`` + 1).
+
+    Raises:
+        ConfigurationError: On anything malformed, naming the argument.
+    """
+    ttl_ = _seconds("cache_result", "ttl", ttl, allow_zero=False)
+    l1_ = _seconds("cache_result", "l1_ttl", l1_ttl)
+    if key is not None and not callable(key):
+        raise ConfigurationError(f"@cache_result(key={key!r}): expected a callable taking the task's arguments")
+    _count("cache_result", "version", version, minimum=0)
+    if vary_on is not None and (isinstance(vary_on, str) or not all(isinstance(v, str) for v in vary_on)):
+        raise ConfigurationError(f"@cache_result(vary_on={vary_on!r}): expected a list of argument names")
+    _count("cache_result", "max_size", max_size)
+    if serializer not in ("json", "msgpack"):
+        raise ConfigurationError(f"@cache_result(serializer={serializer!r}): expected 'json' or 'msgpack'")
+    if serializer == "msgpack":
+        try:
+            import msgpack  # noqa: F401
+        except ImportError:
+            raise ConfigurationError(
+                "@cache_result(serializer='msgpack'): msgpack is not installed (pip install celery-tuning[msgpack])"
+            ) from None
+    policy = CachePolicy(
+        ttl=ttl_, l1_ttl=l1_, key=key, version=version,
+        vary_on=tuple(vary_on) if vary_on is not None else None, max_size=max_size, serializer=serializer,
+        short_circuit=bool(short_circuit),
+        lock_timeout=None if lock_timeout is None else _seconds("cache_result", "lock_timeout", lock_timeout,
+                                                                allow_zero=False),
+        wait_timeout=None if wait_timeout is None else _seconds("cache_result", "wait_timeout", wait_timeout),
+    )
+
+    def decorate(fun: F) -> F:
+        if vary_on is not None:
+            import inspect
+
+            params = inspect.signature(fun).parameters
+            missing = [v for v in vary_on if v not in params]
+            if missing:
+                raise ConfigurationError(
+                    f"@cache_result(vary_on={list(vary_on)!r}): {fun.__name__}() has no argument(s) {missing}")
+        attach_policy(fun, "cache", policy, "cache_result")
+        return fun
+
+    return decorate
 
 
 def _threshold(name: str, value: Any) -> Optional[float]:

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from celery.utils.dispatch import Signal
 
-__all__ = ["circuit_state_changed", "limiter_event", "sla_breached", "task_deferred", "task_timed"]
+__all__ = [
+    "cache_event",
+    "circuit_state_changed",
+    "limiter_event",
+    "sla_breached",
+    "task_deferred",
+    "task_timed",
+]
 
 #: Sent in the worker when a task attempt crosses an SLA threshold.
 #: ``sender`` is the task; keyword arguments: ``task_id``, ``queue``,
@@ -38,3 +45,8 @@ task_deferred = Signal(name="task_deferred", providing_args={"task_id", "reason"
 #: (``reason`` says why) and in every process that notices it (``reason='observed'``).
 #: ``sender`` is the breaker name; keyword arguments: ``old``, ``new``, ``reason``.
 circuit_state_changed = Signal(name="circuit_state_changed", providing_args={"old", "new", "reason"})
+
+#: Sent on result-cache events. ``sender`` is the task name; keyword argument ``event``:
+#: 'hit_l1', 'hit_l2', 'miss', 'store', 'wait', 'skip_too_big', 'skip_unserializable',
+#: 'skip_arguments', 'corrupt', 'redis_error', 'invalidate'.
+cache_event = Signal(name="cache_event", providing_args={"event"})

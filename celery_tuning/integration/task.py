@@ -9,7 +9,7 @@ from celery import Task
 
 from ..errors import ConfigurationError
 from ..policy.attach import policies_of
-from . import breaker_step, ratelimit_step  # noqa: F401  (register their steps)
+from . import breaker_step, cache_step, ratelimit_step  # noqa: F401  (register their steps)
 from .pipeline import Step, build_chain
 from .runtime import env_disabled, runtime_for
 
@@ -89,3 +89,29 @@ def _wrap_run(cls: Any, raw_run: Any, policies: Dict[str, Any], runtime: Any) ->
     cls._tuning_original_run = raw_run
     cls._tuning_steps = steps
     cls.run = run
+    for step in steps:
+        if isinstance(step, cache_step.CacheStep):
+            cls.cache = step.handle
+            if step.policy.short_circuit:
+                _short_circuit(cls, step, runtime)
+
+
+def _short_circuit(cls: Any, step: Any, runtime: Any) -> None:
+    """On a cache hit, ``apply_async`` answers from the cache without publishing."""
+    from celery import states
+    from celery.result import EagerResult
+    from celery.utils import uuid
+
+    original = cls.apply_async
+
+    def apply_async(self: Any, args: Any = None, kwargs: Any = None, task_id: Any = None, **options: Any) -> Any:
+        if runtime.enabled and not options.get("link") and not options.get("chain"):
+            try:
+                found, value = step.handle.get(*(args or ()), **(kwargs or {}))
+            except Exception:  # uncacheable arguments and the like: publish as usual
+                found, value = False, None
+            if found:
+                return EagerResult(task_id or uuid(), value, states.SUCCESS, name=self.name)
+        return original(self, args, kwargs, task_id=task_id, **options)
+
+    cls.apply_async = apply_async

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from .rates import Rate
 
@@ -12,6 +12,7 @@ __all__ = [
     "ON_OPEN",
     "POLICY_ATTR",
     "BreakerPolicy",
+    "CachePolicy",
     "RateLimitPolicy",
     "SlaPolicy",
     "attach_policy",
@@ -72,6 +73,22 @@ class BreakerPolicy:
     max_deferrals: int = 100
     #: Inline breaker options (used when the name is not in the config).
     options: Optional[Dict[str, Any]] = None
+
+
+@dataclass(frozen=True)
+class CachePolicy:
+    """A task's result cache."""
+
+    ttl: float = 3600.0
+    l1_ttl: float = 60.0
+    key: Optional[Callable[..., Any]] = None
+    version: int = 1
+    vary_on: Optional[Tuple[str, ...]] = None
+    max_size: int = 1_000_000
+    serializer: str = "json"
+    short_circuit: bool = False
+    lock_timeout: Optional[float] = None
+    wait_timeout: Optional[float] = None
 
 
 def _looks_like_task(obj: Any) -> bool:

@@ -48,12 +48,6 @@ def test_decorator_above_app_task_is_an_error():
         sla(warning=1)(FakeTask())
 
 
-@pytest.mark.parametrize("decorator", [cache_result])
-def test_capabilities_not_built_yet_fail_loudly(decorator):
-    with pytest.raises(NotImplementedError, match="not available in this version"):
-        decorator("x")
-
-
 def test_rate_limit_named_and_inline():
     def f(tenant_id):
         pass
@@ -139,3 +133,29 @@ def test_circuit_breaker_rejects_nonsense(args, kwargs, fragment):
     with pytest.raises(ConfigurationError) as info:
         circuit_breaker(*args, **kwargs)
     assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"ttl": 0}, "@cache_result(ttl=0)"),
+        ({"l1_ttl": -1}, "@cache_result(l1_ttl=-1)"),
+        ({"key": "k"}, "@cache_result(key='k')"),
+        ({"version": -1}, "@cache_result(version=-1)"),
+        ({"vary_on": "text"}, "@cache_result(vary_on='text')"),
+        ({"max_size": 0}, "@cache_result(max_size=0)"),
+        ({"serializer": "pickle"}, "@cache_result(serializer='pickle'): expected 'json' or 'msgpack'"),
+        ({"lock_timeout": 0}, "@cache_result(lock_timeout=0)"),
+    ],
+)
+def test_cache_result_rejects_nonsense(kwargs, fragment):
+    with pytest.raises(ConfigurationError) as info:
+        cache_result(**kwargs)
+    assert fragment in str(info.value)
+
+
+def test_cache_result_vary_on_must_name_arguments():
+    with pytest.raises(ConfigurationError, match=r"f\(\) has no argument\(s\) \['nope'\]"):
+        @cache_result(vary_on=["nope"])
+        def f(text):
+            pass

@@ -1,0 +1,309 @@
+"""``TwoLevelCache``: a per-process TTL cache (L1) in front of Redis (L2), with single flight."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+import time
+import uuid
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
+from cachetools import TTLCache
+
+from .errors import StorageError
+from .policy.cachekeys import UncacheableArgument, call_digest, canonical_arguments, key_function_digest
+from .policy.codec import CorruptValue, decode, encode
+from .storage.cache import CacheKeys, RedisCacheStore, listener_for
+
+__all__ = ["TwoLevelCache", "UncacheableArgument"]
+
+logger = logging.getLogger("celery_tuning.cache")
+
+#: (event, task name) -> None. Events: hit_l1, hit_l2, miss, store, skip_too_big,
+#: skip_unserializable, skip_arguments, corrupt, redis_error, wait, invalidate.
+Observer = Callable[[str, str], None]
+
+_GENERATION_TTL = 5.0  # seconds a process trusts its copy of the clear() generation without news
+
+
+class TwoLevelCache:
+    """The result cache of one task.
+
+    Arguments:
+        name: Task name (key namespace and hash tag).
+        signature: Signature of the task function (without ``self``) for canonical keys.
+        store: L2 store; ``None`` means L1 only.
+        prefix, version: Key namespace.
+        ttl: L2 lifetime (s). l1_ttl: L1 lifetime (s), never longer than the L2 entry's.
+        l1_maxsize: L1 entries. max_size: largest encoded value (bytes) cached.
+        serializer: ``"json"`` or ``"msgpack"``.
+        key: Optional key function taking the task's arguments.
+        vary_on: Only these argument names make up the key.
+        lock_timeout: Single-flight lock TTL (s): how long followers trust a leader.
+        wait_timeout: How long a follower waits for the leader's value before running itself.
+        observer: Metrics hook.
+        clock: Monotonic clock (injected in tests).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        signature: inspect.Signature,
+        *,
+        store: Optional[RedisCacheStore],
+        prefix: str = "tuning",
+        version: int = 1,
+        ttl: float = 3600.0,
+        l1_ttl: float = 60.0,
+        l1_maxsize: int = 1024,
+        max_size: int = 1_000_000,
+        serializer: str = "json",
+        key: Optional[Callable[..., Any]] = None,
+        vary_on: Optional[Sequence[str]] = None,
+        lock_timeout: float = 60.0,
+        wait_timeout: Optional[float] = None,
+        observer: Optional[Observer] = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.name = name
+        self.signature = signature
+        self.store = store
+        self.keys = CacheKeys(prefix, name, version)
+        self.ttl = float(ttl)
+        self.l1_ttl = min(float(l1_ttl), self.ttl)
+        self.max_size = max_size
+        self.serializer = serializer
+        self.key_function = key
+        self.vary_on = tuple(vary_on) if vary_on is not None else None
+        self.lock_timeout = float(lock_timeout)
+        self.wait_timeout = float(wait_timeout) if wait_timeout is not None else self.lock_timeout + 1.0
+        self.observer = observer
+        self.clock = clock
+        self.sleep = sleep
+        self._l1: TTLCache = TTLCache(maxsize=l1_maxsize, ttl=max(self.l1_ttl, 0.001), timer=clock)
+        self._l1_lock = threading.Lock()
+        self._generation: Optional[int] = None
+        self._generation_at = float("-inf")
+        self._warned: set = set()
+        self._listening = False
+
+    # -- keys ------------------------------------------------------------------------------
+
+    def digest(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> str:
+        """Digest of a call's arguments.
+
+        Raises:
+            UncacheableArgument: When an argument has no canonical form.
+        """
+        if self.key_function is not None:
+            return key_function_digest(self.key_function, args, kwargs)
+        return call_digest(canonical_arguments(self.signature, args, kwargs, self.vary_on))
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _emit(self, event: str) -> None:
+        if self.observer is not None:
+            try:
+                self.observer(event, self.name)
+            except Exception:
+                logger.exception("cache observer failed")
+
+    def _warn_once(self, what: str, message: str, *args: Any) -> None:
+        if what not in self._warned:
+            self._warned.add(what)
+            logger.warning(message, *args)
+
+    def _l1_get(self, digest: str) -> Tuple[bool, Any]:
+        with self._l1_lock:
+            entry = self._l1.get(digest)
+        if entry is None:
+            return False, None
+        value, expires = entry
+        if self.clock() >= expires:
+            return False, None
+        return True, value
+
+    def _l1_put(self, digest: str, value: Any, l2_remaining: Optional[float] = None) -> None:
+        life = self.l1_ttl if l2_remaining is None else min(self.l1_ttl, l2_remaining)
+        if life <= 0:
+            return
+        with self._l1_lock:
+            self._l1[digest] = (value, self.clock() + life)
+
+    def _listen(self) -> None:
+        if self._listening or self.store is None:
+            return
+        self._listening = True
+        listener_for(self.store.connector, self.keys.channel).add(self._on_message)
+
+    def _on_message(self, message: Dict[str, Any]) -> None:
+        if message.get("task") != self.name:
+            return
+        digest = message.get("digest")
+        with self._l1_lock:
+            if digest:
+                self._l1.pop(digest, None)
+            else:
+                self._l1.clear()
+        if message.get("generation") is not None:
+            self._generation = int(message["generation"])
+            self._generation_at = self.clock()
+
+    def _current_generation(self) -> int:
+        assert self.store is not None
+        if self._generation is None or self.clock() - self._generation_at > _GENERATION_TTL:
+            self._generation = self.store.generation(self.keys.generation_key)
+            self._generation_at = self.clock()
+        return self._generation
+
+    def _decode(self, raw: bytes) -> Tuple[bool, Any]:
+        try:
+            value, _ = decode(raw)
+            return True, value
+        except CorruptValue as exc:
+            logger.warning("cache %s: ignoring a value in Redis that is not ours (%s)", self.name, exc)
+            self._emit("corrupt")
+            return False, None
+
+    def _encode(self, value: Any) -> Optional[bytes]:
+        try:
+            raw = encode(value, self.serializer)
+        except (TypeError, ValueError, OverflowError) as exc:
+            self._warn_once("unserializable", "cache %s: result not cached, %s cannot encode it (%s)",
+                            self.name, self.serializer, exc)
+            self._emit("skip_unserializable")
+            return None
+        if len(raw) > self.max_size:
+            self._emit("skip_too_big")
+            return None
+        return raw
+
+    # -- the cache -------------------------------------------------------------------------
+
+    def peek(self, digest: str) -> Tuple[bool, Any]:
+        """Read L1 then L2 without electing a leader (used by ``short_circuit``)."""
+        found, value = self._l1_get(digest)
+        if found or self.store is None:
+            return found, value
+        try:
+            generation = self._current_generation()
+            raw, pttl, _ = self.store.lookup(self.keys.value(generation, digest),
+                                             self.keys.lock(generation, digest), "", 0)
+        except StorageError:
+            return False, None
+        if raw is None:
+            return False, None
+        ok, value = self._decode(raw)
+        if ok:
+            self._l1_put(digest, value, pttl / 1000 if pttl > 0 else None)
+        return ok, value
+
+    def get_or_compute(self, digest: str, compute: Callable[[], Any]) -> Any:
+        """The cached value for ``digest``, computing it at most once across all workers."""
+        found, value = self._l1_get(digest)
+        if found:
+            self._emit("hit_l1")
+            return value
+        if self.store is None:
+            return self._compute_local(digest, compute)
+        self._listen()
+        token = uuid.uuid4().hex
+        lock_ms = max(1, int(self.lock_timeout * 1000))
+        try:
+            generation = self._current_generation()
+            value_key, lock_key = self.keys.value(generation, digest), self.keys.lock(generation, digest)
+            raw, pttl, role = self.store.lookup(value_key, lock_key, token, lock_ms)
+        except StorageError as exc:
+            self._warn_once("redis", "cache %s: tuning Redis failed (%s); serving from L1 only", self.name, exc)
+            self._emit("redis_error")
+            return self._compute_local(digest, compute)
+        if raw is not None:
+            ok, value = self._decode(raw)
+            if ok:
+                self._emit("hit_l2")
+                self._l1_put(digest, value, pttl / 1000 if pttl > 0 else None)
+                return value
+            role = 1  # a foreign value sits there: recompute and overwrite it
+        self._emit("miss")
+        deadline = self.clock() + self.wait_timeout
+        delay = 0.005
+        while role == 0:  # a leader elsewhere is computing it
+            if self.clock() >= deadline:
+                logger.warning("cache %s: gave up waiting for another worker's result after %.1fs",
+                               self.name, self.wait_timeout)
+                break
+            self._emit("wait")
+            self.sleep(delay)
+            delay = min(delay * 2, 0.2)
+            try:
+                raw, pttl, role = self.store.lookup(value_key, lock_key, token, lock_ms)
+            except StorageError:
+                return self._compute_local(digest, compute)
+            if raw is not None:
+                ok, value = self._decode(raw)
+                if ok:
+                    self._emit("hit_l2")
+                    self._l1_put(digest, value, pttl / 1000 if pttl > 0 else None)
+                    return value
+                role = 1
+        try:
+            value = compute()
+        except BaseException:
+            self._release(value_key, lock_key, token)  # exceptions are never cached
+            raise
+        raw = self._encode(value)
+        try:
+            self.store.store(value_key, lock_key, raw or b"", int(self.ttl * 1000), token)
+        except StorageError as exc:
+            self._warn_once("redis", "cache %s: tuning Redis failed (%s); serving from L1 only", self.name, exc)
+            self._emit("redis_error")
+        if raw is not None:
+            self._emit("store")
+            self._l1_put(digest, value)
+        return value
+
+    def _release(self, value_key: str, lock_key: str, token: str) -> None:
+        assert self.store is not None
+        try:
+            self.store.store(value_key, lock_key, b"", 0, token)
+        except StorageError:
+            pass  # the lock expires by itself
+
+    def _compute_local(self, digest: str, compute: Callable[[], Any]) -> Any:
+        value = compute()
+        if self._encode(value) is not None:
+            self._l1_put(digest, value)
+        return value
+
+    # -- invalidation ----------------------------------------------------------------------
+
+    def invalidate_digest(self, digest: str) -> None:
+        """Drop one entry here, in Redis, and (through pub/sub) in every process's L1."""
+        with self._l1_lock:
+            self._l1.pop(digest, None)
+        if self.store is None:
+            return
+        generation = self._current_generation()
+        self.store.delete(self.keys.value(generation, digest))
+        self.store.publish(self.keys.channel, {"task": self.name, "digest": digest})
+        self._emit("invalidate")
+
+    def clear(self) -> int:
+        """Drop every entry of this task: a new generation, old entries expire by TTL."""
+        with self._l1_lock:
+            self._l1.clear()
+        if self.store is None:
+            return 0
+        generation = self.store.bump_generation(self.keys.generation_key)
+        self._generation, self._generation_at = generation, self.clock()
+        self.store.publish(self.keys.channel, {"task": self.name, "generation": generation})
+        self._emit("invalidate")
+        return generation
+
+    def l2_entries(self) -> int:
+        """Entries in the current generation (SCAN; for the CLI)."""
+        if self.store is None:
+            return 0
+        return self.store.count(self.keys.pattern(self._current_generation()))

@@ -1,0 +1,105 @@
+"""The pipeline step that applies ``@cache_result``, and the ``task.cache`` handle."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any, Dict, Optional, Tuple
+
+from .. import signals
+from ..cache import TwoLevelCache, UncacheableArgument
+from ..errors import ConfigurationError
+from ..policy.attach import CachePolicy
+from ..storage.cache import RedisCacheStore
+from .pipeline import Call, Step, register_step
+from .runtime import runtime_for
+
+__all__ = ["CacheHandle", "CacheStep"]
+
+logger = logging.getLogger("celery_tuning.cache")
+
+
+def _observer(event: str, name: str) -> None:
+    if signals.cache_event.receivers:
+        signals.cache_event.send(sender=name, event=event)
+
+
+class CacheHandle:
+    """``task.cache``: invalidate entries of this task from anywhere."""
+
+    def __init__(self, step: CacheStep) -> None:
+        self._step = step
+
+    def invalidate(self, *args: Any, **kwargs: Any) -> None:
+        """Drop the entry for these arguments everywhere (Redis and every process's L1)."""
+        cache = self._step.cache
+        cache.invalidate_digest(cache.digest(args, kwargs))
+
+    def clear(self) -> int:
+        """Drop every entry of this task everywhere; returns the new generation."""
+        return self._step.cache.clear()
+
+    def get(self, *args: Any, **kwargs: Any) -> Tuple[bool, Any]:
+        """``(found, value)`` for these arguments, without running anything."""
+        cache = self._step.cache
+        return cache.peek(cache.digest(args, kwargs))
+
+    def entries(self) -> int:
+        """Entries in Redis for the current generation (uses SCAN: not for hot paths)."""
+        return self._step.cache.l2_entries()
+
+
+class CacheStep(Step):
+    """Built once per task class when it is bound."""
+
+    kind = "cache"
+
+    def __init__(self, policy: CachePolicy, task_cls: Any) -> None:
+        self.policy = policy
+        self.task_name = task_cls.name
+        self.runtime = runtime_for(task_cls._app)
+        run = task_cls.__dict__["run"]
+        fun = run.__func__ if isinstance(run, staticmethod) else run
+        signature = inspect.signature(fun)
+        if not isinstance(run, staticmethod):  # bound task: drop ``self``
+            params = list(signature.parameters.values())[1:]
+            signature = signature.replace(parameters=params)
+        self.signature = signature
+        lock_timeout = policy.lock_timeout
+        if lock_timeout is None:
+            lock_timeout = float(task_cls.time_limit or task_cls._app.conf.task_time_limit or 60.0)
+        self.lock_timeout = lock_timeout
+        self._cache: Optional[TwoLevelCache] = None
+        self.handle = CacheHandle(self)
+
+    @property
+    def cache(self) -> TwoLevelCache:
+        if self._cache is None:
+            p = self.policy
+            try:
+                store: Optional[RedisCacheStore] = RedisCacheStore(self.runtime.connector)
+            except ConfigurationError:
+                raise
+            self._cache = TwoLevelCache(
+                self.task_name, self.signature, store=store, prefix=self.runtime.config.key_prefix,
+                version=p.version, ttl=p.ttl, l1_ttl=p.l1_ttl, l1_maxsize=self.runtime.config.cache_l1_maxsize,
+                max_size=p.max_size, serializer=p.serializer, key=p.key, vary_on=p.vary_on,
+                lock_timeout=self.lock_timeout, wait_timeout=p.wait_timeout, observer=_observer,
+            )
+        return self._cache
+
+    def wrap(self, task_cls: Any, call_next: Call) -> Call:
+        def call(task: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+            cache = self.cache
+            try:
+                digest = cache.digest(args, kwargs)
+            except UncacheableArgument as exc:
+                cache._warn_once("arguments", "task %s runs uncached: %s", self.task_name, exc)
+                _observer("skip_arguments", self.task_name)
+                return call_next(task, args, kwargs)
+            return cache.get_or_compute(digest, lambda: call_next(task, args, kwargs))
+
+        return call
+
+
+register_step("cache", CacheStep)

@@ -1,0 +1,261 @@
+"""The two-level result cache against a real redis-server and real workers."""
+
+import os
+import pickle
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from celery import Celery
+from celery.contrib.testing.worker import start_worker
+from celery.result import EagerResult
+
+import celery_tuning
+from celery_tuning import TunedTask, cache_result
+from tests.support.workers import QUICK_BACKEND_RETRY, ROOT, WorkerProcess
+
+pytestmark = pytest.mark.integration
+
+
+def make_app(redis_server, name, tuning_url=None, **conf):
+    app = Celery(name, set_as_current=False, broker=redis_server.db_url(0), backend=redis_server.db_url(0),
+                 task_cls="celery_tuning:TunedTask")
+    app.conf.update(tuning_redis_url=tuning_url or redis_server.db_url(1), broker_connection_retry_on_startup=True,
+                    result_backend_transport_options=QUICK_BACKEND_RETRY, **conf)
+    celery_tuning.install(app)
+    return app
+
+
+def worker_env(redis_server):
+    return {"TEST_BROKER_URL": redis_server.db_url(0), "TEST_TUNING_URL": redis_server.db_url(1)}
+
+
+def producer(code, redis_server, timeout=120):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **worker_env(redis_server)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                         cwd=str(ROOT), env=env)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+@pytest.mark.slow
+def test_single_flight_across_two_workers_then_l2_for_a_fresh_worker(redis_clean):
+    """20 identical calls to 2 thread-pool workers (c=8) run the body once; a new worker reads L2."""
+    workers = [WorkerProcess("tests.apps.cached:app", worker_env(redis_clean), pool="threads", concurrency=8,
+                             name=f"c{i}") for i in range(2)]
+    try:
+        for w in workers:
+            w.start()
+        out = producer(
+            "import json\nfrom tests.apps.cached import embed\n"
+            "rs = [embed.delay('hello', model='small') if i % 2 else embed.delay('hello') for i in range(20)]\n"
+            "print(json.dumps([r.get(timeout=60) for r in rs]))\n", redis_clean)
+        import json
+
+        values = json.loads(out)
+        assert len(values) == 20 and all(v == {"text": "hello", "model": "small", "vector": [5, 1.5, -2]}
+                                          for v in values)
+        assert int(redis_clean.client(1).get("body_runs:hello")) == 1
+    finally:
+        for w in workers:
+            w.close()
+    fresh = WorkerProcess("tests.apps.cached:app", worker_env(redis_clean), pool="solo", name="fresh")
+    try:
+        fresh.start()
+        out = producer("from tests.apps.cached import embed\nprint(embed.delay('hello').get(timeout=30)['text'])",
+                       redis_clean)
+        assert out == "hello"
+        assert int(redis_clean.client(1).get("body_runs:hello")) == 1, "served from L2, body not run"
+    finally:
+        fresh.close()
+
+
+def test_hits_misses_invalidation_and_clear(redis_clean):
+    app = make_app(redis_clean, "cachehits")
+    runs = []
+    events = []
+
+    @app.task(base=TunedTask, shared=False)
+    @cache_result(ttl=60, l1_ttl=0)  # no L1: every hit below comes from Redis
+    def square(x, power=2):
+        runs.append(x)
+        return x**power
+
+    def on_event(sender=None, event=None, **_):
+        events.append(event)
+
+    celery_tuning.signals.cache_event.connect(on_event)
+    try:
+        with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=10):
+            assert square.delay(3).get(timeout=10) == 9
+            assert square.delay(3, power=2).get(timeout=10) == 9
+            assert square.delay(x=3).get(timeout=10) == 9
+            assert runs == [3]
+            square.cache.invalidate(3)
+            assert square.delay(3).get(timeout=10) == 9
+            assert runs == [3, 3]
+            square.delay(4).get(timeout=10)
+            square.cache.clear()
+            assert square.cache.get(4) == (False, None)
+            square.delay(4).get(timeout=10)
+            assert runs == [3, 3, 4, 4]
+    finally:
+        celery_tuning.signals.cache_event.disconnect(on_event)
+    assert "hit_l2" in events and "miss" in events and "store" in events and "invalidate" in events
+
+
+def test_failures_big_and_unserializable_results_are_not_cached(redis_clean):
+    app = make_app(redis_clean, "cacheskip")
+    runs = []
+
+    @app.task(base=TunedTask, shared=False)
+    @cache_result(max_size=100)
+    def flaky(kind):
+        runs.append(kind)
+        if kind == "fail" and runs.count("fail") == 1:
+            raise RuntimeError("transient")
+        if kind == "big":
+            return "x" * 1000
+        if kind == "weird":
+            return {1, 2}  # a set: JSON cannot hold it
+        return kind
+
+    assert flaky.apply(("weird",)).get() == {1, 2}  # the result itself is still returned
+    assert flaky.apply(("weird",)).get() == {1, 2}
+    assert flaky.apply(("big",)).get() == "x" * 1000
+    assert flaky.apply(("big",)).get() == "x" * 1000
+    with pytest.raises(RuntimeError):
+        flaky.apply(("fail",)).get()
+    assert flaky.apply(("fail",)).get() == "fail"
+    assert flaky.apply(("fail",)).get() == "fail"
+    assert runs == ["weird", "weird", "big", "big", "fail", "fail"]
+
+
+def test_foreign_and_pickle_values_in_redis_are_misses_and_never_unpickled(redis_clean, tmp_path):
+    app = make_app(redis_clean, "cachecorrupt")
+    runs = []
+
+    @app.task(base=TunedTask, shared=False)
+    @cache_result(ttl=60, l1_ttl=0)
+    def lookup(key):
+        runs.append(key)
+        return {"key": key}
+
+    assert lookup.apply(("a",)).get() == {"key": "a"}
+    client = redis_clean.client(1)
+    [value_key] = [k for k in client.keys("tuning:cache:*") if not k.endswith((b":lock", b":gen"))]
+    marker = tmp_path / "unpickled"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    for payload in (b"garbage", pickle.dumps(Evil()), b"ct1j:{\"trunc"):
+        client.set(value_key, payload, px=60_000)
+        assert lookup.apply(("a",)).get() == {"key": "a"}
+    assert not marker.exists(), "a pickle payload from Redis was unpickled"
+    assert runs == ["a"] * 4
+    assert client.get(value_key).startswith(b"ct1j:"), "the foreign value was overwritten"
+
+
+def test_invalidation_reaches_another_process_l1(redis_clean):
+    app = make_app(redis_clean, "cacheinval")
+
+    @app.task(base=TunedTask, shared=False, name="tests.inval.double")
+    @cache_result(ttl=600, l1_ttl=600)
+    def double(x):
+        return x * 2 + len(os.environ.get("INVAL_BONUS", ""))
+
+    assert double.apply((5,)).get() == 10  # now in this process's L1 and in Redis
+    assert double.cache.get(5) == (True, 10)
+    double._get_current_object().cache._step.cache._listen()
+    listener_ready = time.monotonic() + 5
+    from celery_tuning.storage.cache import listener_for
+
+    step_cache = double.cache._step.cache
+    listener = listener_for(step_cache.store.connector, step_cache.keys.channel)
+    while not listener.subscribed.is_set() and time.monotonic() < listener_ready:
+        time.sleep(0.01)
+    code = (
+        "import os\nfrom celery import Celery\nimport celery_tuning\nfrom celery_tuning import cache_result\n"
+        f"app = Celery('other', broker={redis_clean.db_url(0)!r}, task_cls='celery_tuning:TunedTask')\n"
+        f"app.conf.tuning_redis_url = {redis_clean.db_url(1)!r}\n"
+        "celery_tuning.install(app)\n"
+        "@app.task(name='tests.inval.double')\n@cache_result(ttl=600, l1_ttl=600)\n"
+        "def double(x): return x * 2\n"
+        "double.cache.invalidate(5)\nprint('ok')\n"
+    )
+    sent = time.monotonic()
+    assert producer(code, redis_clean) == "ok"
+    deadline = time.monotonic() + 1.0
+    while double.cache.get(5)[0] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert double.cache.get(5) == (False, None), "L1 entry survived another process's invalidation"
+    assert time.monotonic() - sent < 10
+
+
+def test_followers_wait_for_the_leader_and_survive_a_dead_one(redis_clean):
+    app = make_app(redis_clean, "cacheflight")
+    runs = []
+
+    @app.task(base=TunedTask, shared=False)
+    @cache_result(ttl=60, l1_ttl=0, lock_timeout=1.0)
+    def slow(x):
+        runs.append(x)
+        time.sleep(0.3)
+        return x + 1
+
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(slow.apply((1,)).get())) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [2] * 6 and runs == [1]
+    # a leader that died: its lock sits there without a value; followers take over after the lock TTL
+    step_cache = slow.cache._step.cache
+    gen = step_cache._current_generation()
+    digest = step_cache.digest((7,), {})
+    redis_clean.client(1).set(step_cache.keys.lock(gen, digest), "dead-leader", px=1000)
+    start = time.monotonic()
+    assert slow.apply((7,)).get() == 8
+    assert 0.9 <= time.monotonic() - start < 3.0
+
+
+def test_redis_down_serves_l1_and_tasks_still_run(fault_redis, redis_clean):
+    app = make_app(redis_clean, "cachedown", tuning_url=fault_redis.db_url(1), tuning_redis_connect_timeout=0.2,
+                   tuning_redis_socket_timeout=0.2)
+    runs = []
+
+    @app.task(base=TunedTask, shared=False)
+    @cache_result(ttl=60, l1_ttl=60)
+    def f(x):
+        runs.append(x)
+        return x
+
+    fault_redis.stop()
+    try:
+        assert f.apply((1,)).get() == 1
+        assert f.apply((1,)).get() == 1  # from L1
+        assert f.apply((2,)).get() == 2
+    finally:
+        fault_redis.start()
+    assert runs == [1, 2]
+
+
+def test_short_circuit_answers_without_publishing(redis_clean):
+    app = make_app(redis_clean, "shortcircuit")
+
+    @app.task(base=TunedTask, shared=False)
+    @cache_result(short_circuit=True)
+    def price(sku):
+        return {"sku": sku, "price": 10}
+
+    with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=10):
+        first = price.delay("A1")
+        assert not isinstance(first, EagerResult)
+        assert first.get(timeout=10) == {"sku": "A1", "price": 10}
+        second = price.delay("A1")
+        assert isinstance(second, EagerResult) and second.get() == {"sku": "A1", "price": 10}

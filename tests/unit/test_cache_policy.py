@@ -1,0 +1,97 @@
+"""Cache keys, value codec and the L1 layer (no I/O, manual clock)."""
+
+import inspect
+import pickle
+
+import pytest
+
+from celery_tuning.cache import TwoLevelCache
+from celery_tuning.policy.cachekeys import UncacheableArgument, call_digest, canonical_arguments
+from celery_tuning.policy.codec import CorruptValue, decode, encode
+
+
+def fn(text, model="small", *, options=None):
+    pass
+
+
+SIG = inspect.signature(fn)
+
+
+def test_positional_keyword_and_default_forms_share_a_key():
+    a = canonical_arguments(SIG, ("hi",), {})
+    b = canonical_arguments(SIG, (), {"text": "hi", "model": "small"})
+    c = canonical_arguments(SIG, ("hi", "small"), {"options": None})
+    assert a == b == c
+    assert call_digest(a) != call_digest(canonical_arguments(SIG, ("hi", "large"), {}))
+
+
+def test_dict_order_does_not_matter_and_vary_on_filters():
+    a = canonical_arguments(SIG, ("x",), {"options": {"a": 1, "b": 2}})
+    b = canonical_arguments(SIG, ("x",), {"options": {"b": 2, "a": 1}})
+    assert a == b
+    assert canonical_arguments(SIG, ("x", "m1"), {}, vary_on=["text"]) == canonical_arguments(
+        SIG, ("x", "m2"), {}, vary_on=["text"])
+
+
+def test_uncacheable_argument_is_named():
+    with pytest.raises(UncacheableArgument, match="argument 'options' \\(object\\)"):
+        canonical_arguments(SIG, ("x",), {"options": object()})
+
+
+def test_codec_round_trips_and_rejects_foreign_bytes():
+    for serializer in ("json", "msgpack"):
+        value, used = decode(encode({"a": [1, 2.5, "x"], "b": None}, serializer))
+        assert value == {"a": [1, 2.5, "x"], "b": None} and used == serializer
+    with pytest.raises(TypeError):
+        encode(object(), "json")
+    for foreign in (b"garbage", pickle.dumps({"a": 1}), b"ct1j:{not json", b"", b"ct1m:\xc1"):
+        with pytest.raises(CorruptValue):
+            decode(foreign)
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_l1_only_cache_with_manual_clock():
+    clock = Clock()
+    runs = []
+    cache = TwoLevelCache("t", SIG, store=None, ttl=100, l1_ttl=10, l1_maxsize=2, clock=clock)
+
+    def compute(v):
+        def run():
+            runs.append(v)
+            return v
+
+        return run
+
+    d1, d2, d3 = (cache.digest((t,), {}) for t in ("a", "b", "c"))
+    assert cache.get_or_compute(d1, compute(1)) == 1
+    assert cache.get_or_compute(d1, compute(99)) == 1
+    clock.now += 10.5  # L1 TTL over
+    assert cache.get_or_compute(d1, compute(2)) == 2
+    cache.get_or_compute(d2, compute(3))
+    cache.get_or_compute(d3, compute(4))  # maxsize 2 evicts the oldest
+    assert cache.peek(d1) == (False, None)
+    assert runs == [1, 2, 3, 4]
+
+
+def test_l1_never_outlives_l2():
+    cache = TwoLevelCache("t", SIG, store=None, ttl=5, l1_ttl=60)
+    assert cache.l1_ttl == 5
+
+
+def test_exceptions_are_not_cached():
+    cache = TwoLevelCache("t", SIG, store=None)
+    d = cache.digest(("a",), {})
+
+    def boom():
+        raise ValueError("no")
+
+    with pytest.raises(ValueError):
+        cache.get_or_compute(d, boom)
+    assert cache.get_or_compute(d, lambda: "ok") == "ok"
