@@ -136,8 +136,8 @@ def main(argv: List[str]) -> int:
     parser.add_argument("--tasks", type=int, default=3000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--pools", default="prefork,threads")
-    parser.add_argument("--only", default="passthrough,limiter,breaker,accuracy",
-                        help="comma-separated sections: passthrough, limiter, breaker, accuracy")
+    parser.add_argument("--only", default="passthrough,limiter,breaker,cache,accuracy",
+                        help="comma-separated sections: passthrough, limiter, breaker, cache, accuracy")
     args = parser.parse_args(argv)
     sections = set(args.only.split(","))
     server = RedisServer().start()
@@ -161,6 +161,14 @@ def main(argv: List[str]) -> int:
 
             results["breaker"] = breaker.run(server.db_url(3), runs=args.runs)
             print("\n" + breaker.render(results["breaker"]), flush=True)
+        if "cache" in sections:
+            from benchmarks import cache
+
+            results["cache"] = cache.run(server.db_url(4))
+            e2e = {v: run_worker_once(url, v, "threads", 400)["tasks_per_s"] for v in ("uncached50", "cached50")}
+            e2e["ratio"] = e2e["cached50"] / e2e["uncached50"]
+            results["cache"]["end_to_end"] = e2e
+            print("\n" + cache.render(results["cache"], e2e), flush=True)
         if "accuracy" in sections:
             results["accuracy"] = accuracy(url)
             print("\n" + render_accuracy(results["accuracy"]), flush=True)

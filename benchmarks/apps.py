@@ -10,7 +10,7 @@ VARIANT = os.environ.get("BENCH_VARIANT", "plain")
 URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 QUEUE = "bench"
 
-TUNED = VARIANT in ("tuned", "limited", "ours")
+TUNED = VARIANT in ("tuned", "limited", "ours", "cached50", "uncached50")
 app = Celery(
     f"bench_{VARIANT}",
     broker=URL,
@@ -44,6 +44,25 @@ elif VARIANT == "ours":
     @app.task(name="benchmarks.apps.noop")
     @rate_limit("10/s", burst=1)
     def noop() -> None:
+        return None
+
+elif VARIANT == "cached50":
+    import time
+
+    from celery_tuning import cache_result
+
+    @app.task(name="benchmarks.apps.noop")
+    @cache_result(ttl=600)
+    def noop() -> None:
+        time.sleep(0.05)  # 50 ms of work, done once and then served from the cache
+        return None
+
+elif VARIANT == "uncached50":
+    import time
+
+    @app.task(name="benchmarks.apps.noop")
+    def noop() -> None:
+        time.sleep(0.05)
         return None
 
 elif VARIANT == "celery_rate_limit":

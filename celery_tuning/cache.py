@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import inspect
+import itertools
 import logging
+import os
 import threading
 import time
 import uuid
@@ -12,7 +14,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 from cachetools import TTLCache
 
 from .errors import StorageError
-from .policy.cachekeys import UncacheableArgument, call_digest, canonical_arguments, key_function_digest
+from .policy.cachekeys import ArgumentBinder, UncacheableArgument, call_digest, canonical_call, key_function_digest
 from .policy.codec import CorruptValue, decode, encode
 from .storage.cache import CacheKeys, RedisCacheStore, listener_for
 
@@ -69,6 +71,7 @@ class TwoLevelCache:
     ) -> None:
         self.name = name
         self.signature = signature
+        self._binder = ArgumentBinder(signature)
         self.store = store
         self.keys = CacheKeys(prefix, name, version)
         self.ttl = float(ttl)
@@ -88,6 +91,9 @@ class TwoLevelCache:
         self._generation_at = float("-inf")
         self._warned: set = set()
         self._listening = False
+        self._token_pid = -1
+        self._token_base = ""
+        self._token_counter = itertools.count()
 
     # -- keys ------------------------------------------------------------------------------
 
@@ -99,9 +105,15 @@ class TwoLevelCache:
         """
         if self.key_function is not None:
             return key_function_digest(self.key_function, args, kwargs)
-        return call_digest(canonical_arguments(self.signature, args, kwargs, self.vary_on))
+        return call_digest(canonical_call(self._binder, args, kwargs, self.vary_on))
 
     # -- helpers ---------------------------------------------------------------------------
+
+    def _token(self) -> str:
+        # Unique per call across processes and hosts: uuid4 once per process, a counter after.
+        if self._token_pid != os.getpid():
+            self._token_pid, self._token_base = os.getpid(), uuid.uuid4().hex
+        return f"{self._token_base}:{next(self._token_counter)}"
 
     def _emit(self, event: str) -> None:
         if self.observer is not None:
@@ -158,18 +170,20 @@ class TwoLevelCache:
             self._generation_at = self.clock()
         return self._generation
 
-    def _decode(self, raw: bytes) -> Tuple[bool, Any]:
+    def _decode(self, raw: bytes) -> Tuple[bool, Any, Optional[float]]:
+        """(ok, value, seconds the L2 entry has left or None)."""
         try:
-            value, _ = decode(raw)
-            return True, value
+            value, _, expires_ms = decode(raw)
         except CorruptValue as exc:
             logger.warning("cache %s: ignoring a value in Redis that is not ours (%s)", self.name, exc)
             self._emit("corrupt")
-            return False, None
+            return False, None, None
+        remaining = None if expires_ms is None else expires_ms / 1000 - time.time()
+        return True, value, remaining
 
     def _encode(self, value: Any) -> Optional[bytes]:
         try:
-            raw = encode(value, self.serializer)
+            raw = encode(value, self.serializer, int((time.time() + self.ttl) * 1000))
         except (TypeError, ValueError, OverflowError) as exc:
             self._warn_once("unserializable", "cache %s: result not cached, %s cannot encode it (%s)",
                             self.name, self.serializer, exc)
@@ -188,16 +202,14 @@ class TwoLevelCache:
         if found or self.store is None:
             return found, value
         try:
-            generation = self._current_generation()
-            raw, pttl, _ = self.store.lookup(self.keys.value(generation, digest),
-                                             self.keys.lock(generation, digest), "", 0)
+            raw = self.store.get(self.keys.value(self._current_generation(), digest))
         except StorageError:
             return False, None
         if raw is None:
             return False, None
-        ok, value = self._decode(raw)
+        ok, value, remaining = self._decode(raw)
         if ok:
-            self._l1_put(digest, value, pttl / 1000 if pttl > 0 else None)
+            self._l1_put(digest, value, remaining)
         return ok, value
 
     def get_or_compute(self, digest: str, compute: Callable[[], Any]) -> Any:
@@ -209,21 +221,26 @@ class TwoLevelCache:
         if self.store is None:
             return self._compute_local(digest, compute)
         self._listen()
-        token = uuid.uuid4().hex
+        token = ""
         lock_ms = max(1, int(self.lock_timeout * 1000))
         try:
             generation = self._current_generation()
             value_key, lock_key = self.keys.value(generation, digest), self.keys.lock(generation, digest)
-            raw, pttl, role = self.store.lookup(value_key, lock_key, token, lock_ms)
+            # A hit is one plain GET; only a miss pays for the script that elects a leader.
+            raw = self.store.get(value_key)
+            role = -1
+            if raw is None:
+                token = self._token()
+                raw, _, role = self.store.lookup(value_key, lock_key, token, lock_ms)
         except StorageError as exc:
             self._warn_once("redis", "cache %s: tuning Redis failed (%s); serving from L1 only", self.name, exc)
             self._emit("redis_error")
             return self._compute_local(digest, compute)
         if raw is not None:
-            ok, value = self._decode(raw)
+            ok, value, remaining = self._decode(raw)
             if ok:
                 self._emit("hit_l2")
-                self._l1_put(digest, value, pttl / 1000 if pttl > 0 else None)
+                self._l1_put(digest, value, remaining)
                 return value
             role = 1  # a foreign value sits there: recompute and overwrite it
         self._emit("miss")
@@ -238,14 +255,14 @@ class TwoLevelCache:
             self.sleep(delay)
             delay = min(delay * 2, 0.2)
             try:
-                raw, pttl, role = self.store.lookup(value_key, lock_key, token, lock_ms)
+                raw, _, role = self.store.lookup(value_key, lock_key, token, lock_ms)
             except StorageError:
                 return self._compute_local(digest, compute)
             if raw is not None:
-                ok, value = self._decode(raw)
+                ok, value, remaining = self._decode(raw)
                 if ok:
                     self._emit("hit_l2")
-                    self._l1_put(digest, value, pttl / 1000 if pttl > 0 else None)
+                    self._l1_put(digest, value, remaining)
                     return value
                 role = 1
         try:

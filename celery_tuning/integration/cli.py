@@ -207,3 +207,47 @@ def breaker_close(ctx: click.Context, name: str) -> None:
 @click.pass_context
 def breaker_reset(ctx: click.Context, name: str) -> None:
     _operate(ctx, name, "reset")
+
+
+@tuning.group(help="Inspect and clear result caches.")
+def cache() -> None:
+    """Result-cache commands."""
+
+
+def _cached_task(ctx: click.Context, name: str) -> Any:
+    app = ctx.obj.app
+    app.loader.import_default_modules()
+    task = app.tasks.get(name)
+    if task is None:
+        raise click.ClickException(f"no task named {name!r} (is its module imported by the app?)")
+    handle = getattr(type(task), "cache", None)
+    if handle is None or not hasattr(handle, "clear"):
+        raise click.ClickException(f"task {name!r} has no @cache_result")
+    return handle
+
+
+@cache.command("stats", help="Entries in Redis for a cached task (uses SCAN).")
+@click.argument("task_name")
+@click.pass_context
+def cache_stats(ctx: click.Context, task_name: str) -> None:
+    handle = _cached_task(ctx, task_name)
+    try:
+        entries = handle.entries()
+        generation = handle._step.cache._current_generation()
+    except StorageError as exc:
+        raise click.ClickException(str(exc)) from None
+    policy = handle._step.policy
+    click.echo(f"{task_name}: {entries} entries in Redis (version {policy.version}, generation {generation}, "
+               f"ttl {policy.ttl:g}s, l1_ttl {policy.l1_ttl:g}s, serializer {policy.serializer})")
+
+
+@cache.command("clear", help="Drop every cached result of a task, in Redis and every worker's memory.")
+@click.argument("task_name")
+@click.pass_context
+def cache_clear(ctx: click.Context, task_name: str) -> None:
+    handle = _cached_task(ctx, task_name)
+    try:
+        generation = handle.clear()
+    except StorageError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{task_name}: cleared (generation {generation})")

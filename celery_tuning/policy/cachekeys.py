@@ -7,7 +7,7 @@ import inspect
 import json
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
-__all__ = ["UncacheableArgument", "call_digest", "canonical_arguments"]
+__all__ = ["ArgumentBinder", "UncacheableArgument", "call_digest", "canonical_arguments", "canonical_call"]
 
 
 class UncacheableArgument(TypeError):
@@ -18,8 +18,13 @@ class UncacheableArgument(TypeError):
         super().__init__(f"argument {argument!r} ({type(value).__name__}) has no canonical JSON form")
 
 
+_PLAIN = frozenset((str, int, bool, type(None)))
+
+
 def _canonical(name: str, value: Any) -> Any:
-    if value is None or isinstance(value, (bool, int, str)):
+    if type(value) in _PLAIN:
+        return value
+    if isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, float):
         if value != value or value in (float("inf"), float("-inf")):
@@ -34,6 +39,9 @@ def _canonical(name: str, value: Any) -> Any:
     if isinstance(value, (bytes, bytearray)):
         return {"__bytes__": bytes(value).hex()}
     raise UncacheableArgument(name, value)
+
+
+_dumps = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
 
 
 def canonical_arguments(
@@ -52,7 +60,51 @@ def canonical_arguments(
     if vary_on is not None:
         items = {k: v for k, v in items.items() if k in vary_on}
     canonical = {name: _canonical(name, value) for name, value in items.items()}
-    return json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return _dumps(canonical)
+
+
+class ArgumentBinder:
+    """Maps a call's arguments to ``{name: value}`` with defaults applied, like
+    ``Signature.bind`` + ``apply_defaults`` but precomputed for the plain case (no
+    ``*args``/``**kwargs``/positional-only parameters), where it is several times faster:
+    keys are computed on every cached call, hits included.
+    """
+
+    def __init__(self, signature: inspect.Signature) -> None:
+        self.signature = signature
+        params = list(signature.parameters.values())
+        plain = all(p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in params)
+        self.fast = plain
+        self.positional = [p.name for p in params if p.kind == p.POSITIONAL_OR_KEYWORD]
+        self.names = frozenset(p.name for p in params)
+        self.defaults = {p.name: p.default for p in params if p.default is not p.empty}
+        self.required = frozenset(p.name for p in params if p.default is p.empty)
+
+    def bind(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Dict[str, Any]:
+        if not self.fast or len(args) > len(self.positional):
+            bound = self.signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            return dict(bound.arguments)
+        out = dict(self.defaults)
+        out.update(zip(self.positional, args))
+        for name, value in kwargs.items():
+            if name not in self.names or name in self.positional[:len(args)]:
+                # unknown or given twice: let Signature.bind raise its usual TypeError
+                self.signature.bind(*args, **kwargs)
+            out[name] = value
+        if not self.required.issubset(out):
+            self.signature.bind(*args, **kwargs)
+        return out
+
+
+def canonical_call(binder: ArgumentBinder, args: Tuple[Any, ...], kwargs: Dict[str, Any],
+                   vary_on: Optional[Sequence[str]] = None) -> str:
+    """:func:`canonical_arguments` through a precomputed :class:`ArgumentBinder`."""
+    items = binder.bind(args, kwargs)
+    if vary_on is not None:
+        items = {k: v for k, v in items.items() if k in vary_on}
+    canonical = {name: value if type(value) in _PLAIN else _canonical(name, value) for name, value in items.items()}
+    return _dumps(canonical)
 
 
 def call_digest(text: str) -> str:

@@ -48,6 +48,11 @@ class RedisCacheStore:
         raw, pttl, role = self.connector.evalsha("cache_lookup", [value_key, lock_key], [token, lock_ms])
         return (raw if raw else None), int(pttl), int(role)
 
+    def get(self, value_key: str) -> Optional[bytes]:
+        """The raw value, or None (one plain GET: the hit path)."""
+        raw = self.connector.get(value_key)
+        return raw if raw else None
+
     def store(self, value_key: str, lock_key: str, raw: bytes, ttl_ms: int, token: str) -> None:
         self.connector.evalsha("cache_store", [value_key, lock_key], [raw, ttl_ms, token])
 

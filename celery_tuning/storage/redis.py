@@ -180,22 +180,37 @@ class RedisConnector:
                 f"{redact_url(str(exc))}"
             ) from None
 
+    def get(self, key: str) -> Any:
+        """GET ``key`` with one round trip on the lean path (the cache's hit path)."""
+        client = self.client
+        try:
+            if self.target.kind == "cluster":
+                return client.get(key)
+            return self._command_on_connection(client, "GET", key)
+        except REDIS_ERRORS as exc:
+            raise StorageError(
+                f"GET failed against {self.safe_url}: {type(exc).__name__}: {redact_url(str(exc))}") from None
+
     @staticmethod
     def _evalsha_on_client(client: Any, sha: str, keys: Any, args: Any) -> Any:
         return client.evalsha(sha, len(keys), *keys, *args)
 
+    @classmethod
+    def _evalsha_on_connection(cls, client: Any, sha: str, keys: Any, args: Any) -> Any:
+        return cls._command_on_connection(client, "EVALSHA", sha, len(keys), *keys, *args)
+
     @staticmethod
-    def _evalsha_on_connection(client: Any, sha: str, keys: Any, args: Any) -> Any:
+    def _command_on_connection(client: Any, *command: Any) -> Any:
         # Straight to a pooled connection: redis-py's execute_command adds a retry wrapper
-        # and per-command instrumentation that cost ~15 µs on every limiter decision, and
-        # EVALSHA needs no response callback. Same pool, same timeouts, same health checks.
+        # and per-command instrumentation that cost ~15 µs on every decision, and EVALSHA
+        # and GET need no response callback. Same pool, same timeouts, same health checks.
         pool = client.connection_pool
         try:
             conn = pool.get_connection()
         except TypeError:  # redis-py < 5.3 wants a command name
-            conn = pool.get_connection("EVALSHA")
+            conn = pool.get_connection(command[0])
         try:
-            conn.send_command("EVALSHA", sha, len(keys), *keys, *args)
+            conn.send_command(*command)
             return conn.read_response()
         except (redis.ConnectionError, redis.TimeoutError, OSError):
             conn.disconnect()  # never hand a half-read socket back to the pool

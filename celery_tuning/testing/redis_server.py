@@ -115,6 +115,13 @@ class RedisClusterServers:
         return f"redis+cluster://127.0.0.1:{self.nodes[0].port}"
 
     def start(self, timeout: float = 30.0) -> RedisClusterServers:
+        try:
+            return self._start(timeout)
+        except BaseException:
+            self.close()  # never leave half a cluster running
+            raise
+
+    def _start(self, timeout: float) -> RedisClusterServers:
         cli = shutil.which("redis-cli")
         if cli is None:
             raise RuntimeError("redis-cli is not on PATH")
@@ -152,6 +159,13 @@ class RedisSentinelServers:
         return f"sentinel://127.0.0.1:{self.sentinel_port}/0?master_name={self.master_name}"
 
     def start(self, timeout: float = 20.0) -> RedisSentinelServers:
+        try:
+            return self._start(timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, timeout: float) -> RedisSentinelServers:
         self.master.start()
         self.replica.extra_args += ["--replicaof", "127.0.0.1", str(self.master.port)]
         self.replica.start()

@@ -128,6 +128,25 @@ def circuit(charge: Any, events: Any, key: str) -> None:
           f"{sum(d['retries'] for d in done)}")
 
 
+def cached(summarize: Any, events: Any) -> None:
+    print("\n5. Result cache: 12 identical summarize(42) calls at once on two workers (the body takes 0.8 s)")
+    start = time.time()
+    first = [summarize.delay(42) if i % 2 else summarize.delay(doc_id=42, style="short") for i in range(12)]
+    values = [r.get(timeout=60) for r in first]
+    took = time.time() - start
+    runs = int(events.get("tuning-demo:summarize-runs:42") or 0)
+    assert all(v == values[0] for v in values)
+    print(f"   all 12 got the same result in {took:.2f} s; the body ran {runs} time(s) (single flight)")
+    start = time.time()
+    again = [summarize.delay(42) for _ in range(12)]
+    [r.get(timeout=60) for r in again]
+    print(f"   12 more calls served from the cache in {time.time() - start:.2f} s")
+    summarize.cache.invalidate(42)
+    start = time.time()
+    summarize.delay(42).get(timeout=60)
+    print(f"   after summarize.cache.invalidate(42) the next call ran the body again ({time.time() - start:.2f} s)")
+
+
 def main() -> None:
     base, private = find_or_start_redis()
     url = f"{base}/15"
@@ -136,7 +155,16 @@ def main() -> None:
     workers: List[subprocess.Popen[bytes]] = []
     try:
         workers = [start_worker(env, "demo1"), start_worker(env, "demo2")]
-        from examples.demo.app import EVENTS, _events, call_busy_api, call_llm, charge, fetch_page, render_report
+        from examples.demo.app import (
+            EVENTS,
+            _events,
+            call_busy_api,
+            call_llm,
+            charge,
+            fetch_page,
+            render_report,
+            summarize,
+        )
 
         _events.delete(EVENTS, "tuning-demo:busy-calls")
         # A fresh bucket, whatever an earlier run left behind.
@@ -146,6 +174,8 @@ def main() -> None:
         from celery_tuning import breaker
 
         breaker("payments").reset()
+        summarize.cache.clear()
+        _events.delete("tuning-demo:summarize-runs:42")
         print("\n1. SLA timing: 20 fetch_page tasks on the 'tuning-demo' queue (queue SLA: warning 0.5 s total)")
         print("   and 8 render_report tasks (@sla warning 0.15 s run time)")
         results = [fetch_page.delay(i) for i in range(20)] + [render_report.delay(i) for i in range(8)]
@@ -170,6 +200,7 @@ def main() -> None:
         shared_rate_limit(call_llm, _events, EVENTS)
         throttling(call_busy_api)
         circuit(charge, _events, EVENTS)
+        cached(summarize, _events)
         print("\ndemo finished: every task ran exactly once")
     finally:
         for worker in workers:

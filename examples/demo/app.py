@@ -11,7 +11,7 @@ import redis
 from celery import Celery
 
 import celery_tuning
-from celery_tuning import Throttled, TunedTask, circuit_breaker, rate_limit, signals, sla
+from celery_tuning import Throttled, TunedTask, cache_result, circuit_breaker, rate_limit, signals, sla
 
 REDIS_URL = os.environ.get("DEMO_REDIS_URL", "redis://127.0.0.1:6379/15")
 QUEUE = "tuning-demo"
@@ -75,6 +75,15 @@ def charge(self, order: int) -> dict:
     if down:
         raise ConnectionError("payments API unreachable")
     return {"order": order, "at": time.time(), "retries": self.request.retries}
+
+
+@app.task
+@cache_result(ttl=600, l1_ttl=60)
+def summarize(doc_id: int, style: str = "short") -> dict:
+    """Expensive (0.8 s) and deterministic: identical calls should run it once."""
+    _events.incr(f"tuning-demo:summarize-runs:{doc_id}")
+    time.sleep(0.8)
+    return {"doc": doc_id, "style": style, "summary": f"document {doc_id} in brief"}
 
 
 _events = redis.Redis.from_url(REDIS_URL, socket_timeout=1)

@@ -129,3 +129,24 @@ def test_breaker_show_open_close_reset(redis_clean):
     assert out.returncode == 0
     out = breaker_cmd("show", "nope", env=env)
     assert out.returncode != 0 and "'nope' is not in tuning_circuit_breakers" in out.stderr
+
+
+def test_cache_stats_and_clear(redis_clean):
+    env = limited_env(redis_clean)
+    code = "from tests.apps.cached import embed\nembed.apply(('a',)).get(); embed.apply(('b',)).get()\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=str(ROOT),
+                         env=env)
+    assert out.returncode == 0, out.stderr
+
+    def cache_cmd(*args):
+        return subprocess.run([sys.executable, "-m", "celery", "-A", "tests.apps.cached:app", "tuning", "cache",
+                               *args], capture_output=True, text=True, timeout=60, cwd=str(ROOT), env=env)
+
+    out = cache_cmd("stats", "tests.apps.cached.embed")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("tests.apps.cached.embed: 2 entries in Redis (version 1, generation 0")
+    out = cache_cmd("clear", "tests.apps.cached.embed")
+    assert out.returncode == 0 and "cleared (generation 1)" in out.stdout
+    assert cache_cmd("stats", "tests.apps.cached.embed").stdout.startswith("tests.apps.cached.embed: 0 entries")
+    out = cache_cmd("stats", "no.such.task")
+    assert out.returncode != 0 and "no task named 'no.such.task'" in out.stderr

@@ -22,6 +22,7 @@ def test_demo_runs_and_shows_each_capability(redis_clean):
     assert "3 orders failed; breaker is now open" in text
     assert "0 reached the API; 5 were deferred" in text
     assert "closed the breaker (closed); all 5 orders charged" in text
+    assert "the body ran 1 time(s) (single flight)" in text
     assert "demo finished: every task ran exactly once" in text
 
 

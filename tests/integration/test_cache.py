@@ -152,12 +152,12 @@ def test_foreign_and_pickle_values_in_redis_are_misses_and_never_unpickled(redis
         def __reduce__(self):
             return (open, (str(marker), "w"))
 
-    for payload in (b"garbage", pickle.dumps(Evil()), b"ct1j:{\"trunc"):
+    for payload in (b"garbage", pickle.dumps(Evil()), b"ct2j:123:{\"trunc"):
         client.set(value_key, payload, px=60_000)
         assert lookup.apply(("a",)).get() == {"key": "a"}
     assert not marker.exists(), "a pickle payload from Redis was unpickled"
     assert runs == ["a"] * 4
-    assert client.get(value_key).startswith(b"ct1j:"), "the foreign value was overwritten"
+    assert client.get(value_key).startswith(b"ct2j:"), "the foreign value was overwritten"
 
 
 def test_invalidation_reaches_another_process_l1(redis_clean):

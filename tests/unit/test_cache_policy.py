@@ -40,11 +40,11 @@ def test_uncacheable_argument_is_named():
 
 def test_codec_round_trips_and_rejects_foreign_bytes():
     for serializer in ("json", "msgpack"):
-        value, used = decode(encode({"a": [1, 2.5, "x"], "b": None}, serializer))
+        value, used, _ = decode(encode({"a": [1, 2.5, "x"], "b": None}, serializer))
         assert value == {"a": [1, 2.5, "x"], "b": None} and used == serializer
     with pytest.raises(TypeError):
         encode(object(), "json")
-    for foreign in (b"garbage", pickle.dumps({"a": 1}), b"ct1j:{not json", b"", b"ct1m:\xc1"):
+    for foreign in (b"garbage", pickle.dumps({"a": 1}), b"ct2j:1:{not json", b"", b"ct2m:0:\xc1", b"ct2j:x:1"):
         with pytest.raises(CorruptValue):
             decode(foreign)
 
@@ -95,3 +95,31 @@ def test_exceptions_are_not_cached():
     with pytest.raises(ValueError):
         cache.get_or_compute(d, boom)
     assert cache.get_or_compute(d, lambda: "ok") == "ok"
+
+
+def test_fast_binder_agrees_with_signature_bind():
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from celery_tuning.policy.cachekeys import ArgumentBinder, canonical_call
+
+    binder = ArgumentBinder(SIG)
+    assert binder.fast
+    values = st.one_of(st.none(), st.integers(), st.text(max_size=5), st.lists(st.integers(), max_size=3))
+
+    @given(values, st.one_of(st.just(None), values), st.one_of(st.just(None), values), st.booleans())
+    def check(text, model, options, model_as_kw):
+        args, kwargs = (text,), {}
+        if model is not None:
+            if model_as_kw:
+                kwargs["model"] = model
+            else:
+                args = (text, model)
+        if options is not None:
+            kwargs["options"] = options
+        assert canonical_call(binder, args, kwargs) == canonical_arguments(SIG, args, kwargs)
+
+    check()
+    for bad_args, bad_kwargs in (((), {}), (("a",), {"text": "b"}), (("a",), {"nope": 1}), (("a", "b", "c"), {})):
+        with pytest.raises(TypeError):
+            canonical_call(binder, bad_args, bad_kwargs)
