@@ -181,6 +181,15 @@ class TwoLevelCache:
         remaining = None if expires_ms is None else expires_ms / 1000 - time.time()
         return True, value, remaining
 
+    def _accept(self, digest: str, raw: bytes, event: Optional[str] = "hit_l2") -> Tuple[bool, Any]:
+        """Decode an L2 value and keep it in L1 for no longer than L2 does."""
+        ok, value, remaining = self._decode(raw)
+        if ok:
+            if event:
+                self._emit(event)
+            self._l1_put(digest, value, remaining)
+        return ok, value
+
     def _encode(self, value: Any) -> Optional[bytes]:
         try:
             raw = encode(value, self.serializer, int((time.time() + self.ttl) * 1000))
@@ -207,10 +216,7 @@ class TwoLevelCache:
             return False, None
         if raw is None:
             return False, None
-        ok, value, remaining = self._decode(raw)
-        if ok:
-            self._l1_put(digest, value, remaining)
-        return ok, value
+        return self._accept(digest, raw, event=None)
 
     def get_or_compute(self, digest: str, compute: Callable[[], Any]) -> Any:
         """The cached value for ``digest``, computing it at most once across all workers."""
@@ -237,10 +243,8 @@ class TwoLevelCache:
             self._emit("redis_error")
             return self._compute_local(digest, compute)
         if raw is not None:
-            ok, value, remaining = self._decode(raw)
+            ok, value = self._accept(digest, raw)
             if ok:
-                self._emit("hit_l2")
-                self._l1_put(digest, value, remaining)
                 return value
             role = 1  # a foreign value sits there: recompute and overwrite it
         self._emit("miss")
@@ -259,10 +263,8 @@ class TwoLevelCache:
             except StorageError:
                 return self._compute_local(digest, compute)
             if raw is not None:
-                ok, value, remaining = self._decode(raw)
+                ok, value = self._accept(digest, raw)
                 if ok:
-                    self._emit("hit_l2")
-                    self._l1_put(digest, value, remaining)
                     return value
                 role = 1
         try:

@@ -318,6 +318,21 @@ class SharedBreaker(pybreaker.CircuitBreaker):
             return None
         return self.is_system_error(exc)
 
+    def settle_failure(self, exc: BaseException, trial: bool) -> bool:
+        """Account for a guarded call that raised; True when it opened the breaker.
+
+        Control flow (``neutral``) counts as nothing but frees a trial lease; pybreaker's
+        excluded exceptions count as success; everything else is a failure.
+        """
+        verdict = self.classify(exc)
+        if verdict is True:
+            return self.record_failure(exc, trial)
+        if verdict is False:
+            self.record_success(trial)
+        elif trial:
+            self._apply("release", holds_trial=True, reason="trial ended without a verdict")
+        return False
+
     def call(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Call ``func`` through the breaker, concurrently with other callers.
 
@@ -332,14 +347,8 @@ class SharedBreaker(pybreaker.CircuitBreaker):
         try:
             result = func(*args, **kwargs)
         except BaseException as exc:
-            verdict = self.classify(exc)
-            if verdict is True:
-                if self.record_failure(exc, trial) and self._throw_new_error_on_trip:
-                    raise CircuitOpen(self.name or "", self.reset_timeout) from exc
-            elif verdict is False:
-                self.record_success(trial)
-            elif trial:
-                self._apply("release", holds_trial=True, reason="trial ended without a verdict")
+            if self.settle_failure(exc, trial) and self._throw_new_error_on_trip:
+                raise CircuitOpen(self.name or "", self.reset_timeout) from exc
             raise
         self.record_success(trial)
         return result
@@ -351,14 +360,8 @@ class SharedBreaker(pybreaker.CircuitBreaker):
         try:
             yield
         except BaseException as exc:
-            verdict = self.classify(exc)
-            if verdict is True:
-                if self.record_failure(exc, trial) and self._throw_new_error_on_trip:
-                    raise CircuitOpen(self.name or "", self.reset_timeout) from exc
-            elif verdict is False:
-                self.record_success(trial)
-            elif trial:
-                self._apply("release", holds_trial=True, reason="trial ended without a verdict")
+            if self.settle_failure(exc, trial) and self._throw_new_error_on_trip:
+                raise CircuitOpen(self.name or "", self.reset_timeout) from exc
             raise
         self.record_success(trial)
 

@@ -55,14 +55,8 @@ class BreakerStep(Step):
             try:
                 result = call_next(task, args, kwargs)
             except BaseException as exc:
-                verdict = breaker.classify(exc)
-                if verdict is True:
-                    if breaker.record_failure(exc, trial):
-                        logger.warning("task %s opened circuit breaker %r", self.task_name, breaker.name)
-                elif verdict is False:
-                    breaker.record_success(trial)
-                elif trial:
-                    breaker._apply("release", holds_trial=True, reason="trial ended without a verdict")
+                if breaker.settle_failure(exc, trial):
+                    logger.warning("task %s opened circuit breaker %r", self.task_name, breaker.name)
                 # The task's own exception goes on to Celery (autoretry_for, retries, failure state).
                 raise
             breaker.record_success(trial)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from typing import Any, Dict, Optional
 
 from celery.exceptions import Ignore, Reject, Retry
@@ -18,7 +17,6 @@ __all__ = ["CONTROL_FLOW", "breaker", "breaker_for"]
 #: Exceptions that steer Celery rather than report a broken service: never failures.
 CONTROL_FLOW = (Retry, Ignore, Reject, RateLimited, Throttled)
 
-_lock = threading.Lock()
 
 
 def _on_transition(name: str, old: str, new: str, reason: str) -> None:
@@ -31,19 +29,13 @@ def breaker_for(runtime: TuningRuntime, name: str, options: Optional[Dict[str, A
     Raises:
         ConfigurationError: When ``name`` is not configured and no options are given.
     """
-    cache: Dict[str, SharedBreaker] = runtime.__dict__.setdefault("_breakers", {})
-    found = cache.get(name)
-    if found is not None:
-        return found
-    with _lock:
-        found = cache.get(name)
-        if found is not None:
-            return found
+
+    def build() -> SharedBreaker:
         spec = runtime.config.circuit_breakers.get(name) or options
         if spec is None:
             known = ", ".join(repr(n) for n in sorted(runtime.config.circuit_breakers)) or "none configured"
             raise ConfigurationError(f"circuit breaker {name!r} is not in tuning_circuit_breakers (known: {known})")
-        found = SharedBreaker(
+        return SharedBreaker(
             name,
             store=RedisBreakerStore(runtime.connector),
             fail_max=spec["fail_max"], reset_timeout=spec["reset_timeout"],
@@ -54,8 +46,8 @@ def breaker_for(runtime: TuningRuntime, name: str, options: Optional[Dict[str, A
             refresh_interval=runtime.config.breaker_refresh_interval,
             on_transition=_on_transition,
         )
-        cache[name] = found
-        return found
+
+    return runtime.component("breaker", name, build)
 
 
 def breaker(name: str, app: Any = None) -> SharedBreaker:

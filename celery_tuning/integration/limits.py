@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import threading
-from typing import Any, Dict, Optional
+from typing import Any, Optional
 
 from .. import signals
 from ..errors import ConfigurationError
@@ -14,7 +13,6 @@ from .runtime import TuningRuntime, runtime_for
 
 __all__ = ["limiter", "limiter_for"]
 
-_lock = threading.Lock()
 
 
 def _observer(event: str, name: str, seconds: float) -> None:
@@ -32,14 +30,9 @@ def limiter_for(runtime: TuningRuntime, name: str, *, rate: Optional[Rate] = Non
     Raises:
         ConfigurationError: When ``name`` is not configured and no rate is given.
     """
-    cache: Dict[str, GcraLimiter] = runtime.__dict__.setdefault("_limiters", {})
-    found = cache.get(name)
-    if found is not None:
-        return found
-    with _lock:
-        found = cache.get(name)
-        if found is not None:
-            return found
+
+    def build() -> GcraLimiter:
+        nonlocal rate, burst, adaptive
         if rate is None:
             spec = runtime.config.rate_limits.get(name)
             if spec is None:
@@ -47,7 +40,7 @@ def limiter_for(runtime: TuningRuntime, name: str, *, rate: Optional[Rate] = Non
                 raise ConfigurationError(
                     f"rate limiter {name!r} is not in tuning_rate_limits (known: {known})")
             rate, burst, adaptive = spec.rate, spec.burst, spec.adaptive
-        found = GcraLimiter(
+        return GcraLimiter(
             name, rate, burst or 1,
             store=RedisGcraStore(runtime.connector),
             prefix=runtime.config.key_prefix,
@@ -55,8 +48,8 @@ def limiter_for(runtime: TuningRuntime, name: str, *, rate: Optional[Rate] = Non
             adaptive=AdaptiveSpec() if adaptive else None,
             observer=_observer,
         )
-        cache[name] = found
-        return found
+
+    return runtime.component("limiter", name, build)
 
 
 def limiter(name: str, app: Any = None) -> GcraLimiter:

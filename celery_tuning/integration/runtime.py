@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from typing import Any, Optional
+from typing import Any, Callable, Dict, Optional, TypeVar
 
 from ..conf import TuningConfig, load_config
 from ..errors import ConfigurationError
@@ -14,8 +14,10 @@ from ..storage.urls import redact_url
 
 __all__ = ["TuningRuntime", "env_disabled", "runtime_for"]
 
+T = TypeVar("T")
+
 _runtimes: weakref.WeakKeyDictionary[Any, TuningRuntime] = weakref.WeakKeyDictionary()
-_lock = threading.Lock()
+_lock = threading.RLock()
 
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "sentinel://", "redis+cluster://")
 
@@ -41,6 +43,7 @@ class TuningRuntime:
         #: Flipped off by the kill switch or ``celery worker --without-tuning``.
         self.enabled = bool(config.enabled)
         self._redis_url: Optional[str] = None
+        self._components: Dict[str, Dict[str, Any]] = {}
 
     @property
     def redis_url(self) -> str:
@@ -74,6 +77,17 @@ class TuningRuntime:
             connect_timeout=cfg.redis_connect_timeout,
             max_connections=cfg.redis_max_connections,
         )
+
+    def component(self, kind: str, name: str, build: Callable[[], T]) -> T:
+        """The process's ``kind`` component called ``name``, built once by ``build()``."""
+        cache: Dict[str, Any] = self._components.setdefault(kind, {})
+        found = cache.get(name)
+        if found is None:
+            with _lock:
+                found = cache.get(name)
+                if found is None:
+                    found = cache[name] = build()
+        return found
 
     def key(self, *parts: str) -> str:
         """A key under ``tuning_key_prefix``."""

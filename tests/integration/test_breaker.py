@@ -15,18 +15,12 @@ import celery_tuning
 from celery_tuning import CircuitOpen, ConfigurationError, TunedTask, circuit_breaker
 from celery_tuning.integration.breakers import breaker_for
 from celery_tuning.integration.runtime import runtime_for
-from tests.support.workers import QUICK_BACKEND_RETRY, ROOT
+from tests.support.apps import make_app
+from tests.support.workers import ROOT
 
 pytestmark = pytest.mark.integration
 
 
-def make_app(redis_server, name, tuning_url=None, **conf):
-    app = Celery(name, set_as_current=False, broker=redis_server.db_url(0), backend=redis_server.db_url(0),
-                 task_cls="celery_tuning:TunedTask")
-    app.conf.update(tuning_redis_url=tuning_url or redis_server.db_url(1), broker_connection_retry_on_startup=True,
-                    result_backend_transport_options=QUICK_BACKEND_RETRY, **conf)
-    celery_tuning.install(app)
-    return app
 
 
 class Down(Exception):

@@ -2,42 +2,25 @@
 
 import os
 import pickle
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
-from celery import Celery
 from celery.contrib.testing.worker import start_worker
 from celery.result import EagerResult
 
 import celery_tuning
 from celery_tuning import TunedTask, cache_result
-from tests.support.workers import QUICK_BACKEND_RETRY, ROOT, WorkerProcess
+from tests.support.apps import make_app, run_producer, worker_env
+from tests.support.workers import WorkerProcess
 
 pytestmark = pytest.mark.integration
 
 
-def make_app(redis_server, name, tuning_url=None, **conf):
-    app = Celery(name, set_as_current=False, broker=redis_server.db_url(0), backend=redis_server.db_url(0),
-                 task_cls="celery_tuning:TunedTask")
-    app.conf.update(tuning_redis_url=tuning_url or redis_server.db_url(1), broker_connection_retry_on_startup=True,
-                    result_backend_transport_options=QUICK_BACKEND_RETRY, **conf)
-    celery_tuning.install(app)
-    return app
 
 
-def worker_env(redis_server):
-    return {"TEST_BROKER_URL": redis_server.db_url(0), "TEST_TUNING_URL": redis_server.db_url(1)}
 
 
-def producer(code, redis_server, timeout=120):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **worker_env(redis_server)}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
-                         cwd=str(ROOT), env=env)
-    assert out.returncode == 0, out.stderr
-    return out.stdout.strip()
 
 
 @pytest.mark.slow
@@ -48,7 +31,7 @@ def test_single_flight_across_two_workers_then_l2_for_a_fresh_worker(redis_clean
     try:
         for w in workers:
             w.start()
-        out = producer(
+        out = run_producer(
             "import json\nfrom tests.apps.cached import embed\n"
             "rs = [embed.delay('hello', model='small') if i % 2 else embed.delay('hello') for i in range(20)]\n"
             "print(json.dumps([r.get(timeout=60) for r in rs]))\n", redis_clean)
@@ -64,7 +47,7 @@ def test_single_flight_across_two_workers_then_l2_for_a_fresh_worker(redis_clean
     fresh = WorkerProcess("tests.apps.cached:app", worker_env(redis_clean), pool="solo", name="fresh")
     try:
         fresh.start()
-        out = producer("from tests.apps.cached import embed\nprint(embed.delay('hello').get(timeout=30)['text'])",
+        out = run_producer("from tests.apps.cached import embed\nprint(embed.delay('hello').get(timeout=30)['text'])",
                        redis_clean)
         assert out == "hello"
         assert int(redis_clean.client(1).get("body_runs:hello")) == 1, "served from L2, body not run"
@@ -188,7 +171,7 @@ def test_invalidation_reaches_another_process_l1(redis_clean):
         "double.cache.invalidate(5)\nprint('ok')\n"
     )
     sent = time.monotonic()
-    assert producer(code, redis_clean) == "ok"
+    assert run_producer(code, redis_clean) == "ok"
     deadline = time.monotonic() + 1.0
     while double.cache.get(5)[0] and time.monotonic() < deadline:
         time.sleep(0.01)

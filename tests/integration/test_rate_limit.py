@@ -1,5 +1,6 @@
 """Distributed rate limits against a real redis-server and real workers."""
 
+import json
 import multiprocessing
 import time
 
@@ -11,22 +12,12 @@ import celery_tuning
 from celery_tuning import ConfigurationError, RateLimited, TunedTask, rate_limit
 from celery_tuning.integration.limits import limiter_for
 from celery_tuning.integration.runtime import runtime_for
+from tests.support.apps import make_app, run_producer, worker_env
 from tests.support.hammer import hammer
 from tests.support.workers import WorkerProcess
 
 pytestmark = pytest.mark.integration
 
-from tests.support.workers import QUICK_BACKEND_RETRY  # noqa: E402
-
-
-def make_app(redis_server, name, tuning_url=None, **conf):
-    app = Celery(name, set_as_current=False, broker=redis_server.db_url(0), backend=redis_server.db_url(0),
-                 task_cls="celery_tuning:TunedTask")
-    app.conf.update(tuning_redis_url=tuning_url or redis_server.db_url(1),
-                    broker_connection_retry_on_startup=True,
-                    result_backend_transport_options=QUICK_BACKEND_RETRY, **conf)
-    celery_tuning.install(app)
-    return app
 
 
 @pytest.mark.slow
@@ -50,8 +41,6 @@ def test_four_processes_share_one_bucket(redis_clean):
     assert worst <= 55, worst
 
 
-def worker_env(redis_server):
-    return {"TEST_BROKER_URL": redis_server.db_url(0), "TEST_TUNING_URL": redis_server.db_url(1)}
 
 
 @pytest.mark.slow
@@ -62,12 +51,6 @@ def test_two_prefork_workers_respect_a_shared_limit_without_using_retries(redis_
     try:
         for w in workers:
             w.start()
-        import os
-        import subprocess
-        import sys
-
-        from tests.support.workers import ROOT
-
         code = (
             "import time, json\n"
             "from tests.apps.limited import limited\n"
@@ -77,12 +60,7 @@ def test_two_prefork_workers_respect_a_shared_limit_without_using_retries(redis_
             "print(json.dumps({'elapsed': time.time() - start, 'values': values,"
             " 'ids': [r.id for r in results], 'states': [r.state for r in results]}))\n"
         )
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                             cwd=str(ROOT), env={**os.environ, "PYTHONPATH": str(ROOT), **worker_env(redis_clean)})
-        assert out.returncode == 0, out.stderr + workers[0].output()[-3000:]
-        import json
-
-        data = json.loads(out.stdout.strip().splitlines()[-1])
+        data = json.loads(run_producer(code, redis_clean).splitlines()[-1])
     finally:
         for w in workers:
             w.close()
@@ -112,12 +90,6 @@ def test_throttled_pauses_the_limiter_for_every_worker(redis_clean):
     try:
         for w in workers:
             w.start()
-        import os
-        import subprocess
-        import sys
-
-        from tests.support.workers import ROOT
-
         code = (
             "import time, json\n"
             "from tests.apps.limited import flaky_api\n"
@@ -125,12 +97,7 @@ def test_throttled_pauses_the_limiter_for_every_worker(redis_clean):
             "rs = [flaky_api.delay(i) for i in range(6)]\n"
             "print(json.dumps({'start': start, 'values': [r.get(timeout=60) for r in rs]}))\n"
         )
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                             cwd=str(ROOT), env={**os.environ, "PYTHONPATH": str(ROOT), **worker_env(redis_clean)})
-        assert out.returncode == 0, out.stderr + workers[0].output()[-3000:]
-        import json
-
-        data = json.loads(out.stdout.strip().splitlines()[-1])
+        data = json.loads(run_producer(code, redis_clean).splitlines()[-1])
     finally:
         for w in workers:
             w.close()
