@@ -19,6 +19,8 @@ _EXPORTS = {
     "circuit_breaker": "celery_tuning.decorators",
     "rate_limit": "celery_tuning.decorators",
     "sla": "celery_tuning.decorators",
+    "concurrency_limit": "celery_tuning.decorators",
+    "ConcurrencyLimited": "celery_tuning.errors",
     "install": "celery_tuning.integration.install",
     "stamp_headers": "celery_tuning.integration.receivers",
     "TunedTask": "celery_tuning.integration.task",
@@ -31,6 +33,7 @@ _EXPORTS = {
 
 __all__ = [
     "CircuitOpen",
+    "ConcurrencyLimited",
     "ConfigurationError",
     "GcraLimiter",
     "RateLimited",
@@ -42,6 +45,7 @@ __all__ = [
     "breaker",
     "cache_result",
     "circuit_breaker",
+    "concurrency_limit",
     "install",
     "limiter",
     "rate_limit",
@@ -65,8 +69,8 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover
     from .circuit import CircuitOpen, SharedBreaker
-    from .decorators import cache_result, circuit_breaker, rate_limit, sla
-    from .errors import ConfigurationError, RateLimited, StorageError, Throttled, TuningError
+    from .decorators import cache_result, circuit_breaker, concurrency_limit, rate_limit, sla
+    from .errors import ConcurrencyLimited, ConfigurationError, RateLimited, StorageError, Throttled, TuningError
     from .integration.breakers import breaker
     from .integration.install import install
     from .integration.limits import limiter

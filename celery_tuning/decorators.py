@@ -5,9 +5,18 @@ from __future__ import annotations
 from typing import Any, Callable, Optional, Sequence, TypeVar
 
 from .errors import ConfigurationError
-from .policy.attach import ON_LIMIT, ON_OPEN, BreakerPolicy, CachePolicy, RateLimitPolicy, SlaPolicy, attach_policy
+from .policy.attach import (
+    ON_LIMIT,
+    ON_OPEN,
+    BreakerPolicy,
+    CachePolicy,
+    ConcurrencyPolicy,
+    RateLimitPolicy,
+    SlaPolicy,
+    attach_policy,
+)
 
-__all__ = ["cache_result", "circuit_breaker", "rate_limit", "sla"]
+__all__ = ["cache_result", "circuit_breaker", "concurrency_limit", "rate_limit", "sla"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -267,6 +276,31 @@ def sla(
 
     def decorate(fun: F) -> F:
         attach_policy(fun, "sla", policy, "sla")
+        return fun
+
+    return decorate
+
+
+def concurrency_limit(name: str, *, max_deferrals: int = 100) -> Callable[[F], F]:
+    """Run at most N of these tasks at once across every worker (N from ``tuning_concurrency_limits``).
+
+    A task that finds every slot taken is re-published for a little later without
+    touching ``request.retries``. Slots are leases in Redis, renewed while the task
+    runs, so a worker killed mid-task gives its slot back within
+    ``tuning_concurrency_lease_ttl`` seconds.
+
+    Arguments:
+        name: A key of ``tuning_concurrency_limits``.
+        max_deferrals: Deferrals allowed per task before it fails with
+            :class:`~celery_tuning.ConcurrencyLimited`.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigurationError(f"@concurrency_limit({name!r}): expected a name from tuning_concurrency_limits")
+    policy = ConcurrencyPolicy(name=name, max_deferrals=_count("concurrency_limit", "max_deferrals", max_deferrals,
+                                                                minimum=0))
+
+    def decorate(fun: F) -> F:
+        attach_policy(fun, "concurrency", policy, "concurrency_limit")
         return fun
 
     return decorate

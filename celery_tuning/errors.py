@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 __all__ = [
+    "ConcurrencyLimited",
     "ConfigurationError",
     "RateLimited",
     "StorageError",
@@ -72,3 +73,20 @@ class Throttled(TuningError):
 
     def __str__(self) -> str:
         return f"throttled by the remote side; retry after {self.retry_after:.3f}s"
+
+
+class ConcurrencyLimited(TuningError):
+    """Every slot of a cluster-wide concurrency limit is taken and the task cannot be deferred.
+
+    Arguments:
+        name: The limit's name.
+        retry_after: Seconds after which a slot may be free.
+    """
+
+    def __init__(self, name: str, retry_after: float) -> None:
+        self.name = name
+        self.retry_after = float(retry_after)
+        super().__init__(name, self.retry_after)
+
+    def __str__(self) -> str:
+        return f"concurrency limit {self.name!r} reached; retry after {self.retry_after:.3f}s"

@@ -10,9 +10,9 @@ __all__ = ["STEP_ORDER", "Call", "Step", "build_chain", "register_step"]
 Call = Callable[[Any, Tuple[Any, ...], Dict[str, Any]], Any]
 
 #: Outermost first: a cache hit skips everything; an open breaker is checked
-#: before a rate-limit token is spent; the cache store runs after ``run`` on
-#: the way back out of the cache step.
-STEP_ORDER: Tuple[str, ...] = ("cache", "breaker", "rate_limit")
+#: before a rate-limit token is spent; a concurrency slot is only held while the
+#: body runs; the cache store runs after ``run`` on the way back out.
+STEP_ORDER: Tuple[str, ...] = ("cache", "breaker", "rate_limit", "concurrency")
 
 
 class Step:

@@ -13,6 +13,7 @@ __all__ = [
     "POLICY_ATTR",
     "BreakerPolicy",
     "CachePolicy",
+    "ConcurrencyPolicy",
     "RateLimitPolicy",
     "SlaPolicy",
     "attach_policy",
@@ -89,6 +90,14 @@ class CachePolicy:
     short_circuit: bool = False
     lock_timeout: Optional[float] = None
     wait_timeout: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class ConcurrencyPolicy:
+    """A task's cluster-wide concurrency limit (a key of ``tuning_concurrency_limits``)."""
+
+    name: str
+    max_deferrals: int = 100
 
 
 def _looks_like_task(obj: Any) -> bool:

@@ -159,3 +159,17 @@ def test_cache_result_vary_on_must_name_arguments():
         @cache_result(vary_on=["nope"])
         def f(text):
             pass
+
+
+def test_concurrency_limit_policy_and_errors():
+    from celery_tuning import concurrency_limit
+
+    def f():
+        pass
+
+    concurrency_limit("pdf-render", max_deferrals=5)(f)
+    assert policies_of(f)["concurrency"].name == "pdf-render"
+    with pytest.raises(ConfigurationError, match="expected a name from tuning_concurrency_limits"):
+        concurrency_limit("")
+    with pytest.raises(ConfigurationError, match=r"@concurrency_limit\(max_deferrals=-2\)"):
+        concurrency_limit("x", max_deferrals=-2)

@@ -1,0 +1,77 @@
+"""The pipeline step that applies ``@concurrency_limit``: hold a cluster-wide slot while running."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple
+
+from ..concurrency import ConcurrencyLimiter
+from ..errors import ConcurrencyLimited, ConfigurationError
+from ..policy.attach import ConcurrencyPolicy
+from .deferral import defer, deferrals_of, jitter
+from .pipeline import Call, Step, register_step
+from .runtime import TuningRuntime, runtime_for
+
+__all__ = ["ConcurrencyStep", "concurrency_limiter_for"]
+
+#: Longest countdown of a task waiting for a slot: slots free up when tasks end, which the
+#: lease expiry times do not tell, so waiting tasks look again at a growing interval.
+_MAX_RECHECK = 10.0
+
+
+def concurrency_limiter_for(runtime: TuningRuntime, name: str) -> ConcurrencyLimiter:
+    """The process's limiter for ``tuning_concurrency_limits[name]``."""
+
+    def build() -> ConcurrencyLimiter:
+        cap = runtime.config.concurrency_limits.get(name)
+        if cap is None:
+            known = ", ".join(repr(n) for n in sorted(runtime.config.concurrency_limits)) or "none configured"
+            raise ConfigurationError(f"concurrency limit {name!r} is not in tuning_concurrency_limits (known: {known})")
+        return ConcurrencyLimiter(name, cap, runtime.connector, prefix=runtime.config.key_prefix,
+                                  ttl=runtime.config.concurrency_lease_ttl)
+
+    return runtime.component("concurrency", name, build)
+
+
+class ConcurrencyStep(Step):
+    """Built once per task class when it is bound."""
+
+    kind = "concurrency"
+
+    def __init__(self, policy: ConcurrencyPolicy, task_cls: Any) -> None:
+        self.policy = policy
+        self.runtime = runtime_for(task_cls._app)
+        if policy.name not in self.runtime.config.concurrency_limits:
+            known = ", ".join(repr(n) for n in sorted(self.runtime.config.concurrency_limits)) or "none configured"
+            raise ConfigurationError(
+                f"@concurrency_limit({policy.name!r}): no such limit in tuning_concurrency_limits (known: {known})")
+        self._limiter: Optional[ConcurrencyLimiter] = None
+
+    @property
+    def limiter(self) -> ConcurrencyLimiter:
+        if self._limiter is None:
+            self._limiter = concurrency_limiter_for(self.runtime, self.policy.name)
+        return self._limiter
+
+    def wrap(self, task_cls: Any, call_next: Call) -> Call:
+        policy = self.policy
+
+        def call(task: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+            limiter = self.limiter
+            lease = limiter.acquire()
+            if not lease.granted:
+                request = task.request
+                if getattr(request, "is_eager", False) or getattr(request, "called_directly", False):
+                    raise ConcurrencyLimited(policy.name, lease.retry_after)
+                recheck = min(lease.retry_after, 0.25 * 1.5 ** deferrals_of(request), _MAX_RECHECK)
+                defer(task, jitter(recheck), reason="concurrency_limit", max_deferrals=policy.max_deferrals,
+                      on_exhausted=lambda n: ConcurrencyLimited(f"{policy.name} (gave up after {n} deferrals)",
+                                                                lease.retry_after))
+            try:
+                return call_next(task, args, kwargs)
+            finally:
+                limiter.release(lease)
+
+        return call
+
+
+register_step("concurrency", ConcurrencyStep)
