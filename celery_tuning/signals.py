@@ -9,6 +9,7 @@ __all__ = [
     "circuit_state_changed",
     "limiter_event",
     "sla_breached",
+    "sla_checked",
     "task_deferred",
     "task_timed",
 ]
@@ -50,3 +51,7 @@ circuit_state_changed = Signal(name="circuit_state_changed", providing_args={"ol
 #: 'hit_l1', 'hit_l2', 'miss', 'store', 'wait', 'skip_too_big', 'skip_unserializable',
 #: 'skip_arguments', 'corrupt', 'redis_error', 'invalidate'.
 cache_event = Signal(name="cache_event", providing_args={"event"})
+
+#: Sent in the worker for every task attempt checked against an SLA threshold (breached or
+#: not): the denominator of SLA compliance. ``sender`` is the task; keyword argument ``queue``.
+sla_checked = Signal(name="sla_checked", providing_args={"queue"})

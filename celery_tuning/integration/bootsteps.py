@@ -29,6 +29,10 @@ class TuningWorkerStep(bootsteps.StartStopStep):
 
     def start(self, worker: Any) -> None:
         runtime = self.runtime
+        if runtime.config.metrics_port is not None and runtime.installed:
+            from .metrics import start_endpoint
+
+            start_endpoint(runtime.config.metrics_port)
         if not runtime.enabled:
             logger.warning("celery-tuning is disabled on this worker: tuned tasks run as plain tasks")
             return

@@ -48,6 +48,11 @@ def install(app: Any) -> TuningRuntime:
     connect_publish_receivers()
     if timing_wanted(runtime.config):
         connect_timing_receivers()
+    if runtime.config.metrics_port is not None:
+        from .metrics import connect_metric_receivers, prepare_multiprocess
+
+        prepare_multiprocess()  # before anything imports prometheus_client in this worker
+        connect_metric_receivers()
     app.steps["worker"].add(TuningWorkerStep)
     app.user_options["worker"].add(click.Option(
         ["--without-tuning"], is_flag=True, default=False,

@@ -115,7 +115,7 @@ def _on_postrun(sender: Any = None, task_id: Optional[str] = None, task: Any = N
     )
     queue = _queue_of(task)
     signals.task_timed.send(sender=task, task_id=task_id, queue=queue, wait=timings.wait,
-                            run=timings.run, total=timings.total, state=state)
+                            run=timings.run, total=timings.total, state=state, clamped=timings.clamped)
     _check_sla(runtime, task, task_id, queue, timings)
 
 
@@ -128,6 +128,8 @@ def _check_sla(runtime: Any, task: Any, task_id: str, queue: str, timings: Any) 
         policy = SlaPolicy(warning=spec.get("warning"), critical=spec.get("critical"),
                            on=spec.get("on", "total"))
     measured = getattr(timings, policy.on)
+    if measured is not None and signals.sla_checked.receivers:
+        signals.sla_checked.send(sender=task, queue=queue)
     crossed = breach(measured, policy.warning, policy.critical)
     if crossed is None:
         return

@@ -1,0 +1,216 @@
+"""Prometheus metrics fed by celery-tuning's signals; one scrape endpoint per worker node.
+
+prometheus-client decides once, when it is first imported, whether values live in per-process
+files (multiprocess mode). Under prefork every pool child records into its own file and the
+worker's main process serves the sum, so the directory must be set before anything imports
+prometheus_client: :func:`prepare_multiprocess` does that from ``install()`` in a worker process,
+and this module imports prometheus_client only inside functions.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import threading
+from typing import Any, Dict, Optional
+
+from celery import signals as celery_signals
+
+from .. import signals
+from ..errors import ConfigurationError
+from .runtime import installed_runtime
+
+__all__ = ["BUCKETS", "metrics", "prepare_multiprocess", "start_endpoint"]
+
+logger = logging.getLogger("celery_tuning.metrics")
+
+#: Seconds; task queues wait from milliseconds to hours.
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+           600.0, 1800.0, 3600.0, 7200.0, float("inf"))
+
+_ENV = "PROMETHEUS_MULTIPROC_DIR"
+_lock = threading.Lock()
+_state: Dict[str, Any] = {"pid": None, "metrics": None, "server": None, "ours": None}
+_deferred: Dict[str, bool] = {}
+
+
+def _is_worker_process() -> bool:
+    return any(arg == "worker" for arg in sys.argv[1:])
+
+
+def prepare_multiprocess() -> Optional[str]:
+    """Point prometheus-client at a per-node directory before it is imported (worker processes only).
+
+    Returns the directory, or None when this is not a worker or the operator set one already.
+    """
+    if not _is_worker_process() or os.environ.get(_ENV):
+        return os.environ.get(_ENV)
+    if "prometheus_client" in sys.modules:
+        logger.warning("prometheus_client was imported before celery_tuning.install(): metrics of prefork "
+                       "children cannot be aggregated; set %s before starting the worker", _ENV)
+        return None
+    path = os.path.join(tempfile.gettempdir(), f"celery-tuning-metrics-{os.getpid()}")
+    shutil.rmtree(path, ignore_errors=True)  # a fresh directory for this node: no stale children
+    os.makedirs(path, exist_ok=True)
+    os.environ[_ENV] = path
+    _state["ours"] = path
+    return path
+
+
+class TuningMetrics:
+    """The metric objects of one process (created after fork, per process)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
+        labels = ("task", "queue")
+        self.wait = Histogram("celery_tuning_task_queue_wait_seconds",
+                              "Time from publish (or ETA) to start of a task attempt.", labels, buckets=BUCKETS)
+        self.run = Histogram("celery_tuning_task_run_seconds", "Run time of a task attempt.", labels,
+                             buckets=BUCKETS)
+        self.total = Histogram("celery_tuning_task_end_to_end_seconds",
+                               "Time from first publish to the end of a task attempt.", labels, buckets=BUCKETS)
+        self.outcomes = Counter("celery_tuning_task_outcomes_total", "Task attempts by outcome.",
+                                ("task", "queue", "state"))
+        self.in_flight = Gauge("celery_tuning_tasks_in_flight", "Task attempts running now.", labels,
+                               multiprocess_mode="livesum")
+        self.sla = Counter("celery_tuning_sla_breaches_total", "SLA threshold breaches.",
+                           ("task", "queue", "level", "kind"))
+        self.sla_checked = Counter("celery_tuning_sla_checked_total",
+                                   "Task attempts checked against an SLA (compliance denominator).",
+                                   ("task", "queue"))
+        self.clamped = Counter("celery_tuning_clock_skew_clamped_total",
+                               "Queue waits that came out negative (publisher clock ahead) and were clamped.",
+                               ("task",))
+        self.limiter = Counter("celery_tuning_limiter_events_total", "Rate-limiter decisions and events.",
+                               ("name", "event"))
+        self.limiter_wait = Counter("celery_tuning_limiter_wait_seconds_total",
+                                    "Seconds waited or reserved ahead for rate-limit slots.", ("name",))
+        self.breaker = Counter("celery_tuning_breaker_transitions_total", "Circuit-breaker state changes seen.",
+                               ("name", "state"))
+        self.breaker_state = Gauge("celery_tuning_breaker_state",
+                                   "Breaker state as last seen: 0 closed, 1 half-open, 2 open.", ("name",),
+                                   multiprocess_mode="max")
+        self.cache = Counter("celery_tuning_cache_events_total", "Result-cache events (hits by level, misses...).",
+                             ("task", "event"))
+
+
+def metrics() -> TuningMetrics:
+    """This process's metrics (created lazily, again after fork)."""
+    if _state["pid"] != os.getpid() or _state["metrics"] is None:
+        with _lock:
+            if _state["pid"] != os.getpid() or _state["metrics"] is None:
+                _state["metrics"] = TuningMetrics()
+                _state["pid"] = os.getpid()
+    return _state["metrics"]
+
+
+def start_endpoint(port: int) -> Any:
+    """Serve /metrics for the whole node from the worker's main process."""
+    from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
+
+    registry = REGISTRY
+    if os.environ.get(_ENV):
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    try:
+        server, _thread = start_http_server(port, addr="0.0.0.0", registry=registry)
+    except OSError as exc:
+        raise ConfigurationError(f"tuning_metrics_port: cannot listen on port {port}: {exc.strerror or exc}") from None
+    _state["server"] = server
+    logger.info("celery-tuning: Prometheus metrics on :%d/metrics%s", server.server_port,
+                " (multiprocess)" if os.environ.get(_ENV) else "")
+    return server
+
+
+# -- receivers ---------------------------------------------------------------------------------
+
+def _queue(task: Any) -> str:
+    info = getattr(task.request, "delivery_info", None) or {}
+    return str(info.get("routing_key") or "celery")
+
+
+def _task_installed(task: Any) -> bool:
+    return installed_runtime(task.app) is not None
+
+
+def _on_prerun(sender: Any = None, task: Any = None, **_: Any) -> None:
+    if task is not None and _task_installed(task):
+        metrics().in_flight.labels(task.name, _queue(task)).inc()
+
+
+def _on_timed(sender: Any = None, task_id: str = "", queue: str = "", wait: Optional[float] = None,
+              run: float = 0.0, total: Optional[float] = None, state: Optional[str] = None, clamped: bool = False,
+              **_: Any) -> None:
+    m = metrics()
+    name = sender.name
+    m.in_flight.labels(name, queue).dec()
+    if wait is not None:
+        m.wait.labels(name, queue).observe(wait)
+    m.run.labels(name, queue).observe(run)
+    if total is not None:
+        m.total.labels(name, queue).observe(total)
+    if clamped:
+        m.clamped.labels(name).inc()
+    if _deferred.pop(task_id, False):
+        return  # counted as 'deferred' when it was deferred
+    m.outcomes.labels(name, queue, (state or "unknown").lower()).inc()
+
+
+def _on_deferred(sender: Any = None, task_id: str = "", **_: Any) -> None:
+    _deferred[task_id] = True
+    metrics().outcomes.labels(sender.name, _queue(sender), "deferred").inc()
+
+
+def _on_sla(sender: Any = None, queue: str = "", level: str = "", kind: str = "", **_: Any) -> None:
+    metrics().sla.labels(sender.name, queue, level, kind).inc()
+
+
+def _on_sla_checked(sender: Any = None, queue: str = "", **_: Any) -> None:
+    metrics().sla_checked.labels(sender.name, queue).inc()
+
+
+def _on_limiter(sender: Any = None, event: str = "", seconds: float = 0.0, **_: Any) -> None:
+    m = metrics()
+    m.limiter.labels(str(sender), event).inc()
+    if event in ("waited", "reserved") and seconds > 0:
+        m.limiter_wait.labels(str(sender)).inc(seconds)
+
+
+_BREAKER_LEVEL = {"closed": 0, "half-open": 1, "open": 2}
+
+
+def _on_breaker(sender: Any = None, new: str = "", **_: Any) -> None:
+    m = metrics()
+    m.breaker.labels(str(sender), new).inc()
+    m.breaker_state.labels(str(sender)).set(_BREAKER_LEVEL.get(new, 0))
+
+
+def _on_cache(sender: Any = None, event: str = "", **_: Any) -> None:
+    metrics().cache.labels(str(sender), event).inc()
+
+
+def _on_child_exit(pid: Optional[int] = None, **_: Any) -> None:
+    if os.environ.get(_ENV):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(os.getpid())  # live gauges of this child go; counters stay
+
+
+def connect_metric_receivers() -> None:
+    """Record every signal celery-tuning sends into Prometheus metrics (once per process)."""
+    celery_signals.task_prerun.connect(_on_prerun, weak=False, dispatch_uid="celery_tuning.metrics.prerun")
+    signals.task_timed.connect(_on_timed, weak=False, dispatch_uid="celery_tuning.metrics.timed")
+    signals.task_deferred.connect(_on_deferred, weak=False, dispatch_uid="celery_tuning.metrics.deferred")
+    signals.sla_breached.connect(_on_sla, weak=False, dispatch_uid="celery_tuning.metrics.sla")
+    signals.sla_checked.connect(_on_sla_checked, weak=False, dispatch_uid="celery_tuning.metrics.sla_checked")
+    signals.limiter_event.connect(_on_limiter, weak=False, dispatch_uid="celery_tuning.metrics.limiter")
+    signals.circuit_state_changed.connect(_on_breaker, weak=False, dispatch_uid="celery_tuning.metrics.breaker")
+    signals.cache_event.connect(_on_cache, weak=False, dispatch_uid="celery_tuning.metrics.cache")
+    celery_signals.worker_process_shutdown.connect(_on_child_exit, weak=False,
+                                                   dispatch_uid="celery_tuning.metrics.child_exit")

@@ -1,0 +1,33 @@
+"""An app with the Prometheus endpoint on, for prefork subprocess workers."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from celery import Celery
+
+import celery_tuning
+from celery_tuning import TunedTask, sla
+
+URL = os.environ.get("TEST_BROKER_URL", "redis://127.0.0.1:6379/0")
+app = Celery("tests_metered", broker=URL, backend=URL, task_cls="celery_tuning:TunedTask")
+app.conf.update(
+    tuning_redis_url=os.environ.get("TEST_TUNING_URL", URL),
+    tuning_metrics_port=int(os.environ["TEST_METRICS_PORT"]) if os.environ.get("TEST_METRICS_PORT") else None,
+    broker_connection_retry_on_startup=True,
+)
+celery_tuning.install(app)
+
+
+@app.task
+def work(i):
+    time.sleep(0.02)
+    return i
+
+
+@app.task(base=TunedTask)
+@sla(warning=0.05, critical=0.1, on="run")
+def too_slow():
+    time.sleep(0.2)
+    return "late"

@@ -1,0 +1,72 @@
+"""The Prometheus endpoint of a real prefork worker, scraped over HTTP."""
+
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from celery_tuning.testing import free_port
+from tests.support.apps import run_producer, worker_env
+from tests.support.workers import WorkerProcess
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def scrape(port):
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples
+
+
+def value(samples, name, **labels):
+    return sum(v for (n, lbls), v in samples.items() if n == name and all((k, str(x)) in lbls
+                                                                            for k, x in labels.items()))
+
+
+def test_prefork_children_are_aggregated_and_countdown_is_not_waiting(redis_clean):
+    port = free_port()
+    env = {**worker_env(redis_clean), "TEST_METRICS_PORT": str(port)}
+    worker = WorkerProcess("tests.apps.metered:app", env, pool="prefork", concurrency=2,
+                           extra=["--max-tasks-per-child", "5"])
+    try:
+        worker.start()
+        run_producer(
+            "from tests.apps.metered import work, too_slow\n"
+            "rs = [work.delay(i) for i in range(11)] + [work.apply_async((i,), countdown=3) for i in range(3)]\n"
+            "rs += [work.delay(i) for i in range(6)]\n"
+            "assert [r.get(timeout=60) for r in rs] == list(range(11)) + list(range(3)) + list(range(6))\n"
+            "assert too_slow.delay().get(timeout=30) == 'late'\n", redis_clean)
+        samples = scrape(port)
+    finally:
+        worker.close()
+    task = "tests.apps.metered.work"
+    # 20 attempts over recycled children (max_tasks_per_child=5): none lost
+    assert value(samples, "celery_tuning_task_queue_wait_seconds_count", task=task) == 20
+    assert value(samples, "celery_tuning_task_run_seconds_count", task=task) == 20
+    assert value(samples, "celery_tuning_task_outcomes_total", task=task, state="success") == 20
+    # the 3 countdown tasks waited 3 s for their ETA, which is not queue wait
+    assert value(samples, "celery_tuning_task_queue_wait_seconds_bucket", task=task, le="2.5") == 20
+    assert value(samples, "celery_tuning_sla_breaches_total", task="tests.apps.metered.too_slow",
+                 level="critical", kind="run") == 1
+    assert value(samples, "celery_tuning_tasks_in_flight", task=task) == 0
+    assert all("tenant" not in str(lbls) and "args" not in str(lbls) for (_, lbls) in samples)
+
+
+def test_port_in_use_is_a_clear_error(redis_clean):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("0.0.0.0", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        env = {**worker_env(redis_clean), "TEST_METRICS_PORT": str(port)}
+        worker = WorkerProcess("tests.apps.metered:app", env, pool="solo")
+        try:
+            with pytest.raises(RuntimeError) as info:
+                worker.start(timeout=30)
+            assert f"tuning_metrics_port: cannot listen on port {port}" in str(info.value)
+        finally:
+            worker.close()
