@@ -9,12 +9,14 @@ and this module imports prometheus_client only inside functions.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
 import sys
 import tempfile
 import threading
+from collections import OrderedDict
 from typing import Any, Dict, Optional
 
 from celery import signals as celery_signals
@@ -35,6 +37,7 @@ _ENV = "PROMETHEUS_MULTIPROC_DIR"
 _lock = threading.Lock()
 _state: Dict[str, Any] = {"pid": None, "metrics": None, "server": None, "ours": None}
 _deferred: Dict[str, bool] = {}
+_lost: OrderedDict[str, bool] = OrderedDict()
 
 
 def _is_worker_process() -> bool:
@@ -64,37 +67,43 @@ class TuningMetrics:
     """The metric objects of one process (created after fork, per process)."""
 
     def __init__(self) -> None:
-        from prometheus_client import Counter, Gauge, Histogram
+        from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 
+        # Multiprocess mode reads the per-process files, not a registry; registering there would
+        # also collide with the objects a parent made before forking this process.
+        registry = None if os.environ.get(_ENV) else REGISTRY
+        histogram = functools.partial(Histogram, registry=registry)
+        counter = functools.partial(Counter, registry=registry)
+        gauge = functools.partial(Gauge, registry=registry)
         labels = ("task", "queue")
-        self.wait = Histogram("celery_tuning_task_queue_wait_seconds",
+        self.wait = histogram("celery_tuning_task_queue_wait_seconds",
                               "Time from publish (or ETA) to start of a task attempt.", labels, buckets=BUCKETS)
-        self.run = Histogram("celery_tuning_task_run_seconds", "Run time of a task attempt.", labels,
+        self.run = histogram("celery_tuning_task_run_seconds", "Run time of a task attempt.", labels,
                              buckets=BUCKETS)
-        self.total = Histogram("celery_tuning_task_end_to_end_seconds",
+        self.total = histogram("celery_tuning_task_end_to_end_seconds",
                                "Time from first publish to the end of a task attempt.", labels, buckets=BUCKETS)
-        self.outcomes = Counter("celery_tuning_task_outcomes_total", "Task attempts by outcome.",
+        self.outcomes = counter("celery_tuning_task_outcomes_total", "Task attempts by outcome.",
                                 ("task", "queue", "state"))
-        self.in_flight = Gauge("celery_tuning_tasks_in_flight", "Task attempts running now.", labels,
+        self.in_flight = gauge("celery_tuning_tasks_in_flight", "Task attempts running now.", labels,
                                multiprocess_mode="livesum")
-        self.sla = Counter("celery_tuning_sla_breaches_total", "SLA threshold breaches.",
+        self.sla = counter("celery_tuning_sla_breaches_total", "SLA threshold breaches.",
                            ("task", "queue", "level", "kind"))
-        self.sla_checked = Counter("celery_tuning_sla_checked_total",
+        self.sla_checked = counter("celery_tuning_sla_checked_total",
                                    "Task attempts checked against an SLA (compliance denominator).",
                                    ("task", "queue"))
-        self.clamped = Counter("celery_tuning_clock_skew_clamped_total",
+        self.clamped = counter("celery_tuning_clock_skew_clamped_total",
                                "Queue waits that came out negative (publisher clock ahead) and were clamped.",
                                ("task",))
-        self.limiter = Counter("celery_tuning_limiter_events_total", "Rate-limiter decisions and events.",
+        self.limiter = counter("celery_tuning_limiter_events_total", "Rate-limiter decisions and events.",
                                ("name", "event"))
-        self.limiter_wait = Counter("celery_tuning_limiter_wait_seconds_total",
+        self.limiter_wait = counter("celery_tuning_limiter_wait_seconds_total",
                                     "Seconds waited or reserved ahead for rate-limit slots.", ("name",))
-        self.breaker = Counter("celery_tuning_breaker_transitions_total", "Circuit-breaker state changes seen.",
+        self.breaker = counter("celery_tuning_breaker_transitions_total", "Circuit-breaker state changes seen.",
                                ("name", "state"))
-        self.breaker_state = Gauge("celery_tuning_breaker_state",
+        self.breaker_state = gauge("celery_tuning_breaker_state",
                                    "Breaker state as last seen: 0 closed, 1 half-open, 2 open.", ("name",),
                                    multiprocess_mode="max")
-        self.cache = Counter("celery_tuning_cache_events_total", "Result-cache events (hits by level, misses...).",
+        self.cache = counter("celery_tuning_cache_events_total", "Result-cache events (hits by level, misses...).",
                              ("task", "event"))
 
 
@@ -114,10 +123,8 @@ def start_endpoint(port: int) -> Any:
 
     registry = REGISTRY
     if os.environ.get(_ENV):
-        from prometheus_client import multiprocess
-
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
+        registry.register(_ReapingCollector(os.environ[_ENV]))
     try:
         server, _thread = start_http_server(port, addr="0.0.0.0", registry=registry)
     except OSError as exc:
@@ -126,6 +133,36 @@ def start_endpoint(port: int) -> Any:
     logger.info("celery-tuning: Prometheus metrics on :%d/metrics%s", server.server_port,
                 " (multiprocess)" if os.environ.get(_ENV) else "")
     return server
+
+
+class _ReapingCollector:
+    """MultiProcessCollector that first forgets the live gauges of pool children that died.
+
+    A child killed by a hard time limit, SIGKILL or the OOM killer sends no
+    ``worker_process_shutdown``; its in-flight gauge file would count forever.
+    Counters and histograms of dead children are kept (they must never go backwards).
+    """
+
+    def __init__(self, path: str) -> None:
+        from prometheus_client import multiprocess
+
+        self.path = path
+        self._inner = multiprocess.MultiProcessCollector(None, path=path)
+
+    def collect(self) -> Any:
+        import glob
+
+        from prometheus_client import multiprocess
+
+        for name in glob.glob(os.path.join(self.path, "gauge_live*_*.db")):
+            try:
+                pid = int(name.rsplit("_", 1)[1].split(".")[0])
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                multiprocess.mark_process_dead(pid, self.path)
+            except (ValueError, PermissionError):
+                continue
+        return self._inner.collect()
 
 
 # -- receivers ---------------------------------------------------------------------------------
@@ -157,9 +194,9 @@ def _on_timed(sender: Any = None, task_id: str = "", queue: str = "", wait: Opti
         m.total.labels(name, queue).observe(total)
     if clamped:
         m.clamped.labels(name).inc()
-    if _deferred.pop(task_id, False):
-        return  # counted as 'deferred' when it was deferred
-    m.outcomes.labels(name, queue, (state or "unknown").lower()).inc()
+    if _deferred.pop(task_id, False) or state is None:
+        return  # counted as 'deferred' when deferred; a child cut short is counted by the main process
+    m.outcomes.labels(name, queue, state.lower()).inc()
 
 
 def _on_deferred(sender: Any = None, task_id: str = "", **_: Any) -> None:
@@ -195,6 +232,22 @@ def _on_cache(sender: Any = None, event: str = "", **_: Any) -> None:
     metrics().cache.labels(str(sender), event).inc()
 
 
+def _on_failure_outside_child(sender: Any = None, task_id: str = "", exception: Any = None, **_: Any) -> None:
+    # Sent by the worker's main process when a child was killed (hard time limit) or lost:
+    # the child never reached task_postrun, so its outcome is recorded here.
+    from celery.exceptions import TimeLimitExceeded, WorkerLostError
+
+    if sender is None or not isinstance(exception, (TimeLimitExceeded, WorkerLostError)):
+        return
+    if not _task_installed(sender) or task_id in _lost:
+        return  # Celery sends task_failure twice for a hard time limit
+    _lost[task_id] = True
+    while len(_lost) > 10_000:
+        _lost.popitem(last=False)
+    queue = str(getattr(sender, "queue", None) or sender.app.conf.task_default_queue or "celery")
+    metrics().outcomes.labels(sender.name, queue, "failure").inc()
+
+
 def _on_child_exit(pid: Optional[int] = None, **_: Any) -> None:
     if os.environ.get(_ENV):
         from prometheus_client import multiprocess
@@ -212,5 +265,7 @@ def connect_metric_receivers() -> None:
     signals.limiter_event.connect(_on_limiter, weak=False, dispatch_uid="celery_tuning.metrics.limiter")
     signals.circuit_state_changed.connect(_on_breaker, weak=False, dispatch_uid="celery_tuning.metrics.breaker")
     signals.cache_event.connect(_on_cache, weak=False, dispatch_uid="celery_tuning.metrics.cache")
+    celery_signals.task_failure.connect(_on_failure_outside_child, weak=False,
+                                        dispatch_uid="celery_tuning.metrics.lost")
     celery_signals.worker_process_shutdown.connect(_on_child_exit, weak=False,
                                                    dispatch_uid="celery_tuning.metrics.child_exit")

@@ -63,7 +63,7 @@ def _on_before_publish(sender: Any = None, headers: Optional[Dict[str, Any]] = N
 
 def _queue_of(task: Any) -> str:
     info = getattr(task.request, "delivery_info", None) or {}
-    return str(info.get("routing_key") or info.get("queue") or task.queue or "celery")
+    return str(info.get("routing_key") or info.get("queue") or getattr(task, "queue", None) or "celery")
 
 
 def _eta_seconds(eta: Any) -> Optional[float]:

@@ -31,3 +31,8 @@ def work(i):
 def too_slow():
     time.sleep(0.2)
     return "late"
+
+
+@app.task(time_limit=1)
+def stuck():
+    time.sleep(3)  # killed by the hard time limit: no task_postrun in the child

@@ -35,7 +35,7 @@ def test_prefork_children_are_aggregated_and_countdown_is_not_waiting(redis_clea
         worker.start()
         run_producer(
             "from tests.apps.metered import work, too_slow\n"
-            "rs = [work.delay(i) for i in range(11)] + [work.apply_async((i,), countdown=3) for i in range(3)]\n"
+            "rs = [work.delay(i) for i in range(11)] + [work.apply_async((i,), countdown=6) for i in range(3)]\n"
             "rs += [work.delay(i) for i in range(6)]\n"
             "assert [r.get(timeout=60) for r in rs] == list(range(11)) + list(range(3)) + list(range(6))\n"
             "assert too_slow.delay().get(timeout=30) == 'late'\n", redis_clean)
@@ -47,8 +47,9 @@ def test_prefork_children_are_aggregated_and_countdown_is_not_waiting(redis_clea
     assert value(samples, "celery_tuning_task_queue_wait_seconds_count", task=task) == 20
     assert value(samples, "celery_tuning_task_run_seconds_count", task=task) == 20
     assert value(samples, "celery_tuning_task_outcomes_total", task=task, state="success") == 20
-    # the 3 countdown tasks waited 3 s for their ETA, which is not queue wait
-    assert value(samples, "celery_tuning_task_queue_wait_seconds_bucket", task=task, le="2.5") == 20
+    # the 3 countdown tasks waited 6 s for their ETA, which is not queue wait
+    assert value(samples, "celery_tuning_task_queue_wait_seconds_bucket", task=task, le="5.0") == 20
+    assert value(samples, "celery_tuning_task_end_to_end_seconds_bucket", task=task, le="5.0") <= 17
     assert value(samples, "celery_tuning_sla_breaches_total", task="tests.apps.metered.too_slow",
                  level="critical", kind="run") == 1
     assert value(samples, "celery_tuning_tasks_in_flight", task=task) == 0
@@ -70,3 +71,25 @@ def test_port_in_use_is_a_clear_error(redis_clean):
             assert f"tuning_metrics_port: cannot listen on port {port}" in str(info.value)
         finally:
             worker.close()
+
+
+def test_hard_time_limit_is_settled_by_the_main_process(redis_clean):
+    port = free_port()
+    env = {**worker_env(redis_clean), "TEST_METRICS_PORT": str(port)}
+    worker = WorkerProcess("tests.apps.metered:app", env, pool="prefork", concurrency=1)
+    try:
+        worker.start()
+        run_producer(
+            "from tests.apps.metered import stuck, work\n"
+            "from celery.exceptions import TimeLimitExceeded\n"
+            "r = stuck.delay()\n"
+            "try:\n    r.get(timeout=30)\nexcept TimeLimitExceeded:\n    pass\n"
+            "else:\n    raise SystemExit('no time limit')\n"
+            "assert work.delay(1).get(timeout=30) == 1\n", redis_clean)
+        samples = scrape(port)
+    finally:
+        worker.close()
+    task = "tests.apps.metered.stuck"
+    assert value(samples, "celery_tuning_task_outcomes_total", task=task, state="failure") == 1
+    assert value(samples, "celery_tuning_tasks_in_flight", task=task) == 0
+    assert value(samples, "celery_tuning_task_outcomes_total", task="tests.apps.metered.work", state="success") == 1
