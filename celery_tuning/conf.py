@@ -326,7 +326,8 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting("tuning_cache_l1_maxsize", "int", 1024,
             "Entries kept in each process's in-memory (L1) result cache.", _positive_int),
     Setting("tuning_sla", "dict[str, dict]", {},
-            "Per-queue SLA thresholds in seconds: {'webhooks': {'warning': 10, 'critical': 30}}.",
+            "Per-queue SLA thresholds in seconds: {'webhooks': {'warning': 10, 'critical': 30}}; "
+            "'*' applies to every other queue.",
             _sla),
     Setting("tuning_profiles", "dict[str, dict]", {},
             "Custom concurrency profiles beside the presets io, cpu and mixed.", _profiles),

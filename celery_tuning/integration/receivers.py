@@ -122,7 +122,7 @@ def _on_postrun(sender: Any = None, task_id: Optional[str] = None, task: Any = N
 def _check_sla(runtime: Any, task: Any, task_id: str, queue: str, timings: Any) -> None:
     policy = getattr(type(task), "_tuning_policies", {}).get("sla")
     if policy is None:
-        spec = runtime.config.sla.get(queue)
+        spec = runtime.config.sla.get(queue) or runtime.config.sla.get("*")  # '*': every other queue
         if spec is None:
             return
         policy = SlaPolicy(warning=spec.get("warning"), critical=spec.get("critical"),

@@ -99,7 +99,7 @@ def test_timings_and_sla_in_process_worker(redis_clean, collected):
 
 def test_queue_sla_critical(redis_clean, collected):
     _, breached = collected
-    app = make_app(redis_clean, "qsla", tuning_sla={"celery": {"warning": 0.01, "critical": 0.02}})
+    app = make_app(redis_clean, "qsla", tuning_sla={"other": {"warning": 60}, "*": {"warning": 0.01, "critical": 0.02}})
 
     @app.task
     def nap():
