@@ -136,8 +136,8 @@ def main(argv: List[str]) -> int:
     parser.add_argument("--tasks", type=int, default=3000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--pools", default="prefork,threads")
-    parser.add_argument("--only", default="passthrough,limiter,breaker,cache,accuracy",
-                        help="comma-separated sections: passthrough, limiter, breaker, cache, accuracy")
+    parser.add_argument("--only", default="passthrough,limiter,breaker,cache,metrics,accuracy",
+                        help="comma-separated sections: passthrough, limiter, breaker, cache, metrics, accuracy")
     args = parser.parse_args(argv)
     sections = set(args.only.split(","))
     server = RedisServer().start()
@@ -169,6 +169,18 @@ def main(argv: List[str]) -> int:
             e2e["ratio"] = e2e["cached50"] / e2e["uncached50"]
             results["cache"]["end_to_end"] = e2e
             print("\n" + cache.render(results["cache"], e2e), flush=True)
+        if "metrics" in sections:
+            from benchmarks import metrics as metrics_bench
+            from celery_tuning.testing import free_port
+
+            results["metrics"] = metrics_bench.run()
+            os.environ["BENCH_METRICS_PORT"] = str(free_port())
+            off = [run_worker_once(url, "tuned", "prefork", args.tasks)["tasks_per_s"] for _ in range(args.runs)]
+            on = [run_worker_once(url, "metered", "prefork", args.tasks)["tasks_per_s"] for _ in range(args.runs)]
+            e2e = {"off": statistics.median(off), "on": statistics.median(on)}
+            e2e["ratio"] = e2e["on"] / e2e["off"]
+            results["metrics"]["end_to_end"] = e2e
+            print("\n" + metrics_bench.render(results["metrics"], e2e), flush=True)
         if "accuracy" in sections:
             results["accuracy"] = accuracy(url)
             print("\n" + render_accuracy(results["accuracy"]), flush=True)

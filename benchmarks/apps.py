@@ -10,7 +10,7 @@ VARIANT = os.environ.get("BENCH_VARIANT", "plain")
 URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 QUEUE = "bench"
 
-TUNED = VARIANT in ("tuned", "limited", "ours", "cached50", "uncached50")
+TUNED = VARIANT in ("tuned", "limited", "ours", "cached50", "uncached50", "metered")
 app = Celery(
     f"bench_{VARIANT}",
     broker=URL,
@@ -28,6 +28,8 @@ if TUNED:
     import celery_tuning
 
     app.conf.tuning_redis_url = URL
+    if VARIANT == "metered":
+        app.conf.tuning_metrics_port = int(os.environ.get("BENCH_METRICS_PORT", "0"))
     celery_tuning.install(app)
 
 if VARIANT == "limited":

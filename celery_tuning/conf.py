@@ -283,6 +283,17 @@ def _int_caps(name: str, value: Any) -> Dict[str, int]:
     }
 
 
+def _buckets(name: str, value: Any) -> Optional[Tuple[float, ...]]:
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or not value:
+        raise _fail(name, value, "a non-empty list of increasing numbers of seconds")
+    out = tuple(float(_number(f"{name}[{i}]", v, strict=True)) for i, v in enumerate(value))
+    if list(out) != sorted(set(out)):
+        raise _fail(name, value, "a list of strictly increasing numbers of seconds")
+    return out
+
+
 def _metrics_port(name: str, value: Any) -> Optional[int]:
     if value is None:
         return None
@@ -348,6 +359,8 @@ SETTINGS: Tuple[Setting, ...] = (
             "Worker-side timing (task_timed signal, SLA checks). None: on when tuning_sla, an @sla "
             "task or tuning_metrics_port needs it, so pass-through workers pay nothing.",
             _optional_bool),
+    Setting("tuning_metrics_buckets", "list[float] | None", None,
+            "Histogram buckets in seconds for the task timing metrics (None: 5 ms to 2 h).", _buckets),
     Setting("tuning_metrics_port", "int | None", None,
             "Port of the worker's Prometheus endpoint (None: no endpoint).", _metrics_port),
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from typing import Any, Dict, Optional
 
 import click
 
@@ -47,10 +47,83 @@ def check(ctx: click.Context) -> None:
     click.echo(f"lua: scripts load (server time {int(server_ms)} ms)")
 
 
-@tuning.command(help="Show the effective settings and where each came from.")
+def _quantile(buckets: list[tuple[float, float]], q: float) -> Optional[float]:
+    """Quantile from cumulative (upper bound, count) buckets, interpolated within a bucket."""
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    rank = q * buckets[-1][1]
+    lower_bound, lower_count = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if bound == float("inf"):
+                return lower_bound
+            span = count - lower_count
+            return lower_bound + (bound - lower_bound) * ((rank - lower_count) / span if span else 1.0)
+        lower_bound, lower_count = bound, count
+    return None
+
+
+def sla_summary(text: str) -> list[dict]:
+    """Per-queue SLA figures from a /metrics page (the worker's Prometheus endpoint)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    queues: Dict[str, Dict[str, Any]] = {}
+
+    def row(queue: str) -> Dict[str, Any]:
+        return queues.setdefault(queue, {"queue": queue, "attempts": 0.0, "checked": 0.0, "warning": 0.0,
+                                         "critical": 0.0, "buckets": {}})
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = sample.labels
+            if sample.name == "celery_tuning_sla_checked_total":
+                row(labels["queue"])["checked"] += sample.value
+            elif sample.name == "celery_tuning_sla_breaches_total":
+                row(labels["queue"])[labels["level"]] += sample.value
+            elif sample.name == "celery_tuning_task_queue_wait_seconds_count":
+                row(labels["queue"])["attempts"] += sample.value
+            elif sample.name == "celery_tuning_task_queue_wait_seconds_bucket":
+                b = row(labels["queue"])["buckets"]
+                b[float(labels["le"])] = b.get(float(labels["le"]), 0.0) + sample.value
+    out = []
+    for queue in sorted(queues):
+        r = queues[queue]
+        cumulative = sorted(r.pop("buckets").items())
+        r["wait_p50"] = _quantile(cumulative, 0.5)
+        r["wait_p95"] = _quantile(cumulative, 0.95)
+        r["compliance"] = (1 - r["critical"] / r["checked"]) if r["checked"] else None
+        out.append(r)
+    return out
+
+
+def _print_sla(url: str) -> None:
+    import urllib.request
+
+    try:
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+    except OSError as exc:
+        click.echo(f"SLA by queue: metrics endpoint {url} unreachable ({exc})")
+        return
+    rows = sla_summary(text)
+    click.echo(f"SLA by queue (from {url}, since the worker started):")
+    if not rows:
+        click.echo("  no task attempts recorded yet")
+    for r in rows:
+        def secs(v: Optional[float]) -> str:
+            return "-" if v is None else f"{v:.3f}s"
+
+        compliance = "-" if r["compliance"] is None else f"{r['compliance'] * 100:.2f}%"
+        click.echo(f"  {r['queue']}: attempts {r['attempts']:.0f}, wait p50 {secs(r['wait_p50'])} "
+                   f"p95 {secs(r['wait_p95'])}, SLA checked {r['checked']:.0f}, warning {r['warning']:.0f}, "
+                   f"critical {r['critical']:.0f}, compliance {compliance}")
+
+
+@tuning.command(help="Show the effective settings, where each came from, and SLA figures per queue.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--metrics-url", default=None,
+              help="A worker's /metrics URL (default: 127.0.0.1 on tuning_metrics_port when set).")
 @click.pass_context
-def status(ctx: click.Context, as_json: bool) -> None:
+def status(ctx: click.Context, as_json: bool, metrics_url: Optional[str]) -> None:
     runtime = _runtime(ctx)
     rows = []
     for setting in SETTINGS:
@@ -69,6 +142,10 @@ def status(ctx: click.Context, as_json: bool) -> None:
     click.echo(f"enabled in this process: {runtime.enabled}")
     for name, value, source in rows:
         click.echo(f"{name:<{width}}  {value!r}  ({source})")
+    port = runtime.config.metrics_port
+    url = metrics_url or (f"http://127.0.0.1:{port}/metrics" if port else None)
+    if url:
+        _print_sla(url)
 
 
 @tuning.group(help="Show and change shared rate limits at run time (no restart).")

@@ -52,7 +52,7 @@ def install(app: Any) -> TuningRuntime:
         from .metrics import connect_metric_receivers, prepare_multiprocess
 
         prepare_multiprocess()  # before anything imports prometheus_client in this worker
-        connect_metric_receivers()
+        connect_metric_receivers(runtime.config.metrics_buckets)
     app.steps["worker"].add(TuningWorkerStep)
     app.user_options["worker"].add(click.Option(
         ["--without-tuning"], is_flag=True, default=False,

@@ -17,7 +17,7 @@ import sys
 import tempfile
 import threading
 from collections import OrderedDict
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from celery import signals as celery_signals
 
@@ -66,8 +66,10 @@ def prepare_multiprocess() -> Optional[str]:
 class TuningMetrics:
     """The metric objects of one process (created after fork, per process)."""
 
-    def __init__(self) -> None:
+    def __init__(self, buckets: Optional[Tuple[float, ...]] = None) -> None:
         from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+
+        buckets = tuple(buckets or BUCKETS)
 
         # Multiprocess mode reads the per-process files, not a registry; registering there would
         # also collide with the objects a parent made before forking this process.
@@ -77,11 +79,11 @@ class TuningMetrics:
         gauge = functools.partial(Gauge, registry=registry)
         labels = ("task", "queue")
         self.wait = histogram("celery_tuning_task_queue_wait_seconds",
-                              "Time from publish (or ETA) to start of a task attempt.", labels, buckets=BUCKETS)
+                              "Time from publish (or ETA) to start of a task attempt.", labels, buckets=buckets)
         self.run = histogram("celery_tuning_task_run_seconds", "Run time of a task attempt.", labels,
-                             buckets=BUCKETS)
+                             buckets=buckets)
         self.total = histogram("celery_tuning_task_end_to_end_seconds",
-                               "Time from first publish to the end of a task attempt.", labels, buckets=BUCKETS)
+                               "Time from first publish to the end of a task attempt.", labels, buckets=buckets)
         self.outcomes = counter("celery_tuning_task_outcomes_total", "Task attempts by outcome.",
                                 ("task", "queue", "state"))
         self.in_flight = gauge("celery_tuning_tasks_in_flight", "Task attempts running now.", labels,
@@ -107,12 +109,45 @@ class TuningMetrics:
                              ("task", "event"))
 
 
+class _TaskSeries:
+    """The labelled series one (task, queue) pair records into, looked up once per process."""
+
+    __slots__ = ("in_flight", "run", "total", "wait")
+
+    def __init__(self, m: TuningMetrics, task: str, queue: str) -> None:
+        self.wait = m.wait.labels(task, queue)
+        self.run = m.run.labels(task, queue)
+        self.total = m.total.labels(task, queue)
+        self.in_flight = m.in_flight.labels(task, queue)
+
+
+_series: Dict[Tuple[int, str, str], _TaskSeries] = {}
+_outcome_series: Dict[Tuple[int, str, str, str], Any] = {}
+
+
+def _task_series(task: str, queue: str) -> _TaskSeries:
+    # .labels() costs a few µs per call; a task attempt would pay it six times.
+    key = (os.getpid(), task, queue)
+    found = _series.get(key)
+    if found is None:
+        found = _series[key] = _TaskSeries(metrics(), task, queue)
+    return found
+
+
+def _outcome(task: str, queue: str, state: str) -> Any:
+    key = (os.getpid(), task, queue, state)
+    found = _outcome_series.get(key)
+    if found is None:
+        found = _outcome_series[key] = metrics().outcomes.labels(task, queue, state)
+    return found
+
+
 def metrics() -> TuningMetrics:
     """This process's metrics (created lazily, again after fork)."""
     if _state["pid"] != os.getpid() or _state["metrics"] is None:
         with _lock:
             if _state["pid"] != os.getpid() or _state["metrics"] is None:
-                _state["metrics"] = TuningMetrics()
+                _state["metrics"] = TuningMetrics(_state.get("buckets"))
                 _state["pid"] = os.getpid()
     return _state["metrics"]
 
@@ -178,25 +213,25 @@ def _task_installed(task: Any) -> bool:
 
 def _on_prerun(sender: Any = None, task: Any = None, **_: Any) -> None:
     if task is not None and _task_installed(task):
-        metrics().in_flight.labels(task.name, _queue(task)).inc()
+        _task_series(task.name, _queue(task)).in_flight.inc()
 
 
 def _on_timed(sender: Any = None, task_id: str = "", queue: str = "", wait: Optional[float] = None,
               run: float = 0.0, total: Optional[float] = None, state: Optional[str] = None, clamped: bool = False,
               **_: Any) -> None:
-    m = metrics()
     name = sender.name
-    m.in_flight.labels(name, queue).dec()
+    series = _task_series(name, queue)
+    series.in_flight.dec()
     if wait is not None:
-        m.wait.labels(name, queue).observe(wait)
-    m.run.labels(name, queue).observe(run)
+        series.wait.observe(wait)
+    series.run.observe(run)
     if total is not None:
-        m.total.labels(name, queue).observe(total)
+        series.total.observe(total)
     if clamped:
-        m.clamped.labels(name).inc()
+        metrics().clamped.labels(name).inc()
     if _deferred.pop(task_id, False) or state is None:
         return  # counted as 'deferred' when deferred; a child cut short is counted by the main process
-    m.outcomes.labels(name, queue, state.lower()).inc()
+    _outcome(name, queue, state.lower()).inc()
 
 
 def _on_deferred(sender: Any = None, task_id: str = "", **_: Any) -> None:
@@ -255,8 +290,10 @@ def _on_child_exit(pid: Optional[int] = None, **_: Any) -> None:
         multiprocess.mark_process_dead(os.getpid())  # live gauges of this child go; counters stay
 
 
-def connect_metric_receivers() -> None:
+def connect_metric_receivers(buckets: Optional[Tuple[float, ...]] = None) -> None:
     """Record every signal celery-tuning sends into Prometheus metrics (once per process)."""
+    if buckets:
+        _state["buckets"] = buckets
     celery_signals.task_prerun.connect(_on_prerun, weak=False, dispatch_uid="celery_tuning.metrics.prerun")
     signals.task_timed.connect(_on_timed, weak=False, dispatch_uid="celery_tuning.metrics.timed")
     signals.task_deferred.connect(_on_deferred, weak=False, dispatch_uid="celery_tuning.metrics.deferred")

@@ -40,6 +40,13 @@ def test_prefork_children_are_aggregated_and_countdown_is_not_waiting(redis_clea
             "assert [r.get(timeout=60) for r in rs] == list(range(11)) + list(range(3)) + list(range(6))\n"
             "assert too_slow.delay().get(timeout=30) == 'late'\n", redis_clean)
         samples = scrape(port)
+        import subprocess
+        import sys
+
+        from tests.support.workers import ROOT
+
+        status = subprocess.run([sys.executable, "-m", "celery", "-A", "tests.apps.metered:app", "tuning", "status"],
+                                capture_output=True, text=True, timeout=60, cwd=str(ROOT), env=worker.env)
     finally:
         worker.close()
     task = "tests.apps.metered.work"
@@ -54,6 +61,10 @@ def test_prefork_children_are_aggregated_and_countdown_is_not_waiting(redis_clea
                  level="critical", kind="run") == 1
     assert value(samples, "celery_tuning_tasks_in_flight", task=task) == 0
     assert all("tenant" not in str(lbls) and "args" not in str(lbls) for (_, lbls) in samples)
+    assert status.returncode == 0, status.stderr
+    assert f"SLA by queue (from http://127.0.0.1:{port}/metrics" in status.stdout
+    assert "celery: attempts 21, wait p50" in status.stdout
+    assert "SLA checked 1, warning 0, critical 1, compliance 0.00%" in status.stdout
 
 
 def test_port_in_use_is_a_clear_error(redis_clean):

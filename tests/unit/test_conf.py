@@ -43,6 +43,8 @@ def test_rate_limit_forms_are_normalized():
         ({"tuning_sla": {"q": {"on": "queue"}}}, "tuning_sla['q'].on"),
         ({"tuning_enabled": "maybe"}, "tuning_enabled: 'maybe'"),
         ({"tuning_metrics_port": 70000}, "tuning_metrics_port"),
+        ({"tuning_metrics_buckets": [1, 0.5]}, "tuning_metrics_buckets"),
+        ({"tuning_metrics_buckets": [1, "x"]}, "tuning_metrics_buckets[1]"),
         ({"tuning_redis_url": "http://x"}, "tuning_redis_url"),
         ({"tuning_key_prefix": "a b"}, "tuning_key_prefix"),
         ({"tuning_profiles": {"x": {"threads": 3}}}, "tuning_profiles['x']"),
