@@ -2,7 +2,7 @@
 
 hypothesis is imported here, up front, on purpose: CPython 3.11.7 can fail with "AST
 constructor recursion depth mismatch" when pytest rewrites a module while a Celery worker
-thread compiles a task signature at the same moment (gh-106905); importing early keeps
+thread compiles a task signature at the same moment (seen in this suite); importing early keeps
 pytest's rewriting out of the window where in-process worker threads run.
 """
 
