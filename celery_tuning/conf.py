@@ -248,7 +248,7 @@ def _sla(name: str, value: Any) -> Dict[str, Dict[str, Any]]:
 
 PROFILE_FIELDS = (
     "pool", "concurrency", "prefetch_multiplier", "acks_late", "max_tasks_per_child",
-    "max_memory_per_child", "time_limit", "soft_time_limit", "autoscale",
+    "max_memory_per_child", "time_limit", "soft_time_limit",
 )
 PRESET_PROFILES = ("io", "cpu", "mixed")
 

@@ -20,7 +20,8 @@ class TuningWorkerStep(bootsteps.StartStopStep):
 
     label = "celery-tuning"
 
-    def __init__(self, worker: Any, without_tuning: bool = False, **kwargs: Any) -> None:
+    def __init__(self, worker: Any, without_tuning: bool = False, tuning_profile: Any = None,
+                 **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
         runtime = runtime_for(worker.app)
         if without_tuning:
@@ -29,6 +30,11 @@ class TuningWorkerStep(bootsteps.StartStopStep):
 
     def start(self, worker: Any) -> None:
         runtime = self.runtime
+        applied = runtime.__dict__.get("profile")
+        if applied:
+            from .profiles import describe
+
+            logger.info(describe(applied))
         if runtime.config.metrics_port is not None and runtime.installed:
             from .metrics import start_endpoint
 

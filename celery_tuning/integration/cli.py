@@ -328,3 +328,33 @@ def cache_clear(ctx: click.Context, task_name: str) -> None:
     except StorageError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"{task_name}: cleared (generation {generation})")
+
+
+@tuning.command(help="Effective concurrency settings per queue (as `celery worker -Q QUEUE` would get them).")
+@click.pass_context
+def profiles(ctx: click.Context) -> None:
+    from .profiles import CONF_KEYS, profile_table
+
+    runtime = _runtime(ctx)
+    app = ctx.obj.app
+    scale = float(runtime.config.concurrency_scale)
+    scale_source = runtime.config.sources["tuning_concurrency_scale"]
+    for queue, name, settings in profile_table(runtime.config, str(app.conf.task_default_queue or "celery")):
+        if name == "-":
+            click.echo(f"{queue}: no profile (Celery's settings: pool {app.conf.worker_pool}, "
+                       f"concurrency {app.conf.worker_concurrency or 'CPU count'}, "
+                       f"prefetch {app.conf.worker_prefetch_multiplier}, acks_late {app.conf.task_acks_late})")
+            continue
+        if "error" in settings:
+            click.echo(f"{queue}: {settings['error']}")
+            continue
+        origin = "config" if name in runtime.config.profiles else "preset"
+        parts = []
+        for field in CONF_KEYS:
+            if field in settings:
+                note = f" (x{scale:g} from {scale_source})" if field == "concurrency" and scale != 1.0 else ""
+                parts.append(f"{field} {settings[field]}{note}")
+        limit = runtime.config.queue_concurrency.get(queue)
+        if limit:
+            parts.append(f"in-worker cap {limit}")
+        click.echo(f"{queue}: profile {name} ({origin}): " + ", ".join(parts) + "; explicit worker flags win")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 import click
@@ -53,10 +54,22 @@ def install(app: Any) -> TuningRuntime:
 
         prepare_multiprocess()  # before anything imports prometheus_client in this worker
         connect_metric_receivers(runtime.config.metrics_buckets)
+    from .profiles import apply_profile, describe, is_worker_process
+
+    if is_worker_process() and (runtime.config.queue_profiles or "--tuning-profile" in " ".join(sys.argv)):
+        # Before the worker command reads -c/-P/--prefetch-multiplier defaults from app.conf.
+        applied = apply_profile(app, runtime.config)
+        runtime.__dict__["profile"] = applied
+        if applied:
+            logger.info(describe(applied))
     app.steps["worker"].add(TuningWorkerStep)
     app.user_options["worker"].add(click.Option(
         ["--without-tuning"], is_flag=True, default=False,
         help="Run tuned tasks as plain Celery tasks on this worker (celery-tuning kill switch).",
+    ))
+    app.user_options["worker"].add(click.Option(
+        ["--tuning-profile"], default=None, metavar="NAME",
+        help="Concurrency profile for this worker (io, cpu, mixed or one of tuning_profiles).",
     ))
     runtime.installed = True
     return runtime

@@ -1,0 +1,131 @@
+"""Apply a concurrency profile to a worker before Celery reads its settings."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+
+from ..errors import ConfigurationError
+from ..policy.profiles import PRESETS, ProfileConflict, choose_profile, expand_profile
+
+__all__ = ["CONF_KEYS", "apply_profile", "parse_worker_argv", "profile_table"]
+
+logger = logging.getLogger("celery_tuning.profiles")
+
+#: Profile field -> Celery setting.
+CONF_KEYS: Dict[str, str] = {
+    "pool": "worker_pool",
+    "concurrency": "worker_concurrency",
+    "prefetch_multiplier": "worker_prefetch_multiplier",
+    "acks_late": "task_acks_late",
+    "max_tasks_per_child": "worker_max_tasks_per_child",
+    "max_memory_per_child": "worker_max_memory_per_child",
+    "time_limit": "task_time_limit",
+    "soft_time_limit": "task_soft_time_limit",
+}
+
+#: Profile field -> the `celery worker` flags that set it explicitly (those always win).
+_FLAGS: Dict[str, Tuple[str, ...]] = {
+    "pool": ("-P", "--pool"),
+    "concurrency": ("-c", "--concurrency"),
+    "prefetch_multiplier": ("--prefetch-multiplier",),
+    "max_tasks_per_child": ("--max-tasks-per-child",),
+    "max_memory_per_child": ("--max-memory-per-child",),
+    "time_limit": ("--time-limit",),
+    "soft_time_limit": ("--soft-time-limit",),
+}
+
+
+def _flag_value(argv: Sequence[str], names: Tuple[str, ...]) -> Tuple[bool, Optional[str]]:
+    for i, arg in enumerate(argv):
+        for name in names:
+            if arg == name:
+                return True, argv[i + 1] if i + 1 < len(argv) else None
+            if name.startswith("--") and arg.startswith(name + "="):
+                return True, arg.split("=", 1)[1]
+            if not name.startswith("--") and arg.startswith(name) and len(arg) > len(name):
+                return True, arg[len(name):]
+    return False, None
+
+
+def parse_worker_argv(argv: Sequence[str]) -> Tuple[List[str], Optional[str], Set[str]]:
+    """(queues given with -Q, --tuning-profile value, profile fields set by explicit flags)."""
+    args = list(argv)
+    if "worker" in args:
+        args = args[args.index("worker") + 1:]
+    _, queues = _flag_value(args, ("-Q", "--queues"))
+    _, explicit = _flag_value(args, ("--tuning-profile",))
+    given = {field for field, names in _FLAGS.items() if _flag_value(args, names)[0]}
+    return [q for q in (queues or "").split(",") if q], explicit, given
+
+
+def apply_profile(app: Any, config: Any, argv: Optional[Sequence[str]] = None) -> Optional[Dict[str, Any]]:
+    """Choose and apply this worker's profile to ``app.conf``; returns what was applied.
+
+    Explicit worker flags win because Celery reads a flag's value before falling back to the
+    settings written here.
+
+    Raises:
+        ConfigurationError: On conflicting queue profiles or an unknown profile name.
+    """
+    argv = sys.argv if argv is None else argv
+    queues, explicit, given = parse_worker_argv(argv)
+    if not queues:
+        queues = [str(app.conf.task_default_queue or "celery")]
+    try:
+        name, why = choose_profile(queues, config.queue_profiles, explicit)
+    except ProfileConflict as exc:
+        raise ConfigurationError(str(exc)) from None
+    if name is None:
+        return None
+    scale = float(config.concurrency_scale)
+    try:
+        settings = expand_profile(name, config.profiles, scale)
+    except KeyError:
+        known = sorted(set(PRESETS) | set(config.profiles))
+        raise ConfigurationError(f"{why}: unknown profile {name!r}; known: {known}") from None
+    applied: Dict[str, Any] = {"profile": name, "chosen_by": why, "queues": queues, "settings": {}}
+    for field, value in settings.items():
+        if field not in CONF_KEYS:
+            continue
+        if field in given:
+            applied["settings"][field] = ("flag", None)
+            continue
+        app.conf[CONF_KEYS[field]] = value
+        source = f"profile {name}"
+        if field == "concurrency" and scale != 1.0:
+            source += f" x CELERY_TUNING_CONCURRENCY_SCALE={scale:g}"
+        applied["settings"][field] = (source, value)
+    return applied
+
+
+def describe(applied: Dict[str, Any]) -> str:
+    parts = []
+    for field, (source, value) in sorted(applied["settings"].items()):
+        parts.append(f"{field}=<flag>" if source == "flag" else f"{field}={value!r} ({source})")
+    return (f"celery-tuning profile {applied['profile']!r} for queues {','.join(applied['queues'])} "
+            f"(chosen by {applied['chosen_by']}): " + ", ".join(parts))
+
+
+def profile_table(config: Any, default_queue: str) -> List[Tuple[str, str, Dict[str, Any]]]:
+    """(queue, profile, settings) for every mapped queue, as a worker started with -Q QUEUE would get."""
+    rows: List[Tuple[str, str, Dict[str, Any]]] = []
+    queues = sorted(set(config.queue_profiles) | {default_queue})
+    for queue in queues:
+        name = config.queue_profiles.get(queue)
+        if name is None:
+            rows.append((queue, "-", {}))
+            continue
+        try:
+            settings = expand_profile(name, config.profiles, float(config.concurrency_scale))
+        except KeyError:
+            settings = {"error": f"unknown profile {name!r}"}
+        rows.append((queue, name, settings))
+    return rows
+
+
+def is_worker_process(argv: Optional[Sequence[str]] = None) -> bool:
+    argv = sys.argv if argv is None else argv
+    return "worker" in list(argv)[1:] and os.environ.get("CELERY_TUNING_PROFILES", "1") != "0"

@@ -1,0 +1,79 @@
+"""Profiles applied to real `celery worker` subprocesses: -Q pick-up, flags win, scale, conflicts."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.support.apps import worker_env
+from tests.support.workers import ROOT, WorkerProcess
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def started(redis_server, queues, extra=(), env=None):
+    worker = WorkerProcess("tests.apps.profiled:app", {**worker_env(redis_server), **(env or {})},
+                           pool="solo", queues=queues, extra=list(extra))
+    # the profile must be free to choose the pool: drop the harness's -P/-c defaults
+    args = worker.args
+    for flag in ("-P", "-c"):
+        i = args.index(flag)
+        del args[i:i + 2]
+    return worker
+
+
+def banner_concurrency(output):
+    match = re.search(r"concurrency: +(\d+) \((\w+)\)", output)
+    assert match, output[-2000:]
+    return int(match.group(1)), match.group(2)
+
+
+def run_worker(worker):
+    try:
+        worker.start()
+        return worker.output()
+    finally:
+        worker.close()
+
+
+def test_queue_picks_its_profile(redis_clean):
+    out = run_worker(started(redis_clean, "webhooks"))
+    assert banner_concurrency(out) == (32, "thread")
+    assert "celery-tuning profile 'io' for queues webhooks (chosen by tuning_queue_profiles[webhooks])" in out
+
+
+def test_explicit_flags_win_and_scale_multiplies(redis_clean):
+    out = run_worker(started(redis_clean, "webhooks", extra=["-c", "5"]))
+    assert banner_concurrency(out) == (5, "thread")
+    assert "concurrency=<flag>" in out
+    out = run_worker(started(redis_clean, "small", env={"CELERY_TUNING_CONCURRENCY_SCALE": "2"}))
+    assert banner_concurrency(out) == (6, "thread")
+    assert "x CELERY_TUNING_CONCURRENCY_SCALE=2" in out
+
+
+def test_tuning_profile_option_overrides_the_mapping(redis_clean):
+    out = run_worker(started(redis_clean, "webhooks", extra=["--tuning-profile", "tiny"]))
+    assert banner_concurrency(out) == (3, "thread")
+
+
+def test_conflicting_queues_are_a_startup_error(redis_clean):
+    worker = started(redis_clean, "webhooks,embeddings")
+    try:
+        with pytest.raises(RuntimeError) as info:
+            worker.start(timeout=30)
+    finally:
+        worker.close()
+    assert "embeddings -> cpu, webhooks -> io" in str(info.value)
+    assert "--tuning-profile" in str(info.value)
+
+
+def test_profiles_command(redis_clean):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **worker_env(redis_clean)}
+    out = subprocess.run([sys.executable, "-m", "celery", "-A", "tests.apps.profiled:app", "tuning", "profiles"],
+                         capture_output=True, text=True, timeout=60, cwd=str(ROOT), env=env)
+    assert out.returncode == 0, out.stderr
+    assert "webhooks: profile io (preset): pool threads, concurrency 32, prefetch_multiplier 4" in out.stdout
+    assert "small: profile tiny (config): pool threads, concurrency 3, prefetch_multiplier 2" in out.stdout
+    assert "celery: no profile" in out.stdout
