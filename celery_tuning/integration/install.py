@@ -46,6 +46,9 @@ def install(app: Any) -> TuningRuntime:
     if any(runtime.config.sources[name] == "config" for name in
            ("tuning_rate_limits", "tuning_circuit_breakers", "tuning_concurrency_limits")):
         _ = runtime.redis_url  # fail at install, not at the first task, when no Redis is known
+    if runtime.config.queue_concurrency:
+        logger.warning("tuning_queue_concurrency is validated but not applied by this version of celery-tuning "
+                       "(per-queue in-flight caps inside one worker are not implemented yet)")
     connect_publish_receivers()
     if timing_wanted(runtime.config):
         connect_timing_receivers()
