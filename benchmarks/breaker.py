@@ -14,29 +14,12 @@ from typing import Any, Callable, Dict, List
 import pybreaker
 import redis
 from celery import Celery
-from redis.connection import Connection
 
+from benchmarks._measure import round_trips_per_call
 from celery_tuning.integration.breakers import breaker_for
 from celery_tuning.integration.runtime import runtime_for
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _count_sends(fn: Callable[[], Any], n: int) -> float:
-    sent = [0]
-    original = Connection.send_packed_command
-
-    def counting(self: Any, command: Any, check_health: bool = True) -> None:
-        sent[0] += 1
-        original(self, command, check_health)
-
-    Connection.send_packed_command = counting  # type: ignore[method-assign]
-    try:
-        for _ in range(n):
-            fn()
-    finally:
-        Connection.send_packed_command = original  # type: ignore[method-assign]
-    return sent[0] / n
 
 
 def _per_call(fns: Dict[str, Callable[[], Any]], n: int, batches: int = 20) -> Dict[str, float]:
@@ -115,9 +98,9 @@ def run(url: str, n: int = 2000, runs: int = 3) -> Dict[str, Any]:
         time.sleep(0.001)
 
     round_trips = {
-        "ours_closed_paced": _count_sends(paced, 5000),
-        "ours_closed_tight": _count_sends(lambda: ours.call(_noop), n * 10),
-        "pybreaker_redis_storage": _count_sends(lambda: theirs_redis.call(_noop), n),
+        "ours_closed_paced": round_trips_per_call(paced, 5000),
+        "ours_closed_tight": round_trips_per_call(lambda: ours.call(_noop), n * 10),
+        "pybreaker_redis_storage": round_trips_per_call(lambda: theirs_redis.call(_noop), n),
     }
     per_call = _per_call({
         "ours": lambda: ours.call(_noop),

@@ -9,6 +9,7 @@ from typing import Any, Callable, Dict, List
 import redis
 from celery import Celery
 
+from benchmarks._measure import round_trips_per_call
 from celery_tuning.integration.limits import limiter_for
 from celery_tuning.integration.runtime import runtime_for
 
@@ -40,24 +41,7 @@ def run(url: str, n: int = 5000, runs: int = 3) -> Dict[str, Any]:
     lim = limiter_for(runtime_for(app), "bench")
     lim.try_acquire()  # registers the script
 
-    # Count what the client sends (one packed command = one round trip); the server's
-    # commandstats would also count the commands the script runs inside Redis.
-    from redis.connection import Connection
-
-    sent = [0]
-    original = Connection.send_packed_command
-
-    def counting(self: Any, command: Any, check_health: bool = True) -> None:
-        sent[0] += 1
-        original(self, command, check_health)
-
-    Connection.send_packed_command = counting  # type: ignore[method-assign]
-    try:
-        for _ in range(n):
-            lim.try_acquire()
-    finally:
-        Connection.send_packed_command = original  # type: ignore[method-assign]
-    round_trips = sent[0] / n
+    round_trips = round_trips_per_call(lim.try_acquire, n)
     client.config_resetstat()
     for _ in range(n):
         lim.try_acquire()

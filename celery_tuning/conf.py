@@ -39,6 +39,11 @@ class Setting:
         return self.name[len("tuning_"):]
 
 
+def known_names(entries: Mapping[str, Any]) -> str:
+    """``'a', 'b'`` (or ``none configured``) for errors about a name missing from a setting."""
+    return ", ".join(repr(n) for n in sorted(entries)) or "none configured"
+
+
 def _fail(name: str, value: Any, accepted: str) -> ConfigurationError:
     return ConfigurationError(f"{name}: {value!r} is not valid; expected {accepted}")
 

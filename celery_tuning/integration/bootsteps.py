@@ -30,7 +30,7 @@ class TuningWorkerStep(bootsteps.StartStopStep):
 
     def start(self, worker: Any) -> None:
         runtime = self.runtime
-        applied = runtime.__dict__.get("profile")
+        applied = runtime.profile
         if applied:
             from .profiles import describe
 

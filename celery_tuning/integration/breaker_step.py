@@ -6,6 +6,7 @@ import logging
 from typing import Any, Dict, Optional, Tuple
 
 from ..circuit import CircuitOpen, SharedBreaker
+from ..conf import known_names
 from ..errors import ConfigurationError
 from ..policy.attach import BreakerPolicy
 from .breakers import breaker_for
@@ -33,7 +34,7 @@ class BreakerStep(Step):
                 f"@circuit_breaker({policy.name!r}, ...): the breaker is defined in tuning_circuit_breakers; "
                 "pass options in one place only")
         if policy.name not in configured and not policy.options:
-            known = ", ".join(repr(n) for n in sorted(configured)) or "none configured"
+            known = known_names(configured)
             raise ConfigurationError(
                 f"@circuit_breaker({policy.name!r}): no such breaker in tuning_circuit_breakers (known: {known}); "
                 "define it there or pass fail_max=/reset_timeout= to the decorator")

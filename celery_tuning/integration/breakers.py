@@ -8,6 +8,7 @@ from celery.exceptions import Ignore, Reject, Retry
 
 from .. import signals
 from ..circuit import SharedBreaker
+from ..conf import known_names
 from ..errors import ConfigurationError, RateLimited, Throttled
 from ..storage.breaker import RedisBreakerStore
 from .runtime import TuningRuntime, runtime_for
@@ -33,7 +34,7 @@ def breaker_for(runtime: TuningRuntime, name: str, options: Optional[Dict[str, A
     def build() -> SharedBreaker:
         spec = runtime.config.circuit_breakers.get(name) or options
         if spec is None:
-            known = ", ".join(repr(n) for n in sorted(runtime.config.circuit_breakers)) or "none configured"
+            known = known_names(runtime.config.circuit_breakers)
             raise ConfigurationError(f"circuit breaker {name!r} is not in tuning_circuit_breakers (known: {known})")
         return SharedBreaker(
             name,

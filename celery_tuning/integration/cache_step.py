@@ -8,7 +8,6 @@ from typing import Any, Dict, Optional, Tuple
 
 from .. import signals
 from ..cache import TwoLevelCache, UncacheableArgument
-from ..errors import ConfigurationError
 from ..policy.attach import CachePolicy
 from ..storage.cache import RedisCacheStore
 from .pipeline import Call, Step, register_step
@@ -76,10 +75,7 @@ class CacheStep(Step):
     def cache(self) -> TwoLevelCache:
         if self._cache is None:
             p = self.policy
-            try:
-                store: Optional[RedisCacheStore] = RedisCacheStore(self.runtime.connector)
-            except ConfigurationError:
-                raise
+            store = RedisCacheStore(self.runtime.connector)
             self._cache = TwoLevelCache(
                 self.task_name, self.signature, store=store, prefix=self.runtime.config.key_prefix,
                 version=p.version, ttl=p.ttl, l1_ttl=p.l1_ttl, l1_maxsize=self.runtime.config.cache_l1_maxsize,

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, Optional
 
 import click
 
@@ -13,6 +14,15 @@ from ..errors import ConfigurationError, StorageError
 from .runtime import runtime_for
 
 __all__ = ["tuning"]
+
+
+@contextlib.contextmanager
+def _as_cli_error() -> Iterator[None]:
+    """Show a configuration or Redis failure as one line and exit non-zero (no traceback)."""
+    try:
+        yield
+    except (ConfigurationError, StorageError) as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def _runtime(ctx: click.Context) -> Any:
@@ -156,10 +166,8 @@ def limit() -> None:
 def _limiter(ctx: click.Context, name: str) -> Any:
     from .limits import limiter_for
 
-    try:
+    with _as_cli_error():
         return limiter_for(_runtime(ctx), name)
-    except ConfigurationError as exc:
-        raise click.ClickException(str(exc)) from None
 
 
 @limit.command("show", help="Configured rate, run-time override and tokens available now.")
@@ -170,12 +178,10 @@ def limit_show(ctx: click.Context, names: Any) -> None:
     for name in names or sorted(runtime.config.rate_limits):
         lim = _limiter(ctx, name)
         bucket = lim.bucket()
-        try:
+        with _as_cli_error():
             override = lim.store.get_override(bucket)
             tat_raw, (secs, micros) = runtime.connector.run(
                 lambda c, b=bucket: (c.get(b.tat), c.time()), what="limit show")
-        except StorageError as exc:
-            raise click.ClickException(str(exc)) from None
         interval = int(override.get("interval", lim.interval))
         burst = int(override.get("burst", lim.burst))
         now = secs * 1_000_000 + micros
@@ -204,10 +210,8 @@ def limit_set(ctx: click.Context, name: str, rate: str, burst: Any) -> None:
     if burst is not None and burst < 1:
         raise click.BadParameter(f"{burst} must be >= 1", param_hint="--burst")
     lim = _limiter(ctx, name)
-    try:
+    with _as_cli_error():
         lim.store.set_override(lim.bucket(), interval_us(parsed.period, parsed.amount), burst)
-    except StorageError as exc:
-        raise click.ClickException(str(exc)) from None
     click.echo(f"{name}: now {parsed}" + (f" burst {burst}" if burst else "") + " for every worker")
 
 
@@ -216,10 +220,8 @@ def limit_set(ctx: click.Context, name: str, rate: str, burst: Any) -> None:
 @click.pass_context
 def limit_reset(ctx: click.Context, name: str) -> None:
     lim = _limiter(ctx, name)
-    try:
+    with _as_cli_error():
         lim.store.reset(lim.bucket())
-    except StorageError as exc:
-        raise click.ClickException(str(exc)) from None
     click.echo(f"{name}: back to the configured {lim.rate} burst {lim.burst}")
 
 
@@ -231,10 +233,8 @@ def breaker() -> None:
 def _breaker(ctx: click.Context, name: str) -> Any:
     from .breakers import breaker_for
 
-    try:
+    with _as_cli_error():
         return breaker_for(_runtime(ctx), name)
-    except ConfigurationError as exc:
-        raise click.ClickException(str(exc)) from None
 
 
 def _describe(name: str, b: Any) -> str:
@@ -308,11 +308,9 @@ def _cached_task(ctx: click.Context, name: str) -> Any:
 @click.pass_context
 def cache_stats(ctx: click.Context, task_name: str) -> None:
     handle = _cached_task(ctx, task_name)
-    try:
+    with _as_cli_error():
         entries = handle.entries()
         generation = handle._step.cache._current_generation()
-    except StorageError as exc:
-        raise click.ClickException(str(exc)) from None
     policy = handle._step.policy
     click.echo(f"{task_name}: {entries} entries in Redis (version {policy.version}, generation {generation}, "
                f"ttl {policy.ttl:g}s, l1_ttl {policy.l1_ttl:g}s, serializer {policy.serializer})")
@@ -323,10 +321,8 @@ def cache_stats(ctx: click.Context, task_name: str) -> None:
 @click.pass_context
 def cache_clear(ctx: click.Context, task_name: str) -> None:
     handle = _cached_task(ctx, task_name)
-    try:
+    with _as_cli_error():
         generation = handle.clear()
-    except StorageError as exc:
-        raise click.ClickException(str(exc)) from None
     click.echo(f"{task_name}: cleared (generation {generation})")
 
 

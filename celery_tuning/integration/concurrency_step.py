@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Dict, Optional, Tuple
 
 from ..concurrency import ConcurrencyLimiter
+from ..conf import known_names
 from ..errors import ConcurrencyLimited, ConfigurationError
 from ..policy.attach import ConcurrencyPolicy
 from .deferral import defer, deferrals_of, jitter
@@ -24,7 +25,7 @@ def concurrency_limiter_for(runtime: TuningRuntime, name: str) -> ConcurrencyLim
     def build() -> ConcurrencyLimiter:
         cap = runtime.config.concurrency_limits.get(name)
         if cap is None:
-            known = ", ".join(repr(n) for n in sorted(runtime.config.concurrency_limits)) or "none configured"
+            known = known_names(runtime.config.concurrency_limits)
             raise ConfigurationError(f"concurrency limit {name!r} is not in tuning_concurrency_limits (known: {known})")
         return ConcurrencyLimiter(name, cap, runtime.connector, prefix=runtime.config.key_prefix,
                                   ttl=runtime.config.concurrency_lease_ttl)
@@ -41,7 +42,7 @@ class ConcurrencyStep(Step):
         self.policy = policy
         self.runtime = runtime_for(task_cls._app)
         if policy.name not in self.runtime.config.concurrency_limits:
-            known = ", ".join(repr(n) for n in sorted(self.runtime.config.concurrency_limits)) or "none configured"
+            known = known_names(self.runtime.config.concurrency_limits)
             raise ConfigurationError(
                 f"@concurrency_limit({policy.name!r}): no such limit in tuning_concurrency_limits (known: {known})")
         self._limiter: Optional[ConcurrencyLimiter] = None

@@ -57,14 +57,11 @@ def install(app: Any) -> TuningRuntime:
 
         prepare_multiprocess()  # before anything imports prometheus_client in this worker
         connect_metric_receivers(runtime.config.metrics_buckets)
-    from .profiles import apply_profile, describe, is_worker_process
+    from .profiles import apply_profile, is_worker_process
 
     if is_worker_process() and (runtime.config.queue_profiles or "--tuning-profile" in " ".join(sys.argv)):
         # Before the worker command reads -c/-P/--prefetch-multiplier defaults from app.conf.
-        applied = apply_profile(app, runtime.config)
-        runtime.__dict__["profile"] = applied
-        if applied:
-            logger.info(describe(applied))
+        runtime.profile = apply_profile(app, runtime.config)  # logged by the worker bootstep
     app.steps["worker"].add(TuningWorkerStep)
     app.user_options["worker"].add(click.Option(
         ["--without-tuning"], is_flag=True, default=False,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from .. import signals
+from ..conf import known_names
 from ..errors import ConfigurationError
 from ..policy.rates import Rate
 from ..ratelimit import GcraLimiter
@@ -36,7 +37,7 @@ def limiter_for(runtime: TuningRuntime, name: str, *, rate: Optional[Rate] = Non
         if rate is None:
             spec = runtime.config.rate_limits.get(name)
             if spec is None:
-                known = ", ".join(repr(n) for n in sorted(runtime.config.rate_limits)) or "none configured"
+                known = known_names(runtime.config.rate_limits)
                 raise ConfigurationError(
                     f"rate limiter {name!r} is not in tuning_rate_limits (known: {known})")
             rate, burst, adaptive = spec.rate, spec.burst, spec.adaptive

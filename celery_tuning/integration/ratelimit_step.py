@@ -7,6 +7,7 @@ import time
 import warnings
 from typing import Any, Dict, Optional, Tuple
 
+from ..conf import known_names
 from ..errors import ConfigurationError, RateLimited, Throttled
 from ..policy.attach import RateLimitPolicy
 from ..ratelimit import GcraLimiter, hash_key
@@ -35,7 +36,7 @@ class RateLimitStep(Step):
         runtime = runtime_for(self.app)
         self.runtime = runtime
         if policy.name is not None and policy.name not in runtime.config.rate_limits:
-            known = ", ".join(repr(n) for n in sorted(runtime.config.rate_limits)) or "none configured"
+            known = known_names(runtime.config.rate_limits)
             raise ConfigurationError(
                 f"@rate_limit({policy.name!r}): no such limiter in tuning_rate_limits (known: {known})")
         if policy.name is not None and policy.cost > runtime.config.rate_limits[policy.name].burst:

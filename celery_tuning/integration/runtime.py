@@ -44,6 +44,8 @@ class TuningRuntime:
         self.enabled = bool(config.enabled)
         self._redis_url: Optional[str] = None
         self._components: Dict[str, Dict[str, Any]] = {}
+        #: The concurrency profile applied to this worker process, if any (see integration.profiles).
+        self.profile: Optional[Dict[str, Any]] = None
 
     @property
     def redis_url(self) -> str:

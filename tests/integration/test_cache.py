@@ -12,7 +12,7 @@ from celery.result import EagerResult
 import celery_tuning
 from celery_tuning import TunedTask, cache_result
 from tests.support.apps import make_app, run_producer, worker_env
-from tests.support.workers import WorkerProcess
+from tests.support.workers import WorkerProcess, running_workers
 
 pytestmark = pytest.mark.integration
 
@@ -26,11 +26,7 @@ pytestmark = pytest.mark.integration
 @pytest.mark.slow
 def test_single_flight_across_two_workers_then_l2_for_a_fresh_worker(redis_clean):
     """20 identical calls to 2 thread-pool workers (c=8) run the body once; a new worker reads L2."""
-    workers = [WorkerProcess("tests.apps.cached:app", worker_env(redis_clean), pool="threads", concurrency=8,
-                             name=f"c{i}") for i in range(2)]
-    try:
-        for w in workers:
-            w.start()
+    with running_workers("tests.apps.cached:app", worker_env(redis_clean), pool="threads", concurrency=8, prefix="c"):
         out = run_producer(
             "import json\nfrom tests.apps.cached import embed\n"
             "rs = [embed.delay('hello', model='small') if i % 2 else embed.delay('hello') for i in range(20)]\n"
@@ -41,9 +37,6 @@ def test_single_flight_across_two_workers_then_l2_for_a_fresh_worker(redis_clean
         assert len(values) == 20 and all(v == {"text": "hello", "model": "small", "vector": [5, 1.5, -2]}
                                           for v in values)
         assert int(redis_clean.client(1).get("body_runs:hello")) == 1
-    finally:
-        for w in workers:
-            w.close()
     fresh = WorkerProcess("tests.apps.cached:app", worker_env(redis_clean), pool="solo", name="fresh")
     try:
         fresh.start()

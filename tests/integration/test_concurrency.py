@@ -9,26 +9,19 @@ import pytest
 
 from celery_tuning import ConcurrencyLimited, ConfigurationError, TunedTask, concurrency_limit
 from tests.support.apps import make_app, run_producer, worker_env
-from tests.support.workers import WorkerProcess
+from tests.support.workers import WorkerProcess, running_workers
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.mark.slow
 def test_at_most_n_run_at_once_across_prefork_workers(redis_clean):
-    workers = [WorkerProcess("tests.apps.limited:app", worker_env(redis_clean), concurrency=3, name=f"cc{i}")
-               for i in range(2)]
-    try:
-        for w in workers:
-            w.start()
+    with running_workers("tests.apps.limited:app", worker_env(redis_clean), concurrency=3, prefix="cc"):
         out = run_producer(
             "import json, time\nfrom tests.apps.limited import render\n"
             "start = time.time()\nrs = [render.delay(i) for i in range(10)]\n"
             "values = [r.get(timeout=90) for r in rs]\n"
             "print(json.dumps({'elapsed': time.time() - start, 'values': values}))\n", redis_clean)
-    finally:
-        for w in workers:
-            w.close()
     data = json.loads(out.splitlines()[-1])
     assert [v["i"] for v in data["values"]] == list(range(10))
     assert all(v["retries"] == 0 for v in data["values"])

@@ -14,7 +14,7 @@ from celery_tuning.integration.limits import limiter_for
 from celery_tuning.integration.runtime import runtime_for
 from tests.support.apps import make_app, run_producer, worker_env
 from tests.support.hammer import hammer
-from tests.support.workers import WorkerProcess
+from tests.support.workers import running_workers
 
 pytestmark = pytest.mark.integration
 
@@ -46,11 +46,7 @@ def test_four_processes_share_one_bucket(redis_clean):
 @pytest.mark.slow
 def test_two_prefork_workers_respect_a_shared_limit_without_using_retries(redis_clean):
     """40 tasks at 10/s burst 2 across 2 prefork workers x 2: >= 3.4 s, each exactly once, max_retries=0."""
-    workers = [WorkerProcess("tests.apps.limited:app", worker_env(redis_clean), concurrency=2, name=f"w{i}")
-               for i in range(2)]
-    try:
-        for w in workers:
-            w.start()
+    with running_workers("tests.apps.limited:app", worker_env(redis_clean), concurrency=2, prefix="w"):
         code = (
             "import time, json\n"
             "from tests.apps.limited import limited\n"
@@ -61,9 +57,6 @@ def test_two_prefork_workers_respect_a_shared_limit_without_using_retries(redis_
             " 'ids': [r.id for r in results], 'states': [r.state for r in results]}))\n"
         )
         data = json.loads(run_producer(code, redis_clean).splitlines()[-1])
-    finally:
-        for w in workers:
-            w.close()
     assert data["elapsed"] >= 3.4, data["elapsed"]
     assert [v["i"] for v in data["values"]] == list(range(40))
     assert all(v["retries"] == 0 for v in data["values"])
@@ -85,11 +78,7 @@ def test_two_prefork_workers_respect_a_shared_limit_without_using_retries(redis_
 
 @pytest.mark.slow
 def test_throttled_pauses_the_limiter_for_every_worker(redis_clean):
-    workers = [WorkerProcess("tests.apps.limited:app", worker_env(redis_clean), concurrency=2, name=f"t{i}")
-               for i in range(2)]
-    try:
-        for w in workers:
-            w.start()
+    with running_workers("tests.apps.limited:app", worker_env(redis_clean), concurrency=2, prefix="t"):
         code = (
             "import time, json\n"
             "from tests.apps.limited import flaky_api\n"
@@ -98,9 +87,6 @@ def test_throttled_pauses_the_limiter_for_every_worker(redis_clean):
             "print(json.dumps({'start': start, 'values': [r.get(timeout=60) for r in rs]}))\n"
         )
         data = json.loads(run_producer(code, redis_clean).splitlines()[-1])
-    finally:
-        for w in workers:
-            w.close()
     assert data["values"] == list(range(6))
     ok_times = sorted(float(t) for t in redis_clean.client(1).lrange("api_ok_times", 0, -1))
     assert len(ok_times) == 6

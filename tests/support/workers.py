@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -9,7 +10,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -82,3 +83,17 @@ class WorkerProcess:
             os.unlink(self.log.name)
         except OSError:
             pass
+
+
+@contextlib.contextmanager
+def running_workers(app: str, env: Dict[str, str], count: int = 2, *, prefix: str = "w",
+                    **options: Any) -> Iterator[List[WorkerProcess]]:
+    """``count`` started worker subprocesses, stopped (and their logs removed) on exit."""
+    workers = [WorkerProcess(app, env, name=f"{prefix}{i}", **options) for i in range(count)]
+    try:
+        for worker in workers:
+            worker.start()
+        yield workers
+    finally:
+        for worker in workers:
+            worker.close()
