@@ -77,3 +77,9 @@ def test_profiles_command(redis_clean):
     assert "webhooks: profile io (preset): pool threads, concurrency 32, prefetch_multiplier 4" in out.stdout
     assert "small: profile tiny (config): pool threads, concurrency 3, prefetch_multiplier 2" in out.stdout
     assert "celery: no profile" in out.stdout
+
+
+def test_profiles_can_be_turned_off_per_worker(redis_clean):
+    out = run_worker(started(redis_clean, "webhooks", env={"CELERY_TUNING_PROFILES": "0"}))
+    assert "celery-tuning profile" not in out
+    assert banner_concurrency(out)[1] == "prefork"  # Celery's own default, not the io profile's threads
