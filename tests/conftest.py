@@ -40,3 +40,19 @@ def fault_redis() -> Iterator[RedisServer]:
     server = RedisServer().start()
     yield server
     server.close()
+
+
+RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672//"
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_url() -> str:
+    """The machine's RabbitMQ (guest/guest on loopback); tests using it skip when it does not answer."""
+    from kombu import Connection
+
+    try:
+        with Connection(RABBITMQ_URL, connect_timeout=2) as conn:
+            conn.ensure_connection(max_retries=1)
+    except Exception as exc:  # any failure to reach it means: skip, saying why
+        pytest.skip(f"RabbitMQ not reachable at 127.0.0.1:5672 ({exc.__class__.__name__}: {exc})")
+    return RABBITMQ_URL

@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from .bootsteps import TuningWorkerStep
+from .queue_caps import QueueCapsStep
 from .receivers import connect_publish_receivers, connect_timing_receivers, timing_wanted
 from .runtime import TuningRuntime, env_disabled, runtime_for
 
@@ -46,9 +47,6 @@ def install(app: Any) -> TuningRuntime:
     if any(runtime.config.sources[name] == "config" for name in
            ("tuning_rate_limits", "tuning_circuit_breakers", "tuning_concurrency_limits")):
         _ = runtime.redis_url  # fail at install, not at the first task, when no Redis is known
-    if runtime.config.queue_concurrency:
-        logger.warning("tuning_queue_concurrency is validated but not applied by this version of celery-tuning "
-                       "(per-queue in-flight caps inside one worker are not implemented yet)")
     connect_publish_receivers()
     if timing_wanted(runtime.config):
         connect_timing_receivers()
@@ -63,6 +61,7 @@ def install(app: Any) -> TuningRuntime:
         # Before the worker command reads -c/-P/--prefetch-multiplier defaults from app.conf.
         runtime.profile = apply_profile(app, runtime.config)  # logged by the worker bootstep
     app.steps["worker"].add(TuningWorkerStep)
+    app.steps["consumer"].add(QueueCapsStep)
     app.user_options["worker"].add(click.Option(
         ["--without-tuning"], is_flag=True, default=False,
         help="Run tuned tasks as plain Celery tasks on this worker (celery-tuning kill switch).",
