@@ -253,9 +253,42 @@ def _sla(name: str, value: Any) -> Dict[str, Dict[str, Any]]:
 
 PROFILE_FIELDS = (
     "pool", "concurrency", "prefetch_multiplier", "acks_late", "max_tasks_per_child",
-    "max_memory_per_child", "time_limit", "soft_time_limit",
+    "max_memory_per_child", "time_limit", "soft_time_limit", "autoscale",
 )
 PRESET_PROFILES = ("io", "cpu", "mixed")
+POOLS = ("prefork", "threads", "solo", "processes", "eventlet", "gevent")
+
+
+def _autoscale(name: str, value: Any) -> Tuple[int, int]:
+    accepted = "(max, min) or 'max,min' with max >= 1 and 0 <= min <= max"
+    parts: Any = value.split(",") if isinstance(value, str) else value
+    if not isinstance(parts, (list, tuple)) or len(parts) != 2:
+        raise _fail(name, value, accepted)
+    try:
+        high = int(_number(name, parts[0], minimum=1, integer=True))
+        low = int(_number(name, parts[1], minimum=0, integer=True))
+    except ConfigurationError:
+        raise _fail(name, value, accepted) from None
+    if low > high:
+        raise _fail(name, value, accepted)
+    return high, low
+
+
+def _profile_field(where: str, field: str, value: Any) -> Any:
+    name = f"{where}[{field!r}]"
+    if field == "pool":
+        if value not in POOLS:
+            raise _fail(name, value, "one of " + ", ".join(POOLS))
+        return value
+    if field == "acks_late":
+        return _bool(name, value)
+    if field in ("time_limit", "soft_time_limit"):
+        return _number(name, value, strict=True)
+    if field == "autoscale":
+        return _autoscale(name, value)
+    if field == "concurrency" and value in ("cpus", "2*cpus"):
+        return value
+    return _positive_int(name, value)
 
 
 def _profiles(name: str, value: Any) -> Dict[str, Dict[str, Any]]:
@@ -269,7 +302,7 @@ def _profiles(name: str, value: Any) -> Dict[str, Dict[str, Any]]:
             raise ConfigurationError(
                 f"{where}: unknown option(s) {sorted(unknown)}; accepted: {', '.join(PROFILE_FIELDS)}"
             )
-        out[key] = dict(spec)
+        out[key] = {field: v if field == "base" else _profile_field(where, field, v) for field, v in spec.items()}
     return out
 
 

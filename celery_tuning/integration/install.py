@@ -62,6 +62,10 @@ def install(app: Any) -> TuningRuntime:
         runtime.profile = apply_profile(app, runtime.config)  # logged by the worker bootstep
     app.steps["worker"].add(TuningWorkerStep)
     app.steps["consumer"].add(QueueCapsStep)
+    if runtime.profile and runtime.profile.get("autoscale"):
+        from .profiles import AutoscaleStep
+
+        app.steps["worker"].add(AutoscaleStep)
     app.user_options["worker"].add(click.Option(
         ["--without-tuning"], is_flag=True, default=False,
         help="Run tuned tasks as plain Celery tasks on this worker (celery-tuning kill switch).",

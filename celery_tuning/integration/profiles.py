@@ -7,10 +7,12 @@ import os
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
+from celery import bootsteps
+
 from ..errors import ConfigurationError
 from ..policy.profiles import PRESETS, ProfileConflict, choose_profile, expand_profile
 
-__all__ = ["CONF_KEYS", "apply_profile", "parse_worker_argv", "profile_table"]
+__all__ = ["CONF_KEYS", "AutoscaleStep", "apply_profile", "parse_worker_argv", "profile_table"]
 
 logger = logging.getLogger("celery_tuning.profiles")
 
@@ -35,6 +37,7 @@ _FLAGS: Dict[str, Tuple[str, ...]] = {
     "max_memory_per_child": ("--max-memory-per-child",),
     "time_limit": ("--time-limit",),
     "soft_time_limit": ("--soft-time-limit",),
+    "autoscale": ("--autoscale",),
 }
 
 
@@ -88,10 +91,17 @@ def apply_profile(app: Any, config: Any, argv: Optional[Sequence[str]] = None) -
         raise ConfigurationError(f"{why}: unknown profile {name!r}; known: {known}") from None
     applied: Dict[str, Any] = {"profile": name, "chosen_by": why, "queues": queues, "settings": {}}
     for field, value in settings.items():
-        if field not in CONF_KEYS:
+        if field not in CONF_KEYS and field != "autoscale":
             continue
         if field in given:
             applied["settings"][field] = ("flag", None)
+            continue
+        if field == "autoscale":
+            if "concurrency" in given:  # an explicit -c wins over the profile's autoscale too
+                applied["settings"][field] = ("flag -c", None)
+                continue
+            applied["autoscale"] = tuple(value)  # applied by AutoscaleStep (no setting exists)
+            applied["settings"][field] = (f"profile {name}", tuple(value))
             continue
         app.conf[CONF_KEYS[field]] = value
         source = f"profile {name}"
@@ -101,10 +111,41 @@ def apply_profile(app: Any, config: Any, argv: Optional[Sequence[str]] = None) -
     return applied
 
 
+class AutoscaleStep(bootsteps.Step):
+    """Worker step giving the pool the profile's ``autoscale`` (Celery only takes it as a flag).
+
+    Runs right after the Pool step's ``__init__`` read the (absent) flag and before the pool is
+    created, so the pool starts at the profile's minimum and Celery's own autoscaler grows it.
+    """
+
+    label = "celery-tuning autoscale"
+    requires = ("celery.worker.components:Pool",)
+
+    def __init__(self, w: Any, **kwargs: Any) -> None:
+        super().__init__(w, **kwargs)
+        from .runtime import runtime_for
+
+        profile = runtime_for(w.app).profile or {}
+        scale = profile.get("autoscale")
+        if not scale or w.autoscale:
+            return
+        high, low = scale
+        w.autoscale = [high, low]
+        w.max_concurrency, w.min_concurrency = high, low
+        # Celery's autoscaler step decides in its __init__ whether it is enabled: when it was
+        # built before this one, tell it now.
+        component = w.blueprint.steps.get("celery.worker.autoscale.WorkerComponent")
+        if isinstance(component, bootsteps.Step):
+            component.enabled = True
+
+
 def describe(applied: Dict[str, Any]) -> str:
     parts = []
     for field, (source, value) in sorted(applied["settings"].items()):
-        parts.append(f"{field}=<flag>" if source == "flag" else f"{field}={value!r} ({source})")
+        if source.startswith("flag"):
+            parts.append(f"{field}=<{source}>")
+        else:
+            parts.append(f"{field}={value!r} ({source})")
     return (f"celery-tuning profile {applied['profile']!r} for queues {','.join(applied['queues'])} "
             f"(chosen by {applied['chosen_by']}): " + ", ".join(parts))
 

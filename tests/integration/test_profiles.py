@@ -1,5 +1,6 @@
 """Profiles applied to real `celery worker` subprocesses: -Q pick-up, flags win, scale, conflicts."""
 
+import json
 import os
 import re
 import subprocess
@@ -83,3 +84,42 @@ def test_profiles_can_be_turned_off_per_worker(redis_clean):
     out = run_worker(started(redis_clean, "webhooks", env={"CELERY_TUNING_PROFILES": "0"}))
     assert "celery-tuning profile" not in out
     assert banner_concurrency(out)[1] == "prefork"  # Celery's own default, not the io profile's threads
+
+
+def inspect_stats(redis_server, worker):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **worker_env(redis_server)}
+    out = subprocess.run([sys.executable, "-m", "celery", "-A", "tests.apps.profiled:app", "inspect", "stats",
+                          "--json", "-t", "5"], capture_output=True, text=True, timeout=60, cwd=str(ROOT), env=env)
+    assert out.returncode == 0, out.stdout + out.stderr + worker.output()[-2000:]
+    (stats,) = json.loads(out.stdout).values()
+    return stats
+
+
+def stats_of(redis_server, queues, extra=()):
+    worker = started(redis_server, queues, extra)
+    try:
+        worker.start()
+        return inspect_stats(redis_server, worker), worker.output()
+    finally:
+        worker.close()
+
+
+def test_inspect_stats_show_the_profile_and_the_flag_winning(redis_clean):
+    stats, _ = stats_of(redis_clean, "q")
+    assert stats["pool"]["max-concurrency"] == 3
+    assert stats["prefetch_count"] == 6
+    assert "prefork" in stats["pool"]["implementation"]
+    stats, out = stats_of(redis_clean, "q", extra=["-c", "2"])
+    assert stats["pool"]["max-concurrency"] == 2
+    assert stats["prefetch_count"] == 4  # the profile's prefetch multiplier still applies
+    assert "concurrency=<flag>" in out
+
+
+def test_profile_autoscale_reaches_celerys_autoscaler(redis_clean):
+    stats, out = stats_of(redis_clean, "elastic")
+    assert stats["autoscaler"]["max"] == 3 and stats["autoscaler"]["min"] == 1
+    assert "concurrency: {min=1, max=3} (prefork)" in out
+    assert "autoscale=(3, 1) (profile elastic)" in out
+    stats, out = stats_of(redis_clean, "elastic", extra=["--autoscale", "4,2"])
+    assert stats["autoscaler"]["max"] == 4 and stats["autoscaler"]["min"] == 2
+    assert "autoscale=<flag>" in out

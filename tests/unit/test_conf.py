@@ -49,12 +49,23 @@ def test_rate_limit_forms_are_normalized():
         ({"tuning_key_prefix": "a b"}, "tuning_key_prefix"),
         ({"tuning_profiles": {"x": {"threads": 3}}}, "tuning_profiles['x']"),
         ({"tuning_queue_concurrency": {"q": 0}}, "tuning_queue_concurrency['q']"),
+        ({"tuning_profiles": {"x": {"pool": "thread"}}}, "tuning_profiles['x']['pool']: 'thread'"),
+        ({"tuning_profiles": {"x": {"concurrency": 0}}}, "tuning_profiles['x']['concurrency']"),
+        ({"tuning_profiles": {"x": {"autoscale": "2,5"}}}, "tuning_profiles['x']['autoscale']: '2,5'"),
+        ({"tuning_profiles": {"x": {"autoscale": [4]}}}, "tuning_profiles['x']['autoscale']"),
+        ({"tuning_profiles": {"x": {"time_limit": 0}}}, "tuning_profiles['x']['time_limit']"),
     ],
 )
 def test_bad_values_name_the_setting(conf, fragment):
     with pytest.raises(ConfigurationError) as info:
         load_config(conf, environ={})
     assert fragment in str(info.value)
+
+
+def test_profile_fields_are_normalised():
+    cfg = load_config({"tuning_profiles": {"x": {"base": "io", "autoscale": "8,2", "acks_late": "yes"}}},
+                      environ={})
+    assert cfg.profiles["x"] == {"base": "io", "autoscale": (8, 2), "acks_late": True}
 
 
 def test_unknown_key_suggests_the_closest_setting():
