@@ -26,10 +26,12 @@ sla_breached = Signal(
 #: Sent in the worker after every task attempt with its timings in seconds.
 #: ``sender`` is the task; keyword arguments: ``task_id``, ``queue``,
 #: ``wait`` (queue wait from max(publish, ETA) to start), ``run`` and
-#: ``total`` (first publish to finish; None when the message was not stamped).
+#: ``total`` (first publish to finish; None when the message was not stamped),
+#: ``state``, ``clamped`` (the wait came out negative and was clamped to 0) and
+#: ``cpu`` (CPU seconds of the thread that ran the task).
 task_timed = Signal(
     name="task_timed",
-    providing_args={"task_id", "queue", "wait", "run", "total", "state"},
+    providing_args={"task_id", "queue", "wait", "run", "total", "state", "clamped", "cpu"},
 )
 
 #: Sent on every rate-limit decision. ``sender`` is the limiter name; keyword

@@ -11,6 +11,7 @@ import click
 
 from ..conf import SETTINGS
 from ..errors import ConfigurationError, StorageError
+from ..policy.advise import quantile
 from .runtime import runtime_for
 
 __all__ = ["tuning"]
@@ -57,22 +58,6 @@ def check(ctx: click.Context) -> None:
     click.echo(f"lua: scripts load (server time {int(server_ms)} ms)")
 
 
-def _quantile(buckets: list[tuple[float, float]], q: float) -> Optional[float]:
-    """Quantile from cumulative (upper bound, count) buckets, interpolated within a bucket."""
-    if not buckets or buckets[-1][1] <= 0:
-        return None
-    rank = q * buckets[-1][1]
-    lower_bound, lower_count = 0.0, 0.0
-    for bound, count in buckets:
-        if count >= rank:
-            if bound == float("inf"):
-                return lower_bound
-            span = count - lower_count
-            return lower_bound + (bound - lower_bound) * ((rank - lower_count) / span if span else 1.0)
-        lower_bound, lower_count = bound, count
-    return None
-
-
 def sla_summary(text: str) -> list[dict]:
     """Per-queue SLA figures from a /metrics page (the worker's Prometheus endpoint)."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -99,18 +84,29 @@ def sla_summary(text: str) -> list[dict]:
     for queue in sorted(queues):
         r = queues[queue]
         cumulative = sorted(r.pop("buckets").items())
-        r["wait_p50"] = _quantile(cumulative, 0.5)
-        r["wait_p95"] = _quantile(cumulative, 0.95)
+        r["wait_p50"] = quantile(cumulative, 0.5)
+        r["wait_p95"] = quantile(cumulative, 0.95)
         r["compliance"] = (1 - r["critical"] / r["checked"]) if r["checked"] else None
         out.append(r)
     return out
 
 
-def _print_sla(url: str) -> None:
+def _scrape(url: str) -> str:
+    """A /metrics page (OSError when it cannot be fetched)."""
     import urllib.request
 
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return str(response.read().decode())
+
+
+def _default_metrics_url(runtime: Any) -> Optional[str]:
+    port = runtime.config.metrics_port
+    return f"http://127.0.0.1:{port}/metrics" if port else None
+
+
+def _print_sla(url: str) -> None:
     try:
-        text = urllib.request.urlopen(url, timeout=5).read().decode()
+        text = _scrape(url)
     except OSError as exc:
         click.echo(f"SLA by queue: metrics endpoint {url} unreachable ({exc})")
         return
@@ -152,10 +148,49 @@ def status(ctx: click.Context, as_json: bool, metrics_url: Optional[str]) -> Non
     click.echo(f"enabled in this process: {runtime.enabled}")
     for name, value, source in rows:
         click.echo(f"{name:<{width}}  {value!r}  ({source})")
-    port = runtime.config.metrics_port
-    url = metrics_url or (f"http://127.0.0.1:{port}/metrics" if port else None)
+    url = metrics_url or _default_metrics_url(runtime)
     if url:
         _print_sla(url)
+
+
+@tuning.command(help="Recommend a profile per queue from observed CPU-time/run-time ratios and queue waits.")
+@click.option("--metrics-url", "urls", multiple=True,
+              help="A worker's /metrics URL; repeat for several workers "
+                   "(default: 127.0.0.1 on tuning_metrics_port when set).")
+@click.option("--min-attempts", default=20, show_default=True, type=click.IntRange(1),
+              help="Task attempts a queue needs before it gets advice.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of lines.")
+@click.pass_context
+def advise(ctx: click.Context, urls: Any, min_attempts: int, as_json: bool) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from ..policy.advise import advise as advise_queues
+    from ..policy.advise import observe
+
+    runtime = _runtime(ctx)
+    urls = list(urls) or [u for u in [_default_metrics_url(runtime)] if u]
+    if not urls:
+        raise click.ClickException("advise reads the workers' metrics: pass --metrics-url URL "
+                                   "or set tuning_metrics_port")
+    samples: list = []
+    for url in urls:
+        try:
+            text = _scrape(url)
+        except OSError as exc:
+            raise click.ClickException(f"metrics endpoint {url} unreachable ({exc})") from None
+        for family in text_string_to_metric_families(text):
+            samples.extend((s.name, s.labels, s.value) for s in family.samples)
+    advice = advise_queues(observe(samples), runtime.config.queue_profiles, min_attempts)
+    if as_json:
+        click.echo(json.dumps([a.as_dict() for a in advice], indent=2))
+        return
+    if not advice:
+        click.echo("no task attempts recorded yet (is tuning_timing on and have tasks run?)")
+    for a in advice:
+        head = f"{a.queue}: profile {a.profile}" if a.profile else f"{a.queue}: -"
+        if a.current and a.current != a.profile:
+            head += f" (configured: {a.current})"
+        click.echo(head + " - " + "; ".join(a.reasons))
 
 
 @tuning.group(help="Show and change shared rate limits at run time (no restart).")
@@ -346,7 +381,7 @@ def profiles(ctx: click.Context) -> None:
             continue
         origin = "config" if name in runtime.config.profiles else "preset"
         parts = []
-        for field in CONF_KEYS:
+        for field in (*CONF_KEYS, "autoscale"):
             if field in settings:
                 note = f" (x{scale:g} from {scale_source})" if field == "concurrency" and scale != 1.0 else ""
                 parts.append(f"{field} {settings[field]}{note}")

@@ -84,6 +84,9 @@ class TuningMetrics:
                              buckets=buckets)
         self.total = histogram("celery_tuning_task_end_to_end_seconds",
                                "Time from first publish to the end of a task attempt.", labels, buckets=buckets)
+        self.cpu = counter("celery_tuning_task_cpu_seconds_total",
+                           "CPU time of the thread running the task, summed over attempts "
+                           "(with run time: how cpu-bound a queue is).", labels)
         self.outcomes = counter("celery_tuning_task_outcomes_total", "Task attempts by outcome.",
                                 ("task", "queue", "state"))
         self.in_flight = gauge("celery_tuning_tasks_in_flight", "Task attempts running now.", labels,
@@ -112,13 +115,14 @@ class TuningMetrics:
 class _TaskSeries:
     """The labelled series one (task, queue) pair records into, looked up once per process."""
 
-    __slots__ = ("in_flight", "run", "total", "wait")
+    __slots__ = ("cpu", "in_flight", "run", "total", "wait")
 
     def __init__(self, m: TuningMetrics, task: str, queue: str) -> None:
         self.wait = m.wait.labels(task, queue)
         self.run = m.run.labels(task, queue)
         self.total = m.total.labels(task, queue)
         self.in_flight = m.in_flight.labels(task, queue)
+        self.cpu = m.cpu.labels(task, queue)
 
 
 _series: Dict[Tuple[int, str, str], _TaskSeries] = {}
@@ -218,13 +222,14 @@ def _on_prerun(sender: Any = None, task: Any = None, **_: Any) -> None:
 
 def _on_timed(sender: Any = None, task_id: str = "", queue: str = "", wait: Optional[float] = None,
               run: float = 0.0, total: Optional[float] = None, state: Optional[str] = None, clamped: bool = False,
-              **_: Any) -> None:
+              cpu: float = 0.0, **_: Any) -> None:
     name = sender.name
     series = _task_series(name, queue)
     series.in_flight.dec()
     if wait is not None:
         series.wait.observe(wait)
     series.run.observe(run)
+    series.cpu.inc(cpu)
     if total is not None:
         series.total.observe(total)
     if clamped:

@@ -36,7 +36,7 @@ _timing_connected = False
 _connect_lock = threading.Lock()
 
 # task id -> (wall start, monotonic start); several threads may run tasks.
-_started: Dict[str, Tuple[float, float]] = {}
+_started: Dict[str, Tuple[float, float, float]] = {}
 
 
 def stamp_headers(headers: Dict[str, Any], now: Optional[float] = None) -> Dict[str, Any]:
@@ -91,7 +91,7 @@ def _on_prerun(sender: Any = None, task_id: Optional[str] = None, task: Any = No
                **_: Any) -> None:
     if task is None or task_id is None or installed_runtime(task.app) is None:
         return
-    _started[task_id] = (time.time(), time.perf_counter())
+    _started[task_id] = (time.time(), time.perf_counter(), time.thread_time())
 
 
 def _on_postrun(sender: Any = None, task_id: Optional[str] = None, task: Any = None,
@@ -114,8 +114,10 @@ def _on_postrun(sender: Any = None, task_id: Optional[str] = None, task: Any = N
         run=time.perf_counter() - start[1],
     )
     queue = _queue_of(task)
+    cpu = max(0.0, time.thread_time() - start[2])  # CPU of the thread that ran the task
     signals.task_timed.send(sender=task, task_id=task_id, queue=queue, wait=timings.wait,
-                            run=timings.run, total=timings.total, state=state, clamped=timings.clamped)
+                            run=timings.run, total=timings.total, state=state, clamped=timings.clamped,
+                            cpu=cpu)
     _check_sla(runtime, task, task_id, queue, timings)
 
 

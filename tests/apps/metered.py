@@ -36,3 +36,20 @@ def too_slow():
 @app.task(time_limit=1)
 def stuck():
     time.sleep(3)  # killed by the hard time limit: no task_postrun in the child
+
+
+@app.task
+def crunch():
+    """Cpu-bound: spins for 30 ms."""
+    end = time.perf_counter() + 0.03
+    n = 0
+    while time.perf_counter() < end:
+        n += 1
+    return n > 0
+
+
+@app.task
+def nap():
+    """Io-bound: sleeps for 30 ms."""
+    time.sleep(0.03)
+    return True

@@ -104,3 +104,40 @@ def test_hard_time_limit_is_settled_by_the_main_process(redis_clean):
     assert value(samples, "celery_tuning_task_outcomes_total", task=task, state="failure") == 1
     assert value(samples, "celery_tuning_tasks_in_flight", task=task) == 0
     assert value(samples, "celery_tuning_task_outcomes_total", task="tests.apps.metered.work", state="success") == 1
+
+
+def test_advise_tells_cpu_bound_from_io_bound_queues(redis_clean):
+    """`tuning advise` reads a real worker's metrics: spinning tasks -> cpu, sleeping ones -> io."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.support.workers import ROOT
+
+    port = free_port()
+    env = {**worker_env(redis_clean), "TEST_METRICS_PORT": str(port)}
+    worker = WorkerProcess("tests.apps.metered:app", env, pool="prefork", concurrency=2, queues="crunch,net")
+    try:
+        worker.start()
+        run_producer(
+            "from tests.apps.metered import crunch, nap\n"
+            "rs = [crunch.apply_async(queue='crunch') for _ in range(25)]\n"
+            "rs += [nap.apply_async(queue='net') for _ in range(25)]\n"
+            "assert all(r.get(timeout=60) for r in rs)\n", redis_clean)
+        cmd = [sys.executable, "-m", "celery", "-A", "tests.apps.metered:app", "tuning", "advise",
+               "--metrics-url", f"http://127.0.0.1:{port}/metrics"]
+        text = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=str(ROOT), env=worker.env)
+        as_json = subprocess.run([*cmd, "--json"], capture_output=True, text=True, timeout=60, cwd=str(ROOT),
+                                 env=worker.env)
+        too_few = subprocess.run([*cmd, "--min-attempts", "100"], capture_output=True, text=True, timeout=60,
+                                 cwd=str(ROOT), env=worker.env)
+    finally:
+        worker.close()
+    assert text.returncode == 0, text.stderr
+    advice = {a["queue"]: a for a in json.loads(as_json.stdout)}
+    assert advice["crunch"]["profile"] == "cpu" and advice["crunch"]["cpu_ratio"] > 0.6
+    assert advice["net"]["profile"] == "io" and advice["net"]["cpu_ratio"] < 0.25
+    assert advice["crunch"]["attempts"] == 25
+    assert "crunch: profile cpu - CPU time is" in text.stdout
+    assert "net: profile io - CPU time is" in text.stdout
+    assert "only 25 task attempts observed (need 100)" in too_few.stdout
