@@ -54,6 +54,19 @@ def _rss_mb(pid: int) -> float:
     return sum(p.memory_info().rss for p in procs if p.is_running()) / 2**20
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of a worker and its pool children so far."""
+    proc = psutil.Process(pid)
+    total = 0.0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += t.user + t.system
+    return total
+
+
 def run_worker_once(url: str, variant: str, pool: str, n: int, workers: int = 1) -> Dict[str, float]:
     """Fill the queue with ``n`` no-op tasks, start ``workers`` workers, time them draining it."""
     client = redis.Redis.from_url(url)
@@ -77,11 +90,13 @@ def run_worker_once(url: str, variant: str, pool: str, n: int, workers: int = 1)
                 raise RuntimeError(f"worker did not start: {Path(log.name).read_text()[-2000:]}")
             time.sleep(0.001)
         start = time.perf_counter()
+        cpu_start = _cpu_seconds(worker.pid)
         while client.llen("bench") or client.hlen("unacked"):
             if time.monotonic() > deadline:
                 raise RuntimeError("worker did not drain the queue in time")
             time.sleep(0.002)
         elapsed = time.perf_counter() - start
+        cpu = _cpu_seconds(worker.pid) - cpu_start
         rss = _rss_mb(worker.pid)
     finally:
         for proc in procs:
@@ -92,7 +107,8 @@ def run_worker_once(url: str, variant: str, pool: str, n: int, workers: int = 1)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
         os.unlink(log.name)
-    return {"tasks_per_s": n / elapsed, "rss_mb": rss, "publish_per_s": publish_rate}
+    return {"tasks_per_s": n / elapsed, "rss_mb": rss, "publish_per_s": publish_rate,
+            "cpu_us_per_task": cpu / n * 1e6}
 
 
 def summarize(values: List[float]) -> Dict[str, float]:
@@ -104,7 +120,7 @@ def passthrough(url: str, pools: List[str], tasks: int, runs: int) -> Dict[str, 
     variants = ("plain", "tuned", "limited")
     for pool in pools:
         samples: Dict[str, Dict[str, List[float]]] = {
-            v: {"tasks_per_s": [], "rss_mb": [], "publish_per_s": []} for v in variants}
+            v: {"tasks_per_s": [], "rss_mb": [], "publish_per_s": [], "cpu_us_per_task": []} for v in variants}
         for _ in range(runs):
             for variant in variants:  # interleaved so drift hits all alike
                 one = run_worker_once(url, variant, pool, tasks)
@@ -117,6 +133,30 @@ def passthrough(url: str, pools: List[str], tasks: int, runs: int) -> Dict[str, 
         entry["publish_ratio"] = entry["tuned"]["publish_per_s"]["median"] / plain["publish_per_s"]["median"]
         entry["rss_ratio"] = entry["tuned"]["rss_mb"]["median"] / plain["rss_mb"]["median"]
         out[pool] = entry
+    return out
+
+
+def metrics_end_to_end(url: str, tasks: int, runs: int, pools: Tuple[str, ...] = ("prefork", "solo")) -> Dict[str, Any]:
+    """Tasks/s with timing and every metric on vs off, in back-to-back pairs (drift hits both)."""
+    out: Dict[str, Any] = {}
+    for pool in pools:
+        off, on, cpu_off, cpu_on = [], [], [], []
+        for _ in range(runs):
+            a = run_worker_once(url, "tuned", pool, tasks)
+            b = run_worker_once(url, "metered", pool, tasks)
+            off.append(a["tasks_per_s"])
+            on.append(b["tasks_per_s"])
+            cpu_off.append(a["cpu_us_per_task"])
+            cpu_on.append(b["cpu_us_per_task"])
+        # Node time per task the recording adds: 1/on - 1/off seconds. On a shared machine that
+        # swings by tens of percent; the worker's CPU time per task (main process + children)
+        # is the steadier figure for the same cost.
+        overhead = [(1 / y - 1 / x) * 1e6 for x, y in zip(off, on)]
+        out[pool] = {"concurrency": POOL_CONCURRENCY[pool], "off": summarize(off), "on": summarize(on),
+                     "ratio": summarize([y / x for x, y in zip(off, on)]),
+                     "overhead_us_per_task": summarize(overhead),
+                     "cpu_us_per_task_off": summarize(cpu_off), "cpu_us_per_task_on": summarize(cpu_on),
+                     "cpu_overhead_us_per_task": summarize([y - x for x, y in zip(cpu_off, cpu_on)])}
     return out
 
 
@@ -175,10 +215,7 @@ def main(argv: List[str]) -> int:
 
             results["metrics"] = metrics_bench.run()
             os.environ["BENCH_METRICS_PORT"] = str(free_port())
-            off = [run_worker_once(url, "tuned", "prefork", args.tasks)["tasks_per_s"] for _ in range(args.runs)]
-            on = [run_worker_once(url, "metered", "prefork", args.tasks)["tasks_per_s"] for _ in range(args.runs)]
-            e2e = {"off": statistics.median(off), "on": statistics.median(on)}
-            e2e["ratio"] = e2e["on"] / e2e["off"]
+            e2e = metrics_end_to_end(url, args.tasks, args.runs)
             results["metrics"]["end_to_end"] = e2e
             print("\n" + metrics_bench.render(results["metrics"], e2e), flush=True)
         if "accuracy" in sections:

@@ -9,6 +9,7 @@ and this module imports prometheus_client only inside functions.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 import os
@@ -16,6 +17,8 @@ import shutil
 import sys
 import tempfile
 import threading
+import time
+from bisect import bisect_left
 from collections import OrderedDict
 from typing import Any, Dict, Optional, Tuple
 
@@ -23,9 +26,10 @@ from celery import signals as celery_signals
 
 from .. import signals
 from ..errors import ConfigurationError
+from .receivers import _queue_of, set_recorders
 from .runtime import installed_runtime
 
-__all__ = ["BUCKETS", "metrics", "prepare_multiprocess", "start_endpoint"]
+__all__ = ["BUCKETS", "flush", "metrics", "prepare_multiprocess", "start_endpoint"]
 
 logger = logging.getLogger("celery_tuning.metrics")
 
@@ -89,8 +93,6 @@ class TuningMetrics:
                            "(with run time: how cpu-bound a queue is).", labels)
         self.outcomes = counter("celery_tuning_task_outcomes_total", "Task attempts by outcome.",
                                 ("task", "queue", "state"))
-        self.in_flight = gauge("celery_tuning_tasks_in_flight", "Task attempts running now.", labels,
-                               multiprocess_mode="livesum")
         self.sla = counter("celery_tuning_sla_breaches_total", "SLA threshold breaches.",
                            ("task", "queue", "level", "kind"))
         self.sla_checked = counter("celery_tuning_sla_checked_total",
@@ -115,13 +117,12 @@ class TuningMetrics:
 class _TaskSeries:
     """The labelled series one (task, queue) pair records into, looked up once per process."""
 
-    __slots__ = ("cpu", "in_flight", "run", "total", "wait")
+    __slots__ = ("cpu", "run", "total", "wait")
 
     def __init__(self, m: TuningMetrics, task: str, queue: str) -> None:
         self.wait = m.wait.labels(task, queue)
         self.run = m.run.labels(task, queue)
         self.total = m.total.labels(task, queue)
-        self.in_flight = m.in_flight.labels(task, queue)
         self.cpu = m.cpu.labels(task, queue)
 
 
@@ -164,6 +165,10 @@ def start_endpoint(port: int) -> Any:
     if os.environ.get(_ENV):
         registry = CollectorRegistry()
         registry.register(_ReapingCollector(os.environ[_ENV]))
+        registry.register(_InFlightCollector())
+    elif not _state.get("in_flight_registered"):
+        registry.register(_InFlightCollector())
+        _state["in_flight_registered"] = True
     try:
         server, _thread = start_http_server(port, addr="0.0.0.0", registry=registry)
     except OSError as exc:
@@ -206,46 +211,143 @@ class _ReapingCollector:
 
 # -- receivers ---------------------------------------------------------------------------------
 
-def _queue(task: Any) -> str:
-    info = getattr(task.request, "delivery_info", None) or {}
-    return str(info.get("routing_key") or "celery")
+class _Pending:
+    """Observations of one (task, queue) added up in memory since the last flush."""
+
+    __slots__ = ("counts", "cpu", "outcomes", "sums")
+
+    def __init__(self, buckets: int) -> None:
+        self.counts = ([0] * buckets, [0] * buckets, [0] * buckets)  # wait, run, total
+        self.sums = [0.0, 0.0, 0.0]
+        self.cpu = 0.0
+        self.outcomes: Dict[str, int] = {}
 
 
-def _task_installed(task: Any) -> bool:
-    return installed_runtime(task.app) is not None
+#: Task-attempt observations are added up in memory and written to the metric files (one mmap
+#: write per changed bucket, sum and counter) at most this often, by a thread per process and
+#: when a process exits; a SIGKILLed pool child loses at most this much of its figures.
+FLUSH_INTERVAL = 0.5
 
-
-def _on_prerun(sender: Any = None, task: Any = None, **_: Any) -> None:
-    if task is not None and _task_installed(task):
-        _task_series(task.name, _queue(task)).in_flight.inc()
+_pending: Dict[Tuple[str, str], _Pending] = {}
+_pending_lock = threading.Lock()
+_flusher: Dict[str, Any] = {"pid": None}
 
 
 def _on_timed(sender: Any = None, task_id: str = "", queue: str = "", wait: Optional[float] = None,
               run: float = 0.0, total: Optional[float] = None, state: Optional[str] = None, clamped: bool = False,
               cpu: float = 0.0, **_: Any) -> None:
     name = sender.name
-    series = _task_series(name, queue)
-    series.in_flight.dec()
-    if wait is not None:
-        series.wait.observe(wait)
-    series.run.observe(run)
-    series.cpu.inc(cpu)
-    if total is not None:
-        series.total.observe(total)
     if clamped:
         metrics().clamped.labels(name).inc()
-    if _deferred.pop(task_id, False) or state is None:
-        return  # counted as 'deferred' when deferred; a child cut short is counted by the main process
-    _outcome(name, queue, state.lower()).inc()
+    outcome = None
+    if not _deferred.pop(task_id, False) and state is not None:
+        # counted as 'deferred' when deferred; a child cut short is counted by the main process
+        outcome = state.lower()
+    bounds = _state["bounds"]
+    with _pending_lock:
+        pending = _pending.get((name, queue))
+        if pending is None:
+            pending = _pending[(name, queue)] = _Pending(len(bounds))
+        counts, sums = pending.counts, pending.sums
+        if wait is not None:
+            counts[0][bisect_left(bounds, wait)] += 1
+            sums[0] += wait
+        counts[1][bisect_left(bounds, run)] += 1
+        sums[1] += run
+        if total is not None:
+            counts[2][bisect_left(bounds, total)] += 1
+            sums[2] += total
+        pending.cpu += cpu
+        if outcome is not None:
+            pending.outcomes[outcome] = pending.outcomes.get(outcome, 0) + 1
+    if _flusher["pid"] != os.getpid():
+        _start_flusher()
+
+
+def _start_flusher() -> None:
+    with _pending_lock:
+        if _flusher["pid"] == os.getpid():
+            return
+        _flusher["pid"] = os.getpid()  # a forked child starts its own
+
+    def loop() -> None:
+        while True:
+            time.sleep(FLUSH_INTERVAL)
+            try:
+                flush()
+            except Exception:  # never let a metrics hiccup end the thread
+                logger.exception("celery-tuning: writing task metrics failed")
+
+    threading.Thread(target=loop, name="celery-tuning-metrics", daemon=True).start()
+
+
+def _bulk_observe(child: Any, counts: Any, total: float) -> None:
+    # prometheus-client keeps a histogram as a sum and per-bucket (non-cumulative) counts; adding
+    # n observations at once is what n observe() calls would leave in the files.
+    child._sum.inc(total)
+    for i, n in enumerate(counts):
+        if n:
+            child._buckets[i].inc(n)
+
+
+def flush() -> None:
+    """Write the observations added up so far (also called at process exit)."""
+    global _pending
+    with _pending_lock:
+        if not _pending:
+            return
+        batch, _pending = _pending, {}
+    for (task, queue), pending in batch.items():
+        series = _task_series(task, queue)
+        for child, counts, total in zip((series.wait, series.run, series.total), pending.counts, pending.sums):
+            if any(counts):
+                _bulk_observe(child, counts, total)
+        if pending.cpu:
+            series.cpu.inc(pending.cpu)
+        for outcome, n in pending.outcomes.items():
+            _outcome(task, queue, outcome).inc(n)
+
+
+class _InFlightCollector:
+    """``celery_tuning_tasks_in_flight`` from the worker's own state, in its main process.
+
+    The main process knows which requests a pool child (or thread) has accepted and not finished,
+    so nothing is written per task and a killed child's task drops out as soon as Celery settles it.
+    """
+
+    def collect(self) -> Any:
+        from celery.worker import state
+        from prometheus_client.core import GaugeMetricFamily
+
+        family = GaugeMetricFamily("celery_tuning_tasks_in_flight", "Task attempts running now.",
+                                   labels=("task", "queue"))
+        counts: Dict[Tuple[str, str], int] = {}
+        for _ in range(3):  # the worker may change the set while we copy it
+            try:
+                requests = list(state.active_requests)
+                break
+            except RuntimeError:
+                requests = []
+        for request in requests:
+            info = request.delivery_info or {}
+            key = (str(request.task_name), str(info.get("routing_key") or "celery"))
+            counts[key] = counts.get(key, 0) + 1
+        for (task, queue), n in sorted(counts.items()):
+            family.add_metric([task, queue], n)
+        yield family
 
 
 def _on_deferred(sender: Any = None, task_id: str = "", **_: Any) -> None:
     _deferred[task_id] = True
-    metrics().outcomes.labels(sender.name, _queue(sender), "deferred").inc()
+    metrics().outcomes.labels(sender.name, _queue_of(sender), "deferred").inc()
 
 
 def _on_sla(sender: Any = None, queue: str = "", level: str = "", kind: str = "", **_: Any) -> None:
     metrics().sla.labels(sender.name, queue, level, kind).inc()
+
+
+def _on_sla_checked_direct(task: Any, queue: str) -> None:
+    _on_sla_checked(sender=task, queue=queue)
 
 
 def _on_sla_checked(sender: Any = None, queue: str = "", **_: Any) -> None:
@@ -279,7 +381,7 @@ def _on_failure_outside_child(sender: Any = None, task_id: str = "", exception: 
 
     if sender is None or not isinstance(exception, (TimeLimitExceeded, WorkerLostError)):
         return
-    if not _task_installed(sender) or task_id in _lost:
+    if installed_runtime(sender.app) is None or task_id in _lost:
         return  # Celery sends task_failure twice for a hard time limit
     _lost[task_id] = True
     while len(_lost) > 10_000:
@@ -289,6 +391,7 @@ def _on_failure_outside_child(sender: Any = None, task_id: str = "", exception: 
 
 
 def _on_child_exit(pid: Optional[int] = None, **_: Any) -> None:
+    flush()
     if os.environ.get(_ENV):
         from prometheus_client import multiprocess
 
@@ -299,11 +402,12 @@ def connect_metric_receivers(buckets: Optional[Tuple[float, ...]] = None) -> Non
     """Record every signal celery-tuning sends into Prometheus metrics (once per process)."""
     if buckets:
         _state["buckets"] = buckets
-    celery_signals.task_prerun.connect(_on_prerun, weak=False, dispatch_uid="celery_tuning.metrics.prerun")
-    signals.task_timed.connect(_on_timed, weak=False, dispatch_uid="celery_tuning.metrics.timed")
+    # Called by the timing receivers directly: no extra signal dispatch per task.
+    set_recorders(None, _on_timed, _on_sla_checked_direct)
+    bounds = tuple(float(b) for b in (_state.get("buckets") or BUCKETS))
+    _state["bounds"] = bounds if bounds[-1] == float("inf") else (*bounds, float("inf"))  # as prometheus adds
     signals.task_deferred.connect(_on_deferred, weak=False, dispatch_uid="celery_tuning.metrics.deferred")
     signals.sla_breached.connect(_on_sla, weak=False, dispatch_uid="celery_tuning.metrics.sla")
-    signals.sla_checked.connect(_on_sla_checked, weak=False, dispatch_uid="celery_tuning.metrics.sla_checked")
     signals.limiter_event.connect(_on_limiter, weak=False, dispatch_uid="celery_tuning.metrics.limiter")
     signals.circuit_state_changed.connect(_on_breaker, weak=False, dispatch_uid="celery_tuning.metrics.breaker")
     signals.cache_event.connect(_on_cache, weak=False, dispatch_uid="celery_tuning.metrics.cache")
@@ -311,3 +415,6 @@ def connect_metric_receivers(buckets: Optional[Tuple[float, ...]] = None) -> Non
                                         dispatch_uid="celery_tuning.metrics.lost")
     celery_signals.worker_process_shutdown.connect(_on_child_exit, weak=False,
                                                    dispatch_uid="celery_tuning.metrics.child_exit")
+    celery_signals.worker_shutdown.connect(lambda **_: flush(), weak=False,
+                                           dispatch_uid="celery_tuning.metrics.flush")
+    atexit.register(flush)

@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 from datetime import datetime
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from celery import signals as celery_signals
 
@@ -35,8 +35,20 @@ _publish_connected = False
 _timing_connected = False
 _connect_lock = threading.Lock()
 
-# task id -> (wall start, monotonic start); several threads may run tasks.
-_started: Dict[str, Tuple[float, float, float]] = {}
+# task id -> (wall, monotonic and thread-CPU start, queue, request, runtime); several threads may
+# run tasks.
+_started: Dict[str, Tuple[float, float, float, str, Any, Any]] = {}
+
+#: Recorders the metrics module installs (``set_recorders``), called directly from the two
+#: receivers below: a task attempt then costs two signal dispatches in all, not four.
+_recorders: Dict[str, Optional[Callable[..., None]]] = {"started": None, "finished": None, "sla_checked": None}
+
+
+def set_recorders(started: Optional[Callable[[Any, str], None]], finished: Callable[..., None],
+                  sla_checked: Callable[[Any, str], None]) -> None:
+    """Have every timed attempt reported to ``started(task, queue)``, ``finished(**timings)`` and,
+    when an SLA applies, ``sla_checked(task, queue)``."""
+    _recorders.update(started=started, finished=finished, sla_checked=sla_checked)
 
 
 def stamp_headers(headers: Dict[str, Any], now: Optional[float] = None) -> Dict[str, Any]:
@@ -89,49 +101,82 @@ def _header(request: Any, name: str) -> Optional[float]:
 
 def _on_prerun(sender: Any = None, task_id: Optional[str] = None, task: Any = None,
                **_: Any) -> None:
-    if task is None or task_id is None or installed_runtime(task.app) is None:
+    if task is None or task_id is None:
         return
-    _started[task_id] = (time.time(), time.perf_counter(), time.thread_time())
+    runtime = installed_runtime(task.app)
+    if runtime is None:
+        return
+    request = task.request  # the same Context object until postrun: looked up once
+    if request.called_directly or request.is_eager:
+        return
+    info = request.delivery_info or {}
+    queue = str(info.get("routing_key") or info.get("queue") or getattr(task, "queue", None) or "celery")
+    _started[task_id] = (time.time(), time.perf_counter(), time.thread_time(), queue, request, runtime)
+    started = _recorders["started"]
+    if started is not None:
+        started(task, queue)
 
 
 def _on_postrun(sender: Any = None, task_id: Optional[str] = None, task: Any = None,
                 state: Optional[str] = None, **_: Any) -> None:
-    if task is None or task_id is None:
+    if task_id is None or task is None:
         return
     start = _started.pop(task_id, None)
-    runtime = installed_runtime(task.app)
-    if start is None or runtime is None:
+    if start is None:
         return
-    request = task.request
-    if getattr(request, "called_directly", False) or getattr(request, "is_eager", False):
-        return
+    finished_wall, finished_perf, finished_cpu = time.time(), time.perf_counter(), time.thread_time()
+    started_wall, started_perf, started_cpu, queue, request, runtime = start
+    eta = request.eta
     timings = compute_timings(
         sent_at=_header(request, HEADER_SENT),
         published_at=_header(request, HEADER_PUBLISHED),
-        eta=_eta_seconds(getattr(request, "eta", None)),
-        started_wall=start[0],
-        finished_wall=time.time(),
-        run=time.perf_counter() - start[1],
+        eta=_eta_seconds(eta) if eta else None,
+        started_wall=started_wall,
+        finished_wall=finished_wall,
+        run=finished_perf - started_perf,
     )
-    queue = _queue_of(task)
-    cpu = max(0.0, time.thread_time() - start[2])  # CPU of the thread that ran the task
-    signals.task_timed.send(sender=task, task_id=task_id, queue=queue, wait=timings.wait,
-                            run=timings.run, total=timings.total, state=state, clamped=timings.clamped,
-                            cpu=cpu)
-    _check_sla(runtime, task, task_id, queue, timings)
+    cpu = max(0.0, finished_cpu - started_cpu)  # CPU of the thread that ran the task
+    finished = _recorders["finished"]
+    if finished is not None:
+        finished(sender=task, task_id=task_id, queue=queue, wait=timings.wait, run=timings.run,
+                 total=timings.total, state=state, clamped=timings.clamped, cpu=cpu)
+    if signals.task_timed.receivers:
+        signals.task_timed.send(sender=task, task_id=task_id, queue=queue, wait=timings.wait,
+                                run=timings.run, total=timings.total, state=state, clamped=timings.clamped,
+                                cpu=cpu)
+    policy = _sla_policy(runtime, task, queue)
+    if policy is not None:
+        _check_sla(policy, task, task_id, queue, timings)
 
 
-def _check_sla(runtime: Any, task: Any, task_id: str, queue: str, timings: Any) -> None:
+# (runtime id, task class, queue) -> the SLA that applies, or None; bounded by tasks x queues.
+_sla_policies: Dict[Tuple[int, type, str], Optional[SlaPolicy]] = {}
+
+
+def _sla_policy(runtime: Any, task: Any, queue: str) -> Optional[SlaPolicy]:
+    key = (id(runtime), type(task), queue)
+    try:
+        return _sla_policies[key]
+    except KeyError:
+        pass
     policy = getattr(type(task), "_tuning_policies", {}).get("sla")
     if policy is None:
         spec = runtime.config.sla.get(queue) or runtime.config.sla.get("*")  # '*': every other queue
-        if spec is None:
-            return
-        policy = SlaPolicy(warning=spec.get("warning"), critical=spec.get("critical"),
-                           on=spec.get("on", "total"))
+        if spec is not None:
+            policy = SlaPolicy(warning=spec.get("warning"), critical=spec.get("critical"),
+                               on=spec.get("on", "total"))
+    _sla_policies[key] = policy
+    return policy
+
+
+def _check_sla(policy: SlaPolicy, task: Any, task_id: str, queue: str, timings: Any) -> None:
     measured = getattr(timings, policy.on)
-    if measured is not None and signals.sla_checked.receivers:
-        signals.sla_checked.send(sender=task, queue=queue)
+    checked = _recorders["sla_checked"]
+    if measured is not None:
+        if checked is not None:
+            checked(task, queue)
+        if signals.sla_checked.receivers:
+            signals.sla_checked.send(sender=task, queue=queue)
     crossed = breach(measured, policy.warning, policy.critical)
     if crossed is None:
         return

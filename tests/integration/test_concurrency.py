@@ -16,7 +16,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.mark.slow
 def test_at_most_n_run_at_once_across_prefork_workers(redis_clean):
-    with running_workers("tests.apps.limited:app", worker_env(redis_clean), concurrency=3, prefix="cc"):
+    with running_workers("tests.apps.limited:app", worker_env(redis_clean), concurrency=4, prefix="cc"):
         out = run_producer(
             "import json, time\nfrom tests.apps.limited import render\n"
             "start = time.time()\nrs = [render.delay(i) for i in range(10)]\n"

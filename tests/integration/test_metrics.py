@@ -1,10 +1,12 @@
 """The Prometheus endpoint of a real prefork worker, scraped over HTTP."""
 
+import time
 import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from celery_tuning.integration.metrics import FLUSH_INTERVAL
 from celery_tuning.testing import free_port
 from tests.support.apps import run_producer, worker_env
 from tests.support.workers import WorkerProcess
@@ -12,7 +14,10 @@ from tests.support.workers import WorkerProcess
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def scrape(port):
+def scrape(port, settle=True):
+    """The worker's samples; ``settle`` waits for pool processes to write what they added up."""
+    if settle:
+        time.sleep(FLUSH_INTERVAL * 2)
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     samples = {}
     for family in text_string_to_metric_families(text):
@@ -39,7 +44,7 @@ def test_prefork_children_are_aggregated_and_countdown_is_not_waiting(redis_clea
             "rs += [work.delay(i) for i in range(6)]\n"
             "assert [r.get(timeout=60) for r in rs] == list(range(11)) + list(range(3)) + list(range(6))\n"
             "assert too_slow.delay().get(timeout=30) == 'late'\n", redis_clean)
-        samples = scrape(port)
+        samples = scrape(port)  # settled: the status command below reads the same figures
         import subprocess
         import sys
 
@@ -90,10 +95,18 @@ def test_hard_time_limit_is_settled_by_the_main_process(redis_clean):
     worker = WorkerProcess("tests.apps.metered:app", env, pool="prefork", concurrency=1)
     try:
         worker.start()
+        task_id = run_producer("from tests.apps.metered import stuck\nprint(stuck.delay().id)\n", redis_clean)
+        running = 0
+        deadline = time.monotonic() + 5
+        while not running and time.monotonic() < deadline:  # it runs for 1 s before the kill
+            running = value(scrape(port, settle=False), "celery_tuning_tasks_in_flight",
+                            task="tests.apps.metered.stuck")
+            time.sleep(0.05)
+        assert running == 1
         run_producer(
-            "from tests.apps.metered import stuck, work\n"
+            "from tests.apps.metered import app, work\n"
             "from celery.exceptions import TimeLimitExceeded\n"
-            "r = stuck.delay()\n"
+            f"r = app.AsyncResult({task_id!r})\n"
             "try:\n    r.get(timeout=30)\nexcept TimeLimitExceeded:\n    pass\n"
             "else:\n    raise SystemExit('no time limit')\n"
             "assert work.delay(1).get(timeout=30) == 1\n", redis_clean)
@@ -124,6 +137,7 @@ def test_advise_tells_cpu_bound_from_io_bound_queues(redis_clean):
             "rs = [crunch.apply_async(queue='crunch') for _ in range(25)]\n"
             "rs += [nap.apply_async(queue='net') for _ in range(25)]\n"
             "assert all(r.get(timeout=60) for r in rs)\n", redis_clean)
+        time.sleep(FLUSH_INTERVAL * 2)  # pool children write what they added up
         cmd = [sys.executable, "-m", "celery", "-A", "tests.apps.metered:app", "tuning", "advise",
                "--metrics-url", f"http://127.0.0.1:{port}/metrics"]
         text = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=str(ROOT), env=worker.env)
