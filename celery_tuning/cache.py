@@ -29,6 +29,32 @@ Observer = Callable[[str, str], None]
 _GENERATION_TTL = 5.0  # seconds a process trusts its copy of the clear() generation without news
 
 
+#: Digests of recent calls whose arguments are all short strings, so a hit skips binding,
+#: canonical JSON and SHA-256. Only ``str`` arguments qualify: for them equal means identical
+#: canonical text, unlike 1 == True == 1.0. Bounded in entries and in the text it keeps alive.
+_MEMO_ENTRIES = 4096
+_MEMO_TEXT = 256
+
+
+def _memo_key(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+    size = 0
+    for value in args:
+        if type(value) is not str:
+            return None
+        size += len(value)
+    if kwargs:
+        for value in kwargs.values():
+            if type(value) is not str:
+                return None
+            size += len(value)
+        if size > _MEMO_TEXT:
+            return None
+        return args, tuple(sorted(kwargs.items()))
+    if size > _MEMO_TEXT:
+        return None
+    return args
+
+
 class TwoLevelCache:
     """The result cache of one task.
 
@@ -85,6 +111,7 @@ class TwoLevelCache:
         self.observer = observer
         self.clock = clock
         self.sleep = sleep
+        self._digests: Dict[Any, str] = {}
         self._l1: TTLCache = TTLCache(maxsize=l1_maxsize, ttl=max(self.l1_ttl, 0.001), timer=clock)
         self._l1_lock = threading.Lock()
         self._generation: Optional[int] = None
@@ -105,7 +132,17 @@ class TwoLevelCache:
         """
         if self.key_function is not None:
             return key_function_digest(self.key_function, args, kwargs)
-        return call_digest(canonical_call(self._binder, args, kwargs, self.vary_on))
+        memo = _memo_key(args, kwargs)
+        if memo is not None:
+            found = self._digests.get(memo)
+            if found is not None:
+                return found
+        digest = call_digest(canonical_call(self._binder, args, kwargs, self.vary_on))
+        if memo is not None:
+            if len(self._digests) >= _MEMO_ENTRIES:
+                self._digests.clear()
+            self._digests[memo] = digest
+        return digest
 
     # -- helpers ---------------------------------------------------------------------------
 

@@ -123,3 +123,39 @@ def test_fast_binder_agrees_with_signature_bind():
     for bad_args, bad_kwargs in (((), {}), (("a",), {"text": "b"}), (("a",), {"nope": 1}), (("a", "b", "c"), {})):
         with pytest.raises(TypeError):
             canonical_call(binder, bad_args, bad_kwargs)
+
+
+def test_digest_memo_agrees_with_the_canonical_digest():
+    """Memoized digests (short str arguments) equal the computed ones; other types never share."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from celery_tuning.cache import _MEMO_TEXT
+
+    cache = TwoLevelCache("t", SIG, store=None)
+    fresh = TwoLevelCache("t", SIG, store=None)
+
+    @settings(max_examples=200)
+    @given(st.text(max_size=20), st.one_of(st.just(None), st.text(max_size=5)), st.booleans())
+    def check(text, model, as_kw):
+        args, kwargs = (text,), {}
+        if model is not None:
+            if as_kw:
+                kwargs["model"] = model
+            else:
+                args = (text, model)
+        first = cache.digest(args, kwargs)
+        assert first == cache.digest(args, kwargs) == call_digest(canonical_arguments(SIG, args, kwargs))
+        fresh._digests.clear()
+        assert fresh.digest(args, kwargs) == first
+
+    check()
+    # 1 == True == 1.0 in Python, but they are different calls: never memoized, never shared
+    digests = {cache.digest((v,), {}) for v in (1, True, 1.0, "1")}
+    assert len(digests) == 4
+    assert (1,) not in cache._digests and (True,) not in cache._digests
+    long_text = "x" * (_MEMO_TEXT + 1)
+    cache.digest((long_text,), {})
+    assert (long_text,) not in cache._digests  # big arguments are not kept alive by the memo
+    with pytest.raises(TypeError):
+        cache.digest(("a",), {"nope": "b"})
