@@ -341,6 +341,19 @@ def _metrics_port(name: str, value: Any) -> Optional[int]:
     return port
 
 
+def _bind_address(name: str, value: Any) -> str:
+    import ipaddress
+
+    if isinstance(value, str):
+        if value == "localhost":
+            return value
+        try:
+            return str(ipaddress.ip_address(value))
+        except ValueError:
+            pass
+    raise _fail(name, value, "an IP address to listen on, such as '0.0.0.0', '127.0.0.1' or '::'")
+
+
 SETTINGS: Tuple[Setting, ...] = (
     Setting("tuning_enabled", "bool", True,
             "Kill switch: False makes TunedTask behave exactly like celery.Task.",
@@ -401,6 +414,9 @@ SETTINGS: Tuple[Setting, ...] = (
             "Histogram buckets in seconds for the task timing metrics (None: 5 ms to 2 h).", _buckets),
     Setting("tuning_metrics_port", "int | None", None,
             "Port of the worker's Prometheus endpoint (None: no endpoint).", _metrics_port),
+    Setting("tuning_metrics_address", "str", "0.0.0.0",
+            "Address the metrics endpoint listens on: every interface by default, so a Prometheus "
+            "server on another host can scrape it; '127.0.0.1' keeps it to a local agent.", _bind_address),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}

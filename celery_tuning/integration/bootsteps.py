@@ -38,7 +38,7 @@ class TuningWorkerStep(bootsteps.StartStopStep):
         if runtime.config.metrics_port is not None and runtime.installed:
             from .metrics import start_endpoint
 
-            start_endpoint(runtime.config.metrics_port)
+            start_endpoint(runtime.config.metrics_port, runtime.config.metrics_address)
         if not runtime.enabled:
             logger.warning("celery-tuning is disabled on this worker: tuned tasks run as plain tasks")
             return

@@ -157,7 +157,7 @@ def metrics() -> TuningMetrics:
     return _state["metrics"]
 
 
-def start_endpoint(port: int) -> Any:
+def start_endpoint(port: int, address: str = "0.0.0.0") -> Any:
     """Serve /metrics for the whole node from the worker's main process."""
     from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 
@@ -170,11 +170,12 @@ def start_endpoint(port: int) -> Any:
         registry.register(_InFlightCollector())
         _state["in_flight_registered"] = True
     try:
-        server, _thread = start_http_server(port, addr="0.0.0.0", registry=registry)
+        server, _thread = start_http_server(port, addr=address, registry=registry)
     except OSError as exc:
-        raise ConfigurationError(f"tuning_metrics_port: cannot listen on port {port}: {exc.strerror or exc}") from None
+        raise ConfigurationError(
+            f"tuning_metrics_port: cannot listen on {address} port {port}: {exc.strerror or exc}") from None
     _state["server"] = server
-    logger.info("celery-tuning: Prometheus metrics on :%d/metrics%s", server.server_port,
+    logger.info("celery-tuning: Prometheus metrics on %s:%d/metrics%s", address, server.server_port,
                 " (multiprocess)" if os.environ.get(_ENV) else "")
     return server
 

@@ -84,7 +84,7 @@ def test_port_in_use_is_a_clear_error(redis_clean):
         try:
             with pytest.raises(RuntimeError) as info:
                 worker.start(timeout=30)
-            assert f"tuning_metrics_port: cannot listen on port {port}" in str(info.value)
+            assert f"tuning_metrics_port: cannot listen on 0.0.0.0 port {port}" in str(info.value)
         finally:
             worker.close()
 
