@@ -14,7 +14,7 @@ import hypothesis
 import hypothesis.strategies  # noqa: F401
 import pytest
 
-from celery_tuning.testing import RedisServer
+from celery_tuning.testing import RedisClusterServers, RedisServer
 
 
 @pytest.fixture(scope="session")
@@ -56,3 +56,19 @@ def rabbitmq_url() -> str:
     except Exception as exc:  # any failure to reach it means: skip, saying why
         pytest.skip(f"RabbitMQ not reachable at 127.0.0.1:5672 ({exc.__class__.__name__}: {exc})")
     return RABBITMQ_URL
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterServers]:
+    """A 3-master Redis Cluster on loopback ports for the whole session."""
+    servers = RedisClusterServers().start()
+    yield servers
+    servers.close()
+
+
+@pytest.fixture()
+def cluster_clean(redis_cluster: RedisClusterServers) -> RedisClusterServers:
+    """The session cluster, every node flushed."""
+    for node in redis_cluster.nodes:
+        node.client().flushall()
+    return redis_cluster

@@ -32,7 +32,7 @@ ledger = redis.Redis.from_url(BROKER)
 
 
 @app.task(bind=True, max_retries=3)
-@rate_limit("500/s", burst=50)
+@rate_limit(os.environ.get("TEST_RATE", "500/s"), burst=50)
 @circuit_breaker("reliable-api", fail_max=5, reset_timeout=1)
 @cache_result(ttl=300, l1_ttl=30)
 @sla(warning=5, critical=30)

@@ -12,10 +12,12 @@ SEC = 1_000_000
 P = BreakerParams.make("tuning", "pay", reset_timeout=10, fail_max=3, success_threshold=2, trial_timeout=5)
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 def store(request, redis_clean):
     if request.param == "memory":
         return MemoryBreakerStore(clock=lambda: T0)
+    if request.param == "cluster":  # hash-tagged keys: every script's keys share a slot
+        return RedisBreakerStore(RedisConnector(request.getfixturevalue("cluster_clean").url))
     return RedisBreakerStore(RedisConnector(redis_clean.db_url(4)))
 
 

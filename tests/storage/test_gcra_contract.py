@@ -13,10 +13,12 @@ pytestmark = pytest.mark.integration
 T0 = 1_700_000_000_000_000  # a fixed "now" in µs: both stores get the same clock
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 def store(request, redis_clean):
     if request.param == "memory":
         return MemoryGcraStore(clock=lambda: T0)
+    if request.param == "cluster":  # hash-tagged keys: every script's keys share a slot
+        return RedisGcraStore(RedisConnector(request.getfixturevalue("cluster_clean").url))
     return RedisGcraStore(RedisConnector(redis_clean.db_url(3)))
 
 

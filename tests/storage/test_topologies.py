@@ -4,16 +4,14 @@ import pytest
 import redis
 
 from celery_tuning.storage.redis import RedisConnector, hash_tag
-from celery_tuning.testing import RedisClusterServers, RedisSentinelServers
+from celery_tuning.testing import RedisSentinelServers
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    servers = RedisClusterServers().start()
-    yield servers
-    servers.close()
+@pytest.fixture()
+def cluster(cluster_clean):
+    return cluster_clean
 
 
 def test_cluster_scripts_and_hash_tagged_keys(cluster):
@@ -37,3 +35,34 @@ def test_sentinel_url_reaches_the_master():
         assert conn.evalsha("server_time", keys=[], args=[]) > 0
     finally:
         servers.close()
+
+
+def test_cache_and_leases_work_unchanged_on_the_cluster(cluster):
+    import inspect
+
+    from celery_tuning.cache import TwoLevelCache
+    from celery_tuning.concurrency import ConcurrencyLimiter
+    from celery_tuning.storage.cache import RedisCacheStore
+
+    def embed(text):
+        return {"text": text}
+
+    connector = RedisConnector(cluster.url)
+    runs = []
+
+    def compute():
+        runs.append(1)
+        return {"text": "a"}
+
+    first = TwoLevelCache("t.embed", inspect.signature(embed), store=RedisCacheStore(connector), l1_ttl=0)
+    other = TwoLevelCache("t.embed", inspect.signature(embed), store=RedisCacheStore(connector), l1_ttl=0)
+    digest = first.digest(("a",), {})
+    assert first.get_or_compute(digest, compute) == {"text": "a"}
+    assert other.get_or_compute(digest, compute) == {"text": "a"}  # served from L2 on the cluster
+    assert runs == [1]
+    assert other.clear() >= 1 and other.l2_entries() == 0
+    limiter = ConcurrencyLimiter("pdf", 2, connector)
+    leases = [limiter.acquire() for _ in range(3)]
+    assert [lease.granted for lease in leases] == [True, True, False]
+    limiter.release(leases[0])
+    assert limiter.acquire().granted
