@@ -389,3 +389,33 @@ def profiles(ctx: click.Context) -> None:
         if limit:
             parts.append(f"in-worker cap {limit}")
         click.echo(f"{queue}: profile {name} ({origin}): " + ", ".join(parts) + "; explicit worker flags win")
+
+
+def render_cli_markdown() -> str:
+    """docs/cli.md: every ``celery tuning`` command with its usage and options (from click)."""
+    lines = ["# CLI reference", "",
+             "Generated from the commands themselves by `python docs/generate_cli.py`; a test keeps it current.",
+             "Every command is a sub-command of `celery -A proj`, registered through the `celery.commands`",
+             "entry point, and reads the app's `tuning_*` settings.", ""]
+
+    def walk(command: click.Command, path: list) -> None:
+        ctx = click.Context(command, info_name=" ".join(path))
+        if isinstance(command, click.Group):
+            for name in sorted(command.commands):
+                walk(command.commands[name], [*path, name])
+            return
+        lines.extend([f"## `celery -A proj {' '.join(path)}`", "", command.help or "", "", "```",
+                      command.get_usage(ctx).replace("Usage: ", "usage: celery -A proj ", 1)])
+        for param in command.get_params(ctx):
+            record = param.get_help_record(ctx) if isinstance(param, click.Option) else None
+            if record and record[0] != "--help":
+                lines.append(f"  {record[0]:<28} {record[1]}".rstrip())
+        lines.extend(["```", ""])
+
+    walk(tuning, ["tuning"])
+    lines.extend(["## `celery -A proj worker` options added by `install(app)`", "", "```",
+                  "  --without-tuning             Run tuned tasks as plain Celery tasks on this worker "
+                  "(celery-tuning kill switch).",
+                  "  --tuning-profile NAME        Concurrency profile for this worker (io, cpu, mixed or one of "
+                  "tuning_profiles).", "```", ""])
+    return "\n".join(lines).rstrip() + "\n"

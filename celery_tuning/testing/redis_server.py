@@ -166,9 +166,15 @@ class RedisSentinelServers:
             raise
 
     def _start(self, timeout: float) -> RedisSentinelServers:
+        self.master.extra_args += ["--repl-diskless-sync-delay", "0"]  # Redis 7 waits 5 s by default
         self.master.start()
         self.replica.extra_args += ["--replicaof", "127.0.0.1", str(self.master.port)]
         self.replica.start()
+        deadline = time.monotonic() + timeout
+        while self.replica.client().info("replication").get("master_link_status") != "up":
+            if time.monotonic() > deadline:
+                raise RuntimeError("the replica did not sync with the master")
+            time.sleep(0.05)
         conf = os.path.join(self.sentinel_dir, "sentinel.conf")
         with open(conf, "w") as fh:
             fh.write(

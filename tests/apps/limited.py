@@ -14,7 +14,8 @@ from celery_tuning.integration.deferral import deferrals_of
 
 URL = os.environ.get("TEST_BROKER_URL", "redis://127.0.0.1:6379/0")
 TUNING = os.environ.get("TEST_TUNING_URL", "redis://127.0.0.1:6379/1")
-app = Celery("tests_limited", broker=URL, backend=URL, task_cls="celery_tuning:TunedTask")
+app = Celery("tests_limited", broker=URL, backend=os.environ.get("TEST_BACKEND_URL", URL),
+             task_cls="celery_tuning:TunedTask")
 app.conf.update(
     tuning_redis_url=TUNING,
     tuning_rate_limits={"shared": {"rate": "10/s", "burst": 2}, "api": {"rate": "20/s", "burst": 1}},
@@ -23,6 +24,7 @@ app.conf.update(
     tuning_concurrency_lease_ttl=float(os.environ.get("TEST_LEASE_TTL", "3")),
     broker_connection_retry_on_startup=True,
     worker_prefetch_multiplier=1,
+    task_default_queue=os.environ.get("TEST_QUEUE", "celery"),
 )
 celery_tuning.install(app)
 ledger = redis.Redis.from_url(TUNING)

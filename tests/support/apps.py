@@ -29,9 +29,9 @@ def worker_env(redis_server: Any) -> dict:
             "TEST_TUNING_URL": redis_server.db_url(1)}
 
 
-def run_producer(code: str, redis_server: Any, timeout: float = 120) -> str:
+def run_producer(code: str, redis_server: Any, timeout: float = 120, env: Optional[dict] = None) -> str:
     """Run ``code`` in a fresh Python process (a producer that never starts a worker); its stdout."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **worker_env(redis_server)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **worker_env(redis_server), **(env or {})}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
                          cwd=str(ROOT), env=env)
     assert out.returncode == 0, out.stderr

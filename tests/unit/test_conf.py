@@ -123,3 +123,11 @@ def test_settings_doc_is_generated_from_the_table():
     assert page == render_settings_markdown(), "run: python docs/generate_settings.py"
     for setting in SETTINGS:
         assert f"`{setting.name}`" in page
+
+
+def test_cli_reference_is_current():
+    from celery_tuning.integration.cli import render_cli_markdown
+
+    page = (ROOT / "docs" / "cli.md").read_text()
+    assert page == render_cli_markdown(), "run: python docs/generate_cli.py"
+    assert "## `celery -A proj tuning advise`" in page and "--metrics-url" in page
