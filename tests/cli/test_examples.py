@@ -46,3 +46,11 @@ def test_notes_are_summarised_once_per_content(redis_clean):
     text = run_example("notes", redis_clean)
     assert "6 summaries computed, 54 served from the cache" in text
     assert "computed it once more: 1" in text
+
+
+def test_django_project_configures_tuning_through_celery_tuning_settings(redis_clean):
+    text = run_example("django_shop", redis_clean)
+    assert "30 labels in" in text
+    assert "tuning_key_prefix                 'example-django'  (config)" in text
+    elapsed = float(re.search(r"30 labels in ([\d.]+) s", text).group(1))
+    assert elapsed >= 2.5  # 30 calls at a shared 10/s with a burst of 2
