@@ -18,7 +18,11 @@ def main() -> None:
         import django
 
         django.setup()
+        from examples.django_shop import celery_app
         from examples.django_shop.orders.tasks import create_label
+
+        # `python -m` imported the project (and read its settings) before $REDIS_URL was chosen here
+        celery_app.conf.broker_url = celery_app.conf.result_backend = env["EXAMPLE_REDIS_URL"]
 
         with workers("examples.django_shop", env, queues="shop", extra=("-P", "threads", "-c", "4")):
             start = time.monotonic()
