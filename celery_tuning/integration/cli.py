@@ -404,7 +404,7 @@ def render_cli_markdown() -> str:
             for name in sorted(command.commands):
                 walk(command.commands[name], [*path, name])
             return
-        lines.extend([f"## `celery -A proj {' '.join(path)}`", "", command.help or "", "", "```",
+        lines.extend([f"## `celery -A proj {' '.join(path)}`", "", command.help or "", "", "```text",
                       command.get_usage(ctx).replace("Usage: ", "usage: celery -A proj ", 1)])
         for param in command.get_params(ctx):
             record = param.get_help_record(ctx) if isinstance(param, click.Option) else None
@@ -413,7 +413,7 @@ def render_cli_markdown() -> str:
         lines.extend(["```", ""])
 
     walk(tuning, ["tuning"])
-    lines.extend(["## `celery -A proj worker` options added by `install(app)`", "", "```",
+    lines.extend(["## `celery -A proj worker` options added by `install(app)`", "", "```text",
                   "  --without-tuning             Run tuned tasks as plain Celery tasks on this worker "
                   "(celery-tuning kill switch).",
                   "  --tuning-profile NAME        Concurrency profile for this worker (io, cpu, mixed or one of "
