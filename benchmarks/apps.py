@@ -10,7 +10,7 @@ VARIANT = os.environ.get("BENCH_VARIANT", "plain")
 URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 QUEUE = "bench"
 
-TUNED = VARIANT in ("tuned", "limited", "ours", "cached50", "uncached50", "metered")
+TUNED = VARIANT in ("tuned", "limited", "ours", "cached50", "uncached50", "metered", "everything")
 app = Celery(
     f"bench_{VARIANT}",
     broker=URL,
@@ -28,8 +28,10 @@ if TUNED:
     import celery_tuning
 
     app.conf.tuning_redis_url = URL
-    if VARIANT == "metered":
+    if VARIANT in ("metered", "everything"):
         app.conf.tuning_metrics_port = int(os.environ.get("BENCH_METRICS_PORT", "0"))
+    if VARIANT == "everything":
+        app.conf.tuning_circuit_breakers = {"bench": {"fail_max": 5, "reset_timeout": 30}}
     celery_tuning.install(app)
 
 if VARIANT == "limited":
@@ -37,6 +39,19 @@ if VARIANT == "limited":
 
     @app.task(name="benchmarks.apps.noop")
     @rate_limit("1000000/s", burst=1000)  # never binds: measures the limiter's cost alone
+    def noop() -> None:
+        return None
+
+elif VARIANT == "everything":
+    import uuid
+
+    from celery_tuning import cache_result, circuit_breaker, rate_limit, sla
+
+    @app.task(name="benchmarks.apps.noop")
+    @cache_result(ttl=60, key=lambda: uuid.uuid4().hex)  # a new key per call: the miss path every time
+    @circuit_breaker("bench")                            # closed throughout
+    @rate_limit("1000000/s", burst=1000)                 # never binds
+    @sla(warning=60, critical=120)                       # checked, never breached
     def noop() -> None:
         return None
 

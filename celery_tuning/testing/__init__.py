@@ -1,5 +1,6 @@
 """Helpers for testing code that uses celery-tuning: a private redis-server on loopback."""
 
+from .proxy import LatencyProxy
 from .redis_server import RedisClusterServers, RedisSentinelServers, RedisServer, free_port
 
-__all__ = ["RedisClusterServers", "RedisSentinelServers", "RedisServer", "free_port"]
+__all__ = ["LatencyProxy", "RedisClusterServers", "RedisSentinelServers", "RedisServer", "free_port"]

@@ -171,7 +171,7 @@ class RedisSentinelServers:
         self.replica.extra_args += ["--replicaof", "127.0.0.1", str(self.master.port)]
         self.replica.start()
         deadline = time.monotonic() + timeout
-        while self.replica.client().info("replication").get("master_link_status") != "up":
+        while dict(self.replica.client().info("replication")).get("master_link_status") != "up":
             if time.monotonic() > deadline:
                 raise RuntimeError("the replica did not sync with the master")
             time.sleep(0.05)

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from celery_tuning.storage.redis import RedisConnector
-from tests.support.proxy import LatencyProxy
+from celery_tuning.testing.proxy import LatencyProxy
 from tests.support.workers import QUICK_BACKEND_RETRY, WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.reliability]

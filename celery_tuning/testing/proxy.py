@@ -1,4 +1,5 @@
-"""A TCP proxy on loopback that delays every reply from the upstream server (latency injection)."""
+"""A TCP proxy on loopback that delays every reply from the upstream server (latency injection,
+for tests and benchmarks)."""
 
 from __future__ import annotations
 
