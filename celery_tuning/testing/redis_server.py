@@ -171,7 +171,7 @@ class RedisSentinelServers:
         self.replica.extra_args += ["--replicaof", "127.0.0.1", str(self.master.port)]
         self.replica.start()
         deadline = time.monotonic() + timeout
-        while dict(self.replica.client().info("replication")).get("master_link_status") != "up":
+        while self._replica_link() != "up":
             if time.monotonic() > deadline:
                 raise RuntimeError("the replica did not sync with the master")
             time.sleep(0.05)
@@ -195,6 +195,10 @@ class RedisSentinelServers:
                 pass
             time.sleep(0.1)
         raise RuntimeError("sentinel did not come up")
+
+    def _replica_link(self) -> Any:
+        info: Any = self.replica.client().info("replication")
+        return info.get("master_link_status")
 
     def close(self) -> None:
         if self.sentinel is not None and self.sentinel.poll() is None:
