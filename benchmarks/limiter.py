@@ -58,6 +58,12 @@ def run(url: str, n: int = 5000, runs: int = 3) -> Dict[str, Any]:
     moving = MovingWindowRateLimiter(limits_storage)
     item = RateLimitItemPerSecond(1_000_000)
 
+    from pyrate_limiter import Duration, Limiter, RedisBucket
+    from pyrate_limiter import Rate as PyrateRate
+
+    client.delete("bench-pyrate")
+    pyrate = Limiter(RedisBucket.init([PyrateRate(1_000_000, Duration.SECOND)], client, "bench-pyrate"))
+
     from celery_tuning.storage.redis import load_lua
 
     gcra_sha = client.script_load(load_lua("gcra_acquire"))
@@ -68,6 +74,7 @@ def run(url: str, n: int = 5000, runs: int = 3) -> Dict[str, Any]:
         "raw_gcra_evalsha": lambda: conn_client.evalsha(gcra_sha, 2, bucket.tat, bucket.conf, packed),
         "ours_acquire": lim.try_acquire,
         "limits_moving_window": lambda: moving.hit(item, "bench"),
+        "pyrate_redis_bucket": lambda: pyrate.try_acquire("bench", blocking=False),
     }
     samples: Dict[str, List[float]] = {name: [] for name in fns}
     for _ in range(runs):
@@ -83,6 +90,7 @@ def run(url: str, n: int = 5000, runs: int = 3) -> Dict[str, Any]:
         "ours_vs_bare_evalsha": medians["ours_acquire"] / medians["bare_evalsha"],
         "ours_vs_raw_gcra_evalsha": medians["ours_acquire"] / medians["raw_gcra_evalsha"],
         "limits_moving_window_vs_bare_evalsha": medians["limits_moving_window"] / medians["bare_evalsha"],
+        "pyrate_redis_bucket_vs_bare_evalsha": medians["pyrate_redis_bucket"] / medians["bare_evalsha"],
     }
 
 
@@ -103,4 +111,6 @@ def render(result: Dict[str, Any]) -> str:
         f"{result['ours_vs_raw_gcra_evalsha']:.3f} | |",
         f"| `limits` MovingWindow hit p50 | {p50['limits_moving_window'] * 1e6:.1f} µs | |",
         f"| `limits` MovingWindow / bare EVALSHA | {result['limits_moving_window_vs_bare_evalsha']:.3f} | |",
+        f"| pyrate-limiter `RedisBucket` try_acquire p50 | {p50['pyrate_redis_bucket'] * 1e6:.1f} µs | |",
+        f"| pyrate-limiter `RedisBucket` / bare EVALSHA | {result['pyrate_redis_bucket_vs_bare_evalsha']:.3f} | |",
     ])
