@@ -404,7 +404,7 @@ def connect_metric_receivers(buckets: Optional[Tuple[float, ...]] = None) -> Non
     if buckets:
         _state["buckets"] = buckets
     # Called by the timing receivers directly: no extra signal dispatch per task.
-    set_recorders(None, _on_timed, _on_sla_checked_direct)
+    set_recorders(_on_timed, _on_sla_checked_direct)
     bounds = tuple(float(b) for b in (_state.get("buckets") or BUCKETS))
     _state["bounds"] = bounds if bounds[-1] == float("inf") else (*bounds, float("inf"))  # as prometheus adds
     signals.task_deferred.connect(_on_deferred, weak=False, dispatch_uid="celery_tuning.metrics.deferred")

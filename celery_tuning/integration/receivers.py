@@ -35,20 +35,18 @@ _publish_connected = False
 _timing_connected = False
 _connect_lock = threading.Lock()
 
-# task id -> (wall, monotonic and thread-CPU start, queue, request, runtime); several threads may
-# run tasks.
-_started: Dict[str, Tuple[float, float, float, str, Any, Any]] = {}
+# task id -> (wall, monotonic and thread-CPU start); several threads may run tasks.
+_started: Dict[str, Tuple[float, float, float]] = {}
 
 #: Recorders the metrics module installs (``set_recorders``), called directly from the two
 #: receivers below: a task attempt then costs two signal dispatches in all, not four.
-_recorders: Dict[str, Optional[Callable[..., None]]] = {"started": None, "finished": None, "sla_checked": None}
+_recorders: Dict[str, Optional[Callable[..., None]]] = {"finished": None, "sla_checked": None}
 
 
-def set_recorders(started: Optional[Callable[[Any, str], None]], finished: Callable[..., None],
-                  sla_checked: Callable[[Any, str], None]) -> None:
-    """Have every timed attempt reported to ``started(task, queue)``, ``finished(**timings)`` and,
-    when an SLA applies, ``sla_checked(task, queue)``."""
-    _recorders.update(started=started, finished=finished, sla_checked=sla_checked)
+def set_recorders(finished: Callable[..., None], sla_checked: Callable[[Any, str], None]) -> None:
+    """Have every timed attempt reported to ``finished(**timings)`` and, when an SLA applies, to
+    ``sla_checked(task, queue)``."""
+    _recorders.update(finished=finished, sla_checked=sla_checked)
 
 
 def stamp_headers(headers: Dict[str, Any], now: Optional[float] = None) -> Dict[str, Any]:
@@ -101,20 +99,24 @@ def _header(request: Any, name: str) -> Optional[float]:
 
 def _on_prerun(sender: Any = None, task_id: Optional[str] = None, task: Any = None,
                **_: Any) -> None:
-    if task is None or task_id is None:
-        return
-    runtime = installed_runtime(task.app)
-    if runtime is None:
-        return
-    request = task.request  # the same Context object until postrun: looked up once
-    if request.called_directly or request.is_eager:
-        return
-    info = request.delivery_info or {}
-    queue = str(info.get("routing_key") or info.get("queue") or getattr(task, "queue", None) or "celery")
-    _started[task_id] = (time.time(), time.perf_counter(), time.thread_time(), queue, request, runtime)
-    started = _recorders["started"]
-    if started is not None:
-        started(task, queue)
+    # Only the clocks here: everything else is read once, in postrun, from the same request.
+    if task_id is not None:
+        _started[task_id] = (time.time(), time.perf_counter(), time.thread_time())
+
+
+def _runtime_of(task: Any) -> Any:
+    """The installed runtime of the task's app (cached per task class), or None."""
+    cls = type(task)
+    try:
+        return _task_runtimes[cls]
+    except KeyError:
+        runtime = installed_runtime(task.app)
+        if runtime is not None:  # cache only a positive answer: install() may come later
+            _task_runtimes[cls] = runtime
+        return runtime
+
+
+_task_runtimes: Dict[type, Any] = {}
 
 
 def _on_postrun(sender: Any = None, task_id: Optional[str] = None, task: Any = None,
@@ -125,7 +127,15 @@ def _on_postrun(sender: Any = None, task_id: Optional[str] = None, task: Any = N
     if start is None:
         return
     finished_wall, finished_perf, finished_cpu = time.time(), time.perf_counter(), time.thread_time()
-    started_wall, started_perf, started_cpu, queue, request, runtime = start
+    runtime = _runtime_of(task)
+    if runtime is None:
+        return
+    request = task.request  # the same Context object the task ran with
+    if request.called_directly or request.is_eager:
+        return
+    started_wall, started_perf, started_cpu = start
+    info = request.delivery_info or {}
+    queue = str(info.get("routing_key") or info.get("queue") or getattr(task, "queue", None) or "celery")
     eta = request.eta
     timings = compute_timings(
         sent_at=_header(request, HEADER_SENT),
