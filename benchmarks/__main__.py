@@ -231,7 +231,7 @@ def main(argv: List[str]) -> int:
                 return run_worker_once(*a, concurrency=1, **kw)
 
             results["scaling"] = {
-                "workers": scaling.workers_curve(url, one_process_each, args.tasks),
+                "workers": scaling.workers_curve(url, one_process_each, args.tasks, runs=args.runs),
                 "latency": scaling.latency_curve(server.port),
                 "breaker_threads": scaling.breaker_threads(server.db_url(5)),
             }

@@ -7,6 +7,7 @@ calls per second through one shared breaker from 1 and from 8 threads.
 
 from __future__ import annotations
 
+import statistics
 import threading
 import time
 from typing import Any, Callable, Dict, List
@@ -68,28 +69,37 @@ def breaker_threads(url: str, seconds: float = 3.0) -> Dict[str, float]:
 
 
 def workers_curve(url: str, run_worker_once: Callable[..., Dict[str, float]], tasks: int,
-                  counts=(1, 2, 4)) -> Dict[str, Any]:
+                  counts=(1, 2, 4), runs: int = 3) -> Dict[str, Any]:
+    """Medians of ``runs`` interleaved runs per worker count (min and max kept)."""
     out: Dict[str, Any] = {}
     for n in counts:
-        plain = run_worker_once(url, "plain", "prefork", tasks, workers=n)["tasks_per_s"]
-        limited = run_worker_once(url, "limited", "prefork", tasks, workers=n)["tasks_per_s"]
-        accuracy = run_worker_once(url, "ours", "prefork", 60, workers=n)["tasks_per_s"] / 10.0
-        out[str(n)] = {"plain_tasks_per_s": plain, "limited_tasks_per_s": limited, "limited_ratio": limited / plain,
-                       "admitted_over_configured_10_per_s": accuracy}
+        plain, limited, accuracy = [], [], []
+        for _ in range(runs):
+            plain.append(run_worker_once(url, "plain", "prefork", tasks, workers=n)["tasks_per_s"])
+            limited.append(run_worker_once(url, "limited", "prefork", tasks, workers=n)["tasks_per_s"])
+            accuracy.append(run_worker_once(url, "ours", "prefork", 60, workers=n)["tasks_per_s"] / 10.0)
+        out[str(n)] = {"plain_tasks_per_s": statistics.median(plain), "plain_range": [min(plain), max(plain)],
+                       "limited_tasks_per_s": statistics.median(limited),
+                       "limited_range": [min(limited), max(limited)],
+                       "limited_ratio": statistics.median(limited) / statistics.median(plain),
+                       "admitted_over_configured_10_per_s": statistics.median(accuracy),
+                       "accuracy_range": [min(accuracy), max(accuracy)]}
     return out
 
 
 def render(result: Dict[str, Any]) -> str:
     lines = [
         "Scaling: worker processes (prefork, concurrency 1 each; no-op tasks; a never-binding limiter; "
-        "60 tasks at a shared 10/s for accuracy)",
+        "60 tasks at a shared 10/s for accuracy); median of 3 runs (min-max)",
         "",
         "| worker processes | plain tasks/s | limiter tasks/s | ratio | admitted / configured (ideal 1.0) |",
         "|---|---|---|---|---|",
     ]
     for n, e in result["workers"].items():
-        lines.append(f"| {n} | {e['plain_tasks_per_s']:.0f} | {e['limited_tasks_per_s']:.0f} | "
-                     f"{e['limited_ratio']:.3f} | {e['admitted_over_configured_10_per_s']:.2f} |")
+        (pl, ph), (ll, lh), (al, ah) = e["plain_range"], e["limited_range"], e["accuracy_range"]
+        lines.append(f"| {n} | {e['plain_tasks_per_s']:.0f} ({pl:.0f}-{ph:.0f}) | {e['limited_tasks_per_s']:.0f} "
+                     f"({ll:.0f}-{lh:.0f}) | {e['limited_ratio']:.3f} | {e['admitted_over_configured_10_per_s']:.2f} "
+                     f"({al:.2f}-{ah:.2f}) |")
     lines += ["", "Limiter acquisitions per second as the Redis round trip grows (a proxy delays every reply)",
               "", "| added latency | 1 thread | 8 threads |", "|---|---|---|"]
     for delay, e in result["latency"].items():
