@@ -4,6 +4,7 @@ against a fake provider that allows 20 requests/s and answers 429 above it."""
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 
@@ -37,8 +38,6 @@ def main() -> None:
     with redis_base() as base, FakeApi(provider) as api:
         fresh_database(f"{base}/14")  # the example's own database
         env = {"EXAMPLE_REDIS_URL": f"{base}/14", "EMBEDDINGS_API_URL": api.url}
-        import os
-
         os.environ.update(env)
         from examples.embeddings.app import app, embed
 
