@@ -129,7 +129,7 @@ def test_advise_tells_cpu_bound_from_io_bound_queues(redis_clean):
 
     port = free_port()
     env = {**worker_env(redis_clean), "TEST_METRICS_PORT": str(port)}
-    worker = WorkerProcess("tests.apps.metered:app", env, pool="prefork", concurrency=2, queues="crunch,net")
+    worker = WorkerProcess("tests.apps.metered:app", env, pool="prefork", concurrency=1, queues="crunch,net")
     try:
         worker.start()
         run_producer(
