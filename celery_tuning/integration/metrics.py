@@ -347,12 +347,8 @@ def _on_sla(sender: Any = None, queue: str = "", level: str = "", kind: str = ""
     metrics().sla.labels(sender.name, queue, level, kind).inc()
 
 
-def _on_sla_checked_direct(task: Any, queue: str) -> None:
-    _on_sla_checked(sender=task, queue=queue)
-
-
-def _on_sla_checked(sender: Any = None, queue: str = "", **_: Any) -> None:
-    metrics().sla_checked.labels(sender.name, queue).inc()
+def _on_sla_checked(task: Any, queue: str) -> None:
+    metrics().sla_checked.labels(task.name, queue).inc()
 
 
 def _on_limiter(sender: Any = None, event: str = "", seconds: float = 0.0, **_: Any) -> None:
@@ -404,7 +400,7 @@ def connect_metric_receivers(buckets: Optional[Tuple[float, ...]] = None) -> Non
     if buckets:
         _state["buckets"] = buckets
     # Called by the timing receivers directly: no extra signal dispatch per task.
-    set_recorders(_on_timed, _on_sla_checked_direct)
+    set_recorders(_on_timed, _on_sla_checked)
     bounds = tuple(float(b) for b in (_state.get("buckets") or BUCKETS))
     _state["bounds"] = bounds if bounds[-1] == float("inf") else (*bounds, float("inf"))  # as prometheus adds
     signals.task_deferred.connect(_on_deferred, weak=False, dispatch_uid="celery_tuning.metrics.deferred")

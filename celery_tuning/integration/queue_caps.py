@@ -64,7 +64,6 @@ class QueueGate:
         self.paused: Set[str] = set()
         self.queues: Dict[str, Any] = {}
         self.routes: Dict[Any, str] = {}
-        self.tags: Dict[str, str] = {}
         self._timer: Any = None
 
     # -- lifecycle (consumer thread) ---------------------------------------------------------
@@ -136,11 +135,6 @@ class QueueGate:
                 self._admit(queue, held.popleft())
                 self._settle(queue)
             self._update_consuming(queue)
-
-    def in_worker(self, queue: str) -> int:
-        """Requests of ``queue`` admitted and not finished (for tests and status)."""
-        self._settle(queue)
-        return len(self.running[queue])
 
     def _admit(self, queue: str, request: Any) -> None:
         self.running[queue].append(request)

@@ -71,8 +71,9 @@ def _on_before_publish(sender: Any = None, headers: Optional[Dict[str, Any]] = N
     stamp_headers(headers)
 
 
-def _queue_of(task: Any) -> str:
-    info = getattr(task.request, "delivery_info", None) or {}
+def _queue_of(task: Any, request: Any = None) -> str:
+    """The queue label of a running task: the routing key it came with, else its declared queue."""
+    info = getattr(request if request is not None else task.request, "delivery_info", None) or {}
     return str(info.get("routing_key") or info.get("queue") or getattr(task, "queue", None) or "celery")
 
 
@@ -134,8 +135,7 @@ def _on_postrun(sender: Any = None, task_id: Optional[str] = None, task: Any = N
     if request.called_directly or request.is_eager:
         return
     started_wall, started_perf, started_cpu = start
-    info = request.delivery_info or {}
-    queue = str(info.get("routing_key") or info.get("queue") or getattr(task, "queue", None) or "celery")
+    queue = _queue_of(task, request)
     eta = request.eta
     timings = compute_timings(
         sent_at=_header(request, HEADER_SENT),
