@@ -108,7 +108,7 @@ def test_chain_order_is_cache_breaker_rate_limit_run(recording_steps):
     app = make_app()
     celery_tuning.install(app)
 
-    @app.task(base=TunedTask, bind=True)
+    @app.task(shared=False, base=TunedTask, bind=True)
     @with_all_policies
     def work(self, x):
         recording_steps.append(f"run {x} {self.name}")
@@ -126,7 +126,7 @@ def test_kill_switch_in_config_leaves_run_unwrapped(recording_steps):
     app = make_app(tuning_enabled=False)
     celery_tuning.install(app)
 
-    @app.task(base=TunedTask)
+    @app.task(shared=False, base=TunedTask)
     @with_all_policies
     def work(x):
         return x
@@ -141,7 +141,7 @@ def test_kill_switch_from_environment(recording_steps, monkeypatch):
     app = make_app()
     celery_tuning.install(app)
 
-    @app.task(base=TunedTask)
+    @app.task(shared=False, base=TunedTask)
     @with_all_policies
     def work(x):
         return x
@@ -155,7 +155,7 @@ def test_runtime_disable_bypasses_chain(recording_steps):
     app = make_app()
     runtime = celery_tuning.install(app)
 
-    @app.task(base=TunedTask)
+    @app.task(shared=False, base=TunedTask)
     @with_all_policies
     def work(x):
         return x
