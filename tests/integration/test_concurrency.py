@@ -82,3 +82,25 @@ def test_bind_and_eager_errors(redis_clean):
     assert inner.apply().get() == "ran"  # the slot is released after each run
     with pytest.raises(ConcurrencyLimited, match="concurrency limit 'solo' reached"):
         nested.apply().get()
+
+
+def test_redis_down_admits_and_recovers(fault_redis):
+    """docs/faq.md: with the tuning Redis down, concurrency caps admit (bounded by the socket timeout)."""
+    from celery_tuning.concurrency import ConcurrencyLimiter
+    from celery_tuning.storage.redis import RedisConnector
+
+    limiter = ConcurrencyLimiter("outage", 1, RedisConnector(fault_redis.db_url(0)), ttl=5)
+    held = limiter.acquire()
+    assert held.granted and held.id is not None
+    assert not limiter.acquire().granted  # the cap holds while Redis answers
+    fault_redis.stop()
+    start = time.monotonic()
+    down = limiter.acquire()
+    assert down.granted and down.id is None  # ran unlimited, said so, did not raise
+    assert time.monotonic() - start < 3
+    limiter.release(down)
+    limiter.release(held)  # never raises either
+    fault_redis.restart()  # empty: the old lease is gone, the cap applies again
+    again = limiter.acquire()
+    assert again.granted and again.id is not None
+    assert not limiter.acquire().granted

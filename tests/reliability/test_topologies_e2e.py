@@ -8,37 +8,9 @@ import pytest
 import redis
 
 from celery_tuning.testing import RedisSentinelServers
-from tests.support.workers import QUICK_BACKEND_RETRY, WorkerProcess
+from tests.support.reliable import run_reliable
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.reliability]
-
-
-def run_reliable(redis_clean, tuning_url, count, during=None):
-    """``count`` calls of the every-capability task; ``during()`` runs once a third are done."""
-    from celery import Celery
-
-    broker = redis_clean.db_url(0)
-    worker = WorkerProcess("tests.apps.reliable:app", {"TEST_BROKER_URL": broker, "TEST_TUNING_URL": tuning_url},
-                           pool="prefork", concurrency=4)
-    producer = Celery("producer", broker=broker, backend=broker, set_as_current=False)
-    producer.conf.result_backend_transport_options = QUICK_BACKEND_RETRY
-    ledger = redis_clean.client(0)
-    try:
-        worker.start()
-        results = [producer.send_task("tests.apps.reliable.work", (i,)) for i in range(count // 2)]
-        if during is not None:
-            deadline = time.monotonic() + 60
-            while ledger.hlen("reliable:runs") < count // 3:
-                assert time.monotonic() < deadline
-                time.sleep(0.02)
-            during()
-        results += [producer.send_task("tests.apps.reliable.work", (i,)) for i in range(count // 2, count)]
-        values = [r.get(timeout=120) for r in results]
-        output = worker.output()
-    finally:
-        worker.close()
-    runs = {int(k): int(v) for k, v in ledger.hgetall("reliable:runs").items()}
-    return values, runs, output
 
 
 def test_every_capability_with_tuning_state_on_a_cluster(redis_clean, cluster_clean):
@@ -51,7 +23,7 @@ def test_every_capability_with_tuning_state_on_a_cluster(redis_clean, cluster_cl
                 seen.update(k.decode() for k in node.client().keys("tuning:*"))
             time.sleep(0.01)
 
-    values, runs, output = run_reliable(redis_clean, cluster_clean.url, 120, during=look)
+    values, runs, output, _ = run_reliable(redis_clean, cluster_clean.url, 120, during=look)
     assert values == list(range(120))
     assert sorted(runs) == list(range(120)) and set(runs.values()) == {1}
     assert "Traceback" not in output, output[-3000:]
@@ -83,7 +55,7 @@ def test_a_sentinel_failover_during_a_run_loses_nothing(redis_clean):
             time.sleep(0.1)
 
     try:
-        values, runs, output = run_reliable(redis_clean, servers.url, 200, during=fail_over)
+        values, runs, output, _ = run_reliable(redis_clean, servers.url, 200, during=fail_over)
         cache_keys_after = len(servers.replica.client().keys("tuning:cache:*"))
     finally:
         servers.close()
