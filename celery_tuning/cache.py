@@ -9,7 +9,7 @@ import os
 import threading
 import time
 import uuid
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 
 from cachetools import TTLCache
 
@@ -18,7 +18,7 @@ from .policy.cachekeys import ArgumentBinder, UncacheableArgument, call_digest, 
 from .policy.codec import CorruptValue, decode, encode
 from .storage.cache import CacheKeys, RedisCacheStore, listener_for
 
-__all__ = ["TwoLevelCache", "UncacheableArgument"]
+__all__ = ["Preflight", "TwoLevelCache", "UncacheableArgument"]
 
 logger = logging.getLogger("celery_tuning.cache")
 
@@ -27,6 +27,23 @@ logger = logging.getLogger("celery_tuning.cache")
 Observer = Callable[[str, str], None]
 
 _GENERATION_TTL = 5.0  # seconds a process trusts its copy of the clear() generation without news
+
+#: Bound of the hit/miss trend of L2 reads: after this many hits in a row a cache that
+#: mostly missed is back to reading with a plain GET first.
+_TREND_LIMIT = 8
+
+
+class Preflight(Protocol):
+    """A limiter decision the cache's miss path takes in its own round trip.
+
+    ``keys`` and ``packed`` are ``gcra_acquire.lua``'s KEYS and ARGV[1]; ``settle`` receives
+    the script's reply when a token was taken.
+    """
+
+    keys: List[str]
+    packed: str
+
+    def settle(self, reply: int) -> None: ...
 
 
 #: Digests of recent calls whose arguments are all short strings, so a hit skips binding,
@@ -121,6 +138,7 @@ class TwoLevelCache:
         self._token_pid = -1
         self._token_base = ""
         self._token_counter = itertools.count()
+        self._l2_trend = 0  # > 0: recent L2 reads mostly missed
 
     # -- keys ------------------------------------------------------------------------------
 
@@ -255,8 +273,18 @@ class TwoLevelCache:
             return False, None
         return self._accept(digest, raw, event=None)
 
-    def get_or_compute(self, digest: str, compute: Callable[[], Any]) -> Any:
-        """The cached value for ``digest``, computing it at most once across all workers."""
+    def _note_l2(self, hit: bool) -> None:
+        """Track whether recent L2 reads found values (races between threads only blur the trend)."""
+        trend = self._l2_trend + (-1 if hit else 1)
+        self._l2_trend = max(-_TREND_LIMIT, min(_TREND_LIMIT, trend))
+
+    def get_or_compute(self, digest: str, compute: Callable[[], Any],
+                       preflight: Optional[Callable[[], Optional[Preflight]]] = None) -> Any:
+        """The cached value for ``digest``, computing it at most once across all workers.
+
+        ``preflight`` (the task's rate limiter) may return a decision to take in the round trip
+        that elects this caller to compute: a miss then costs one round trip instead of two.
+        """
         found, value = self._l1_get(digest)
         if found:
             self._emit("hit_l1")
@@ -269,12 +297,24 @@ class TwoLevelCache:
         try:
             generation = self._current_generation()
             value_key, lock_key = self.keys.value(generation, digest), self.keys.lock(generation, digest)
-            # A hit is one plain GET; only a miss pays for the script that elects a leader.
-            raw = self.store.get(value_key)
+            raw = None
             role = -1
+            # While reads mostly find values, a hit is one plain GET and only a miss pays for
+            # the script that elects a leader. While they mostly miss, go straight to the
+            # script: it returns a value when there is one, so a miss costs one round trip.
+            if self._l2_trend <= 0:
+                raw = self.store.get(value_key)
             if raw is None:
                 token = self._token()
-                raw, _, role = self.store.lookup(value_key, lock_key, token, lock_ms)
+                pending = preflight() if preflight is not None and self.store.can_combine else None
+                if pending is None:
+                    raw, _, role = self.store.lookup(value_key, lock_key, token, lock_ms)
+                else:
+                    raw, _, role, reply = self.store.lookup_acquire(
+                        value_key, lock_key, token, lock_ms, pending.keys, pending.packed)
+                    if reply is not None:
+                        pending.settle(reply)
+            self._note_l2(raw is not None)
         except StorageError as exc:
             self._warn_once("redis", "cache %s: tuning Redis failed (%s); serving from L1 only", self.name, exc)
             self._emit("redis_error")

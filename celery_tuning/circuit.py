@@ -270,6 +270,10 @@ class SharedBreaker(pybreaker.CircuitBreaker):
 
     # -- calls ----------------------------------------------------------------------------
 
+    def looks_closed(self) -> bool:
+        """Whether :meth:`admit` will let a call through without a trial (same cached view)."""
+        return self._view().state == CLOSED
+
     def admit(self) -> bool:
         """Decide whether a call may run now; True when it is the half-open trial.
 

@@ -6,7 +6,7 @@ import hashlib
 import logging
 import threading
 import time
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, List, NamedTuple, Optional, Tuple
 
 from .errors import ConfigurationError, RateLimited, StorageError
 from .policy.gcra import interval_us
@@ -115,32 +115,19 @@ class GcraLimiter:
                            self.name, exc, self.on_redis_error)
         self._emit("fallback")
 
-    def decide(self, cost: int = 1, *, reserve: Optional[float] = None, key: Any = None) -> Decision:
-        """One round trip: admit now, reserve a slot up to ``reserve`` seconds ahead, or refuse.
-
-        Never raises because Redis is down: the Redis-error policy answers instead.
-        """
+    def _check_cost(self, cost: int) -> None:
         if cost < 1 or cost > self.burst:
             raise ConfigurationError(
                 f"limiter {self.name!r}: cost={cost!r} must be between 1 and burst ({self.burst})")
-        reserve_us = -1 if reserve is None else int(reserve * 1_000_000)
-        bucket = self.bucket(key)
-        try:
-            result = self.store.acquire(bucket, self.interval, self.burst, cost, reserve_us)
-            source = "redis"
-            if self._warned:
-                with self._warn_lock:
-                    self._warned = False
-                logger.info("limiter %r: tuning Redis is back", self.name)
-        except StorageError as exc:
-            self._storage_failed(exc)
-            if self.on_redis_error == "allow":
-                return Decision(True, 0.0, "allow")
-            if self.on_redis_error == "deny":
-                return Decision(False, max(1.0, self.interval / 1_000_000), "deny")
-            result = self._fallback.acquire(bucket, self.interval, self.burst, cost, reserve_us)
-            source = "local"
-        decision = Decision(result.allowed, result.wait_us / 1_000_000, source)
+
+    def _redis_answered(self) -> None:
+        if self._warned:
+            with self._warn_lock:
+                self._warned = False
+            logger.info("limiter %r: tuning Redis is back", self.name)
+
+    def _decided(self, allowed: bool, wait_us: int, source: str) -> Decision:
+        decision = Decision(allowed, wait_us / 1_000_000, source)
         if not decision.allowed:
             self._emit("rejected", decision.wait)
         elif decision.wait > 0:
@@ -149,15 +136,59 @@ class GcraLimiter:
             self._emit("acquired")
         return decision
 
+    def decide(self, cost: int = 1, *, reserve: Optional[float] = None, key: Any = None) -> Decision:
+        """One round trip: admit now, reserve a slot up to ``reserve`` seconds ahead, or refuse.
+
+        Never raises because Redis is down: the Redis-error policy answers instead.
+        """
+        self._check_cost(cost)
+        reserve_us = -1 if reserve is None else int(reserve * 1_000_000)
+        bucket = self.bucket(key)
+        try:
+            result = self.store.acquire(bucket, self.interval, self.burst, cost, reserve_us)
+            source = "redis"
+            self._redis_answered()
+        except StorageError as exc:
+            self._storage_failed(exc)
+            if self.on_redis_error == "allow":
+                return Decision(True, 0.0, "allow")
+            if self.on_redis_error == "deny":
+                return Decision(False, max(1.0, self.interval / 1_000_000), "deny")
+            result = self._fallback.acquire(bucket, self.interval, self.burst, cost, reserve_us)
+            source = "local"
+        return self._decided(result.allowed, result.wait_us, source)
+
+    def plan(self, cost: int = 1, *, reserve: Optional[float] = None,
+             key: Any = None) -> Optional[Tuple[List[str], str]]:
+        """``gcra_acquire.lua``'s KEYS and ARGV[1] for the decision :meth:`decide` would make.
+
+        Lets another script (the cache's miss path) take the decision in its own round trip;
+        hand its reply to :meth:`settle`. None when the store is not Redis or ``cost`` is
+        invalid (then call :meth:`decide`, which applies every policy and raises as usual).
+        """
+        script_args = getattr(self.store, "script_args", None)
+        if script_args is None or cost < 1 or cost > self.burst:
+            return None
+        reserve_us = -1 if reserve is None else int(reserve * 1_000_000)
+        return script_args(self.bucket(key), self.interval, self.burst, cost, reserve_us)
+
+    def settle(self, reply: int) -> Decision:
+        """The :class:`Decision` for a ``gcra_acquire.lua`` reply obtained through :meth:`plan`."""
+        self._redis_answered()
+        return self._decided(reply >= 0, abs(reply), "redis")
+
     def try_acquire(self, cost: int = 1, key: Any = None) -> bool:
         """Take ``cost`` tokens if they are there now; never waits."""
         return self.decide(cost, key=key).allowed
 
-    def acquire(self, timeout: Optional[float] = None, cost: int = 1, key: Any = None) -> float:
+    def acquire(self, timeout: Optional[float] = None, cost: int = 1, key: Any = None,
+                *, decision: Optional[Decision] = None) -> float:
         """Block until admitted, at most ``timeout`` seconds (None: wait as long as it takes).
 
         The slot is reserved in the same round trip, so waiting callers are
         spaced at the rate instead of retrying in a herd.
+
+        ``decision``: one already taken with ``reserve=acquire_reserve(timeout)`` (see :meth:`plan`).
 
         Returns:
             Seconds waited.
@@ -168,13 +199,19 @@ class GcraLimiter:
         """
         if timeout is not None and timeout < 0:
             raise ConfigurationError(f"acquire(timeout={timeout!r}): must be >= 0 seconds or None")
-        decision = self.decide(cost, reserve=86_400.0 if timeout is None else timeout, key=key)
+        if decision is None:
+            decision = self.decide(cost, reserve=self.acquire_reserve(timeout), key=key)
         if not decision.allowed:
             raise RateLimited(decision.wait, self.name)
         if decision.wait > 0:
             self._emit("waited", decision.wait)
             self.sleep(decision.wait)
         return decision.wait
+
+    @staticmethod
+    def acquire_reserve(timeout: Optional[float]) -> float:
+        """The ``reserve`` :meth:`acquire` decides with for ``timeout``."""
+        return 86_400.0 if timeout is None else timeout
 
     def throttle(self, retry_after: float, key: Any = None) -> None:
         """Admit nothing for ``retry_after`` seconds, in every process (e.g. after an HTTP 429).

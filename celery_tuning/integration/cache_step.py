@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from .. import signals
 from ..cache import TwoLevelCache, UncacheableArgument
@@ -70,6 +70,26 @@ class CacheStep(Step):
         self.lock_timeout = lock_timeout
         self._cache: Optional[TwoLevelCache] = None
         self.handle = CacheHandle(self)
+        self._limit_step: Any = None
+        self._breaker_step: Any = None
+        self._combine: Optional[bool] = None
+
+    def chain_built(self, steps: List[Step]) -> None:
+        by_kind = {step.kind: step for step in steps}
+        self._limit_step = by_kind.get("rate_limit")
+        self._breaker_step = by_kind.get("breaker")
+
+    def _can_combine(self) -> bool:
+        """A rate limit on the same Redis as the cache: its decision can ride the miss path's round trip."""
+        if self._combine is None:
+            store = getattr(self._limit_step.limiter.store, "connector", None)
+            self._combine = store is not None and store is self.runtime.connector
+        return self._combine
+
+    def _preflight(self, task: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        if self._breaker_step is not None and not self._breaker_step.breaker.looks_closed():
+            return None  # an open or half-open breaker decides first: no token for a call it stops
+        return self._limit_step.preflight(task, args, kwargs)
 
     @property
     def cache(self) -> TwoLevelCache:
@@ -93,7 +113,14 @@ class CacheStep(Step):
                 cache._warn_once("arguments", "task %s runs uncached: %s", self.task_name, exc)
                 _observer("skip_arguments", self.task_name)
                 return call_next(task, args, kwargs)
-            return cache.get_or_compute(digest, lambda: call_next(task, args, kwargs))
+            limit_step = self._limit_step
+            if limit_step is None or not self._can_combine():
+                return cache.get_or_compute(digest, lambda: call_next(task, args, kwargs))
+            try:
+                return cache.get_or_compute(digest, lambda: call_next(task, args, kwargs),
+                                            preflight=lambda: self._preflight(task, args, kwargs))
+            finally:
+                limit_step.discard_preset()  # taken but not reached (e.g. the breaker opened meanwhile)
 
         return call
 

@@ -29,6 +29,9 @@ class Step:
         """Return a call that applies this step, then ``call_next``."""
         raise NotImplementedError
 
+    def chain_built(self, steps: List[Step]) -> None:
+        """Called once with every step of the task, outermost first (to cooperate with siblings)."""
+
 
 #: kind -> factory(policy, task_cls) -> Step
 _FACTORIES: Dict[str, Callable[[Any, Any], Step]] = {}
@@ -52,6 +55,8 @@ def build_chain(task_cls: Any, policies: Mapping[str, Any], run: Call) -> Tuple[
         for kind in STEP_ORDER
         if kind in policies and kind in _FACTORIES
     ]
+    for step in steps:
+        step.chain_built(steps)
     call = run
     for step in reversed(steps):
         call = step.wrap(task_cls, call)

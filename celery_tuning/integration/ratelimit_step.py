@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import warnings
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from ..conf import known_names
 from ..errors import ConfigurationError, RateLimited, Throttled
 from ..policy.attach import RateLimitPolicy
-from ..ratelimit import GcraLimiter, hash_key
+from ..ratelimit import Decision, GcraLimiter, hash_key
 from .deferral import defer, jitter
 from .limits import limiter_for
 from .pipeline import Call, Step, register_step
@@ -22,6 +23,27 @@ logger = logging.getLogger("celery_tuning.ratelimit")
 
 #: A slot this task id already holds: {"limiter", "key", "at" (epoch s), "id"}.
 HEADER_SLOT = "tuning_rl_slot"
+
+
+class _Preset(threading.local):
+    """A decision the cache step took for the call running in this thread (see ``preflight``)."""
+
+    decision: Optional[Decision] = None
+    key: Any = None
+
+
+class _Preflight:
+    """This step's decision, handed to the cache's miss path to take in its round trip."""
+
+    __slots__ = ("_key", "_step", "keys", "packed")
+
+    def __init__(self, step: RateLimitStep, key: Any, keys: List[str], packed: str) -> None:
+        self._step, self._key, self.keys, self.packed = step, key, keys, packed
+
+    def settle(self, reply: int) -> None:
+        preset = self._step._preset
+        preset.decision = self._step.limiter.settle(reply)
+        preset.key = self._key
 
 
 class RateLimitStep(Step):
@@ -45,6 +67,7 @@ class RateLimitStep(Step):
                 f"({runtime.config.rate_limits[policy.name].burst})")
         self.limiter_name = policy.name or self.task_name
         self._limiter: Optional[GcraLimiter] = None
+        self._preset = _Preset()
         self._warn_visibility(policy)
 
     def _warn_visibility(self, policy: RateLimitPolicy) -> None:
@@ -76,7 +99,12 @@ class RateLimitStep(Step):
             key = policy.key(*args, **kwargs) if policy.key is not None else None
             limiter = self.limiter
             request = task.request
-            if not self._use_reserved_slot(request, limiter, key):
+            preset = self._preset
+            if preset.decision is not None:  # taken in the cache's round trip for this call
+                decision, preset.decision = preset.decision, None
+                same = preset.key is key or self._slot_id(preset.key) == self._slot_id(key)
+                self._admit(task, request, limiter, key, decision if same else None)
+            elif not self._use_reserved_slot(request, limiter, key):
                 self._admit(task, request, limiter, key)
             try:
                 return call_next(task, args, kwargs)
@@ -85,6 +113,37 @@ class RateLimitStep(Step):
                 raise  # not reached: _throttled defers or raises
 
         return call
+
+    def preflight(self, task: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[_Preflight]:
+        """The decision this call will need, for the cache step to take in its miss path's round trip.
+
+        None when the call holds a reserved slot (no new decision is due) or the limiter's
+        store is not Redis. The decision reaches :meth:`wrap`'s call through a thread-local.
+        """
+        request = task.request
+        headers = getattr(request, "headers", None) or {}
+        if isinstance(headers.get(HEADER_SLOT), dict):
+            return None
+        policy = self.policy
+        key = policy.key(*args, **kwargs) if policy.key is not None else None
+        plan = self.limiter.plan(policy.cost, reserve=self._reserve(request), key=key)
+        if plan is None:
+            return None
+        return _Preflight(self, key, *plan)
+
+    def discard_preset(self) -> None:
+        """Drop a decision no call consumed (the task body never reached this step)."""
+        self._preset.decision = None
+
+    def _reserve(self, request: Any) -> Optional[float]:
+        """The ``reserve`` :meth:`_admit` decides with."""
+        policy = self.policy
+        if policy.on_limit == "raise":
+            return None
+        eager = bool(getattr(request, "is_eager", False) or getattr(request, "called_directly", False))
+        if policy.on_limit == "wait" or eager:
+            return GcraLimiter.acquire_reserve(policy.max_wait if policy.on_limit == "wait" else policy.max_defer)
+        return policy.max_defer
 
     def _slot_id(self, key: Any) -> Optional[str]:
         return None if key is None else hash_key(key)
@@ -108,10 +167,13 @@ class RateLimitStep(Step):
             limiter.sleep(min(early, max(self.policy.max_wait, 0.05)))
         return True
 
-    def _admit(self, task: Any, request: Any, limiter: GcraLimiter, key: Any) -> None:
+    def _admit(self, task: Any, request: Any, limiter: GcraLimiter, key: Any,
+               decision: Optional[Decision] = None) -> None:
+        """Admit, wait, defer or raise; ``decision``: one already taken with :meth:`_reserve`."""
         policy = self.policy
         if policy.on_limit == "raise":
-            decision = limiter.decide(policy.cost, key=key)
+            if decision is None:
+                decision = limiter.decide(policy.cost, key=key)
             if not decision.allowed:
                 raise RateLimited(decision.wait, limiter.name)
             return
@@ -119,9 +181,10 @@ class RateLimitStep(Step):
         if policy.on_limit == "wait" or eager:
             # No broker to defer through (eager / direct call) or waiting is what was asked.
             limiter.acquire(timeout=policy.max_wait if policy.on_limit == "wait" else policy.max_defer,
-                            cost=policy.cost, key=key)
+                            cost=policy.cost, key=key, decision=decision)
             return
-        decision = limiter.decide(policy.cost, reserve=policy.max_defer, key=key)
+        if decision is None:
+            decision = limiter.decide(policy.cost, reserve=policy.max_defer, key=key)
         if decision.allowed and decision.wait == 0:
             return
         if decision.allowed and policy.on_limit == "auto" and decision.wait <= policy.max_wait:

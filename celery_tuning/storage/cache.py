@@ -48,6 +48,22 @@ class RedisCacheStore:
         raw, pttl, role = self.connector.evalsha("cache_lookup", [value_key, lock_key], [token, lock_ms])
         return (raw if raw else None), int(pttl), int(role)
 
+    @property
+    def can_combine(self) -> bool:
+        """Whether :meth:`lookup_acquire` may run (keys of two hash tags in one script: not on a Cluster)."""
+        return self.connector.target.kind != "cluster"
+
+    def lookup_acquire(self, value_key: str, lock_key: str, token: str, lock_ms: int,
+                       bucket_keys: List[str], packed: str) -> Tuple[Optional[bytes], int, int, Optional[int]]:
+        """:meth:`lookup` and, when this caller is elected leader, a limiter decision: one round trip.
+
+        ``bucket_keys`` and ``packed`` are ``gcra_acquire.lua``'s KEYS and ARGV[1]. The fourth
+        value is that script's reply, or None when no token was taken (value found, or a follower).
+        """
+        raw, pttl, role, decision = self.connector.evalsha(
+            "cache_lookup_acquire", [value_key, lock_key, *bucket_keys], [token, lock_ms, packed])
+        return (raw if raw else None), int(pttl), int(role), (None if decision is None else int(decision))
+
     def get(self, value_key: str) -> Optional[bytes]:
         """The raw value, or None (one plain GET: the hit path)."""
         raw = self.connector.get(value_key)

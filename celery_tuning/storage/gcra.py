@@ -143,11 +143,16 @@ class RedisGcraStore:
     def __init__(self, connector: RedisConnector) -> None:
         self.connector = connector
 
+    @staticmethod
+    def script_args(bucket: Bucket, interval: int, burst: int, cost: int, reserve: int) -> Tuple[List[str], str]:
+        """``gcra_acquire.lua``'s KEYS and packed ARGV[1] (also run inside ``cache_lookup_acquire.lua``)."""
+        return [bucket.tat, bucket.conf], f"{interval} {burst} {cost} {reserve}"
+
     def acquire(self, bucket: Bucket, interval: int, burst: int, cost: int, reserve: int,
                 now: Optional[int] = None) -> GcraResult:
-        packed = f"{interval} {burst} {cost} {reserve}"
+        keys, packed = self.script_args(bucket, interval, burst, cost, reserve)
         args = [packed] if now is None else [packed, now]
-        r = int(self.connector.evalsha("gcra_acquire", keys=[bucket.tat, bucket.conf], args=args))
+        r = int(self.connector.evalsha("gcra_acquire", keys=keys, args=args))
         return GcraResult(r >= 0, abs(r), None)
 
     def pause(self, bucket: Bucket, interval: int, burst: int, pause: int,

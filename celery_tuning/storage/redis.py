@@ -35,8 +35,20 @@ def hash_tag(prefix: str, kind: str, name: str) -> str:
 
 
 def load_lua(name: str) -> str:
-    """Source of ``celery_tuning/storage/lua/<name>.lua`` (shipped as package data)."""
-    return (resources.files("celery_tuning.storage") / "lua" / f"{name}.lua").read_text("utf-8")
+    """Source of ``celery_tuning/storage/lua/<name>.lua`` (shipped as package data).
+
+    A line ``--@include OTHER`` becomes ``OTHER.lua`` wrapped as ``local function OTHER(KEYS, ARGV)``,
+    so one script can run two others' logic in a single round trip without a copy of either.
+    """
+    source = (resources.files("celery_tuning.storage") / "lua" / f"{name}.lua").read_text("utf-8")
+    lines = []
+    for line in source.splitlines():
+        if line.startswith("--@include "):
+            other = line.split(None, 1)[1].strip()
+            lines += [f"local function {other}(KEYS, ARGV)", load_lua(other), "end"]
+        else:
+            lines.append(line)
+    return "\n".join(lines) + "\n"
 
 
 class RedisConnector:

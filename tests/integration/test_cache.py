@@ -10,7 +10,7 @@ from celery.contrib.testing.worker import start_worker
 from celery.result import EagerResult
 
 import celery_tuning
-from celery_tuning import TunedTask, cache_result
+from celery_tuning import CircuitOpen, RateLimited, TunedTask, cache_result, circuit_breaker, rate_limit
 from tests.support.apps import make_app, run_producer, worker_env
 from tests.support.workers import WorkerProcess, running_workers
 
@@ -235,3 +235,90 @@ def test_short_circuit_answers_without_publishing(redis_clean):
         assert first.get(timeout=10) == {"sku": "A1", "price": 10}
         second = price.delay("A1")
         assert isinstance(second, EagerResult) and second.get() == {"sku": "A1", "price": 10}
+
+
+def _calls(client, command):
+    return client.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0)
+
+
+def test_cached_rate_limited_miss_takes_its_token_in_the_lookup_round_trip(redis_clean, fault_redis):
+    """On a worker: a miss elects the leader and takes the token in one EVALSHA; hits take none.
+
+    The tuning Redis is its own server here, so its command counts are ours alone.
+    """
+    app = make_app(redis_clean, "cachelimit", tuning_url=fault_redis.db_url(1))
+    runs = []
+
+    @app.task(base=TunedTask, shared=False)
+    @cache_result(ttl=60, l1_ttl=0)  # no L1: every repeat below is answered by Redis
+    @rate_limit("1/h", burst=4, on_limit="raise")  # four tokens in all
+    def fetch(x):
+        runs.append(x)
+        return x * 10
+
+    tuning = fault_redis.client(1)
+    with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=10):
+        assert fetch.delay(0).get(timeout=10) == 0  # the first read of a cache is a plain GET
+        assert fetch.delay(1).get(timeout=10) == 10  # reads miss: the lookup script comes first now
+        evalsha, get = _calls(tuning, "evalsha"), _calls(tuning, "get")
+        assert fetch.delay(2).get(timeout=10) == 20
+        # Two scripts and no plain GET; commandstats also counts the GETs scripts make inside
+        # (value, bucket, lock: three), so a plain GET of the value would make it four.
+        assert (_calls(tuning, "evalsha") - evalsha, _calls(tuning, "get") - get) == (2, 3), \
+            "a miss is the lookup with its limiter decision, then the store"
+        for _ in range(3):  # hits: no token taken, so the four tokens are still enough below
+            assert [fetch.delay(x).get(timeout=10) for x in (0, 1, 2)] == [0, 10, 20]
+        assert fetch.delay(3).get(timeout=10) == 30
+        with pytest.raises(RateLimited):
+            fetch.delay(4).get(timeout=10)  # the fifth distinct call: the tokens are gone
+    assert runs == [0, 1, 2, 3]
+    assert not list(tuning.scan_iter(match="*:lock")), "the refused leader released its lock"
+
+
+def test_no_token_for_a_call_an_open_breaker_stops(redis_clean):
+    app = make_app(redis_clean, "cachebreaker")
+
+    @app.task(base=TunedTask, shared=False)
+    @cache_result(ttl=60)
+    @circuit_breaker("cb-guarded", fail_max=1, reset_timeout=60)
+    @rate_limit("1/h", burst=2, on_limit="raise")  # two tokens in all
+    def guarded(x):
+        return x
+
+    assert guarded.apply((1,)).get() == 1  # closed: the first token
+    breaker = guarded._tuning_steps[1].breaker
+    breaker.open()
+    with pytest.raises(CircuitOpen):
+        guarded.apply((2,)).get()  # stopped by the breaker: must not take a token
+    breaker.close()
+    assert guarded.apply((3,)).get() == 3  # so the second token is still there
+    with pytest.raises(RateLimited):
+        guarded.apply((4,)).get()
+
+
+def test_reads_follow_the_hit_miss_trend(fault_redis):
+    """Mostly hits: a hit is one plain GET. Mostly misses: the lookup script alone (one round trip)."""
+    app = make_app(fault_redis, "cachetrend")
+
+    @app.task(base=TunedTask, shared=False)
+    @cache_result(ttl=60, l1_ttl=0)
+    def double(x):
+        return 2 * x
+
+    tuning = fault_redis.client(1)
+    for x in range(3):
+        double.apply((x,)).get()
+    for _ in range(10):  # hits only: the trend turns to "hits"
+        double.apply((0,)).get()
+
+    def per_call(x):
+        evalsha, get = _calls(tuning, "evalsha"), _calls(tuning, "get")
+        double.apply((x,)).get()
+        return _calls(tuning, "evalsha") - evalsha, _calls(tuning, "get") - get
+
+    assert per_call(1) == (0, 1), "a hit while hits prevail: one GET, no script"
+    assert per_call(100) == (2, 3), "the first miss: GET, then lookup (1 GET inside) and store (1 GET inside)"
+    for x in range(101, 110):  # the trend is bounded at 8 either way: this many misses turn it
+        double.apply((x,)).get()
+    assert per_call(200) == (2, 2), "while misses prevail: lookup and store only, no plain GET"
+    assert per_call(2) == (1, 1), "a hit then comes back from the lookup script itself"
