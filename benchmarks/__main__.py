@@ -67,6 +67,11 @@ def _cpu_seconds(pid: int) -> float:
     return total
 
 
+def _script_calls(client: redis.Redis) -> int:
+    """EVALSHA calls the server has run so far (the broker uses none; every one is ours)."""
+    return int(client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+
+
 def run_worker_once(url: str, variant: str, pool: str, n: int, workers: int = 1,
                     concurrency: int = 0) -> Dict[str, float]:
     """Fill the queue with ``n`` no-op tasks, start ``workers`` workers, time them draining it."""
@@ -92,12 +97,14 @@ def run_worker_once(url: str, variant: str, pool: str, n: int, workers: int = 1,
             time.sleep(0.001)
         start = time.perf_counter()
         cpu_start = _cpu_seconds(worker.pid)
+        scripts_start = _script_calls(client)
         while client.llen("bench") or client.hlen("unacked"):
             if time.monotonic() > deadline:
                 raise RuntimeError("worker did not drain the queue in time")
             time.sleep(0.002)
         elapsed = time.perf_counter() - start
         cpu = _cpu_seconds(worker.pid) - cpu_start
+        scripts = _script_calls(client) - scripts_start
         rss = _rss_mb(worker.pid)
     finally:
         for proc in procs:
@@ -109,7 +116,7 @@ def run_worker_once(url: str, variant: str, pool: str, n: int, workers: int = 1,
                 os.killpg(proc.pid, signal.SIGKILL)
         os.unlink(log.name)
     return {"tasks_per_s": n / elapsed, "rss_mb": rss, "publish_per_s": publish_rate,
-            "cpu_us_per_task": cpu / n * 1e6}
+            "cpu_us_per_task": cpu / n * 1e6, "scripts_per_task": scripts / n}
 
 
 def summarize(values: List[float]) -> Dict[str, float]:
@@ -121,7 +128,8 @@ def passthrough(url: str, pools: List[str], tasks: int, runs: int) -> Dict[str, 
     variants = ("plain", "tuned", "limited", "everything")
     for pool in pools:
         samples: Dict[str, Dict[str, List[float]]] = {
-            v: {"tasks_per_s": [], "rss_mb": [], "publish_per_s": [], "cpu_us_per_task": []} for v in variants}
+            v: {"tasks_per_s": [], "rss_mb": [], "publish_per_s": [], "cpu_us_per_task": [], "scripts_per_task": []}
+            for v in variants}
         for _ in range(runs):
             for variant in variants:  # interleaved so drift hits all alike
                 one = run_worker_once(url, variant, pool, tasks)
@@ -283,6 +291,20 @@ def render_table(results: Dict[str, Any]) -> str:
             f" | {rng(every['tasks_per_s'])} | {e['everything_ratio']:.3f}"
             f" | {p['rss_mb']['median']:.1f} | {t['rss_mb']['median']:.1f}"
             f" | {e['rss_ratio']:.3f} | {e['publish_ratio']:.3f} |")
+    lines += [
+        "",
+        "Where the time goes: worker CPU per task (main process + pool children, median) and Lua scripts "
+        "run per task (server EVALSHA count; each is one round trip from the worker)",
+        "",
+        "| pool | plain CPU µs | tuned CPU µs | limiter CPU µs | everything CPU µs | scripts per task: "
+        "limiter / everything |",
+        "|---|---|---|---|---|---|",
+    ]
+    for pool, e in results["pass_through"].items():
+        cpu = [e[v]["cpu_us_per_task"]["median"] for v in ("plain", "tuned", "limited", "everything")]
+        lines.append(f"| {pool} | " + " | ".join(f"{c:.0f}" for c in cpu)
+                     + f" | {e['limited']['scripts_per_task']['median']:.2f}"
+                       f" / {e['everything']['scripts_per_task']['median']:.2f} |")
     return "\n".join(lines)
 
 
