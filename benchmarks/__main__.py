@@ -186,9 +186,9 @@ def main(argv: List[str]) -> int:
     parser.add_argument("--tasks", type=int, default=3000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--pools", default="prefork,threads,solo")
-    parser.add_argument("--only", default="passthrough,limiter,breaker,cache,metrics,accuracy,scaling",
-                        help="comma-separated sections: passthrough, limiter, breaker, cache, metrics, accuracy, "
-                             "scaling")
+    parser.add_argument("--only", default="passthrough,tracer,limiter,breaker,cache,metrics,accuracy,scaling",
+                        help="comma-separated sections: passthrough, tracer, limiter, breaker, cache, metrics, "
+                             "accuracy, scaling")
     args = parser.parse_args(argv)
     sections = set(args.only.split(","))
     server = RedisServer().start()
@@ -202,6 +202,11 @@ def main(argv: List[str]) -> int:
         if "passthrough" in sections:
             results["pass_through"] = passthrough(url, args.pools.split(","), args.tasks, args.runs)
             print(render_table(results), flush=True)
+        if "tracer" in sections:
+            from benchmarks import tracer
+
+            results["tracer"] = tracer.run(server.db_url(3), runs=args.runs)
+            print(tracer.render(results["tracer"]), flush=True)
         if "limiter" in sections:
             from benchmarks import limiter
 
