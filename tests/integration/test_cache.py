@@ -322,3 +322,27 @@ def test_reads_follow_the_hit_miss_trend(fault_redis):
         double.apply((x,)).get()
     assert per_call(200) == (2, 2), "while misses prevail: lookup and store only, no plain GET"
     assert per_call(2) == (1, 1), "a hit then comes back from the lookup script itself"
+
+
+def test_per_key_limiter_decision_in_the_lookup_goes_to_that_key(fault_redis):
+    """The decision taken in the cache's lookup spends the caller's own bucket, not a shared one."""
+    app = make_app(fault_redis, "cachekeyed")
+
+    @app.task(base=TunedTask, shared=False)
+    @cache_result(ttl=60, l1_ttl=0)
+    @rate_limit("1/h", burst=2, key=lambda tenant, doc: tenant, on_limit="raise")  # two per tenant
+    def render(tenant, doc):
+        return f"{tenant}:{doc}"
+
+    tuning = fault_redis.client(1)
+    for doc in ("w0", "w1"):  # misses (and two of tenant "warm"'s tokens): reads go to the script first
+        render.apply(("warm", doc)).get()
+    before = _calls(tuning, "evalsha")
+    assert render.apply(("a", "1")).get() == "a:1"
+    assert _calls(tuning, "evalsha") - before == 2, "lookup with the decision, then the store"
+    assert render.apply(("a", "2")).get() == "a:2"
+    assert render.apply(("b", "1")).get() == "b:1"  # b's bucket is untouched by a's calls
+    with pytest.raises(RateLimited):
+        render.apply(("a", "3")).get()
+    assert render.apply(("b", "2")).get() == "b:2"
+    assert render.apply(("a", "1")).get() == "a:1"  # a hit: needs no token
