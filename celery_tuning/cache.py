@@ -306,7 +306,7 @@ class TwoLevelCache:
                 raw = self.store.get(value_key)
             if raw is None:
                 token = self._token()
-                pending = preflight() if preflight is not None and self.store.can_combine else None
+                pending = preflight() if preflight is not None else None
                 if pending is None:
                     raw, _, role = self.store.lookup(value_key, lock_key, token, lock_ms)
                 else:

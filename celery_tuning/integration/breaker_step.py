@@ -10,7 +10,7 @@ from ..conf import known_names
 from ..errors import ConfigurationError
 from ..policy.attach import BreakerPolicy
 from .breakers import breaker_for
-from .deferral import defer, jitter
+from .deferral import defer, is_eager, jitter
 from .pipeline import Call, Step, register_step
 from .runtime import runtime_for
 
@@ -70,8 +70,7 @@ class BreakerStep(Step):
         if policy.fallback is not None:
             return policy.fallback(*args, **kwargs)
         request = task.request
-        eager = bool(getattr(request, "is_eager", False) or getattr(request, "called_directly", False))
-        if policy.on_open == "fail" or eager:
+        if policy.on_open == "fail" or is_eager(request):
             raise exc
         name = exc.name
         defer(task, jitter(exc.retry_after), reason="circuit_open", max_deferrals=policy.max_deferrals,

@@ -80,10 +80,12 @@ class CacheStep(Step):
         self._breaker_step = by_kind.get("breaker")
 
     def _can_combine(self) -> bool:
-        """A rate limit on the same Redis as the cache: its decision can ride the miss path's round trip."""
+        """A rate limit on the same Redis as the cache, not a Cluster: its decision can ride the lookup."""
         if self._combine is None:
-            store = getattr(self._limit_step.limiter.store, "connector", None)
-            self._combine = store is not None and store is self.runtime.connector
+            connector = getattr(self._limit_step.limiter.store, "connector", None)
+            cache_store = self.cache.store
+            self._combine = (connector is not None and cache_store is not None
+                             and connector is cache_store.connector and cache_store.can_combine)
         return self._combine
 
     def _preflight(self, task: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:

@@ -8,7 +8,7 @@ from ..concurrency import ConcurrencyLimiter
 from ..conf import known_names
 from ..errors import ConcurrencyLimited, ConfigurationError
 from ..policy.attach import ConcurrencyPolicy
-from .deferral import defer, deferrals_of, jitter
+from .deferral import defer, deferrals_of, is_eager, jitter
 from .pipeline import Call, Step, register_step
 from .runtime import TuningRuntime, runtime_for
 
@@ -61,7 +61,7 @@ class ConcurrencyStep(Step):
             lease = limiter.acquire()
             if not lease.granted:
                 request = task.request
-                if getattr(request, "is_eager", False) or getattr(request, "called_directly", False):
+                if is_eager(request):
                     raise ConcurrencyLimited(policy.name, lease.retry_after)
                 recheck = min(lease.retry_after, 0.25 * 1.5 ** deferrals_of(request), _MAX_RECHECK)
                 defer(task, jitter(recheck), reason="concurrency_limit", max_deferrals=policy.max_deferrals,

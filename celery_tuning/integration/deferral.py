@@ -9,10 +9,15 @@ from celery.exceptions import Ignore
 
 from .. import signals
 
-__all__ = ["HEADER_DEFERRALS", "defer", "deferrals_of", "jitter"]
+__all__ = ["HEADER_DEFERRALS", "defer", "deferrals_of", "is_eager", "jitter"]
 
 #: How many times this task id has been deferred (its own budget, apart from retries).
 HEADER_DEFERRALS = "tuning_deferrals"
+
+
+def is_eager(request: Any) -> bool:
+    """Whether the task runs without a broker (``apply()`` or a direct call): nothing to defer through."""
+    return bool(getattr(request, "is_eager", False) or getattr(request, "called_directly", False))
 
 
 def deferrals_of(request: Any) -> int:

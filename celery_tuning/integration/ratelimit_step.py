@@ -12,7 +12,7 @@ from ..conf import known_names
 from ..errors import ConfigurationError, RateLimited, Throttled
 from ..policy.attach import RateLimitPolicy
 from ..ratelimit import Decision, GcraLimiter, hash_key
-from .deferral import defer, jitter
+from .deferral import defer, is_eager, jitter
 from .limits import limiter_for
 from .pipeline import Call, Step, register_step
 from .runtime import runtime_for
@@ -96,16 +96,16 @@ class RateLimitStep(Step):
         policy = self.policy
 
         def call(task: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
-            key = policy.key(*args, **kwargs) if policy.key is not None else None
             limiter = self.limiter
             request = task.request
             preset = self._preset
             if preset.decision is not None:  # taken in the cache's round trip for this call
-                decision, preset.decision = preset.decision, None
-                same = preset.key is key or self._slot_id(preset.key) == self._slot_id(key)
-                self._admit(task, request, limiter, key, decision if same else None)
-            elif not self._use_reserved_slot(request, limiter, key):
-                self._admit(task, request, limiter, key)
+                decision, key, preset.decision = preset.decision, preset.key, None
+                self._admit(task, request, limiter, key, decision)
+            else:
+                key = policy.key(*args, **kwargs) if policy.key is not None else None
+                if not self._use_reserved_slot(request, limiter, key):
+                    self._admit(task, request, limiter, key)
             try:
                 return call_next(task, args, kwargs)
             except Throttled as exc:
@@ -140,10 +140,13 @@ class RateLimitStep(Step):
         policy = self.policy
         if policy.on_limit == "raise":
             return None
-        eager = bool(getattr(request, "is_eager", False) or getattr(request, "called_directly", False))
-        if policy.on_limit == "wait" or eager:
-            return GcraLimiter.acquire_reserve(policy.max_wait if policy.on_limit == "wait" else policy.max_defer)
+        if policy.on_limit == "wait" or is_eager(request):
+            return GcraLimiter.acquire_reserve(self._wait_timeout())
         return policy.max_defer
+
+    def _wait_timeout(self) -> float:
+        """How long a call that waits instead of deferring may wait."""
+        return self.policy.max_wait if self.policy.on_limit == "wait" else self.policy.max_defer
 
     def _slot_id(self, key: Any) -> Optional[str]:
         return None if key is None else hash_key(key)
@@ -171,20 +174,16 @@ class RateLimitStep(Step):
                decision: Optional[Decision] = None) -> None:
         """Admit, wait, defer or raise; ``decision``: one already taken with :meth:`_reserve`."""
         policy = self.policy
+        if decision is None:
+            decision = limiter.decide(policy.cost, reserve=self._reserve(request), key=key)
         if policy.on_limit == "raise":
-            if decision is None:
-                decision = limiter.decide(policy.cost, key=key)
             if not decision.allowed:
                 raise RateLimited(decision.wait, limiter.name)
             return
-        eager = bool(getattr(request, "is_eager", False) or getattr(request, "called_directly", False))
-        if policy.on_limit == "wait" or eager:
+        if policy.on_limit == "wait" or is_eager(request):
             # No broker to defer through (eager / direct call) or waiting is what was asked.
-            limiter.acquire(timeout=policy.max_wait if policy.on_limit == "wait" else policy.max_defer,
-                            cost=policy.cost, key=key, decision=decision)
+            limiter.acquire(timeout=self._wait_timeout(), cost=policy.cost, key=key, decision=decision)
             return
-        if decision is None:
-            decision = limiter.decide(policy.cost, reserve=policy.max_defer, key=key)
         if decision.allowed and decision.wait == 0:
             return
         if decision.allowed and policy.on_limit == "auto" and decision.wait <= policy.max_wait:
@@ -211,8 +210,7 @@ class RateLimitStep(Step):
         target.throttle(exc.retry_after, key=key)
         logger.warning("task %s: remote side throttled limiter %r for %.1fs; task deferred",
                        self.task_name, target.name, exc.retry_after)
-        eager = bool(getattr(request, "is_eager", False) or getattr(request, "called_directly", False))
-        if eager or self.policy.on_limit == "raise":
+        if is_eager(request) or self.policy.on_limit == "raise":
             raise RateLimited(exc.retry_after, target.name) from exc
         decision = limiter.decide(self.policy.cost, reserve=self.policy.max_defer, key=key)
         headers = None
