@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -18,14 +17,40 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
+import redis
+
+from celery_tuning.storage.urls import redact_url
+from celery_tuning.testing import RedisServer, stop_process_groups
+
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _answers(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5).ping())
+    except (redis.RedisError, OSError, ValueError):
+        return False
+
+
+def find_or_start_redis() -> Tuple[str, Optional[RedisServer]]:
+    """$REDIS_URL (default: the local Redis) when it answers, else a private redis-server."""
+    base = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379")
+    shown = redact_url(base)
+    if _answers(base):
+        print(f"using Redis at {shown}")
+        return base.rstrip("/").rsplit("/", 1)[0] if base.count("/") > 2 else base, None
+    try:
+        server = RedisServer().start()
+    except RuntimeError as exc:
+        sys.exit(f"no Redis answers at {shown} and no private one could be started: {exc} "
+                 "(apt-get install redis-server, or set REDIS_URL)")
+    print(f"no Redis answered at {shown}: started a private redis-server on port {server.port}")
+    return server.url, server
 
 
 @contextlib.contextmanager
 def redis_base() -> Iterator[str]:
     """A Redis base URL (no database): $REDIS_URL, or a private redis-server for the run."""
-    from examples.demo.__main__ import find_or_start_redis
-
     url, server = find_or_start_redis()
     try:
         yield url.rstrip("/")
@@ -60,20 +85,11 @@ def workers(app: str, env: Dict[str, str], *, count: int = 1, queues: str = "",
         print(f"{count} worker(s) of {app} ready (logs: {', '.join(str(x) for x in logs)})")
         yield procs
     finally:
-        for proc in procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        stop_process_groups(procs)
 
 
 def fresh_database(url: str) -> None:
     """Empty the example's own database: messages left by an interrupted run would run again."""
-    import redis
-
     redis.Redis.from_url(url).flushdb()
 
 

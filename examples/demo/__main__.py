@@ -6,61 +6,16 @@ private redis-server on a free port and stops it afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import signal
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
-import redis
-
-from celery_tuning.storage.urls import redact_url
-from celery_tuning.testing import RedisServer
+from examples._runner import find_or_start_redis, workers
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _answers(url: str) -> bool:
-    try:
-        return bool(redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5).ping())
-    except (redis.RedisError, OSError, ValueError):
-        return False
-
-
-def find_or_start_redis() -> tuple[str, Optional[RedisServer]]:
-    base = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379")
-    shown = redact_url(base)
-    if _answers(base):
-        print(f"using Redis at {shown}")
-        return base.rstrip("/").rsplit("/", 1)[0] if base.count("/") > 2 else base, None
-    try:
-        server = RedisServer().start()
-    except RuntimeError as exc:
-        sys.exit(f"no Redis answers at {shown} and no private one could be started: {exc} "
-                 "(apt-get install redis-server, or set REDIS_URL)")
-    print(f"no Redis answered at {shown}: started a private redis-server on port {server.port}")
-    return server.url, server
-
-
-def start_worker(env: dict, name: str) -> subprocess.Popen[bytes]:
-    log = open(Path(tempfile.gettempdir()) / f"tuning-demo-{name}.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "examples.demo.app", "worker", "-P", "threads", "-c", "4",
-         "-Q", "tuning-demo", "-n", f"{name}@%h", "--without-gossip", "--without-mingle", "-l", "INFO"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT), start_new_session=True)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if " ready." in Path(log.name).read_text(errors="replace"):
-            print(f"worker {name} ready (pid {proc.pid}, log {log.name})")
-            return proc
-        if proc.poll() is not None:
-            break
-        time.sleep(0.1)
-    sys.exit(f"the worker did not start; see {log.name}")
 
 
 def shared_rate_limit(call_llm: Any, events: Any, key: str) -> None:
@@ -150,11 +105,11 @@ def cached(summarize: Any, events: Any) -> None:
 def main() -> None:
     base, private = find_or_start_redis()
     url = f"{base}/15"
-    env = {**os.environ, "DEMO_REDIS_URL": url, "PYTHONPATH": str(ROOT)}
     os.environ["DEMO_REDIS_URL"] = url
-    workers: List[subprocess.Popen[bytes]] = []
+    running = contextlib.ExitStack()
     try:
-        workers = [start_worker(env, "demo1"), start_worker(env, "demo2")]
+        running.enter_context(workers("examples.demo.app", {"DEMO_REDIS_URL": url}, count=2, queues="tuning-demo",
+                                      extra=("-P", "threads", "-c", "4")))
         from examples.demo.app import (
             EVENTS,
             _events,
@@ -203,14 +158,7 @@ def main() -> None:
         cached(summarize, _events)
         print("\ndemo finished: every task ran exactly once")
     finally:
-        for worker in workers:
-            if worker.poll() is None:
-                os.killpg(worker.pid, signal.SIGTERM)
-        for worker in workers:
-            try:
-                worker.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(worker.pid, signal.SIGKILL)
+        running.close()  # warm-stops the workers
         if private is not None:
             private.close()
             print("stopped the private redis-server")
