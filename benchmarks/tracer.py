@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List
 
+import redis
+
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("plain", "tuned", "limited", "everything")
 
@@ -43,9 +45,15 @@ print(json.dumps({"wall": min(w for w, _ in samples), "cpu": min(c for _, c in s
 def _probe(url: str, variant: str) -> Dict[str, float]:
     env = {**os.environ, "BENCH_VARIANT": variant, "BENCH_REDIS_URL": url, "BENCH_METRICS_PORT": "0",
            "PYTHONPATH": str(ROOT)}
+    server = redis.Redis.from_url(url)
+    server.config_resetstat()  # a private server: its command statistics are this probe's alone
     out = subprocess.run([sys.executable, "-c", _PROBE], check=True, env=env, cwd=str(ROOT),
                          capture_output=True, text=True)
-    return {k: float(v) for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
+    result = {k: float(v) for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
+    # Server time per script call (µs), as Redis itself measures it; 0 when no script ran.
+    evalsha = server.info("commandstats").get("cmdstat_evalsha", {})
+    result["server_us_per_script"] = float(evalsha.get("usec_per_call", 0.0))
+    return result
 
 
 def run(url: str, runs: int = 3) -> Dict[str, Any]:
@@ -57,7 +65,7 @@ def run(url: str, runs: int = 3) -> Dict[str, Any]:
     for variant, got in samples.items():
         out[variant] = {key: {"median": statistics.median(s[key] for s in got),
                               "min": min(s[key] for s in got), "max": max(s[key] for s in got)}
-                        for key in ("wall", "cpu")}
+                        for key in ("wall", "cpu", "server_us_per_script")}
     return out
 
 
@@ -67,8 +75,8 @@ def render(result: Dict[str, Any]) -> str:
         "Per task through Celery's tracer, no broker (the steady part of the pass-through comparison): "
         "µs per attempt, median of runs (min-max); added = variant minus plain",
         "",
-        "| variant | wall µs | CPU µs | wall added µs | CPU added µs |",
-        "|---|---|---|---|---|",
+        "| variant | wall µs | CPU µs | wall added µs | CPU added µs | Redis server µs per script call |",
+        "|---|---|---|---|---|---|",
     ]
     for variant in VARIANTS:
         r = result[variant]
@@ -78,5 +86,6 @@ def render(result: Dict[str, Any]) -> str:
 
         lines.append(f"| {variant} | {us(r['wall'])} | {us(r['cpu'])}"
                      f" | {(r['wall']['median'] - plain['wall']['median']) * 1e6:.1f}"
-                     f" | {(r['cpu']['median'] - plain['cpu']['median']) * 1e6:.1f} |")
+                     f" | {(r['cpu']['median'] - plain['cpu']['median']) * 1e6:.1f}"
+                     f" | {r['server_us_per_script']['median']:.1f} |")
     return "\n".join(lines)
