@@ -1,12 +1,12 @@
 """cache_lookup_acquire.lua: the cache lookup and the limiter decision in one round trip, on a real Redis."""
 
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from celery_tuning.policy.gcra import gcra_acquire
 from celery_tuning.storage.cache import RedisCacheStore
 from celery_tuning.storage.gcra import Bucket, RedisGcraStore
 from celery_tuning.storage.redis import RedisConnector, load_lua
+from tests.support import gcra
 
 T0 = 1_700_000_000_000_000
 VALUE, LOCK = "t:cache:{job}:v1:g0:abc", "t:cache:{job}:v1:g0:abc:lock"
@@ -73,12 +73,7 @@ def test_refused_decision_still_elects_the_leader(redis_clean):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(
-    interval=st.integers(1, 500_000),
-    burst=st.integers(1, 10),
-    steps=st.lists(st.tuples(st.integers(0, 300_000), st.integers(1, 3), st.sampled_from([-1, 0, 250_000])),
-                   min_size=1, max_size=40),
-)
+@given(interval=gcra.intervals, burst=gcra.bursts, steps=gcra.steps(max_size=40))
 def test_decisions_match_the_oracle(redis_clean, interval, burst, steps):
     """Each leader's decision equals the Python GCRA oracle's for the same clock and bucket."""
     cache, client = stores(redis_clean)

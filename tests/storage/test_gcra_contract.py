@@ -2,11 +2,11 @@
 
 import pytest
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from celery_tuning.policy.gcra import gcra_acquire
 from celery_tuning.storage.gcra import AdaptiveSpec, Bucket, MemoryGcraStore, RedisGcraStore
 from celery_tuning.storage.redis import RedisConnector
+from tests.support import gcra
 
 pytestmark = pytest.mark.integration
 
@@ -90,12 +90,7 @@ def test_idle_bucket_expires_in_redis(redis_clean):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(
-    interval=st.integers(1, 500_000),
-    burst=st.integers(1, 10),
-    steps=st.lists(st.tuples(st.integers(0, 300_000), st.integers(1, 3), st.sampled_from([-1, 0, 250_000])),
-                   min_size=1, max_size=60),
-)
+@given(interval=gcra.intervals, burst=gcra.bursts, steps=gcra.steps(max_size=60))
 def test_lua_matches_the_oracle(redis_clean, interval, burst, steps):
     """Identical sequences through the Lua script and the Python oracle give identical decisions."""
     client = redis_clean.client(3)
