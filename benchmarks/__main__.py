@@ -183,9 +183,9 @@ def main(argv: List[str]) -> int:
     parser.add_argument("--tasks", type=int, default=3000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--pools", default="prefork,threads,solo")
-    parser.add_argument("--only", default="passthrough,tracer,limiter,breaker,cache,metrics,accuracy,scaling",
-                        help="comma-separated sections: passthrough, tracer, limiter, breaker, cache, metrics, "
-                             "accuracy, scaling")
+    parser.add_argument("--only", default="passthrough,floor,tracer,limiter,breaker,cache,metrics,accuracy,scaling",
+                        help="comma-separated sections: passthrough, floor, tracer, limiter, breaker, cache, "
+                             "metrics, accuracy, scaling")
     args = parser.parse_args(argv)
     sections = set(args.only.split(","))
     server = RedisServer().start()
@@ -199,6 +199,11 @@ def main(argv: List[str]) -> int:
         if "passthrough" in sections:
             results["pass_through"] = passthrough(url, args.pools.split(","), args.tasks, args.runs)
             print(render_table(results), flush=True)
+        if "floor" in sections:
+            from benchmarks import floor
+
+            results["floor"] = floor.run(url, run_worker_once, args.pools.split(","), args.tasks, args.runs)
+            print("\n" + floor.render(results["floor"], args.tasks, args.runs), flush=True)
         if "tracer" in sections:
             from benchmarks import tracer
 

@@ -88,6 +88,21 @@ elif VARIANT == "celery_rate_limit":
     def noop() -> None:
         return None
 
+elif VARIANT in ("trip1", "trip2"):
+    # Plain Celery whose task makes one or two bare round trips to Redis of its own (an
+    # EVALSHA of "return 1" through plain redis-py): the floor under any feature that keeps
+    # its state in Redis, measured the same way as the variants above.
+    import redis
+
+    _script = redis.Redis.from_url(URL).register_script("return 1")
+    _TRIPS = int(VARIANT[-1])
+
+    @app.task(name="benchmarks.apps.noop")
+    def noop() -> None:
+        for _ in range(_TRIPS):
+            _script()
+        return None
+
 else:
 
     @app.task(name="benchmarks.apps.noop")
