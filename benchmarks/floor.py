@@ -39,11 +39,8 @@ def render(result: Dict[str, Any], tasks: int, runs: int) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for pool, e in result.items():
-        def rng(v: str) -> str:
-            x = e[v]
-            return f"{x['median']:.0f} ({x['min']:.0f}-{x['max']:.0f})"
-
-        lines.append(f"| {pool} | {rng('plain')} | {rng('trip1')} | {e['trip1']['ratio']:.3f}"
-                     f" | {rng('trip2')} | {e['trip2']['ratio']:.3f}"
-                     f" | {rng('everything')} | {e['everything']['ratio']:.3f} |")
+        cells = [f"{x['median']:.0f} ({x['min']:.0f}-{x['max']:.0f})" for x in (e[v] for v in VARIANTS)]
+        lines.append(f"| {pool} | {cells[0]} | {cells[1]} | {e['trip1']['ratio']:.3f}"
+                     f" | {cells[2]} | {e['trip2']['ratio']:.3f}"
+                     f" | {cells[3]} | {e['everything']['ratio']:.3f} |")
     return "\n".join(lines)
