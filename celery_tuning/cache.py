@@ -87,6 +87,9 @@ class TwoLevelCache:
         vary_on: Only these argument names make up the key.
         lock_timeout: Single-flight lock TTL (s): how long followers trust a leader.
         wait_timeout: How long a follower waits for the leader's value before running itself.
+        write_behind: Hand a computed value to the process's background writer instead of
+            waiting for Redis to take it (the lock is released by the same store, so other
+            callers wait for the value rather than compute it again).
         observer: Metrics hook.
         clock: Monotonic clock (injected in tests).
     """
@@ -108,6 +111,7 @@ class TwoLevelCache:
         vary_on: Optional[Sequence[str]] = None,
         lock_timeout: float = 60.0,
         wait_timeout: Optional[float] = None,
+        write_behind: bool = False,
         observer: Optional[Observer] = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
@@ -125,6 +129,7 @@ class TwoLevelCache:
         self.vary_on = tuple(vary_on) if vary_on is not None else None
         self.lock_timeout = float(lock_timeout)
         self.wait_timeout = float(wait_timeout) if wait_timeout is not None else self.lock_timeout + 1.0
+        self.write_behind = write_behind
         self.observer = observer
         self.clock = clock
         self.sleep = sleep
@@ -351,14 +356,25 @@ class TwoLevelCache:
             raise
         raw = self._encode(value)
         try:
-            self.store.store(value_key, lock_key, raw or b"", int(self.ttl * 1000), token)
+            if self.write_behind:
+                self.store.store_later(value_key, lock_key, raw or b"", int(self.ttl * 1000), token,
+                                       self._store_failed)
+            else:
+                self.store.store(value_key, lock_key, raw or b"", int(self.ttl * 1000), token)
         except StorageError as exc:
-            self._warn_once("redis", "cache %s: tuning Redis failed (%s); serving from L1 only", self.name, exc)
-            self._emit("redis_error")
+            self._store_failed(exc)
         if raw is not None:
             self._emit("store")
             self._l1_put(digest, value)
         return value
+
+    def _store_failed(self, exc: StorageError) -> None:
+        self._warn_once("redis", "cache %s: tuning Redis failed (%s); serving from L1 only", self.name, exc)
+        self._emit("redis_error")
+
+    def flush(self, timeout: float = 2.0) -> bool:
+        """Wait until this process's deferred stores reached Redis; False on timeout."""
+        return True if self.store is None else self.store.flush(timeout)
 
     def _release(self, value_key: str, lock_key: str, token: str) -> None:
         assert self.store is not None
@@ -381,6 +397,7 @@ class TwoLevelCache:
             self._l1.pop(digest, None)
         if self.store is None:
             return
+        self.store.flush()  # a store of ours still queued must not land after the delete
         generation = self._current_generation()
         self.store.delete(self.keys.value(generation, digest))
         self.store.publish(self.keys.channel, {"task": self.name, "digest": digest})
@@ -402,4 +419,5 @@ class TwoLevelCache:
         """Entries in the current generation (SCAN; for the CLI)."""
         if self.store is None:
             return 0
+        self.store.flush()
         return self.store.count(self.keys.pattern(self._current_generation()))

@@ -6,10 +6,12 @@ import inspect
 import logging
 from typing import Any, Dict, List, Optional, Tuple
 
+from celery import signals as celery_signals
+
 from .. import signals
 from ..cache import TwoLevelCache, UncacheableArgument
 from ..policy.attach import CachePolicy
-from ..storage.cache import RedisCacheStore
+from ..storage.cache import RedisCacheStore, flush_writers
 from .pipeline import Call, Step, register_step
 from .runtime import runtime_for
 
@@ -42,6 +44,11 @@ class CacheHandle:
         """``(found, value)`` for these arguments, without running anything."""
         cache = self._step.cache
         return cache.peek(cache.digest(args, kwargs))
+
+    def flush(self, timeout: float = 2.0) -> bool:
+        """Wait until the results this process computed are in Redis (they are written in the
+        background, see ``tuning_cache_write_behind``); False when that took over ``timeout`` s."""
+        return self._step.cache.flush(timeout)
 
     def entries(self) -> int:
         """Entries in Redis for the current generation (uses SCAN: not for hot paths)."""
@@ -102,7 +109,8 @@ class CacheStep(Step):
                 self.task_name, self.signature, store=store, prefix=self.runtime.config.key_prefix,
                 version=p.version, ttl=p.ttl, l1_ttl=p.l1_ttl, l1_maxsize=self.runtime.config.cache_l1_maxsize,
                 max_size=p.max_size, serializer=p.serializer, key=p.key, vary_on=p.vary_on,
-                lock_timeout=self.lock_timeout, wait_timeout=p.wait_timeout, observer=_observer,
+                lock_timeout=self.lock_timeout, wait_timeout=p.wait_timeout,
+                write_behind=self.runtime.config.cache_write_behind, observer=_observer,
             )
         return self._cache
 
@@ -126,5 +134,14 @@ class CacheStep(Step):
 
         return call
 
+
+def _flush_stores(**_: Any) -> None:
+    if not flush_writers():
+        logger.warning("cache: some results were not stored in Redis before shutdown (Redis too slow)")
+
+
+# A prefork child leaves through os._exit (no atexit): write its queued stores on the way out.
+celery_signals.worker_process_shutdown.connect(_flush_stores, weak=False, dispatch_uid="celery_tuning.cache.flush")
+celery_signals.worker_shutdown.connect(_flush_stores, weak=False, dispatch_uid="celery_tuning.cache.flush_main")
 
 register_step("cache", CacheStep)

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple, Type
+from collections import deque
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Type
 
 from ..errors import StorageError
 from .redis import REDIS_ERRORS, RedisConnector, hash_tag
 
-__all__ = ["CacheKeys", "InvalidationListener", "RedisCacheStore"]
+__all__ = ["CacheKeys", "InvalidationListener", "RedisCacheStore", "StoreWriter", "flush_writers"]
 
 logger = logging.getLogger("celery_tuning.cache")
 
@@ -71,6 +73,20 @@ class RedisCacheStore:
 
     def store(self, value_key: str, lock_key: str, raw: bytes, ttl_ms: int, token: str) -> None:
         self.connector.evalsha("cache_store", [value_key, lock_key], [raw, ttl_ms, token])
+
+    def store_later(self, value_key: str, lock_key: str, raw: bytes, ttl_ms: int, token: str,
+                    on_error: Callable[[StorageError], None]) -> None:
+        """:meth:`store` through this process's :class:`StoreWriter`: the caller does not wait.
+
+        When the writer is backed up (Redis slow or away), stores right here instead, so memory
+        stays bounded; a failure then raises :class:`StorageError` as :meth:`store` does.
+        """
+        if not writer_for(self.connector).submit([value_key, lock_key], [raw, ttl_ms, token], on_error):
+            self.store(value_key, lock_key, raw, ttl_ms, token)
+
+    def flush(self, timeout: float = 2.0) -> bool:
+        """Wait until this process's deferred stores reached Redis (or failed); False on timeout."""
+        return writer_for(self.connector).flush(timeout)
 
     def generation(self, key: str) -> int:
         raw = self.connector.run(lambda c: c.get(key), what="GET generation")
@@ -188,3 +204,136 @@ def listener_for(connector: RedisConnector, channel: str) -> InvalidationListene
             found = InvalidationListener(connector, channel)
             _listeners[key] = found
         return found
+
+
+#: One deferred store: cache_store.lua's KEYS and ARGV, and who hears of a failure.
+_Job = Tuple[List[str], List[Any], Callable[[StorageError], None]]
+
+
+class StoreWriter:
+    """Writes the cache's stores from one background thread per process, pipelined in batches.
+
+    A task whose result was computed on a cache miss need not wait for Redis to take the value:
+    the value is in L1 already, and the single-flight lock stays held until the store lands, so
+    a caller elsewhere waits for the value instead of computing it again. Stores queued while
+    the thread is busy go out together in one round trip.
+
+    Bounded in jobs and bytes: beyond either, :meth:`submit` answers False and the caller
+    stores synchronously. Started lazily and again after ``fork()``; a child drops the jobs it
+    inherited (its parent writes them). Flushed at exit by ``atexit`` and, in workers, by the
+    ``worker_process_shutdown`` and ``worker_shutdown`` signals.
+    """
+
+    def __init__(self, connector: RedisConnector, *, max_jobs: int = 10_000, max_bytes: int = 64 * 2**20,
+                 max_batch: int = 256) -> None:
+        self.connector = connector
+        self.max_jobs = max_jobs
+        self.max_bytes = max_bytes
+        self.max_batch = max_batch
+        self._pid: Optional[int] = None
+        self._start()
+
+    def _start(self) -> None:
+        self._cond = threading.Condition()
+        self._jobs: Deque[_Job] = deque()
+        self._bytes = 0
+        self._submitted = 0
+        self._done = 0
+        self._thread: Optional[threading.Thread] = None
+
+    def _ensure_running(self) -> None:
+        pid = os.getpid()
+        if self._pid != pid:
+            with _writers_lock:
+                if self._pid != pid:
+                    self._start()  # a fresh lock: the parent's may have been held at fork()
+                    self._pid = pid
+        if self._thread is None or not self._thread.is_alive():
+            with self._cond:
+                if self._thread is None or not self._thread.is_alive():
+                    self._thread = threading.Thread(target=self._run, name="celery-tuning-cache-writer",
+                                                    daemon=True)
+                    self._thread.start()
+
+    def submit(self, keys: List[str], args: List[Any], on_error: Callable[[StorageError], None]) -> bool:
+        """Queue one ``cache_store`` call; False when full (the caller then stores itself)."""
+        self._ensure_running()
+        size = len(args[0])
+        with self._cond:
+            if len(self._jobs) >= self.max_jobs or self._bytes + size > self.max_bytes:
+                return False
+            self._jobs.append((keys, args, on_error))
+            self._bytes += size
+            self._submitted += 1
+            self._cond.notify()
+        return True
+
+    def pending(self) -> int:
+        """Stores queued or being written."""
+        return self._submitted - self._done
+
+    def flush(self, timeout: float = 2.0) -> bool:
+        """Wait until every store submitted so far was written (or failed); False on timeout."""
+        if self._pid != os.getpid():
+            return True  # nothing was submitted in this process
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            target = self._submitted
+            while self._done < target:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+        return True
+
+    def _run(self) -> None:
+        cond = self._cond
+        while True:
+            with cond:
+                while not self._jobs:
+                    cond.wait()
+                batch = [self._jobs.popleft() for _ in range(min(len(self._jobs), self.max_batch))]
+                self._bytes -= sum(len(args[0]) for _, args, _ in batch)
+            try:
+                self.connector.evalsha_many("cache_store", [(keys, args) for keys, args, _ in batch])
+            except StorageError as exc:
+                for _, _, on_error in batch:
+                    try:
+                        on_error(exc)
+                    except Exception:  # a reporting bug must not stop the writer
+                        logger.exception("cache store error handler failed")
+            except Exception:  # never let the writer die with jobs behind it
+                logger.exception("cache writer failed on a batch of %d stores", len(batch))
+            finally:
+                with cond:
+                    self._done += len(batch)
+                    cond.notify_all()
+
+
+_writers: Dict[int, StoreWriter] = {}
+_writers_lock = threading.Lock()
+
+
+def writer_for(connector: RedisConnector) -> StoreWriter:
+    """The process-wide :class:`StoreWriter` of this connector."""
+    found = _writers.get(id(connector))
+    if found is not None and found.connector is connector:
+        return found
+    with _writers_lock:
+        found = _writers.get(id(connector))
+        if found is None or found.connector is not connector:
+            found = StoreWriter(connector)
+            _writers[id(connector)] = found
+        return found
+
+
+def flush_writers(timeout: float = 2.0) -> bool:
+    """Wait for every deferred cache store of this process (at exit); False if one timed out."""
+    deadline = time.monotonic() + timeout
+    ok = True
+    for writer in list(_writers.values()):
+        ok = writer.flush(max(0.0, deadline - time.monotonic())) and ok
+    return ok
+
+
+atexit.register(flush_writers)

@@ -120,6 +120,7 @@ def test_foreign_and_pickle_values_in_redis_are_misses_and_never_unpickled(redis
         return {"key": key}
 
     assert lookup.apply(("a",)).get() == {"key": "a"}
+    assert lookup.cache.flush()  # the store is written in the background
     client = redis_clean.client(1)
     [value_key] = [k for k in client.keys("tuning:cache:*") if not k.endswith((b":lock", b":gen"))]
     marker = tmp_path / "unpickled"
@@ -131,6 +132,7 @@ def test_foreign_and_pickle_values_in_redis_are_misses_and_never_unpickled(redis
     for payload in (b"garbage", pickle.dumps(Evil()), b"ct2j:123:{\"trunc"):
         client.set(value_key, payload, px=60_000)
         assert lookup.apply(("a",)).get() == {"key": "a"}
+        assert lookup.cache.flush()
     assert not marker.exists(), "a pickle payload from Redis was unpickled"
     assert runs == ["a"] * 4
     assert client.get(value_key).startswith(b"ct2j:"), "the foreign value was overwritten"
@@ -260,8 +262,10 @@ def test_cached_rate_limited_miss_takes_its_token_in_the_lookup_round_trip(redis
     with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=10):
         assert fetch.delay(0).get(timeout=10) == 0  # the first read of a cache is a plain GET
         assert fetch.delay(1).get(timeout=10) == 10  # reads miss: the lookup script comes first now
+        assert fetch.cache.flush()
         evalsha, get = _calls(tuning, "evalsha"), _calls(tuning, "get")
         assert fetch.delay(2).get(timeout=10) == 20
+        assert fetch.cache.flush()  # the store is written in the background (in this process)
         # Two scripts and no plain GET; commandstats also counts the GETs scripts make inside
         # (value, bucket, lock: three), so a plain GET of the value would make it four.
         assert (_calls(tuning, "evalsha") - evalsha, _calls(tuning, "get") - get) == (2, 3), \
@@ -312,8 +316,10 @@ def test_reads_follow_the_hit_miss_trend(fault_redis):
         double.apply((0,)).get()
 
     def per_call(x):
+        assert double.cache.flush()  # earlier calls' stores are not counted here
         evalsha, get = _calls(tuning, "evalsha"), _calls(tuning, "get")
         double.apply((x,)).get()
+        assert double.cache.flush()  # the store of a miss is written in the background
         return _calls(tuning, "evalsha") - evalsha, _calls(tuning, "get") - get
 
     assert per_call(1) == (0, 1), "a hit while hits prevail: one GET, no script"
@@ -337,8 +343,10 @@ def test_per_key_limiter_decision_in_the_lookup_goes_to_that_key(fault_redis):
     tuning = fault_redis.client(1)
     for doc in ("w0", "w1"):  # misses (and two of tenant "warm"'s tokens): reads go to the script first
         render.apply(("warm", doc)).get()
+    assert render.cache.flush()
     before = _calls(tuning, "evalsha")
     assert render.apply(("a", "1")).get() == "a:1"
+    assert render.cache.flush()
     assert _calls(tuning, "evalsha") - before == 2, "lookup with the decision, then the store"
     assert render.apply(("a", "2")).get() == "a:2"
     assert render.apply(("b", "1")).get() == "b:1"  # b's bucket is untouched by a's calls

@@ -7,6 +7,7 @@ import pytest
 
 from celery_tuning.errors import StorageError
 from celery_tuning.storage.redis import CLIENT_NAME, RedisConnector, get_connector, hash_tag, load_lua
+from tests.support.fork import true_in_child
 
 pytestmark = pytest.mark.integration
 
@@ -36,16 +37,8 @@ def test_new_client_after_fork(redis_clean):
     conn = RedisConnector(redis_clean.url)
     parent_client = conn.client
     conn.ping()
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: must build its own client, never reuse the parent's socket
-        ok = conn.client is not parent_client and conn.ping() >= 0
-        os.write(write, b"1" if ok else b"0")
-        os._exit(0)
-    os.close(write)
-    result = os.read(read, 1)
-    os.waitpid(pid, 0)
-    assert result == b"1"
+    # The child must build its own client, never reuse the parent's socket.
+    assert true_in_child(lambda: conn.client is not parent_client and conn.ping() >= 0)
     assert conn.client is parent_client
 
 
