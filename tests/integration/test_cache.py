@@ -354,3 +354,30 @@ def test_per_key_limiter_decision_in_the_lookup_goes_to_that_key(fault_redis):
         render.apply(("a", "3")).get()
     assert render.apply(("b", "2")).get() == "b:2"
     assert render.apply(("a", "1")).get() == "a:1"  # a hit: needs no token
+
+
+@pytest.mark.slow
+def test_a_prefork_child_writes_its_queued_store_before_it_exits(redis_clean, fault_redis):
+    """Each child runs one task and exits while its deferred store is still on the wire (200 ms
+    added to every tuning Redis reply): the worker_process_shutdown flush must land it."""
+    from celery_tuning.testing.proxy import LatencyProxy
+
+    proxy = LatencyProxy(fault_redis.port, 0.2).start()
+    env = {**worker_env(redis_clean), "TEST_TUNING_URL": f"redis://127.0.0.1:{proxy.port}/1"}
+    try:
+        with running_workers("tests.apps.cached:app", env, count=1, pool="prefork", concurrency=1,
+                             extra=["--max-tasks-per-child=1"], prefix="exit"):
+            out = run_producer("from tests.apps.cached import embed\nprint(embed.delay('bye').get(timeout=60)['text'])",
+                               redis_clean, env=env)
+            assert out == "bye"
+            tuning = fault_redis.client(1)
+            deadline = time.monotonic() + 10
+            values = []
+            while time.monotonic() < deadline and not values:
+                values = [k for k in tuning.scan_iter(match="tuning:cache:*")
+                          if not k.endswith((b":lock", b":gen"))]
+                time.sleep(0.05)
+            assert len(values) == 1, "the exiting child's store never reached Redis"
+            assert not list(tuning.scan_iter(match="*:lock")), "and it released the single-flight lock"
+    finally:
+        proxy.close()
