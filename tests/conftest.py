@@ -14,6 +14,7 @@ import hypothesis
 import hypothesis.strategies  # noqa: F401
 import pytest
 
+from celery_tuning.storage.cache import flush_writers
 from celery_tuning.testing import RedisClusterServers, RedisServer
 
 
@@ -27,7 +28,12 @@ def redis_server() -> Iterator[RedisServer]:
 
 @pytest.fixture()
 def redis_clean(redis_server: RedisServer) -> Iterator[RedisServer]:
-    """The session server, started if a fault test stopped it, and flushed."""
+    """The session server, started if a fault test stopped it, and flushed.
+
+    An earlier test's cache stores are written in the background: they land first, so they
+    cannot show up in this test's (flushed) databases.
+    """
+    flush_writers()
     if not redis_server.alive():
         redis_server.start()
     redis_server.client().flushall()

@@ -13,6 +13,7 @@ from ..cache import TwoLevelCache, UncacheableArgument
 from ..policy.attach import CachePolicy
 from ..storage.cache import RedisCacheStore, flush_writers
 from .pipeline import Call, Step, register_step
+from .receivers import _recorders
 from .runtime import runtime_for
 
 __all__ = ["CacheHandle", "CacheStep"]
@@ -21,6 +22,9 @@ logger = logging.getLogger("celery_tuning.cache")
 
 
 def _observer(event: str, name: str) -> None:
+    record = _recorders["cache"]
+    if record is not None:  # metrics: a direct call, no signal dispatch
+        record(name, event)
     if signals.cache_event.receivers:
         signals.cache_event.send(sender=name, event=event)
 

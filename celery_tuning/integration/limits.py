@@ -10,6 +10,7 @@ from ..errors import ConfigurationError
 from ..policy.rates import Rate
 from ..ratelimit import GcraLimiter
 from ..storage.gcra import AdaptiveSpec, RedisGcraStore
+from .receivers import _recorders
 from .runtime import TuningRuntime, runtime_for
 
 __all__ = ["limiter", "limiter_for"]
@@ -17,6 +18,9 @@ __all__ = ["limiter", "limiter_for"]
 
 
 def _observer(event: str, name: str, seconds: float) -> None:
+    record = _recorders["limiter"]
+    if record is not None:  # metrics: a direct call, no signal dispatch
+        record(name, event, seconds)
     if signals.limiter_event.receivers:  # the hot path pays nothing when nobody listens
         signals.limiter_event.send(sender=name, event=event, seconds=seconds)
 

@@ -351,11 +351,23 @@ def _on_sla_checked(task: Any, queue: str) -> None:
     metrics().sla_checked.labels(task.name, queue).inc()
 
 
-def _on_limiter(sender: Any = None, event: str = "", seconds: float = 0.0, **_: Any) -> None:
-    m = metrics()
-    m.limiter.labels(str(sender), event).inc()
+_event_series: Dict[Tuple[int, str, str, str], Any] = {}
+
+
+def _event(kind: str, name: str, event: str) -> Any:
+    """The labelled counter of one limiter or cache event (looked up once per process)."""
+    key = (os.getpid(), kind, name, event)
+    found = _event_series.get(key)
+    if found is None:
+        m = metrics()
+        found = _event_series[key] = (m.limiter if kind == "limiter" else m.cache).labels(name, event)
+    return found
+
+
+def _record_limiter(name: str, event: str, seconds: float) -> None:
+    _event("limiter", name, event).inc()
     if event in ("waited", "reserved") and seconds > 0:
-        m.limiter_wait.labels(str(sender)).inc(seconds)
+        metrics().limiter_wait.labels(name).inc(seconds)
 
 
 _BREAKER_LEVEL = {"closed": 0, "half-open": 1, "open": 2}
@@ -367,8 +379,8 @@ def _on_breaker(sender: Any = None, new: str = "", **_: Any) -> None:
     m.breaker_state.labels(str(sender)).set(_BREAKER_LEVEL.get(new, 0))
 
 
-def _on_cache(sender: Any = None, event: str = "", **_: Any) -> None:
-    metrics().cache.labels(str(sender), event).inc()
+def _record_cache(task: str, event: str) -> None:
+    _event("cache", task, event).inc()
 
 
 def _on_failure_outside_child(sender: Any = None, task_id: str = "", exception: Any = None, **_: Any) -> None:
@@ -399,15 +411,14 @@ def connect_metric_receivers(buckets: Optional[Tuple[float, ...]] = None) -> Non
     """Record every signal celery-tuning sends into Prometheus metrics (once per process)."""
     if buckets:
         _state["buckets"] = buckets
-    # Called by the timing receivers directly: no extra signal dispatch per task.
-    set_recorders(_on_timed, _on_sla_checked)
+    # Called directly by the timing receivers and the limiter and cache observers: no extra
+    # signal dispatch per task or event.
+    set_recorders(_on_timed, _on_sla_checked, limiter=_record_limiter, cache=_record_cache)
     bounds = tuple(float(b) for b in (_state.get("buckets") or BUCKETS))
     _state["bounds"] = bounds if bounds[-1] == float("inf") else (*bounds, float("inf"))  # as prometheus adds
     signals.task_deferred.connect(_on_deferred, weak=False, dispatch_uid="celery_tuning.metrics.deferred")
     signals.sla_breached.connect(_on_sla, weak=False, dispatch_uid="celery_tuning.metrics.sla")
-    signals.limiter_event.connect(_on_limiter, weak=False, dispatch_uid="celery_tuning.metrics.limiter")
     signals.circuit_state_changed.connect(_on_breaker, weak=False, dispatch_uid="celery_tuning.metrics.breaker")
-    signals.cache_event.connect(_on_cache, weak=False, dispatch_uid="celery_tuning.metrics.cache")
     celery_signals.task_failure.connect(_on_failure_outside_child, weak=False,
                                         dispatch_uid="celery_tuning.metrics.lost")
     celery_signals.worker_process_shutdown.connect(_on_child_exit, weak=False,

@@ -39,14 +39,19 @@ _connect_lock = threading.Lock()
 _started: Dict[str, Tuple[float, float, float]] = {}
 
 #: Recorders the metrics module installs (``set_recorders``), called directly from the two
-#: receivers below: a task attempt then costs two signal dispatches in all, not four.
-_recorders: Dict[str, Optional[Callable[..., None]]] = {"finished": None, "sla_checked": None}
+#: receivers below and from the limiter's and the cache's event observers: a task attempt then
+#: costs two signal dispatches in all, and an event none unless someone else listens.
+_recorders: Dict[str, Optional[Callable[..., None]]] = {
+    "finished": None, "sla_checked": None, "limiter": None, "cache": None}
 
 
-def set_recorders(finished: Callable[..., None], sla_checked: Callable[[Any, str], None]) -> None:
-    """Have every timed attempt reported to ``finished(**timings)`` and, when an SLA applies, to
-    ``sla_checked(task, queue)``."""
-    _recorders.update(finished=finished, sla_checked=sla_checked)
+def set_recorders(finished: Callable[..., None], sla_checked: Callable[[Any, str], None],
+                  limiter: Optional[Callable[[str, str, float], None]] = None,
+                  cache: Optional[Callable[[str, str], None]] = None) -> None:
+    """Have every timed attempt reported to ``finished(**timings)``, when an SLA applies to
+    ``sla_checked(task, queue)``, every limiter event to ``limiter(name, event, seconds)`` and
+    every cache event to ``cache(task, event)``."""
+    _recorders.update(finished=finished, sla_checked=sla_checked, limiter=limiter, cache=cache)
 
 
 def stamp_headers(headers: Dict[str, Any], now: Optional[float] = None) -> Dict[str, Any]:
