@@ -259,8 +259,12 @@ class StoreWriter:
                     self._thread.start()
 
     def submit(self, keys: List[str], args: List[Any], on_error: Callable[[StorageError], None]) -> bool:
-        """Queue one ``cache_store`` call; False when full (the caller then stores itself)."""
-        self._ensure_running()
+        """Queue one ``cache_store`` call; False when full or when no thread can be started
+        (the caller then stores itself)."""
+        try:
+            self._ensure_running()
+        except RuntimeError:  # "can't start new thread": out of threads, or at interpreter exit
+            return False
         size = len(args[0])
         with self._cond:
             if len(self._jobs) >= self.max_jobs or self._bytes + size > self.max_bytes:

@@ -80,3 +80,17 @@ def test_a_forked_child_starts_its_own_writer(redis_clean):
     assert client.get("c") == b"child" and client.get("p0") == b"parent"
     assert writer.pending() == 0
     conn.close()
+
+
+def test_no_thread_for_the_writer_means_the_caller_stores_itself(redis_clean, monkeypatch):
+    conn = RedisConnector(redis_clean.url)
+    store = RedisCacheStore(conn)
+
+    def refuse(self):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr("threading.Thread.start", refuse)
+    store.store_later("v", "v:lock", b"x", 60_000, "t", lambda exc: None)  # no error reaches the task
+    assert redis_clean.client().get("v") == b"x", "stored synchronously, before store_later returned"
+    monkeypatch.undo()
+    conn.close()
