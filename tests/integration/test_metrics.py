@@ -92,10 +92,12 @@ def test_port_in_use_is_a_clear_error(redis_clean):
 def test_hard_time_limit_is_settled_by_the_main_process(redis_clean):
     port = free_port()
     env = {**worker_env(redis_clean), "TEST_METRICS_PORT": str(port)}
-    worker = WorkerProcess("tests.apps.metered:app", env, pool="prefork", concurrency=1)
+    worker = WorkerProcess("tests.apps.metered:app", env, pool="prefork", concurrency=1, queues="celery,slowlane")
     try:
         worker.start()
-        task_id = run_producer("from tests.apps.metered import stuck\nprint(stuck.delay().id)\n", redis_clean)
+        # Routed to a queue other than the task's own: the failure is labelled with that queue.
+        task_id = run_producer("from tests.apps.metered import stuck\nprint(stuck.apply_async(queue='slowlane').id)\n",
+                               redis_clean)
         running = 0
         deadline = time.monotonic() + 5
         while not running and time.monotonic() < deadline:  # it runs for 1 s before the kill
@@ -115,6 +117,7 @@ def test_hard_time_limit_is_settled_by_the_main_process(redis_clean):
         worker.close()
     task = "tests.apps.metered.stuck"
     assert value(samples, "celery_tuning_task_outcomes_total", task=task, state="failure") == 1
+    assert value(samples, "celery_tuning_task_outcomes_total", task=task, queue="slowlane", state="failure") == 1
     assert value(samples, "celery_tuning_tasks_in_flight", task=task) == 0
     assert value(samples, "celery_tuning_task_outcomes_total", task="tests.apps.metered.work", state="success") == 1
 
