@@ -395,8 +395,9 @@ def _on_failure_outside_child(sender: Any = None, task_id: str = "", exception: 
     _lost[task_id] = True
     while len(_lost) > 10_000:
         _lost.popitem(last=False)
-    # Celery (lost child) and TunedRequest (hard time limit) put the request's context on the
-    # task's stack while this signal runs: label the routing key it came with, like every outcome.
+    # When a child is lost or killed, Celery puts the request's context on the task's stack while
+    # it sends this signal: label the routing key the task came with, like every other outcome
+    # (a test routes a hard-time-limited task to another queue). Without it: the declared queue.
     info = getattr(sender.request, "delivery_info", None) or {}
     queue = str(info.get("routing_key") or info.get("queue") or getattr(sender, "queue", None)
                 or sender.app.conf.task_default_queue or "celery")
