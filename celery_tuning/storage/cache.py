@@ -324,6 +324,15 @@ _writers: Dict[int, StoreWriter] = {}
 _writers_lock = threading.Lock()
 
 
+def _new_lock_after_fork() -> None:
+    # Another thread may have held the lock at fork(): the child's copy would stay locked.
+    global _writers_lock
+    _writers_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_after_fork)
+
+
 def writer_for(connector: RedisConnector) -> StoreWriter:
     """The process-wide :class:`StoreWriter` of this connector."""
     found = _writers.get(id(connector))

@@ -94,3 +94,22 @@ def test_no_thread_for_the_writer_means_the_caller_stores_itself(redis_clean, mo
     assert redis_clean.client().get("v") == b"x", "stored synchronously, before store_later returned"
     monkeypatch.undo()
     conn.close()
+
+
+def test_a_child_forked_while_the_writer_registry_was_locked_can_store(redis_clean):
+    import signal
+
+    from celery_tuning.storage import cache as cache_module
+
+    conn = RedisConnector(redis_clean.url)
+    client = redis_clean.client()
+
+    def in_child():
+        signal.alarm(5)  # a deadlock ends the child, and the check answers False
+        store = RedisCacheStore(conn)
+        store.store_later("f", "f:lock", b"forked", 60_000, "t", lambda exc: None)
+        return store.flush(2.0) and client.get("f") == b"forked"
+
+    with cache_module._writers_lock:  # as if another thread were registering a writer at fork()
+        assert true_in_child(in_child)
+    conn.close()
