@@ -32,6 +32,7 @@ if TUNED:
         app.conf.tuning_metrics_port = int(os.environ.get("BENCH_METRICS_PORT", "0"))
     if VARIANT == "everything":
         app.conf.tuning_circuit_breakers = {"bench": {"fail_max": 5, "reset_timeout": 30}}
+        app.conf.tuning_cache_write_behind = True  # deferred stores: off by default (connections)
     celery_tuning.install(app)
 
 if VARIANT == "limited":

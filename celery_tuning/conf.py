@@ -387,10 +387,11 @@ SETTINGS: Tuple[Setting, ...] = (
             "(0: ask Redis on every call).", _non_negative_float),
     Setting("tuning_cache_l1_maxsize", "int", 1024,
             "Entries kept in each process's in-memory (L1) result cache.", _positive_int),
-    Setting("tuning_cache_write_behind", "bool", True,
-            "A task that computed a cached value returns without waiting for Redis to take it: a "
+    Setting("tuning_cache_write_behind", "bool", False,
+            "True: a task that computed a cached value returns without waiting for Redis to take it; a "
             "background thread per process writes stores in batches (the single-flight lock is held "
-            "until the value lands). False: each store is a round trip inside the task.", _bool),
+            "until the value lands). Costs a second pool connection per process while stores and "
+            "tasks overlap. False: each store is a round trip inside the task.", _bool),
     Setting("tuning_sla", "dict[str, dict]", {},
             "Per-queue SLA thresholds in seconds: {'webhooks': {'warning': 10, 'critical': 30}}; "
             "'*' applies to every other queue.",

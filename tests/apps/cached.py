@@ -16,7 +16,8 @@ TUNING = os.environ.get("TEST_TUNING_URL", "redis://127.0.0.1:6379/1")
 app = Celery("tests_cached", broker=URL, backend=os.environ.get("TEST_BACKEND_URL", URL),
              task_cls="celery_tuning:TunedTask")
 app.conf.update(tuning_redis_url=TUNING, broker_connection_retry_on_startup=True, worker_prefetch_multiplier=1,
-                task_default_queue=os.environ.get("TEST_QUEUE", "celery"))
+                task_default_queue=os.environ.get("TEST_QUEUE", "celery"),
+                tuning_cache_write_behind=True)  # the worker tests here cover deferred stores
 celery_tuning.install(app)
 ledger = redis.Redis.from_url(TUNING)
 

@@ -113,3 +113,28 @@ def test_a_child_forked_while_the_writer_registry_was_locked_can_store(redis_cle
     with cache_module._writers_lock:  # as if another thread were registering a writer at fork()
         assert true_in_child(in_child)
     conn.close()
+
+
+def test_the_cache_keeps_one_pool_connection_by_default_and_stores_right_away(redis_clean):
+    """The design's bar (one pool connection per process) holds with the default, synchronous
+    stores: 300 misses in a row, each value in Redis when its call returns."""
+    import inspect
+
+    from celery_tuning.cache import TwoLevelCache
+    from celery_tuning.conf import load_config
+    from celery_tuning.storage.redis import CLIENT_NAME
+
+    assert load_config({}, environ={}).cache_write_behind is False, "deferred stores are opt-in"
+
+    def pool_connections():
+        return [c for c in redis_clean.client().client_list() if c["name"] == CLIENT_NAME and c["cmd"] != "subscribe"]
+
+    before = len(pool_connections())
+    conn = RedisConnector(redis_clean.url)
+    cache = TwoLevelCache("t.conns", inspect.signature(lambda x: None), store=RedisCacheStore(conn))
+    for i in range(300):
+        assert cache.get_or_compute(f"d{i}", lambda i=i: i) == i
+        if i % 100 == 0:
+            assert redis_clean.client().exists(cache.keys.value(0, f"d{i}")), "stored before returning"
+    assert len(pool_connections()) == before + 1
+    conn.close()
