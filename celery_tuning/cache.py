@@ -374,7 +374,7 @@ class TwoLevelCache:
 
     def flush(self, timeout: float = 2.0) -> bool:
         """Wait until this process's deferred stores reached Redis; False on timeout."""
-        return True if self.store is None else self.store.flush(timeout)
+        return True if self.store is None or not self.write_behind else self.store.flush(timeout)
 
     def _release(self, value_key: str, lock_key: str, token: str) -> None:
         assert self.store is not None
@@ -397,7 +397,7 @@ class TwoLevelCache:
             self._l1.pop(digest, None)
         if self.store is None:
             return
-        self.store.flush()  # a store of ours still queued must not land after the delete
+        self.flush()  # a store of ours still queued must not land after the delete
         generation = self._current_generation()
         self.store.delete(self.keys.value(generation, digest))
         self.store.publish(self.keys.channel, {"task": self.name, "digest": digest})
@@ -419,5 +419,5 @@ class TwoLevelCache:
         """Entries in the current generation (SCAN; for the CLI)."""
         if self.store is None:
             return 0
-        self.store.flush()
+        self.flush()
         return self.store.count(self.keys.pattern(self._current_generation()))

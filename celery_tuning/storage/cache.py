@@ -86,7 +86,8 @@ class RedisCacheStore:
 
     def flush(self, timeout: float = 2.0) -> bool:
         """Wait until this process's deferred stores reached Redis (or failed); False on timeout."""
-        return writer_for(self.connector).flush(timeout)
+        writer = _writers.get(id(self.connector))  # none yet: nothing was deferred, create none
+        return True if writer is None or writer.connector is not self.connector else writer.flush(timeout)
 
     def generation(self, key: str) -> int:
         raw = self.connector.run(lambda c: c.get(key), what="GET generation")

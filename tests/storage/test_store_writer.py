@@ -137,4 +137,8 @@ def test_the_cache_keeps_one_pool_connection_by_default_and_stores_right_away(re
         if i % 100 == 0:
             assert redis_clean.client().exists(cache.keys.value(0, f"d{i}")), "stored before returning"
     assert len(pool_connections()) == before + 1
+    cache.invalidate_digest("d0")  # flushes deferred stores first: with none deferred, no writer is made
+    from celery_tuning.storage import cache as cache_module
+
+    assert id(conn) not in cache_module._writers
     conn.close()
