@@ -127,7 +127,7 @@ class _TaskSeries:
 
 
 _series: Dict[Tuple[int, str, str], _TaskSeries] = {}
-_outcome_series: Dict[Tuple[int, str, str, str], Any] = {}
+_labelled_series: Dict[Tuple[int, str, Tuple[str, ...]], Any] = {}
 
 
 def _task_series(task: str, queue: str) -> _TaskSeries:
@@ -139,12 +139,18 @@ def _task_series(task: str, queue: str) -> _TaskSeries:
     return found
 
 
-def _outcome(task: str, queue: str, state: str) -> Any:
-    key = (os.getpid(), task, queue, state)
-    found = _outcome_series.get(key)
+def _labelled(metric: str, *labels: str) -> Any:
+    """``metrics().<metric>.labels(*labels)``, looked up once per process (``.labels()`` costs a
+    few µs, and outcomes and limiter and cache events are recorded on every task)."""
+    key = (os.getpid(), metric, labels)
+    found = _labelled_series.get(key)
     if found is None:
-        found = _outcome_series[key] = metrics().outcomes.labels(task, queue, state)
+        found = _labelled_series[key] = getattr(metrics(), metric).labels(*labels)
     return found
+
+
+def _outcome(task: str, queue: str, state: str) -> Any:
+    return _labelled("outcomes", task, queue, state)
 
 
 def metrics() -> TuningMetrics:
@@ -351,21 +357,8 @@ def _on_sla_checked(task: Any, queue: str) -> None:
     metrics().sla_checked.labels(task.name, queue).inc()
 
 
-_event_series: Dict[Tuple[int, str, str, str], Any] = {}
-
-
-def _event(kind: str, name: str, event: str) -> Any:
-    """The labelled counter of one limiter or cache event (looked up once per process)."""
-    key = (os.getpid(), kind, name, event)
-    found = _event_series.get(key)
-    if found is None:
-        m = metrics()
-        found = _event_series[key] = (m.limiter if kind == "limiter" else m.cache).labels(name, event)
-    return found
-
-
 def _record_limiter(name: str, event: str, seconds: float) -> None:
-    _event("limiter", name, event).inc()
+    _labelled("limiter", name, event).inc()
     if event in ("waited", "reserved") and seconds > 0:
         metrics().limiter_wait.labels(name).inc(seconds)
 
@@ -380,7 +373,7 @@ def _on_breaker(sender: Any = None, new: str = "", **_: Any) -> None:
 
 
 def _record_cache(task: str, event: str) -> None:
-    _event("cache", task, event).inc()
+    _labelled("cache", task, event).inc()
 
 
 def _on_failure_outside_child(sender: Any = None, task_id: str = "", exception: Any = None, **_: Any) -> None:
