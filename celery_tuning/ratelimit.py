@@ -115,10 +115,17 @@ class GcraLimiter:
                            self.name, exc, self.on_redis_error)
         self._emit("fallback")
 
+    def _valid_cost(self, cost: int) -> bool:
+        return 1 <= cost <= self.burst
+
     def _check_cost(self, cost: int) -> None:
-        if cost < 1 or cost > self.burst:
+        if not self._valid_cost(cost):
             raise ConfigurationError(
                 f"limiter {self.name!r}: cost={cost!r} must be between 1 and burst ({self.burst})")
+
+    @staticmethod
+    def _reserve_us(reserve: Optional[float]) -> int:
+        return -1 if reserve is None else int(reserve * 1_000_000)
 
     def _redis_answered(self) -> None:
         if self._warned:
@@ -142,7 +149,7 @@ class GcraLimiter:
         Never raises because Redis is down: the Redis-error policy answers instead.
         """
         self._check_cost(cost)
-        reserve_us = -1 if reserve is None else int(reserve * 1_000_000)
+        reserve_us = self._reserve_us(reserve)
         bucket = self.bucket(key)
         try:
             result = self.store.acquire(bucket, self.interval, self.burst, cost, reserve_us)
@@ -167,10 +174,9 @@ class GcraLimiter:
         invalid (then call :meth:`decide`, which applies every policy and raises as usual).
         """
         script_args = getattr(self.store, "script_args", None)
-        if script_args is None or cost < 1 or cost > self.burst:
+        if script_args is None or not self._valid_cost(cost):
             return None
-        reserve_us = -1 if reserve is None else int(reserve * 1_000_000)
-        return script_args(self.bucket(key), self.interval, self.burst, cost, reserve_us)
+        return script_args(self.bucket(key), self.interval, self.burst, cost, self._reserve_us(reserve))
 
     def settle(self, reply: int) -> Decision:
         """The :class:`Decision` for a ``gcra_acquire.lua`` reply obtained through :meth:`plan`."""
