@@ -71,6 +71,13 @@ def _script_calls(client: redis.Redis) -> int:
     return int(client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
 
 
+def _tuning_connections(client: redis.Redis) -> Tuple[int, int]:
+    """celery-tuning's connections to this Redis: (pool connections, pub/sub connections)."""
+    ours = [c for c in client.client_list() if c.get("name") == "celery-tuning"]
+    pubsub = sum(1 for c in ours if c.get("cmd") in ("subscribe", "psubscribe"))
+    return len(ours) - pubsub, pubsub
+
+
 def run_worker_once(url: str, variant: str, pool: str, n: int, workers: int = 1,
                     concurrency: int = 0) -> Dict[str, float]:
     """Fill the queue with ``n`` no-op tasks, start ``workers`` workers, time them draining it."""
@@ -104,6 +111,7 @@ def run_worker_once(url: str, variant: str, pool: str, n: int, workers: int = 1,
         elapsed = time.perf_counter() - start
         cpu = _cpu_seconds(worker.pid) - cpu_start
         rss = _rss_mb(worker.pid)
+        pool_conns, pubsub_conns = _tuning_connections(client)  # all processes of the worker
     finally:
         stop_process_groups(procs)
         os.unlink(log.name)
@@ -111,7 +119,8 @@ def run_worker_once(url: str, variant: str, pool: str, n: int, workers: int = 1,
     # count taken at drain time would miss the last few of them.
     scripts = _script_calls(client) - scripts_start
     return {"tasks_per_s": n / elapsed, "rss_mb": rss, "publish_per_s": publish_rate,
-            "cpu_us_per_task": cpu / n * 1e6, "scripts_per_task": scripts / n}
+            "cpu_us_per_task": cpu / n * 1e6, "scripts_per_task": scripts / n,
+            "pool_connections": pool_conns, "pubsub_connections": pubsub_conns}
 
 
 def summarize(values: List[float]) -> Dict[str, float]:
@@ -123,7 +132,8 @@ def passthrough(url: str, pools: List[str], tasks: int, runs: int) -> Dict[str, 
     variants = ("plain", "tuned", "limited", "everything")
     for pool in pools:
         samples: Dict[str, Dict[str, List[float]]] = {
-            v: {"tasks_per_s": [], "rss_mb": [], "publish_per_s": [], "cpu_us_per_task": [], "scripts_per_task": []}
+            v: {"tasks_per_s": [], "rss_mb": [], "publish_per_s": [], "cpu_us_per_task": [], "scripts_per_task": [],
+                "pool_connections": [], "pubsub_connections": []}
             for v in variants}
         for _ in range(runs):
             for variant in variants:  # interleaved so drift hits all alike
@@ -276,6 +286,10 @@ def render_accuracy(result: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _conns(variant: Dict[str, Any]) -> str:
+    return f"{variant['pool_connections']['median']:.0f} + {variant['pubsub_connections']['median']:.0f}"
+
+
 def render_table(results: Dict[str, Any]) -> str:
     lines = [
         f"Pass-through: TunedTask with nothing enabled vs plain celery.Task, {results['tasks']} no-op tasks, "
@@ -306,14 +320,15 @@ def render_table(results: Dict[str, Any]) -> str:
         "run per task above plain Celery's (server EVALSHA count; each is one round trip from the worker)",
         "",
         "| pool | plain CPU µs | tuned CPU µs | limiter CPU µs | everything CPU µs | scripts per task: "
-        "limiter / everything |",
-        "|---|---|---|---|---|---|",
+        "limiter / everything | celery-tuning connections after the run, pool + pub/sub: limiter / everything |",
+        "|---|---|---|---|---|---|---|",
     ]
     for pool, e in results["pass_through"].items():
         cpu = [e[v]["cpu_us_per_task"]["median"] for v in ("plain", "tuned", "limited", "everything")]
         lines.append(f"| {pool} | " + " | ".join(f"{c:.0f}" for c in cpu)
                      + f" | {e['scripts_above_plain']['limited']:.2f}"
-                       f" / {e['scripts_above_plain']['everything']:.2f} |")
+                       f" / {e['scripts_above_plain']['everything']:.2f}"
+                       f" | {_conns(e['limited'])} / {_conns(e['everything'])} |")
     return "\n".join(lines)
 
 

@@ -25,5 +25,9 @@ def test_passthrough_section_runs_and_scripts_per_task_are_exact(redis_server):
     assert 116 <= above["limited"] <= 126, above
     assert 236 <= above["everything"] <= 254, above
     assert all(solo[v]["tasks_per_s"]["median"] > 0 for v in above)
+    # The design's bar in a real worker: one pool connection per process (solo: one process).
+    assert solo["limited"]["pool_connections"]["median"] == 1
+    assert solo["limited"]["pubsub_connections"]["median"] == 0
+    assert solo["everything"]["pubsub_connections"]["median"] == 1  # the cache's invalidation listener
     table = render_table({"tasks": 120, "runs": 1, "pass_through": results})
     assert "| solo |" in table and "scripts per task" in table
