@@ -6,22 +6,29 @@ import logging
 import os
 import threading
 import uuid
-from typing import List, NamedTuple, Optional, Set
+import weakref
+from typing import List, NamedTuple, Optional, Set, Union
 
-from .errors import StorageError
+from .errors import ConfigurationError, StorageError
+from .storage.lease import LeaseGrant, LeaseStore, MemoryLeaseStore, RedisLeaseStore
 from .storage.redis import RedisConnector, hash_tag
 
 __all__ = ["ConcurrencyLimiter", "Lease"]
 
 logger = logging.getLogger("celery_tuning.concurrency")
 
+_ON_REDIS_ERROR = ("local", "allow")
+
 
 class Lease(NamedTuple):
-    """A held slot; ``id`` is None when Redis was unreachable and the call ran unlimited."""
+    """A held slot, or a refusal; ``id`` is None when the call holds nothing to give back."""
 
     id: Optional[str]
     #: Seconds until a slot is expected to free up, when not granted.
     retry_after: float = 0.0
+    #: 'redis' (the shared store), 'local' (this process's fallback store while Redis is down)
+    #: or 'allow' (Redis down and ``on_redis_error='allow'``: ran unlimited).
+    source: str = "redis"
 
     @property
     def granted(self) -> bool:
@@ -31,51 +38,87 @@ class Lease(NamedTuple):
 class ConcurrencyLimiter:
     """At most ``cap`` concurrent holders named ``name`` across every process.
 
-    Each holder gets a lease in a Redis sorted set, renewed every ``ttl / 3`` seconds by one
-    background thread per process while held. A worker killed with SIGKILL stops renewing, and
-    its slot frees itself within ``ttl`` seconds.
+    Each holder gets a lease in a :class:`~celery_tuning.storage.lease.LeaseStore`, renewed
+    every ``ttl / 3`` seconds by one background thread per process while held. A worker killed
+    with SIGKILL stops renewing, and its slot frees itself within ``ttl`` seconds. Every renewal
+    re-creates the leases the store lost (FLUSHDB, a restart without persistence, a failover),
+    so a running holder keeps counting against the cap.
 
     Arguments:
         name: Limit name (hash tag of its key).
         cap: Maximum concurrent holders.
-        connector: The tuning Redis.
+        store: Where leases live: a :class:`~celery_tuning.storage.lease.RedisLeaseStore` (a
+            :class:`~celery_tuning.storage.redis.RedisConnector` is wrapped in one) or a
+            :class:`~celery_tuning.storage.lease.MemoryLeaseStore`.
         prefix: Key prefix.
         ttl: Lease lifetime in seconds without renewal.
+        on_redis_error: ``'local'`` (apply the cap per process, counting this process's running
+            holders, until Redis is back) or ``'allow'`` (run unlimited).
     """
 
-    def __init__(self, name: str, cap: int, connector: RedisConnector, *, prefix: str = "tuning",
-                 ttl: float = 30.0) -> None:
+    def __init__(self, name: str, cap: int, store: Union[LeaseStore, RedisConnector], *, prefix: str = "tuning",
+                 ttl: float = 30.0, on_redis_error: str = "local") -> None:
+        if on_redis_error not in _ON_REDIS_ERROR:
+            raise ConfigurationError(
+                f"concurrency limit {name!r}: on_redis_error={on_redis_error!r}; expected one of {_ON_REDIS_ERROR}")
         self.name = name
         self.cap = cap
-        self.connector = connector
+        self.store: LeaseStore = RedisLeaseStore(store) if isinstance(store, RedisConnector) else store
         self.key = hash_tag(prefix, "cc", name)
         self.ttl_us = int(ttl * 1_000_000)
         self.ttl = ttl
+        self.on_redis_error = on_redis_error
+        self._fallback = MemoryLeaseStore()
         self._held: Set[str] = set()
         self._lock = threading.Lock()
         self._renewer: Optional[threading.Thread] = None
         self._renewer_pid: Optional[int] = None
         self._wake = threading.Event()
         self._warned = False
+        _limiters.add(self)
+
+    def __repr__(self) -> str:
+        return f"<ConcurrencyLimiter {self.name!r} cap={self.cap} ttl={self.ttl}>"
+
+    def _storage_failed(self, exc: StorageError) -> None:
+        if not self._warned:
+            self._warned = True
+            logger.warning("concurrency limit %r: tuning Redis failed (%s); applying on_redis_error=%r "
+                           "until it is back", self.name, exc, self.on_redis_error)
+
+    def _store_answered(self) -> None:
+        if self._warned:
+            self._warned = False
+            logger.info("concurrency limit %r: tuning Redis is back", self.name)
+
+    def _held_now(self) -> List[str]:
+        with self._lock:
+            return sorted(self._held)
 
     def acquire(self) -> Lease:
         """Try to take a slot now (one round trip). Never raises because Redis is down."""
         lease_id = uuid.uuid4().hex
         try:
-            granted, value = self.connector.evalsha("lease_acquire", [self.key], [self.cap, lease_id, self.ttl_us])
+            grant = self.store.acquire(self.key, self.cap, lease_id, self.ttl_us)
+            source = "redis"
+            self._store_answered()
         except StorageError as exc:
-            if not self._warned:
-                self._warned = True
-                logger.warning("concurrency limit %r: tuning Redis failed (%s); running unlimited until it is back",
-                               self.name, exc)
-            return Lease(None)
-        self._warned = False
-        if not int(granted):
-            return Lease(None, max(int(value) / 1_000_000, 0.05))
+            self._storage_failed(exc)
+            if self.on_redis_error == "allow":
+                return Lease(None, 0.0, "allow")
+            # The local cap counts every holder still running here, those Redis admitted included.
+            self._fallback.renew(self.key, self._held_now(), self.ttl_us)
+            grant = self._fallback.acquire(self.key, self.cap, lease_id, self.ttl_us)
+            source = "local"
+        return self._granted(lease_id, grant, source)
+
+    def _granted(self, lease_id: str, grant: LeaseGrant, source: str) -> Lease:
+        if not grant.granted:
+            return Lease(None, max(grant.value / 1_000_000, 0.05), source)
         with self._lock:
             self._held.add(lease_id)
         self._ensure_renewer()
-        return Lease(lease_id)
+        return Lease(lease_id, 0.0, source)
 
     def release(self, lease: Lease) -> None:
         """Give the slot back (best effort: an unreleased lease expires by itself)."""
@@ -83,17 +126,55 @@ class ConcurrencyLimiter:
             return
         with self._lock:
             self._held.discard(lease.id)
+        self._fallback.release(self.key, lease.id)
         try:
-            self.connector.run(lambda c: c.zrem(self.key, lease.id), what="ZREM lease")
+            self.store.release(self.key, lease.id)
         except StorageError:
             pass
 
     def held(self) -> int:
-        """Leases held in Redis right now, by every process (expired ones excluded)."""
-        import time
+        """Leases held in the store right now, by every process (expired ones excluded).
 
-        now = int(time.time() * 1_000_000)
-        return int(self.connector.run(lambda c: c.zcount(self.key, now, "+inf"), what="ZCOUNT leases"))
+        Raises:
+            StorageError: When Redis fails.
+        """
+        return self.store.count(self.key)
+
+    def renew(self) -> int:
+        """Renew every lease this process holds, re-creating those the store lost.
+
+        The renewer thread calls this every ``ttl / 3`` seconds; it never raises because Redis
+        is down (then the leases are renewed in the local fallback store).
+
+        Returns:
+            How many leases were missing from the store and put back.
+        """
+        held = self._held_now()
+        if not held:
+            return 0
+        store: LeaseStore = self.store
+        try:
+            recreated = store.renew(self.key, held, self.ttl_us)
+            self._store_answered()
+        except StorageError as exc:
+            self._storage_failed(exc)
+            store, recreated = self._fallback, 0
+            store.renew(self.key, held, self.ttl_us)
+        # A lease released while its renewal was on the way has just been put back: take it out
+        # again, or it would hold a slot nobody uses for a whole TTL. (release() drops it from
+        # _held before its own removal, so whichever of the two removals comes last wins.)
+        with self._lock:
+            gone = [lease for lease in held if lease not in self._held]
+        for lease in gone:
+            try:
+                store.release(self.key, lease)
+            except StorageError:
+                pass
+        if recreated:
+            logger.warning("concurrency limit %r: re-created %d lease(s) the store had lost (flushed, restarted, "
+                           "failed over, or renewed too late); running tasks count against the cap again",
+                           self.name, recreated)
+        return recreated
 
     def _ensure_renewer(self) -> None:
         if self._renewer is not None and self._renewer.is_alive() and self._renewer_pid == os.getpid():
@@ -110,15 +191,29 @@ class ConcurrencyLimiter:
         interval = max(self.ttl / 3, 0.05)
         while True:
             self._wake.wait(interval)
-            with self._lock:
-                held: List[str] = sorted(self._held)
-            if not held:
-                continue
             try:
-                renewed = self.connector.evalsha("lease_renew", [self.key], [self.ttl_us, *held])
-            except StorageError:
-                continue  # Redis is away: leases may lapse; tasks keep running
-            if int(renewed) < len(held):
-                logger.warning("concurrency limit %r: %d lease(s) expired before renewal", self.name,
-                               len(held) - int(renewed))
+                self.renew()
+            except Exception:  # the renewer must outlive any one bad round
+                logger.exception("concurrency limit %r: lease renewal failed", self.name)
 
+    def _after_fork_in_child(self) -> None:
+        # The parent's leases belong to the parent's tasks: a child renewing (and so re-creating)
+        # them would hold slots after the parent released them. A lock held by a parent thread
+        # at fork() would never be released in the child.
+        self._lock = threading.Lock()
+        self._held = set()
+        self._renewer = None
+        self._renewer_pid = None
+        self._wake = threading.Event()
+
+
+_limiters: weakref.WeakSet[ConcurrencyLimiter] = weakref.WeakSet()
+
+
+def _forget_parent_leases() -> None:
+    for limiter in list(_limiters):
+        limiter._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_parent_leases)

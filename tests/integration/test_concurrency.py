@@ -84,23 +84,112 @@ def test_bind_and_eager_errors(redis_clean):
         nested.apply().get()
 
 
-def test_redis_down_admits_and_recovers(fault_redis):
-    """docs/faq.md: with the tuning Redis down, concurrency caps admit (bounded by the socket timeout)."""
+def test_redis_down_caps_per_process_and_recovers(fault_redis):
+    """docs/faq.md: with the tuning Redis down, a cap applies per process (on_redis_error='local'),
+    bounded by the socket timeout; when Redis is back empty, the holders still running are put back."""
     from celery_tuning.concurrency import ConcurrencyLimiter
     from celery_tuning.storage.redis import RedisConnector
 
     limiter = ConcurrencyLimiter("outage", 1, RedisConnector(fault_redis.db_url(0)), ttl=5)
+    unlimited = ConcurrencyLimiter("outage", 1, RedisConnector(fault_redis.db_url(0)), ttl=5, on_redis_error="allow")
     held = limiter.acquire()
-    assert held.granted and held.id is not None
+    assert held.granted and held.id is not None and held.source == "redis"
     assert not limiter.acquire().granted  # the cap holds while Redis answers
     fault_redis.stop()
     start = time.monotonic()
-    down = limiter.acquire()
-    assert down.granted and down.id is None  # ran unlimited, said so, did not raise
+    refused = limiter.acquire()  # this process already runs one holder: its local cap is full
+    assert (refused.granted, refused.source) == (False, "local")
     assert time.monotonic() - start < 3
-    limiter.release(down)
+    assert unlimited.acquire() == (None, 0.0, "allow")  # ran unlimited, said so, did not raise
     limiter.release(held)  # never raises either
-    fault_redis.restart()  # empty: the old lease is gone, the cap applies again
-    again = limiter.acquire()
-    assert again.granted and again.id is not None
+    local = limiter.acquire()
+    assert local.granted and local.id is not None and local.source == "local"
     assert not limiter.acquire().granted
+    fault_redis.restart()  # empty: the lease taken during the outage is still running
+    assert limiter.renew() == 1  # put back where every process sees it
+    other = ConcurrencyLimiter("outage", 1, RedisConnector(fault_redis.db_url(0)), ttl=5)
+    assert not other.acquire().granted
+    limiter.release(local)
+    again = other.acquire()
+    assert again.granted and again.source == "redis"
+    other.release(again)
+
+
+def test_a_lease_released_during_its_renewal_stays_released(redis_clean):
+    """A renewal re-creates missing leases; one released while the renewal is on its way must not
+    come back and hold a slot for a whole TTL."""
+    from celery_tuning.concurrency import ConcurrencyLimiter
+    from celery_tuning.storage.lease import RedisLeaseStore
+    from celery_tuning.storage.redis import RedisConnector
+
+    class ReleasedMidway(RedisLeaseStore):
+        def renew(self, key, lease_ids, ttl_us, now=None):
+            limiter.release(lease)  # the task ends between the renewer's snapshot and its script
+            return super().renew(key, lease_ids, ttl_us, now)
+
+    limiter = ConcurrencyLimiter("midway", 1, ReleasedMidway(RedisConnector(redis_clean.db_url(3))), ttl=60)
+    lease = limiter.acquire()
+    assert limiter.renew() == 1  # re-created by the renewal ...
+    assert limiter.held() == 0  # ... and taken out again
+    assert limiter.acquire().granted
+
+
+
+def _wait_for(condition, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_a_renewal_puts_back_leases_redis_lost(redis_clean):
+    """Defect #8: after FLUSHDB (or a restart without persistence) the running holder's lease returns."""
+    from celery_tuning.concurrency import ConcurrencyLimiter
+    from celery_tuning.storage.redis import RedisConnector
+
+    connector = RedisConnector(redis_clean.db_url(3))
+    here = ConcurrencyLimiter("lost", 1, connector, ttl=0.6)  # renewed every 0.2 s
+    elsewhere = ConcurrencyLimiter("lost", 1, connector, ttl=0.6)
+    lease = here.acquire()
+    assert lease.granted
+    redis_clean.client(3).flushdb()
+    assert _wait_for(lambda: redis_clean.client(3).exists(here.key)), "the running holder's lease never came back"
+    assert not elsewhere.acquire().granted  # the cap holds again
+    here.release(lease)
+    again = elsewhere.acquire()
+    assert again.granted
+    elsewhere.release(again)
+
+
+def test_a_re_created_lease_counts_even_past_the_cap(redis_clean):
+    """Between the loss and the next renewal another caller may take the emptied slot; the re-created
+    lease still counts, so nobody else gets in until enough holders end."""
+    from celery_tuning.concurrency import ConcurrencyLimiter
+    from celery_tuning.storage.redis import RedisConnector
+
+    connector = RedisConnector(redis_clean.db_url(3))
+    first = ConcurrencyLimiter("over", 1, connector, ttl=0.6)
+    other = ConcurrencyLimiter("over", 1, connector, ttl=60)
+    held = first.acquire()
+    redis_clean.client(3).flushdb()
+    late = other.acquire()  # admitted into the emptied set: two run at once for a while
+    assert late.granted
+    assert _wait_for(lambda: redis_clean.client(3).zcard(first.key) == 2), "the lost lease was not re-created"
+    other.release(late)
+    assert not other.acquire().granted  # the first holder still runs
+    first.release(held)
+    assert other.acquire().granted
+
+
+def test_a_short_lease_does_not_cut_the_set_expiry_of_a_long_one(redis_clean):
+    from celery_tuning.concurrency import ConcurrencyLimiter
+    from celery_tuning.storage.redis import RedisConnector
+
+    connector = RedisConnector(redis_clean.db_url(3))
+    long = ConcurrencyLimiter("mixed", 2, connector, ttl=60)
+    short = ConcurrencyLimiter("mixed", 2, connector, ttl=1)
+    assert long.acquire().granted
+    assert short.acquire().granted
+    assert redis_clean.client(3).pttl(long.key) > 59_000  # the key outlives every live lease
