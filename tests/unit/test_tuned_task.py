@@ -56,15 +56,17 @@ def test_install_is_idempotent_and_validates():
     first = celery_tuning.install(app)
     assert celery_tuning.install(app) is first
     bad = make_app(tuning_rate_limits={"a": "5/x"}, tuning_redis_url="redis://127.0.0.1:1/0")
+    celery_tuning.install(bad)  # lazy: settings are read when Celery configures the app
     with pytest.raises(ConfigurationError, match=r"tuning_rate_limits\['a'\].rate"):
-        celery_tuning.install(bad)
+        celery_tuning.limiter("a", bad)
 
 
 def test_install_requires_a_redis_url_when_state_is_needed():
     app = Celery("amqp", set_as_current=False, broker="amqp://guest@127.0.0.1//")
     app.conf.tuning_rate_limits = {"a": "1/s"}
+    celery_tuning.install(app)
     with pytest.raises(ConfigurationError, match="tuning_redis_url: not set and the broker"):
-        celery_tuning.install(app)
+        celery_tuning.limiter("a", app)
 
 
 def test_redis_url_defaults_to_redis_broker_and_never_leaks_password():
@@ -199,6 +201,7 @@ def _receivers_after(setup: str) -> str:
         "from celery_tuning import TunedTask, sla\n"
         "app = Celery('p', broker='memory://', set_as_current=False)\n"
         f"{setup}\n"
+        "app.conf.broker_url\n"  # receivers connect when Celery configures the app
         "print(len(signals.before_task_publish.receivers), len(signals.task_prerun.receivers),"
         " len(signals.task_postrun.receivers))\n"
     )
