@@ -9,9 +9,10 @@ TAT is no more than ``burst * interval`` ahead of now. That is a token bucket ho
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
-__all__ = ["GcraResult", "gcra_acquire", "gcra_pause", "interval_us"]
+__all__ = ["GcraResult", "adaptive_interval", "gcra_acquire", "gcra_pause", "interval_us", "recovered_factor"]
 
 
 class GcraResult(NamedTuple):
@@ -59,15 +60,35 @@ def gcra_acquire(
 
 
 def gcra_pause(tat: Optional[int], now: int, interval: int, burst: int, pause: int) -> int:
-    """TAT after a pause of ``pause`` µs: nothing is admitted before ``now + pause``."""
+    """TAT after a pause of ``pause`` µs: nothing is admitted before ``now + pause``.
+
+    ``interval`` is the emission interval now, after any adaptive decrease: the stores scale it
+    exactly as an acquire does. While an adaptive limiter recovers its interval only shrinks, and
+    a shorter interval moves the admission time ``tat - (burst - 1) * interval`` later, so the
+    pause holds whatever the burst; the first admission is late by ``(burst - 1)`` times the
+    shrink.
+    """
     base = now if tat is None or tat < now else tat
     return max(base, now + pause + (burst - 1) * interval)
 
 
+def recovered_factor(factor: float, factor_at: int, recover: float, now: int) -> float:
+    """An adaptive factor ``now``: ``factor`` set at ``factor_at``, grown by ``recover`` per µs since.
+
+    Not capped at 1 (1 or more means fully recovered). A clock behind ``factor_at`` (another
+    server's after a failover) counts as no time passed, so the factor never drops below its floor.
+    """
+    return factor + recover * max(0, now - factor_at)
+
+
 def adaptive_interval(interval: int, factor: Optional[float], factor_at: Optional[int],
                       recover: float, now: int) -> int:
-    """Emission interval under adaptive mode: the rate scaled by a factor recovering towards 1."""
+    """Emission interval under adaptive mode: the rate scaled by a factor recovering towards 1.
+
+    Floored as ``math.floor(interval / factor)``, the Lua scripts' arithmetic: ``interval // factor``
+    can differ by one (``1 // 0.1`` is 9).
+    """
     if factor is None:
         return interval
-    current = factor + recover * (now - (factor_at if factor_at is not None else now))
-    return int(interval // current) if current < 1 else interval
+    current = recovered_factor(factor, now if factor_at is None else factor_at, recover, now)
+    return math.floor(interval / current) if current < 1 else interval

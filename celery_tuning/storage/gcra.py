@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
-from ..policy.gcra import GcraResult, adaptive_interval, gcra_acquire, gcra_pause
+from ..policy.gcra import GcraResult, adaptive_interval, gcra_acquire, gcra_pause, recovered_factor
 from .redis import RedisConnector, hash_tag
 
 __all__ = ["AdaptiveSpec", "Bucket", "GcraStore", "MemoryGcraStore", "RedisGcraStore", "now_us"]
@@ -74,13 +74,13 @@ class MemoryGcraStore:
         self._tat: Dict[str, Tuple[int, int]] = {}  # key -> (tat, expires at)
         self._conf: Dict[str, Dict[str, float]] = {}
 
-    def _effective(self, bucket: Bucket, interval: int, burst: int, now: int) -> Tuple[int, int]:
+    def _rate(self, bucket: Bucket, interval: int, burst: int, at: int) -> Tuple[int, int]:
+        """Interval and burst at ``at``: ``gcra_rate.lua``'s arithmetic."""
         conf = self._conf.get(bucket.conf, {})
         interval = int(conf.get("interval", interval))
         burst = int(conf.get("burst", burst))
-        factor = conf.get("factor")
-        if factor is not None:
-            interval = adaptive_interval(interval, factor, int(conf["factor_at"]), conf["recover"], now)
+        if "factor" in conf:
+            interval = adaptive_interval(interval, conf["factor"], int(conf["factor_at"]), conf["recover"], at)
         return interval, burst
 
     def _get(self, key: str, now: int) -> Optional[int]:
@@ -94,7 +94,13 @@ class MemoryGcraStore:
                 now: Optional[int] = None) -> GcraResult:
         with self._lock:
             now = self.clock() if now is None else now
-            interval, burst = self._effective(bucket, interval, burst, now)
+            conf = self._conf.get(bucket.conf)
+            if conf and "factor" in conf and recovered_factor(
+                    conf["factor"], int(conf["factor_at"]), conf["recover"], now) >= 1:
+                # gcra_acquire.lua forgets a recovered factor (HDEL); an override shown later agrees
+                for field in ("factor", "factor_at", "recover"):
+                    del conf[field]
+            interval, burst = self._rate(bucket, interval, burst, now)
             result = gcra_acquire(self._get(bucket.tat, now), now, interval, burst, cost, reserve)
             if result.new_tat is not None:
                 self._tat[bucket.tat] = (result.new_tat, result.new_tat + 1_000_000)
@@ -108,10 +114,10 @@ class MemoryGcraStore:
                 conf = self._conf.setdefault(bucket.conf, {})
                 current = 1.0
                 if "factor" in conf:
-                    current = min(1.0, conf["factor"] + conf["recover"] * (now - conf["factor_at"]))
+                    current = min(1.0, recovered_factor(conf["factor"], int(conf["factor_at"]), conf["recover"], now))
                 conf.update(factor=max(adaptive.min_factor, current * adaptive.decrease),
                             factor_at=now, recover=adaptive.recover_per_us)
-            interval, burst = self._effective(bucket, interval, burst, now)
+            interval, burst = self._rate(bucket, interval, burst, now)
             tat = gcra_pause(self._get(bucket.tat, now), now, interval, burst, pause)
             self._tat[bucket.tat] = (tat, tat + 1_000_000)
 
@@ -138,10 +144,17 @@ class RedisGcraStore:
 
     Raises :class:`~celery_tuning.errors.StorageError` when Redis fails; the
     limiter applies its Redis-error policy.
+
+    Arguments:
+        connector: The tuning Redis.
+        clock: Now in integer microseconds, sent to the scripts when a call passes no ``now``
+            (tests drive the memory and the Redis store with one manual clock). None, the
+            default: the scripts read the Redis server's ``TIME``, so worker clocks never matter.
     """
 
-    def __init__(self, connector: RedisConnector) -> None:
+    def __init__(self, connector: RedisConnector, clock: Optional[Callable[[], int]] = None) -> None:
         self.connector = connector
+        self.clock = clock
 
     @staticmethod
     def script_args(bucket: Bucket, interval: int, burst: int, cost: int, reserve: int) -> Tuple[List[str], str]:
@@ -151,6 +164,8 @@ class RedisGcraStore:
     def acquire(self, bucket: Bucket, interval: int, burst: int, cost: int, reserve: int,
                 now: Optional[int] = None) -> GcraResult:
         keys, packed = self.script_args(bucket, interval, burst, cost, reserve)
+        if now is None and self.clock is not None:
+            now = self.clock()
         args = [packed] if now is None else [packed, now]
         r = int(self.connector.evalsha("gcra_acquire", keys=keys, args=args))
         return GcraResult(r >= 0, abs(r), None)
@@ -162,6 +177,8 @@ class RedisGcraStore:
             args += ["", "", ""]
         else:
             args += [repr(adaptive.decrease), repr(adaptive.min_factor), repr(adaptive.recover_per_us)]
+        if now is None and self.clock is not None:
+            now = self.clock()
         args.append("" if now is None else now)
         self.connector.evalsha("gcra_pause", keys=[bucket.tat, bucket.conf], args=args)
 

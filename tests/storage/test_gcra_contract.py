@@ -1,5 +1,7 @@
 """One contract for both GCRA stores, plus the Lua-vs-oracle differential test on real Redis."""
 
+import math
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 
@@ -107,3 +109,58 @@ def test_lua_matches_the_oracle(redis_clean, interval, burst, steps):
         if expected.new_tat is not None:
             tat = expected.new_tat
             assert int(client.get(b.tat)) == tat
+
+
+def test_adaptive_throttle_holds_every_worker_for_the_whole_pause(store):
+    """10/s burst 60 adaptive, throttle(5 s): nothing is admitted before the pause ends.
+
+    The pause is computed at the halved rate (what an acquire uses); as the rate recovers the
+    first admission comes (burst - 1) x the interval's shrink later.
+    """
+    b = bucket()
+    interval, burst, pause, spec = 100_000, 60, 5_000_000, AdaptiveSpec()
+    store.pause(b, interval, burst, pause, adaptive=spec, now=T0)
+    first = store.acquire(b, interval, burst, 1, -1, now=T0)
+    assert not first.allowed and first.wait_us == pause
+    end = T0 + pause
+    assert not store.acquire(b, interval, burst, 1, -1, now=end - 1).allowed
+    tat = T0 + pause + (burst - 1) * 2 * interval
+    resumes = next(t for t in range(end, end + 3_000_000, 1000)
+                   if tat - (burst - 1) * math.floor(interval / (0.5 + spec.recover_per_us * (t - T0))) <= t)
+    assert not store.acquire(b, interval, burst, 1, -1, now=resumes - 1000).allowed
+    assert store.acquire(b, interval, burst, 1, -1, now=resumes).allowed
+
+
+def test_throttle_without_adaptive_keeps_a_lowered_rate(store):
+    """A plain pause on a limiter an earlier throttle slowed is computed at the slowed rate too."""
+    b = bucket()
+    store.pause(b, 100_000, 10, 0, adaptive=AdaptiveSpec(decrease=0.5, recovery_seconds=1e6), now=T0)
+    store.pause(b, 100_000, 10, 1_000_000, now=T0)
+    r = store.acquire(b, 100_000, 10, 1, -1, now=T0)
+    assert not r.allowed and r.wait_us == 1_000_000
+
+
+def test_adaptive_interval_rounds_the_same_in_both_stores(store):
+    """interval / factor is floored the way Lua does it (1 µs / 0.1 is 10 µs, not 9)."""
+    b = bucket()
+    store.pause(b, 1, 1, 0, adaptive=AdaptiveSpec(decrease=0.1, min_factor=0.1), now=T0)
+    assert store.acquire(b, 1, 1, 1, -1, now=T0).allowed
+    assert store.acquire(b, 1, 1, 1, -1, now=T0).wait_us == 10
+
+
+def test_adaptive_factor_is_stored_at_full_precision(store):
+    b = bucket()
+    spec = AdaptiveSpec()
+    store.pause(b, 1000, 1, 0, adaptive=spec, now=T0)
+    store.pause(b, 1000, 1, 0, adaptive=spec, now=T0 + 1_234_567)
+    expected = max(spec.min_factor, (spec.decrease + spec.recover_per_us * 1_234_567) * spec.decrease)
+    assert store.get_override(b)["factor"] == expected
+
+
+def test_a_clock_behind_the_throttle_counts_as_no_time_passed(store):
+    """After a failover the new server's clock may trail factor_at: the factor must not sink below its floor."""
+    store.pause(bucket(key="slow"), 1000, 1, 0, adaptive=AdaptiveSpec(decrease=0.5, recovery_seconds=1.0), now=T0)
+    b = bucket(key="other")  # same limiter, so the same factor; a bucket of its own
+    assert store.acquire(b, 1000, 1, 1, -1, now=T0 - 10_000_000).allowed
+    r = store.acquire(b, 1000, 1, 1, -1, now=T0 - 10_000_000)
+    assert not r.allowed and r.wait_us == 2000

@@ -13,34 +13,22 @@
 -- Returns: one integer r (a single small reply keeps the round trip close to a bare EVALSHA):
 --          r = 0 admitted now; r > 0 slot reserved r µs ahead; r < 0 refused, admitted in -r µs.
 -- Units:   microseconds throughout; TAT keys expire (PEXPIRE, ms) once the bucket is idle.
--- Mirrors celery_tuning.policy.gcra.gcra_acquire (the differential tests compare both).
+-- Mirrors celery_tuning.policy.gcra.gcra_acquire (the differential tests compare both); the
+-- clock and the rate after override and adaptive factor come from gcra_clock.lua and gcra_rate.lua,
+-- shared with gcra_pause.lua.
+--@include gcra_clock
+--@include gcra_rate
 local a_interval, a_burst, a_cost, a_reserve = string.match(ARGV[1], '^(%d+) (%d+) (%d+) (%-?%d+)$')
-local interval = tonumber(a_interval)
-local burst = tonumber(a_burst)
-local cost = tonumber(a_cost)
-local reserve = tonumber(a_reserve)
-if interval == nil then
+if a_interval == nil then
   return redis.error_reply('gcra_acquire: ARGV[1] must be "interval burst cost reserve"')
 end
-local now
-if ARGV[2] then
-  now = tonumber(ARGV[2])
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
-
-local conf = redis.call('HMGET', KEYS[2], 'interval', 'burst', 'factor', 'factor_at', 'recover')
-if conf[1] then interval = tonumber(conf[1]) end
-if conf[2] then burst = tonumber(conf[2]) end
-if conf[3] then
-  -- adaptive mode: the rate is scaled by factor, which recovers linearly towards 1
-  local factor = tonumber(conf[3]) + tonumber(conf[5] or 0) * (now - tonumber(conf[4] or now))
-  if factor < 1 then
-    interval = math.floor(interval / factor)
-  else
-    redis.call('HDEL', KEYS[2], 'factor', 'factor_at', 'recover')
-  end
+local cost = tonumber(a_cost)
+local reserve = tonumber(a_reserve)
+local now = gcra_clock({}, {ARGV[2]})
+local interval, burst, factor = gcra_rate({KEYS[2]}, {a_interval, a_burst, now})
+if factor and factor >= 1 then
+  -- fully recovered: forget the factor so later calls skip the arithmetic
+  redis.call('HDEL', KEYS[2], 'factor', 'factor_at', 'recover')
 end
 
 local tat = tonumber(redis.call('GET', KEYS[1]))
