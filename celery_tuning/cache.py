@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import logging
+import marshal
 import os
 import threading
 import time
@@ -27,6 +28,17 @@ logger = logging.getLogger("celery_tuning.cache")
 Observer = Callable[[str, str], None]
 
 _GENERATION_TTL = 5.0  # seconds a process trusts its copy of the clear() generation without news
+
+#: Generations are Redis TIME in microseconds or counted up from it; anything outside this is
+#: not a generation of ours (a foreign message), and would pin this process to it for good.
+_MAX_GENERATION = 2**62
+
+#: Values handed out as they are: nothing a caller does to one changes what the next one gets.
+_IMMUTABLE = frozenset((str, int, float, bool, type(None), bytes))
+
+
+def _entry_size(entry: Tuple[Any, ...]) -> int:
+    return int(entry[3])
 
 #: Bound of the hit/miss trend of L2 reads: after this many hits in a row a cache that
 #: mostly missed is back to reading with a plain GET first.
@@ -81,7 +93,9 @@ class TwoLevelCache:
         store: L2 store; ``None`` means L1 only.
         prefix, version: Key namespace.
         ttl: L2 lifetime (s). l1_ttl: L1 lifetime (s), never longer than the L2 entry's.
-        l1_maxsize: L1 entries. max_size: largest encoded value (bytes) cached.
+        l1_maxsize: L1 entries. l1_max_bytes: L1 size, counted as encoded value bytes (an
+            entry counts at least ``l1_max_bytes / l1_maxsize``, so both bounds hold).
+        max_size: largest encoded value (bytes) cached.
         serializer: ``"json"`` or ``"msgpack"``.
         key: Optional key function taking the task's arguments.
         vary_on: Only these argument names make up the key.
@@ -105,6 +119,7 @@ class TwoLevelCache:
         ttl: float = 3600.0,
         l1_ttl: float = 60.0,
         l1_maxsize: int = 1024,
+        l1_max_bytes: int = 16 * 2**20,
         max_size: int = 1_000_000,
         serializer: str = "json",
         key: Optional[Callable[..., Any]] = None,
@@ -134,7 +149,11 @@ class TwoLevelCache:
         self.clock = clock
         self.sleep = sleep
         self._digests: Dict[Any, str] = {}
-        self._l1: TTLCache = TTLCache(maxsize=l1_maxsize, ttl=max(self.l1_ttl, 0.001), timer=clock)
+        # Each entry weighs its encoded size but at least one slot's share of the byte bound:
+        # the total then caps both the bytes and the number of entries.
+        self._l1_slot = max(1, int(l1_max_bytes) // max(1, int(l1_maxsize)))
+        self._l1: TTLCache = TTLCache(maxsize=self._l1_slot * max(1, int(l1_maxsize)), ttl=max(self.l1_ttl, 0.001),
+                                      timer=clock, getsizeof=_entry_size)
         self._l1_lock = threading.Lock()
         self._generation: Optional[int] = None
         self._generation_at = float("-inf")
@@ -192,43 +211,78 @@ class TwoLevelCache:
             entry = self._l1.get(digest)
         if entry is None:
             return False, None
-        value, expires = entry
+        frozen, value, expires, _ = entry
         if self.clock() >= expires:
             return False, None
-        return True, value
+        # A fresh copy per hit: marshal (our own bytes, never Redis's) copies a decoded value in
+        # about a microsecond where copy.deepcopy or json.loads take over ten.
+        return True, (value if frozen is None else marshal.loads(frozen))
 
-    def _l1_put(self, digest: str, value: Any, l2_remaining: Optional[float] = None) -> None:
+    def _l1_put(self, digest: str, value: Any, size: int, l2_remaining: Optional[float] = None) -> None:
+        """Keep a decoded value (``size``: its encoded bytes) for no longer than L2 does."""
         life = self.l1_ttl if l2_remaining is None else min(self.l1_ttl, l2_remaining)
         if life <= 0:
             return
+        frozen = None
+        if type(value) not in _IMMUTABLE:
+            try:
+                frozen = marshal.dumps(value)
+            except ValueError:  # a msgpack extension type: served from L2 only
+                return
+            value = None
+        entry = (frozen, value, self.clock() + life, max(size, self._l1_slot))
         with self._l1_lock:
-            self._l1[digest] = (value, self.clock() + life)
+            try:
+                self._l1[digest] = entry
+            except ValueError:  # larger than the whole L1
+                pass
 
     def _listen(self) -> None:
         if self._listening or self.store is None:
             return
         self._listening = True
-        listener_for(self.store.connector, self.keys.channel).add(self._on_message)
+        listener_for(self.store.connector, self.keys.channel).add(self._on_message, self._on_subscribed)
+
+    def _on_subscribed(self) -> None:
+        # Invalidations published while no subscription was up (before the first one, or while
+        # Redis was away) never reach this process: what L1 kept meanwhile cannot be trusted.
+        with self._l1_lock:
+            self._l1.clear()
 
     def _on_message(self, message: Dict[str, Any]) -> None:
+        """An invalidation; anything not shaped like ours is ignored (the channel is open to all)."""
         if message.get("task") != self.name:
             return
         digest = message.get("digest")
-        with self._l1_lock:
-            if digest:
-                self._l1.pop(digest, None)
-            else:
+        generation = message.get("generation")
+        if digest is not None:
+            if isinstance(digest, str):
+                with self._l1_lock:
+                    self._l1.pop(digest, None)
+            return
+        if type(generation) is int and 0 <= generation < _MAX_GENERATION:
+            self._note_generation(generation)
+            with self._l1_lock:
                 self._l1.clear()
-        if message.get("generation") is not None:
-            self._generation = int(message["generation"])
-            self._generation_at = self.clock()
+
+    def _note_generation(self, generation: int) -> None:
+        """Adopt ``generation`` unless a newer one is known: reads and messages may arrive out
+        of order (a read started before a clear() can finish after its message)."""
+        with self._l1_lock:
+            known = self._generation
+            if known is not None and generation < known:
+                return
+            if known is not None and generation > known:
+                self._l1.clear()  # a clear() this process did not hear of: L1 holds older entries
+            self._generation, self._generation_at = generation, self.clock()
 
     def _current_generation(self) -> int:
         assert self.store is not None
         if self._generation is None or self.clock() - self._generation_at > _GENERATION_TTL:
-            self._generation = self.store.generation(self.keys.generation_key)
-            self._generation_at = self.clock()
-        return self._generation
+            self._note_generation(self.store.generation(self.keys.generation_key))
+        generation = self._generation
+        assert generation is not None
+        return generation
 
     def _decode(self, raw: bytes) -> Tuple[bool, Any, Optional[float]]:
         """(ok, value, seconds the L2 entry has left or None)."""
@@ -247,8 +301,20 @@ class TwoLevelCache:
         if ok:
             if event:
                 self._emit(event)
-            self._l1_put(digest, value, remaining)
+            self._l1_put(digest, value, len(raw), remaining)
         return ok, value
+
+    def _as_stored(self, digest: str, value: Any, raw: Optional[bytes]) -> Any:
+        """What the computing caller gets: the value as any later hit decodes it (a tuple
+        comes back a list, an int key a str), or the value itself when it was not cached."""
+        if raw is None:
+            return value
+        try:
+            stored, _, _ = decode(raw)
+        except CorruptValue:  # cannot happen for bytes encode() made; the value is still good
+            return value
+        self._l1_put(digest, stored, len(raw))
+        return stored
 
     def _encode(self, value: Any) -> Optional[bytes]:
         try:
@@ -270,6 +336,7 @@ class TwoLevelCache:
         found, value = self._l1_get(digest)
         if found or self.store is None:
             return found, value
+        self._listen()  # what L2 gives is kept in L1: invalidations must reach it
         try:
             raw = self.store.get(self.keys.value(self._current_generation(), digest))
         except StorageError:
@@ -365,8 +432,7 @@ class TwoLevelCache:
             self._store_failed(exc)
         if raw is not None:
             self._emit("store")
-            self._l1_put(digest, value)
-        return value
+        return self._as_stored(digest, value, raw)
 
     def _store_failed(self, exc: StorageError) -> None:
         self._warn_once("redis", "cache %s: tuning Redis failed (%s); serving from L1 only", self.name, exc)
@@ -385,9 +451,7 @@ class TwoLevelCache:
 
     def _compute_local(self, digest: str, compute: Callable[[], Any]) -> Any:
         value = compute()
-        if self._encode(value) is not None:
-            self._l1_put(digest, value)
-        return value
+        return self._as_stored(digest, value, self._encode(value))
 
     # -- invalidation ----------------------------------------------------------------------
 
@@ -410,7 +474,7 @@ class TwoLevelCache:
         if self.store is None:
             return 0
         generation = self.store.bump_generation(self.keys.generation_key)
-        self._generation, self._generation_at = generation, self.clock()
+        self._note_generation(generation)
         self.store.publish(self.keys.channel, {"task": self.name, "generation": generation})
         self._emit("invalidate")
         return generation

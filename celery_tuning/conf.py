@@ -387,6 +387,9 @@ SETTINGS: Tuple[Setting, ...] = (
             "(0: ask Redis on every call).", _non_negative_float),
     Setting("tuning_cache_l1_maxsize", "int", 1024,
             "Entries kept in each process's in-memory (L1) result cache.", _positive_int),
+    Setting("tuning_cache_l1_max_bytes", "int", 16 * 2**20,
+            "Bytes (encoded values) kept in each process's L1 result cache, per task; an entry "
+            "counts at least this divided by tuning_cache_l1_maxsize.", _positive_int),
     Setting("tuning_cache_write_behind", "bool", False,
             "True: a task that computed a cached value returns without waiting for Redis to take it; a "
             "background thread per process writes stores in batches (the single-flight lock is held "

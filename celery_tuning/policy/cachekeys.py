@@ -20,6 +20,13 @@ class UncacheableArgument(TypeError):
 
 _PLAIN = frozenset((str, int, bool, type(None)))
 
+#: Keys of the one-entry objects that stand for values JSON has no form for. A caller's dict
+#: of that same shape is wrapped in ``{"__dict__": ...}`` (and so is one already shaped like
+#: the wrapper), which keeps the encoding injective: ``b"hi"`` and ``{"__bytes__": "6869"}``
+#: are two calls, not one entry that either may poison. Other dicts keep their plain form, so
+#: their keys, and the entries cached under them, stay what they were.
+_SENTINELS = frozenset(("__bytes__", "__float__", "__dict__"))
+
 
 def _canonical(name: str, value: Any) -> Any:
     if type(value) in _PLAIN:
@@ -35,7 +42,10 @@ def _canonical(name: str, value: Any) -> Any:
     if isinstance(value, dict):
         if not all(isinstance(k, str) for k in value):
             raise UncacheableArgument(name, value)
-        return {k: _canonical(name, v) for k, v in value.items()}
+        canonical = {k: _canonical(name, v) for k, v in value.items()}
+        if len(canonical) == 1 and next(iter(canonical)) in _SENTINELS:
+            return {"__dict__": canonical}
+        return canonical
     if isinstance(value, (bytes, bytearray)):
         return {"__bytes__": bytes(value).hex()}
     raise UncacheableArgument(name, value)

@@ -90,14 +90,11 @@ class RedisCacheStore:
         return True if writer is None or writer.connector is not self.connector else writer.flush(timeout)
 
     def generation(self, key: str) -> int:
-        raw = self.connector.run(lambda c: c.get(key), what="GET generation")
-        try:
-            return int(raw or 0)
-        except (TypeError, ValueError):
-            return 0
+        """The current generation; a missing key (never set, evicted, lost) starts a new one."""
+        return int(self.connector.evalsha("cache_generation", [key], ["0"]))
 
     def bump_generation(self, key: str) -> int:
-        return int(self.connector.run(lambda c: c.incr(key), what="INCR generation"))
+        return int(self.connector.evalsha("cache_generation", [key], ["1"]))
 
     def delete(self, key: str) -> None:
         self.connector.run(lambda c: c.delete(key), what="DEL cache entry")
@@ -131,15 +128,21 @@ class InvalidationListener:
         self.connector = connector
         self.channel = channel
         self._handlers: List[Callable[[Dict[str, Any]], None]] = []
+        self._on_subscribed: List[Callable[[], None]] = []
         self._lock = threading.Lock()
         self._pid: Optional[int] = None
         self._thread: Optional[threading.Thread] = None
         self.subscribed = threading.Event()
 
-    def add(self, handler: Callable[[Dict[str, Any]], None]) -> None:
+    def add(self, handler: Callable[[Dict[str, Any]], None],
+            on_subscribed: Optional[Callable[[], None]] = None) -> None:
+        """Hand each message to ``handler``; call ``on_subscribed`` each time a subscription is
+        (re-)established, since messages sent while none was up are lost."""
         with self._lock:
             if handler not in self._handlers:
                 self._handlers.append(handler)
+            if on_subscribed is not None and on_subscribed not in self._on_subscribed:
+                self._on_subscribed.append(on_subscribed)
         self.ensure_running()
 
     def ensure_running(self) -> None:
@@ -160,7 +163,10 @@ class InvalidationListener:
             try:
                 pubsub = self.connector.client.pubsub(ignore_subscribe_messages=True)
                 pubsub.subscribe(self.channel)
+                pubsub.get_message(timeout=1.0)  # wait for the confirmation: only then do we hear
                 self.subscribed.set()
+                for callback in list(self._on_subscribed):
+                    self._call(callback)
                 backoff = 0.1
                 while True:
                     message = pubsub.get_message(timeout=1.0)
@@ -187,9 +193,18 @@ class InvalidationListener:
             logger.warning("ignoring a foreign message on %s", self.channel)
             return
         if not isinstance(message, dict):
+            logger.warning("ignoring a foreign message on %s", self.channel)
             return
         for handler in list(self._handlers):
-            handler(message)
+            self._call(handler, message)
+
+    def _call(self, callback: Callable[..., None], *args: Any) -> None:
+        # One handler's trouble with one message must not cost the others theirs, nor the
+        # subscription (resubscribing drops whatever is published meanwhile).
+        try:
+            callback(*args)
+        except Exception:
+            logger.exception("cache invalidation handler failed on a message from %s", self.channel)
 
 
 _listeners: Dict[Tuple[int, str], InvalidationListener] = {}

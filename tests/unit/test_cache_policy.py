@@ -159,3 +159,166 @@ def test_digest_memo_agrees_with_the_canonical_digest():
     assert (long_text,) not in cache._digests  # big arguments are not kept alive by the memo
     with pytest.raises(TypeError):
         cache.digest(("a",), {"nope": "b"})
+
+
+# -- what a hit hands out (#7) ----------------------------------------------------------------
+
+
+def test_every_level_hands_out_a_fresh_copy_in_the_serializers_shape():
+    """The computing call and each L1 hit return what an L2 hit would: a tuple comes back as a
+    list and an int key as a str, and a caller mutating its value changes nobody else's."""
+    for serializer in ("json", "msgpack"):
+        cache = TwoLevelCache("t", SIG, store=None, l1_ttl=60, serializer=serializer)
+        d = cache.digest(("a",), {})
+        first = cache.get_or_compute(d, lambda: {"pair": (1, 2), "nested": {"k": [1]}})
+        assert first == {"pair": [1, 2], "nested": {"k": [1]}}
+        first["pair"].append(99)
+        first["nested"]["k"].clear()
+        second = cache.get_or_compute(d, lambda: pytest.fail("served from L1"))
+        assert second == {"pair": [1, 2], "nested": {"k": [1]}}, serializer
+        second["extra"] = 1
+        assert cache.peek(d) == (True, {"pair": [1, 2], "nested": {"k": [1]}})
+    cache = TwoLevelCache("t", SIG, store=None)
+    d = cache.digest(("b",), {})
+    assert cache.get_or_compute(d, lambda: {3: "x"}) == {"3": "x"}
+    assert cache.get_or_compute(d, lambda: None) == {"3": "x"}
+
+
+def test_values_that_are_not_cached_are_returned_as_computed():
+    cache = TwoLevelCache("t", SIG, store=None, max_size=50)
+    d1, d2 = cache.digest(("set",), {}), cache.digest(("big",), {})
+    assert cache.get_or_compute(d1, lambda: {1, 2}) == {1, 2}
+    big = ("x" * 100,)
+    assert cache.get_or_compute(d2, lambda: big) is big  # too big to cache: untouched
+
+
+def test_l1_is_bounded_by_bytes_as_well_as_entries():
+    cache = TwoLevelCache("t", SIG, store=None, l1_maxsize=100, l1_max_bytes=2000)
+    digests = [cache.digest((str(i),), {}) for i in range(10)]
+    for d in digests:
+        cache.get_or_compute(d, lambda: "v" * 600)
+    kept = [d for d in digests if cache.peek(d)[0]]
+    assert 1 <= len(kept) <= 3 and kept == digests[-len(kept):]
+    huge = cache.digest(("huge",), {})
+    cache.get_or_compute(huge, lambda: "h" * 5000)  # larger than the whole L1: not kept, no error
+    assert cache.peek(huge) == (False, None)
+    small = TwoLevelCache("t", SIG, store=None, l1_maxsize=4, l1_max_bytes=10**6)
+    for i in range(10):
+        small.get_or_compute(small.digest((str(i),), {}), lambda i=i: i)
+    assert sum(small.peek(small.digest((str(i),), {}))[0] for i in range(10)) == 4
+
+
+# -- invalidation messages (extras) -----------------------------------------------------------
+
+
+def test_an_older_generation_never_replaces_a_newer_one():
+    clock = Clock()
+    cache = TwoLevelCache("t", SIG, store=None, clock=clock)
+    cache._note_generation(7)
+    cache._on_message({"task": "t", "generation": 5})  # a late message of an earlier clear()
+    assert cache._generation == 7
+    cache._note_generation(6)  # a read that started before the clear() and finished after it
+    assert cache._generation == 7
+    cache._on_message({"task": "t", "generation": 8})
+    assert cache._generation == 8
+
+
+def test_foreign_invalidation_messages_are_ignored_without_raising():
+    cache = TwoLevelCache("t", SIG, store=None, l1_ttl=60)
+    d = cache.digest(("a",), {})
+    cache.get_or_compute(d, lambda: 1)
+    for foreign in ({"task": "t", "generation": "x"}, {"task": "t", "generation": [1]},
+                    {"task": "t", "digest": ["not", "hashable"]}, {"task": ["t"]}, {"task": "t", "digest": 5},
+                    {"task": "t", "generation": 10**30}, {"task": "t", "generation": True}):
+        cache._on_message(foreign)
+    assert cache.peek(d) == (True, 1)
+    assert cache._generation is None
+    cache._on_message({"task": "t", "digest": d})
+    assert cache.peek(d) == (False, None)
+
+
+# -- keys are injective (#11) -----------------------------------------------------------------
+
+
+def one(value):
+    return canonical_arguments(SIG, (value,), {})
+
+
+def test_sentinel_looking_dicts_do_not_share_a_key_with_what_they_look_like():
+    nan, inf = float("nan"), float("inf")
+    pairs = [
+        (b"hi", {"__bytes__": "6869"}),
+        (nan, {"__float__": "nan"}),
+        (inf, {"__float__": "inf"}),
+        (-inf, {"__float__": "-inf"}),
+        ({"__bytes__": "6869"}, {"__dict__": {"__bytes__": "6869"}}),
+        ({"__dict__": {}}, {}),
+    ]
+    for a, b in pairs:
+        assert one(a) != one(b), (a, b)
+    # the same dict in another call of the same task still finds its own entry
+    assert one({"__bytes__": "6869"}) == one({"__bytes__": "6869"})
+
+
+def _shape(value):
+    """What a key must tell apart: type and value, with tuple == list and bytearray == bytes
+    (Celery's JSON turns a tuple argument into a list on the way to the worker) and every nan
+    equal to every other."""
+    if isinstance(value, bool):
+        return ("bool", value)
+    if isinstance(value, int):
+        return ("int", value)
+    if isinstance(value, float):
+        return ("float", repr(value))
+    if isinstance(value, str):
+        return ("str", value)
+    if isinstance(value, (bytes, bytearray)):
+        return ("bytes", bytes(value))
+    if value is None:
+        return ("none",)
+    if isinstance(value, (list, tuple)):
+        return ("list", tuple(_shape(v) for v in value))
+    return ("dict", frozenset((k, _shape(v)) for k, v in value.items()))
+
+
+def test_distinct_arguments_get_distinct_keys():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    sentinel_keys = st.sampled_from(["__bytes__", "__float__", "__dict__", "__tuple__", "a"])
+    leaves = st.one_of(
+        st.none(), st.booleans(), st.integers(), st.text(max_size=4),
+        st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.0, -0.0, 1.0, 1, True]),
+        st.binary(max_size=3), st.sampled_from(["6869", "nan", "inf", "-inf"]),
+    )
+    values = st.recursive(leaves, lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.lists(inner, max_size=3).map(tuple),
+        st.dictionaries(st.one_of(sentinel_keys, st.text(max_size=3)), inner, max_size=2),
+        st.tuples(sentinel_keys, inner).map(lambda kv: {kv[0]: kv[1]}),
+    ), max_leaves=6)
+
+    def lookalike(value):
+        # the JSON a sentinel encoding would give ``value``: the likeliest collision partner
+        if isinstance(value, (bytes, bytearray)):
+            return {"__bytes__": bytes(value).hex()}
+        if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+            return {"__float__": repr(value)}
+        if isinstance(value, (list, tuple)):
+            return [lookalike(v) for v in value]
+        if isinstance(value, dict):
+            inner = {k: lookalike(v) for k, v in value.items()}
+            return {"__dict__": inner} if len(inner) == 1 else inner
+        return value
+
+    pairs = values.flatmap(lambda a: st.tuples(st.just(a), st.one_of(values, st.just(lookalike(a)))))
+
+    @settings(max_examples=600, deadline=None)
+    @given(pairs)
+    def check(pair):
+        a, b = pair
+        assert (one(a) == one(b)) == (_shape(a) == _shape(b)), (a, b)
+
+    check()
+    for a, b in ((b"hi", {"__bytes__": "6869"}), (float("nan"), {"__float__": "nan"}), (0.0, -0.0), (1, 1.0),
+                 (1, True), ((1, 2), [1, 2])):
+        assert (one(a) == one(b)) == (_shape(a) == _shape(b))

@@ -1,0 +1,127 @@
+"""The two cache levels against a real redis-server: what each level hands out, invalidations
+reaching every L1 (peek included, foreign messages and lost subscriptions survived), and
+generations that never go back."""
+
+import inspect
+import json
+import logging
+import time
+
+from celery_tuning.cache import TwoLevelCache
+from celery_tuning.storage.cache import RedisCacheStore, listener_for
+from celery_tuning.storage.redis import RedisConnector
+
+
+def fetch(doc, lang="en"):
+    pass
+
+
+SIG = inspect.signature(fetch)
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def process(server, name, **options):
+    """A cache as another process would have it: its own connector, pool and listener."""
+    options.setdefault("ttl", 600)
+    options.setdefault("l1_ttl", 600)
+    return TwoLevelCache(name, SIG, store=RedisCacheStore(RedisConnector(server.db_url(1))), **options)
+
+
+def subscribed(cache, timeout=5.0):
+    listener = listener_for(cache.store.connector, cache.keys.channel)
+    return listener.subscribed.wait(timeout)
+
+
+def eventually(predicate, timeout=2.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_every_level_returns_what_an_l2_hit_returns(redis_clean):
+    """The computing caller, another process's L2 hit and L1 hits all get the JSON form, each a copy."""
+    a, b = process(redis_clean, "t.shape"), process(redis_clean, "t.shape")
+    d = a.digest(("x",), {})
+    computed = a.get_or_compute(d, lambda: {"pair": (1, 2), 7: "seven"})
+    expected = {"pair": [1, 2], "7": "seven"}
+    assert computed == expected
+    computed["pair"].append(3)
+    assert b.get_or_compute(d, lambda: None) == expected  # L2
+    from_l1 = a.get_or_compute(d, lambda: None)
+    assert from_l1 == expected and from_l1 is not computed
+    from_l1["pair"].clear()
+    assert a.get_or_compute(d, lambda: None) == expected
+    assert b.get_or_compute(d, lambda: None) == expected  # b's own L1 now
+
+
+def test_peek_hears_invalidations(redis_clean):
+    """The producer side of short_circuit: a value peek() kept in L1 goes when it is invalidated."""
+    a, producer = process(redis_clean, "t.peek"), process(redis_clean, "t.peek")
+    d = a.digest(("x",), {})
+    a.get_or_compute(d, lambda: 1)
+    assert producer.peek(d) == (True, 1)
+    subscribed(producer)
+    assert producer.peek(d) == (True, 1)
+    a.invalidate_digest(d)
+    assert eventually(lambda: producer.peek(d) == (False, None)), "peek served a value invalidated elsewhere"
+
+
+def test_foreign_messages_leave_the_listener_up(redis_clean, caplog):
+    a, b = process(redis_clean, "t.foreign"), process(redis_clean, "t.foreign")
+    d = a.digest(("x",), {})
+    a.get_or_compute(d, lambda: 1)
+    b.get_or_compute(d, lambda: None)
+    assert subscribed(b)
+    assert b.get_or_compute(d, lambda: None) == 1  # in b's L1
+    client = redis_clean.client(1)
+    caplog.set_level(logging.WARNING, logger="celery_tuning.cache")
+    for foreign in (b"\xff\xfe", b"[1, 2]", json.dumps({"task": "t.foreign", "generation": "x"}),
+                    json.dumps({"task": "t.foreign", "digest": ["x"]}), json.dumps({"task": {"a": 1}})):
+        client.publish(b.keys.channel, foreign)
+    a.invalidate_digest(d)  # right behind them: a listener that restarted would miss it
+    assert eventually(lambda: b.peek(d) == (False, None), 1.0), "the invalidation after foreign messages was lost"
+    assert not [r for r in caplog.records if "listener failed" in r.getMessage()]
+
+
+def test_an_invalidation_sent_while_unsubscribed_empties_l1_on_resubscribing(redis_clean):
+    a, b = process(redis_clean, "t.resub"), process(redis_clean, "t.resub")
+    d = a.digest(("x",), {})
+    a.get_or_compute(d, lambda: 1)
+    b.get_or_compute(d, lambda: None)
+    assert subscribed(b)
+    assert b.get_or_compute(d, lambda: None) == 1
+    client = redis_clean.client(1)
+    client.client_kill_filter(_type="pubsub")  # Redis restarted, a failover, a network blip ...
+    a.invalidate_digest(d)  # ... and this message reaches no one
+    assert eventually(lambda: client.pubsub_numsub(b.keys.channel)[0][1] >= 1, 5.0)
+    assert eventually(lambda: b.peek(d) == (False, None)), "L1 kept a value invalidated while unsubscribed"
+
+
+def test_an_evicted_generation_key_does_not_bring_cleared_entries_back(redis_clean):
+    """Under an allkeys-* policy Redis may evict the generation key: a process that reads the
+    generation afterwards (a new one, or one whose copy is older than 5 s) must not land in a
+    generation whose entries clear() dropped."""
+    clock = Clock()
+    a = process(redis_clean, "t.gen", clock=clock, l1_ttl=0)
+    d = a.digest(("x",), {})
+    assert a.get_or_compute(d, lambda: "old") == "old"
+    before = a.clear()
+    assert a.get_or_compute(d, lambda: "new") == "new"
+    client = redis_clean.client(1)
+    assert client.delete(a.keys.generation_key) == 1  # what an eviction does
+    fresh = process(redis_clean, "t.gen")
+    assert fresh.peek(d) == (False, None), "a cleared entry came back"
+    assert fresh.get_or_compute(d, lambda: "newer") == "newer"
+    clock.now += 10  # a's copy of the generation is stale: it reads it again
+    assert a.get_or_compute(d, lambda: "never") == "newer"
+    assert a._current_generation() > before
