@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 import threading
 import time
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Iterator, Optional, Sequence, Tuple, Type, TypeVar
+from typing import Any, Callable, Hashable, Iterator, Optional, Sequence, Tuple, Type, TypeVar
 
 import pybreaker
 
@@ -153,6 +154,7 @@ class SharedBreaker(pybreaker.CircuitBreaker):
         self._view_lock = threading.Lock()
         self._snap = Snapshot(CLOSED, 0, 0, -1)
         self._fetched = float("-inf")
+        self._epoch: Optional[Hashable] = None  # the store's failure epoch when _snap was read
         self._deadline = 0.0  # monotonic time the cached open state ends
         self._warned = False
         self._local = threading.local()
@@ -169,9 +171,9 @@ class SharedBreaker(pybreaker.CircuitBreaker):
 
     # -- shared state ---------------------------------------------------------------------
 
-    def _store_apply(self, op: str, holds_trial: bool = False) -> Snapshot:
+    def _store_apply(self, op: str, token: str = "") -> Snapshot:
         try:
-            snap = self.store.apply(self.params, op, holds_trial)
+            snap = self.store.apply(self.params, op, token)
         except StorageError as exc:
             if not self._warned:
                 self._warned = True
@@ -181,16 +183,17 @@ class SharedBreaker(pybreaker.CircuitBreaker):
                 return Snapshot(CLOSED, 0, 0, self._snap.version, op == "trial")
             if self.on_redis_error == "open":
                 return Snapshot(OPEN, self._snap.failures, self.params.reset_timeout_us, self._snap.version)
-            return self._fallback.apply(self.params, op, holds_trial)
+            return self._fallback.apply(self.params, op, token)
         if self._warned:
             self._warned = False
             logger.info("breaker %r: tuning Redis is back", self.name)
         return snap
 
-    def _remember(self, snap: Snapshot, reason: str) -> Snapshot:
+    def _remember(self, snap: Snapshot, reason: str, epoch: Optional[Hashable]) -> Snapshot:
         with self._view_lock:
             old = self._snap
             self._snap = snap
+            self._epoch = epoch
             self._fetched = time.monotonic()
             self._deadline = self._fetched + snap.remaining_us / 1_000_000
         if old.version >= 0 and snap.state != old.state:
@@ -214,8 +217,17 @@ class SharedBreaker(pybreaker.CircuitBreaker):
             except Exception:
                 logger.exception("breaker transition hook failed")
 
-    def _apply(self, op: str, holds_trial: bool = False, reason: str = "") -> Snapshot:
-        return self._remember(self._store_apply(op, holds_trial), reason or op)
+    def _apply(self, op: str, token: str = "", reason: str = "") -> Snapshot:
+        # Read before the round trip: a failure the answer does not include changes it later.
+        epoch = self.store.failure_epoch(self.params)
+        return self._remember(self._store_apply(op, token), reason or op, epoch)
+
+    def _failures_may_be_pending(self) -> bool:
+        """Whether some process may have recorded a failure this process's view does not show."""
+        if self._warned:
+            return False  # Redis is failing: the local fallback's view is exact for this process
+        epoch = self.store.failure_epoch(self.params)
+        return epoch is None or epoch != self._epoch
 
     def _view(self) -> Snapshot:
         """The cached state; refreshed with one round trip when older than ``refresh_interval``."""
@@ -274,22 +286,29 @@ class SharedBreaker(pybreaker.CircuitBreaker):
         """Whether :meth:`admit` will let a call through without a trial (same cached view)."""
         return self._view().state == CLOSED
 
-    def admit(self) -> bool:
-        """Decide whether a call may run now; True when it is the half-open trial.
+    def admit(self) -> Optional[str]:
+        """Decide whether a call may run now.
+
+        Returns:
+            None for an ordinary call; for the half-open trial, the trial's token (a random id
+            the store keeps with the lease): hand it back to :meth:`record_success`,
+            :meth:`record_failure` or :meth:`settle_failure`, which settle the trial only while
+            this caller still holds it.
 
         Raises:
             CircuitOpen: When the breaker is open or another process holds the trial.
         """
         snap = self._view()
         if snap.state == CLOSED:
-            return False
+            return None
         if snap.state == OPEN and time.monotonic() < self._deadline:
             raise CircuitOpen(self.name or "", self._deadline - time.monotonic())
-        snap = self._apply("trial", reason="reset timeout elapsed")
+        token = secrets.token_hex(8)
+        snap = self._apply("trial", token, reason="reset timeout elapsed")
         if snap.granted:
-            return True
+            return token
         if snap.state == CLOSED:
-            return False
+            return None
         wait = snap.remaining_us / 1_000_000
         if snap.state == HALF_OPEN:
             # Another process runs the trial; its lease is only an upper bound (a trial call
@@ -297,19 +316,24 @@ class SharedBreaker(pybreaker.CircuitBreaker):
             wait = min(wait, HALF_OPEN_RECHECK)
         raise CircuitOpen(self.name or "", max(wait, 0.05))
 
-    def record_success(self, trial: bool) -> None:
-        """A guarded call succeeded: reset failures (round trip only if there were any)."""
+    def record_success(self, trial: Optional[str]) -> None:
+        """A guarded call succeeded: reset the shared failure count.
+
+        A round trip only when the count may be non-zero: this process's view shows failures,
+        or a failure was announced (by any process) since the view was read, or this process
+        cannot hear announcements right now. Closed with no failures anywhere: none.
+        """
         if trial:
-            self._apply("success", holds_trial=True, reason="trial call succeeded")
-        elif self._snap.failures > 0 or self._snap.state != CLOSED:
+            self._apply("success", trial, reason="trial call succeeded")
+        elif self._snap.failures > 0 or self._snap.state != CLOSED or self._failures_may_be_pending():
             self._apply("success", reason="success")
         for listener in self.listeners:
             listener.success(self)
 
-    def record_failure(self, exc: BaseException, trial: bool) -> bool:
+    def record_failure(self, exc: BaseException, trial: Optional[str]) -> bool:
         """A guarded call failed; returns True when this failure opened the breaker."""
         before = self._snap.state
-        snap = self._apply("failure", holds_trial=trial,
+        snap = self._apply("failure", trial or "",
                            reason=f"trial call failed: {type(exc).__name__}" if trial
                            else f"{self.fail_max} consecutive failures, last {type(exc).__name__}")
         for listener in self.listeners:
@@ -322,7 +346,7 @@ class SharedBreaker(pybreaker.CircuitBreaker):
             return None
         return self.is_system_error(exc)
 
-    def settle_failure(self, exc: BaseException, trial: bool) -> bool:
+    def settle_failure(self, exc: BaseException, trial: Optional[str]) -> bool:
         """Account for a guarded call that raised; True when it opened the breaker.
 
         Control flow (``neutral``) counts as nothing but frees a trial lease; pybreaker's
@@ -334,7 +358,7 @@ class SharedBreaker(pybreaker.CircuitBreaker):
         if verdict is False:
             self.record_success(trial)
         elif trial:
-            self._apply("release", holds_trial=True, reason="trial ended without a verdict")
+            self._apply("release", trial, reason="trial ended without a verdict")
         return False
 
     def call(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:

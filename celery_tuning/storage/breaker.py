@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
+import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Protocol
+from typing import Any, Callable, Dict, Hashable, List, NamedTuple, Optional, Protocol, Tuple, Type
 
+from ..errors import StorageError
 from .gcra import now_us
-from .redis import RedisConnector, hash_tag
+from .redis import REDIS_ERRORS, RedisConnector, hash_tag
 
-__all__ = ["BreakerParams", "BreakerStore", "MemoryBreakerStore", "RedisBreakerStore", "Snapshot"]
+__all__ = ["BreakerParams", "BreakerStore", "FailureListener", "MemoryBreakerStore", "RedisBreakerStore",
+           "Snapshot"]
+
+logger = logging.getLogger("celery_tuning.breaker")
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half-open"
+
+_LISTENER_ERRORS: Tuple[Type[BaseException], ...] = (*REDIS_ERRORS, StorageError)
 
 
 class Snapshot(NamedTuple):
@@ -36,20 +45,34 @@ class BreakerParams:
     fail_max: int
     success_threshold: int
     lease_us: int
+    #: Pub/sub channel every recorded failure is announced on ('' for none).
+    channel: str = ""
 
     @classmethod
     def make(cls, prefix: str, name: str, *, reset_timeout: float, fail_max: int,
              success_threshold: int, trial_timeout: float) -> BreakerParams:
         return cls(key=hash_tag(prefix, "cb", name), reset_timeout_us=int(reset_timeout * 1_000_000),
                    fail_max=fail_max, success_threshold=success_threshold,
-                   lease_us=int(trial_timeout * 1_000_000))
+                   lease_us=int(trial_timeout * 1_000_000), channel=f"{prefix}:cb:failures")
 
 
 class BreakerStore(Protocol):
-    """State behind a shared breaker; ``op`` is one of the operations of ``breaker.lua``."""
+    """State behind a shared breaker; ``op`` is one of the operations of ``breaker.lua``.
 
-    def apply(self, params: BreakerParams, op: str, holds_trial: bool = False,
+    ``token`` names a half-open trial: for ``'trial'`` a fresh random id the store keeps when it
+    grants the trial; for ``'success'``, ``'failure'`` and ``'release'`` the id the caller was
+    granted ('' when it runs no trial). Only the current holder settles the trial, once.
+    """
+
+    def apply(self, params: BreakerParams, op: str, token: str = "",
               now: Optional[int] = None) -> Snapshot: ...
+
+    def failure_epoch(self, params: BreakerParams) -> Optional[Hashable]:
+        """A value that changes whenever a failure may have been recorded since it was read.
+
+        None when the store cannot tell (then any failure may be pending).
+        """
+        ...
 
 
 class MemoryBreakerStore:
@@ -63,8 +86,12 @@ class MemoryBreakerStore:
         self.clock = clock
         self._lock = threading.Lock()
         self._state: Dict[str, Dict[str, Any]] = {}
+        self._failures_seen: Dict[str, int] = {}
 
-    def apply(self, params: BreakerParams, op: str, holds_trial: bool = False,
+    def failure_epoch(self, params: BreakerParams) -> Optional[Hashable]:
+        return self._failures_seen.get(params.key, 0)
+
+    def apply(self, params: BreakerParams, op: str, token: str = "",
               now: Optional[int] = None) -> Snapshot:
         with self._lock:
             now = self.clock() if now is None else now
@@ -72,8 +99,11 @@ class MemoryBreakerStore:
                 self._state.pop(params.key, None)
                 return Snapshot(CLOSED, 0, 0, 0, False)
             h = self._state.setdefault(params.key, {"state": CLOSED, "failures": 0, "successes": 0,
-                                                    "opened_at": 0, "trial_until": 0, "version": 0})
+                                                    "opened_at": 0, "trial_until": 0, "version": 0,
+                                                    "holder": ""})
             granted = False
+            # Same rule as breaker.lua: an expired lease still settles until someone takes over.
+            holds_trial = h["state"] == HALF_OPEN and token != "" and token == h["holder"]
 
             def go(new_state: str) -> None:
                 h["state"] = new_state
@@ -81,44 +111,45 @@ class MemoryBreakerStore:
 
             if op == "failure":
                 h["failures"] += 1
+                self._failures_seen[params.key] = self._failures_seen.get(params.key, 0) + 1
                 if h["state"] == CLOSED and h["failures"] >= params.fail_max:
                     go(OPEN)
                     h["opened_at"] = now
-                elif h["state"] == HALF_OPEN and holds_trial:
+                elif holds_trial:
                     go(OPEN)
-                    h.update(opened_at=now, trial_until=0, successes=0)
+                    h.update(opened_at=now, trial_until=0, successes=0, holder="")
             elif op == "success":
                 if h["state"] == CLOSED:
                     h["failures"] = 0
-                elif h["state"] == HALF_OPEN and holds_trial:
+                elif holds_trial:
                     h["successes"] += 1
-                    h["trial_until"] = 0
+                    h.update(trial_until=0, holder="")
                     if h["successes"] >= params.success_threshold:
                         go(CLOSED)
                         h.update(failures=0, successes=0)
             elif op == "trial":
                 if h["state"] == OPEN and now >= h["opened_at"] + params.reset_timeout_us:
                     go(HALF_OPEN)
-                    h.update(successes=0, trial_until=now + params.lease_us)
+                    h.update(successes=0, trial_until=now + params.lease_us, holder=token)
                     granted = True
                 elif h["state"] == HALF_OPEN and h["trial_until"] <= now:
-                    h["trial_until"] = now + params.lease_us
+                    h.update(trial_until=now + params.lease_us, holder=token)
                     granted = True
             elif op == "release":
-                if h["state"] == HALF_OPEN and holds_trial:
-                    h["trial_until"] = 0
+                if holds_trial:
+                    h.update(trial_until=0, holder="")
             elif op == "half-open":
                 if h["state"] != HALF_OPEN:
                     go(HALF_OPEN)
-                h.update(successes=0, trial_until=0)
+                h.update(successes=0, trial_until=0, holder="")
             elif op == "open":
                 if h["state"] != OPEN:
                     go(OPEN)
-                h.update(opened_at=now, trial_until=0, successes=0)
+                h.update(opened_at=now, trial_until=0, successes=0, holder="")
             elif op == "close":
                 if h["state"] != CLOSED:
                     go(CLOSED)
-                h.update(failures=0, successes=0, trial_until=0)
+                h.update(failures=0, successes=0, trial_until=0, holder="")
             elif op != "status":
                 raise ValueError(f"unknown breaker operation {op!r}")
             remaining = 0
@@ -127,6 +158,105 @@ class MemoryBreakerStore:
             elif h["state"] == HALF_OPEN:
                 remaining = max(0, h["trial_until"] - now)
             return Snapshot(h["state"], h["failures"], remaining, h["version"], granted)
+
+
+class FailureListener:
+    """One thread per process and channel that hears every breaker failure any process records.
+
+    ``breaker.lua`` publishes the breaker's key on each failure; a process whose cached view
+    shows no failures learns from this that its next success must reset the shared count.
+    While it is not subscribed (starting, reconnecting, after ``fork()``) it cannot tell:
+    :meth:`epoch` answers None, and callers assume a failure may be pending. Each subscription
+    starts a new session, so failures missed while reconnecting cannot go unnoticed.
+    """
+
+    def __init__(self, connector: RedisConnector, channel: str) -> None:
+        self.connector = connector
+        self.channel = channel
+        self._lock = threading.Lock()
+        self._pid: Optional[int] = None
+        self._thread: Optional[threading.Thread] = None
+        self._session = 0
+        self._subscribed = False
+        self._ready = threading.Event()
+        self._heard: Dict[str, int] = {}
+
+    def epoch(self, key: str) -> Optional[Hashable]:
+        """(subscription session, failures heard for ``key``), or None while not subscribed."""
+        if self._pid != os.getpid() or self._thread is None or not self._thread.is_alive():
+            self._start()
+        if not self._subscribed:
+            return None
+        return (self._session, self._heard.get(key, 0))
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._pid == os.getpid() and self._thread is not None and self._thread.is_alive():
+                return
+            self._pid = os.getpid()
+            self._subscribed = False
+            self._ready.clear()
+            self._thread = threading.Thread(target=self._run, name="celery-tuning-breaker-failures", daemon=True)
+            self._thread.start()
+        # Until it is subscribed every success costs a round trip: wait for it once (about
+        # one round trip), bounded so a Redis that is down costs at most a connect timeout.
+        self._ready.wait(self.connector.connect_timeout)
+
+    def _run(self) -> None:
+        backoff = 0.1
+        while True:
+            pubsub = None
+            try:
+                pubsub = self.connector.client.pubsub()
+                pubsub.subscribe(self.channel)
+                # SUBSCRIBE takes effect when the server confirms it; a failure published before
+                # then was missed, so a new session makes every epoch read earlier differ.
+                deadline = time.monotonic() + max(1.0, self.connector.connect_timeout)
+                while True:
+                    message = pubsub.get_message(timeout=0.1)
+                    if message and message.get("type") == "subscribe":
+                        break
+                    if time.monotonic() > deadline:
+                        raise StorageError("no confirmation for SUBSCRIBE to the breaker failure channel")
+                self._session += 1
+                self._subscribed = True
+                self._ready.set()
+                backoff = 0.1
+                while True:
+                    message = pubsub.get_message(timeout=1.0)
+                    if message and message.get("type") == "message":
+                        data = message.get("data")
+                        key = data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data)
+                        self._heard[key] = self._heard.get(key, 0) + 1
+            except _LISTENER_ERRORS:
+                self._subscribed = False
+                self._ready.set()  # nobody should wait for it any longer
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            except Exception:  # never let a bug stop the thread: callers would round-trip every success
+                self._subscribed = False
+                logger.exception("breaker failure listener failed; restarting")
+                time.sleep(backoff)
+            finally:
+                if pubsub is not None:
+                    try:
+                        pubsub.close()
+                    except REDIS_ERRORS:
+                        pass
+
+
+_listeners: Dict[Tuple[int, str], FailureListener] = {}
+_listeners_lock = threading.Lock()
+
+
+def failure_listener(connector: RedisConnector, channel: str) -> FailureListener:
+    """The process-wide failure listener for this connector and channel."""
+    key = (id(connector), channel)
+    with _listeners_lock:
+        found = _listeners.get(key)
+        if found is None:
+            found = _listeners[key] = FailureListener(connector, channel)
+        return found
 
 
 class RedisBreakerStore:
@@ -138,10 +268,15 @@ class RedisBreakerStore:
     def __init__(self, connector: RedisConnector) -> None:
         self.connector = connector
 
-    def apply(self, params: BreakerParams, op: str, holds_trial: bool = False,
+    def failure_epoch(self, params: BreakerParams) -> Optional[Hashable]:
+        if not params.channel:
+            return None
+        return failure_listener(self.connector, params.channel).epoch(params.key)
+
+    def apply(self, params: BreakerParams, op: str, token: str = "",
               now: Optional[int] = None) -> Snapshot:
         args: List[Any] = [op, params.reset_timeout_us, params.fail_max, params.success_threshold,
-                           params.lease_us, 1 if holds_trial else 0]
+                           params.lease_us, token, params.channel]
         if now is not None:
             args.append(now)
         state, failures, remaining, version, granted = self.connector.evalsha("breaker", [params.key], args)

@@ -28,6 +28,7 @@ def test_passthrough_section_runs_and_scripts_per_task_are_exact(redis_server):
     # The design's bar in a real worker: one pool connection per process (solo: one process).
     assert solo["limited"]["pool_connections"]["median"] == 1
     assert solo["limited"]["pubsub_connections"]["median"] == 0
-    assert solo["everything"]["pubsub_connections"]["median"] == 1  # the cache's invalidation listener
+    # the cache's invalidation listener and the breaker's failure listener
+    assert solo["everything"]["pubsub_connections"]["median"] == 2
     table = render_table({"tasks": 120, "runs": 1, "pass_through": results})
     assert "| solo |" in table and "scripts per task" in table

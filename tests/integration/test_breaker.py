@@ -132,6 +132,60 @@ def test_half_open_race_runs_exactly_one_trial(redis_clean):
     assert b.refresh().state == "closed"
 
 
+def _shared(redis_server, name="alt", **options):
+    """A breaker with its own connector and listener, as a separate process would have."""
+    from celery_tuning.circuit import SharedBreaker
+    from celery_tuning.storage.breaker import RedisBreakerStore
+    from celery_tuning.storage.redis import RedisConnector
+
+    return SharedBreaker(name, store=RedisBreakerStore(RedisConnector(redis_server.db_url(1))), **options)
+
+
+def _heard(b, seen, timeout=5.0):
+    """Wait until ``b``'s process has heard of a failure recorded after ``seen`` was read."""
+    deadline = time.monotonic() + timeout
+    while b.store.failure_epoch(b.params) == seen and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+def test_alternating_failures_and_successes_across_processes_never_open_it(redis_clean):
+    """Defect #10: a success elsewhere resets the shared count even when that process's view is stale."""
+    failing = _shared(redis_clean, fail_max=3, refresh_interval=60)
+    healthy = _shared(redis_clean, fail_max=3, refresh_interval=60)
+    healthy.refresh()  # its view: closed, no failures, trusted for a minute
+    for _ in range(6):
+        seen = healthy.store.failure_epoch(healthy.params)
+        failing.record_failure(ValueError("down"), None)
+        _heard(healthy, seen)
+        healthy.record_success(None)
+    assert failing.refresh().state == "closed"
+    assert failing.refresh().failures == 0
+    for _ in range(3):  # consecutive failures still open it
+        failing.record_failure(ValueError("down"), None)
+    assert failing.refresh().state == "open"
+
+
+def test_successes_in_the_steady_closed_state_cost_no_round_trip(redis_clean):
+    b = _shared(redis_clean, fail_max=3, refresh_interval=60)
+    other = _shared(redis_clean, fail_max=3, refresh_interval=60)
+    b.refresh()
+    calls = redis_clean.client(1).info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+
+    def evalsha_calls():
+        return redis_clean.client(1).info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0) - calls
+
+    for _ in range(100):
+        b.call(lambda: None)
+    assert evalsha_calls() == 0
+    seen = b.store.failure_epoch(b.params)
+    other.record_failure(ValueError("down"), None)  # elsewhere: one failure
+    _heard(b, seen)
+    for _ in range(100):
+        b.call(lambda: None)
+    assert evalsha_calls() == 2  # the failure, then one success that resets it
+    assert other.refresh().failures == 0
+
+
 def test_control_flow_and_excluded_exceptions_are_not_failures(redis_clean):
     from celery.exceptions import Ignore, Retry
 
