@@ -506,8 +506,11 @@ def render_settings_markdown() -> str:
         "a test fails when this page is out of date.",
         "",
         "Set these in the Celery config you already have (`app.conf.update(...)`); with "
-        "Django's `namespace='CELERY'` write them as `CELERY_TUNING_*`. Invalid values raise "
-        "`celery_tuning.ConfigurationError` at `celery_tuning.install(app)`, naming the setting.",
+        "Django's `namespace='CELERY'` write them as `CELERY_TUNING_*`. They are read when Celery "
+        "configures the app, so settings given after `celery_tuning.install(app)` count. Invalid values "
+        "raise `celery_tuning.ConfigurationError`, naming the setting, where the settings are first "
+        "needed: binding a task with policy, worker start, `celery tuning`, `limiter()`/`breaker()` "
+        "(or at `install(app)` on an app already configured).",
         "",
         "| setting | type | default | environment | description |",
         "|---|---|---|---|---|",

@@ -56,7 +56,7 @@ def prepare_multiprocess() -> Optional[str]:
     if not _is_worker_process() or os.environ.get(_ENV):
         return os.environ.get(_ENV)
     if "prometheus_client" in sys.modules:
-        logger.warning("prometheus_client was imported before celery_tuning.install(): metrics of prefork "
+        logger.warning("prometheus_client was imported before the app's settings were read: metrics of prefork "
                        "children cannot be aggregated; set %s before starting the worker", _ENV)
         return None
     path = os.path.join(tempfile.gettempdir(), f"celery-tuning-metrics-{os.getpid()}")
