@@ -152,7 +152,8 @@ class TwoLevelCache:
         # Each entry weighs its encoded size but at least one slot's share of the byte bound:
         # the total then caps both the bytes and the number of entries.
         self._l1_slot = max(1, int(l1_max_bytes) // max(1, int(l1_maxsize)))
-        self._l1: TTLCache = TTLCache(maxsize=self._l1_slot * max(1, int(l1_maxsize)), ttl=max(self.l1_ttl, 0.001),
+        l1_weight = min(int(l1_max_bytes), self._l1_slot * max(1, int(l1_maxsize)))
+        self._l1: TTLCache = TTLCache(maxsize=max(1, l1_weight), ttl=max(self.l1_ttl, 0.001),
                                       timer=clock, getsizeof=_entry_size)
         self._l1_lock = threading.Lock()
         self._generation: Optional[int] = None

@@ -206,6 +206,10 @@ def test_l1_is_bounded_by_bytes_as_well_as_entries():
     for i in range(10):
         small.get_or_compute(small.digest((str(i),), {}), lambda i=i: i)
     assert sum(small.peek(small.digest((str(i),), {}))[0] for i in range(10)) == 4
+    tiny = TwoLevelCache("t", SIG, store=None, l1_maxsize=1024, l1_max_bytes=100)  # under a byte per entry
+    for i in range(3):
+        tiny.get_or_compute(tiny.digest((str(i),), {}), lambda: "x" * 20)  # 41 bytes encoded
+    assert sum(tiny.peek(tiny.digest((str(i),), {}))[0] for i in range(3)) == 2
 
 
 # -- invalidation messages (extras) -----------------------------------------------------------
