@@ -14,7 +14,7 @@ from redis.commands.core import Script
 from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
-from ..errors import StorageError
+from ..errors import ConfigurationError, StorageError
 from .urls import RedisTarget, parse_redis_url, redact_url
 
 __all__ = ["CLIENT_NAME", "RedisConnector", "get_connector", "hash_tag", "load_lua"]
@@ -30,8 +30,25 @@ REDIS_ERRORS: Tuple[Type[BaseException], ...] = (redis.RedisError, redis.excepti
 
 
 def hash_tag(prefix: str, kind: str, name: str) -> str:
-    """Key stem whose ``{...}`` part pins every key of one entity to one Cluster slot."""
-    return f"{prefix}:{kind}:{{{name}}}"
+    """Key stem whose ``{...}`` part pins every key of one entity to one Cluster slot.
+
+    Redis Cluster hashes what lies between the first ``{`` and the next ``}``, or the whole key
+    when that is empty: a name starting with ``}`` (or empty) would spread one limiter's keys over
+    several slots (CROSSSLOT). A name with no braces is its own tag, so keys stay readable; any
+    other name is percent-escaped behind an extra ``{``, which no plain name's tag starts with, so
+    two names never share a key.
+
+    Raises:
+        ConfigurationError: When ``prefix`` is empty or holds a brace (Redis would take the tag from it).
+    """
+    if "{" in prefix or "}" in prefix or not prefix:
+        raise ConfigurationError(
+            f"key prefix={prefix!r}: must be a non-empty string without braces (Redis Cluster "
+            "would read them as the hash tag)")
+    if name and "{" not in name and "}" not in name:
+        return f"{prefix}:{kind}:{{{name}}}"
+    escaped = name.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
+    return f"{prefix}:{kind}:{{{{{escaped}}}"
 
 
 def load_lua(name: str) -> str:

@@ -164,3 +164,17 @@ def test_a_clock_behind_the_throttle_counts_as_no_time_passed(store):
     assert store.acquire(b, 1000, 1, 1, -1, now=T0 - 10_000_000).allowed
     r = store.acquire(b, 1000, 1, 1, -1, now=T0 - 10_000_000)
     assert not r.allowed and r.wait_us == 2000
+
+
+@pytest.mark.parametrize("name", ["}x", "a{b}c", "{", "", "}", "{}"])
+def test_any_limiter_name_keeps_its_keys_in_one_slot(store, name):
+    """On a Cluster a name starting with '}' (or empty) used to give an empty tag: CROSSSLOT."""
+    shared, keyed = bucket(name), bucket(name, key="tenant")
+    store.set_override(shared, interval=2000, burst=None)
+    store.pause(keyed, 1000, 1, 0, adaptive=AdaptiveSpec(decrease=0.5, recovery_seconds=1e6), now=T0)
+    assert store.acquire(shared, 1000, 1, 1, -1, now=T0).allowed
+    assert store.acquire(shared, 1000, 1, 1, -1, now=T0).wait_us == 4000
+    assert store.get_override(shared)["interval"] == 2000
+    store.reset(shared)
+    assert store.get_override(shared) == {}
+    assert store.acquire(bucket("other"), 1000, 1, 1, -1, now=T0).allowed, "another limiter is untouched"
