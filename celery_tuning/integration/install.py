@@ -68,10 +68,10 @@ def install(app: Any) -> TuningRuntime:
         ["--tuning-profile"], default=None, metavar="NAME",
         help="Concurrency profile for this worker (io, cpu, mixed or one of tuning_profiles).",
     ))
+    # Also sent again when config_from_object() reloads a configured app: the new settings count.
+    app.on_after_configure.connect(_on_after_configure, weak=False, dispatch_uid="celery_tuning.install")
     if app.configured:
         _apply_settings(app, runtime, app.conf)
-    else:
-        app.on_after_configure.connect(_on_after_configure, weak=False, dispatch_uid="celery_tuning.install")
     return runtime
 
 

@@ -235,3 +235,12 @@ def test_receivers_connect_when_the_app_is_configured_not_at_install():
         "print(count(), app.configured)\n"
     )
     assert out.splitlines() == ["0 0 0 False", "1 1 1 True"]
+
+
+def test_configuring_again_reads_the_settings_again():
+    app = fresh_app(broker=NO_REDIS)
+    assert app.conf.broker_url == NO_REDIS
+    celery_tuning.install(app)
+    assert runtime_for(app).config.key_prefix == "tuning"
+    app.config_from_object(LateConfig)  # on a configured app Celery reloads at once
+    assert runtime_for(app).config.key_prefix == "late"
