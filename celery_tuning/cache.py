@@ -10,6 +10,7 @@ import os
 import threading
 import time
 import uuid
+import weakref
 from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 
 from cachetools import TTLCache
@@ -82,6 +83,22 @@ def _memo_key(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
     if size > _MEMO_TEXT:
         return None
     return args
+
+
+#: Every cache of this process, for the fork hook below.
+_caches: weakref.WeakSet[TwoLevelCache] = weakref.WeakSet()
+
+
+def _forget_after_fork() -> None:
+    # A forked child has no listener thread (threads do not survive fork()) and so hears no
+    # invalidation of what its parent kept in L1; its L1 lock may have been held at fork().
+    for cache in list(_caches):
+        cache._l1_lock = threading.Lock()
+        cache._l1.clear()
+        cache._listening = False
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 class TwoLevelCache:
@@ -164,6 +181,7 @@ class TwoLevelCache:
         self._token_base = ""
         self._token_counter = itertools.count()
         self._l2_trend = 0  # > 0: recent L2 reads mostly missed
+        _caches.add(self)
 
     # -- keys ------------------------------------------------------------------------------
 

@@ -125,3 +125,24 @@ def test_an_evicted_generation_key_does_not_bring_cleared_entries_back(redis_cle
     clock.now += 10  # a's copy of the generation is stale: it reads it again
     assert a.get_or_compute(d, lambda: "never") == "newer"
     assert a._current_generation() > before
+
+
+def test_a_forked_child_hears_invalidations_and_drops_what_its_parent_kept(redis_clean):
+    """A child forked from a process that used the cache (gunicorn --preload, a prefork parent
+    that peeked) has no listener thread: it must not serve its parent's L1 unheard."""
+    from tests.support.fork import true_in_child
+
+    a, parent = process(redis_clean, "t.fork"), process(redis_clean, "t.fork")
+    d = a.digest(("x",), {})
+    a.get_or_compute(d, lambda: 1)
+    assert parent.peek(d) == (True, 1)
+    assert subscribed(parent)
+    assert parent.peek(d) == (True, 1)
+
+    def child():
+        first = parent.peek(d) == (True, 1)  # read again from L2, and now listening
+        ok = subscribed(parent) and eventually(lambda: parent.peek(d) == (True, 1))
+        a.invalidate_digest(d)
+        return first and ok and eventually(lambda: parent.peek(d) == (False, None))
+
+    assert true_in_child(child)
