@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, List, Tuple
 
 import pytest
+import redis
 from celery import chain, chord, group
 from celery import signals as celery_signals
 from celery.app.task import Context
@@ -172,3 +173,148 @@ def test_short_circuit_still_answers_plain_calls(cached_app, published, call):
     result = call(price)
     assert isinstance(result, EagerResult) and result.get() == 1
     assert published == []
+
+
+# --- the canvas matrix on a real prefork worker ----------------------------------------------
+
+FORMS = ("chain", "group", "chord", "chunks", "map", "starmap", "link", "link_error", "replace")
+#: Cells that cannot pass for a reason outside this module (see each reason).
+_DIRECT = ("celery.map/starmap/chunks call the task directly inside one worker task, so the step "
+           "treats the member as an eager call: ")
+KNOWN: Dict[Tuple[str, str], str] = {
+    ("chunks", "conc"): _DIRECT + "chunks run side by side and a member that finds the slot taken raises "
+                                  "ConcurrencyLimited at once (concurrency_step.py; the rate limit waits instead), "
+                                  "failing its whole chunk",
+    ("chunks", "breaker"): _DIRECT + "an open breaker raises CircuitOpen and fails the whole chunk",
+    ("map", "breaker"): _DIRECT + "an open breaker raises CircuitOpen and fails the whole map",
+    ("starmap", "breaker"): _DIRECT + "an open breaker raises CircuitOpen and fails the whole starmap",
+}
+
+
+@pytest.fixture(scope="module")
+def canvas_worker():
+    """A private redis-server and one prefork worker (3 processes) on tests.apps.canvas, for the module."""
+    from celery_tuning.testing import RedisServer
+    from tests.apps.canvas import build
+    from tests.support.apps import worker_env
+    from tests.support.workers import WorkerProcess
+
+    server = RedisServer().start()
+    worker = WorkerProcess("tests.apps.canvas:app", worker_env(server), pool="prefork", concurrency=3,
+                           name="canvas")
+    try:
+        worker.start()
+        app = build(server.db_url(0), server.db_url(0), server.db_url(1))
+        yield app, server.client(1), worker
+    finally:
+        worker.close()
+        server.close()
+
+
+class Cell:
+    """One canvas form run by one mode's tasks; ``base`` keeps its arguments apart from other cells'."""
+
+    def __init__(self, app: Any, mode: str, base: int) -> None:
+        self.app, self.mode, self.base = app, mode, base
+        self.step, self.total, self.boom, self.errback = (
+            app.tasks[f"canvas.{mode}.{name}"] for name in ("step", "total", "boom", "errback"))
+
+    def run(self, form: str) -> Tuple[Any, Any, List[Any], List[List[int]]]:
+        """Run the form once: (result, expected result, body arguments that must run once each,
+        chord bodies expected); a failure's errback has run when it returns."""
+        step, b, timeout = self.step, self.base, 15
+        xs = [b + i for i in range(5)]
+        if form == "chain":
+            res = (step.s(b) | step.s() | step.s()).apply_async().get(timeout=timeout)
+            return res, b + 3, [b, b + 1, b + 2], []
+        if form == "group":
+            res = group(step.s(x) for x in xs).apply_async().get(timeout=timeout)
+            return res, [x + 1 for x in xs], xs, []
+        if form == "chord":
+            res = chord((step.s(x) for x in xs), self.total.s()).apply_async().get(timeout=timeout)
+            return res, sum(x + 1 for x in xs), [*xs, f"total:{b + 1}"], [[x + 1 for x in xs]]
+        if form == "chunks":
+            items = [(b + i,) for i in range(6)]
+            res = step.chunks(items, 2).group().apply_async().get(timeout=timeout)
+            return res, [[b + 1, b + 2], [b + 3, b + 4], [b + 5, b + 6]], [b + i for i in range(6)], []
+        if form == "map":
+            res = step.map(xs).apply_async().get(timeout=timeout)
+            return res, [x + 1 for x in xs], xs, []
+        if form == "starmap":
+            res = step.starmap([(x,) for x in xs]).apply_async().get(timeout=timeout)
+            return res, [x + 1 for x in xs], xs, []
+        if form == "link":
+            callback = step.s()
+            callback_id = callback.freeze().id
+            first = step.apply_async((b,), link=callback).get(timeout=timeout)
+            second = self.app.AsyncResult(callback_id).get(timeout=timeout)
+            return [first, second], [b + 1, b + 2], [b, b + 1], []
+        if form == "replace":
+            res = self.app.tasks[f"canvas.{self.mode}.replacer"].delay(b).get(timeout=timeout)
+            return res, b + 1, [b], []
+        assert form == "link_error"
+        failed = self.boom.apply_async((b,), link_error=self.errback.s())
+        with pytest.raises(ValueError, match=f"boom {b}"):
+            failed.get(timeout=timeout)
+        self.failed_id = failed.id
+        ledger = redis.Redis.from_url(self.app.conf.tuning_redis_url)
+        assert _wait_for(lambda: ledger.hexists(f"errbacks:{self.mode}", failed.id)), "errback never ran"
+        return None, None, [b], []
+
+
+def _wait_for(predicate: Callable[[], bool], timeout: float = 15.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+MATRIX = [(form, mode) for mode in ("cached", "rate", "conc", "breaker") for form in FORMS]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("form", "mode"), [
+    pytest.param(form, mode, marks=[pytest.mark.xfail(strict=True, reason=KNOWN[(form, mode)])]
+                 if (form, mode) in KNOWN else [], id=f"{mode}-{form}")
+    for form, mode in MATRIX])
+def test_canvas_matrix(canvas_worker, form, mode):
+    """Every result and callback exactly once, the chord body once with every header result,
+    whatever the tasks' policy does to the members (cache hits, deferrals, an open breaker)."""
+    import json
+    import time
+
+    from celery_tuning.integration.breakers import breaker
+    from tests.apps.canvas import BREAKER_REFRESH
+
+    app, ledger, worker = canvas_worker
+    cell = Cell(app, mode, base=1000 * (MATRIX.index((form, mode)) + 1))
+    runs_key, bodies_key, errbacks_key = f"runs:{mode}", f"bodies:{mode}", f"errbacks:{mode}"
+    ledger.delete(runs_key, bodies_key, errbacks_key, f"deferred:{mode}")
+    if mode == "cached":
+        cell.run(form)  # the first run computes and caches every member (stored before it returns)
+        ledger.delete(runs_key, bodies_key, errbacks_key)
+    if mode == "breaker":
+        breaker("canvas-breaker", app).open()
+        time.sleep(2 * BREAKER_REFRESH)  # every worker process now sees it open
+
+    try:
+        result, expected, once, bodies = cell.run(form)
+    except Exception as exc:  # a hang shows up as a timeout: say what the worker did
+        raise AssertionError(f"{mode}-{form}: {exc!r}\n{worker.output()[-4000:]}") from exc
+    assert result == expected
+    runs = {key.decode(): int(n) for key, n in ledger.hgetall(runs_key).items()}
+    runs = {key: n for key, n in runs.items() if not key.startswith("errback:")}
+    if mode == "cached":
+        # Every member and the chord body answered by the cache; only a failure runs again.
+        assert runs == ({str(cell.base): 1} if form == "link_error" else {})
+    else:
+        assert runs == {str(x): 1 for x in once}, "a member ran twice or never"
+    if mode != "cached" and form in ("group", "chord"):  # the cell did what it says it tests
+        assert int(ledger.get(f"deferred:{mode}") or 0) > 0, "no member was deferred"
+    assert [json.loads(raw) for raw in ledger.lrange(bodies_key, 0, -1)] == ([] if mode == "cached" else bodies)
+    assert {key.decode(): int(n) for key, n in ledger.hgetall(errbacks_key).items()} == (
+        {cell.failed_id: 1} if form == "link_error" else {})
