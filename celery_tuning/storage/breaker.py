@@ -267,11 +267,16 @@ class RedisBreakerStore:
 
     def __init__(self, connector: RedisConnector) -> None:
         self.connector = connector
+        self._listeners: Dict[str, FailureListener] = {}
 
     def failure_epoch(self, params: BreakerParams) -> Optional[Hashable]:
         if not params.channel:
             return None
-        return failure_listener(self.connector, params.channel).epoch(params.key)
+        # read on every success: keep the process-wide registry's lock off that path
+        listener = self._listeners.get(params.channel)
+        if listener is None:
+            listener = self._listeners[params.channel] = failure_listener(self.connector, params.channel)
+        return listener.epoch(params.key)
 
     def apply(self, params: BreakerParams, op: str, token: str = "",
               now: Optional[int] = None) -> Snapshot:

@@ -186,6 +186,29 @@ def test_successes_in_the_steady_closed_state_cost_no_round_trip(redis_clean):
     assert other.refresh().failures == 0
 
 
+def test_a_trial_whose_lease_ran_out_cannot_settle_the_next_holders_trial(redis_clean):
+    """Defect #4: the late caller's verdict neither closes the breaker nor frees the new lease."""
+    options = dict(fail_max=1, reset_timeout=0.1, success_threshold=2, trial_timeout=0.3, refresh_interval=0)
+    late, current, third = (_shared(redis_clean, "owned", **options) for _ in range(3))
+    late.open()
+    time.sleep(0.15)
+    late_trial = late.admit()
+    assert late_trial
+    time.sleep(0.35)  # its lease runs out while its call is still going
+    current_trial = current.admit()
+    assert current_trial
+    late.record_success(late_trial)
+    late.record_success(late_trial)  # twice: success_threshold=2 would close it
+    assert current.refresh().state == "half-open"
+    with pytest.raises(CircuitOpen):  # the current holder's lease still stands
+        third.admit()
+    current.record_success(current_trial)
+    next_trial = third.admit()  # one good trial of two: the next one runs now
+    assert next_trial
+    third.record_success(next_trial)
+    assert current.refresh().state == "closed"
+
+
 def test_control_flow_and_excluded_exceptions_are_not_failures(redis_clean):
     from celery.exceptions import Ignore, Retry
 
