@@ -131,7 +131,8 @@ def test_a_lease_released_during_its_renewal_stays_released(redis_clean):
     lease = limiter.acquire()
     assert limiter.renew() == 1  # re-created by the renewal ...
     assert limiter.held() == 0  # ... and taken out again
-    assert limiter.acquire().granted
+    limiter.release(limiter.acquire())
+    assert limiter.held() == 0
 
 
 
@@ -180,7 +181,9 @@ def test_a_re_created_lease_counts_even_past_the_cap(redis_clean):
     other.release(late)
     assert not other.acquire().granted  # the first holder still runs
     first.release(held)
-    assert other.acquire().granted
+    last = other.acquire()
+    assert last.granted
+    other.release(last)
 
 
 def test_a_short_lease_does_not_cut_the_set_expiry_of_a_long_one(redis_clean):
@@ -190,6 +193,8 @@ def test_a_short_lease_does_not_cut_the_set_expiry_of_a_long_one(redis_clean):
     connector = RedisConnector(redis_clean.db_url(3))
     long = ConcurrencyLimiter("mixed", 2, connector, ttl=60)
     short = ConcurrencyLimiter("mixed", 2, connector, ttl=1)
-    assert long.acquire().granted
-    assert short.acquire().granted
+    leases = [(long, long.acquire()), (short, short.acquire())]
+    assert all(lease.granted for _, lease in leases)
     assert redis_clean.client(3).pttl(long.key) > 59_000  # the key outlives every live lease
+    for limiter, lease in leases:
+        limiter.release(lease)
