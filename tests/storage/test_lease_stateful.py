@@ -38,20 +38,26 @@ keys = st.sampled_from(KEYS)
 class LeaseMachine(RuleBasedStateMachine):
     server = None  # the fault_redis of the running test
     real_restarts = 0  # how many restarts may still kill the server for real
+    max_restarts = 1  # per example
 
     def __init__(self) -> None:
         super().__init__()
         self.now = T0
         self.memory = MemoryLeaseStore(clock=lambda: self.now)
-        self.connector = RedisConnector(self.server.db_url(0))
-        self.redis = RedisLeaseStore(self.connector)
+        self.redis = RedisLeaseStore(self.connector())
         self.held: Dict[str, List[str]] = {key: [] for key in KEYS}
         self.ids = itertools.count()
         self.restarts = 0
 
+    def connector(self) -> RedisConnector:
+        return RedisConnector(self.server.db_url(0))
+
+    def wipe(self) -> None:
+        self.server.client(0).flushdb()
+
     @initialize()
     def empty(self) -> None:
-        self.server.client(0).flushdb()
+        self.wipe()
 
     def _lost(self) -> None:
         self.memory = MemoryLeaseStore(clock=lambda: self.now)
@@ -88,10 +94,10 @@ class LeaseMachine(RuleBasedStateMachine):
 
     @rule()
     def flushdb(self) -> None:
-        self.server.client(0).flushdb()
+        self.wipe()
         self._lost()
 
-    @precondition(lambda self: self.restarts < 1)
+    @precondition(lambda self: self.restarts < self.max_restarts)
     @rule()
     def restart(self) -> None:
         """No persistence: data and loaded scripts are gone; the pool's sockets are dead."""
@@ -131,3 +137,31 @@ def test_memory_and_redis_lease_stores_agree(fault_redis):
         )
     finally:
         LeaseMachine.server = None
+
+
+class ClusterLeaseMachine(LeaseMachine):
+    """The same machine on a Redis Cluster (both keys' slots differ; restarts are left to the single server)."""
+
+    cluster = None
+    shared = None
+    max_restarts = 0
+
+    def connector(self) -> RedisConnector:
+        return self.shared
+
+    def wipe(self) -> None:
+        for node in self.cluster.nodes:
+            node.client().flushall()
+
+
+def test_memory_and_cluster_lease_stores_agree(cluster_clean):
+    ClusterLeaseMachine.cluster = cluster_clean
+    ClusterLeaseMachine.shared = RedisConnector(cluster_clean.url)
+    try:
+        run_state_machine_as_test(
+            ClusterLeaseMachine,
+            settings=settings(max_examples=30, stateful_step_count=30, deadline=None,
+                              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]),
+        )
+    finally:
+        ClusterLeaseMachine.cluster = ClusterLeaseMachine.shared = None
