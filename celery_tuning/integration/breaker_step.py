@@ -11,7 +11,7 @@ from ..errors import ConfigurationError
 from ..policy.attach import BreakerPolicy
 from .breakers import breaker_for
 from .deferral import defer, is_eager, jitter
-from .pipeline import Call, Step, register_step
+from .pipeline import Call, Degraded, Step, register_step
 from .runtime import runtime_for
 
 __all__ = ["BreakerStep"]
@@ -39,6 +39,7 @@ class BreakerStep(Step):
                 f"@circuit_breaker({policy.name!r}): no such breaker in tuning_circuit_breakers (known: {known}); "
                 "define it there or pass fail_max=/reset_timeout= to the decorator")
         self._breaker: Optional[SharedBreaker] = None
+        self.degrades = policy.fallback is not None
 
     @property
     def breaker(self) -> SharedBreaker:
@@ -68,7 +69,8 @@ class BreakerStep(Step):
     def _when_open(self, task: Any, exc: CircuitOpen, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
         policy = self.policy
         if policy.fallback is not None:
-            return policy.fallback(*args, **kwargs)
+            # Marked, so the cache around this step does not keep it as the task's result.
+            return Degraded(policy.fallback(*args, **kwargs), "fallback")
         request = task.request
         if policy.on_open == "fail" or is_eager(request):
             raise exc

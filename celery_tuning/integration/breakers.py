@@ -4,19 +4,19 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional
 
-from celery.exceptions import Ignore, Reject, Retry
-
 from .. import signals
 from ..circuit import SharedBreaker
 from ..conf import known_names
-from ..errors import ConfigurationError, RateLimited, Throttled
+from ..errors import ConfigurationError
 from ..storage.breaker import RedisBreakerStore
+from .interactions import NOT_A_FAILURE
 from .runtime import TuningRuntime, runtime_for
 
 __all__ = ["CONTROL_FLOW", "breaker", "breaker_for"]
 
-#: Exceptions that steer Celery rather than report a broken service: never failures.
-CONTROL_FLOW = (Retry, Ignore, Reject, RateLimited, Throttled)
+#: Exceptions that steer Celery or come from our own limits rather than report a broken service:
+#: never failures (read from the interaction table).
+CONTROL_FLOW = NOT_A_FAILURE
 
 
 

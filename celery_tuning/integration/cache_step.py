@@ -12,7 +12,7 @@ from .. import signals
 from ..cache import TwoLevelCache, UncacheableArgument
 from ..policy.attach import CachePolicy
 from ..storage.cache import RedisCacheStore, flush_writers
-from .pipeline import Call, Step, register_step
+from .pipeline import Call, Degraded, Step, register_step
 from .receivers import _recorders
 from .runtime import runtime_for
 
@@ -87,7 +87,10 @@ class CacheStep(Step):
 
     def chain_built(self, steps: List[Step]) -> None:
         by_kind = {step.kind: step for step in steps}
-        self._limit_step = by_kind.get("rate_limit")
+        # The limiter's decision may ride the lookup only when nothing between here and the
+        # rate limit can still refuse the call after its token is taken (the breaker is asked
+        # first, in _preflight): a concurrency slot comes first and is not asked.
+        self._limit_step = None if "concurrency" in by_kind else by_kind.get("rate_limit")
         self._breaker_step = by_kind.get("breaker")
 
     def _can_combine(self) -> bool:
@@ -128,16 +131,35 @@ class CacheStep(Step):
                 cache._warn_once("arguments", "task %s runs uncached: %s", self.task_name, exc)
                 _observer("skip_arguments", self.task_name)
                 return call_next(task, args, kwargs)
+
+            def compute() -> Any:
+                result = call_next(task, args, kwargs)
+                if type(result) is Degraded:
+                    # Not the task's result: leave with it the way an exception leaves, which
+                    # stores nothing and frees the single-flight lock for the next caller.
+                    raise _NotCached(result)
+                return result
+
             limit_step = self._limit_step
-            if limit_step is None or not self._can_combine():
-                return cache.get_or_compute(digest, lambda: call_next(task, args, kwargs))
             try:
-                return cache.get_or_compute(digest, lambda: call_next(task, args, kwargs),
-                                            preflight=lambda: self._preflight(task, args, kwargs))
-            finally:
-                limit_step.discard_preset()  # taken but not reached (e.g. the breaker opened meanwhile)
+                if limit_step is None or not self._can_combine():
+                    return cache.get_or_compute(digest, compute)
+                try:
+                    return cache.get_or_compute(digest, compute, preflight=lambda: self._preflight(task, args, kwargs))
+                finally:
+                    limit_step.discard_preset()  # taken but not reached (e.g. the breaker opened meanwhile)
+            except _NotCached as skipped:
+                return skipped.result
 
         return call
+
+
+class _NotCached(BaseException):
+    """Carries a :class:`Degraded` result out of the cache's compute call (never escapes the step)."""
+
+    def __init__(self, result: Degraded) -> None:
+        super().__init__()
+        self.result = result
 
 
 def _flush_stores(**_: Any) -> None:
