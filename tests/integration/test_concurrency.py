@@ -200,3 +200,27 @@ def test_a_short_lease_does_not_cut_the_set_expiry_of_a_long_one(redis_clean):
     assert redis_clean.client(3).pttl(long.key) > 59_000  # the key outlives every live lease
     for limiter, lease in leases:
         limiter.release(lease)
+
+
+def test_a_forked_child_neither_renews_its_parents_leases_nor_inherits_a_held_lock(redis_clean):
+    from celery_tuning.concurrency import ConcurrencyLimiter
+    from celery_tuning.storage.redis import RedisConnector
+    from tests.support.fork import true_in_child
+
+    limiter = ConcurrencyLimiter("forked", 2, RedisConnector(redis_clean.db_url(3)), ttl=60)
+    lease = limiter.acquire()
+    client = redis_clean.client(3)
+
+    def child() -> bool:
+        signal.alarm(5)  # a lock inherited locked would hang here: fail instead
+        client.flushdb()  # the parent's lease is gone; a child renewing it would put it back
+        mine = limiter.acquire()
+        renewed = limiter.renew()
+        limiter.release(mine)
+        return renewed == 0 and not client.exists(limiter.key)
+
+    try:
+        with limiter._lock:  # as if the parent's renewer thread held it at fork()
+            assert true_in_child(child)
+    finally:
+        limiter.release(lease)
