@@ -258,3 +258,49 @@ def test_apply_refused_by_the_concurrency_limit_never_opens_the_breaker(redis_cl
     assert breaker.refresh().state == "closed"
     assert int(redis_clean.client(1).hget(CB_KEY, "failures") or 0) == 0
     assert redis_clean.client(1).get(RL_KEY) is None, "a refused call spent a rate-limit token"
+
+
+def test_a_fallback_is_not_served_once_the_breaker_closes(redis_clean):
+    """Defect #3 as a user meets it: open → fallback; closed again → the real result, not the fallback."""
+    app = make_app(redis_clean, "ix-fallback", tuning_circuit_breakers={CB: {"fail_max": 5, "reset_timeout": 60}})
+    runs = []
+
+    @app.task(shared=False, name="ix.quote")
+    @cache_result(ttl=300, l1_ttl=60)
+    @circuit_breaker(CB, fallback=lambda symbol: "stale")
+    def quote(symbol):
+        runs.append(symbol)
+        return f"{symbol}=42"
+
+    breaker = breaker_for(runtime_for(app), CB)
+    breaker.open()
+    assert quote.apply(("ACME",)).get() == "stale"
+    assert quote.cache.get("ACME") == (False, None)
+    breaker.close()
+    assert quote.apply(("ACME",)).get() == "ACME=42"
+    assert quote.apply(("ACME",)).get() == "ACME=42"
+    assert runs == ["ACME"]  # the real value is cached as usual
+
+
+def test_a_trial_refused_by_a_limit_frees_the_trial_for_the_next_caller(redis_clean):
+    """A half-open trial that ends in ConcurrencyLimited settles nothing and leaves the trial to others."""
+    app = make_app(redis_clean, "ix-trial", tuning_circuit_breakers={CB: {"fail_max": 1, "reset_timeout": 60}},
+                   tuning_concurrency_limits={CC: 1})
+
+    @app.task(shared=False, name="ix.trial")
+    @circuit_breaker(CB, on_open="fail")
+    @concurrency_limit(CC)
+    def trial(x):
+        return x
+
+    runtime = runtime_for(app)
+    breaker = breaker_for(runtime, CB)
+    breaker.half_open()
+    slots = concurrency_limiter_for(runtime, CC)
+    lease = slots.acquire()
+    with pytest.raises(ConcurrencyLimited):
+        trial.apply((1,), throw=True)
+    assert breaker.refresh().state == "half-open"
+    slots.release(lease)
+    assert trial.apply((2,), throw=True).get() == 2  # would be CircuitOpen if the trial were still held
+    assert breaker.refresh().state == "closed"

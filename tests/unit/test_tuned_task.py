@@ -101,12 +101,12 @@ def recording_steps(monkeypatch):
 
 
 def with_all_policies(fun):
-    for kind in ("rate_limit", "breaker", "cache"):  # attached in reverse on purpose
+    for kind in ("rate_limit", "concurrency", "breaker", "cache"):  # attached in reverse on purpose
         attach_policy(fun, kind, object(), kind)
     return fun
 
 
-def test_chain_order_is_cache_breaker_rate_limit_run(recording_steps):
+def test_chain_order_is_cache_breaker_concurrency_rate_limit_run(recording_steps):
     app = make_app()
     celery_tuning.install(app)
 
@@ -117,11 +117,12 @@ def test_chain_order_is_cache_breaker_rate_limit_run(recording_steps):
         return x * 2
 
     assert work.delay(21).get() == 42
+    # The slot before the token: a refused slot is given back, a spent token is not.
     assert recording_steps == [
-        "enter cache", "enter breaker", "enter rate_limit", f"run 21 {work.name}",
-        "exit rate_limit", "exit breaker", "exit cache",
+        "enter cache", "enter breaker", "enter concurrency", "enter rate_limit", f"run 21 {work.name}",
+        "exit rate_limit", "exit concurrency", "exit breaker", "exit cache",
     ]
-    assert [s.kind for s in cls_of(work)._tuning_steps] == ["cache", "breaker", "rate_limit"]
+    assert [s.kind for s in cls_of(work)._tuning_steps] == ["cache", "breaker", "concurrency", "rate_limit"]
 
 
 def test_kill_switch_in_config_leaves_run_unwrapped(recording_steps):
@@ -224,3 +225,28 @@ def test_timing_receivers_when_sla_configured_or_attached():
     assert _receivers_after(setup) == "1 1 1"
     assert _receivers_after("app.conf.tuning_timing = True\ncelery_tuning.install(app)") == "1 1 1"
     assert _receivers_after("app.conf.tuning_enabled = False\ncelery_tuning.install(app)") == "0 0 0"
+
+
+class Degrading(pipeline.Step):
+    degrades = True
+
+    def __init__(self, kind):
+        self.kind = kind
+
+    def wrap(self, task_cls, call_next):
+        return lambda task, args, kwargs: pipeline.Degraded("stand-in", "fallback")
+
+
+def test_a_degraded_value_reaches_celery_as_the_plain_value(monkeypatch):
+    monkeypatch.setattr(pipeline, "_FACTORIES", {})
+    pipeline.register_step("breaker", lambda policy, cls: Degrading("breaker"))
+    app = make_app()
+    celery_tuning.install(app)
+
+    def work(x):
+        return x
+
+    attach_policy(work, "breaker", object(), "breaker")
+    task = app.task(shared=False, base=TunedTask)(work)
+    assert task.apply((1,)).get() == "stand-in"
+    assert task(1) == "stand-in"
