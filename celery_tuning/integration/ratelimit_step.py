@@ -203,11 +203,11 @@ class RateLimitStep(Step):
               on_exhausted=lambda n: RateLimited(wait, f"{limiter_name} (gave up after {n} deferrals)"))
 
     def _throttled(self, task: Any, request: Any, limiter: GcraLimiter, key: Any, exc: Throttled) -> None:
-        target = limiter
+        target, target_key = limiter, key
         if exc.name is not None and exc.name != limiter.name:
-            target = limiter_for(self.runtime, exc.name)
-            key = None
-        target.throttle(exc.retry_after, key=key)
+            # Another limiter's whole bucket is paused; this task still comes back for its own key.
+            target, target_key = limiter_for(self.runtime, exc.name), None
+        target.throttle(exc.retry_after, key=target_key)
         logger.warning("task %s: remote side throttled limiter %r for %.1fs; task deferred",
                        self.task_name, target.name, exc.retry_after)
         if is_eager(request) or self.policy.on_limit == "raise":

@@ -304,3 +304,28 @@ def test_a_trial_refused_by_a_limit_frees_the_trial_for_the_next_caller(redis_cl
     slots.release(lease)
     assert trial.apply((2,), throw=True).get() == 2  # would be CircuitOpen if the trial were still held
     assert breaker.refresh().state == "closed"
+
+
+def test_another_limiters_throttle_keeps_the_task_on_its_own_key(redis_clean):
+    """``Throttled(name=other)`` in a per-key task pauses the other limiter's bucket; the task's own
+    decision and reserved slot stay on its key (it used to decide on an unkeyed bucket nobody uses)."""
+    from celery_tuning.ratelimit import hash_key
+
+    app = make_app(redis_clean, "ix-keyed", tuning_rate_limits={"per": {"rate": "1/s", "burst": 1},
+                                                                "api": {"rate": "50/s", "burst": 5}})
+
+    @app.task(bind=True, shared=False, name="ix.keyed")
+    @rate_limit("per", key=lambda tenant: tenant, on_limit="defer")
+    def keyed(self, tenant):
+        raise Throttled(retry_after=1.0, name="api")
+
+    tracer = build_tracer(keyed.name, keyed, app=app, eager=False)
+    request = {"id": "keyed-1", "task": keyed.name, "delivery_info": {"routing_key": "celery", "exchange": ""},
+               "hostname": "ix@host", "headers": None}
+    tracer("keyed-1", ("acme",), {}, request)
+    tuning, broker = redis_clean.client(1), redis_clean.client(0)
+    assert tuning.exists("tuning:rl:{per}") == 0, "the task decided on the limiter's unkeyed bucket"
+    assert tuning.exists("tuning:rl:{api}") == 1, "the named limiter was not paused"
+    headers = [json.loads(raw)["headers"] for raw in broker.lrange("celery", 0, -1)]
+    slots = [h[HEADER_SLOT] for h in headers if h.get("id") == "keyed-1" and isinstance(h.get(HEADER_SLOT), dict)]
+    assert slots and slots[0]["key"] == hash_key("acme"), slots
