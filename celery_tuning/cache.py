@@ -341,19 +341,17 @@ class TwoLevelCache:
             self._l1_put(digest, value, len(raw), remaining)
         return ok, value
 
-    def _as_stored(self, digest: str, value: Any, raw: Optional[bytes]) -> Any:
+    def _as_stored(self, digest: str, value: Any, encoded: Optional[Tuple[bytes, Any]]) -> Any:
         """What the computing caller gets: the value as any later hit decodes it (a tuple
         comes back a list, an int key a str), or the value itself when it was not cached."""
-        if raw is None:
+        if encoded is None:
             return value
-        try:
-            stored, _, _ = decode(raw)
-        except CorruptValue:  # cannot happen for bytes encode() made; the value is still good
-            return value
-        self._l1_put(digest, stored, len(raw))
+        raw, stored = encoded
+        self._l1_put(digest, stored, len(raw))  # L1 keeps its own copy
         return stored
 
-    def _encode(self, value: Any) -> Optional[bytes]:
+    def _encode(self, value: Any) -> Optional[Tuple[bytes, Any]]:
+        """The bytes to store and the value every hit will decode from them; None: not cached."""
         try:
             raw = encode(value, self.serializer, int((time.time() + self.ttl) * 1000))
         except (TypeError, ValueError, OverflowError) as exc:
@@ -364,7 +362,17 @@ class TwoLevelCache:
         if len(raw) > self.max_size:
             self._emit("skip_too_big")
             return None
-        return raw
+        try:
+            # The caller gets the decoded form anyway; decoding first also catches values that
+            # encode but never decode (msgpack packs a tuple dict key, unpacking it fails), which
+            # would otherwise be stored on every call and never served.
+            stored, _, _ = decode(raw)
+        except CorruptValue as exc:
+            self._warn_once("undecodable", "cache %s: result not cached, %s cannot read back what it wrote (%s)",
+                            self.name, self.serializer, exc)
+            self._emit("skip_unserializable")
+            return None
+        return raw, stored
 
     # -- the cache -------------------------------------------------------------------------
 
@@ -458,7 +466,8 @@ class TwoLevelCache:
         except BaseException:
             self._release(value_key, lock_key, token)  # exceptions are never cached
             raise
-        raw = self._encode(value)
+        encoded = self._encode(value)
+        raw = encoded[0] if encoded is not None else None
         try:
             if self.write_behind:
                 self.store.store_later(value_key, lock_key, raw or b"", int(self.ttl * 1000), token,
@@ -469,7 +478,7 @@ class TwoLevelCache:
             self._store_failed(exc)
         if raw is not None:
             self._emit("store")
-        return self._as_stored(digest, value, raw)
+        return self._as_stored(digest, value, encoded)
 
     def _store_failed(self, exc: StorageError) -> None:
         self._warn_once("redis", "cache %s: tuning Redis failed (%s); serving from L1 only", self.name, exc)

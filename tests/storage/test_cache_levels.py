@@ -146,3 +146,25 @@ def test_a_forked_child_hears_invalidations_and_drops_what_its_parent_kept(redis
         return first and ok and eventually(lambda: parent.peek(d) == (False, None))
 
     assert true_in_child(child)
+
+
+def test_a_value_that_encodes_but_never_decodes_is_not_stored(redis_clean, caplog):
+    """msgpack packs a tuple dict key but cannot unpack it: such a value used to be written on every
+    call, never served, and each read logged it as a foreign value. Now it is not cached, once said."""
+    cache = process(redis_clean, "t.undecodable", serializer="msgpack")
+    d = cache.digest(("x",), {})
+    runs = []
+
+    def compute():
+        runs.append(1)
+        return {(1, 2): "x"}
+
+    with caplog.at_level(logging.WARNING, logger="celery_tuning"):
+        for _ in range(3):
+            assert cache.get_or_compute(d, compute) == {(1, 2): "x"}
+    assert len(runs) == 3
+    tuning = redis_clean.client(1)
+    assert [k for k in tuning.keys("*t.undecodable*") if not k.endswith((b":gen", b":lock"))] == []
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("cannot read back" in m for m in messages) == 1, messages
+    assert not any("not ours" in m for m in messages), messages
