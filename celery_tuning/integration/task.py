@@ -50,9 +50,12 @@ class TunedTask(Task):
             return
         try:
             runtime = runtime_for(app)
+            enabled = runtime.config.enabled
         except ConfigurationError as exc:
-            raise ConfigurationError(f"task {cls.name!r}: {exc}") from None
-        if not runtime.config.enabled:
+            # A bad setting is the app's, not this task's (it may not use that limiter at all):
+            # the setting leads, the task only says where it was found.
+            raise ConfigurationError(f"{exc} (found while binding task {cls.name!r})") from None
+        if not enabled:
             return
         if "sla" in policies and runtime.config.timing is not False:
             from .receivers import connect_timing_receivers
