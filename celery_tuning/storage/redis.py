@@ -140,6 +140,9 @@ class RedisConnector:
                 "socket_timeout": self.socket_timeout,
                 "socket_connect_timeout": self.connect_timeout,
                 "password": target.sentinel_password,
+                # as for the master: one attempt per sentinel, no backoff (redis-py's default
+                # retries kept a PING with every sentinel down waiting ~60 s)
+                "retry": Retry(NoBackoff(), 0),
             },
         )
         options.pop("socket_timeout", None)
@@ -191,12 +194,13 @@ class RedisConnector:
         This is the hot path of every limiter decision, so it avoids the
         closure that :meth:`run` would need.
         """
-        client = self.client
-        script = self._scripts.get(name)
-        if script is None:
-            script = self.script(name)
         call = self._evalsha_on_connection if self.target.kind != "cluster" else self._evalsha_on_client
         try:
+            # Inside the try: a Cluster client connects when it is made, and fails there.
+            client = self.client
+            script = self._scripts.get(name)
+            if script is None:
+                script = self.script(name)
             try:
                 return call(client, script.sha, keys, args)
             except NoScriptError:
@@ -220,11 +224,11 @@ class RedisConnector:
             for keys, args in calls:
                 self.evalsha(name, keys, args)
             return
-        client = self.client
-        script = self._scripts.get(name)
-        if script is None:
-            script = self.script(name)
         try:
+            client = self.client
+            script = self._scripts.get(name)
+            if script is None:
+                script = self.script(name)
             pending = list(calls)
             for _ in range(2):
                 pipe = client.pipeline(transaction=False)
@@ -248,8 +252,8 @@ class RedisConnector:
 
     def get(self, key: str) -> Any:
         """GET ``key`` with one round trip on the lean path (the cache's hit path)."""
-        client = self.client
         try:
+            client = self.client
             if self.target.kind == "cluster":
                 return client.get(key)
             return self._command_on_connection(client, "GET", key)
