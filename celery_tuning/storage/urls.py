@@ -69,7 +69,11 @@ def _split(url: str, whole: str) -> SplitResult:
 
     ``whole`` is the URL the user gave (named, redacted, in errors).
     """
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # a raw '[' or ']' (taken for an IPv6 host), and urlsplit quotes it
+        raise ValueError(f"{redact_url(whole)!r}: percent-encode '[' and ']' in the user:password part "
+                         "(%5B, %5D), or write an IPv6 host as [address]") from None
     rest = url.split("://", 1)[1]
     if not rest.startswith(parts.netloc):  # urlsplit dropped tabs or line breaks
         raise ValueError(f"{redact_url(whole)!r}: a URL cannot hold tabs or line breaks")

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import ast
+import logging
 import re
 import subprocess
 import sys
+import traceback
+from types import SimpleNamespace
+from urllib.parse import quote
 
 import pytest
+from hypothesis import HealthCheck, given, settings
 
+from celery_tuning.testing import free_port
+from celery_tuning.testing.redis_server import RedisServer
 from tests.support.apps import worker_env
+from tests.support.secrets import credential_urls, leaked
 from tests.support.workers import ROOT, WorkerProcess
 
 pytestmark = pytest.mark.reliability
@@ -62,6 +70,139 @@ def test_a_password_in_the_tuning_url_never_reaches_logs_errors_or_the_cli(redis
     assert "tuning Redis" in log  # the worker did report the failing store
     assert secret not in everything
     assert "redis://:***@127.0.0.1" in everything or "redis://:**@127.0.0.1" in everything
+
+
+class _Capture(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s"))
+        self.lines: list = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))  # the formatter appends any traceback
+
+
+def everything_shown_for(url: str) -> str:
+    """Run, in this process, every path that logs, prints or raises with the tuning URL; all their text.
+
+    Configuration errors, the connector's safe URL and reprs, the errors of a PING, a script and a GET,
+    the worker-start step's log, and ``tuning check`` / ``status`` / ``status --json``.
+    """
+    from celery import Celery
+    from click.testing import CliRunner
+
+    from celery_tuning.errors import ConfigurationError, StorageError
+    from celery_tuning.integration.bootsteps import TuningWorkerStep
+    from celery_tuning.integration.cli import tuning
+    from celery_tuning.integration.runtime import runtime_for
+
+    app = Celery("secrets", broker="memory://", set_as_current=False)
+    app.conf.update(tuning_redis_url=url, tuning_redis_connect_timeout=0.2, tuning_redis_socket_timeout=0.2)
+    capture = _Capture()
+    logger = logging.getLogger("celery_tuning")
+    logger.addHandler(capture)
+    level, logger.level = logger.level, logging.DEBUG
+    texts = []
+    try:
+        try:
+            runtime = runtime_for(app)
+            connector = runtime.connector
+        except ConfigurationError as exc:
+            texts.append(str(exc))
+        else:
+            texts += [connector.safe_url, repr(connector), repr(connector.target)]
+            for call in (connector.ping, lambda: connector.evalsha("server_time", [], []),
+                         lambda: connector.get("k")):
+                try:
+                    call()
+                except StorageError as exc:
+                    texts.append(str(exc))
+            worker = SimpleNamespace(app=app)
+            TuningWorkerStep(worker).start(worker)
+        for args in (["check"], ["status"], ["status", "--json"]):
+            result = CliRunner().invoke(tuning, args, obj=SimpleNamespace(app=app))
+            texts += [result.output, result.stderr]
+            if result.exception is not None and not isinstance(result.exception, SystemExit):
+                texts += traceback.format_exception(result.exception)
+    finally:
+        logger.removeHandler(capture)
+        logger.level = level
+    return "\n".join(texts + capture.lines)
+
+
+@pytest.mark.integration
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=credential_urls(port=free_port()))
+def test_fuzzed_passwords_never_reach_logs_errors_or_the_cli(case):
+    """Every URL form and password (reserved characters, encoded or not) against a closed loopback port."""
+    url, tokens = case
+    shown = everything_shown_for(url)
+    assert not leaked(tokens, shown), (url, shown)
+    assert "***" in shown
+
+
+@pytest.fixture()
+def auth_redis():
+    """A redis-server that requires a password holding every reserved URL character."""
+    password = "Pw0@K:;/?#%&= Pw1+!$'()*,[]~K"
+    server = RedisServer(extra_args=["--requirepass", password])
+    server.client = lambda db=0: __import__("redis").Redis(  # type: ignore[method-assign]
+        host="127.0.0.1", port=server.port, db=db, password=password, socket_timeout=2)
+    server.start()
+    try:
+        yield server, password
+    finally:
+        server.close()
+
+
+@pytest.mark.integration
+def test_an_authenticated_redis_answers_every_credential_form_and_nothing_shows_the_password(auth_redis):
+    """The URL forms work against a real password-protected server (so they are real credentials), and
+    the worker-start log and the CLI, which print the URL on success, still hide the password."""
+    from celery_tuning.storage.redis import RedisConnector
+
+    server, password = auth_redis
+    encoded = quote(password, safe="")
+    tokens = ["Pw0", "Pw1"]
+    urls = [f"redis://:{encoded}@127.0.0.1:{server.port}/1",
+            f"redis://default:{encoded}@127.0.0.1:{server.port}/1",
+            f"redis://127.0.0.1:{server.port}/1?password={encoded}",
+            f"redis://127.0.0.1:{server.port}/1?username=default&password={encoded}",
+            f"redis+cluster://127.0.0.1:{server.port}?password={encoded}".replace("redis+cluster", "redis")]
+    for url in urls:
+        connector = RedisConnector(url)
+        assert connector.ping() > 0, url
+        connector.close()
+        shown = everything_shown_for(url)
+        assert "answered in" in shown and "redis: redis://" in shown and " ok (" in shown, shown
+        assert not leaked(tokens, shown), (url, shown)
+    wrong = f"redis://:{quote('Pw0-wrong-Pw1', safe='')}@127.0.0.1:{server.port}/1"
+    shown = everything_shown_for(wrong)
+    assert "unreachable" in shown and not leaked(tokens, shown), shown
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_real_worker_and_the_cli_on_a_password_protected_redis_never_show_the_password(auth_redis, redis_clean):
+    """The worker logs the tuning URL at INFO when Redis answers; `tuning check` and `status` print it."""
+    server, password = auth_redis
+    url = f"redis://default:{quote(password, safe='')}@127.0.0.1:{server.port}/1?socket_keepalive=true"
+    env = {**worker_env(redis_clean), "TEST_TUNING_URL": url}
+    worker = WorkerProcess("tests.apps.basic:app", env, pool="solo")
+    try:
+        worker.start()
+        out = subprocess.run(
+            [sys.executable, "-c", "from tests.apps.basic import slow\nprint(slow.delay(0.01).get(timeout=30))"],
+            capture_output=True, text=True, timeout=60, cwd=str(ROOT), env=worker.env)
+        log = worker.output()
+    finally:
+        worker.close()
+    cli = [run_cli(worker.env, "check"), run_cli(worker.env, "status")]
+    everything = log + out.stdout + out.stderr + "".join(r.stdout + r.stderr for r in cli)
+    assert "answered in" in log, log  # the INFO line with the URL was written
+    assert cli[0].returncode == 0, cli[0].stderr
+    assert not leaked(["Pw0", "Pw1"], everything)
+    assert "redis://default:***@127.0.0.1" in everything
 
 
 LABELS = r"""
