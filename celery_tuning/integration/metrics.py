@@ -107,9 +107,11 @@ class TuningMetrics:
                                     "Seconds waited or reserved ahead for rate-limit slots.", ("name",))
         self.breaker = counter("celery_tuning_breaker_transitions_total", "Circuit-breaker state changes seen.",
                                ("name", "state"))
+        # 'mostrecent': the node shows the latest transition any process saw. 'max' kept the 'open'
+        # of a child that had since exited above a live child's 'closed', and the alert never cleared.
         self.breaker_state = gauge("celery_tuning_breaker_state",
                                    "Breaker state as last seen: 0 closed, 1 half-open, 2 open.", ("name",),
-                                   multiprocess_mode="max")
+                                   multiprocess_mode="mostrecent")
         self.cache = counter("celery_tuning_cache_events_total", "Result-cache events (hits by level, misses...).",
                              ("task", "event"))
 

@@ -158,3 +158,30 @@ def test_advise_tells_cpu_bound_from_io_bound_queues(redis_clean):
     assert "crunch: profile cpu - CPU time is" in text.stdout
     assert "net: profile io - CPU time is" in text.stdout
     assert "only 25 task attempts observed (need 100)" in too_few.stdout
+
+
+def test_breaker_state_follows_the_latest_transition_after_the_child_that_opened_it_is_recycled(redis_clean):
+    """Each pool child writes its own gauge file; with multiprocess mode 'max' the recycled child's
+    'open' outweighed a live child's 'closed' forever, and the shipped BreakerOpen alert never cleared."""
+    port = free_port()
+    env = {**worker_env(redis_clean), "TEST_METRICS_PORT": str(port)}
+    worker = WorkerProcess("tests.apps.breaker_metered:app", env, pool="prefork", concurrency=1,
+                           extra=["--max-tasks-per-child", "1"])
+    try:
+        worker.start()
+        run_producer(
+            "import time\n"
+            "from tests.apps.breaker_metered import call\n"
+            "r = call.delay(False)\n"
+            "try:\n    r.get(timeout=30)\nexcept ValueError:\n    pass\n"
+            "else:\n    raise AssertionError('should fail')\n"
+            "time.sleep(1.2)  # the breaker's reset_timeout: the next call is its half-open trial\n"
+            "assert call.delay(True).get(timeout=30) == 'ok'\n", redis_clean)
+        samples = scrape(port)
+    finally:
+        worker.close()
+    transitions = {lbls: v for (n, lbls), v in samples.items() if n == "celery_tuning_breaker_transitions_total"}
+    assert transitions[(("name", "flaky"), ("state", "open"))] == 1, transitions
+    assert transitions[(("name", "flaky"), ("state", "closed"))] >= 1, transitions
+    states = [v for (n, lbls), v in samples.items() if n == "celery_tuning_breaker_state"]
+    assert states == [0.0], states  # one series (no pid label), showing closed
