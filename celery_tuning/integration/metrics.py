@@ -26,7 +26,7 @@ from celery import signals as celery_signals
 
 from .. import signals
 from ..errors import ConfigurationError
-from .receivers import _queue_of, set_recorders
+from .receivers import _queue_of, set_recorders, timing_connected
 from .runtime import installed_runtime
 
 __all__ = ["BUCKETS", "flush", "metrics", "prepare_multiprocess", "start_endpoint"]
@@ -40,8 +40,11 @@ BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 
 _ENV = "PROMETHEUS_MULTIPROC_DIR"
 _lock = threading.Lock()
 _state: Dict[str, Any] = {"pid": None, "metrics": None, "server": None, "ours": None}
-_deferred: Dict[str, bool] = {}
+#: Task ids counted as 'deferred', so the timing receiver does not count them again; oldest
+#: dropped first past _REMEMBERED (an id whose attempt is never timed would stay for good).
+_deferred: OrderedDict[str, bool] = OrderedDict()
 _lost: OrderedDict[str, bool] = OrderedDict()
+_REMEMBERED = 10_000
 
 
 def _is_worker_process() -> bool:
@@ -347,7 +350,10 @@ class _InFlightCollector:
 
 
 def _on_deferred(sender: Any = None, task_id: str = "", **_: Any) -> None:
-    _deferred[task_id] = True
+    if timing_connected():  # nothing else takes the id back out
+        _deferred[task_id] = True
+        while len(_deferred) > _REMEMBERED:
+            _deferred.popitem(last=False)
     metrics().outcomes.labels(sender.name, _queue_of(sender), "deferred").inc()
 
 
@@ -388,7 +394,7 @@ def _on_failure_outside_child(sender: Any = None, task_id: str = "", exception: 
     if installed_runtime(sender.app) is None or task_id in _lost:
         return  # Celery sends task_failure twice for a hard time limit
     _lost[task_id] = True
-    while len(_lost) > 10_000:
+    while len(_lost) > _REMEMBERED:
         _lost.popitem(last=False)
     # When a child is lost or killed, Celery puts the request's context on the task's stack while
     # it sends this signal: label the routing key the task came with, like every other outcome

@@ -21,6 +21,7 @@ __all__ = [
     "connect_publish_receivers",
     "connect_timing_receivers",
     "stamp_headers",
+    "timing_connected",
     "timing_wanted",
 ]
 
@@ -228,6 +229,11 @@ def connect_timing_receivers() -> None:
             celery_signals.task_postrun.connect(
                 _on_postrun, weak=False, dispatch_uid="celery_tuning.postrun")
             _timing_connected = True
+
+
+def timing_connected() -> bool:
+    """Whether this process times task attempts (:func:`connect_timing_receivers` ran)."""
+    return _timing_connected
 
 
 def timing_wanted(config: Any) -> bool:

@@ -63,3 +63,34 @@ def test_configured_buckets_and_clamped_waits_are_recorded():
                          env={"PATH": "/usr/bin:/bin"})
     # le="0.25" does not exist with buckets (0.1, 1, 10): the setting was applied
     assert out.stdout.split() == ["2.0", "None", "1.0", "2.0", "3.0", "50.5"], out.stderr
+
+
+DEFERRED = r"""
+from types import SimpleNamespace
+from celery_tuning import signals
+from celery_tuning.integration import metrics as m
+m.connect_metric_receivers()  # metrics on, timing receivers never connected (tuning_timing=False)
+class Task:
+    name, queue = "t.work", "q"
+    request = SimpleNamespace(delivery_info={"routing_key": "q"})
+task = Task()
+for i in range(25_000):
+    signals.task_deferred.send(sender=task, task_id=f"id-{i}")
+without_timing = len(m._deferred)
+from celery_tuning.integration.receivers import connect_timing_receivers
+connect_timing_receivers()  # timing on, but these attempts are never timed (no postrun here)
+for i in range(25_000):
+    signals.task_deferred.send(sender=task, task_id=f"id-{i}")
+print(without_timing, len(m._deferred))
+"""
+
+
+def test_deferred_attempts_are_not_kept_without_timing():
+    """Only the timing receiver takes a task id back out of the deferred table: with timing off
+    every deferral stayed in it for the life of the process."""
+    out = subprocess.run([sys.executable, "-c", DEFERRED], capture_output=True, text=True, timeout=60,
+                         env={"PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    without_timing, with_timing = map(int, out.stdout.split())
+    assert without_timing == 0
+    assert 0 < with_timing <= 10_000
