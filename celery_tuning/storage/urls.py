@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
-from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
+from urllib.parse import SplitResult, parse_qs, unquote, unquote_plus, urlsplit
 
 __all__ = ["SUPPORTED_SCHEMES", "RedisTarget", "parse_redis_url", "redact_url"]
 
@@ -17,14 +17,20 @@ _URL_START = re.compile(r"(?<![\w+.-])(?:rediss?\+cluster|rediss?|unix|sentinel)
 # A query argument that carries a secret: redis-py hands unknown ones to the connection as
 # keyword arguments (password=, ssl_password=...). The value runs to the next '&name=' or the
 # end, so a raw '@', '#' or '?' in it stays hidden even where urlsplit would cut it short.
-_SECRET_QUERY = re.compile(
-    r"(?P<key>(?<=[?&])[\w.-]*(?:pass|pwd|secret|token|credential)[\w.-]*=)(?P<value>.*?)(?=&[\w.-]+=|$)",
-    re.I | re.S,
+_QUERY_ARG = re.compile(
+    r"(?P<key>(?<=[?&])[\w.%+-]*=)(?P<value>.*?)(?=&[\w.%+-]+=|$)",
+    re.S,
 )
+_SECRET_NAME = re.compile(r"pass|pwd|secret|token|credential", re.I)
 
 
 def _redact_query(text: str) -> str:
-    return _SECRET_QUERY.sub(lambda m: f"{m.group('key')}***", text)
+    # redis-py percent-decodes query names (parse_qs), so ?p%61ssword= is a password too: the
+    # name is judged decoded.
+    def hide(m: re.Match[str]) -> str:
+        return f"{m.group('key')}***" if _SECRET_NAME.search(unquote_plus(m.group("key"))) else m.group(0)
+
+    return _QUERY_ARG.sub(hide, text)
 
 
 def _redact_one(rest: str) -> str:

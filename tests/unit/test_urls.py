@@ -50,6 +50,7 @@ def test_rejects_without_leaking_password(url):
     [
         ("redis://host:6379/0?password=s3cret", "redis://host:6379/0?password=***"),
         ("redis://host/0?username=u&password=s3cret&db=2", "redis://host/0?username=u&password=***&db=2"),
+        ("redis://host/0?p%61ssword=s3cret&db=2", "redis://host/0?p%61ssword=***&db=2"),
         ("redis://:p@ss@s3cret@host:6379/0", "redis://:***@host:6379/0"),
         ("redis://user:pa;s3cret@host:6379/0", "redis://user:***@host:6379/0"),
         ("rediss://u:a%40s3cret%3Bx@host:6380", "rediss://u:***@host:6380"),
