@@ -146,7 +146,12 @@ def test_memory_and_cluster_breaker_stores_agree(cluster_clean):
 
 
 def test_the_machine_notices_a_store_that_lets_a_stale_holder_settle(redis_clean, monkeypatch):
-    """The net itself: the memory store with the old 'any holder' rule must be caught."""
+    """The net itself: the memory store with the old 'any holder' rule must be caught.
+
+    The machine's own steps, in the order that exposes it (random search meets this sequence
+    only now and then in 150 examples, and a net must fail the same way every run): a trial whose
+    lease ran out, a second caller's trial, then the first caller's late verdict.
+    """
     original = MemoryBreakerStore.apply
 
     def any_token_holds(self: MemoryBreakerStore, params: BreakerParams, op: str, token: str = "",
@@ -156,6 +161,25 @@ def test_the_machine_notices_a_store_that_lets_a_stale_holder_settle(redis_clean
             token = h["holder"] or token  # any token settles, as holds_trial=True did
         return original(self, params, op, token, now)
 
-    monkeypatch.setattr(MemoryBreakerStore, "apply", any_token_holds)
-    with pytest.raises(AssertionError):
-        _run(redis_clean.db_url(4), redis_clean.client(4).flushdb, max_examples=150, shrink=False)
+    BreakerMachine.backend = (redis_clean.db_url(4), redis_clean.client(4).flushdb)
+    try:
+        machine = BreakerMachine()
+        machine.empty()
+        machine.operator(0, "open")
+        machine.advance(11 * SEC)  # past reset_timeout: half-open on the next trial
+        machine.trial(0)
+        first = machine.granted[0][-1]
+        machine.advance(6 * SEC)  # past the trial's lease
+        machine.trial(0)
+        assert machine.granted[0][-1] != first, "the second caller was not granted the trial"
+        machine._both(0, "success", first)  # the real stores agree: a stale verdict is ignored
+        machine.same_state()
+        monkeypatch.setattr(MemoryBreakerStore, "apply", any_token_holds)
+        machine.advance(6 * SEC)
+        machine.trial(0)
+        stale = machine.granted[0][-2]
+        with pytest.raises(AssertionError):
+            machine._both(0, "success", stale)
+            machine.same_state()
+    finally:
+        BreakerMachine.backend = None
