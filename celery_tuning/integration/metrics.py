@@ -26,7 +26,7 @@ from celery import signals as celery_signals
 
 from .. import signals
 from ..errors import ConfigurationError
-from .receivers import _queue_of, set_recorders, timing_connected
+from .receivers import OTHER_QUEUE, _queue_of, queue_label, set_recorders, timing_connected
 from .runtime import installed_runtime
 
 __all__ = ["BUCKETS", "flush", "metrics", "prepare_multiprocess", "start_endpoint"]
@@ -341,8 +341,11 @@ class _InFlightCollector:
             except RuntimeError:
                 requests = []
         for request in requests:
-            info = request.delivery_info or {}
-            key = (str(request.task_name), str(info.get("routing_key") or "celery"))
+            task = getattr(request, "task", None)
+            app = getattr(task, "app", None)
+            queue = (queue_label(app, request.delivery_info, getattr(task, "queue", None)) if app is not None
+                     else OTHER_QUEUE)
+            key = (str(request.task_name), queue)
             counts[key] = counts.get(key, 0) + 1
         for (task, queue), n in sorted(counts.items()):
             family.add_metric([task, queue], n)
@@ -397,12 +400,9 @@ def _on_failure_outside_child(sender: Any = None, task_id: str = "", exception: 
     while len(_lost) > _REMEMBERED:
         _lost.popitem(last=False)
     # When a child is lost or killed, Celery puts the request's context on the task's stack while
-    # it sends this signal: label the routing key the task came with, like every other outcome
-    # (a test routes a hard-time-limited task to another queue). Without it: the declared queue.
-    info = getattr(sender.request, "delivery_info", None) or {}
-    queue = str(info.get("routing_key") or info.get("queue") or getattr(sender, "queue", None)
-                or sender.app.conf.task_default_queue or "celery")
-    metrics().outcomes.labels(sender.name, queue, "failure").inc()
+    # it sends this signal: label the queue the task came from, like every other outcome (a test
+    # routes a hard-time-limited task to another queue). Without it: the declared queue.
+    metrics().outcomes.labels(sender.name, _queue_of(sender), "failure").inc()
 
 
 def _on_child_exit(pid: Optional[int] = None, **_: Any) -> None:

@@ -77,10 +77,70 @@ def _on_before_publish(sender: Any = None, headers: Optional[Dict[str, Any]] = N
     stamp_headers(headers)
 
 
+#: The queue label of a message whose routing key leads to none of the app's queues. Labels are
+#: queue names, never raw routing keys: on a topic exchange every key (``orders.eu.1234``) would
+#: otherwise be a series of its own, and so would every SLA lookup keyed by it.
+OTHER_QUEUE = "other"
+_MAX_ROUTES = 4096
+# (app id, number of the app's queues, routing key) -> label; the queue count makes a queue added
+# at run time (``add_consumer``) count from then on. Cleared when full: labels are cheap to find.
+_routes: Dict[Tuple[int, int, str], str] = {}
+
+
+def queue_label(app: Any, delivery_info: Any, declared: Optional[str] = None) -> str:
+    """The queue a message came from, as a bounded label: one of ``app``'s queues or ``other``.
+
+    ``delivery_info`` is the request's (its routing key, or the queue name some transports give);
+    ``declared`` is the task's own ``queue`` when it has one, used when the message carries none.
+    """
+    info = delivery_info or {}
+    key = info.get("routing_key") or info.get("queue")
+    if not key:
+        return str(declared or app.conf.task_default_queue or "celery")
+    try:
+        queues = app.amqp.queues
+    except Exception:  # an app whose amqp cannot be set up still gets a label
+        return OTHER_QUEUE
+    memo = (id(app), len(queues), str(key))
+    label = _routes.get(memo)
+    if label is None:
+        label = _route(queues, str(key))
+        if len(_routes) >= _MAX_ROUTES:
+            _routes.clear()
+        _routes[memo] = label
+    return label
+
+
+def _route(queues: Any, key: str) -> str:
+    if key in queues:
+        return key
+    words = key.split(".")
+    for name, queue in list(queues.items()):
+        exchange = getattr(queue, "exchange", None)
+        kind = getattr(exchange, "type", "direct")
+        bindings = [getattr(queue, "routing_key", None)]
+        bindings += [getattr(b, "routing_key", None) for b in (getattr(queue, "bindings", None) or ())]
+        for binding in bindings:
+            if kind == "fanout" or binding == key or (
+                    kind == "topic" and binding and _topic_match(binding.split("."), words)):
+                return str(name)
+    return OTHER_QUEUE
+
+
+def _topic_match(pattern: Any, words: Any) -> bool:
+    """AMQP topic matching: ``*`` is one word, ``#`` zero or more."""
+    if not pattern:
+        return not words
+    head, rest = pattern[0], pattern[1:]
+    if head == "#":
+        return any(_topic_match(rest, words[i:]) for i in range(len(words) + 1))
+    return bool(words) and head in ("*", words[0]) and _topic_match(rest, words[1:])
+
+
 def _queue_of(task: Any, request: Any = None) -> str:
-    """The queue label of a running task: the routing key it came with, else its declared queue."""
-    info = getattr(request if request is not None else task.request, "delivery_info", None) or {}
-    return str(info.get("routing_key") or info.get("queue") or getattr(task, "queue", None) or "celery")
+    """The queue label of a running task (see :func:`queue_label`)."""
+    info = getattr(request if request is not None else task.request, "delivery_info", None)
+    return queue_label(task.app, info, getattr(task, "queue", None))
 
 
 def _eta_seconds(eta: Any) -> Optional[float]:

@@ -1,0 +1,60 @@
+"""Queue labels stay bounded: a routing key becomes one of the app's queues or ``other``."""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from celery_tuning.integration.receivers import OTHER_QUEUE, _routes, _topic_match, queue_label
+
+
+def topic_app() -> Celery:
+    app = Celery("labels", broker="memory://", set_as_current=False)
+    events = Exchange("events", type="topic")
+    app.conf.task_queues = [
+        Queue("celery"),
+        Queue("orders", events, routing_key="orders.#"),
+        Queue("eu-audit", events, routing_key="*.eu.*"),
+        Queue("direct-q", Exchange("d", type="direct"), routing_key="billing"),
+    ]
+    return app
+
+
+def test_topic_routing_keys_collapse_onto_their_queues():
+    app = topic_app()
+    labels = {queue_label(app, {"routing_key": f"orders.eu.{n}"}) for n in range(5000)}
+    assert labels == {"orders"}
+    assert queue_label(app, {"routing_key": "orders"}) == "orders"  # '#' matches zero words
+    assert queue_label(app, {"routing_key": "users.eu.42"}) == "eu-audit"
+    assert queue_label(app, {"routing_key": "billing"}) == "direct-q"
+    assert queue_label(app, {"routing_key": "celery"}) == "celery"
+
+
+def test_unknown_keys_share_one_label_and_the_memo_stays_bounded():
+    app = topic_app()
+    labels = {queue_label(app, {"routing_key": f"users.us.{n}.x"}) for n in range(10_000)}
+    assert labels == {OTHER_QUEUE}
+    assert len(_routes) <= 4096
+
+
+def test_without_a_routing_key_the_declared_queue_then_the_default():
+    app = topic_app()
+    assert queue_label(app, {}, "orders") == "orders"
+    assert queue_label(app, None) == "celery"
+
+
+def test_a_queue_added_at_run_time_is_labelled_from_then_on():
+    app = topic_app()
+    assert queue_label(app, {"routing_key": "late"}) == OTHER_QUEUE
+    app.amqp.queues.add(Queue("late"))
+    assert queue_label(app, {"routing_key": "late"}) == "late"
+
+
+def test_topic_matching():
+    def match(pattern: str, key: str) -> bool:
+        return _topic_match(pattern.split("."), key.split("."))
+
+    assert match("a.*.c", "a.b.c") and not match("a.*.c", "a.b.b.c")
+    assert match("a.#", "a") and match("a.#", "a.b.c") and match("#", "x.y")
+    assert match("#.c", "a.b.c") and not match("#.c", "a.b")
+    assert not match("a.b", "a.b.c")
