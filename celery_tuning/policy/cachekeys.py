@@ -13,9 +13,10 @@ __all__ = ["ArgumentBinder", "UncacheableArgument", "call_digest", "canonical_ar
 class UncacheableArgument(TypeError):
     """An argument has no canonical form; the call runs uncached."""
 
-    def __init__(self, argument: str, value: Any) -> None:
+    def __init__(self, argument: str, value: Any, message: str = "") -> None:
         self.argument = argument
-        super().__init__(f"argument {argument!r} ({type(value).__name__}) has no canonical JSON form")
+        self.value_type = type(value).__name__
+        super().__init__(message or f"argument {argument!r} ({self.value_type}) has no canonical JSON form")
 
 
 _PLAIN = frozenset((str, int, bool, type(None)))
@@ -123,5 +124,18 @@ def call_digest(text: str) -> str:
 
 
 def key_function_digest(key: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> str:
-    """Digest of a user key function's result."""
-    return call_digest(f"k:{key(*args, **kwargs)}")
+    """Digest of a user key function's result, in the arguments' canonical encoding.
+
+    ``str()`` of the result would give ``1`` and ``"1"``, or ``("a", "b")`` and ``"('a', 'b')"``,
+    one entry that either call could poison; the canonical JSON tells them apart.
+
+    Raises:
+        UncacheableArgument: When the result has no canonical form (the call runs uncached).
+    """
+    result = key(*args, **kwargs)
+    try:
+        canonical = _canonical("key", result)
+    except UncacheableArgument as exc:  # named for what the user wrote: a key function, not an argument
+        raise UncacheableArgument("key", result, f"the key function returned a value holding a {exc.value_type}, "
+                                  "which has no canonical JSON form") from None
+    return call_digest("k:" + _dumps(canonical))

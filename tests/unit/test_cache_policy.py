@@ -326,3 +326,44 @@ def test_distinct_arguments_get_distinct_keys():
     for a, b in ((b"hi", {"__bytes__": "6869"}), (float("nan"), {"__float__": "nan"}), (0.0, -0.0), (1, 1.0),
                  (1, True), ((1, 2), [1, 2])):
         assert (one(a) == one(b)) == (_shape(a) == _shape(b))
+
+
+# -- a key function's result is encoded as canonically as arguments are -----------------------
+
+
+def _key_digest(result):
+    from celery_tuning.policy.cachekeys import key_function_digest
+
+    return key_function_digest(lambda *a, **k: result, (), {})
+
+
+def test_key_function_results_that_print_alike_get_distinct_keys():
+    """A key function returning 1 and one returning "1" used to share an entry (str() of each)."""
+    for a, b in ((1, "1"), (("a", "b"), "('a', 'b')"), (None, "None"), (True, "True"), (True, 1), (1, 1.0),
+                 (b"hi", "b'hi'"), ({"a": 1}, "{'a': 1}"), ([1], "[1]")):
+        assert _key_digest(a) != _key_digest(b), (a, b)
+    # what Celery's JSON does to a tuple on the way to the worker must not split an entry
+    assert _key_digest(("a", "b")) == _key_digest(["a", "b"])
+    with pytest.raises(UncacheableArgument, match="key function"):
+        _key_digest(object())
+
+
+def test_key_function_digests_are_injective():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    leaves = st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=4),
+                       st.floats(allow_nan=True, allow_infinity=True), st.binary(max_size=3))
+    values = st.recursive(leaves, lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.lists(inner, max_size=3).map(tuple),
+        st.dictionaries(st.text(max_size=3), inner, max_size=2)), max_leaves=6)
+    # the likeliest partner of a value is its own printed form
+    pairs = values.flatmap(lambda a: st.tuples(st.just(a), st.one_of(values, st.just(str(a)), st.just(repr(a)))))
+
+    @settings(max_examples=400, deadline=None)
+    @given(pairs)
+    def check(pair):
+        a, b = pair
+        assert (_key_digest(a) == _key_digest(b)) == (_shape(a) == _shape(b)), (a, b)
+
+    check()
