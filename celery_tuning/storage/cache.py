@@ -14,7 +14,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Type
 from ..errors import StorageError
 from .redis import REDIS_ERRORS, RedisConnector, hash_tag
 
-__all__ = ["CacheKeys", "InvalidationListener", "RedisCacheStore", "StoreWriter", "flush_writers"]
+__all__ = ["CacheKeys", "InvalidationListener", "RedisCacheStore", "StoreWriter", "flush_writers", "glob_escape"]
 
 logger = logging.getLogger("celery_tuning.cache")
 
@@ -37,7 +37,13 @@ class CacheKeys:
         return f"{self.value(generation, digest)}:lock"
 
     def pattern(self, generation: int) -> str:
-        return f"{self.stem}:v{self.version}:g{generation}:*"
+        """SCAN MATCH pattern of one generation's entries (the task name taken literally)."""
+        return f"{glob_escape(self.stem)}:v{self.version}:g{generation}:*"
+
+
+def glob_escape(text: str) -> str:
+    """``text`` as a literal in a Redis glob (SCAN MATCH, KEYS): a task name may hold ``*?[]\\``."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 class RedisCacheStore:

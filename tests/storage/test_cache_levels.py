@@ -168,3 +168,16 @@ def test_a_value_that_encodes_but_never_decodes_is_not_stored(redis_clean, caplo
     messages = [r.getMessage() for r in caplog.records]
     assert sum("cannot read back" in m for m in messages) == 1, messages
     assert not any("not ours" in m for m in messages), messages
+
+
+def test_entries_counts_only_its_own_task_whatever_glob_characters_its_name_holds(redis_clean):
+    """SCAN MATCH reads *, ?, [ ] and \\ as a pattern: a name holding them used to count other tasks' entries."""
+    names = ["t.x*", "t.x?", "t.x[ab]", "t.x\\", "t.xa", "t.xb", "t.xab", "t.x\\a"]
+    caches = {name: process(redis_clean, name) for name in names}
+    for cache in caches.values():  # one generation for all: only the name tells their entries apart
+        redis_clean.client(1).set(cache.keys.generation_key, 7)
+    for n, cache in enumerate(caches.values(), start=1):
+        for i in range(n):
+            cache.get_or_compute(cache.digest((f"doc{i}",), {}), lambda i=i: i)
+    assert {name: cache.l2_entries() for name, cache in caches.items()} == {
+        name: n for n, name in enumerate(names, start=1)}
