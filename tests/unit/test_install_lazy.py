@@ -184,7 +184,8 @@ def test_bad_setting_after_install_fails_at_task_bind_naming_both():
     def f():
         return 1
 
-    with pytest.raises(ConfigurationError, match=r"tuning_rate_limits\['api'\].rate.*\(found while binding task 'limited'\)"):
+    with pytest.raises(ConfigurationError,
+                       match=r"tuning_rate_limits\['api'\].rate.*\(found while binding task 'limited'\)"):
         f.run  # noqa: B018 - binding happens on first access of the lazy task
 
 

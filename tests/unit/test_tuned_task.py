@@ -188,7 +188,8 @@ def test_invalid_config_is_reported_with_the_task_name(recording_steps):
     def f():
         return 1
 
-    with pytest.raises(ConfigurationError, match=r"tuning_sla\['q'\].warning.*\(found while binding task 'needs_conf'\)"):
+    with pytest.raises(ConfigurationError,
+                       match=r"tuning_sla\['q'\].warning.*\(found while binding task 'needs_conf'\)"):
         f.run  # noqa: B018 - binding happens on first access of the lazy task
 
 
