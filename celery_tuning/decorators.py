@@ -281,7 +281,8 @@ def sla(
     return decorate
 
 
-def concurrency_limit(name: str, *, max_deferrals: int = 100) -> Callable[[F], F]:
+def concurrency_limit(name: str, *, max_deferrals: int = 100,
+                      max_wait: Optional[float] = None) -> Callable[[F], F]:
     """Run at most N of these tasks at once across every worker (N from ``tuning_concurrency_limits``).
 
     A task that finds every slot taken is re-published for a little later without
@@ -293,11 +294,16 @@ def concurrency_limit(name: str, *, max_deferrals: int = 100) -> Callable[[F], F
         name: A key of ``tuning_concurrency_limits``.
         max_deferrals: Deferrals allowed per task before it fails with
             :class:`~celery_tuning.ConcurrencyLimited`.
+        max_wait: Seconds a call that has no message of its own to defer (``apply()``,
+            a direct call, a member of ``map``/``starmap``/``chunks``) waits for a slot
+            before raising :class:`~celery_tuning.ConcurrencyLimited` (default: the lease
+            TTL; 0 raises at once).
     """
     if not isinstance(name, str) or not name.strip():
         raise ConfigurationError(f"@concurrency_limit({name!r}): expected a name from tuning_concurrency_limits")
-    policy = ConcurrencyPolicy(name=name, max_deferrals=_count("concurrency_limit", "max_deferrals", max_deferrals,
-                                                                minimum=0))
+    policy = ConcurrencyPolicy(
+        name=name, max_deferrals=_count("concurrency_limit", "max_deferrals", max_deferrals, minimum=0),
+        max_wait=None if max_wait is None else _seconds("concurrency_limit", "max_wait", max_wait))
 
     def decorate(fun: F) -> F:
         attach_policy(fun, "concurrency", policy, "concurrency_limit")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any, Dict, Optional, Tuple
 
 from ..concurrency import ConcurrencyLimiter
@@ -61,18 +62,40 @@ class ConcurrencyStep(Step):
             lease = limiter.acquire()
             if not lease.granted:
                 request = task.request
-                if is_eager(request):
-                    raise ConcurrencyLimited(policy.name, lease.retry_after)
-                recheck = min(lease.retry_after, 0.25 * 1.5 ** deferrals_of(request), _MAX_RECHECK)
-                defer(task, jitter(recheck), reason="concurrency_limit", max_deferrals=policy.max_deferrals,
-                      on_exhausted=lambda n: ConcurrencyLimited(f"{policy.name} (gave up after {n} deferrals)",
-                                                                lease.retry_after))
+                if is_eager(request):  # nothing to defer through: wait, bounded, then raise
+                    lease = self._wait_for_slot(limiter, lease)
+                else:
+                    recheck = min(lease.retry_after, 0.25 * 1.5 ** deferrals_of(request), _MAX_RECHECK)
+                    defer(task, jitter(recheck), reason="concurrency_limit", max_deferrals=policy.max_deferrals,
+                          on_exhausted=lambda n: ConcurrencyLimited(
+                              f"{policy.name} (gave up after {n} deferrals)", lease.retry_after))
             try:
                 return call_next(task, args, kwargs)
             finally:
                 limiter.release(lease)
 
         return call
+
+    def _wait_for_slot(self, limiter: ConcurrencyLimiter, lease: Any) -> Any:
+        """A slot for a call with no message to defer (``apply()``, direct calls, map/chunks members).
+
+        Slots free up when tasks end, which no expiry time tells, so the call looks again at a
+        growing interval until ``max_wait`` (default: the lease TTL) has passed.
+        """
+        wait = self.policy.max_wait
+        if wait is None:
+            wait = float(self.runtime.config.concurrency_lease_ttl)
+        deadline = time.monotonic() + wait
+        pause = 0.02
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ConcurrencyLimited(self.policy.name, lease.retry_after)
+            time.sleep(min(pause, left))
+            pause = min(pause * 1.5, 1.0)
+            lease = limiter.acquire()
+            if lease.granted:
+                return lease
 
 
 register_step("concurrency", ConcurrencyStep)

@@ -98,6 +98,8 @@ class ConcurrencyPolicy:
 
     name: str
     max_deferrals: int = 100
+    #: Seconds a call with no broker to defer through waits for a slot (None: the lease TTL).
+    max_wait: Optional[float] = None
 
 
 def _looks_like_task(obj: Any) -> bool:

@@ -178,17 +178,11 @@ def test_short_circuit_still_answers_plain_calls(cached_app, published, call):
 # --- the canvas matrix on a real prefork worker ----------------------------------------------
 
 FORMS = ("chain", "group", "chord", "chunks", "map", "starmap", "link", "link_error", "replace")
-#: Cells that cannot pass for a reason outside this module (see each reason).
-_DIRECT = ("celery.map/starmap/chunks call the task directly inside one worker task, so the step "
-           "treats the member as an eager call: ")
-KNOWN: Dict[Tuple[str, str], str] = {
-    ("chunks", "conc"): _DIRECT + "chunks run side by side and a member that finds the slot taken raises "
-                                  "ConcurrencyLimited at once (concurrency_step.py; the rate limit waits instead), "
-                                  "failing its whole chunk",
-    ("chunks", "breaker"): _DIRECT + "an open breaker raises CircuitOpen and fails the whole chunk",
-    ("map", "breaker"): _DIRECT + "an open breaker raises CircuitOpen and fails the whole map",
-    ("starmap", "breaker"): _DIRECT + "an open breaker raises CircuitOpen and fails the whole starmap",
-}
+#: Celery's map, starmap and chunks call the task directly inside one built-in task: a member has
+#: no message of its own to re-publish. A concurrency limit waits for a slot there (max_wait); an
+#: open breaker fails fast (CircuitOpen) and so fails the whole map, as documented in
+#: docs/breakers.md. Those cells are checked by test_direct_members_fail_fast_on_an_open_breaker.
+DIRECT_FAIL_FAST = {("chunks", "breaker"), ("map", "breaker"), ("starmap", "breaker")}
 
 
 @pytest.fixture(scope="module")
@@ -273,14 +267,12 @@ def _wait_for(predicate: Callable[[], bool], timeout: float = 15.0) -> bool:
     return predicate()
 
 
-MATRIX = [(form, mode) for mode in ("cached", "rate", "conc", "breaker") for form in FORMS]
+MATRIX = [(form, mode) for mode in ("cached", "rate", "conc", "breaker") for form in FORMS
+          if (form, mode) not in DIRECT_FAIL_FAST]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("form", "mode"), [
-    pytest.param(form, mode, marks=[pytest.mark.xfail(strict=True, reason=KNOWN[(form, mode)])]
-                 if (form, mode) in KNOWN else [], id=f"{mode}-{form}")
-    for form, mode in MATRIX])
+@pytest.mark.parametrize(("form", "mode"), [pytest.param(form, mode, id=f"{mode}-{form}") for form, mode in MATRIX])
 def test_canvas_matrix(canvas_worker, form, mode):
     """Every result and callback exactly once, the chord body once with every header result,
     whatever the tasks' policy does to the members (cache hits, deferrals, an open breaker)."""
@@ -318,3 +310,24 @@ def test_canvas_matrix(canvas_worker, form, mode):
     assert [json.loads(raw) for raw in ledger.lrange(bodies_key, 0, -1)] == ([] if mode == "cached" else bodies)
     assert {key.decode(): int(n) for key, n in ledger.hgetall(errbacks_key).items()} == (
         {cell.failed_id: 1} if form == "link_error" else {})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", sorted(form for form, _ in DIRECT_FAIL_FAST))
+def test_direct_members_fail_fast_on_an_open_breaker(canvas_worker, form):
+    """map/starmap/chunks members are direct calls: an open breaker raises CircuitOpen in the
+    member, which fails the built-in task once; no member body runs and nothing is retried."""
+    import time
+
+    from celery_tuning import CircuitOpen
+    from celery_tuning.integration.breakers import breaker
+    from tests.apps.canvas import BREAKER_REFRESH
+
+    app, ledger, _ = canvas_worker
+    cell = Cell(app, "breaker", base=100_000 + 1000 * FORMS.index(form))
+    ledger.delete("runs:breaker")
+    breaker("canvas-breaker", app).open()
+    time.sleep(2 * BREAKER_REFRESH)
+    with pytest.raises(CircuitOpen):
+        cell.run(form)
+    assert ledger.hgetall("runs:breaker") == {}

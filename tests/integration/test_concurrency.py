@@ -75,13 +75,40 @@ def test_bind_and_eager_errors(redis_clean):
         return inner.apply().get()
 
     @app.task(base=TunedTask, shared=False)
-    @concurrency_limit("solo")
+    @concurrency_limit("solo", max_wait=0.3)
     def inner():
         return "ran"
 
     assert inner.apply().get() == "ran"  # the slot is released after each run
+    started = time.monotonic()
     with pytest.raises(ConcurrencyLimited, match="concurrency limit 'solo' reached"):
-        nested.apply().get()
+        nested.apply().get()  # holds the only slot: inner waits max_wait for it, then raises
+    assert time.monotonic() - started >= 0.3
+
+
+def test_a_call_with_no_message_waits_for_a_slot(redis_clean):
+    """apply(), direct calls and map/starmap/chunks members have nothing to defer: they wait for a
+    slot (bounded by max_wait) instead of failing at once while a slot is about to free up."""
+    import threading
+
+    from celery_tuning.integration.concurrency_step import concurrency_limiter_for
+    from celery_tuning.integration.runtime import runtime_for
+
+    app = make_app(redis_clean, "ccwait", tuning_concurrency_limits={"one": 1})
+
+    @app.task(base=TunedTask, shared=False)
+    @concurrency_limit("one", max_wait=10)
+    def render(x):
+        return x * 2
+
+    limiter = concurrency_limiter_for(runtime_for(app), "one")
+    held = limiter.acquire()
+    assert held.granted
+    threading.Timer(0.3, limiter.release, (held,)).start()
+    started = time.monotonic()
+    assert render.apply((21,)).get() == 42
+    assert render(5) == 10  # a direct call, as celery.map runs its members
+    assert 0.3 <= time.monotonic() - started < 5
 
 
 def test_redis_down_caps_per_process_and_recovers(fault_redis):

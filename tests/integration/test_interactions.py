@@ -244,7 +244,7 @@ def test_apply_refused_by_the_concurrency_limit_never_opens_the_breaker(redis_cl
 
     @app.task(shared=False, name="ix.eager")
     @circuit_breaker(CB, on_open="fail")
-    @concurrency_limit(CC)
+    @concurrency_limit(CC, max_wait=0)
     @rate_limit(RL)
     def eager(x):
         return x
@@ -289,7 +289,7 @@ def test_a_trial_refused_by_a_limit_frees_the_trial_for_the_next_caller(redis_cl
 
     @app.task(shared=False, name="ix.trial")
     @circuit_breaker(CB, on_open="fail")
-    @concurrency_limit(CC)
+    @concurrency_limit(CC, max_wait=0)
     def trial(x):
         return x
 
