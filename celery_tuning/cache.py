@@ -17,7 +17,7 @@ from cachetools import TTLCache
 from .errors import StorageError
 from .policy.cachekeys import ArgumentBinder, UncacheableArgument, call_digest, canonical_call, key_function_digest
 from .policy.codec import CorruptValue, decode, encode
-from .storage.cache import CacheKeys, RedisCacheStore, listener_for
+from .storage.cache import CacheKeys, LockRenewer, RedisCacheStore, listener_for, lock_renewer
 
 __all__ = ["Preflight", "TwoLevelCache", "UncacheableArgument"]
 
@@ -135,7 +135,9 @@ class TwoLevelCache:
         serializer: ``"json"`` or ``"msgpack"``.
         key: Optional key function taking the task's arguments.
         vary_on: Only these argument names make up the key.
-        lock_timeout: Single-flight lock TTL (s): how long followers trust a leader.
+        lock_timeout: Longest life (s) of a single-flight lock, however long its leader computes.
+        lease_ttl: Single-flight lock TTL (s) between renewals: the leader's process renews it
+            while the body runs, so followers take over within this long after the leader died.
         wait_timeout: How long a follower waits for the leader's value before running itself.
         write_behind: Hand a computed value to the process's background writer instead of
             waiting for Redis to take it (the lock is released by the same store, so other
@@ -161,6 +163,7 @@ class TwoLevelCache:
         key: Optional[Callable[..., Any]] = None,
         vary_on: Optional[Sequence[str]] = None,
         lock_timeout: float = 60.0,
+        lease_ttl: float = 30.0,
         wait_timeout: Optional[float] = None,
         write_behind: bool = False,
         observer: Optional[Observer] = None,
@@ -179,6 +182,9 @@ class TwoLevelCache:
         self.key_function = key
         self.vary_on = tuple(vary_on) if vary_on is not None else None
         self.lock_timeout = float(lock_timeout)
+        # A lock that lives no longer than one lease needs no renewal: it is taken for lock_timeout.
+        self.lease_ttl = min(float(lease_ttl), self.lock_timeout)
+        self._renewer: LockRenewer = lock_renewer()
         self.wait_timeout = float(wait_timeout) if wait_timeout is not None else self.lock_timeout + 1.0
         self.write_behind = write_behind
         self.observer = observer
@@ -410,7 +416,8 @@ class TwoLevelCache:
             return self._compute_local(digest, compute)
         self._listen()
         token = ""
-        lock_ms = max(1, int(self.lock_timeout * 1000))
+        lock_ms = max(1, int(self.lease_ttl * 1000))
+        asked = self._renewer.clock()
         try:
             generation = self._current_generation()
             value_key, lock_key = self.keys.value(generation, digest), self.keys.lock(generation, digest)
@@ -431,6 +438,8 @@ class TwoLevelCache:
                         value_key, lock_key, token, lock_ms, pending.keys, pending.packed)
                     if reply is not None:
                         pending.settle(reply)
+                if role == 1:
+                    self._lead(lock_key, token, lock_ms, asked)
             self._note_l2(raw is not None)
         except StorageError as exc:
             self._warn_once("redis", "cache %s: tuning Redis failed (%s); serving from L1 only", self.name, exc)
@@ -452,10 +461,13 @@ class TwoLevelCache:
             self._emit("wait")
             self.sleep(delay)
             delay = min(delay * 2, 0.2)
+            asked = self._renewer.clock()
             try:
                 raw, _, role = self.store.lookup(value_key, lock_key, token, lock_ms)
             except StorageError:
                 return self._compute_local(digest, compute)
+            if role == 1:
+                self._lead(lock_key, token, lock_ms, asked)
             if raw is not None:
                 ok, value = self._accept(digest, raw)
                 if ok:
@@ -466,6 +478,10 @@ class TwoLevelCache:
         except BaseException:
             self._release(value_key, lock_key, token)  # exceptions are never cached
             raise
+        finally:
+            # The store (or release) that follows frees the lock; a deferred store lands within
+            # the lease the last renewal gave, or the lock runs out and a follower computes.
+            self._renewer.drop(lock_key, token)
         encoded = self._encode(value)
         raw = encoded[0] if encoded is not None else None
         try:
@@ -479,6 +495,14 @@ class TwoLevelCache:
         if raw is not None:
             self._emit("store")
         return self._as_stored(digest, value, encoded)
+
+    def _lead(self, lock_key: str, token: str, lock_ms: int, asked: float) -> None:
+        """This caller took the lock: keep it alive while it computes, at most ``lock_timeout``
+        from when it asked (the lock was taken after that, so it never outlives the bound)."""
+        if self.lease_ttl < self.lock_timeout:
+            assert self.store is not None
+            self._renewer.hold(self.store.connector, self.keys.stem, lock_key, token, lock_ms,
+                               asked + self.lock_timeout)
 
     def _store_failed(self, exc: StorageError) -> None:
         self._warn_once("redis", "cache %s: tuning Redis failed (%s); serving from L1 only", self.name, exc)

@@ -117,7 +117,8 @@ class CacheStep(Step):
                 version=p.version, ttl=p.ttl, l1_ttl=p.l1_ttl, l1_maxsize=self.runtime.config.cache_l1_maxsize,
                 l1_max_bytes=self.runtime.config.cache_l1_max_bytes,
                 max_size=p.max_size, serializer=p.serializer, key=p.key, vary_on=p.vary_on,
-                lock_timeout=self.lock_timeout, wait_timeout=p.wait_timeout,
+                lock_timeout=self.lock_timeout, lease_ttl=self.runtime.config.concurrency_lease_ttl,
+                wait_timeout=p.wait_timeout,
                 write_behind=self.runtime.config.cache_write_behind, observer=_observer,
             )
         return self._cache

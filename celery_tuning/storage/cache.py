@@ -9,12 +9,13 @@ import os
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Type
+from typing import Any, Callable, Deque, Dict, List, NamedTuple, Optional, Tuple, Type
 
 from ..errors import StorageError
 from .redis import REDIS_ERRORS, RedisConnector, hash_tag
 
-__all__ = ["CacheKeys", "InvalidationListener", "RedisCacheStore", "StoreWriter", "flush_writers", "glob_escape"]
+__all__ = ["CacheKeys", "InvalidationListener", "LockRenewer", "RedisCacheStore", "StoreWriter", "flush_writers",
+           "glob_escape", "lock_renewer"]
 
 logger = logging.getLogger("celery_tuning.cache")
 
@@ -213,6 +214,140 @@ class InvalidationListener:
             logger.exception("cache invalidation handler failed on a message from %s", self.channel)
 
 
+class _HeldLock(NamedTuple):
+    connector: RedisConnector
+    group: str  # the key's hash tag: on a Cluster, locks of one group share a slot
+    key: str
+    token: str
+    lease_ms: int
+    deadline: float  # LockRenewer.clock(): the lock's life ends here whatever happens
+
+
+class LockRenewer:
+    """Keeps this process's single-flight locks alive while their leaders compute.
+
+    A lock is taken for one short lease, not for the longest a leader may take: a leader
+    killed mid-compute (OOM, SIGKILL, a lost host) stops renewing, and its followers take over
+    within one lease. A live leader keeps its lock for as long as it computes, up to its
+    ``deadline`` (``lock_timeout`` after it asked), where the lock runs out whatever happens:
+    the last renewal sets no more than what is left.
+
+    One thread per process renews every held lock each third of a lease, in one round trip per
+    connector (one per hash tag on a Cluster, where the keys live in different slots), through
+    ``cache_renew.lua``, which extends a lock only while it holds our token. A lock lost
+    meanwhile (a stall longer than the lease, a flush, a failover) is dropped, not taken back: a
+    follower polls every 200 ms at most, so it has taken the lock or will before any renewal
+    could, and taking it back could revive a lock its leader has just released.
+
+    The thread waits on a condition while nothing is held: a process that holds no lock sends
+    nothing, and when it does hold one the renewal borrows the pool's idle connection (the
+    task's own thread is busy computing), so no second pool connection is needed. Started
+    lazily and again after ``fork()``; a child forgets the locks its parent held (they are
+    the parent's to renew).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._reset()
+
+    def _reset(self) -> None:
+        self._cond = threading.Condition()
+        self._held: Dict[Tuple[str, str], _HeldLock] = {}
+        self._thread: Optional[threading.Thread] = None
+        self._pid: Optional[int] = None
+        self._warned = False
+
+    def hold(self, connector: RedisConnector, group: str, key: str, token: str, lease_ms: int,
+             deadline: float) -> None:
+        """Renew ``key`` (held with ``token`` for ``lease_ms``) until :meth:`drop` or ``deadline``."""
+        if self._pid != os.getpid():
+            with _renewer_lock:
+                if self._pid != os.getpid():
+                    self._reset()  # fork() without the at-fork hook: the parent's locks are not ours
+                    self._pid = os.getpid()
+        with self._cond:
+            self._held[(key, token)] = _HeldLock(connector, group, key, token, lease_ms, deadline)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="celery-tuning-cache-locks", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def drop(self, key: str, token: str) -> None:
+        """Stop renewing ``key`` (its leader is done; the store or release that follows frees it)."""
+        with self._cond:
+            self._held.pop((key, token), None)
+
+    def held(self) -> int:
+        """Locks this process renews now."""
+        with self._cond:
+            return len(self._held)
+
+    def renew_once(self) -> int:
+        """Renew every held lock now; returns how many were still ours. Never raises because Redis
+        is away: the locks then run out one lease after their last renewal, as a dead leader's do."""
+        now = self.clock()
+        with self._cond:
+            held = list(self._held.values())
+            for lock in held:
+                if lock.deadline <= now:
+                    del self._held[(lock.key, lock.token)]  # its last renewal set no more than this
+        calls: Dict[Tuple[int, str], List[_HeldLock]] = {}
+        for lock in held:
+            if lock.deadline > now:
+                group = lock.group if lock.connector.target.kind == "cluster" else ""
+                calls.setdefault((id(lock.connector), group), []).append(lock)
+        renewed = 0
+        for locks in calls.values():
+            args: List[Any] = []
+            for lock in locks:
+                args += [lock.token, max(1, min(lock.lease_ms, int((lock.deadline - now) * 1000)))]
+            try:
+                replies = locks[0].connector.evalsha("cache_renew", [lock.key for lock in locks], args)
+            except StorageError as exc:
+                if not self._warned:
+                    self._warned = True
+                    logger.warning("cache: could not renew single-flight locks (%s); followers may compute "
+                                   "again once they run out", exc)
+                continue
+            self._warned = False
+            with self._cond:
+                for lock, ours in zip(locks, replies):
+                    if int(ours):
+                        renewed += 1
+                    else:
+                        self._held.pop((lock.key, lock.token), None)
+        return renewed
+
+    def _run(self) -> None:
+        last = self.clock()
+        while True:
+            with self._cond:
+                while True:
+                    if not self._held:
+                        self._cond.wait()
+                        last = self.clock()
+                        continue
+                    interval = max(min(lock.lease_ms for lock in self._held.values()) / 3000, 0.05)
+                    remaining = last + interval - self.clock()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+            try:
+                self.renew_once()
+            except Exception:  # the renewer must outlive any one bad round
+                logger.exception("cache: single-flight lock renewal failed")
+            last = self.clock()
+
+
+_renewer_lock = threading.Lock()
+_renewer = LockRenewer()
+
+
+def lock_renewer() -> LockRenewer:
+    """This process's :class:`LockRenewer`."""
+    return _renewer
+
+
 _listeners: Dict[Tuple[int, str], InvalidationListener] = {}
 _listeners_lock = threading.Lock()
 
@@ -348,8 +483,13 @@ _writers_lock = threading.Lock()
 
 def _new_lock_after_fork() -> None:
     # Another thread may have held the lock at fork(): the child's copy would stay locked.
-    global _writers_lock
+    global _writers_lock, _renewer_lock
     _writers_lock = threading.Lock()
+    _renewer_lock = threading.Lock()
+    # The parent's leaders are the parent's: a child renewing their locks would keep them alive
+    # after the parent released them, or after the parent died.
+    _renewer._reset()
+    _renewer._pid = os.getpid()
 
 
 os.register_at_fork(after_in_child=_new_lock_after_fork)

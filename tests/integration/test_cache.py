@@ -185,6 +185,9 @@ def test_followers_wait_for_the_leader_and_survive_a_dead_one(redis_clean):
         time.sleep(0.3)
         return x + 1
 
+    # Celery marks an app finalized before it binds its tasks: threads racing to the first apply()
+    # can get an unbound task (request_stack None). Workers finalize before any task runs.
+    app.finalize()
     results = []
     threads = [threading.Thread(target=lambda: results.append(slow.apply((1,)).get())) for _ in range(6)]
     for t in threads:
@@ -200,6 +203,83 @@ def test_followers_wait_for_the_leader_and_survive_a_dead_one(redis_clean):
     start = time.monotonic()
     assert slow.apply((7,)).get() == 8
     assert 0.9 <= time.monotonic() - start < 3.0
+
+
+def _leader_in_child(task, args):
+    """Fork a process that calls ``task`` (and so leads its computation); its pid."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            task.apply(args)
+        finally:
+            os._exit(0)
+    return pid
+
+
+def _wait_for(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def _counting_app(redis_clean, name, lease_ttl, lock_timeout, first_run_takes):
+    """An app whose cached task counts its runs in Redis; the first run takes ``first_run_takes`` s."""
+    import redis
+
+    app = make_app(redis_clean, name, tuning_concurrency_lease_ttl=lease_ttl)
+    runs_url = redis_clean.db_url(2)
+
+    @app.task(base=TunedTask, shared=False)
+    @cache_result(ttl=60, l1_ttl=0, lock_timeout=lock_timeout, wait_timeout=5)
+    def crunch(x):
+        if redis.Redis.from_url(runs_url).incr(f"runs:{x}") == 1:
+            time.sleep(first_run_takes)
+        return x * 2
+
+    return crunch, redis_clean.client(2)
+
+
+def test_a_sigkilled_leader_holds_followers_for_the_lock_lease_not_lock_timeout(redis_clean):
+    """The leader is a real process killed mid-compute: a follower takes over once the lock's
+    lease (tuning_concurrency_lease_ttl, 1 s) runs out, not after lock_timeout (60 s)."""
+    import signal
+
+    crunch, runs = _counting_app(redis_clean, "cachedeadleader", lease_ttl=1.0, lock_timeout=60, first_run_takes=60)
+    pid = _leader_in_child(crunch, (1,))
+    try:
+        _wait_for(lambda: runs.get("runs:1") == b"1")
+        time.sleep(0.5)  # a renewal or two went out
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pid = 0
+        start = time.monotonic()
+        assert crunch.apply((1,)).get() == 2
+        waited = time.monotonic() - start
+    finally:
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    assert runs.get("runs:1") == b"2", "the follower computed it after the leader died"
+    assert 0.3 <= waited < 1.0 + 0.2 + 0.6, f"the follower waited {waited:.2f}s for a dead leader"
+
+
+def test_a_live_leader_slower_than_the_lease_keeps_its_lock(redis_clean):
+    """The leader's process renews the lock while the body runs: a follower arriving after the
+    lease (0.5 s) would have run out waits for the leader's value instead of computing it again."""
+    crunch, runs = _counting_app(redis_clean, "cacheslowleader", lease_ttl=0.5, lock_timeout=60, first_run_takes=2.5)
+    pid = _leader_in_child(crunch, (3,))
+    try:
+        _wait_for(lambda: runs.get("runs:3") == b"1")
+        tuning = redis_clean.client(1)
+        [lock] = list(tuning.scan_iter(match="*:lock"))
+        assert 0 < tuning.pttl(lock) <= 500, "the lock lives one lease, not lock_timeout"
+        time.sleep(1.0)  # two leases: only renewals keep it now
+        assert tuning.pttl(lock) > 0
+        assert crunch.apply((3,)).get() == 6
+    finally:
+        os.waitpid(pid, 0)
+    assert runs.get("runs:3") == b"1", "a second computation ran while the leader was alive"
 
 
 def test_redis_down_serves_l1_and_tasks_still_run(fault_redis, redis_clean):

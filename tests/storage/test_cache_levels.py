@@ -181,3 +181,87 @@ def test_entries_counts_only_its_own_task_whatever_glob_characters_its_name_hold
             cache.get_or_compute(cache.digest((f"doc{i}",), {}), lambda i=i: i)
     assert {name: cache.l2_entries() for name, cache in caches.items()} == {
         name: n for n, name in enumerate(names, start=1)}
+
+
+# -- single-flight locks are leases renewed by the leader's process ---------------------------
+
+
+def test_lock_timeout_bounds_a_live_leaders_lock_whatever_the_renewals(redis_clean):
+    """Renewals keep a slow leader's lock (lease 0.3 s) only up to lock_timeout (1 s): then a
+    follower computes itself, as the bound promises."""
+    import threading
+
+    leader = process(redis_clean, "t.bound", l1_ttl=0, lease_ttl=0.3, lock_timeout=1.0)
+    follower = process(redis_clean, "t.bound", l1_ttl=0, lease_ttl=0.3, lock_timeout=1.0, wait_timeout=5)
+    d = leader.digest(("x",), {})
+    started = threading.Event()
+
+    def slow():
+        started.set()
+        time.sleep(2.0)
+        return "leader"
+
+    thread = threading.Thread(target=lambda: leader.get_or_compute(d, slow))
+    asked = time.monotonic()
+    thread.start()
+    assert started.wait(5)
+    assert follower.get_or_compute(d, lambda: "follower") == "follower"
+    took_over = time.monotonic() - asked
+    thread.join()
+    assert 0.8 <= took_over < 1.6, f"the follower took over after {took_over:.2f}s"
+
+
+def test_renewal_extends_only_locks_that_still_hold_our_token_in_one_round_trip(fault_redis):
+    from celery_tuning.storage.cache import LockRenewer
+
+    client = fault_redis.client(1)
+    client.flushdb()
+    connector = RedisConnector(fault_redis.db_url(1))
+    renewer = LockRenewer()
+    deadline = renewer.clock() + 60
+    ours = [(f"tuning:cache:{{t.{i % 2}}}:v1:g1:d{i}:lock", f"tok{i}") for i in range(5)]
+    for key, token in ours:
+        client.set(key, token, px=1000)
+        renewer.hold(connector, key.split(":")[2], key, token, 30_000, deadline)
+    client.set("tuning:cache:{t.0}:v1:g1:taken:lock", "a follower's", px=1000)
+    renewer.hold(connector, "{t.0}", "tuning:cache:{t.0}:v1:g1:taken:lock", "tok-lost", 30_000, deadline)
+    client.set("tuning:cache:{t.1}:v1:g1:late:lock", "tok-late", px=1000)
+    renewer.hold(connector, "{t.1}", "tuning:cache:{t.1}:v1:g1:late:lock", "tok-late", 30_000, renewer.clock() + 0.5)
+
+    from celery_tuning.storage.redis import load_lua
+
+    client.script_load(load_lua("cache_renew"))  # a NOSCRIPT answer would count one call more
+    before = _calls(client, "evalsha")
+    assert renewer.renew_once() == 6
+    assert _calls(client, "evalsha") - before == 1, "every held lock renewed in one round trip"
+    assert all(29_000 < client.pttl(key) <= 30_000 for key, _ in ours)
+    assert client.get("tuning:cache:{t.0}:v1:g1:taken:lock") == b"a follower's"
+    assert client.pttl("tuning:cache:{t.0}:v1:g1:taken:lock") <= 1000, "another caller's lock was extended"
+    assert client.pttl("tuning:cache:{t.1}:v1:g1:late:lock") <= 500, "renewed past its lock_timeout"
+    assert renewer.held() == 6, "the lost lock is no longer renewed"
+    for key, token in ours:
+        renewer.drop(key, token)
+    time.sleep(0.6)
+    assert renewer.renew_once() == 0 and renewer.held() == 0, "a lock past its deadline is dropped"
+    connector.close()
+
+
+def test_a_forked_child_does_not_renew_its_parents_locks(redis_clean):
+    from celery_tuning.storage.cache import lock_renewer
+    from tests.support.fork import true_in_child
+
+    client = redis_clean.client(1)
+    connector = RedisConnector(redis_clean.db_url(1))
+    renewer = lock_renewer()
+    client.set("tuning:cache:{t.fork}:v1:g1:d:lock", "parent", px=2000)
+    renewer.hold(connector, "{t.fork}", "tuning:cache:{t.fork}:v1:g1:d:lock", "parent", 2000, renewer.clock() + 60)
+    try:
+        assert true_in_child(lambda: renewer.held() == 0 and renewer.renew_once() == 0)
+        assert renewer.held() == 1
+    finally:
+        renewer.drop("tuning:cache:{t.fork}:v1:g1:d:lock", "parent")
+        connector.close()
+
+
+def _calls(client, command):
+    return client.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0)
