@@ -265,3 +265,26 @@ def test_a_forked_child_does_not_renew_its_parents_locks(redis_clean):
 
 def _calls(client, command):
     return client.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0)
+
+
+def test_renewal_on_a_cluster_renews_each_tasks_locks_in_its_own_slot(cluster_clean):
+    """A Cluster refuses one script over keys of several slots (CROSSSLOT): one call per task."""
+    from redis.cluster import RedisCluster
+
+    from celery_tuning.storage.cache import LockRenewer
+
+    client = RedisCluster(host="127.0.0.1", port=cluster_clean.nodes[0].port)
+    connector = RedisConnector(cluster_clean.url)
+    renewer = LockRenewer()
+    keys = [(f"tuning:cache:{{t.{name}}}:v1:g1:d{i}:lock", f"tuning:cache:{{t.{name}}}", f"tok{name}{i}")
+            for name in ("a", "b", "c") for i in range(2)]
+    for key, group, token in keys:
+        client.set(key, token, px=1000)
+        renewer.hold(connector, group, key, token, 30_000, renewer.clock() + 60)
+    assert len({client.keyslot(key) for key, _, _ in keys}) == 3
+    assert renewer.renew_once() == 6
+    assert all(client.pttl(key) > 29_000 for key, _, _ in keys)
+    for key, _, token in keys:
+        renewer.drop(key, token)
+    connector.close()
+    client.close()
