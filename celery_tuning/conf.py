@@ -409,7 +409,8 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting("tuning_concurrency_limits", "dict[str, int]", {},
             "Cluster-wide caps on tasks running at once, by name.", _int_caps),
     Setting("tuning_concurrency_lease_ttl", "float (s)", 30.0,
-            "Lifetime of a concurrency-limit lease without renewal: how soon a dead worker's slot returns.",
+            "Lifetime of a concurrency-limit lease or a cache single-flight lock without renewal: how soon "
+            "a dead worker's slot or lock returns.",
             _positive_float),
     Setting("tuning_concurrency_scale", "float", 1.0,
             "Multiplies profile concurrency (operators set it from the environment).",
