@@ -1,10 +1,17 @@
 """GCRA (generic cell rate algorithm) math: the oracle the Lua scripts are tested against.
 
-One number per bucket, the theoretical arrival time (TAT), in integer microseconds. A
-request of ``cost`` is admitted when, after adding ``cost * interval`` to the TAT, the
-TAT is no more than ``burst * interval`` ahead of now. That is a token bucket holding
-``burst`` tokens refilled one per ``interval``: over any span ``t`` at most
-``burst + t / interval`` requests are admitted.
+A bucket is one instant, ``allow_at`` in integer microseconds: the earliest time a request of
+cost 1 is admitted (GCRA's theoretical arrival time less its burst tolerance). A request of
+``cost`` is admitted at ``now`` when ``allow_at + (cost - 1) * interval <= now``, and moves
+``allow_at`` on by ``cost * interval``; an idle bucket holds at most ``burst`` tokens, so
+``allow_at`` never counts from earlier than ``now - (burst - 1) * interval``. That is a token
+bucket refilled one token per ``interval``: over any span ``t`` at most ``burst + t / interval``
+requests are admitted.
+
+The bucket is anchored at its next admission, not at the time it is full again (the usual TAT),
+because an adaptive limiter's interval shrinks while it recovers: a TAT keeps the burst as
+``(burst - 1) * interval`` of time, which the shrinking interval turns into a later admission than
+the one reported, and a pause into a pause ``(burst - 1)`` shrinks longer than asked.
 """
 
 from __future__ import annotations
@@ -12,7 +19,19 @@ from __future__ import annotations
 import math
 from typing import NamedTuple, Optional
 
-__all__ = ["GcraResult", "adaptive_interval", "gcra_acquire", "gcra_pause", "interval_us", "recovered_factor"]
+__all__ = ["GcraResult", "GcraState", "adaptive_interval", "gcra_acquire", "gcra_pause", "gcra_tokens",
+           "interval_us", "recovered_factor"]
+
+
+class GcraState(NamedTuple):
+    """One bucket, two instants in µs (stored in Redis as ``"allow_at full_at"``)."""
+
+    #: Earliest time a request of cost 1 is admitted.
+    allow_at: int
+    #: When the bucket is full again at the rate and burst it was last written with. From then
+    #: on it counts as full whatever the rate became, so the Redis key may expire then (and a
+    #: memory store, on its own clock, agrees with a Redis whose keys expire on real time).
+    full_at: int
 
 
 class GcraResult(NamedTuple):
@@ -23,8 +42,8 @@ class GcraResult(NamedTuple):
     #: 0 when admitted now; when reserved, how far ahead the slot is; when
     #: refused, how long until the request would be admitted.
     wait_us: int
-    #: TAT to store (None when nothing changes).
-    new_tat: Optional[int]
+    #: State to store (None when nothing changes).
+    new_state: Optional[GcraState]
 
 
 def interval_us(period_seconds: float, amount: float) -> int:
@@ -32,13 +51,21 @@ def interval_us(period_seconds: float, amount: float) -> int:
     return max(1, round(period_seconds * 1_000_000 / amount))
 
 
+def _live(state: Optional[GcraState], now: int) -> Optional[GcraState]:
+    return state if state is not None and state.full_at > now else None
+
+
 def gcra_acquire(
-    tat: Optional[int], now: int, interval: int, burst: int, cost: int = 1, reserve: int = -1
+    state: Optional[GcraState], now: int, interval: int, burst: int, cost: int = 1, reserve: int = -1
 ) -> GcraResult:
     """Decide one request.
 
+    The wait is exact for cost 1. For a larger cost it is computed with the interval now; an
+    adaptive limiter's interval only shrinks while it recovers, so the request may be admissible
+    a little sooner, never later (a caller sleeping the wait is admitted).
+
     Arguments:
-        tat: Stored TAT in µs, or None for an idle bucket.
+        state: Stored state, or None for an idle bucket.
         now: Current time in µs (the Redis server's clock in production).
         interval: Emission interval in µs.
         burst: Bucket capacity (requests admitted at once from idle).
@@ -47,29 +74,40 @@ def gcra_acquire(
             instead of being refused (-1: never reserve).
 
     Returns:
-        The decision and the TAT to store.
+        The decision and the state to store.
     """
-    base = now if tat is None or tat < now else tat
-    new_tat = base + cost * interval
-    wait = new_tat - burst * interval - now
-    if wait <= 0:
-        return GcraResult(True, 0, new_tat)
-    if reserve >= wait:
-        return GcraResult(True, wait, new_tat)
-    return GcraResult(False, wait, None)
+    state = _live(state, now)
+    base = now - (burst - 1) * interval
+    if state is not None and state.allow_at > base:
+        base = state.allow_at
+    wait = base + (cost - 1) * interval - now
+    if wait > 0 and reserve < wait:
+        return GcraResult(False, wait, None)
+    allow_at = base + cost * interval
+    return GcraResult(True, max(0, wait), GcraState(allow_at, allow_at + (burst - 1) * interval))
 
 
-def gcra_pause(tat: Optional[int], now: int, interval: int, burst: int, pause: int) -> int:
-    """TAT after a pause of ``pause`` µs: nothing is admitted before ``now + pause``.
+def gcra_pause(state: Optional[GcraState], now: int, interval: int, burst: int, pause: int) -> GcraState:
+    """State after a pause of ``pause`` µs: one token exactly at ``now + pause``, then the rate.
 
-    ``interval`` is the emission interval now, after any adaptive decrease: the stores scale it
-    exactly as an acquire does. While an adaptive limiter recovers its interval only shrinks, and
-    a shorter interval moves the admission time ``tat - (burst - 1) * interval`` later, so the
-    pause holds whatever the burst; the first admission is late by ``(burst - 1)`` times the
-    shrink.
+    ``interval`` and ``burst`` (the rate now, after any adaptive decrease) only say when the
+    bucket is full again.
     """
-    base = now if tat is None or tat < now else tat
-    return max(base, now + pause + (burst - 1) * interval)
+    state = _live(state, now)
+    allow_at = now + pause
+    if state is not None and state.allow_at > allow_at:
+        allow_at = state.allow_at
+    return GcraState(allow_at, allow_at + (burst - 1) * interval)
+
+
+def gcra_tokens(allow_at: Optional[int], now: int, interval: int, burst: int) -> int:
+    """Whole tokens a bucket holds at ``now`` (0 while it is paused or its slots are reserved ahead).
+
+    ``allow_at``: a bucket that is not full yet (``full_at > now``), or None for a full one.
+    """
+    if allow_at is None:
+        return burst
+    return max(0, min(burst, (now - allow_at) // interval + 1))
 
 
 def recovered_factor(factor: float, factor_at: int, recover: float, now: int) -> float:

@@ -7,10 +7,18 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
-from ..policy.gcra import GcraResult, adaptive_interval, gcra_acquire, gcra_pause, recovered_factor
+from ..policy.gcra import (
+    GcraResult,
+    GcraState,
+    adaptive_interval,
+    gcra_acquire,
+    gcra_pause,
+    gcra_tokens,
+    recovered_factor,
+)
 from .redis import RedisConnector, hash_tag
 
-__all__ = ["AdaptiveSpec", "Bucket", "GcraStore", "MemoryGcraStore", "RedisGcraStore", "now_us"]
+__all__ = ["AdaptiveSpec", "Bucket", "GcraSnapshot", "GcraStore", "MemoryGcraStore", "RedisGcraStore", "now_us"]
 
 
 def now_us() -> int:
@@ -45,6 +53,26 @@ class AdaptiveSpec:
         return 1.0 / (self.recovery_seconds * 1_000_000)
 
 
+@dataclass(frozen=True)
+class GcraSnapshot:
+    """A bucket as its store sees it now (read-only: taking it changes nothing)."""
+
+    #: Emission interval in force (µs), after the run-time override and the adaptive factor.
+    interval: int
+    #: Bucket capacity in force.
+    burst: int
+    #: Adaptive factor now (None: not slowed, or fully recovered).
+    factor: Optional[float]
+    #: Whole tokens available now.
+    tokens: int
+    #: True when ``tuning limit set`` overrode the interval or the burst.
+    overridden: bool
+
+    @property
+    def rate_per_second(self) -> float:
+        return 1_000_000 / self.interval
+
+
 class GcraStore(Protocol):
     """State behind a GCRA limiter."""
 
@@ -58,7 +86,9 @@ class GcraStore(Protocol):
 
     def get_override(self, bucket: Bucket) -> Dict[str, float]: ...
 
-    def reset(self, bucket: Bucket) -> None: ...
+    def snapshot(self, bucket: Bucket, interval: int, burst: int, now: Optional[int] = None) -> GcraSnapshot: ...
+
+    def reset(self, bucket: Bucket, *, override: bool = True) -> None: ...
 
 
 class MemoryGcraStore:
@@ -71,7 +101,7 @@ class MemoryGcraStore:
     def __init__(self, clock: Callable[[], int] = now_us) -> None:
         self.clock = clock
         self._lock = threading.Lock()
-        self._tat: Dict[str, Tuple[int, int]] = {}  # key -> (tat, expires at)
+        self._state: Dict[str, GcraState] = {}
         self._conf: Dict[str, Dict[str, float]] = {}
 
     def _rate(self, bucket: Bucket, interval: int, burst: int, at: int) -> Tuple[int, int]:
@@ -83,12 +113,13 @@ class MemoryGcraStore:
             interval = adaptive_interval(interval, conf["factor"], int(conf["factor_at"]), conf["recover"], at)
         return interval, burst
 
-    def _get(self, key: str, now: int) -> Optional[int]:
-        entry = self._tat.get(key)
-        if entry is None or entry[1] <= now:
-            self._tat.pop(key, None)
+    def _get(self, key: str, now: int) -> Optional[GcraState]:
+        state = self._state.get(key)
+        if state is not None and state.full_at <= now:
+            # full again: what a Redis key's expiry would drop (decisions read it as full either way)
+            del self._state[key]
             return None
-        return entry[0]
+        return state
 
     def acquire(self, bucket: Bucket, interval: int, burst: int, cost: int, reserve: int,
                 now: Optional[int] = None) -> GcraResult:
@@ -102,8 +133,8 @@ class MemoryGcraStore:
                     del conf[field]
             interval, burst = self._rate(bucket, interval, burst, now)
             result = gcra_acquire(self._get(bucket.tat, now), now, interval, burst, cost, reserve)
-            if result.new_tat is not None:
-                self._tat[bucket.tat] = (result.new_tat, result.new_tat + 1_000_000)
+            if result.new_state is not None:
+                self._state[bucket.tat] = result.new_state
             return result
 
     def pause(self, bucket: Bucket, interval: int, burst: int, pause: int,
@@ -118,8 +149,7 @@ class MemoryGcraStore:
                 conf.update(factor=max(adaptive.min_factor, current * adaptive.decrease),
                             factor_at=now, recover=adaptive.recover_per_us)
             interval, burst = self._rate(bucket, interval, burst, now)
-            tat = gcra_pause(self._get(bucket.tat, now), now, interval, burst, pause)
-            self._tat[bucket.tat] = (tat, tat + 1_000_000)
+            self._state[bucket.tat] = gcra_pause(self._get(bucket.tat, now), now, interval, burst, pause)
 
     def set_override(self, bucket: Bucket, interval: Optional[int], burst: Optional[int]) -> None:
         with self._lock:
@@ -133,10 +163,26 @@ class MemoryGcraStore:
         with self._lock:
             return dict(self._conf.get(bucket.conf, {}))
 
-    def reset(self, bucket: Bucket) -> None:
+    def snapshot(self, bucket: Bucket, interval: int, burst: int, now: Optional[int] = None) -> GcraSnapshot:
         with self._lock:
-            self._conf.pop(bucket.conf, None)
-            self._tat.pop(bucket.tat, None)
+            now = self.clock() if now is None else now
+            conf = self._conf.get(bucket.conf, {})
+            factor: Optional[float] = None
+            if "factor" in conf:
+                factor = recovered_factor(conf["factor"], int(conf["factor_at"]), conf["recover"], now)
+                if factor >= 1:
+                    factor = None
+            interval, burst = self._rate(bucket, interval, burst, now)
+            state = self._state.get(bucket.tat)  # read-only: a full bucket's state is left for acquire
+            allow_at = state.allow_at if state is not None and state.full_at > now else None
+            return GcraSnapshot(interval, burst, factor, gcra_tokens(allow_at, now, interval, burst),
+                                "interval" in conf or "burst" in conf)
+
+    def reset(self, bucket: Bucket, *, override: bool = True) -> None:
+        with self._lock:
+            if override:
+                self._conf.pop(bucket.conf, None)
+            self._state.pop(bucket.tat, None)
 
 
 class RedisGcraStore:
@@ -182,6 +228,16 @@ class RedisGcraStore:
         args.append("" if now is None else now)
         self.connector.evalsha("gcra_pause", keys=[bucket.tat, bucket.conf], args=args)
 
+    def snapshot(self, bucket: Bucket, interval: int, burst: int, now: Optional[int] = None) -> GcraSnapshot:
+        if now is None and self.clock is not None:
+            now = self.clock()
+        raw = self.connector.evalsha("gcra_snapshot", keys=[bucket.tat, bucket.conf],
+                                     args=[interval, burst, "" if now is None else now])
+        interval, burst, factor, allow_at, at, overridden = raw
+        allow_at = int(allow_at) if allow_at else None  # Lua's false arrives as None
+        return GcraSnapshot(int(interval), int(burst), float(factor) if factor else None,
+                            gcra_tokens(allow_at, int(at), int(interval), int(burst)), bool(overridden))
+
     def set_override(self, bucket: Bucket, interval: Optional[int], burst: Optional[int]) -> None:
         mapping = {k: v for k, v in (("interval", interval), ("burst", burst)) if v is not None}
         if mapping:
@@ -197,5 +253,6 @@ class RedisGcraStore:
                 continue  # foreign value: ignore rather than crash
         return out
 
-    def reset(self, bucket: Bucket) -> None:
-        self.connector.run(lambda c: c.delete(bucket.conf, bucket.tat), what="DEL limiter")
+    def reset(self, bucket: Bucket, *, override: bool = True) -> None:
+        keys = (bucket.conf, bucket.tat) if override else (bucket.tat,)
+        self.connector.run(lambda c: c.delete(*keys), what="DEL limiter")

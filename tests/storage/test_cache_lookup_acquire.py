@@ -87,8 +87,8 @@ def test_decisions_match_the_oracle(redis_clean, interval, burst, steps):
         _, _, role, reply = combined(cache, interval=interval, burst=burst, cost=cost, reserve=reserve, now=now)
         assert role == 1
         assert (reply >= 0, abs(reply)) == (expected.allowed, expected.wait_us)
-        if expected.new_tat is not None:
-            tat = expected.new_tat
+        if expected.new_state is not None:
+            tat = expected.new_state
 
 
 def test_not_offered_on_a_cluster(redis_cluster):

@@ -1,12 +1,10 @@
 """One contract for both GCRA stores, plus the Lua-vs-oracle differential test on real Redis."""
 
-import math
-
 import pytest
 from hypothesis import HealthCheck, given, settings
 
 from celery_tuning.policy.gcra import gcra_acquire
-from celery_tuning.storage.gcra import AdaptiveSpec, Bucket, MemoryGcraStore, RedisGcraStore
+from celery_tuning.storage.gcra import AdaptiveSpec, Bucket, GcraSnapshot, MemoryGcraStore, RedisGcraStore
 from celery_tuning.storage.redis import RedisConnector
 from tests.support import gcra
 
@@ -99,36 +97,65 @@ def test_lua_matches_the_oracle(redis_clean, interval, burst, steps):
     client.flushdb()
     store = RedisGcraStore(RedisConnector(redis_clean.db_url(3)))
     b = bucket("diff")
-    tat, now = None, T0
+    state, now = None, T0
     for gap, cost, reserve in steps:
         now += gap
         cost = min(cost, burst)
-        expected = gcra_acquire(tat, now, interval, burst, cost, reserve)
+        expected = gcra_acquire(state, now, interval, burst, cost, reserve)
         got = store.acquire(b, interval, burst, cost, reserve, now=now)
         assert (got.allowed, got.wait_us) == (expected.allowed, expected.wait_us)
-        if expected.new_tat is not None:
-            tat = expected.new_tat
-            assert int(client.get(b.tat)) == tat
+        if expected.new_state is not None:
+            state = expected.new_state
+            assert client.get(b.tat).decode() == f"{state.allow_at} {state.full_at}"
 
 
-def test_adaptive_throttle_holds_every_worker_for_the_whole_pause(store):
-    """10/s burst 60 adaptive, throttle(5 s): nothing is admitted before the pause ends.
+def test_adaptive_throttle_holds_every_worker_for_exactly_the_pause(store):
+    """10/s burst 60 adaptive, throttle(5 s): the first admission comes exactly when the pause ends.
 
-    The pause is computed at the halved rate (what an acquire uses); as the rate recovers the
-    first admission comes (burst - 1) x the interval's shrink later.
+    It used to come ~1.7 s late: the pause was kept as (burst - 1) intervals of the halved rate,
+    which shrink as the rate recovers.
     """
     b = bucket()
-    interval, burst, pause, spec = 100_000, 60, 5_000_000, AdaptiveSpec()
-    store.pause(b, interval, burst, pause, adaptive=spec, now=T0)
-    first = store.acquire(b, interval, burst, 1, -1, now=T0)
-    assert not first.allowed and first.wait_us == pause
+    interval, burst, pause = 100_000, 60, 5_000_000
+    store.pause(b, interval, burst, pause, adaptive=AdaptiveSpec(), now=T0)
     end = T0 + pause
+    for t in (T0, T0 + 1_000_000, end - 1000):
+        r = store.acquire(b, interval, burst, 1, -1, now=t)
+        assert not r.allowed and r.wait_us == end - t, "the wait is exactly the rest of the pause"
     assert not store.acquire(b, interval, burst, 1, -1, now=end - 1).allowed
-    tat = T0 + pause + (burst - 1) * 2 * interval
-    resumes = next(t for t in range(end, end + 3_000_000, 1000)
-                   if tat - (burst - 1) * math.floor(interval / (0.5 + spec.recover_per_us * (t - T0))) <= t)
-    assert not store.acquire(b, interval, burst, 1, -1, now=resumes - 1000).allowed
-    assert store.acquire(b, interval, burst, 1, -1, now=resumes).allowed
+    assert store.acquire(b, interval, burst, 1, -1, now=end).allowed
+    after = store.acquire(b, interval, burst, 1, -1, now=end)
+    assert not after.allowed, "one token when the pause ends, then the (recovering) rate"
+
+
+@pytest.mark.parametrize("cost", [1, 3])
+@pytest.mark.parametrize("asked", [0, 1_000_000, 4_900_000, 6_000_000])
+def test_a_caller_sleeping_the_reported_wait_is_admitted(store, cost, asked):
+    """Whenever a recovering limiter refuses, sleeping exactly the wait it reports gets in.
+
+    Before, the waits were short by (burst - 1) x the interval's shrink meanwhile, so a task
+    deferred for the reported wait was refused (and deferred) again.
+    """
+    b = bucket()
+    interval, burst = 100_000, 60
+    store.pause(b, interval, burst, 5_000_000, adaptive=AdaptiveSpec(), now=T0)
+    t = T0 + asked
+    while store.acquire(b, interval, burst, 1, -1, now=t).allowed:
+        pass  # after the pause: drain what has refilled, so the caller below is refused
+    refused = store.acquire(b, interval, burst, cost, -1, now=t)
+    assert not refused.allowed and refused.wait_us > 0
+    if cost == 1:
+        assert not store.acquire(b, interval, burst, cost, -1, now=t + refused.wait_us - 1).allowed
+    assert store.acquire(b, interval, burst, cost, -1, now=t + refused.wait_us).allowed
+
+
+def test_a_reservation_during_a_pause_gets_the_slot_at_its_end(store):
+    b = bucket()
+    store.pause(b, 100_000, 60, 5_000_000, adaptive=AdaptiveSpec(), now=T0)
+    waits = [store.acquire(b, 100_000, 60, 1, 10_000_000, now=T0).wait_us for _ in range(3)]
+    assert waits == [5_000_000, 5_200_000, 5_400_000], "spaced at the halved rate from the pause's end"
+    r = store.acquire(b, 100_000, 60, 1, -1, now=T0 + 5_000_000)
+    assert not r.allowed and r.wait_us == 600_000
 
 
 def test_throttle_without_adaptive_keeps_a_lowered_rate(store):
@@ -164,6 +191,42 @@ def test_a_clock_behind_the_throttle_counts_as_no_time_passed(store):
     assert store.acquire(b, 1000, 1, 1, -1, now=T0 - 10_000_000).allowed
     r = store.acquire(b, 1000, 1, 1, -1, now=T0 - 10_000_000)
     assert not r.allowed and r.wait_us == 2000
+
+
+def test_snapshot_shows_the_rate_in_force_and_the_tokens(store):
+    b = bucket()
+    assert store.snapshot(b, 100_000, 5, now=T0) == GcraSnapshot(100_000, 5, None, 5, False)
+    for _ in range(3):
+        store.acquire(b, 100_000, 5, 1, -1, now=T0)
+    assert store.snapshot(b, 100_000, 5, now=T0 + 150_000).tokens == 3
+    store.pause(b, 100_000, 5, 1_000_000, adaptive=AdaptiveSpec(recovery_seconds=1.0), now=T0)
+    paused = store.snapshot(b, 100_000, 5, now=T0 + 250_000)
+    assert paused == GcraSnapshot(100_000 * 4 // 3, 5, 0.75, 0, False)  # factor 0.5 + 0.25 recovered
+    assert store.snapshot(b, 100_000, 5, now=T0 + 1_000_000).tokens == 1, "one token as the pause ends"
+    store.set_override(b, interval=None, burst=2)
+    assert store.snapshot(b, 100_000, 5, now=T0 + 9_000_000) == GcraSnapshot(100_000, 2, None, 2, True)
+    assert store.acquire(b, 100_000, 5, 1, -1, now=T0 + 9_000_000).allowed, "a snapshot changes nothing"
+
+
+def test_reset_of_one_bucket_keeps_the_override(store):
+    shared, keyed = bucket(), bucket(key="tenant")
+    store.set_override(shared, interval=10_000, burst=1)
+    store.pause(keyed, 1000, 1, 60_000_000, now=T0)
+    store.reset(keyed, override=False)
+    assert store.acquire(keyed, 1000, 1, 1, -1, now=T0).allowed, "the key's pause is gone"
+    assert store.get_override(shared) == {"interval": 10_000, "burst": 1}
+
+
+def test_a_tat_written_before_allow_at_is_read_as_a_wait(redis_clean):
+    """A bucket a previous version wrote (one integer, its TAT) errs towards waiting, never admits early."""
+    store = RedisGcraStore(RedisConnector(redis_clean.db_url(3)))
+    b = bucket()
+    redis_clean.client(3).set(b.tat, T0 + 500_000, px=10_000)
+    r = store.acquire(b, 100_000, 3, 1, -1, now=T0)
+    assert not r.allowed and r.wait_us == 500_000
+    assert store.acquire(b, 100_000, 3, 1, -1, now=T0 + 500_000).allowed
+    redis_clean.client(3).set(b.tat, "not a number", px=10_000)
+    assert store.acquire(b, 100_000, 3, 1, -1, now=T0).allowed, "a foreign value is an idle bucket"
 
 
 @pytest.mark.parametrize("name", ["}x", "a{b}c", "{", "", "}", "{}"])

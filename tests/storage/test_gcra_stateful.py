@@ -104,6 +104,33 @@ class GcraStoresAgree(RuleBasedStateMachine):
         b = self.bucket(name, key)
         self.both(lambda s: tuple(s.acquire(b, interval, burst, cost, reserve)[:2]))
 
+    @rule(name=names, key=keys, cost=st.integers(1, 4), gap=steps,
+          paused=st.one_of(st.none(), st.tuples(pauses, st.sampled_from(range(1, len(SPECS))))))
+    def sleep_the_reported_wait(self, name: str, key: Optional[str], cost: int, gap: int,
+                                paused: Optional[Tuple[int, int]]) -> None:
+        """A refused caller that sleeps exactly the wait it was told is admitted; for cost 1 not a µs sooner.
+
+        ``paused``: an adaptive throttle just before, so the wait spans a pause and a recovering
+        rate (its first admission must come exactly when the pause ends); other throttles come
+        before this rule in random order.
+        """
+        interval, burst = self.config[name]
+        b = self.bucket(name, key)
+        if paused is not None:
+            self.both(lambda s: s.pause(b, interval, burst, paused[0], SPECS[paused[1]]))
+        self.now += gap
+        if cost > int(self.memory.get_override(self.bucket(name, None)).get("burst", burst)):
+            return  # never admitted, at any wait
+        allowed, wait = self.both(lambda s: tuple(s.acquire(b, interval, burst, cost, -1)[:2]))
+        if allowed:
+            return
+        start = self.now
+        if cost == 1:
+            self.now = start + wait - 1
+            assert not self.both(lambda s: s.acquire(b, interval, burst, cost, -1).allowed), "admitted early"
+        self.now = start + wait
+        assert self.both(lambda s: s.acquire(b, interval, burst, cost, -1).allowed), "refused after the wait"
+
     @rule(name=names, key=keys, cost=st.integers(1, 4), reserve=st.sampled_from([None, 0.0, 0.001, 0.25, 3600.0]),
           gap=steps)
     def decide(self, name: str, key: Optional[str], cost: int, reserve: Optional[float], gap: int) -> None:

@@ -3,7 +3,7 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from celery_tuning.policy.gcra import adaptive_interval, gcra_acquire, gcra_pause, interval_us
+from celery_tuning.policy.gcra import GcraState, adaptive_interval, gcra_acquire, gcra_pause, interval_us
 
 
 def run(times, interval, burst, cost=1):
@@ -11,7 +11,7 @@ def run(times, interval, burst, cost=1):
     for now in times:
         r = gcra_acquire(tat, now, interval, burst, cost)
         if r.allowed:
-            tat = r.new_tat
+            tat = r.new_state
             admitted.append(now)
     return admitted
 
@@ -29,9 +29,9 @@ def test_refusal_says_when_to_come_back():
     for _ in range(3):
         r = gcra_acquire(tat, 0, 100, 3)
         assert r.allowed and r.wait_us == 0
-        tat = r.new_tat
+        tat = r.new_state
     r = gcra_acquire(tat, 0, 100, 3)
-    assert not r.allowed and r.wait_us == 100 and r.new_tat is None
+    assert not r.allowed and r.wait_us == 100 and r.new_state is None
     assert gcra_acquire(tat, 100, 100, 3).allowed
 
 
@@ -40,21 +40,21 @@ def test_reservation_spaces_callers_at_the_rate():
     for _ in range(6):
         r = gcra_acquire(tat, 0, 100, 2, reserve=10_000)
         assert r.allowed
-        tat = r.new_tat
+        tat = r.new_state
         waits.append(r.wait_us)
     assert waits == [0, 0, 100, 200, 300, 400]
 
 
 def test_reserve_limit_refuses_far_slots():
-    r = gcra_acquire(10_000, 0, 100, 1, reserve=500)
+    r = gcra_acquire(GcraState(10_000, 10_000), 0, 100, 1, reserve=500)
     assert not r.allowed and r.wait_us == 10_100 - 100
 
 
 def test_weighted_cost():
     r = gcra_acquire(None, 0, 100, 5, cost=5)
     assert r.allowed
-    assert not gcra_acquire(r.new_tat, 0, 100, 5, cost=1).allowed
-    assert gcra_acquire(r.new_tat, 300, 100, 5, cost=3).allowed
+    assert not gcra_acquire(r.new_state, 0, 100, 5, cost=1).allowed
+    assert gcra_acquire(r.new_state, 300, 100, 5, cost=3).allowed
 
 
 def test_pause_holds_everything_until_it_ends():

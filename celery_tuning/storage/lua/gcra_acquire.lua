@@ -1,6 +1,6 @@
 -- gcra_acquire.lua: one GCRA decision, atomically, on the Redis server's clock.
 --
--- KEYS[1]  bucket TAT key (string: integer microseconds)        e.g. tuning:rl:{openai}
+-- KEYS[1]  bucket key (string "allow_at full_at", integer µs)    e.g. tuning:rl:{openai}
 -- KEYS[2]  limiter override hash (same hash tag as KEYS[1])      e.g. tuning:rl:{openai}:conf
 --          fields: interval (µs), burst, factor, factor_at (µs), recover (factor per µs)
 -- ARGV[1]  "interval burst cost reserve" in one space-separated string (one argument to
@@ -12,11 +12,12 @@
 -- ARGV[2]  optional now override in µs (absent: the server's TIME; tests pass a fixed clock)
 -- Returns: one integer r (a single small reply keeps the round trip close to a bare EVALSHA):
 --          r = 0 admitted now; r > 0 slot reserved r µs ahead; r < 0 refused, admitted in -r µs.
--- Units:   microseconds throughout; TAT keys expire (PEXPIRE, ms) once the bucket is idle.
+-- Units:   microseconds throughout; the key expires (PEXPIRE, ms) a second after full_at.
 -- Mirrors celery_tuning.policy.gcra.gcra_acquire (the differential tests compare both); the
--- clock and the rate after override and adaptive factor come from gcra_clock.lua and gcra_rate.lua,
--- shared with gcra_pause.lua.
+-- clock, the bucket and the rate after override and adaptive factor come from gcra_clock.lua,
+-- gcra_state.lua and gcra_rate.lua, shared with gcra_pause.lua.
 --@include gcra_clock
+--@include gcra_state
 --@include gcra_rate
 local a_interval, a_burst, a_cost, a_reserve = string.match(ARGV[1], '^(%d+) (%d+) (%d+) (%-?%d+)$')
 if a_interval == nil then
@@ -31,14 +32,16 @@ if factor and factor >= 1 then
   redis.call('HDEL', KEYS[2], 'factor', 'factor_at', 'recover')
 end
 
-local tat = tonumber(redis.call('GET', KEYS[1]))
-if tat == nil or tat < now then tat = now end
-local new_tat = tat + cost * interval
-local wait = new_tat - burst * interval - now
-if wait <= 0 or reserve >= wait then
-  redis.call('SET', KEYS[1], string.format('%.0f', new_tat),
-             'PX', math.ceil((new_tat - now) / 1000) + 1000)
-  if wait < 0 then wait = 0 end
-  return wait
+local base = now - (burst - 1) * interval
+local allow_at = gcra_state({KEYS[1]}, {now})
+if allow_at and allow_at > base then base = allow_at end
+local wait = base + (cost - 1) * interval - now
+if wait > 0 and reserve < wait then
+  return -wait
 end
-return -wait
+allow_at = base + cost * interval
+local full_at = allow_at + (burst - 1) * interval
+redis.call('SET', KEYS[1], string.format('%.0f %.0f', allow_at, full_at),
+           'PX', math.ceil((full_at - now) / 1000) + 1000)
+if wait < 0 then wait = 0 end
+return wait

@@ -1,23 +1,22 @@
 -- gcra_pause.lua: hold a limiter for every worker (the remote API answered "slow down").
 --
--- KEYS[1]  bucket TAT key            KEYS[2]  limiter override hash (same hash tag)
+-- KEYS[1]  bucket key ("allow_at full_at", µs)   KEYS[2]  limiter override hash (same hash tag)
 -- ARGV[1]  interval (µs)             ARGV[2]  burst
--- ARGV[3]  pause (µs): nothing is admitted before now + pause
+-- ARGV[3]  pause (µs): nothing is admitted before now + pause, one request exactly then
 -- ARGV[4]  adaptive decrease: multiply the rate factor by this (e.g. 0.5); '' = not adaptive
 -- ARGV[5]  smallest factor (e.g. 0.05)
 -- ARGV[6]  recovery per µs (factor units), e.g. 1 / 60e6 recovers fully in a minute
 -- ARGV[7]  now override in µs ('' = TIME)
--- Returns: {new TAT (µs), the factor now * 1e6 as an integer, after the decrease (1e6 when the
---          limiter is not slowed)}
+-- Returns: {new allow_at (µs), the factor now * 1e6 as an integer, after the decrease (1e6 when
+--          the limiter is not slowed)}
 -- Touches: KEYS[1] (SET with PX), KEYS[2] (HSET factor, factor_at, recover when adaptive).
 -- Units:   microseconds; the factor is stored with 17 significant digits, so a double read back
 --          is the double written (the memory store keeps the exact float).
--- Mirrors MemoryGcraStore.pause and celery_tuning.policy.gcra.gcra_pause for the TAT, computed
--- with the interval the limiter has now, after the decrease (gcra_acquire.lua scales it the same
--- way). An adaptive limiter's interval only shrinks while it recovers, so nothing is admitted
--- before now + pause whatever the burst; the first admission comes a little later, by
--- (burst - 1) times what the interval has shrunk by then.
+-- Mirrors MemoryGcraStore.pause and celery_tuning.policy.gcra.gcra_pause. The pause is kept as
+-- an instant (allow_at), not as intervals of the slowed rate, so it ends exactly on time however
+-- much the interval shrinks meanwhile; the interval after the decrease only sets full_at.
 --@include gcra_clock
+--@include gcra_state
 --@include gcra_rate
 local interval = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
@@ -33,9 +32,10 @@ if ARGV[4] ~= '' then
 end
 local slowed_interval, slowed_burst = gcra_rate({KEYS[2]}, {interval, burst, now})
 
-local tat = tonumber(redis.call('GET', KEYS[1]))
-if tat == nil or tat < now then tat = now end
-local paused = now + pause + (slowed_burst - 1) * slowed_interval
-if paused > tat then tat = paused end
-redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
-return {tat, math.floor(factor * 1000000)}
+local allow_at = now + pause
+local held = gcra_state({KEYS[1]}, {now})
+if held and held > allow_at then allow_at = held end
+local full_at = allow_at + (slowed_burst - 1) * slowed_interval
+redis.call('SET', KEYS[1], string.format('%.0f %.0f', allow_at, full_at),
+           'PX', math.ceil((full_at - now) / 1000) + 1000)
+return {allow_at, math.floor(factor * 1000000)}
