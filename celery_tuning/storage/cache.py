@@ -268,8 +268,13 @@ class LockRenewer:
         with self._cond:
             self._held[(key, token)] = _HeldLock(connector, group, key, token, lease_ms, deadline)
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="celery-tuning-cache-locks", daemon=True)
-                self._thread.start()
+                thread = threading.Thread(target=self._run, name="celery-tuning-cache-locks", daemon=True)
+                try:
+                    thread.start()
+                except RuntimeError:  # out of threads, or at interpreter exit: the lock lives one lease
+                    del self._held[(key, token)]
+                    return
+                self._thread = thread
             self._cond.notify()
 
     def drop(self, key: str, token: str) -> None:
