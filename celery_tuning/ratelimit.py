@@ -11,7 +11,7 @@ from typing import Any, Callable, List, NamedTuple, Optional, Tuple
 from .errors import ConfigurationError, RateLimited, StorageError
 from .policy.gcra import interval_us
 from .policy.rates import Rate
-from .storage.gcra import AdaptiveSpec, Bucket, GcraStore, MemoryGcraStore
+from .storage.gcra import AdaptiveSpec, Bucket, GcraSnapshot, GcraStore, MemoryGcraStore
 
 __all__ = ["Decision", "GcraLimiter", "hash_key"]
 
@@ -218,6 +218,23 @@ class GcraLimiter:
     def acquire_reserve(timeout: Optional[float]) -> float:
         """The ``reserve`` :meth:`acquire` decides with for ``timeout``."""
         return 86_400.0 if timeout is None else timeout
+
+    def snapshot(self, key: Any = None) -> GcraSnapshot:
+        """The bucket as the store sees it now: rate in force (override, adaptive factor) and tokens.
+
+        Read-only. Raises :class:`~celery_tuning.errors.StorageError` when Redis fails (no policy
+        applies: this is for operators, not for deciding).
+        """
+        return self.store.snapshot(self.bucket(key), self.interval, self.burst)
+
+    def reset(self, key: Any = None) -> None:
+        """Forget state in every process's view. Without ``key``: the run-time override, the adaptive
+        factor and the shared bucket; per-key buckets refill (and expire) on their own. With ``key``:
+        that key's bucket only (its pause and spent tokens); the limiter's rate is left as it is.
+
+        Raises :class:`~celery_tuning.errors.StorageError` when Redis fails.
+        """
+        self.store.reset(self.bucket(key), override=key is None)
 
     def throttle(self, retry_after: float, key: Any = None) -> None:
         """Admit nothing for ``retry_after`` seconds, in every process (e.g. after an HTTP 429).

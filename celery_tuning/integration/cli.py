@@ -205,28 +205,27 @@ def _limiter(ctx: click.Context, name: str) -> Any:
         return limiter_for(_runtime(ctx), name)
 
 
-@limit.command("show", help="Configured rate, run-time override and tokens available now.")
+@limit.command("show", help="Configured rate, the rate in force (override, adaptive factor) and tokens now.")
 @click.argument("names", nargs=-1)
+@click.option("--key", "keys", multiple=True, metavar="KEY",
+              help="A per-key bucket (the value the task's key function returns); repeatable.")
 @click.pass_context
-def limit_show(ctx: click.Context, names: Any) -> None:
+def limit_show(ctx: click.Context, names: Any, keys: Any) -> None:
     runtime = _runtime(ctx)
     for name in names or sorted(runtime.config.rate_limits):
         lim = _limiter(ctx, name)
-        bucket = lim.bucket()
-        with _as_cli_error():
-            override = lim.store.get_override(bucket)
-            tat_raw, (secs, micros) = runtime.connector.run(
-                lambda c, b=bucket: (c.get(b.tat), c.time()), what="limit show")
-        interval = int(override.get("interval", lim.interval))
-        burst = int(override.get("burst", lim.burst))
-        now = secs * 1_000_000 + micros
-        tat = max(int(tat_raw or 0), now)
-        tokens = max(0, min(burst, (now + burst * interval - tat) // interval))
-        effective = f"{1_000_000 / interval:g}/s burst {burst}"
-        extra = " (override)" if "interval" in override or "burst" in override else ""
-        adaptive = f" adaptive factor {override['factor']:.2f}" if "factor" in override else ""
-        click.echo(f"{name}: configured {lim.rate} burst {lim.burst}; effective {effective}{extra}"
-                   f"{adaptive}; tokens now {tokens}")
+        for key in keys or (None,):
+            with _as_cli_error():
+                snap = lim.snapshot(key)
+            extra = " (override)" if snap.overridden else ""
+            if snap.factor is not None:
+                extra += f" (adaptive factor {snap.factor:.2f})"
+            click.echo(f"{_limit_label(name, key)}: configured {lim.rate} burst {lim.burst}; "
+                       f"effective {snap.rate_per_second:.4g}/s burst {snap.burst}{extra}; tokens now {snap.tokens}")
+
+
+def _limit_label(name: str, key: Any) -> str:
+    return name if key is None else f"{name} (key {key!r})"
 
 
 @limit.command("set", help="Override a limiter's rate for every worker until reset.")
@@ -250,14 +249,22 @@ def limit_set(ctx: click.Context, name: str, rate: str, burst: Any) -> None:
     click.echo(f"{name}: now {parsed}" + (f" burst {burst}" if burst else "") + " for every worker")
 
 
-@limit.command("reset", help="Drop the run-time override and the bucket state of a limiter.")
+@limit.command("reset", help="Drop the run-time override, the adaptive factor and the shared bucket; "
+                             "with --key, only those keys' buckets.")
 @click.argument("name")
+@click.option("--key", "keys", multiple=True, metavar="KEY",
+              help="Clear this per-key bucket (its pause and spent tokens) and nothing else; repeatable.")
 @click.pass_context
-def limit_reset(ctx: click.Context, name: str) -> None:
+def limit_reset(ctx: click.Context, name: str, keys: Any) -> None:
     lim = _limiter(ctx, name)
-    with _as_cli_error():
-        lim.store.reset(lim.bucket())
-    click.echo(f"{name}: back to the configured {lim.rate} burst {lim.burst}")
+    for key in keys or (None,):
+        with _as_cli_error():
+            lim.reset(key)
+        if key is None:
+            click.echo(f"{name}: back to the configured {lim.rate} burst {lim.burst} "
+                       "(per-key buckets refill on their own; --key clears one)")
+        else:
+            click.echo(f"{_limit_label(name, key)}: bucket cleared (the limiter's rate is unchanged)")
 
 
 @tuning.group(help="Show and operate shared circuit breakers.")

@@ -95,6 +95,53 @@ def test_limit_set_show_reset_changes_the_shared_rate(redis_clean):
     assert lim.try_acquire() and lim.try_acquire()
 
 
+def test_limit_show_counts_the_adaptive_factor(redis_clean):
+    """An adaptive throttle halves the shared rate: show says 5/s, and the tokens the store sees."""
+    from celery_tuning.policy.rates import parse_rate
+    from celery_tuning.ratelimit import GcraLimiter
+    from celery_tuning.storage.gcra import AdaptiveSpec, RedisGcraStore
+    from celery_tuning.storage.redis import RedisConnector
+
+    env = limited_env(redis_clean)
+    store = RedisGcraStore(RedisConnector(redis_clean.db_url(1)))
+    # recovery never starts, so the factor (and the line) stays put while the command runs
+    lim = GcraLimiter("shared", parse_rate("10/s"), 2, store=store,
+                      adaptive=AdaptiveSpec(recovery_seconds=float("inf")))
+    lim.throttle(600)
+    out = limit_cmd("show", "shared", env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ("shared: configured 10/s burst 2; effective 5/s burst 2 (adaptive factor 0.50); "
+                                  "tokens now 0")
+
+
+def test_limit_reset_clears_one_key_when_asked(redis_clean):
+    """Plain reset clears the override and the shared bucket; --key clears that key's bucket and only it."""
+    from celery_tuning.policy.rates import parse_rate
+    from celery_tuning.ratelimit import GcraLimiter
+    from celery_tuning.storage.gcra import RedisGcraStore
+    from celery_tuning.storage.redis import RedisConnector
+
+    env = limited_env(redis_clean)
+    lim = GcraLimiter("shared", parse_rate("10/s"), 2, store=RedisGcraStore(RedisConnector(redis_clean.db_url(1))))
+    for tenant in ("t1", "t2"):
+        lim.throttle(600, key=tenant)
+    assert limit_cmd("set", "shared", "1/m", env=env).returncode == 0
+    out = limit_cmd("show", "shared", "--key", "t1", env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ("shared (key 't1'): configured 10/s burst 2; effective 0.01667/s burst 2 (override); "
+                                  "tokens now 0")
+
+    out = limit_cmd("reset", "shared", env=env)
+    assert out.returncode == 0, out.stderr
+    assert not lim.decide(key="t1").allowed, "per-key buckets are left to refill on their own"
+
+    limit_reset = limit_cmd("reset", "shared", "--key", "t1", env=env)
+    assert limit_reset.returncode == 0, limit_reset.stderr
+    assert limit_reset.stdout.strip() == "shared (key 't1'): bucket cleared (the limiter's rate is unchanged)"
+    assert lim.decide(key="t1").allowed
+    assert not lim.decide(key="t2").allowed
+
+
 def test_limit_errors_name_the_problem(redis_clean):
     env = limited_env(redis_clean)
     out = limit_cmd("set", "shared", "10/x", env=env)
