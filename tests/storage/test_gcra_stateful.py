@@ -4,7 +4,8 @@ One manual clock drives both (the Redis store sends it to the scripts as their "
 operation a limiter or the CLI performs is a rule: acquire with cost, reserve and per-key buckets;
 pause with and without adaptive mode; time passing (adaptive recovery); the CLI's rate override
 and reset; and Redis losing everything (FLUSHDB), whose reference is a memory store that never
-saw anything. Any difference in a decision or an override fails.
+saw anything. Any difference in a decision, a snapshot or an override fails, and so does a refused
+caller that is not admitted after sleeping exactly the wait it was told.
 """
 
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -163,6 +164,12 @@ class GcraStoresAgree(RuleBasedStateMachine):
         b = self.bucket(name, None)
         self.both(lambda s: s.reset(b))
 
+    @rule(name=names, key=st.sampled_from(KEYS[1:]))
+    def reset_one_key(self, name: str, key: str) -> None:
+        """``celery tuning limit reset NAME --key KEY``: that bucket only, the override stays."""
+        b = self.bucket(name, key)
+        self.both(lambda s: s.reset(b, override=False))
+
     @rule()
     def redis_loses_everything(self) -> None:
         """FLUSHDB, or a restart without persistence: the reference is a store that never saw anything."""
@@ -182,6 +189,17 @@ class GcraStoresAgree(RuleBasedStateMachine):
             for key in KEYS:
                 b = self.bucket(name, key)
                 self.both(lambda s, b=b, i=interval, n=burst: tuple(s.acquire(b, i, n, MAX_BURST + 1, -1)[:2]))
+
+    @invariant()
+    def snapshots_agree(self) -> None:
+        """``celery tuning limit show``: rate in force, factor and tokens, as each store sees them."""
+        for name in NAMES:
+            if name not in self.config:
+                return
+            interval, burst = self.config[name]
+            for key in KEYS:
+                b = self.bucket(name, key)
+                self.both(lambda s, b=b, i=interval, n=burst: s.snapshot(b, i, n))
 
     @invariant()
     def overrides_agree(self) -> None:
