@@ -12,6 +12,9 @@ from .runtime import runtime_for
 
 __all__ = ["TuningWorkerStep"]
 
+#: Policies whose state lives in the tuning Redis (``sla`` is timed in the worker alone).
+_STATEFUL = ("cache", "breaker", "rate_limit", "concurrency")
+
 logger = logging.getLogger("celery_tuning.worker")
 
 
@@ -44,12 +47,31 @@ class TuningWorkerStep(bootsteps.StartStopStep):
             return
         try:
             url = runtime.connector.safe_url
-            rtt = runtime.connector.ping()
         except ConfigurationError:
-            raise
+            if _needs_redis(worker.app, runtime):
+                raise
+            # Installed on an app that neither sets tuning_redis_url nor has a Redis broker, with
+            # nothing that keeps state: its tasks run as plain tasks, so the worker starts as usual.
+            logger.info("celery-tuning: no tuning Redis (tuning_redis_url not set, broker not Redis); "
+                        "no task or setting here needs one")
+            return
+        try:
+            rtt = runtime.connector.ping()
         except StorageError as exc:
             logger.warning("celery-tuning: tuning Redis unreachable at start (%s); "
                            "capabilities follow their Redis-error policies", exc)
             return
         logger.info("celery-tuning: tuning Redis %s answered in %.2f ms (prefix %r)",
                     url, rtt * 1000, runtime.config.key_prefix)
+
+
+def _needs_redis(app: Any, runtime: Any) -> bool:
+    """Whether a setting or a registered task of ``app`` keeps state in the tuning Redis."""
+    config = runtime.config
+    if config.rate_limits or config.circuit_breakers or config.concurrency_limits:
+        return True
+    for task in list(app.tasks.values()):
+        policies = getattr(type(task), "_tuning_policies", None) or {}
+        if any(kind in policies for kind in _STATEFUL):
+            return True
+    return False

@@ -245,3 +245,32 @@ def test_configuring_again_reads_the_settings_again():
     assert runtime_for(app).config.key_prefix == "tuning"
     app.config_from_object(LateConfig)  # on a configured app Celery reloads at once
     assert runtime_for(app).config.key_prefix == "late"
+
+
+def test_a_worker_with_nothing_stateful_starts_without_a_tuning_redis():
+    """install() on every app (a non-Redis broker, no tuning_redis_url, no policy) must not stop its
+    workers: Celery's own embedded-worker test failed that way with install applied to every app."""
+    app = fresh_app(broker="memory://")
+    celery_tuning.install(app)
+
+    @app.task(shared=False, name="plain")
+    def plain():
+        return 1
+
+    worker = SimpleNamespace(app=app)
+    TuningWorkerStep(worker).start(worker)  # no error: nothing here keeps state in Redis
+
+
+def test_a_worker_whose_task_keeps_state_still_needs_a_tuning_redis():
+    app = fresh_app(broker="memory://", task_cls="celery_tuning:TunedTask")
+    celery_tuning.install(app)
+
+    @app.task(shared=False, name="limited_inline")
+    @rate_limit("5/s")
+    def limited():
+        return 1
+
+    app.finalize(auto=True)  # bind the task (so its policy is known), as a starting worker does
+    worker = SimpleNamespace(app=app)
+    with pytest.raises(ConfigurationError, match="tuning_redis_url: not set and the broker"):
+        TuningWorkerStep(worker).start(worker)
