@@ -80,7 +80,9 @@ def gcra_acquire(
     base = now - (burst - 1) * interval
     if state is not None and state.allow_at > base:
         base = state.allow_at
-    wait = base + (cost - 1) * interval - now
+    # A cost above the burst in force (lowered at run time by an override) waits for a full bucket,
+    # not for a moment that never comes; the rest of its cost is debt on later calls.
+    wait = base + (min(cost, burst) - 1) * interval - now
     if wait > 0 and reserve < wait:
         return GcraResult(False, wait, None)
     allow_at = base + cost * interval

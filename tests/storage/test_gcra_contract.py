@@ -128,6 +128,18 @@ def test_adaptive_throttle_holds_every_worker_for_exactly_the_pause(store):
     assert not after.allowed, "one token when the pause ends, then the (recovering) rate"
 
 
+def test_a_cost_above_an_overridden_burst_waits_for_a_full_bucket(store):
+    """`limit set --burst 1` under a task of cost 2: the call is admitted once the bucket is full
+    (it used to be refused forever with the same short wait); the rest of its cost is debt."""
+    b = bucket()
+    store.set_override(b, interval=200_000, burst=1)
+    assert store.acquire(b, 200_000, 2, 2, -1, now=T0).allowed  # idle: full, admitted
+    refused = store.acquire(b, 200_000, 2, 2, -1, now=T0)
+    assert not refused.allowed and refused.wait_us == 400_000  # both tokens of the debt
+    assert not store.acquire(b, 200_000, 2, 2, -1, now=T0 + 399_999).allowed
+    assert store.acquire(b, 200_000, 2, 2, -1, now=T0 + 400_000).allowed
+
+
 @pytest.mark.parametrize("cost", [1, 3])
 @pytest.mark.parametrize("asked", [0, 1_000_000, 4_900_000, 6_000_000])
 def test_a_caller_sleeping_the_reported_wait_is_admitted(store, cost, asked):

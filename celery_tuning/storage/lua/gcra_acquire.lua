@@ -35,7 +35,11 @@ end
 local base = now - (burst - 1) * interval
 local allow_at = gcra_state({KEYS[1]}, {now})
 if allow_at and allow_at > base then base = allow_at end
-local wait = base + (cost - 1) * interval - now
+-- A cost above the burst in force (an operator lowered it with `limit set --burst`) waits for a
+-- full bucket, not for a moment that never comes; the rest of its cost is debt on later calls.
+local need = cost
+if need > burst then need = burst end
+local wait = base + (need - 1) * interval - now
 if wait > 0 and reserve < wait then
   return -wait
 end
