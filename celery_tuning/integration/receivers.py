@@ -82,49 +82,61 @@ def _on_before_publish(sender: Any = None, headers: Optional[Dict[str, Any]] = N
 #: otherwise be a series of its own, and so would every SLA lookup keyed by it.
 OTHER_QUEUE = "other"
 _MAX_ROUTES = 4096
-# (app id, number of the app's queues, routing key) -> label; the queue count makes a queue added
-# at run time (``add_consumer``) count from then on. Cleared when full: labels are cheap to find.
-_routes: Dict[Tuple[int, int, str], str] = {}
+# (app id, queues known, queues consumed, exchange, routing key) -> label; the counts make a queue
+# added at run time (``add_consumer``) count from then on. Cleared when full: labels are cheap.
+_routes: Dict[Tuple[int, int, int, str, str], str] = {}
 
 
 def queue_label(app: Any, delivery_info: Any, declared: Optional[str] = None) -> str:
     """The queue a message came from, as a bounded label: one of ``app``'s queues or ``other``.
 
-    ``delivery_info`` is the request's (its routing key, or the queue name some transports give);
-    ``declared`` is the task's own ``queue`` when it has one, used when the message carries none.
+    ``delivery_info`` is the request's (exchange and routing key, or the queue name some transports
+    give); ``declared`` is the task's own ``queue``, used when the message names neither.
     """
     info = delivery_info or {}
-    key = info.get("routing_key") or info.get("queue")
-    if not key:
-        return str(declared or app.conf.task_default_queue or "celery")
+    key = str(info.get("routing_key") or info.get("queue") or "")
+    exchange = str(info.get("exchange") or "")
+    default = str(declared or app.conf.task_default_queue or "celery")
+    if not key and not exchange:
+        return default
     try:
         queues = app.amqp.queues
+        consumed = queues.consume_from  # the worker's -Q selection; every queue elsewhere
     except Exception:  # an app whose amqp cannot be set up still gets a label
         return OTHER_QUEUE
-    memo = (id(app), len(queues), str(key))
+    memo = (id(app), len(queues), len(consumed), exchange, key)
     label = _routes.get(memo)
     if label is None:
-        label = _route(queues, str(key))
+        # The queues this process consumes first: a message reached it through one of them.
+        label = _route(consumed, exchange, key) or _route(queues, exchange, key) or (
+            default if not key else OTHER_QUEUE)
         if len(_routes) >= _MAX_ROUTES:
             _routes.clear()
         _routes[memo] = label
     return label
 
 
-def _route(queues: Any, key: str) -> str:
-    if key in queues:
+def _route(queues: Any, exchange: str, key: str) -> Optional[str]:
+    """The first of ``queues`` bound to (``exchange``, ``key``), by its stable name."""
+    if key and key in queues:
         return key
     words = key.split(".")
     for name, queue in list(queues.items()):
-        exchange = getattr(queue, "exchange", None)
-        kind = getattr(exchange, "type", "direct")
+        ex = getattr(queue, "exchange", None)
+        ex_name, kind = str(getattr(ex, "name", "") or ""), getattr(ex, "type", "direct")
+        if exchange and ex_name and ex_name != exchange:
+            continue  # bound to another exchange: a fanout there is no wildcard for this message
+        if kind == "fanout":
+            if exchange and ex_name == exchange:
+                # kombu's Broadcast queues get a fresh uuid name per process: label the stable alias
+                return str(getattr(queue, "alias", None) or name)
+            continue
         bindings = [getattr(queue, "routing_key", None)]
         bindings += [getattr(b, "routing_key", None) for b in (getattr(queue, "bindings", None) or ())]
         for binding in bindings:
-            if kind == "fanout" or binding == key or (
-                    kind == "topic" and binding and _topic_match(binding.split("."), words)):
+            if binding == key or (kind == "topic" and binding and _topic_match(binding.split("."), words)):
                 return str(name)
-    return OTHER_QUEUE
+    return None
 
 
 def _topic_match(pattern: Any, words: Any) -> bool:

@@ -22,7 +22,7 @@ def topic_app() -> Celery:
 
 def test_topic_routing_keys_collapse_onto_their_queues():
     app = topic_app()
-    labels = {queue_label(app, {"routing_key": f"orders.eu.{n}"}) for n in range(5000)}
+    labels = {queue_label(app, {"exchange": "events", "routing_key": f"orders.eu.{n}"}) for n in range(5000)}
     assert labels == {"orders"}
     assert queue_label(app, {"routing_key": "orders"}) == "orders"  # '#' matches zero words
     assert queue_label(app, {"routing_key": "users.eu.42"}) == "eu-audit"
@@ -58,3 +58,26 @@ def test_topic_matching():
     assert match("a.#", "a") and match("a.#", "a.b.c") and match("#", "x.y")
     assert match("#.c", "a.b.c") and not match("#.c", "a.b")
     assert not match("a.b", "a.b.c")
+
+
+def test_a_broadcast_queue_is_no_wildcard_for_other_exchanges_and_keeps_a_stable_label():
+    """kombu's Broadcast is a fanout queue named bcast.<uuid>: it matched every routing key (the
+    label then changed with every worker start, and per-queue SLAs were skipped)."""
+    from kombu.common import Broadcast
+
+    app = topic_app()
+    app.conf.task_queues = [Broadcast("announce"), *app.conf.task_queues]
+    assert queue_label(app, {"exchange": "events", "routing_key": "orders.eu.7"}) == "orders"
+    assert queue_label(app, {"exchange": "events", "routing_key": "nothing.here"}) == OTHER_QUEUE
+    assert queue_label(app, {"exchange": "announce", "routing_key": ""}) == "announce"
+
+
+def test_the_queue_this_worker_consumes_wins_over_an_overlapping_binding():
+    app = Celery("overlap", broker="memory://", set_as_current=False)
+    events = Exchange("events", type="topic")
+    app.conf.task_queues = [Queue("orders_all", events, routing_key="orders.#"),
+                            Queue("orders_eu", events, routing_key="orders.eu.*")]
+    info = {"exchange": "events", "routing_key": "orders.eu.7"}
+    assert queue_label(app, info) == "orders_all"  # no selection: the first binding that matches
+    app.amqp.queues.select(["orders_eu"])  # what `celery worker -Q orders_eu` does
+    assert queue_label(app, info) == "orders_eu"
