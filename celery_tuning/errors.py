@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 __all__ = [
@@ -63,11 +64,17 @@ class Throttled(TuningError):
     """
 
     def __init__(self, retry_after: float = 1.0, name: Optional[str] = None) -> None:
-        if retry_after < 0:
+        # A Retry-After header arrives as text ("120"): numbers in either form are taken; what
+        # cannot be a pause (negative, inf, nan, not a number) is named here, not deep in a store.
+        try:
+            seconds = float(retry_after)
+        except (TypeError, ValueError):
+            seconds = float("nan")
+        if not math.isfinite(seconds) or seconds < 0:
             raise ConfigurationError(
-                f"Throttled(retry_after={retry_after!r}): must be >= 0 seconds"
+                f"Throttled(retry_after={retry_after!r}): must be a finite number of seconds >= 0"
             )
-        self.retry_after = float(retry_after)
+        self.retry_after = seconds
         self.name = name
         super().__init__(self.retry_after, name)
 

@@ -173,3 +173,12 @@ def test_concurrency_limit_policy_and_errors():
         concurrency_limit("")
     with pytest.raises(ConfigurationError, match=r"@concurrency_limit\(max_deferrals=-2\)"):
         concurrency_limit("x", max_deferrals=-2)
+
+
+def test_throttled_takes_a_retry_after_header_and_names_what_cannot_be_a_pause():
+    from celery_tuning import ConfigurationError, Throttled
+
+    assert Throttled("120").retry_after == 120.0  # Retry-After headers arrive as text
+    for bad in (-1, float("inf"), float("nan"), "soon", None):
+        with pytest.raises(ConfigurationError, match=r"Throttled\(retry_after="):
+            Throttled(bad)
