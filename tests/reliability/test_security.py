@@ -101,7 +101,10 @@ def everything_shown_for(url: str) -> str:
     capture = _Capture()
     logger = logging.getLogger("celery_tuning")
     logger.addHandler(capture)
-    level, logger.level = logger.level, logging.DEBUG
+    # setLevel, not an assignment: loggers cache isEnabledFor() and only setLevel clears that cache
+    # (an earlier test leaving 'celery_tuning' at ERROR kept INFO records out of the capture).
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
     texts = []
     try:
         try:
@@ -126,7 +129,7 @@ def everything_shown_for(url: str) -> str:
                 texts += traceback.format_exception(result.exception)
     finally:
         logger.removeHandler(capture)
-        logger.level = level
+        logger.setLevel(level)
     return "\n".join(texts + capture.lines)
 
 

@@ -247,9 +247,13 @@ def test_configuring_again_reads_the_settings_again():
     assert runtime_for(app).config.key_prefix == "late"
 
 
-def test_a_worker_with_nothing_stateful_starts_without_a_tuning_redis():
+def test_a_worker_with_nothing_stateful_starts_without_a_tuning_redis(monkeypatch):
     """install() on every app (a non-Redis broker, no tuning_redis_url, no policy) must not stop its
     workers: Celery's own embedded-worker test failed that way with install applied to every app."""
+    from celery import _state
+
+    # Other tests' shared tasks (some with a rate limit) join every app Celery finalizes.
+    monkeypatch.setattr(_state, "_on_app_finalizers", set())
     app = fresh_app(broker="memory://")
     celery_tuning.install(app)
 
