@@ -34,6 +34,9 @@ _GENERATION_TTL = 5.0  # seconds a process trusts its copy of the clear() genera
 _MAX_GENERATION = 2**62
 
 #: Values handed out as they are: nothing a caller does to one changes what the next one gets.
+#: Seconds a follower keeps polling through Redis errors before it computes the value itself.
+_FOLLOWER_OUTAGE_GRACE = 2.0
+
 _IMMUTABLE = frozenset((str, int, float, bool, type(None), bytes))
 
 
@@ -453,6 +456,7 @@ class TwoLevelCache:
         self._emit("miss")
         deadline = self.clock() + self.wait_timeout
         delay = 0.005
+        failing_since: Optional[float] = None
         while role == 0:  # a leader elsewhere is computing it
             if self.clock() >= deadline:
                 logger.warning("cache %s: gave up waiting for another worker's result after %.1fs",
@@ -465,7 +469,15 @@ class TwoLevelCache:
             try:
                 raw, _, role = self.store.lookup(value_key, lock_key, token, lock_ms)
             except StorageError:
-                return self._compute_local(digest, compute)
+                # Ride out a short outage (a failover, a paused or briefly unreachable server):
+                # the leader is still computing, and running the body here at the first failed
+                # poll doubles the work. A longer outage runs the body here, as a miss does.
+                now = self.clock()
+                failing_since = now if failing_since is None else failing_since
+                if now - failing_since >= _FOLLOWER_OUTAGE_GRACE:
+                    return self._compute_local(digest, compute)
+                continue
+            failing_since = None
             if role == 1:
                 self._lead(lock_key, token, lock_ms, asked)
             if raw is not None:

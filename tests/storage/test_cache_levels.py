@@ -288,3 +288,33 @@ def test_renewal_on_a_cluster_renews_each_tasks_locks_in_its_own_slot(cluster_cl
         renewer.drop(key, token)
     connector.close()
     client.close()
+
+
+def test_a_follower_rides_out_a_short_outage_instead_of_computing_beside_its_leader(fault_redis):
+    """Redis stops answering for ~0.6 s (CLIENT PAUSE: a failover or a stall, state kept) while a
+    leader computes: the follower's polls fail, and it used to run the body at the first failure."""
+    import threading
+
+    def cache(name):
+        connector = RedisConnector(fault_redis.db_url(1), socket_timeout=0.2, connect_timeout=0.2)
+        return TwoLevelCache(name, SIG, store=RedisCacheStore(connector), ttl=600, l1_ttl=600)
+
+    leader, follower = cache("t.outage"), cache("t.outage")
+    d = leader.digest(("x",), {})
+    runs = []
+
+    def compute(who, seconds):
+        def body():
+            runs.append(who)
+            time.sleep(seconds)
+            return "value"
+        return body
+
+    lead = threading.Thread(target=lambda: leader.get_or_compute(d, compute("leader", 1.2)))
+    lead.start()
+    assert eventually(lambda: runs == ["leader"])
+    pauser = fault_redis.client()
+    threading.Timer(0.2, lambda: pauser.execute_command("CLIENT", "PAUSE", 600, "ALL")).start()
+    assert follower.get_or_compute(d, compute("follower", 0)) == "value"
+    lead.join(5)
+    assert runs == ["leader"]
