@@ -17,7 +17,7 @@ from cachetools import TTLCache
 from .errors import StorageError
 from .policy.cachekeys import ArgumentBinder, UncacheableArgument, call_digest, canonical_call, key_function_digest
 from .policy.codec import CorruptValue, decode, encode
-from .storage.cache import CacheKeys, LockRenewer, RedisCacheStore, listener_for, lock_renewer
+from .storage.cache import CacheKeys, LockRenewer, RedisCacheStore, decode_invalidation, listener_for, lock_renewer
 
 __all__ = ["Preflight", "TwoLevelCache", "UncacheableArgument"]
 
@@ -287,13 +287,20 @@ class TwoLevelCache:
         if self._listening or self.store is None:
             return
         self._listening = True
-        listener_for(self.store.connector, self.keys.channel).add(self._on_message, self._on_subscribed)
+        listener_for(self.store.connector, self.keys.channel).add(self._on_data, self._on_subscribed)
 
     def _on_subscribed(self) -> None:
         # Invalidations published while no subscription was up (before the first one, or while
         # Redis was away) never reach this process: what L1 kept meanwhile cannot be trusted.
         with self._l1_lock:
             self._l1.clear()
+
+    def _on_data(self, data: Any) -> None:
+        message = decode_invalidation(data)
+        if message is None:
+            self._warn_once("foreign", "cache %s: ignoring foreign messages on %s", self.name, self.keys.channel)
+            return
+        self._on_message(message)
 
     def _on_message(self, message: Dict[str, Any]) -> None:
         """An invalidation; anything not shaped like ours is ignored (the channel is open to all)."""

@@ -3,24 +3,20 @@
 from __future__ import annotations
 
 import logging
-import os
 import threading
-import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Hashable, List, NamedTuple, Optional, Protocol, Tuple, Type
+from typing import Any, Callable, Dict, Hashable, List, NamedTuple, Optional, Protocol, Tuple
 
-from ..errors import StorageError
 from .gcra import now_us
-from .redis import REDIS_ERRORS, RedisConnector, hash_tag
+from .pubsub import channel_listener
+from .redis import RedisConnector, hash_tag
 
-__all__ = ["BreakerParams", "BreakerStore", "FailureListener", "MemoryBreakerStore", "RedisBreakerStore",
+__all__ = ["BreakerParams", "BreakerStore", "FailureCounts", "MemoryBreakerStore", "RedisBreakerStore",
            "Snapshot"]
 
 logger = logging.getLogger("celery_tuning.breaker")
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half-open"
-
-_LISTENER_ERRORS: Tuple[Type[BaseException], ...] = (*REDIS_ERRORS, StorageError)
 
 
 class Snapshot(NamedTuple):
@@ -160,102 +156,52 @@ class MemoryBreakerStore:
             return Snapshot(h["state"], h["failures"], remaining, h["version"], granted)
 
 
-class FailureListener:
-    """One thread per process and channel that hears every breaker failure any process records.
+class FailureCounts:
+    """How many breaker failures this process heard of, per breaker, on one failure channel.
 
     ``breaker.lua`` publishes the breaker's key on each failure; a process whose cached view
     shows no failures learns from this that its next success must reset the shared count.
-    While it is not subscribed (starting, reconnecting, after ``fork()``) it cannot tell:
-    :meth:`epoch` answers None, and callers assume a failure may be pending. Each subscription
-    starts a new session, so failures missed while reconnecting cannot go unnoticed.
+    While the channel's listener is not subscribed (starting, reconnecting, after ``fork()``)
+    it cannot tell: :meth:`epoch` answers None, and callers assume a failure may be pending.
+    Each subscription is a new session, so failures missed while reconnecting cannot go unnoticed.
     """
 
     def __init__(self, connector: RedisConnector, channel: str) -> None:
-        self.connector = connector
-        self.channel = channel
-        self._lock = threading.Lock()
-        self._pid: Optional[int] = None
-        self._thread: Optional[threading.Thread] = None
-        self._session = 0
-        self._subscribed = False
-        self._ready = threading.Event()
+        self.listener = channel_listener(connector, channel)
         self._heard: Dict[str, int] = {}
+        self.listener.add(self._on_failure)
+        self._wait_for_subscription()
+
+    def _wait_for_subscription(self) -> None:
+        # Until it is subscribed every success costs a round trip: wait for it once (about one
+        # round trip), bounded so a Redis that is down costs at most a connect timeout.
+        self.listener.ensure_running(wait=self.listener.connector.connect_timeout)
+
+    def _on_failure(self, data: Any) -> None:
+        key = data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data)
+        self._heard[key] = self._heard.get(key, 0) + 1
 
     def epoch(self, key: str) -> Optional[Hashable]:
         """(subscription session, failures heard for ``key``), or None while not subscribed."""
-        if self._pid != os.getpid() or self._thread is None or not self._thread.is_alive():
-            self._start()
-        if not self._subscribed:
+        listener = self.listener
+        if not listener.running():  # first use in a forked child
+            self._wait_for_subscription()
+        if not listener.subscribed.is_set():
             return None
-        return (self._session, self._heard.get(key, 0))
-
-    def _start(self) -> None:
-        with self._lock:
-            if self._pid == os.getpid() and self._thread is not None and self._thread.is_alive():
-                return
-            self._pid = os.getpid()
-            self._subscribed = False
-            self._ready.clear()
-            self._thread = threading.Thread(target=self._run, name="celery-tuning-breaker-failures", daemon=True)
-            self._thread.start()
-        # Until it is subscribed every success costs a round trip: wait for it once (about
-        # one round trip), bounded so a Redis that is down costs at most a connect timeout.
-        self._ready.wait(self.connector.connect_timeout)
-
-    def _run(self) -> None:
-        backoff = 0.1
-        while True:
-            pubsub = None
-            try:
-                pubsub = self.connector.client.pubsub()
-                pubsub.subscribe(self.channel)
-                # SUBSCRIBE takes effect when the server confirms it; a failure published before
-                # then was missed, so a new session makes every epoch read earlier differ.
-                deadline = time.monotonic() + max(1.0, self.connector.connect_timeout)
-                while True:
-                    message = pubsub.get_message(timeout=0.1)
-                    if message and message.get("type") == "subscribe":
-                        break
-                    if time.monotonic() > deadline:
-                        raise StorageError("no confirmation for SUBSCRIBE to the breaker failure channel")
-                self._session += 1
-                self._subscribed = True
-                self._ready.set()
-                backoff = 0.1
-                while True:
-                    message = pubsub.get_message(timeout=1.0)
-                    if message and message.get("type") == "message":
-                        data = message.get("data")
-                        key = data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data)
-                        self._heard[key] = self._heard.get(key, 0) + 1
-            except _LISTENER_ERRORS:
-                self._subscribed = False
-                self._ready.set()  # nobody should wait for it any longer
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-            except Exception:  # never let a bug stop the thread: callers would round-trip every success
-                self._subscribed = False
-                logger.exception("breaker failure listener failed; restarting")
-                time.sleep(backoff)
-            finally:
-                if pubsub is not None:
-                    try:
-                        pubsub.close()
-                    except REDIS_ERRORS:
-                        pass
+        return (listener.session, self._heard.get(key, 0))
 
 
-_listeners: Dict[Tuple[int, str], FailureListener] = {}
-_listeners_lock = threading.Lock()
+_counts: Dict[Tuple[int, str], FailureCounts] = {}
+_counts_lock = threading.Lock()
 
 
-def failure_listener(connector: RedisConnector, channel: str) -> FailureListener:
-    """The process-wide failure listener for this connector and channel."""
+def failure_counts(connector: RedisConnector, channel: str) -> FailureCounts:
+    """The process-wide failure counts for this connector and channel."""
     key = (id(connector), channel)
-    with _listeners_lock:
-        found = _listeners.get(key)
+    with _counts_lock:
+        found = _counts.get(key)
         if found is None:
-            found = _listeners[key] = FailureListener(connector, channel)
+            found = _counts[key] = FailureCounts(connector, channel)
         return found
 
 
@@ -267,16 +213,16 @@ class RedisBreakerStore:
 
     def __init__(self, connector: RedisConnector) -> None:
         self.connector = connector
-        self._listeners: Dict[str, FailureListener] = {}
+        self._counts: Dict[str, FailureCounts] = {}
 
     def failure_epoch(self, params: BreakerParams) -> Optional[Hashable]:
         if not params.channel:
             return None
         # read on every success: keep the process-wide registry's lock off that path
-        listener = self._listeners.get(params.channel)
-        if listener is None:
-            listener = self._listeners[params.channel] = failure_listener(self.connector, params.channel)
-        return listener.epoch(params.key)
+        counts = self._counts.get(params.channel)
+        if counts is None:
+            counts = self._counts[params.channel] = failure_counts(self.connector, params.channel)
+        return counts.epoch(params.key)
 
     def apply(self, params: BreakerParams, op: str, token: str = "",
               now: Optional[int] = None) -> Snapshot:

@@ -12,10 +12,19 @@ from collections import deque
 from typing import Any, Callable, Deque, Dict, List, NamedTuple, Optional, Tuple, Type
 
 from ..errors import StorageError
+from .pubsub import ChannelListener, channel_listener
 from .redis import REDIS_ERRORS, RedisConnector, hash_tag
 
-__all__ = ["CacheKeys", "InvalidationListener", "LockRenewer", "RedisCacheStore", "StoreWriter", "flush_writers",
-           "glob_escape", "lock_renewer"]
+__all__ = [
+    "CacheKeys",
+    "LockRenewer",
+    "RedisCacheStore",
+    "StoreWriter",
+    "decode_invalidation",
+    "flush_writers",
+    "glob_escape",
+    "lock_renewer",
+]
 
 logger = logging.getLogger("celery_tuning.cache")
 
@@ -123,95 +132,14 @@ class RedisCacheStore:
         return int(self.connector.run(scan, what="SCAN cache entries"))
 
 
-class InvalidationListener:
-    """One thread per process that receives cache invalidations and hands them to handlers.
-
-    Started lazily and again after ``fork()`` (threads do not survive it). Reconnects with
-    backoff when Redis goes away; while it is away, local L1 entries simply live out their
-    (short) TTL.
-    """
-
-    def __init__(self, connector: RedisConnector, channel: str) -> None:
-        self.connector = connector
-        self.channel = channel
-        self._handlers: List[Callable[[Dict[str, Any]], None]] = []
-        self._on_subscribed: List[Callable[[], None]] = []
-        self._lock = threading.Lock()
-        self._pid: Optional[int] = None
-        self._thread: Optional[threading.Thread] = None
-        self.subscribed = threading.Event()
-
-    def add(self, handler: Callable[[Dict[str, Any]], None],
-            on_subscribed: Optional[Callable[[], None]] = None) -> None:
-        """Hand each message to ``handler``; call ``on_subscribed`` each time a subscription is
-        (re-)established, since messages sent while none was up are lost."""
-        with self._lock:
-            if handler not in self._handlers:
-                self._handlers.append(handler)
-            if on_subscribed is not None and on_subscribed not in self._on_subscribed:
-                self._on_subscribed.append(on_subscribed)
-        self.ensure_running()
-
-    def ensure_running(self) -> None:
-        if self._pid == os.getpid() and self._thread is not None and self._thread.is_alive():
-            return
-        with self._lock:
-            if self._pid == os.getpid() and self._thread is not None and self._thread.is_alive():
-                return
-            self._pid = os.getpid()
-            self.subscribed.clear()
-            self._thread = threading.Thread(target=self._run, name="celery-tuning-invalidations", daemon=True)
-            self._thread.start()
-
-    def _run(self) -> None:
-        backoff = 0.1
-        while True:
-            pubsub = None
-            try:
-                pubsub = self.connector.client.pubsub(ignore_subscribe_messages=True)
-                pubsub.subscribe(self.channel)
-                pubsub.get_message(timeout=1.0)  # wait for the confirmation: only then do we hear
-                self.subscribed.set()
-                for callback in list(self._on_subscribed):
-                    self._call(callback)
-                backoff = 0.1
-                while True:
-                    message = pubsub.get_message(timeout=1.0)
-                    if message and message.get("type") == "message":
-                        self._dispatch(message.get("data"))
-            except _LISTENER_ERRORS:
-                self.subscribed.clear()
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-            except Exception:  # a handler bug must not kill invalidations for good
-                logger.exception("cache invalidation listener failed; restarting")
-                time.sleep(backoff)
-            finally:
-                if pubsub is not None:
-                    try:
-                        pubsub.close()
-                    except REDIS_ERRORS:
-                        pass
-
-    def _dispatch(self, data: Any) -> None:
-        try:
-            message = json.loads(data)
-        except (TypeError, ValueError):
-            logger.warning("ignoring a foreign message on %s", self.channel)
-            return
-        if not isinstance(message, dict):
-            logger.warning("ignoring a foreign message on %s", self.channel)
-            return
-        for handler in list(self._handlers):
-            self._call(handler, message)
-
-    def _call(self, callback: Callable[..., None], *args: Any) -> None:
-        # One handler's trouble with one message must not cost the others theirs, nor the
-        # subscription (resubscribing drops whatever is published meanwhile).
-        try:
-            callback(*args)
-        except Exception:
-            logger.exception("cache invalidation handler failed on a message from %s", self.channel)
+def decode_invalidation(data: Any) -> Optional[Dict[str, Any]]:
+    """An invalidation message as published by :meth:`RedisCacheStore.publish`; None for anything
+    else (the channel is open to every client)."""
+    try:
+        message = json.loads(data)
+    except (TypeError, ValueError):
+        return None
+    return message if isinstance(message, dict) else None
 
 
 class _HeldLock(NamedTuple):
@@ -353,19 +281,9 @@ def lock_renewer() -> LockRenewer:
     return _renewer
 
 
-_listeners: Dict[Tuple[int, str], InvalidationListener] = {}
-_listeners_lock = threading.Lock()
-
-
-def listener_for(connector: RedisConnector, channel: str) -> InvalidationListener:
-    """The process-wide listener for this connector and channel."""
-    key = (id(connector), channel)
-    with _listeners_lock:
-        found = _listeners.get(key)
-        if found is None:
-            found = InvalidationListener(connector, channel)
-            _listeners[key] = found
-        return found
+def listener_for(connector: RedisConnector, channel: str) -> ChannelListener:
+    """The process-wide listener on the cache's invalidation channel."""
+    return channel_listener(connector, channel)
 
 
 #: One deferred store: cache_store.lua's KEYS and ARGV, and who hears of a failure.
