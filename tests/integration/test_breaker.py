@@ -210,13 +210,15 @@ def test_a_trial_whose_lease_ran_out_cannot_settle_the_next_holders_trial(redis_
 
 
 def test_control_flow_and_excluded_exceptions_are_not_failures(redis_clean):
-    from celery.exceptions import Ignore, Retry
+    from celery.exceptions import Ignore, Reject, Retry
 
     app = make_app(redis_clean, "neutral", tuning_circuit_breakers={
         "api": {"fail_max": 1, "exclude": [KeyError, "tests.integration.test_breaker.Down"]}})
     b = celery_tuning.breaker("api", app=app)
-    for exc in (Retry(), Ignore(), celery_tuning.RateLimited(1.0), celery_tuning.Throttled(1.0), KeyError("x"),
-                Down()):
+    # Our own refusals too: a nested breaker's CircuitOpen or a concurrency limit's refusal says
+    # nothing about this breaker's service.
+    for exc in (Retry(), Ignore(), Reject("x"), celery_tuning.RateLimited(1.0), celery_tuning.Throttled(1.0),
+                celery_tuning.ConcurrencyLimited("slots", 1.0), CircuitOpen("inner", 1.0), KeyError("x"), Down()):
         with pytest.raises(type(exc)):
             b.call(_raiser(exc))
     assert b.refresh().state == "closed"
