@@ -14,9 +14,9 @@
 --          r = 0 admitted now; r > 0 slot reserved r µs ahead; r < 0 refused, admitted in -r µs.
 -- Units:   microseconds throughout; the key expires (PEXPIRE, ms) a second after full_at.
 -- Mirrors celery_tuning.policy.gcra.gcra_acquire (the differential tests compare both); the
--- clock, the bucket and the rate after override and adaptive factor come from gcra_clock.lua,
+-- clock, the bucket and the rate after override and adaptive factor come from server_clock.lua,
 -- gcra_state.lua and gcra_rate.lua, shared with gcra_pause.lua.
---@include gcra_clock
+--@include server_clock
 --@include gcra_state
 --@include gcra_rate
 local a_interval, a_burst, a_cost, a_reserve = string.match(ARGV[1], '^(%d+) (%d+) (%d+) (%-?%d+)$')
@@ -25,7 +25,7 @@ if a_interval == nil then
 end
 local cost = tonumber(a_cost)
 local reserve = tonumber(a_reserve)
-local now = gcra_clock({}, {ARGV[2]})
+local now = server_clock({}, {ARGV[2]})
 local interval, burst, factor = gcra_rate({KEYS[2]}, {a_interval, a_burst, now})
 if factor and factor >= 1 then
   -- fully recovered: forget the factor so later calls skip the arithmetic

@@ -15,13 +15,13 @@
 -- Mirrors MemoryGcraStore.pause and celery_tuning.policy.gcra.gcra_pause. The pause is kept as
 -- an instant (allow_at), not as intervals of the slowed rate, so it ends exactly on time however
 -- much the interval shrinks meanwhile; the interval after the decrease only sets full_at.
---@include gcra_clock
+--@include server_clock
 --@include gcra_state
 --@include gcra_rate
 local interval = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
 local pause = tonumber(ARGV[3])
-local now = gcra_clock({}, {ARGV[7]})
+local now = server_clock({}, {ARGV[7]})
 
 local _, _, factor = gcra_rate({KEYS[2]}, {interval, burst, now})
 factor = math.min(factor or 1, 1)

@@ -10,10 +10,10 @@
 -- Touches: reads KEYS[1], KEYS[2]; writes nothing (a recovered factor is left for
 --          gcra_acquire.lua to forget).
 -- Mirrors MemoryGcraStore.snapshot; the token count is celery_tuning.policy.gcra.gcra_tokens.
---@include gcra_clock
+--@include server_clock
 --@include gcra_state
 --@include gcra_rate
-local now = gcra_clock({}, {ARGV[3]})
+local now = server_clock({}, {ARGV[3]})
 local interval, burst, factor = gcra_rate({KEYS[2]}, {ARGV[1], ARGV[2], now})
 local shown = false
 if factor and factor < 1 then shown = string.format('%.17g', factor) end

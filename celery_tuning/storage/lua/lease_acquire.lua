@@ -13,13 +13,8 @@
 -- back within one lease TTL of a SIGKILL. The set may hold more than N live leases after a
 -- renewal re-created leases Redis had lost (lease_renew.lua): then a slot frees up only once
 -- (held - N + 1) of them have expired, the (held - N)-th earliest expiry.
-local now
-if ARGV[4] and ARGV[4] ~= '' then
-  now = tonumber(ARGV[4])
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
+--@include server_clock
+local now = server_clock({}, {ARGV[4]})
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%.0f', now))
 local held = redis.call('ZCARD', KEYS[1])
 local cap = tonumber(ARGV[1])

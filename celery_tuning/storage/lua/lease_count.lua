@@ -4,11 +4,6 @@
 -- ARGV[1]  now in µs, or '' for the server's TIME
 -- Returns: the number of live leases (expired ones are not counted, nor removed: read-only).
 -- Mirrors celery_tuning.storage.lease.MemoryLeaseStore.count.
-local now
-if ARGV[1] ~= '' then
-  now = tonumber(ARGV[1])
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
+--@include server_clock
+local now = server_clock({}, {ARGV[1]})
 return redis.call('ZCOUNT', KEYS[1], '(' .. string.format('%.0f', now), '+inf')

@@ -15,13 +15,8 @@
 -- callers admitted between the loss and this renewal (at most ttl / 3 later), for as long as
 -- those tasks run. A lease that expired because its renewer stalled past the TTL comes back the
 -- same way, for the same reason.
-local now
-if ARGV[2] ~= '' then
-  now = tonumber(ARGV[2])
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
+--@include server_clock
+local now = server_clock({}, {ARGV[2]})
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%.0f', now))
 local expires = string.format('%.0f', now + tonumber(ARGV[1]))
 local recreated = 0

@@ -1,5 +1,6 @@
--- gcra_clock.lua: now, in integer microseconds, for the GCRA scripts. Not run alone: included
--- ("--@include gcra_clock") as a local function, so every GCRA script reads time one way.
+-- server_clock.lua: now, in integer microseconds, for every script that keeps time (GCRA
+-- buckets, leases). Not run alone: included ("--@include server_clock") as a local function, so
+-- every script reads time one way.
 --
 -- KEYS:    none
 -- ARGV[1]  optional now override in µs (absent or '': the server's TIME; tests pass a fixed clock)
