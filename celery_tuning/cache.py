@@ -329,6 +329,18 @@ class TwoLevelCache:
                 self._l1.clear()  # a clear() this process did not hear of: L1 holds older entries
             self._generation, self._generation_at = generation, self.clock()
 
+    def generation(self) -> int:
+        """This task's current cache generation: the number in every L2 key, bumped by
+        :meth:`clear` (0 for an L1-only cache). Read from Redis at most every few seconds
+        unless a clear() is heard of sooner; a missing key starts a new generation.
+
+        Raises:
+            StorageError: When Redis fails.
+        """
+        if self.store is None:
+            return 0
+        return self._current_generation()
+
     def _current_generation(self) -> int:
         assert self.store is not None
         if self._generation is None or self.clock() - self._generation_at > _GENERATION_TTL:
@@ -412,18 +424,24 @@ class TwoLevelCache:
         self._l2_trend = max(-_TREND_LIMIT, min(_TREND_LIMIT, trend))
 
     def get_or_compute(self, digest: str, compute: Callable[[], Any],
-                       preflight: Optional[Callable[[], Optional[Preflight]]] = None) -> Any:
+                       preflight: Optional[Callable[[], Optional[Preflight]]] = None,
+                       cacheable: Optional[Callable[[Any], bool]] = None) -> Any:
         """The cached value for ``digest``, computing it at most once across all workers.
 
         ``preflight`` (the task's rate limiter) may return a decision to take in the round trip
         that elects this caller to compute: a miss then costs one round trip instead of two.
+
+        ``cacheable`` judges a computed result: when it answers False the result goes back to
+        this caller only. Nothing is stored (neither L1 nor L2) and the single-flight lock is
+        freed at once, exactly as when ``compute`` raises, so waiting callers compute the value
+        themselves or elect a new leader.
         """
         found, value = self._l1_get(digest)
         if found:
             self._emit("hit_l1")
             return value
         if self.store is None:
-            return self._compute_local(digest, compute)
+            return self._compute_local(digest, compute, cacheable)
         self._listen()
         token = ""
         lock_ms = max(1, int(self.lease_ttl * 1000))
@@ -454,7 +472,7 @@ class TwoLevelCache:
         except StorageError as exc:
             self._warn_once("redis", "cache %s: tuning Redis failed (%s); serving from L1 only", self.name, exc)
             self._emit("redis_error")
-            return self._compute_local(digest, compute)
+            return self._compute_local(digest, compute, cacheable)
         if raw is not None:
             ok, value = self._accept(digest, raw)
             if ok:
@@ -482,7 +500,7 @@ class TwoLevelCache:
                 now = self.clock()
                 failing_since = now if failing_since is None else failing_since
                 if now - failing_since >= _FOLLOWER_OUTAGE_GRACE:
-                    return self._compute_local(digest, compute)
+                    return self._compute_local(digest, compute, cacheable)
                 continue
             failing_since = None
             if role == 1:
@@ -494,6 +512,7 @@ class TwoLevelCache:
                 role = 1
         try:
             value = compute()
+            keep = cacheable is None or cacheable(value)
         except BaseException:
             self._release(value_key, lock_key, token)  # exceptions are never cached
             raise
@@ -501,6 +520,9 @@ class TwoLevelCache:
             # The store (or release) that follows frees the lock; a deferred store lands within
             # the lease the last renewal gave, or the lock runs out and a follower computes.
             self._renewer.drop(lock_key, token)
+        if not keep:
+            self._release(value_key, lock_key, token)  # not for caching: free the lock as an error does
+            return value
         encoded = self._encode(value)
         raw = encoded[0] if encoded is not None else None
         try:
@@ -538,8 +560,11 @@ class TwoLevelCache:
         except StorageError:
             pass  # the lock expires by itself
 
-    def _compute_local(self, digest: str, compute: Callable[[], Any]) -> Any:
+    def _compute_local(self, digest: str, compute: Callable[[], Any],
+                       cacheable: Optional[Callable[[Any], bool]] = None) -> Any:
         value = compute()
+        if cacheable is not None and not cacheable(value):
+            return value
         return self._as_stored(digest, value, self._encode(value))
 
     # -- invalidation ----------------------------------------------------------------------

@@ -318,3 +318,62 @@ def test_a_follower_rides_out_a_short_outage_instead_of_computing_beside_its_lea
     assert follower.get_or_compute(d, compute("follower", 0)) == "value"
     lead.join(5)
     assert runs == ["leader"]
+
+
+# -- a result the caller says is not for caching (cacheable=) ---------------------------------
+
+
+def test_a_result_not_cacheable_is_returned_unstored_and_frees_the_lock_at_once(redis_clean):
+    """cacheable(result) False: this caller gets the result, neither level keeps it, and the
+    single-flight lock is released at once, so a waiting follower computes without waiting out
+    the lease (as after an exception)."""
+    import threading
+
+    leader = process(redis_clean, "t.uncacheable", lease_ttl=30, lock_timeout=60, wait_timeout=20)
+    follower = process(redis_clean, "t.uncacheable", lease_ttl=30, lock_timeout=60, wait_timeout=20)
+    d = leader.digest(("x",), {})
+    started, release = threading.Event(), threading.Event()
+    degraded = {"degraded": True}
+    results = {}
+
+    def body():
+        started.set()
+        assert release.wait(5)
+        return degraded
+
+    def lead():
+        results["leader"] = leader.get_or_compute(d, body, cacheable=lambda r: r is not degraded)
+
+    thread = threading.Thread(target=lead)
+    thread.start()
+    assert started.wait(5)
+    client = redis_clean.client(1)
+    lock_key = leader.keys.lock(leader.generation(), d)
+    assert client.exists(lock_key), "the leader holds the lock while it computes"
+    waited = threading.Thread(target=lambda: results.setdefault("follower", follower.get_or_compute(d, lambda: "real")))
+    waited.start()
+    time.sleep(0.1)  # the follower is waiting for the leader
+    asked = time.monotonic()
+    release.set()
+    thread.join(5)
+    waited.join(5)
+    assert results["leader"] is degraded, "the caller gets its own result, not a decoded copy"
+    assert results["follower"] == "real", "the follower computed itself"
+    assert time.monotonic() - asked < 2, "the lock was freed at once, not after its lease"
+    assert leader.peek(d) == (True, "real"), "only the follower's cacheable value is kept"
+    assert not client.exists(lock_key)
+
+
+def test_a_result_not_cacheable_is_not_kept_in_l1_or_l2(redis_clean):
+    cache = process(redis_clean, "t.uncacheable2")
+    d = cache.digest(("y",), {})
+    assert cache.get_or_compute(d, lambda: "skip", cacheable=lambda r: r != "skip") == "skip"
+    assert cache.peek(d) == (False, None)
+    assert not redis_clean.client(1).exists(cache.keys.value(cache.generation(), d))
+    calls = []
+    assert cache.get_or_compute(d, lambda: calls.append(1) or "kept", cacheable=lambda r: r != "skip") == "kept"
+    assert cache.get_or_compute(d, lambda: calls.append(1) or "other") == "kept"
+    assert calls == [1]
+    local = TwoLevelCache("t.local", SIG, store=None)
+    assert local.get_or_compute(d, lambda: "skip", cacheable=lambda r: r != "skip") == "skip"
+    assert local.peek(d) == (False, None)
