@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Hashable, List, NamedTuple, Optional, Protocol, Tuple
 
 from .gcra import now_us
+from .keys import breaker_channel, breaker_key
 from .pubsub import channel_listener
-from .redis import RedisConnector, hash_tag
+from .redis import RedisConnector
 
 __all__ = ["BreakerParams", "BreakerStore", "FailureCounts", "MemoryBreakerStore", "RedisBreakerStore",
            "Snapshot"]
@@ -47,9 +48,9 @@ class BreakerParams:
     @classmethod
     def make(cls, prefix: str, name: str, *, reset_timeout: float, fail_max: int,
              success_threshold: int, trial_timeout: float) -> BreakerParams:
-        return cls(key=hash_tag(prefix, "cb", name), reset_timeout_us=int(reset_timeout * 1_000_000),
+        return cls(key=breaker_key(prefix, name), reset_timeout_us=int(reset_timeout * 1_000_000),
                    fail_max=fail_max, success_threshold=success_threshold,
-                   lease_us=int(trial_timeout * 1_000_000), channel=f"{prefix}:cb:failures")
+                   lease_us=int(trial_timeout * 1_000_000), channel=breaker_channel(prefix))
 
 
 class BreakerStore(Protocol):

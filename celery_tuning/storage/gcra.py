@@ -16,7 +16,8 @@ from ..policy.gcra import (
     gcra_tokens,
     recovered_factor,
 )
-from .redis import RedisConnector, hash_tag
+from .keys import rate_limit_bucket_key, rate_limit_conf_key
+from .redis import RedisConnector
 
 __all__ = ["AdaptiveSpec", "Bucket", "GcraSnapshot", "GcraStore", "MemoryGcraStore", "RedisGcraStore", "now_us"]
 
@@ -35,8 +36,7 @@ class Bucket:
 
     @classmethod
     def for_limiter(cls, prefix: str, name: str, key_hash: Optional[str] = None) -> Bucket:
-        stem = hash_tag(prefix, "rl", name)
-        return cls(tat=f"{stem}:k:{key_hash}" if key_hash else stem, conf=f"{stem}:conf")
+        return cls(tat=rate_limit_bucket_key(prefix, name, key_hash), conf=rate_limit_conf_key(prefix, name))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,146 @@
+"""Every Redis key and pub/sub channel name celery-tuning uses, built in one place.
+
+``P`` is ``tuning_key_prefix`` (default ``tuning``); ``{N}`` is the entity's name as its Cluster
+hash tag (see :func:`hash_tag`), so every key of one limiter, breaker, lease set or cache lives in
+one slot and a script touching several of them never fails with CROSSSLOT. The formats are part
+of deployed data (and of ``docs/upgrading.md``): change one only with an upgrade note.
+
+=================================================  =========  ====================================
+key or channel                                     type       built by
+=================================================  =========  ====================================
+``P:rl:{N}``                                       string     :func:`rate_limit_stem` (shared
+                                                              bucket of limiter ``N``)
+``P:rl:{N}:k:<sha256[:24]>``                       string     :func:`rate_limit_bucket_key` (a
+                                                              per-key bucket)
+``P:rl:{N}:conf``                                  hash       :func:`rate_limit_conf_key` (run-time
+                                                              override, adaptive factor)
+``P:cb:{N}``                                       hash       :func:`breaker_key`
+channel ``P:cb:failures``                          pub/sub    :func:`breaker_channel` (every
+                                                              recorded failure: the breaker key)
+``P:cc:{N}``                                       zset       :func:`lease_key` (concurrency
+                                                              leases of limit ``N``)
+``P:cache:{T}``                                    (stem)     :func:`cache_stem` (task ``T``)
+``P:cache:{T}:gen``                                string     :func:`cache_generation_key`
+``P:cache:{T}:v<version>:g<gen>:<sha256>``         string     :func:`cache_value_key`
+``P:cache:{T}:v<version>:g<gen>:<sha256>:lock``    string     :func:`cache_lock_key` (single flight)
+channel ``P:cache:invalidate``                     pub/sub    :func:`cache_invalidation_channel`
+``P:<part>:<part>…``                               any        :func:`prefixed_key` (anything else
+                                                              under the prefix)
+=================================================  =========  ====================================
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from ..errors import ConfigurationError
+
+__all__ = [
+    "breaker_channel",
+    "breaker_key",
+    "cache_generation_key",
+    "cache_invalidation_channel",
+    "cache_lock_key",
+    "cache_stem",
+    "cache_value_key",
+    "hash_tag",
+    "lease_key",
+    "prefixed_key",
+    "rate_limit_bucket_key",
+    "rate_limit_conf_key",
+    "rate_limit_stem",
+]
+
+#: The ``kind`` part of each entity's keys.
+RATE_LIMIT, BREAKER, LEASE, CACHE = "rl", "cb", "cc", "cache"
+
+
+def hash_tag(prefix: str, kind: str, name: str) -> str:
+    """Key stem whose ``{...}`` part pins every key of one entity to one Cluster slot.
+
+    Redis Cluster hashes what lies between the first ``{`` and the next ``}``, or the whole key
+    when that is empty: a name starting with ``}`` (or empty) would spread one limiter's keys over
+    several slots (CROSSSLOT). A name with no braces is its own tag, so keys stay readable; any
+    other name is percent-escaped behind an extra ``{``, which no plain name's tag starts with, so
+    two names never share a key.
+
+    Raises:
+        ConfigurationError: When ``prefix`` is empty or holds a brace (Redis would take the tag from it).
+    """
+    if "{" in prefix or "}" in prefix or not prefix:
+        raise ConfigurationError(
+            f"key prefix={prefix!r}: must be a non-empty string without braces (Redis Cluster "
+            "would read them as the hash tag)")
+    if name and "{" not in name and "}" not in name:
+        return f"{prefix}:{kind}:{{{name}}}"
+    escaped = name.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
+    return f"{prefix}:{kind}:{{{{{escaped}}}"
+
+
+def prefixed_key(prefix: str, *parts: str) -> str:
+    """``prefix:part:part…``: a key under the prefix that belongs to no named entity."""
+    return ":".join((prefix, *parts))
+
+
+# -- rate limits (gcra_*.lua) ----------------------------------------------------------------
+
+def rate_limit_stem(prefix: str, name: str) -> str:
+    """Limiter ``name``'s shared bucket, and the stem of its other keys."""
+    return hash_tag(prefix, RATE_LIMIT, name)
+
+
+def rate_limit_bucket_key(prefix: str, name: str, key_hash: Optional[str] = None) -> str:
+    """The bucket of one caller key (``key_hash``: its digest), or the shared one without."""
+    stem = rate_limit_stem(prefix, name)
+    return f"{stem}:k:{key_hash}" if key_hash else stem
+
+
+def rate_limit_conf_key(prefix: str, name: str) -> str:
+    """Limiter ``name``'s override and adaptive-factor hash (shared by all its buckets)."""
+    return f"{rate_limit_stem(prefix, name)}:conf"
+
+
+# -- circuit breakers (breaker.lua) ----------------------------------------------------------
+
+def breaker_key(prefix: str, name: str) -> str:
+    """Breaker ``name``'s state hash."""
+    return hash_tag(prefix, BREAKER, name)
+
+
+def breaker_channel(prefix: str) -> str:
+    """The channel every recorded breaker failure is announced on (message: the breaker key)."""
+    return prefixed_key(prefix, BREAKER, "failures")
+
+
+# -- concurrency limits (lease_*.lua) --------------------------------------------------------
+
+def lease_key(prefix: str, name: str) -> str:
+    """Concurrency limit ``name``'s sorted set of leases."""
+    return hash_tag(prefix, LEASE, name)
+
+
+# -- result cache (cache_*.lua) --------------------------------------------------------------
+
+def cache_stem(prefix: str, task_name: str) -> str:
+    """The stem of every cache key of task ``task_name``."""
+    return hash_tag(prefix, CACHE, task_name)
+
+
+def cache_generation_key(prefix: str, task_name: str) -> str:
+    """Task ``task_name``'s cache generation counter."""
+    return f"{cache_stem(prefix, task_name)}:gen"
+
+
+def cache_value_key(stem: str, version: int, generation: int, digest: str) -> str:
+    """One cached result under ``stem`` (:func:`cache_stem`)."""
+    return f"{stem}:v{version}:g{generation}:{digest}"
+
+
+def cache_lock_key(stem: str, version: int, generation: int, digest: str) -> str:
+    """The single-flight lock of one cached result."""
+    return f"{cache_value_key(stem, version, generation, digest)}:lock"
+
+
+def cache_invalidation_channel(prefix: str) -> str:
+    """The channel cache invalidations and clears are published on."""
+    return prefixed_key(prefix, CACHE, "invalidate")
