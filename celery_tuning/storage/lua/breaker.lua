@@ -12,12 +12,13 @@
 --          'success' | 'failure' | 'release' the id the caller was granted, '' when it runs no
 --          trial. Only the current holder's verdict settles the trial, and only once.
 -- ARGV[7]  channel a 'failure' is published on (the breaker key as the message), '' for none
--- ARGV[8]  optional now override in µs (absent: the server's TIME)
+-- ARGV[8]  optional now override in µs (absent or '': the server's TIME, read by server_clock.lua)
 -- Returns: {state, failures, remaining_us, version, granted (1|0)}
 --          remaining_us: open -> until the reset timeout elapses; half-open -> until the
 --          trial lease expires; closed -> 0. granted: 'trial' only, the caller runs the trial.
--- Mirrors celery_tuning.storage.breaker.MemoryBreakerStore (one contract test suite and a
--- differential state-machine test run both).
+-- Mirrors celery_tuning.policy.breaker (the reference state machine MemoryBreakerStore drives;
+-- one contract test suite and a differential state-machine test run both).
+--@include server_clock
 local op = ARGV[1]
 local reset_timeout = tonumber(ARGV[2])
 local fail_max = tonumber(ARGV[3])
@@ -25,13 +26,7 @@ local success_threshold = tonumber(ARGV[4])
 local lease = tonumber(ARGV[5])
 local token = ARGV[6]
 local channel = ARGV[7]
-local now
-if ARGV[8] then
-  now = tonumber(ARGV[8])
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
+local now = server_clock({}, {ARGV[8]})
 
 if op == 'reset' then
   redis.call('DEL', KEYS[1])
