@@ -5,32 +5,19 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Hashable, List, NamedTuple, Optional, Protocol, Tuple
+from typing import Any, Callable, Dict, Hashable, List, Optional, Protocol, Tuple
 
+from ..policy.breaker import CLOSED, HALF_OPEN, OPEN, BreakerState, Snapshot
+from ..policy.breaker import apply as apply_breaker
 from .gcra import now_us
 from .keys import breaker_channel, breaker_key
 from .pubsub import channel_listener
 from .redis import RedisConnector
 
-__all__ = ["BreakerParams", "BreakerStore", "FailureCounts", "MemoryBreakerStore", "RedisBreakerStore",
-           "Snapshot"]
+__all__ = ["CLOSED", "HALF_OPEN", "OPEN", "BreakerParams", "BreakerStore", "FailureCounts", "MemoryBreakerStore",
+           "RedisBreakerStore", "Snapshot"]
 
 logger = logging.getLogger("celery_tuning.breaker")
-
-CLOSED, OPEN, HALF_OPEN = "closed", "open", "half-open"
-
-
-class Snapshot(NamedTuple):
-    """A breaker's shared state as one store call saw it."""
-
-    state: str
-    failures: int
-    #: µs until the reset timeout elapses (open) or the trial lease ends (half-open).
-    remaining_us: int
-    #: Bumped on every state change; lets a process notice changes it did not make.
-    version: int
-    #: For a trial request: True when this caller runs the half-open trial.
-    granted: bool = False
 
 
 @dataclass(frozen=True)
@@ -75,6 +62,9 @@ class BreakerStore(Protocol):
 class MemoryBreakerStore:
     """Breaker state in this process: the local fallback and the contract's reference.
 
+    It keeps the fields and drives :mod:`celery_tuning.policy.breaker`'s state machine, which
+    ``breaker.lua`` mirrors.
+
     Arguments:
         clock: Returns now in integer microseconds.
     """
@@ -82,7 +72,7 @@ class MemoryBreakerStore:
     def __init__(self, clock: Callable[[], int] = now_us) -> None:
         self.clock = clock
         self._lock = threading.Lock()
-        self._state: Dict[str, Dict[str, Any]] = {}
+        self._state: Dict[str, BreakerState] = {}
         self._failures_seen: Dict[str, int] = {}
 
     def failure_epoch(self, params: BreakerParams) -> Optional[Hashable]:
@@ -92,69 +82,14 @@ class MemoryBreakerStore:
               now: Optional[int] = None) -> Snapshot:
         with self._lock:
             now = self.clock() if now is None else now
-            if op == "reset":
+            stored, snap = apply_breaker(self._state.get(params.key), params, op, token, now)
+            if stored is None:
                 self._state.pop(params.key, None)
-                return Snapshot(CLOSED, 0, 0, 0, False)
-            h = self._state.setdefault(params.key, {"state": CLOSED, "failures": 0, "successes": 0,
-                                                    "opened_at": 0, "trial_until": 0, "version": 0,
-                                                    "holder": ""})
-            granted = False
-            # Same rule as breaker.lua: an expired lease still settles until someone takes over.
-            holds_trial = h["state"] == HALF_OPEN and token != "" and token == h["holder"]
-
-            def go(new_state: str) -> None:
-                h["state"] = new_state
-                h["version"] += 1
-
+            else:
+                self._state[params.key] = stored
             if op == "failure":
-                h["failures"] += 1
                 self._failures_seen[params.key] = self._failures_seen.get(params.key, 0) + 1
-                if h["state"] == CLOSED and h["failures"] >= params.fail_max:
-                    go(OPEN)
-                    h["opened_at"] = now
-                elif holds_trial:
-                    go(OPEN)
-                    h.update(opened_at=now, trial_until=0, successes=0, holder="")
-            elif op == "success":
-                if h["state"] == CLOSED:
-                    h["failures"] = 0
-                elif holds_trial:
-                    h["successes"] += 1
-                    h.update(trial_until=0, holder="")
-                    if h["successes"] >= params.success_threshold:
-                        go(CLOSED)
-                        h.update(failures=0, successes=0)
-            elif op == "trial":
-                if h["state"] == OPEN and now >= h["opened_at"] + params.reset_timeout_us:
-                    go(HALF_OPEN)
-                    h.update(successes=0, trial_until=now + params.lease_us, holder=token)
-                    granted = True
-                elif h["state"] == HALF_OPEN and h["trial_until"] <= now:
-                    h.update(trial_until=now + params.lease_us, holder=token)
-                    granted = True
-            elif op == "release":
-                if holds_trial:
-                    h.update(trial_until=0, holder="")
-            elif op == "half-open":
-                if h["state"] != HALF_OPEN:
-                    go(HALF_OPEN)
-                h.update(successes=0, trial_until=0, holder="")
-            elif op == "open":
-                if h["state"] != OPEN:
-                    go(OPEN)
-                h.update(opened_at=now, trial_until=0, successes=0, holder="")
-            elif op == "close":
-                if h["state"] != CLOSED:
-                    go(CLOSED)
-                h.update(failures=0, successes=0, trial_until=0, holder="")
-            elif op != "status":
-                raise ValueError(f"unknown breaker operation {op!r}")
-            remaining = 0
-            if h["state"] == OPEN:
-                remaining = max(0, h["opened_at"] + params.reset_timeout_us - now)
-            elif h["state"] == HALF_OPEN:
-                remaining = max(0, h["trial_until"] - now)
-            return Snapshot(h["state"], h["failures"], remaining, h["version"], granted)
+            return snap
 
 
 class FailureCounts:

@@ -1,4 +1,5 @@
-"""Differential state machine: random breaker operations through MemoryBreakerStore and breaker.lua.
+"""Differential state machine: random breaker operations through MemoryBreakerStore (driving the pure
+policy.breaker state machine) and breaker.lua.
 
 One injected clock drives both; Redis losing everything (FLUSHDB) is modelled by a fresh memory
 store. Callers hold trial tokens that go stale (their lease runs out and another caller takes
@@ -158,7 +159,7 @@ def test_the_machine_notices_a_store_that_lets_a_stale_holder_settle(redis_clean
                         now: Optional[int] = None) -> Any:
         h = self._state.get(params.key)
         if token and h is not None and op in ("success", "failure", "release"):
-            token = h["holder"] or token  # any token settles, as holds_trial=True did
+            token = h.holder or token  # any token settles, as holds_trial=True did
         return original(self, params, op, token, now)
 
     BreakerMachine.backend = (redis_clean.db_url(4), redis_clean.client(4).flushdb)
