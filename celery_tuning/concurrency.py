@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import uuid
-import weakref
 from typing import List, NamedTuple, Optional, Set, Union
 
 from .errors import ConfigurationError, StorageError
+from .storage.keys import lease_key
 from .storage.lease import LeaseGrant, LeaseStore, MemoryLeaseStore, RedisLeaseStore
-from .storage.redis import RedisConnector, hash_tag
+from .storage.process import PerProcess
+from .storage.redis import RedisConnector
 
 __all__ = ["ConcurrencyLimiter", "Lease"]
 
@@ -33,6 +33,23 @@ class Lease(NamedTuple):
     @property
     def granted(self) -> bool:
         return self.retry_after == 0.0
+
+
+class _Holders:
+    """One process's leases of one limit and the thread renewing them.
+
+    Per process: the parent's leases belong to the parent's tasks (a child renewing, and so
+    re-creating, them would hold slots after the parent released them), and a lock held by a
+    parent thread at ``fork()`` would never be released in the child.
+    """
+
+    __slots__ = ("held", "lock", "renewer", "wake")
+
+    def __init__(self) -> None:
+        self.held: Set[str] = set()
+        self.lock = threading.Lock()
+        self.renewer: Optional[threading.Thread] = None
+        self.wake = threading.Event()
 
 
 class ConcurrencyLimiter:
@@ -64,18 +81,13 @@ class ConcurrencyLimiter:
         self.name = name
         self.cap = cap
         self.store: LeaseStore = RedisLeaseStore(store) if isinstance(store, RedisConnector) else store
-        self.key = hash_tag(prefix, "cc", name)
+        self.key = lease_key(prefix, name)
         self.ttl_us = int(ttl * 1_000_000)
         self.ttl = ttl
         self.on_redis_error = on_redis_error
         self._fallback = MemoryLeaseStore()
-        self._held: Set[str] = set()
-        self._lock = threading.Lock()
-        self._renewer: Optional[threading.Thread] = None
-        self._renewer_pid: Optional[int] = None
-        self._wake = threading.Event()
+        self._holders: PerProcess[_Holders] = PerProcess(_Holders, name=f"leases of {name}")
         self._warned = False
-        _limiters.add(self)
 
     def __repr__(self) -> str:
         return f"<ConcurrencyLimiter {self.name!r} cap={self.cap} ttl={self.ttl}>"
@@ -91,9 +103,15 @@ class ConcurrencyLimiter:
             self._warned = False
             logger.info("concurrency limit %r: tuning Redis is back", self.name)
 
+    @property
+    def _lock(self) -> threading.Lock:
+        """The lock of this process's holders (a forked child gets its own)."""
+        return self._holders.get().lock
+
     def _held_now(self) -> List[str]:
-        with self._lock:
-            return sorted(self._held)
+        holders = self._holders.get()
+        with holders.lock:
+            return sorted(holders.held)
 
     def acquire(self) -> Lease:
         """Try to take a slot now (one round trip). Never raises because Redis is down."""
@@ -115,17 +133,19 @@ class ConcurrencyLimiter:
     def _granted(self, lease_id: str, grant: LeaseGrant, source: str) -> Lease:
         if not grant.granted:
             return Lease(None, max(grant.value / 1_000_000, 0.05), source)
-        with self._lock:
-            self._held.add(lease_id)
-        self._ensure_renewer()
+        holders = self._holders.get()
+        with holders.lock:
+            holders.held.add(lease_id)
+        self._ensure_renewer(holders)
         return Lease(lease_id, 0.0, source)
 
     def release(self, lease: Lease) -> None:
         """Give the slot back (best effort: an unreleased lease expires by itself)."""
         if lease.id is None:
             return
-        with self._lock:
-            self._held.discard(lease.id)
+        holders = self._holders.get()
+        with holders.lock:
+            holders.held.discard(lease.id)
         self._fallback.release(self.key, lease.id)
         try:
             self.store.release(self.key, lease.id)
@@ -163,8 +183,9 @@ class ConcurrencyLimiter:
         # A lease released while its renewal was on the way has just been put back: take it out
         # again, or it would hold a slot nobody uses for a whole TTL. (release() drops it from
         # _held before its own removal, so whichever of the two removals comes last wins.)
-        with self._lock:
-            gone = [lease for lease in held if lease not in self._held]
+        holders = self._holders.get()
+        with holders.lock:
+            gone = [lease for lease in held if lease not in holders.held]
         for lease in gone:
             try:
                 store.release(self.key, lease)
@@ -176,44 +197,22 @@ class ConcurrencyLimiter:
                            self.name, recreated)
         return recreated
 
-    def _ensure_renewer(self) -> None:
-        if self._renewer is not None and self._renewer.is_alive() and self._renewer_pid == os.getpid():
+    def _ensure_renewer(self, holders: _Holders) -> None:
+        renewer = holders.renewer
+        if renewer is not None and renewer.is_alive():
             return
-        with self._lock:
-            if self._renewer is not None and self._renewer.is_alive() and self._renewer_pid == os.getpid():
+        with holders.lock:
+            if holders.renewer is not None and holders.renewer.is_alive():
                 return
-            self._renewer_pid = os.getpid()
-            self._renewer = threading.Thread(target=self._renew_loop, name=f"celery-tuning-lease-{self.name}",
-                                             daemon=True)
-            self._renewer.start()
+            holders.renewer = threading.Thread(target=self._renew_loop, args=(holders.wake,),
+                                               name=f"celery-tuning-lease-{self.name}", daemon=True)
+            holders.renewer.start()
 
-    def _renew_loop(self) -> None:
+    def _renew_loop(self, wake: threading.Event) -> None:
         interval = max(self.ttl / 3, 0.05)
         while True:
-            self._wake.wait(interval)
+            wake.wait(interval)
             try:
                 self.renew()
             except Exception:  # the renewer must outlive any one bad round
                 logger.exception("concurrency limit %r: lease renewal failed", self.name)
-
-    def _after_fork_in_child(self) -> None:
-        # The parent's leases belong to the parent's tasks: a child renewing (and so re-creating)
-        # them would hold slots after the parent released them. A lock held by a parent thread
-        # at fork() would never be released in the child.
-        self._lock = threading.Lock()
-        self._held = set()
-        self._renewer = None
-        self._renewer_pid = None
-        self._wake = threading.Event()
-
-
-_limiters: weakref.WeakSet[ConcurrencyLimiter] = weakref.WeakSet()
-
-
-def _forget_parent_leases() -> None:
-    for limiter in list(_limiters):
-        limiter._after_fork_in_child()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_parent_leases)

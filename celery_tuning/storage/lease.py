@@ -6,6 +6,7 @@ import threading
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Protocol, Sequence
 
 from .gcra import now_us
+from .process import PerProcess
 from .redis import RedisConnector
 
 __all__ = ["LeaseGrant", "LeaseStore", "MemoryLeaseStore", "RedisLeaseStore"]
@@ -43,11 +44,20 @@ def _free_in(expiries: List[int], cap: int, now: int) -> int:
     return max(0, ordered[index] - now) if ordered else 0
 
 
+class _Leases:
+    __slots__ = ("leases", "lock")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.leases: Dict[str, Dict[str, int]] = {}
+
+
 class MemoryLeaseStore:
     """Leases in this process only: the local fallback and the reference for the contract tests.
 
     Mirrors ``lease_acquire.lua``, ``lease_renew.lua`` and ``lease_count.lua`` exactly (a
     differential test holds them together). A lease is live while its expiry is after now.
+    A forked child starts empty: the parent's leases belong to the parent's holders.
 
     Arguments:
         clock: Returns now in integer microseconds (inject a manual clock in tests).
@@ -55,8 +65,15 @@ class MemoryLeaseStore:
 
     def __init__(self, clock: Callable[[], int] = now_us) -> None:
         self.clock = clock
-        self._lock = threading.Lock()
-        self._leases: Dict[str, Dict[str, int]] = {}
+        self._process: PerProcess[_Leases] = PerProcess(_Leases, name="memory leases")
+
+    @property
+    def _lock(self) -> threading.Lock:
+        return self._process.get().lock
+
+    @property
+    def _leases(self) -> Dict[str, Dict[str, int]]:
+        return self._process.get().leases
 
     def _live(self, key: str, now: int) -> Dict[str, int]:
         leases = {lease: exp for lease, exp in self._leases.get(key, {}).items() if exp > now}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from importlib import resources
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Type, TypeVar
@@ -14,7 +13,9 @@ from redis.commands.core import Script
 from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
-from ..errors import ConfigurationError, StorageError
+from ..errors import StorageError
+from .keys import hash_tag
+from .process import PerProcess, after_fork_in_child
 from .urls import RedisTarget, parse_redis_url, redact_url
 
 __all__ = ["CLIENT_NAME", "RedisConnector", "get_connector", "hash_tag", "load_lua"]
@@ -27,28 +28,6 @@ T = TypeVar("T")
 
 #: The redis-py errors that mean "the tuning store is not usable right now".
 REDIS_ERRORS: Tuple[Type[BaseException], ...] = (redis.RedisError, redis.exceptions.RedisClusterException, OSError)
-
-
-def hash_tag(prefix: str, kind: str, name: str) -> str:
-    """Key stem whose ``{...}`` part pins every key of one entity to one Cluster slot.
-
-    Redis Cluster hashes what lies between the first ``{`` and the next ``}``, or the whole key
-    when that is empty: a name starting with ``}`` (or empty) would spread one limiter's keys over
-    several slots (CROSSSLOT). A name with no braces is its own tag, so keys stay readable; any
-    other name is percent-escaped behind an extra ``{``, which no plain name's tag starts with, so
-    two names never share a key.
-
-    Raises:
-        ConfigurationError: When ``prefix`` is empty or holds a brace (Redis would take the tag from it).
-    """
-    if "{" in prefix or "}" in prefix or not prefix:
-        raise ConfigurationError(
-            f"key prefix={prefix!r}: must be a non-empty string without braces (Redis Cluster "
-            "would read them as the hash tag)")
-    if name and "{" not in name and "}" not in name:
-        return f"{prefix}:{kind}:{{{name}}}"
-    escaped = name.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
-    return f"{prefix}:{kind}:{{{{{escaped}}}"
 
 
 def load_lua(name: str) -> str:
@@ -71,8 +50,8 @@ def load_lua(name: str) -> str:
 class RedisConnector:
     """Owns the Redis client of one URL in the current process.
 
-    The client is created on first use and re-created when the process id
-    changes, so a prefork child never shares its parent's sockets. Scripts are
+    The client is created on first use and held in a :class:`~.process.PerProcess`,
+    so a prefork child builds its own and never shares its parent's sockets. Scripts are
     registered once per client with ``register_script``, whose ``EVALSHA``
     falls back to ``SCRIPT LOAD`` on ``NOSCRIPT`` (a restarted Redis).
 
@@ -97,10 +76,9 @@ class RedisConnector:
         self.socket_timeout = socket_timeout
         self.connect_timeout = connect_timeout
         self.max_connections = max_connections
-        self._lock = threading.Lock()
-        self._pid: Optional[int] = None
-        self._client: Any = None
-        self._scripts: Dict[str, Script] = {}
+        # A forked child must not reuse the parent's sockets: it builds its own client.
+        self._process: PerProcess[_ProcessClient] = PerProcess(
+            lambda: _ProcessClient(self._create()), name=f"redis client of {self.safe_url}")
 
     def __repr__(self) -> str:
         return f"<RedisConnector {self.safe_url}>"
@@ -154,26 +132,11 @@ class RedisConnector:
     @property
     def client(self) -> Any:
         """The process's client, created lazily; re-created after ``fork()``."""
-        pid = os.getpid()
-        client = self._client
-        if client is not None and self._pid == pid:
-            return client
-        with self._lock:
-            if self._client is None or self._pid != pid:
-                # A forked child must not reuse the parent's sockets: start afresh.
-                self._client = self._create()
-                self._scripts = {}
-                self._pid = pid
-            return self._client
+        return self._process.get().client
 
     def script(self, name: str) -> Script:
         """The registered Lua script ``name`` for this process's client."""
-        client = self.client
-        script = self._scripts.get(name)
-        if script is None:
-            script = client.register_script(load_lua(name))
-            self._scripts[name] = script
-        return script
+        return self._process.get().script(name)
 
     def run(self, operation: Callable[[Any], T], what: str = "redis call") -> T:
         """Run ``operation(client)``, turning Redis failures into :class:`StorageError`.
@@ -197,10 +160,9 @@ class RedisConnector:
         call = self._evalsha_on_connection if self.target.kind != "cluster" else self._evalsha_on_client
         try:
             # Inside the try: a Cluster client connects when it is made, and fails there.
-            client = self.client
-            script = self._scripts.get(name)
-            if script is None:
-                script = self.script(name)
+            process = self._process.get()
+            client = process.client
+            script = process.scripts.get(name) or process.script(name)
             try:
                 return call(client, script.sha, keys, args)
             except NoScriptError:
@@ -225,10 +187,9 @@ class RedisConnector:
                 self.evalsha(name, keys, args)
             return
         try:
-            client = self.client
-            script = self._scripts.get(name)
-            if script is None:
-                script = self.script(name)
+            process = self._process.get()
+            client = process.client
+            script = process.scripts.get(name) or process.script(name)
             pending = list(calls)
             for _ in range(2):
                 pipe = client.pipeline(transaction=False)
@@ -298,18 +259,38 @@ class RedisConnector:
 
     def close(self) -> None:
         """Drop this process's client (connections close when collected)."""
-        with self._lock:
-            client, self._client, self._pid = self._client, None, None
-            self._scripts = {}
-        if client is not None:
+        process = self._process.reset()
+        if process is not None:
             try:
-                client.close()
+                process.client.close()
             except REDIS_ERRORS:  # pragma: no cover - closing a dead socket
                 pass
 
 
+class _ProcessClient:
+    """One process's client of a connector and the scripts registered on it."""
+
+    __slots__ = ("client", "scripts")
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.scripts: Dict[str, Script] = {}
+
+    def script(self, name: str) -> Script:
+        script = self.scripts.get(name)
+        if script is None:
+            script = self.scripts[name] = self.client.register_script(load_lua(name))
+        return script
+
+
 _connectors: Dict[Tuple[Any, ...], RedisConnector] = {}
 _connectors_lock = threading.Lock()
+
+
+@after_fork_in_child
+def _new_connectors_lock() -> None:
+    global _connectors_lock
+    _connectors_lock = threading.Lock()  # a parent thread may have held it at fork()
 
 
 def get_connector(
