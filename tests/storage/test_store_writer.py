@@ -99,7 +99,7 @@ def test_no_thread_for_the_writer_means_the_caller_stores_itself(redis_clean, mo
 def test_a_child_forked_while_the_writer_registry_was_locked_can_store(redis_clean):
     import signal
 
-    from celery_tuning.storage import cache as cache_module
+    from celery_tuning.storage import cache_writer
 
     conn = RedisConnector(redis_clean.url)
     client = redis_clean.client()
@@ -110,7 +110,7 @@ def test_a_child_forked_while_the_writer_registry_was_locked_can_store(redis_cle
         store.store_later("f", "f:lock", b"forked", 60_000, "t", lambda exc: None)
         return store.flush(2.0) and client.get("f") == b"forked"
 
-    with cache_module._writers_lock:  # as if another thread were registering a writer at fork()
+    with cache_writer._writers.get().lock:  # as if another thread were registering a writer at fork()
         assert true_in_child(in_child)
     conn.close()
 
@@ -141,7 +141,7 @@ def test_the_cache_keeps_one_pool_connection_by_default_and_stores_right_away(fa
             assert fault_redis.client().exists(value_key), "stored before returning"
     assert len(pool_connections()) == before + 1
     cache.invalidate_digest("d0")  # flushes deferred stores first: with none deferred, no writer is made
-    from celery_tuning.storage import cache as cache_module
+    from celery_tuning.storage.cache_writer import existing_writer
 
-    assert id(conn) not in cache_module._writers
+    assert existing_writer(conn) is None
     conn.close()
