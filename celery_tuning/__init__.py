@@ -24,8 +24,8 @@ _EXPORTS = {
     "install": "celery_tuning.integration.install",
     "stamp_headers": "celery_tuning.integration.receivers",
     "TunedTask": "celery_tuning.integration.task",
-    "limiter": "celery_tuning.integration.limits",
-    "breaker": "celery_tuning.integration.breakers",
+    "limiter": "celery_tuning.integration.registry",
+    "breaker": "celery_tuning.integration.registry",
     "CircuitOpen": "celery_tuning.circuit",
     "SharedBreaker": "celery_tuning.circuit",
     "GcraLimiter": "celery_tuning.ratelimit",
@@ -71,9 +71,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .circuit import CircuitOpen, SharedBreaker
     from .decorators import cache_result, circuit_breaker, concurrency_limit, rate_limit, sla
     from .errors import ConcurrencyLimited, ConfigurationError, RateLimited, StorageError, Throttled, TuningError
-    from .integration.breakers import breaker
     from .integration.install import install
-    from .integration.limits import limiter
     from .integration.receivers import stamp_headers
+    from .integration.registry import breaker, limiter
     from .integration.task import TunedTask
     from .ratelimit import GcraLimiter

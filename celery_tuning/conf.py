@@ -2,17 +2,32 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
 import importlib
 import os
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 from .errors import ConfigurationError
+from .policy.profiles import CPU_FORMS, POOLS, PROFILE_FIELDS, ProfileField, field_named
 from .policy.rates import ACCEPTED as RATE_FORMS
 from .policy.rates import Rate, parse_rate
 
-__all__ = ["SETTINGS", "Setting", "TuningConfig", "load_config", "render_settings_markdown"]
+__all__ = [
+    "SETTINGS",
+    "Arg",
+    "BreakerSpec",
+    "LimiterSpec",
+    "RateLimitSpec",
+    "Setting",
+    "TuningConfig",
+    "env_override",
+    "load_config",
+    "parse_breaker_spec",
+    "parse_limiter_spec",
+    "render_settings_markdown",
+]
 
 Parser = Callable[[str, Any], Any]
 
@@ -36,6 +51,7 @@ class Setting:
 
     @property
     def attr(self) -> str:
+        """The :class:`TuningConfig` field holding this setting (the name less ``tuning_``)."""
         return self.name[len("tuning_"):]
 
 
@@ -44,45 +60,106 @@ def known_names(entries: Mapping[str, Any]) -> str:
     return ", ".join(repr(n) for n in sorted(entries)) or "none configured"
 
 
-def _fail(name: str, value: Any, accepted: str) -> ConfigurationError:
-    return ConfigurationError(f"{name}: {value!r} is not valid; expected {accepted}")
+# -- validators shared by the settings and the decorators ---------------------------------------
+#
+# Each takes ``where``: what the value is called in errors. A string is a setting (or a part of
+# one, ``tuning_rate_limits['api'].burst``): the message reads ``<where>: <value> is not valid;
+# expected ...``, and text is accepted for numbers and booleans (settings come from the
+# environment and from settings files). An :class:`Arg` is a decorator argument: the message reads
+# ``@decorator(name=value): expected ...`` and values must have their Python type.
 
 
-def _bool(name: str, value: Any) -> bool:
+@dataclass(frozen=True)
+class Arg:
+    """A decorator argument named in errors: ``Arg('rate_limit', 'burst')`` -> ``@rate_limit(burst=0)``."""
+
+    decorator: str
+    name: str
+
+
+Where = Union[str, Arg]
+
+
+def _fail(where: Where, value: Any, accepted: str) -> ConfigurationError:
+    if isinstance(where, Arg):
+        return ConfigurationError(f"@{where.decorator}({where.name}={value!r}): expected {accepted}")
+    return ConfigurationError(f"{where}: {value!r} is not valid; expected {accepted}")
+
+
+def _bool(where: Where, value: Any) -> bool:
     if isinstance(value, bool):
         return value
-    if isinstance(value, str):
-        low = value.strip().lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    raise _fail(name, value, "a boolean (True/False, or '1'/'0' in the environment)")
+    if not isinstance(where, Arg):
+        if isinstance(value, str):
+            low = value.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+    raise _fail(where, value, "a boolean (True/False, or '1'/'0' in the environment)")
 
 
-def _optional_bool(name: str, value: Any) -> Optional[bool]:
-    return None if value is None else _bool(name, value)
+def _optional_bool(where: Where, value: Any) -> Optional[bool]:
+    return None if value is None else _bool(where, value)
 
 
 def _number(
-    name: str, value: Any, *, minimum: float = 0.0, strict: bool = False, integer: bool = False
+    where: Where, value: Any, *, minimum: float = 0.0, strict: bool = False, integer: bool = False,
+    unit: str = "",
 ) -> float:
     kind = "an integer" if integer else "a number"
+    if unit:
+        kind += f" of {unit}"
     bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
-    if isinstance(value, str):
+    typed = isinstance(where, Arg)  # a decorator argument: no text, and integers are ints
+    if isinstance(value, str) and not typed:
         try:
             value = int(value) if integer else float(value)
         except ValueError:
-            raise _fail(name, value, f"{kind} {bound}") from None
+            raise _fail(where, value, f"{kind} {bound}") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _fail(name, value, f"{kind} {bound}")
-    if integer and not float(value).is_integer():
-        raise _fail(name, value, f"{kind} {bound}")
+        raise _fail(where, value, f"{kind} {bound}")
+    if integer and (not float(value).is_integer() or (typed and not isinstance(value, int))):
+        raise _fail(where, value, f"{kind} {bound}")
     if value < minimum or (strict and value == minimum):
-        raise _fail(name, value, f"{kind} {bound}")
+        raise _fail(where, value, f"{kind} {bound}")
     return value
+
+
+def seconds(where: Where, value: Any, *, allow_zero: bool = True) -> float:
+    """A number of seconds (``>= 0``, or ``> 0`` without ``allow_zero``)."""
+    return float(_number(where, value, strict=not allow_zero, unit="seconds"))
+
+
+def count(where: Where, value: Any, minimum: int = 1) -> int:
+    """An integer ``>= minimum``."""
+    return int(_number(where, value, minimum=minimum, integer=True))
+
+
+def choice(where: Where, value: Any, choices: Tuple[str, ...]) -> str:
+    """One of ``choices``."""
+    if value not in choices:
+        quoted = [repr(c) for c in choices]
+        accepted = " or ".join(quoted) if len(quoted) <= 2 else "one of " + ", ".join(quoted)
+        raise _fail(where, value, accepted)
+    return str(value)
+
+
+def callable_or_none(where: Where, value: Any, accepted: str) -> Any:
+    """A callable (or None)."""
+    if value is not None and not callable(value):
+        raise _fail(where, value, accepted)
+    return value
+
+
+def rate(where: str, value: Any) -> Rate:
+    """A rate (``'20/s'``, ``'1200/m'``, ``'5000/h'``) or a :class:`Rate`."""
+    try:
+        return parse_rate(value)
+    except ValueError as exc:
+        raise ConfigurationError(f"{where}: {exc}") from None
 
 
 def _positive_float(name: str, value: Any) -> float:
@@ -125,9 +202,7 @@ def _key_prefix(name: str, value: Any) -> str:
 
 def _choice(*choices: str) -> Parser:
     def parse(name: str, value: Any) -> str:
-        if value not in choices:
-            raise _fail(name, value, " or ".join(repr(c) for c in choices))
-        return str(value)
+        return choice(name, value, choices)
 
     return parse
 
@@ -141,6 +216,15 @@ def _mapping(name: str, value: Any) -> Mapping[str, Any]:
     return value
 
 
+def _unknown_options(where: str, spec: Mapping[str, Any], allowed: Tuple[str, ...], shown: str) -> None:
+    unknown = set(spec) - set(allowed)
+    if unknown:
+        raise ConfigurationError(f"{where}: unknown option(s) {sorted(unknown)}; accepted: {shown}")
+
+
+# -- rate limits ------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class LimiterSpec:
     """A named rate limit from ``tuning_rate_limits``."""
@@ -151,8 +235,12 @@ class LimiterSpec:
     adaptive: bool = False
 
 
+#: The same type under the capability's name.
+RateLimitSpec = LimiterSpec
+
+
 def parse_limiter_spec(where: str, name: str, value: Any) -> LimiterSpec:
-    """Validate one ``tuning_rate_limits`` entry (also used by ``@rate_limit``)."""
+    """Validate one ``tuning_rate_limits`` entry."""
     if isinstance(value, (str, Rate)):
         value = {"rate": value}
     if not isinstance(value, Mapping):
@@ -160,20 +248,15 @@ def parse_limiter_spec(where: str, name: str, value: Any) -> LimiterSpec:
             f"{where}: {value!r} is not valid; expected {RATE_FORMS} "
             "or a dict like {'rate': '20/s', 'burst': 5}"
         )
-    unknown = set(value) - {"rate", "burst", "adaptive"}
-    if unknown:
-        raise ConfigurationError(
-            f"{where}: unknown option(s) {sorted(unknown)}; accepted: 'rate', 'burst', 'adaptive'"
-        )
+    _unknown_options(where, value, ("rate", "burst", "adaptive"), "'rate', 'burst', 'adaptive'")
     if "rate" not in value:
         raise ConfigurationError(f"{where}: missing 'rate' ({RATE_FORMS})")
-    try:
-        rate = parse_rate(value["rate"])
-    except ValueError as exc:
-        raise ConfigurationError(f"{where}.rate: {exc}") from None
-    burst = int(_number(f"{where}.burst", value.get("burst", 1), minimum=1, integer=True))
-    adaptive = _bool(f"{where}.adaptive", value.get("adaptive", False))
-    return LimiterSpec(name=name, rate=rate, burst=burst, adaptive=adaptive)
+    return LimiterSpec(
+        name=name,
+        rate=rate(f"{where}.rate", value["rate"]),
+        burst=count(f"{where}.burst", value.get("burst", LimiterSpec.burst)),
+        adaptive=_bool(f"{where}.adaptive", value.get("adaptive", LimiterSpec.adaptive)),
+    )
 
 
 def _rate_limits(name: str, value: Any) -> Dict[str, LimiterSpec]:
@@ -181,6 +264,9 @@ def _rate_limits(name: str, value: Any) -> Dict[str, LimiterSpec]:
         key: parse_limiter_spec(f"{name}[{key!r}]", key, spec)
         for key, spec in _mapping(name, value).items()
     }
+
+
+# -- circuit breakers -------------------------------------------------------------------------
 
 
 def _resolve_exclusion(where: str, item: Any) -> Any:
@@ -202,30 +288,64 @@ def _resolve_exclusion(where: str, item: Any) -> Any:
         f"{where}: {item!r} is not an exception class, a dotted path to one, or a predicate")
 
 
-def parse_breaker_spec(where: str, spec: Any) -> Dict[str, Any]:
+@dataclass(frozen=True)
+class BreakerSpec:
+    """A circuit breaker's options: an entry of ``tuning_circuit_breakers`` or ``@circuit_breaker(**options)``."""
+
+    fail_max: int = 5
+    reset_timeout: float = 60.0
+    success_threshold: int = 1
+    #: Seconds the half-open trial lease lasts.
+    trial_timeout: float = 60.0
+    #: Exception classes and predicates that do not count as failures.
+    exclude: Tuple[Any, ...] = ()
+
+
+_BREAKER_OPTIONS = ("fail_max", "reset_timeout", "success_threshold", "exclude", "trial_timeout")
+
+
+def parse_breaker_spec(where: str, spec: Any) -> BreakerSpec:
     """Validate one ``tuning_circuit_breakers`` entry (also used by ``@circuit_breaker``)."""
     if not isinstance(spec, Mapping):
         raise _fail(where, spec, "a dict like {'fail_max': 5, 'reset_timeout': 60}")
-    allowed = {"fail_max", "reset_timeout", "success_threshold", "exclude", "trial_timeout"}
-    unknown = set(spec) - allowed
-    if unknown:
-        raise ConfigurationError(
-            f"{where}: unknown option(s) {sorted(unknown)}; accepted: {sorted(allowed)}"
-        )
+    _unknown_options(where, spec, _BREAKER_OPTIONS, str(sorted(_BREAKER_OPTIONS)))
     exclude = spec.get("exclude", ())
     if not isinstance(exclude, (list, tuple)):
         exclude = (exclude,)
-    return {
-        "fail_max": _positive_int(f"{where}.fail_max", spec.get("fail_max", 5)),
-        "reset_timeout": _positive_float(f"{where}.reset_timeout", spec.get("reset_timeout", 60)),
-        "success_threshold": _positive_int(f"{where}.success_threshold", spec.get("success_threshold", 1)),
-        "trial_timeout": _positive_float(f"{where}.trial_timeout", spec.get("trial_timeout", 60)),
-        "exclude": tuple(_resolve_exclusion(f"{where}.exclude[{i}]", x) for i, x in enumerate(exclude)),
-    }
+    return BreakerSpec(
+        fail_max=_positive_int(f"{where}.fail_max", spec.get("fail_max", BreakerSpec.fail_max)),
+        reset_timeout=_positive_float(f"{where}.reset_timeout", spec.get("reset_timeout", BreakerSpec.reset_timeout)),
+        success_threshold=_positive_int(f"{where}.success_threshold",
+                                        spec.get("success_threshold", BreakerSpec.success_threshold)),
+        trial_timeout=_positive_float(f"{where}.trial_timeout", spec.get("trial_timeout", BreakerSpec.trial_timeout)),
+        exclude=tuple(_resolve_exclusion(f"{where}.exclude[{i}]", x) for i, x in enumerate(exclude)),
+    )
 
 
-def _breakers(name: str, value: Any) -> Dict[str, Dict[str, Any]]:
+def _breakers(name: str, value: Any) -> Dict[str, BreakerSpec]:
     return {key: parse_breaker_spec(f"{name}[{key!r}]", spec) for key, spec in _mapping(name, value).items()}
+
+
+# -- SLA --------------------------------------------------------------------------------------
+
+#: What an SLA measures: queue wait, run time, or first publish to finish.
+SLA_ON = ("wait", "run", "total")
+
+
+def sla_thresholds(
+    where: str, part: Callable[[str], Where], warning: Any, critical: Any, on: Any,
+) -> Tuple[Optional[float], Optional[float], str]:
+    """``(warning, critical, on)`` checked for ``tuning_sla`` entries and ``@sla`` alike.
+
+    ``where`` names the whole entry and ``part(field)`` one of its fields in errors.
+    """
+    on = choice(part("on"), on, SLA_ON)
+    levels = [None if v is None else seconds(part(level), v, allow_zero=False)
+              for level, v in (("warning", warning), ("critical", critical))]
+    low, high = levels
+    if low is not None and high is not None and low > high:
+        raise ConfigurationError(f"{where}: warning ({low}) must not exceed critical ({high})")
+    return low, high, on
 
 
 def _sla(name: str, value: Any) -> Dict[str, Dict[str, Any]]:
@@ -234,29 +354,19 @@ def _sla(name: str, value: Any) -> Dict[str, Dict[str, Any]]:
         where = f"{name}[{key!r}]"
         if not isinstance(spec, Mapping):
             raise _fail(where, spec, "a dict like {'warning': 10, 'critical': 30}")
-        unknown = set(spec) - {"warning", "critical", "on"}
-        if unknown:
-            raise ConfigurationError(
-                f"{where}: unknown option(s) {sorted(unknown)}; accepted: 'warning', 'critical', 'on'"
-            )
-        parsed: Dict[str, Any] = {"on": _choice("wait", "run", "total")(f"{where}.on", spec.get("on", "total"))}
-        for level in ("warning", "critical"):
-            if spec.get(level) is not None:
-                parsed[level] = _positive_float(f"{where}.{level}", spec[level])
-        if "warning" in parsed and "critical" in parsed and parsed["warning"] > parsed["critical"]:
-            raise ConfigurationError(
-                f"{where}: warning ({parsed['warning']}) must not exceed critical ({parsed['critical']})"
-            )
+        _unknown_options(where, spec, ("warning", "critical", "on"), "'warning', 'critical', 'on'")
+        warning, critical, on = sla_thresholds(where, lambda part: f"{where}.{part}",  # noqa: B023 - called at once
+                                               spec.get("warning"), spec.get("critical"), spec.get("on", "total"))
+        parsed: Dict[str, Any] = {"on": on}
+        if warning is not None:
+            parsed["warning"] = warning
+        if critical is not None:
+            parsed["critical"] = critical
         out[key] = parsed
     return out
 
 
-PROFILE_FIELDS = (
-    "pool", "concurrency", "prefetch_multiplier", "acks_late", "max_tasks_per_child",
-    "max_memory_per_child", "time_limit", "soft_time_limit", "autoscale",
-)
-PRESET_PROFILES = ("io", "cpu", "mixed")
-POOLS = ("prefork", "threads", "solo", "processes", "eventlet", "gevent")
+# -- concurrency profiles ---------------------------------------------------------------------
 
 
 def _autoscale(name: str, value: Any) -> Tuple[int, int]:
@@ -274,35 +384,36 @@ def _autoscale(name: str, value: Any) -> Tuple[int, int]:
     return high, low
 
 
-def _profile_field(where: str, field: str, value: Any) -> Any:
-    name = f"{where}[{field!r}]"
-    if field == "pool":
+def _profile_field(where: str, field: ProfileField, value: Any) -> Any:
+    name = f"{where}[{field.name!r}]"
+    if field.kind == "pool":
         if value not in POOLS:
             raise _fail(name, value, "one of " + ", ".join(POOLS))
         return value
-    if field == "acks_late":
+    if field.kind == "bool":
         return _bool(name, value)
-    if field in ("time_limit", "soft_time_limit"):
+    if field.kind == "seconds":
         return _number(name, value, strict=True)
-    if field == "autoscale":
+    if field.kind == "autoscale":
         return _autoscale(name, value)
-    if field == "concurrency" and value in ("cpus", "2*cpus"):
+    if field.kind == "concurrency" and value in CPU_FORMS:
         return value
     return _positive_int(name, value)
 
 
 def _profiles(name: str, value: Any) -> Dict[str, Dict[str, Any]]:
     out: Dict[str, Dict[str, Any]] = {}
+    names = ", ".join(f.name for f in PROFILE_FIELDS)
     for key, spec in _mapping(name, value).items():
         where = f"{name}[{key!r}]"
         if not isinstance(spec, Mapping):
-            raise _fail(where, spec, "a dict of " + ", ".join(PROFILE_FIELDS))
-        unknown = set(spec) - set(PROFILE_FIELDS) - {"base"}
-        if unknown:
-            raise ConfigurationError(
-                f"{where}: unknown option(s) {sorted(unknown)}; accepted: {', '.join(PROFILE_FIELDS)}"
-            )
-        out[key] = {field: v if field == "base" else _profile_field(where, field, v) for field, v in spec.items()}
+            raise _fail(where, spec, "a dict of " + names)
+        _unknown_options(where, spec, (*(f.name for f in PROFILE_FIELDS), "base"), names)
+        parsed: Dict[str, Any] = {}
+        for option, v in spec.items():
+            profile_field = field_named(option)
+            parsed[option] = v if profile_field is None else _profile_field(where, profile_field, v)
+        out[key] = parsed
     return out
 
 
@@ -313,6 +424,9 @@ def _queue_profiles(name: str, value: Any) -> Dict[str, str]:
             raise _fail(f"{name}[{queue!r}]", profile, "a profile name such as 'io', 'cpu' or 'mixed'")
         out[queue] = profile
     return out
+
+
+# -- the rest ---------------------------------------------------------------------------------
 
 
 def _int_caps(name: str, value: Any) -> Dict[str, int]:
@@ -433,17 +547,72 @@ _BY_NAME = {s.name: s for s in SETTINGS}
 
 @dataclass(frozen=True)
 class TuningConfig:
-    """Parsed, validated settings of one app (attribute = setting name less ``tuning_``)."""
+    """Parsed, validated settings of one app: one typed field per row of :data:`SETTINGS`.
 
-    values: Dict[str, Any] = field(default_factory=dict)
+    A field is named after its setting less ``tuning_`` (``config.rate_limits`` holds
+    ``tuning_rate_limits``); a test holds the fields against the table. Made by
+    :func:`load_config`, which fills every field from the config, the environment or the default.
+    """
+
+    enabled: bool
+    redis_url: Optional[str]
+    key_prefix: str
+    redis_socket_timeout: float
+    redis_connect_timeout: float
+    redis_max_connections: Optional[int]
+    rate_limits: Mapping[str, LimiterSpec]
+    rate_limit_on_redis_error: str
+    circuit_breakers: Mapping[str, BreakerSpec]
+    breaker_on_redis_error: str
+    breaker_refresh_interval: float
+    cache_l1_maxsize: int
+    cache_l1_max_bytes: int
+    cache_write_behind: bool
+    #: Queue (or '*') -> {'on': ..., 'warning': s, 'critical': s} (levels only when given).
+    sla: Mapping[str, Mapping[str, Any]]
+    #: Custom profile name -> its validated fields (and 'base').
+    profiles: Mapping[str, Mapping[str, Any]]
+    queue_profiles: Mapping[str, str]
+    queue_concurrency: Mapping[str, int]
+    concurrency_limits: Mapping[str, int]
+    concurrency_lease_ttl: float
+    concurrency_scale: float
+    timing: Optional[bool]
+    metrics_buckets: Optional[Tuple[float, ...]]
+    metrics_port: Optional[int]
+    metrics_address: str
     #: Setting name -> where its value came from ('default', 'config' or 'env').
-    sources: Dict[str, str] = field(default_factory=dict)
+    sources: Mapping[str, str]
 
-    def __getattr__(self, attr: str) -> Any:
-        try:
-            return self.values[attr]
-        except KeyError:
-            raise AttributeError(attr) from None
+    @property
+    def values(self) -> Dict[str, Any]:
+        """Field name -> value for every setting (a copy)."""
+        return {s.attr: getattr(self, s.attr) for s in SETTINGS}
+
+    def value_of(self, setting: Setting) -> Any:
+        """The value of ``setting``."""
+        return getattr(self, setting.attr)
+
+    def given(self, name: str) -> bool:
+        """Whether setting ``name`` was set (in the config or the environment), not defaulted."""
+        return self.sources.get(name, "default") != "default"
+
+
+#: The fields of :class:`TuningConfig` that hold settings (all but ``sources``).
+CONFIG_FIELDS = tuple(f.name for f in fields(TuningConfig) if f.name != "sources")
+
+
+def env_override(name: str, environ: Optional[Mapping[str, str]] = None) -> Any:
+    """The parsed environment override of setting ``name`` (None when the variable is unset or empty).
+
+    Raises:
+        ConfigurationError: Naming the variable, when its value is invalid.
+    """
+    setting = _BY_NAME[name]
+    environ = os.environ if environ is None else environ
+    if not setting.env or environ.get(setting.env, "") == "":
+        return None
+    return setting.parse(setting.env, environ[setting.env])
 
 
 def _normalize_key(key: str) -> Optional[str]:
@@ -486,16 +655,17 @@ def load_config(
     values: Dict[str, Any] = {}
     sources: Dict[str, str] = {}
     for setting in SETTINGS:
-        if setting.env and environ.get(setting.env, "") != "":
-            values[setting.attr] = setting.parse(setting.env, environ[setting.env])
+        override = env_override(setting.name, environ)
+        if override is not None:
+            values[setting.attr] = override
             sources[setting.name] = "env"
         elif setting.name in raw:
             values[setting.attr] = setting.parse(setting.name, raw[setting.name])
             sources[setting.name] = "config"
         else:
-            values[setting.attr] = setting.default
+            values[setting.attr] = copy.copy(setting.default)  # a dict default is the config's own
             sources[setting.name] = "default"
-    return TuningConfig(values=values, sources=sources)
+    return TuningConfig(sources=sources, **values)
 
 
 def render_settings_markdown() -> str:

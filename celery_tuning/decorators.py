@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional, Sequence, TypeVar
 
+from .conf import Arg, callable_or_none, choice, count, parse_breaker_spec, rate, seconds, sla_thresholds
 from .errors import ConfigurationError
 from .policy.attach import (
     ON_LIMIT,
@@ -21,18 +22,20 @@ __all__ = ["cache_result", "circuit_breaker", "concurrency_limit", "rate_limit",
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+# Every argument goes through the validators the settings use (celery_tuning.conf), named as
+# the decorator argument in errors: ``@rate_limit(max_wait=-1): expected a number of seconds >= 0``.
+
+
 def _seconds(decorator: str, name: str, value: Any, *, allow_zero: bool = True) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (
-            not allow_zero and value == 0):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigurationError(f"@{decorator}({name}={value!r}): expected a number of seconds {bound}")
-    return float(value)
+    return seconds(Arg(decorator, name), value, allow_zero=allow_zero)
 
 
 def _count(decorator: str, name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigurationError(f"@{decorator}({name}={value!r}): expected an integer >= {minimum}")
-    return value
+    return count(Arg(decorator, name), value, minimum)
+
+
+def _key_function(decorator: str, value: Any) -> Any:
+    return callable_or_none(Arg(decorator, "key"), value, "a callable taking the task's arguments")
 
 
 def rate_limit(
@@ -74,35 +77,28 @@ def rate_limit(
     Raises:
         ConfigurationError: On anything malformed, naming the argument.
     """
-    from .policy.rates import parse_rate
-
     if not isinstance(limit, str) or not limit.strip():
         raise ConfigurationError(
             f"@rate_limit({limit!r}): expected a limiter name from tuning_rate_limits or a rate like '10/s'")
-    rate = None
     name: Optional[str] = limit
     if "/" in limit:
-        try:
-            rate = parse_rate(limit)
-        except ValueError as exc:
-            raise ConfigurationError(f"@rate_limit({limit!r}): {exc}") from None
+        rate_ = rate(f"@rate_limit({limit!r})", limit)
         name = None
+    else:
+        rate_ = None
     if burst is not None:
-        if rate is None:
+        if rate_ is None:
             raise ConfigurationError(
                 f"@rate_limit({limit!r}, burst={burst!r}): a named limiter takes its burst from "
                 f"tuning_rate_limits[{limit!r}]")
         _count("rate_limit", "burst", burst)
-    if key is not None and not callable(key):
-        raise ConfigurationError(f"@rate_limit(key={key!r}): expected a callable taking the task's arguments")
+    _key_function("rate_limit", key)
     _count("rate_limit", "cost", cost)
-    if rate is not None and cost > (burst or 1):
+    if rate_ is not None and cost > (burst or 1):
         raise ConfigurationError(f"@rate_limit(cost={cost}): must not exceed burst ({burst or 1})")
-    if on_limit not in ON_LIMIT:
-        raise ConfigurationError(
-            f"@rate_limit(on_limit={on_limit!r}): expected one of {', '.join(repr(x) for x in ON_LIMIT)}")
+    choice(Arg("rate_limit", "on_limit"), on_limit, ON_LIMIT)
     policy = RateLimitPolicy(
-        name=name, rate=rate, burst=burst, key=key, cost=cost, on_limit=on_limit,
+        name=name, rate=rate_, burst=burst, key=key, cost=cost, on_limit=on_limit,
         max_wait=_seconds("rate_limit", "max_wait", max_wait),
         max_defer=_seconds("rate_limit", "max_defer", max_defer, allow_zero=False),
         max_deferrals=_count("rate_limit", "max_deferrals", max_deferrals, minimum=0),
@@ -140,15 +136,11 @@ def circuit_breaker(
     Raises:
         ConfigurationError: On anything malformed, naming the argument.
     """
-    from .conf import parse_breaker_spec
-
     if not isinstance(name, str) or not name.strip():
         raise ConfigurationError(f"@circuit_breaker({name!r}): expected a breaker name")
-    if on_open not in ON_OPEN:
-        raise ConfigurationError(
-            f"@circuit_breaker(on_open={on_open!r}): expected one of {', '.join(repr(x) for x in ON_OPEN)}")
-    if fallback is not None and not callable(fallback):
-        raise ConfigurationError(f"@circuit_breaker(fallback={fallback!r}): expected a callable")
+    choice(Arg("circuit_breaker", "on_open"), on_open, ON_OPEN)
+    callable_or_none(Arg("circuit_breaker", "fallback"), fallback, "a callable")
+    # The same validation as a tuning_circuit_breakers entry, named after the decorator.
     inline = parse_breaker_spec(f"@circuit_breaker({name!r})", options) if options else None
     policy = BreakerPolicy(name=name, on_open=on_open, fallback=fallback,
                            max_deferrals=_count("circuit_breaker", "max_deferrals", max_deferrals, minimum=0),
@@ -200,14 +192,12 @@ def cache_result(
     """
     ttl_ = _seconds("cache_result", "ttl", ttl, allow_zero=False)
     l1_ = _seconds("cache_result", "l1_ttl", l1_ttl)
-    if key is not None and not callable(key):
-        raise ConfigurationError(f"@cache_result(key={key!r}): expected a callable taking the task's arguments")
+    _key_function("cache_result", key)
     _count("cache_result", "version", version, minimum=0)
     if vary_on is not None and (isinstance(vary_on, str) or not all(isinstance(v, str) for v in vary_on)):
         raise ConfigurationError(f"@cache_result(vary_on={vary_on!r}): expected a list of argument names")
     _count("cache_result", "max_size", max_size)
-    if serializer not in ("json", "msgpack"):
-        raise ConfigurationError(f"@cache_result(serializer={serializer!r}): expected 'json' or 'msgpack'")
+    choice(Arg("cache_result", "serializer"), serializer, ("json", "msgpack"))
     if serializer == "msgpack":
         try:
             import msgpack  # noqa: F401
@@ -239,14 +229,6 @@ def cache_result(
     return decorate
 
 
-def _threshold(name: str, value: Any) -> Optional[float]:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ConfigurationError(f"@sla({name}={value!r}): expected a number of seconds > 0")
-    return float(value)
-
-
 def sla(
     warning: Optional[float] = None,
     critical: Optional[float] = None,
@@ -264,14 +246,11 @@ def sla(
         ConfigurationError: On non-positive thresholds, warning > critical,
             neither threshold given, or an unknown ``on``.
     """
-    w = _threshold("warning", warning)
-    c = _threshold("critical", critical)
+    # The same checks as a tuning_sla entry, named after the decorator's arguments.
+    w, c, on = sla_thresholds(f"@sla(warning={warning!r}, critical={critical!r})", lambda part: Arg("sla", part),
+                              warning, critical, on)
     if w is None and c is None:
         raise ConfigurationError("@sla(): give warning=seconds, critical=seconds or both")
-    if w is not None and c is not None and w > c:
-        raise ConfigurationError(f"@sla(warning={w}, critical={c}): warning must not exceed critical")
-    if on not in ("wait", "run", "total"):
-        raise ConfigurationError(f"@sla(on={on!r}): expected 'wait', 'run' or 'total'")
     policy = SlaPolicy(warning=w, critical=c, on=on)
 
     def decorate(fun: F) -> F:

@@ -12,9 +12,6 @@ from .runtime import runtime_for
 
 __all__ = ["TuningWorkerStep"]
 
-#: Policies whose state lives in the tuning Redis (``sla`` is timed in the worker alone).
-_STATEFUL = ("cache", "breaker", "rate_limit", "concurrency")
-
 logger = logging.getLogger("celery_tuning.worker")
 
 
@@ -48,7 +45,7 @@ class TuningWorkerStep(bootsteps.StartStopStep):
         try:
             url = runtime.connector.safe_url
         except ConfigurationError:
-            if _needs_redis(worker.app, runtime):
+            if runtime.needs_redis():
                 raise
             # Installed on an app that neither sets tuning_redis_url nor has a Redis broker, with
             # nothing that keeps state: its tasks run as plain tasks, so the worker starts as usual.
@@ -63,15 +60,3 @@ class TuningWorkerStep(bootsteps.StartStopStep):
             return
         logger.info("celery-tuning: tuning Redis %s answered in %.2f ms (prefix %r)",
                     url, rtt * 1000, runtime.config.key_prefix)
-
-
-def _needs_redis(app: Any, runtime: Any) -> bool:
-    """Whether a setting or a registered task of ``app`` keeps state in the tuning Redis."""
-    config = runtime.config
-    if config.rate_limits or config.circuit_breakers or config.concurrency_limits:
-        return True
-    for task in list(app.tasks.values()):
-        policies = getattr(type(task), "_tuning_policies", None) or {}
-        if any(kind in policies for kind in _STATEFUL):
-            return True
-    return False

@@ -21,8 +21,6 @@ logger = logging.getLogger("celery_tuning")
 
 _install_lock = threading.Lock()
 
-_STATEFUL = ("tuning_rate_limits", "tuning_circuit_breakers", "tuning_concurrency_limits")
-
 
 def install(app: Any) -> TuningRuntime:
     """Install celery-tuning on a Celery app (idempotent).
@@ -87,7 +85,7 @@ def _apply_settings(app: Any, runtime: TuningRuntime, conf: Any) -> None:
     """Validate the settings Celery just loaded and act on them; errors stay with the runtime."""
     config = runtime.configure(conf)
     try:
-        if any(config.sources[name] == "config" for name in _STATEFUL):
+        if runtime.needs_redis(tasks=False):  # no task is read here: that would finalize the app
             _ = runtime.redis_url  # fail before the first task, not at it, when no Redis is known
         if not runtime.enabled:
             # Off as if never installed: the worker builds its blueprint from app.steps after this.
@@ -105,9 +103,9 @@ def _apply_settings(app: Any, runtime: TuningRuntime, conf: Any) -> None:
 
             prepare_multiprocess()  # before anything imports prometheus_client in this worker
             connect_metric_receivers(config.metrics_buckets)
-        from .profiles import apply_profile, is_worker_process
+        from .profiles import apply_profile, profiles_apply_here
 
-        if is_worker_process() and (config.queue_profiles or "--tuning-profile" in " ".join(sys.argv)):
+        if profiles_apply_here() and (config.queue_profiles or "--tuning-profile" in " ".join(sys.argv)):
             # Celery configures the app on the worker command's first read of -c/-P/--prefetch-multiplier
             # defaults from app.conf, so the profile written here is what that read returns.
             runtime.profile = apply_profile(app, config)  # logged by the worker bootstep

@@ -10,35 +10,18 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 from celery import bootsteps
 
 from ..errors import ConfigurationError
-from ..policy.profiles import PRESETS, ProfileConflict, choose_profile, expand_profile
+from ..policy.profiles import PRESETS, PROFILE_FIELDS, ProfileConflict, choose_profile, expand_profile
+from .runtime import is_worker_process
 
-__all__ = ["CONF_KEYS", "AutoscaleStep", "apply_profile", "parse_worker_argv", "profile_table"]
+__all__ = ["CONF_KEYS", "AutoscaleStep", "apply_profile", "parse_worker_argv", "profile_table", "profiles_apply_here"]
 
 logger = logging.getLogger("celery_tuning.profiles")
 
-#: Profile field -> Celery setting.
-CONF_KEYS: Dict[str, str] = {
-    "pool": "worker_pool",
-    "concurrency": "worker_concurrency",
-    "prefetch_multiplier": "worker_prefetch_multiplier",
-    "acks_late": "task_acks_late",
-    "max_tasks_per_child": "worker_max_tasks_per_child",
-    "max_memory_per_child": "worker_max_memory_per_child",
-    "time_limit": "task_time_limit",
-    "soft_time_limit": "task_soft_time_limit",
-}
+#: Profile field -> Celery setting (from the one table, policy.profiles.PROFILE_FIELDS).
+CONF_KEYS: Dict[str, str] = {f.name: f.setting for f in PROFILE_FIELDS if f.setting is not None}
 
 #: Profile field -> the `celery worker` flags that set it explicitly (those always win).
-_FLAGS: Dict[str, Tuple[str, ...]] = {
-    "pool": ("-P", "--pool"),
-    "concurrency": ("-c", "--concurrency"),
-    "prefetch_multiplier": ("--prefetch-multiplier",),
-    "max_tasks_per_child": ("--max-tasks-per-child",),
-    "max_memory_per_child": ("--max-memory-per-child",),
-    "time_limit": ("--time-limit",),
-    "soft_time_limit": ("--soft-time-limit",),
-    "autoscale": ("--autoscale",),
-}
+_FLAGS: Dict[str, Tuple[str, ...]] = {f.name: f.flags for f in PROFILE_FIELDS if f.flags}
 
 
 def _flag_value(argv: Sequence[str], names: Tuple[str, ...]) -> Tuple[bool, Optional[str]]:
@@ -167,6 +150,6 @@ def profile_table(config: Any, default_queue: str) -> List[Tuple[str, str, Dict[
     return rows
 
 
-def is_worker_process(argv: Optional[Sequence[str]] = None) -> bool:
-    argv = sys.argv if argv is None else argv
-    return "worker" in list(argv)[1:] and os.environ.get("CELERY_TUNING_PROFILES", "1") != "0"
+def profiles_apply_here(argv: Optional[Sequence[str]] = None) -> bool:
+    """Whether this process is a worker that takes a profile (``CELERY_TUNING_PROFILES=0`` turns that off)."""
+    return is_worker_process(argv) and os.environ.get("CELERY_TUNING_PROFILES", "1") != "0"

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from typing import Any, Callable, Deque, Dict, List, Optional, Set
+from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Set
 
 from celery import bootsteps
 from celery.worker import state as worker_state
@@ -55,7 +55,7 @@ class QueueGate:
         downstream: What a request admitted goes to (the worker's ``on_task_request``).
     """
 
-    def __init__(self, consumer: Any, caps: Dict[str, int], downstream: Callable[[Any], Any]) -> None:
+    def __init__(self, consumer: Any, caps: Mapping[str, int], downstream: Callable[[Any], Any]) -> None:
         self.consumer = consumer
         self.caps = dict(caps)
         self.downstream = downstream

@@ -2,29 +2,61 @@
 
 from __future__ import annotations
 
-import os
+import sys
 import threading
 import weakref
-from typing import Any, Callable, Dict, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence, TypeVar
 
-from ..conf import TuningConfig, load_config
+from ..conf import TuningConfig, env_override, load_config
 from ..errors import ConfigurationError
+from ..storage.keys import prefixed_key
 from ..storage.redis import RedisConnector, get_connector
-from ..storage.urls import redact_url
+from ..storage.urls import SUPPORTED_SCHEMES, redact_url
 
-__all__ = ["TuningRuntime", "env_disabled", "installed_runtime", "runtime_for", "runtime_of"]
+if TYPE_CHECKING:  # pragma: no cover
+    from .registry import Registry
+
+__all__ = [
+    "STATEFUL_POLICIES", "STATEFUL_SETTINGS", "TuningRuntime", "env_disabled", "installed_runtime",
+    "is_redis_url", "is_worker_process", "runtime_for", "runtime_of",
+]
 
 T = TypeVar("T")
 
 _runtimes: weakref.WeakKeyDictionary[Any, TuningRuntime] = weakref.WeakKeyDictionary()
 _lock = threading.RLock()
 
-_REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "sentinel://", "redis+cluster://")
+#: URL schemes of a Redis celery-tuning can use (the one list: storage.urls.SUPPORTED_SCHEMES).
+_REDIS_SCHEMES = tuple(scheme.strip() for scheme in SUPPORTED_SCHEMES.split(","))
+
+#: Settings whose entries keep state in the tuning Redis.
+STATEFUL_SETTINGS = ("tuning_rate_limits", "tuning_circuit_breakers", "tuning_concurrency_limits")
+#: Policy kinds whose state lives in the tuning Redis (``sla`` is timed in the worker alone).
+STATEFUL_POLICIES = ("cache", "breaker", "rate_limit", "concurrency")
 
 
 def env_disabled() -> bool:
-    """True when ``CELERY_TUNING_ENABLED`` turns celery-tuning off for this process."""
-    return os.environ.get("CELERY_TUNING_ENABLED", "").strip().lower() in ("0", "false", "no", "off")
+    """True when ``CELERY_TUNING_ENABLED`` turns celery-tuning off for this process.
+
+    Read through the ``tuning_enabled`` setting's own parser (the one place the variable is
+    understood); a value it refuses does not disable anything here and is reported, naming the
+    variable, when the settings are read.
+    """
+    try:
+        return env_override("tuning_enabled") is False
+    except ConfigurationError:
+        return False
+
+
+def is_redis_url(url: Any) -> bool:
+    """Whether ``url`` (a broker URL, say) names a Redis celery-tuning can use."""
+    return isinstance(url, str) and url.lower().startswith(_REDIS_SCHEMES)
+
+
+def is_worker_process(argv: Optional[Sequence[str]] = None) -> bool:
+    """Whether this process runs ``celery worker`` (judged from ``sys.argv``)."""
+    argv = sys.argv if argv is None else argv
+    return "worker" in list(argv)[1:]
 
 
 class TuningRuntime:
@@ -49,7 +81,7 @@ class TuningRuntime:
         self._enabled: Optional[bool] = None
         self._switched_off = False
         self._redis_url: Optional[str] = None
-        self._components: Dict[str, Dict[str, Any]] = {}
+        self._registry: Optional[Registry] = None
         #: The concurrency profile applied to this worker process, if any (see integration.profiles).
         self.profile: Optional[Dict[str, Any]] = None
 
@@ -123,7 +155,7 @@ class TuningRuntime:
             url = self.config.redis_url
             if url is None:
                 broker = self.app.conf.broker_url or ""
-                if isinstance(broker, str) and broker.lower().startswith(_REDIS_SCHEMES):
+                if is_redis_url(broker):
                     url = broker.split(";")[0] if broker.startswith("redis") else broker
                 else:
                     raise ConfigurationError(
@@ -145,20 +177,43 @@ class TuningRuntime:
             max_connections=cfg.redis_max_connections,
         )
 
+    @property
+    def registry(self) -> Registry:
+        """The process's limiters, breakers and concurrency limiters of this app, each built once."""
+        registry = self._registry
+        if registry is None:
+            from .registry import Registry
+
+            with _lock:
+                registry = self._registry
+                if registry is None:
+                    registry = self._registry = Registry(self)
+        return registry
+
     def component(self, kind: str, name: str, build: Callable[[], T]) -> T:
         """The process's ``kind`` component called ``name``, built once by ``build()``."""
-        cache: Dict[str, Any] = self._components.setdefault(kind, {})
-        found = cache.get(name)
-        if found is None:
-            with _lock:
-                found = cache.get(name)
-                if found is None:
-                    found = cache[name] = build()
-        return found
+        return self.registry.get(kind, name, build)
+
+    def needs_redis(self, tasks: bool = True) -> bool:
+        """Whether this app keeps state in the tuning Redis: a stateful setting is given, or (with
+        ``tasks``) a registered task has a policy that keeps state there (``sla`` does not).
+
+        Pass ``tasks=False`` while Celery configures the app: reading ``app.tasks`` finalizes it.
+        """
+        config = self.config
+        if any(config.given(name) for name in STATEFUL_SETTINGS):
+            return True
+        if not tasks:
+            return False
+        for task in list(self.app.tasks.values()):
+            policies = getattr(type(task), "_tuning_policies", None) or {}
+            if any(kind in policies for kind in STATEFUL_POLICIES):
+                return True
+        return False
 
     def key(self, *parts: str) -> str:
         """A key under ``tuning_key_prefix``."""
-        return ":".join((self.config.key_prefix, *parts))
+        return prefixed_key(self.config.key_prefix, *parts)
 
 
 def runtime_of(app: Any) -> TuningRuntime:

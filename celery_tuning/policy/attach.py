@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple
 
 from .rates import Rate
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..conf import BreakerSpec
 
 __all__ = [
     "ON_LIMIT",
@@ -72,8 +75,8 @@ class BreakerPolicy:
     #: Called with the task's arguments when the breaker is open; its return value is the result.
     fallback: Optional[Callable[..., Any]] = None
     max_deferrals: int = 100
-    #: Inline breaker options (used when the name is not in the config).
-    options: Optional[Dict[str, Any]] = None
+    #: Inline breaker options, validated (used when the name is not in the config).
+    options: Optional[BreakerSpec] = None
 
 
 @dataclass(frozen=True)

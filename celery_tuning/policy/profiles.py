@@ -3,9 +3,53 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
-__all__ = ["PRESETS", "ProfileConflict", "choose_profile", "expand_profile"]
+__all__ = [
+    "CPU_FORMS", "POOLS", "PRESETS", "PROFILE_FIELDS", "ProfileConflict", "ProfileField", "choose_profile",
+    "expand_profile", "field_named",
+]
+
+
+@dataclass(frozen=True)
+class ProfileField:
+    """One field of a concurrency profile: how it is validated, what it sets, which flags win."""
+
+    name: str
+    #: How a value is checked: 'pool', 'concurrency', 'count', 'bool', 'seconds' or 'autoscale'.
+    kind: str
+    #: The Celery setting it writes (None: applied by a worker step, as ``autoscale`` is).
+    setting: Optional[str]
+    #: The ``celery worker`` flags that set it explicitly (those always win over the profile).
+    flags: Tuple[str, ...] = ()
+
+
+#: Every profile field, in the order they are shown (the one table of profile knowledge).
+PROFILE_FIELDS: Tuple[ProfileField, ...] = (
+    ProfileField("pool", "pool", "worker_pool", ("-P", "--pool")),
+    ProfileField("concurrency", "concurrency", "worker_concurrency", ("-c", "--concurrency")),
+    ProfileField("prefetch_multiplier", "count", "worker_prefetch_multiplier", ("--prefetch-multiplier",)),
+    ProfileField("acks_late", "bool", "task_acks_late"),
+    ProfileField("max_tasks_per_child", "count", "worker_max_tasks_per_child", ("--max-tasks-per-child",)),
+    ProfileField("max_memory_per_child", "count", "worker_max_memory_per_child", ("--max-memory-per-child",)),
+    ProfileField("time_limit", "seconds", "task_time_limit", ("--time-limit",)),
+    ProfileField("soft_time_limit", "seconds", "task_soft_time_limit", ("--soft-time-limit",)),
+    ProfileField("autoscale", "autoscale", None, ("--autoscale",)),
+)
+
+_BY_NAME = {f.name: f for f in PROFILE_FIELDS}
+
+#: Worker pools a profile may name.
+POOLS = ("prefork", "threads", "solo", "processes", "eventlet", "gevent")
+
+#: Concurrency given relative to the machine's CPU count.
+CPU_FORMS = ("cpus", "2*cpus")
+
+
+def field_named(name: str) -> Optional[ProfileField]:
+    """The profile field ``name`` (None when there is no such field)."""
+    return _BY_NAME.get(name)
 
 
 def _cpus() -> int:

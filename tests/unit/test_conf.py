@@ -1,9 +1,12 @@
+import collections.abc
+import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
 from celery import Celery
 
-from celery_tuning.conf import SETTINGS, load_config, render_settings_markdown
+from celery_tuning.conf import SETTINGS, BreakerSpec, TuningConfig, env_override, load_config, render_settings_markdown
 from celery_tuning.errors import ConfigurationError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -12,8 +15,51 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_defaults_when_nothing_is_set():
     cfg = load_config({}, environ={})
     for setting in SETTINGS:
+        assert getattr(cfg, setting.attr) == setting.default
         assert cfg.values[setting.attr] == setting.default
         assert cfg.sources[setting.name] == "default"
+
+
+def test_config_type_holds_one_field_per_setting():
+    """Every setting has a TuningConfig field of its name, and no field lacks a setting."""
+    fields = {f.name for f in dataclasses.fields(TuningConfig)} - {"sources"}
+    assert fields == {s.attr for s in SETTINGS}
+    hints = typing.get_type_hints(TuningConfig)
+    cfg = load_config({}, environ={})
+    for setting in SETTINGS:
+        # The default goes through the setting's own parser unchanged, and has the field's type.
+        assert setting.parse(setting.name, setting.default) == setting.default, setting.name
+        hint = hints[setting.attr]
+        origin = typing.get_origin(hint) or hint
+        if origin is typing.Union:
+            allowed = tuple(typing.get_origin(a) or a for a in typing.get_args(hint))
+        else:
+            allowed = (origin,)
+        allowed = tuple(dict if a is typing.Mapping or a is collections.abc.Mapping else a for a in allowed)
+        assert isinstance(getattr(cfg, setting.attr), allowed), setting.name
+
+
+def test_config_is_frozen_and_defaults_are_not_shared():
+    cfg = load_config({}, environ={})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.enabled = False
+    cfg.rate_limits["x"] = "mutated"  # a default dict belongs to this config alone
+    assert load_config({}, environ={}).rate_limits == {}
+    assert dataclasses.is_dataclass(BreakerSpec) and BreakerSpec.__dataclass_params__.frozen
+
+
+def test_env_override_is_the_one_reading_of_the_environment():
+    assert env_override("tuning_enabled", {"CELERY_TUNING_ENABLED": " Off "}) is False
+    assert env_override("tuning_enabled", {"CELERY_TUNING_ENABLED": ""}) is None
+    assert env_override("tuning_key_prefix", {"CELERY_TUNING_ENABLED": "0"}) is None  # no variable
+    with pytest.raises(ConfigurationError, match="CELERY_TUNING_ENABLED: 'maybe'"):
+        env_override("tuning_enabled", {"CELERY_TUNING_ENABLED": "maybe"})
+
+
+def test_breakers_are_typed_specs():
+    cfg = load_config({"tuning_circuit_breakers": {"p": {"fail_max": "3", "exclude": "builtins.KeyError"}}},
+                      environ={})
+    assert cfg.circuit_breakers["p"] == BreakerSpec(fail_max=3, exclude=(KeyError,))
 
 
 def test_bad_rate_names_setting_value_and_accepted_forms():

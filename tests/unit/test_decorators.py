@@ -1,6 +1,7 @@
 import pytest
 
 from celery_tuning import ConfigurationError, cache_result, circuit_breaker, rate_limit, sla
+from celery_tuning.conf import BreakerSpec, load_config
 from celery_tuning.policy.attach import POLICY_ATTR, SlaPolicy, policies_of
 
 
@@ -114,7 +115,7 @@ def test_circuit_breaker_policy():
         pass
 
     circuit_breaker("inline", fail_max=2, reset_timeout=5, exclude=[KeyError])(g)
-    assert policies_of(g)["breaker"].options["exclude"] == (KeyError,)
+    assert policies_of(g)["breaker"].options == BreakerSpec(fail_max=2, reset_timeout=5.0, exclude=(KeyError,))
 
 
 @pytest.mark.parametrize(
@@ -182,3 +183,42 @@ def test_throttled_takes_a_retry_after_header_and_names_what_cannot_be_a_pause()
     for bad in (-1, float("inf"), float("nan"), "soon", None):
         with pytest.raises(ConfigurationError, match=r"Throttled\(retry_after="):
             Throttled(bad)
+
+
+def test_decorator_and_setting_share_one_validator():
+    """@circuit_breaker(**options) and tuning_circuit_breakers, @sla and tuning_sla: same checks, each
+    error naming its own source."""
+    with pytest.raises(ConfigurationError) as by_decorator:
+        circuit_breaker("p", fail_max=0)
+    with pytest.raises(ConfigurationError) as by_setting:
+        load_config({"tuning_circuit_breakers": {"p": {"fail_max": 0}}}, environ={})
+    assert str(by_decorator.value).replace("@circuit_breaker('p')", "X") == \
+        str(by_setting.value).replace("tuning_circuit_breakers['p']", "X")
+    with pytest.raises(ConfigurationError, match=r"^@sla\(warning=5, critical=1\): warning \(5.0\) must not exceed"):
+        sla(warning=5, critical=1)
+    with pytest.raises(ConfigurationError, match=r"^tuning_sla\['q'\]: warning \(5.0\) must not exceed"):
+        load_config({"tuning_sla": {"q": {"warning": 5, "critical": 1}}}, environ={})
+    spec = load_config({"tuning_circuit_breakers": {"p": {"fail_max": 2, "exclude": [KeyError]}}},
+                       environ={}).circuit_breakers["p"]
+
+    def f():
+        pass
+
+    circuit_breaker("p", fail_max=2, exclude=[KeyError])(f)
+    assert policies_of(f)["breaker"].options == spec
+
+
+@pytest.mark.parametrize(
+    ("decorator", "kwargs", "fragment"),
+    [
+        (rate_limit, {"limit": "10/s", "burst": 2.0}, "@rate_limit(burst=2.0): expected an integer >= 1"),
+        (rate_limit, {"limit": "10/s", "max_wait": "1"}, "@rate_limit(max_wait='1'): expected a number of seconds"),
+        (cache_result, {"version": True}, "@cache_result(version=True)"),
+        (sla, {"critical": "5"}, "@sla(critical='5'): expected a number of seconds > 0"),
+    ],
+)
+def test_decorator_arguments_keep_their_python_types(decorator, kwargs, fragment):
+    """Settings may be text (environment, settings files); decorator arguments are Python values."""
+    with pytest.raises(ConfigurationError) as info:
+        decorator(**kwargs)
+    assert fragment in str(info.value)
