@@ -133,7 +133,7 @@ def status(ctx: click.Context, as_json: bool, metrics_url: Optional[str]) -> Non
     runtime = _runtime(ctx)
     rows = []
     for setting in SETTINGS:
-        value: Any = runtime.config.values[setting.attr]
+        value: Any = runtime.config.value_of(setting)
         if setting.name == "tuning_redis_url":
             try:
                 value = runtime.connector.safe_url
@@ -199,10 +199,9 @@ def limit() -> None:
 
 
 def _limiter(ctx: click.Context, name: str) -> Any:
-    from .limits import limiter_for
-
+    runtime = _runtime(ctx)
     with _as_cli_error():
-        return limiter_for(_runtime(ctx), name)
+        return runtime.registry.limiter(name)
 
 
 @limit.command("show", help="Configured rate, the rate in force (override, adaptive factor) and tokens now.")
@@ -234,7 +233,6 @@ def _limit_label(name: str, key: Any) -> str:
 @click.option("--burst", type=int, default=None, help="New bucket capacity.")
 @click.pass_context
 def limit_set(ctx: click.Context, name: str, rate: str, burst: Any) -> None:
-    from ..policy.gcra import interval_us
     from ..policy.rates import parse_rate
 
     try:
@@ -245,7 +243,7 @@ def limit_set(ctx: click.Context, name: str, rate: str, burst: Any) -> None:
         raise click.BadParameter(f"{burst} must be >= 1", param_hint="--burst")
     lim = _limiter(ctx, name)
     with _as_cli_error():
-        lim.store.set_override(lim.bucket(), interval_us(parsed.period, parsed.amount), burst)
+        lim.override(parsed, burst)
     click.echo(f"{name}: now {parsed}" + (f" burst {burst}" if burst else "") + " for every worker")
 
 
@@ -273,10 +271,9 @@ def breaker() -> None:
 
 
 def _breaker(ctx: click.Context, name: str) -> Any:
-    from .breakers import breaker_for
-
+    runtime = _runtime(ctx)
     with _as_cli_error():
-        return breaker_for(_runtime(ctx), name)
+        return runtime.registry.breaker(name)
 
 
 def _describe(name: str, b: Any) -> str:
@@ -302,7 +299,7 @@ def breaker_show(ctx: click.Context, names: Any) -> None:
 def _operate(ctx: click.Context, name: str, action: str) -> None:
     b = _breaker(ctx, name)
     getattr(b, action)()
-    if b._warned:
+    if b.degraded:
         raise click.ClickException(f"{name}: the tuning Redis is unreachable; nothing changed")
     click.echo(_describe(name, b))
 
@@ -352,8 +349,8 @@ def cache_stats(ctx: click.Context, task_name: str) -> None:
     handle = _cached_task(ctx, task_name)
     with _as_cli_error():
         entries = handle.entries()
-        generation = handle._step.cache._current_generation()
-    policy = handle._step.policy
+        generation = handle.generation()
+    policy = handle.policy
     click.echo(f"{task_name}: {entries} entries in Redis (version {policy.version}, generation {generation}, "
                f"ttl {policy.ttl:g}s, l1_ttl {policy.l1_ttl:g}s, serializer {policy.serializer})")
 

@@ -147,7 +147,7 @@ def test_limit_errors_name_the_problem(redis_clean):
     out = limit_cmd("set", "shared", "10/x", env=env)
     assert out.returncode != 0 and "'10/x' is not a rate" in out.stderr
     out = limit_cmd("show", "nope", env=env)
-    assert out.returncode != 0 and "'nope' is not in tuning_rate_limits" in out.stderr
+    assert out.returncode != 0 and "no such limiter 'nope' in tuning_rate_limits" in out.stderr
 
 
 def breaker_cmd(*args, env):
@@ -175,7 +175,7 @@ def test_breaker_show_open_close_reset(redis_clean):
     out = breaker_cmd("reset", "payments", env=env)
     assert out.returncode == 0
     out = breaker_cmd("show", "nope", env=env)
-    assert out.returncode != 0 and "'nope' is not in tuning_circuit_breakers" in out.stderr
+    assert out.returncode != 0 and "no such breaker 'nope' in tuning_circuit_breakers" in out.stderr
 
 
 def test_cache_stats_and_clear(redis_clean):
