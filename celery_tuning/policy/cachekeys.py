@@ -7,7 +7,14 @@ import inspect
 import json
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
-__all__ = ["ArgumentBinder", "UncacheableArgument", "call_digest", "canonical_arguments", "canonical_call"]
+__all__ = [
+    "ArgumentBinder",
+    "CallDigester",
+    "UncacheableArgument",
+    "call_digest",
+    "canonical_arguments",
+    "canonical_call",
+]
 
 
 class UncacheableArgument(TypeError):
@@ -139,3 +146,65 @@ def key_function_digest(key: Callable[..., Any], args: Tuple[Any, ...], kwargs: 
         raise UncacheableArgument("key", result, f"the key function returned a value holding a {exc.value_type}, "
                                   "which has no canonical JSON form") from None
     return call_digest("k:" + _dumps(canonical))
+
+
+#: Digests of recent calls whose arguments are all short strings, so a hit skips binding,
+#: canonical JSON and SHA-256. Only ``str`` arguments qualify: for them equal means identical
+#: canonical text, unlike 1 == True == 1.0. Bounded in entries and in the text it keeps alive.
+MEMO_ENTRIES = 4096
+MEMO_TEXT = 256
+
+
+def _memo_key(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+    size = 0
+    for value in args:
+        if type(value) is not str:
+            return None
+        size += len(value)
+    if kwargs:
+        for value in kwargs.values():
+            if type(value) is not str:
+                return None
+            size += len(value)
+        if size > MEMO_TEXT:
+            return None
+        return args, tuple(sorted(kwargs.items()))
+    if size > MEMO_TEXT:
+        return None
+    return args
+
+
+class CallDigester:
+    """The key function of one cached task: a call's arguments to the digest its entries live under.
+
+    The digest of ``key(*args, **kwargs)`` when a key function is given, else of the canonical
+    call (bound to ``signature``, defaults applied, only ``vary_on`` names when given). Calls
+    whose arguments are all short strings are memoized (see :data:`MEMO_TEXT`).
+    """
+
+    def __init__(self, signature: inspect.Signature, key: Optional[Callable[..., Any]] = None,
+                 vary_on: Optional[Sequence[str]] = None) -> None:
+        self.binder = ArgumentBinder(signature)
+        self.key = key
+        self.vary_on = tuple(vary_on) if vary_on is not None else None
+        self.memo: Dict[Any, str] = {}
+
+    def __call__(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> str:
+        """Digest of a call's arguments.
+
+        Raises:
+            UncacheableArgument: When an argument has no canonical form.
+        """
+        if self.key is not None:
+            return key_function_digest(self.key, args, kwargs)
+        memo = _memo_key(args, kwargs)
+        if memo is not None:
+            found = self.memo.get(memo)
+            if found is not None:
+                return found
+        digest = call_digest(canonical_call(self.binder, args, kwargs, self.vary_on))
+        if memo is not None:
+            if len(self.memo) >= MEMO_ENTRIES:
+                self.memo.clear()
+            self.memo[memo] = digest
+        return digest

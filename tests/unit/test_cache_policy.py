@@ -130,7 +130,7 @@ def test_digest_memo_agrees_with_the_canonical_digest():
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    from celery_tuning.cache import _MEMO_TEXT
+    from celery_tuning.policy.cachekeys import MEMO_TEXT
 
     cache = TwoLevelCache("t", SIG, store=None)
     fresh = TwoLevelCache("t", SIG, store=None)
@@ -146,17 +146,17 @@ def test_digest_memo_agrees_with_the_canonical_digest():
                 args = (text, model)
         first = cache.digest(args, kwargs)
         assert first == cache.digest(args, kwargs) == call_digest(canonical_arguments(SIG, args, kwargs))
-        fresh._digests.clear()
+        fresh.digester.memo.clear()
         assert fresh.digest(args, kwargs) == first
 
     check()
     # 1 == True == 1.0 in Python, but they are different calls: never memoized, never shared
     digests = {cache.digest((v,), {}) for v in (1, True, 1.0, "1")}
     assert len(digests) == 4
-    assert (1,) not in cache._digests and (True,) not in cache._digests
-    long_text = "x" * (_MEMO_TEXT + 1)
+    assert (1,) not in cache.digester.memo and (True,) not in cache.digester.memo
+    long_text = "x" * (MEMO_TEXT + 1)
     cache.digest((long_text,), {})
-    assert (long_text,) not in cache._digests  # big arguments are not kept alive by the memo
+    assert (long_text,) not in cache.digester.memo  # big arguments are not kept alive by the memo
     with pytest.raises(TypeError):
         cache.digest(("a",), {"nope": "b"})
 
@@ -218,13 +218,13 @@ def test_l1_is_bounded_by_bytes_as_well_as_entries():
 def test_an_older_generation_never_replaces_a_newer_one():
     clock = Clock()
     cache = TwoLevelCache("t", SIG, store=None, clock=clock)
-    cache._note_generation(7)
-    cache._on_message({"task": "t", "generation": 5})  # a late message of an earlier clear()
-    assert cache._generation == 7
-    cache._note_generation(6)  # a read that started before the clear() and finished after it
-    assert cache._generation == 7
-    cache._on_message({"task": "t", "generation": 8})
-    assert cache._generation == 8
+    cache.generations.note(7)
+    cache.invalidations.on_message({"task": "t", "generation": 5})  # a late message of an earlier clear()
+    assert cache.generations.known == 7
+    cache.generations.note(6)  # a read that started before the clear() and finished after it
+    assert cache.generations.known == 7
+    cache.invalidations.on_message({"task": "t", "generation": 8})
+    assert cache.generations.known == 8
 
 
 def test_foreign_invalidation_messages_are_ignored_without_raising():
@@ -234,10 +234,10 @@ def test_foreign_invalidation_messages_are_ignored_without_raising():
     for foreign in ({"task": "t", "generation": "x"}, {"task": "t", "generation": [1]},
                     {"task": "t", "digest": ["not", "hashable"]}, {"task": ["t"]}, {"task": "t", "digest": 5},
                     {"task": "t", "generation": 10**30}, {"task": "t", "generation": True}):
-        cache._on_message(foreign)
+        cache.invalidations.on_message(foreign)
     assert cache.peek(d) == (True, 1)
-    assert cache._generation is None
-    cache._on_message({"task": "t", "digest": d})
+    assert cache.generations.known is None
+    cache.invalidations.on_message({"task": "t", "digest": d})
     assert cache.peek(d) == (False, None)
 
 
