@@ -377,3 +377,31 @@ def test_a_result_not_cacheable_is_not_kept_in_l1_or_l2(redis_clean):
     local = TwoLevelCache("t.local", SIG, store=None)
     assert local.get_or_compute(d, lambda: "skip", cacheable=lambda r: r != "skip") == "skip"
     assert local.peek(d) == (False, None)
+
+
+# -- fork: a child keeps nothing of its parent's per-process state ----------------------------
+
+
+def test_a_forked_child_starts_with_an_empty_l1_of_its_own_and_subscribes_itself(redis_clean):
+    """Forked while another thread held the L1 lock: the child neither deadlocks nor serves what
+    its parent kept in L1 (it heard no invalidation of it), and it joins the channel itself."""
+    from tests.support.fork import true_in_child
+
+    a = process(redis_clean, "t.fork.l1")
+    d = a.digest(("x",), {})
+    assert a.get_or_compute(d, lambda: 1) == 1
+    redis_clean.client(1).delete(a.keys.value(a.generation(), d))  # only the parent's L1 has it now
+    assert a.invalidations._joined.built()
+
+    def in_child():
+        import signal
+
+        signal.alarm(5)  # a deadlock ends the child, and the check answers False
+        fresh = not a.invalidations._joined.built() and a.l1.get(d) == (False, None)
+        computed = a.get_or_compute(d, lambda: 2) == 2
+        return fresh and computed and a.invalidations._joined.built() and a.peek(d) == (True, 2)
+
+    state = a.l1._state.get()
+    with state.lock:  # as if another thread were reading L1 at fork()
+        assert true_in_child(in_child)
+    assert a.peek(d) == (True, 1), "the parent's L1 is its own"
