@@ -6,7 +6,7 @@
 -- Returns: a list, 1 where the lock still held our token and was extended, 0 where it did not
 --          (expired in a stall, flushed, released, or taken by a follower since): a lock that is
 --          no longer ours is never touched, let alone taken back.
--- Python mirror: celery_tuning.storage.cache.LockRenewer.renew_once.
+-- Python mirror: celery_tuning.storage.cache_locks.LockRenewer.renew_once.
 local renewed = {}
 for i, key in ipairs(KEYS) do
   if redis.call('GET', key) == ARGV[2 * i - 1] then
