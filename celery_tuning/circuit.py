@@ -554,10 +554,6 @@ class SharedBreaker(pybreaker.CircuitBreaker):
         (its last store call failed); False again after the next one that succeeds."""
         return self.circuit.degraded
 
-    @property
-    def _warned(self) -> bool:  # the name the CLI read before ``degraded``
-        return self.circuit.degraded
-
     # -- pybreaker's interface --------------------------------------------------------------
 
     @property
