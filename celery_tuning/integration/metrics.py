@@ -1,4 +1,4 @@
-"""Prometheus metrics fed by celery-tuning's signals; one scrape endpoint per worker node.
+"""Prometheus metrics fed by celery-tuning's events sink; one scrape endpoint per worker node.
 
 prometheus-client decides once, when it is first imported, whether values live in per-process
 files (multiprocess mode). Under prefork every pool child records into its own file and the
@@ -20,13 +20,14 @@ import threading
 import time
 from bisect import bisect_left
 from collections import OrderedDict
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from celery import signals as celery_signals
 
-from .. import signals
+from .. import events
 from ..errors import ConfigurationError
-from .receivers import OTHER_QUEUE, _queue_of, queue_label, set_recorders, timing_connected
+from ..storage.process import PerProcess
+from .receivers import OTHER_QUEUE, _queue_of, queue_label, timing_connected
 from .runtime import installed_runtime
 
 __all__ = ["BUCKETS", "flush", "metrics", "prepare_multiprocess", "start_endpoint"]
@@ -38,8 +39,7 @@ BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 
            600.0, 1800.0, 3600.0, 7200.0, float("inf"))
 
 _ENV = "PROMETHEUS_MULTIPROC_DIR"
-_lock = threading.Lock()
-_state: Dict[str, Any] = {"pid": None, "metrics": None, "server": None, "ours": None}
+_state: Dict[str, Any] = {"server": None, "ours": None}
 #: Task ids counted as 'deferred', so the timing receiver does not count them again; oldest
 #: dropped first past _REMEMBERED (an id whose attempt is never timed would stay for good).
 _deferred: OrderedDict[str, bool] = OrderedDict()
@@ -74,17 +74,17 @@ class TuningMetrics:
     """The metric objects of one process (created after fork, per process)."""
 
     def __init__(self, buckets: Optional[Tuple[float, ...]] = None) -> None:
-        from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+        from prometheus_client import REGISTRY, Counter, Gauge
 
         buckets = tuple(buckets or BUCKETS)
 
         # Multiprocess mode reads the per-process files, not a registry; registering there would
         # also collide with the objects a parent made before forking this process.
         registry = None if os.environ.get(_ENV) else REGISTRY
-        histogram = functools.partial(Histogram, registry=registry)
         counter = functools.partial(Counter, registry=registry)
         gauge = functools.partial(Gauge, registry=registry)
         labels = ("task", "queue")
+        histogram = functools.partial(BulkHistogram, registry=registry)
         self.wait = histogram("celery_tuning_task_queue_wait_seconds",
                               "Time from publish (or ETA) to start of a task attempt.", labels, buckets=buckets)
         self.run = histogram("celery_tuning_task_run_seconds", "Run time of a task attempt.", labels,
@@ -119,6 +119,81 @@ class TuningMetrics:
                              ("task", "event"))
 
 
+class _BulkChild:
+    """One labelled series of a :class:`BulkHistogram`: a count per bucket and a sum."""
+
+    __slots__ = ("buckets", "sum")
+
+    def __init__(self, buckets: List[Any], total: Any) -> None:
+        self.buckets = buckets
+        self.sum = total
+
+    def add(self, counts: Sequence[int], total: float) -> None:
+        """Add ``counts[i]`` observations to bucket ``i`` (not cumulative) and ``total`` to the sum:
+        what as many ``observe()`` calls would leave, in one write per changed value."""
+        self.sum.inc(total)
+        for value, n in zip(self.buckets, counts):
+            if n:
+                value.inc(n)
+
+
+class BulkHistogram:
+    """A Prometheus histogram that takes observations in bulk (counts per bucket and their sum).
+
+    prometheus-client's ``Histogram`` takes one observation per call. This one keeps the same
+    series with prometheus-client's public value type (``prometheus_client.values.ValueClass``,
+    the per-process files in multiprocess mode, where the node's collector adds them up exactly as
+    a ``Histogram``'s) and, in a single process, is itself the collector of its series.
+    """
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str], *, buckets: Sequence[float],
+                 registry: Any = None) -> None:
+        bounds = [float(b) for b in buckets]
+        if bounds[-1] != float("inf"):
+            bounds.append(float("inf"))  # as prometheus-client does
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self.upper_bounds = tuple(bounds)
+        self._children: Dict[Tuple[str, ...], _BulkChild] = {}
+        self._lock = threading.Lock()
+        if registry is not None:
+            registry.register(self)
+
+    def labels(self, *labelvalues: str) -> _BulkChild:
+        key = tuple(str(v) for v in labelvalues)
+        child = self._children.get(key)
+        if child is None:
+            from prometheus_client.utils import floatToGoString
+            from prometheus_client.values import ValueClass
+
+            with self._lock:
+                child = self._children.get(key)
+                if child is None:
+                    le = (*self.labelnames, "le")
+                    buckets = [ValueClass("histogram", self.name, self.name + "_bucket", le,
+                                          (*key, floatToGoString(bound)), self.documentation)
+                               for bound in self.upper_bounds]
+                    total = ValueClass("histogram", self.name, self.name + "_sum", self.labelnames, key,
+                                       self.documentation)
+                    child = self._children[key] = _BulkChild(buckets, total)
+        return child
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import HistogramMetricFamily
+        from prometheus_client.utils import floatToGoString
+
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for key, child in sorted(self._children.items()):
+            acc = 0.0
+            cumulative = []
+            for bound, value in zip(self.upper_bounds, child.buckets):
+                acc += value.get()
+                cumulative.append((floatToGoString(bound), acc))
+            family.add_metric(list(key), cumulative, child.sum.get())
+        yield family
+
+
 class _TaskSeries:
     """The labelled series one (task, queue) pair records into, looked up once per process."""
 
@@ -131,26 +206,41 @@ class _TaskSeries:
         self.cpu = m.cpu.labels(task, queue)
 
 
-_series: Dict[Tuple[int, str, str], _TaskSeries] = {}
-_labelled_series: Dict[Tuple[int, str, Tuple[str, ...]], Any] = {}
+class _Process:
+    """What one process records into: its metric objects, their labelled series looked up once,
+    the observations not written yet, and whether its flusher thread runs. A forked pool child
+    starts with none of its parent's (each process writes its own files)."""
+
+    __slots__ = ("flusher", "labelled", "lock", "metrics", "pending", "series")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.metrics: Optional[TuningMetrics] = None
+        self.series: Dict[Tuple[str, str], _TaskSeries] = {}
+        self.labelled: Dict[Tuple[str, Tuple[str, ...]], Any] = {}
+        self.pending: Dict[Tuple[str, str], _Pending] = {}
+        self.flusher = False
+
+
+_process: PerProcess[_Process] = PerProcess(_Process, name="metrics")
 
 
 def _task_series(task: str, queue: str) -> _TaskSeries:
     # .labels() costs a few µs per call; a task attempt would pay it six times.
-    key = (os.getpid(), task, queue)
-    found = _series.get(key)
+    series = _process.get().series
+    found = series.get((task, queue))
     if found is None:
-        found = _series[key] = _TaskSeries(metrics(), task, queue)
+        found = series[(task, queue)] = _TaskSeries(metrics(), task, queue)
     return found
 
 
 def _labelled(metric: str, *labels: str) -> Any:
     """``metrics().<metric>.labels(*labels)``, looked up once per process (``.labels()`` costs a
     few µs, and outcomes and limiter and cache events are recorded on every task)."""
-    key = (os.getpid(), metric, labels)
-    found = _labelled_series.get(key)
+    labelled = _process.get().labelled
+    found = labelled.get((metric, labels))
     if found is None:
-        found = _labelled_series[key] = getattr(metrics(), metric).labels(*labels)
+        found = labelled[(metric, labels)] = getattr(metrics(), metric).labels(*labels)
     return found
 
 
@@ -160,12 +250,14 @@ def _outcome(task: str, queue: str, state: str) -> Any:
 
 def metrics() -> TuningMetrics:
     """This process's metrics (created lazily, again after fork)."""
-    if _state["pid"] != os.getpid() or _state["metrics"] is None:
-        with _lock:
-            if _state["pid"] != os.getpid() or _state["metrics"] is None:
-                _state["metrics"] = TuningMetrics(_state.get("buckets"))
-                _state["pid"] = os.getpid()
-    return _state["metrics"]
+    process = _process.get()
+    found = process.metrics
+    if found is None:
+        with process.lock:
+            found = process.metrics
+            if found is None:
+                found = process.metrics = TuningMetrics(_state.get("buckets"))
+    return found
 
 
 def start_endpoint(port: int, address: str = "0.0.0.0") -> Any:
@@ -240,9 +332,6 @@ class _Pending:
 #: when a process exits; a SIGKILLed pool child loses at most this much of its figures.
 FLUSH_INTERVAL = 0.5
 
-_pending: Dict[Tuple[str, str], _Pending] = {}
-_pending_lock = threading.Lock()
-_flusher: Dict[str, Any] = {"pid": None}
 
 
 def _on_timed(sender: Any = None, task_id: str = "", queue: str = "", wait: Optional[float] = None,
@@ -256,10 +345,11 @@ def _on_timed(sender: Any = None, task_id: str = "", queue: str = "", wait: Opti
         # counted as 'deferred' when deferred; a child cut short is counted by the main process
         outcome = state.lower()
     bounds = _state["bounds"]
-    with _pending_lock:
-        pending = _pending.get((name, queue))
+    process = _process.get()
+    with process.lock:
+        pending = process.pending.get((name, queue))
         if pending is None:
-            pending = _pending[(name, queue)] = _Pending(len(bounds))
+            pending = process.pending[(name, queue)] = _Pending(len(bounds))
         counts, sums = pending.counts, pending.sums
         if wait is not None:
             counts[0][bisect_left(bounds, wait)] += 1
@@ -272,15 +362,15 @@ def _on_timed(sender: Any = None, task_id: str = "", queue: str = "", wait: Opti
         pending.cpu += cpu
         if outcome is not None:
             pending.outcomes[outcome] = pending.outcomes.get(outcome, 0) + 1
-    if _flusher["pid"] != os.getpid():
-        _start_flusher()
+    if not process.flusher:
+        _start_flusher(process)
 
 
-def _start_flusher() -> None:
-    with _pending_lock:
-        if _flusher["pid"] == os.getpid():
+def _start_flusher(process: _Process) -> None:
+    with process.lock:
+        if process.flusher:
             return
-        _flusher["pid"] = os.getpid()  # a forked child starts its own
+        process.flusher = True  # a forked child starts its own
 
     def loop() -> None:
         while True:
@@ -293,27 +383,20 @@ def _start_flusher() -> None:
     threading.Thread(target=loop, name="celery-tuning-metrics", daemon=True).start()
 
 
-def _bulk_observe(child: Any, counts: Any, total: float) -> None:
-    # prometheus-client keeps a histogram as a sum and per-bucket (non-cumulative) counts; adding
-    # n observations at once is what n observe() calls would leave in the files.
-    child._sum.inc(total)
-    for i, n in enumerate(counts):
-        if n:
-            child._buckets[i].inc(n)
-
-
 def flush() -> None:
     """Write the observations added up so far (also called at process exit)."""
-    global _pending
-    with _pending_lock:
-        if not _pending:
+    process = _process.peek()
+    if process is None:
+        return
+    with process.lock:
+        if not process.pending:
             return
-        batch, _pending = _pending, {}
+        batch, process.pending = process.pending, {}
     for (task, queue), pending in batch.items():
         series = _task_series(task, queue)
         for child, counts, total in zip((series.wait, series.run, series.total), pending.counts, pending.sums):
             if any(counts):
-                _bulk_observe(child, counts, total)
+                child.add(counts, total)
         if pending.cpu:
             series.cpu.inc(pending.cpu)
         for outcome, n in pending.outcomes.items():
@@ -377,10 +460,10 @@ def _record_limiter(name: str, event: str, seconds: float) -> None:
 _BREAKER_LEVEL = {"closed": 0, "half-open": 1, "open": 2}
 
 
-def _on_breaker(sender: Any = None, new: str = "", **_: Any) -> None:
+def _record_breaker(name: str, old: str, new: str, reason: str) -> None:
     m = metrics()
-    m.breaker.labels(str(sender), new).inc()
-    m.breaker_state.labels(str(sender)).set(_BREAKER_LEVEL.get(new, 0))
+    m.breaker.labels(str(name), new).inc()
+    m.breaker_state.labels(str(name)).set(_BREAKER_LEVEL.get(new, 0))
 
 
 def _record_cache(task: str, event: str) -> None:
@@ -414,17 +497,19 @@ def _on_child_exit(pid: Optional[int] = None, **_: Any) -> None:
 
 
 def connect_metric_receivers(buckets: Optional[Tuple[float, ...]] = None) -> None:
-    """Record every signal celery-tuning sends into Prometheus metrics (once per process)."""
+    """Record every event celery-tuning emits into Prometheus metrics (once per process)."""
     if buckets:
         _state["buckets"] = buckets
-    # Called directly by the timing receivers and the limiter and cache observers: no extra
-    # signal dispatch per task or event.
-    set_recorders(_on_timed, _on_sla_checked, limiter=_record_limiter, cache=_record_cache)
     bounds = tuple(float(b) for b in (_state.get("buckets") or BUCKETS))
     _state["bounds"] = bounds if bounds[-1] == float("inf") else (*bounds, float("inf"))  # as prometheus adds
-    signals.task_deferred.connect(_on_deferred, weak=False, dispatch_uid="celery_tuning.metrics.deferred")
-    signals.sla_breached.connect(_on_sla, weak=False, dispatch_uid="celery_tuning.metrics.sla")
-    signals.circuit_state_changed.connect(_on_breaker, weak=False, dispatch_uid="celery_tuning.metrics.breaker")
+    # Subscribers of the events sink: a direct call per event, no signal dispatch.
+    events.TASK_TIMED.subscribe(_on_timed)
+    events.SLA_CHECKED.subscribe(_on_sla_checked)
+    events.LIMITER.subscribe(_record_limiter)
+    events.CACHE.subscribe(_record_cache)
+    events.TASK_DEFERRED.subscribe(_on_deferred)
+    events.SLA_BREACHED.subscribe(_on_sla)
+    events.BREAKER.subscribe(_record_breaker)
     celery_signals.task_failure.connect(_on_failure_outside_child, weak=False,
                                         dispatch_uid="celery_tuning.metrics.lost")
     celery_signals.worker_process_shutdown.connect(_on_child_exit, weak=False,

@@ -6,11 +6,11 @@ import logging
 import threading
 import time
 from datetime import datetime
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from celery import signals as celery_signals
 
-from .. import signals
+from .. import events
 from ..policy.attach import SlaPolicy
 from ..policy.timing import breach, compute_timings
 from .runtime import installed_runtime
@@ -38,21 +38,6 @@ _connect_lock = threading.Lock()
 
 # task id -> (wall, monotonic and thread-CPU start); several threads may run tasks.
 _started: Dict[str, Tuple[float, float, float]] = {}
-
-#: Recorders the metrics module installs (``set_recorders``), called directly from the two
-#: receivers below and from the limiter's and the cache's event observers: a task attempt then
-#: costs two signal dispatches in all, and an event none unless someone else listens.
-_recorders: Dict[str, Optional[Callable[..., None]]] = {
-    "finished": None, "sla_checked": None, "limiter": None, "cache": None}
-
-
-def set_recorders(finished: Callable[..., None], sla_checked: Callable[[Any, str], None],
-                  limiter: Optional[Callable[[str, str, float], None]] = None,
-                  cache: Optional[Callable[[str, str], None]] = None) -> None:
-    """Have every timed attempt reported to ``finished(**timings)``, when an SLA applies to
-    ``sla_checked(task, queue)``, every limiter event to ``limiter(name, event, seconds)`` and
-    every cache event to ``cache(task, event)``."""
-    _recorders.update(finished=finished, sla_checked=sla_checked, limiter=limiter, cache=cache)
 
 
 def stamp_headers(headers: Dict[str, Any], now: Optional[float] = None) -> Dict[str, Any]:
@@ -224,14 +209,9 @@ def _on_postrun(sender: Any = None, task_id: Optional[str] = None, task: Any = N
         run=finished_perf - started_perf,
     )
     cpu = max(0.0, finished_cpu - started_cpu)  # CPU of the thread that ran the task
-    finished = _recorders["finished"]
-    if finished is not None:
-        finished(sender=task, task_id=task_id, queue=queue, wait=timings.wait, run=timings.run,
-                 total=timings.total, state=state, clamped=timings.clamped, cpu=cpu)
-    if signals.task_timed.receivers:
-        signals.task_timed.send(sender=task, task_id=task_id, queue=queue, wait=timings.wait,
-                                run=timings.run, total=timings.total, state=state, clamped=timings.clamped,
-                                cpu=cpu)
+    if events.TASK_TIMED.subscribers:  # metrics and the task_timed signal
+        events.task_timed(task, task_id, queue, timings.wait, timings.run, timings.total, state, timings.clamped,
+                          cpu)
     policy = _sla_policy(runtime, task, queue)
     if policy is not None:
         _check_sla(policy, task, task_id, queue, timings)
@@ -259,21 +239,24 @@ def _sla_policy(runtime: Any, task: Any, queue: str) -> Optional[SlaPolicy]:
 
 def _check_sla(policy: SlaPolicy, task: Any, task_id: str, queue: str, timings: Any) -> None:
     measured = getattr(timings, policy.on)
-    checked = _recorders["sla_checked"]
     if measured is not None:
-        if checked is not None:
-            checked(task, queue)
-        if signals.sla_checked.receivers:
-            signals.sla_checked.send(sender=task, queue=queue)
+        events.sla_checked(task, queue)
     crossed = breach(measured, policy.warning, policy.critical)
     if crossed is None:
         return
     level, threshold = crossed
+    events.sla_breached(task, task_id, queue, level, policy.on, measured, threshold)
+
+
+def _log_sla_breach(*, sender: Any, task_id: str, queue: str, level: str, kind: str, measured: float,
+                    threshold: float) -> None:
     log = logger.error if level == "critical" else logger.warning
     log("SLA %s breached: task=%s id=%s queue=%s %s=%.3fs threshold=%.3fs",
-        level, task.name, task_id, queue, policy.on, measured, threshold)
-    signals.sla_breached.send(sender=task, task_id=task_id, queue=queue, level=level,
-                              kind=policy.on, measured=measured, threshold=threshold)
+        level, sender.name, task_id, queue, kind, measured, threshold)
+
+
+# The log line comes first, before metrics and the signal's receivers, as it always did.
+events.SLA_BREACHED.subscribe(_log_sla_breach, first=True)
 
 
 def connect_publish_receivers() -> None:

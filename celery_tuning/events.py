@@ -1,0 +1,211 @@
+"""One events sink: components emit typed events here; metrics, signals and logs subscribe.
+
+Emitters call the module functions (:func:`limiter_event`, :func:`cache_event`,
+:func:`breaker_transition`, :func:`task_timed`, :func:`sla_checked`, :func:`sla_breached`,
+:func:`task_deferred`); each hands its arguments to the subscribers of its :class:`Topic`, in order.
+With no subscriber an emit is a loop over an empty tuple: the hot path pays one check. A
+subscriber that raises is logged and skipped, as Celery does for a signal's receivers: an
+event never fails the task that emitted it.
+
+Subscribers registered by celery-tuning itself, all in ``integration/``:
+
+* metrics (``integration/metrics.py``, when ``tuning_metrics_port`` is set);
+* the public Celery signals of :mod:`celery_tuning.signals` (``integration/signals.py``: each
+  event is sent as the signal of the same name, with the same arguments, when it has receivers);
+* logs (the SLA breach line, ``integration/receivers.py``).
+
+This module imports nothing of Celery or Redis. Example::
+
+    from celery_tuning import events
+
+    def count(name: str, event: str, seconds: float) -> None:
+        ...
+
+    events.LIMITER.subscribe(count)
+    events.limiter_event("openai", "acquired", 0.0)   # count("openai", "acquired", 0.0)
+    events.LIMITER.unsubscribe(count)
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Generic, Optional, Protocol, Tuple, TypeVar
+
+__all__ = [
+    "BREAKER",
+    "CACHE",
+    "LIMITER",
+    "SLA_BREACHED",
+    "SLA_CHECKED",
+    "TASK_DEFERRED",
+    "TASK_TIMED",
+    "BreakerSubscriber",
+    "CacheSubscriber",
+    "LimiterSubscriber",
+    "SlaBreachedSubscriber",
+    "SlaCheckedSubscriber",
+    "TaskDeferredSubscriber",
+    "TaskTimedSubscriber",
+    "Topic",
+    "breaker_transition",
+    "cache_event",
+    "limiter_event",
+    "sla_breached",
+    "sla_checked",
+    "task_deferred",
+    "task_timed",
+]
+
+F = TypeVar("F")
+
+logger = logging.getLogger("celery_tuning.events")
+
+
+def _failed(subscriber: Any) -> None:
+    logger.exception("celery-tuning: events subscriber %r failed", subscriber)
+
+
+class Topic(Generic[F]):
+    """Subscribers of one kind of event, called in order (a subscriber added ``first`` goes
+    before the others). Subscribing twice is a no-op."""
+
+    __slots__ = ("_lock", "name", "subscribers")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        #: Replaced, never mutated: an emit iterates a snapshot without taking a lock.
+        self.subscribers: Tuple[F, ...] = ()
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"<Topic {self.name} ({len(self.subscribers)} subscribers)>"
+
+    def subscribe(self, subscriber: F, *, first: bool = False) -> F:
+        """Call ``subscriber`` on every event of this topic; returns it (usable as a decorator)."""
+        with self._lock:
+            if subscriber not in self.subscribers:
+                self.subscribers = ((subscriber, *self.subscribers) if first
+                                    else (*self.subscribers, subscriber))
+        return subscriber
+
+    def unsubscribe(self, subscriber: F) -> None:
+        with self._lock:
+            self.subscribers = tuple(s for s in self.subscribers if s != subscriber)
+
+
+# -- the events ----------------------------------------------------------------------------------
+
+class LimiterSubscriber(Protocol):
+    def __call__(self, name: str, event: str, seconds: float, /) -> None: ...
+
+
+class CacheSubscriber(Protocol):
+    def __call__(self, task_name: str, event: str, /) -> None: ...
+
+
+class BreakerSubscriber(Protocol):
+    def __call__(self, name: str, old: str, new: str, reason: str, /) -> None: ...
+
+
+class TaskTimedSubscriber(Protocol):
+    def __call__(self, *, sender: Any, task_id: str, queue: str, wait: Optional[float], run: float,
+                 total: Optional[float], state: Optional[str], clamped: bool, cpu: float) -> None: ...
+
+
+class SlaCheckedSubscriber(Protocol):
+    def __call__(self, task: Any, queue: str, /) -> None: ...
+
+
+class SlaBreachedSubscriber(Protocol):
+    def __call__(self, *, sender: Any, task_id: str, queue: str, level: str, kind: str, measured: float,
+                 threshold: float) -> None: ...
+
+
+class TaskDeferredSubscriber(Protocol):
+    def __call__(self, *, sender: Any, task_id: str, reason: str, countdown: float, deferrals: int) -> None: ...
+
+
+#: Rate-limit decisions: ``(name, event, seconds)``; event is 'acquired', 'waited', 'reserved',
+#: 'rejected', 'throttled' or 'fallback'.
+LIMITER: Topic[LimiterSubscriber] = Topic("limiter")
+#: Result-cache events: ``(task_name, event)`` ('hit_l1', 'hit_l2', 'miss', 'store', ...).
+CACHE: Topic[CacheSubscriber] = Topic("cache")
+#: Circuit-breaker state changes: ``(name, old, new, reason)`` ('observed' when another process
+#: changed it).
+BREAKER: Topic[BreakerSubscriber] = Topic("breaker")
+#: A task attempt timed in the worker (keywords as the ``task_timed`` signal; sender: the task).
+TASK_TIMED: Topic[TaskTimedSubscriber] = Topic("task_timed")
+#: A task attempt checked against an SLA: ``(task, queue)``.
+SLA_CHECKED: Topic[SlaCheckedSubscriber] = Topic("sla_checked")
+#: An SLA threshold crossed (keywords as the ``sla_breached`` signal; sender: the task).
+SLA_BREACHED: Topic[SlaBreachedSubscriber] = Topic("sla_breached")
+#: A task re-published for later without a retry (keywords as the ``task_deferred`` signal).
+TASK_DEFERRED: Topic[TaskDeferredSubscriber] = Topic("task_deferred")
+
+
+def limiter_event(name: str, event: str, seconds: float = 0.0) -> None:
+    """A rate limiter ``name`` decided or saw ``event`` (``seconds`` waited or reserved)."""
+    for subscriber in LIMITER.subscribers:
+        try:
+            subscriber(name, event, seconds)
+        except Exception:  # a subscriber's bug must not fail the caller's task
+            _failed(subscriber)
+
+
+def cache_event(task_name: str, event: str) -> None:
+    """The result cache of ``task_name`` saw ``event``."""
+    for subscriber in CACHE.subscribers:
+        try:
+            subscriber(task_name, event)
+        except Exception:  # a subscriber's bug must not fail the caller's task
+            _failed(subscriber)
+
+
+def breaker_transition(name: str, old: str, new: str, reason: str) -> None:
+    """Breaker ``name`` went from ``old`` to ``new`` (``reason`` says why)."""
+    for subscriber in BREAKER.subscribers:
+        try:
+            subscriber(name, old, new, reason)
+        except Exception:  # a subscriber's bug must not fail the caller's task
+            _failed(subscriber)
+
+
+def task_timed(task: Any, task_id: str, queue: str, wait: Optional[float], run: float, total: Optional[float],
+               state: Optional[str], clamped: bool, cpu: float) -> None:
+    """A task attempt ended with these timings (seconds)."""
+    for subscriber in TASK_TIMED.subscribers:
+        try:
+            subscriber(sender=task, task_id=task_id, queue=queue, wait=wait, run=run, total=total, state=state,
+                       clamped=clamped, cpu=cpu)
+        except Exception:  # a subscriber's bug must not fail the caller's task
+            _failed(subscriber)
+
+
+def sla_checked(task: Any, queue: str) -> None:
+    """A task attempt was checked against an SLA (breached or not)."""
+    for subscriber in SLA_CHECKED.subscribers:
+        try:
+            subscriber(task, queue)
+        except Exception:  # a subscriber's bug must not fail the caller's task
+            _failed(subscriber)
+
+
+def sla_breached(task: Any, task_id: str, queue: str, level: str, kind: str, measured: float,
+                 threshold: float) -> None:
+    """A task attempt crossed an SLA threshold."""
+    for subscriber in SLA_BREACHED.subscribers:
+        try:
+            subscriber(sender=task, task_id=task_id, queue=queue, level=level, kind=kind, measured=measured,
+                       threshold=threshold)
+        except Exception:  # a subscriber's bug must not fail the caller's task
+            _failed(subscriber)
+
+
+def task_deferred(task: Any, task_id: str, reason: str, countdown: float, deferrals: int) -> None:
+    """A task was re-published for later without using a retry."""
+    for subscriber in TASK_DEFERRED.subscribers:
+        try:
+            subscriber(sender=task, task_id=task_id, reason=reason, countdown=countdown, deferrals=deferrals)
+        except Exception:  # a subscriber's bug must not fail the caller's task
+            _failed(subscriber)
