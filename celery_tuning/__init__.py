@@ -54,7 +54,13 @@ __all__ = [
 ]
 
 
+#: Submodules reachable as attributes without importing them first (``celery_tuning.signals.x``).
+_SUBMODULES = ("events", "signals")
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"celery_tuning.{name}")  # also sets it in globals()
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'celery_tuning' has no attribute {name!r}")

@@ -198,3 +198,18 @@ def test_cache_stats_and_clear(redis_clean):
     assert cache_cmd("stats", "tests.apps.cached.embed").stdout.startswith("tests.apps.cached.embed: 0 entries")
     out = cache_cmd("stats", "no.such.task")
     assert out.returncode != 0 and "no task named 'no.such.task'" in out.stderr
+
+
+def test_cli_reads_no_private_attributes():
+    """The CLI works through public, documented APIs only (no obj._name reads, no raw GCRA arithmetic)."""
+    import ast
+    from pathlib import Path
+
+    import celery_tuning.integration.cli as cli
+
+    tree = ast.parse(Path(cli.__file__).read_text())
+    private = sorted({node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+                      and node.attr.startswith("_") and not node.attr.startswith("__")})
+    assert private == [], private
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for alias in node.names}
+    assert "interval_us" not in imported

@@ -178,7 +178,7 @@ def test_limiter_around_single_calls(redis_clean):
     lim.throttle(5)
     with pytest.raises(RateLimited):
         lim.acquire(timeout=1)
-    with pytest.raises(ConfigurationError, match="not in tuning_rate_limits"):
+    with pytest.raises(ConfigurationError, match="no such limiter .nope. in tuning_rate_limits"):
         celery_tuning.limiter("nope", app=app)
 
 

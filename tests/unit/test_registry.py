@@ -96,3 +96,12 @@ def test_process_questions_are_decided_once(monkeypatch):
     for value, off in (("0", True), ("off", True), ("1", False), ("", False), ("maybe", False)):
         monkeypatch.setenv("CELERY_TUNING_ENABLED", value)
         assert env_disabled() is off, value
+
+
+def test_signals_module_is_reachable_from_the_package():
+    import subprocess
+    import sys
+
+    code = "import celery_tuning; print(celery_tuning.signals.circuit_state_changed.name)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "circuit_state_changed"
