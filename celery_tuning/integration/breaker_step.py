@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Optional
 
 from ..circuit import CircuitOpen, SharedBreaker
 from ..conf import known_names
 from ..errors import ConfigurationError
+from ..policy import admission
 from ..policy.attach import BreakerPolicy
 from .breakers import breaker_for
 from .deferral import defer, is_eager, jitter
-from .pipeline import Call, Degraded, Step, register_step
+from .pipeline import Call, CallContext, Degraded, Step, register_step
 from .runtime import runtime_for
 
 __all__ = ["BreakerStep"]
@@ -47,15 +48,19 @@ class BreakerStep(Step):
             self._breaker = breaker_for(self.runtime, self.policy.name, self.policy.options)
         return self._breaker
 
-    def wrap(self, task_cls: Any, call_next: Call) -> Call:
-        def call(task: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+    def passes_locally(self, ctx: CallContext) -> bool:
+        """An open or half-open breaker decides before any inner decision is taken ahead."""
+        return self.breaker.looks_closed()
+
+    def wrap(self, call_next: Call) -> Call:
+        def call(ctx: CallContext) -> Any:
             breaker = self.breaker
             try:
                 trial = breaker.admit()
             except CircuitOpen as exc:
-                return self._when_open(task, exc, args, kwargs)
+                return self._when_open(ctx, exc)
             try:
-                result = call_next(task, args, kwargs)
+                result = call_next(ctx)
             except BaseException as exc:
                 if breaker.settle_failure(exc, trial):
                     logger.warning("task %s opened circuit breaker %r", self.task_name, breaker.name)
@@ -66,18 +71,18 @@ class BreakerStep(Step):
 
         return call
 
-    def _when_open(self, task: Any, exc: CircuitOpen, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+    def _when_open(self, ctx: CallContext, exc: CircuitOpen) -> Any:
         policy = self.policy
-        if policy.fallback is not None:
+        action = admission.when_open(policy.fallback is not None, policy.on_open, is_eager(ctx.request))
+        fallback = policy.fallback
+        if action == "fallback" and fallback is not None:
             # Marked, so the cache around this step does not keep it as the task's result.
-            return Degraded(policy.fallback(*args, **kwargs), "fallback")
-        request = task.request
-        if policy.on_open == "fail" or is_eager(request):
+            return Degraded(fallback(*ctx.args, **ctx.kwargs), "fallback")
+        if action == "raise":
             raise exc
         name = exc.name
-        defer(task, jitter(exc.retry_after), reason="circuit_open", max_deferrals=policy.max_deferrals,
+        defer(ctx.task, jitter(exc.retry_after), reason="circuit_open", max_deferrals=policy.max_deferrals,
               on_exhausted=lambda n: CircuitOpen(f"{name} (gave up after {n} deferrals)", exc.retry_after))
-        return None  # not reached: defer() raises
 
 
 register_step("breaker", BreakerStep)

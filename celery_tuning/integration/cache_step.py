@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from celery import signals as celery_signals
 
@@ -12,7 +12,7 @@ from .. import signals
 from ..cache import TwoLevelCache, UncacheableArgument
 from ..policy.attach import CachePolicy
 from ..storage.cache import RedisCacheStore, flush_writers
-from .pipeline import Call, Degraded, Step, register_step
+from .pipeline import Ahead, Call, CallContext, Degraded, PublishCall, PublishContext, Step, register_step
 from .receivers import _recorders
 from .runtime import runtime_for
 
@@ -58,11 +58,22 @@ class CacheHandle:
         """Entries in Redis for the current generation (uses SCAN: not for hot paths)."""
         return self._step.cache.l2_entries()
 
+    def generation(self) -> int:
+        """The task's current cache generation (bumped by :meth:`clear`)."""
+        return self._step.cache.generation()
+
+    @property
+    def policy(self) -> CachePolicy:
+        """The task's ``@cache_result`` settings."""
+        return self._step.policy
+
 
 class CacheStep(Step):
     """Built once per task class when it is bound."""
 
     kind = "cache"
+    #: A miss elects its leader in one script that may also take an inner rate limit's decision.
+    carries_ahead = True
 
     def __init__(self, policy: CachePolicy, task_cls: Any) -> None:
         self.policy = policy
@@ -81,31 +92,46 @@ class CacheStep(Step):
         self.lock_timeout = lock_timeout
         self._cache: Optional[TwoLevelCache] = None
         self.handle = CacheHandle(self)
-        self._limit_step: Any = None
-        self._breaker_step: Any = None
-        self._combine: Optional[bool] = None
+        self._offer: Optional[Callable[[CallContext], Optional[Ahead]]] = None
 
-    def chain_built(self, steps: List[Step]) -> None:
-        by_kind = {step.kind: step for step in steps}
-        # The limiter's decision may ride the lookup only when nothing between here and the
-        # rate limit can still refuse the call after its token is taken (the breaker is asked
-        # first, in _preflight): a concurrency slot comes first and is not asked.
-        self._limit_step = None if "concurrency" in by_kind else by_kind.get("rate_limit")
-        self._breaker_step = by_kind.get("breaker")
+    def take_ahead_from(self, offer: Callable[[CallContext], Optional[Ahead]]) -> None:
+        self._offer = offer
 
-    def _can_combine(self) -> bool:
-        """A rate limit on the same Redis as the cache, not a Cluster: its decision can ride the lookup."""
-        if self._combine is None:
-            connector = getattr(self._limit_step.limiter.store, "connector", None)
-            cache_store = self.cache.store
-            self._combine = (connector is not None and cache_store is not None
-                             and connector is cache_store.connector and cache_store.can_combine)
-        return self._combine
+    def _ahead(self, ctx: CallContext) -> Optional[Ahead]:
+        """The inner decision this miss may take in its round trip: only one bound for our Redis."""
+        found = self._offer(ctx) if self._offer is not None else None
+        if found is None:
+            return None
+        store = self.cache.store
+        if store is None or not store.can_combine or found.connector is not store.connector:
+            return None  # another Redis, or a Cluster (the keys may live on different nodes)
+        return found
 
-    def _preflight(self, task: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
-        if self._breaker_step is not None and not self._breaker_step.breaker.looks_closed():
-            return None  # an open or half-open breaker decides first: no token for a call it stops
-        return self._limit_step.preflight(task, args, kwargs)
+    def bind(self, task_cls: Any) -> None:
+        task_cls.cache = self.handle
+
+    def publish(self, publish_next: PublishCall) -> Optional[PublishCall]:
+        """With ``short_circuit=True``, a standalone ``apply_async`` whose result is cached answers
+        from the cache without publishing (``app.send_task`` never comes here)."""
+        if not self.policy.short_circuit:
+            return None
+        from celery import states
+        from celery.result import EagerResult
+        from celery.utils import uuid
+
+        runtime, handle = self.runtime, self.handle
+
+        def publish(pctx: PublishContext) -> Any:
+            if runtime.enabled and pctx.task_id is None and _standalone(pctx.options):
+                try:
+                    found, value = handle.get(*pctx.args, **pctx.kwargs)
+                except Exception:  # uncacheable arguments and the like: publish as usual
+                    found, value = False, None
+                if found:
+                    return EagerResult(uuid(), value, states.SUCCESS, name=pctx.task.name)
+            return publish_next(pctx)
+
+        return publish
 
     @property
     def cache(self) -> TwoLevelCache:
@@ -123,44 +149,45 @@ class CacheStep(Step):
             )
         return self._cache
 
-    def wrap(self, task_cls: Any, call_next: Call) -> Call:
-        def call(task: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+    def wrap(self, call_next: Call) -> Call:
+        def call(ctx: CallContext) -> Any:
             cache = self.cache
             try:
-                digest = cache.digest(args, kwargs)
+                digest = ctx.digest = cache.digest(ctx.args, ctx.kwargs)
             except UncacheableArgument as exc:
                 cache._warn_once("arguments", "task %s runs uncached: %s", self.task_name, exc)
                 _observer("skip_arguments", self.task_name)
-                return call_next(task, args, kwargs)
-
-            def compute() -> Any:
-                result = call_next(task, args, kwargs)
-                if type(result) is Degraded:
-                    # Not the task's result: leave with it the way an exception leaves, which
-                    # stores nothing and frees the single-flight lock for the next caller.
-                    raise _NotCached(result)
-                return result
-
-            limit_step = self._limit_step
-            try:
-                if limit_step is None or not self._can_combine():
-                    return cache.get_or_compute(digest, compute)
-                try:
-                    return cache.get_or_compute(digest, compute, preflight=lambda: self._preflight(task, args, kwargs))
-                finally:
-                    limit_step.discard_preset()  # taken but not reached (e.g. the breaker opened meanwhile)
-            except _NotCached as skipped:
-                return skipped.result
+                return call_next(ctx)
+            if self._offer is None:
+                return cache.get_or_compute(digest, lambda: call_next(ctx), cacheable=_is_result)
+            return cache.get_or_compute(digest, lambda: call_next(ctx), cacheable=_is_result,
+                                        preflight=lambda: self._ahead(ctx))
 
         return call
 
 
-class _NotCached(BaseException):
-    """Carries a :class:`Degraded` result out of the cache's compute call (never escapes the step)."""
+def _is_result(value: Any) -> bool:
+    """A breaker's fallback is not the task's result: it is handed back but never stored."""
+    return type(value) is not Degraded
 
-    def __init__(self, result: Degraded) -> None:
-        super().__init__()
-        self.result = result
+
+#: ``apply_async`` options that leave a call standalone: where and when it is delivered, how it
+#: is encoded. Anything else ties the message to something that waits for its id in the result
+#: backend or on the broker: a canvas (``link``, ``link_error``, ``chain``, ``chord``,
+#: ``group_id``, ``parent_id``, ``root_id``, stamps), a retry or a deferral (``task_id`` and
+#: ``retries`` of the running request), ``Task.replace`` (``replaced_task_nesting``), a frozen
+#: signature (``task_id``). An allowlist, so an option a later Celery adds publishes as usual.
+_STANDALONE_OPTIONS = frozenset({
+    "countdown", "eta", "expires", "queue", "exchange", "exchange_type", "routing_key", "priority",
+    "serializer", "compression", "time_limit", "soft_time_limit", "ignore_result", "add_to_parent",
+    "producer", "connection", "router", "retry", "retry_policy", "shadow", "headers", "publisher",
+    "delivery_mode", "mandatory", "declare",
+})
+
+
+def _standalone(options: Dict[str, Any]) -> bool:
+    """Whether nothing but the caller waits for this call's result (None means "not given")."""
+    return all(key in _STANDALONE_OPTIONS or value is None for key, value in options.items())
 
 
 def _flush_stores(**_: Any) -> None:

@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Optional
 
 from ..concurrency import ConcurrencyLimiter
 from ..conf import known_names
 from ..errors import ConcurrencyLimited, ConfigurationError
+from ..policy import admission
 from ..policy.attach import ConcurrencyPolicy
 from .deferral import defer, deferrals_of, is_eager, jitter
-from .pipeline import Call, Step, register_step
+from .pipeline import Call, CallContext, Step, register_step
 from .runtime import TuningRuntime, runtime_for
 
 __all__ = ["ConcurrencyStep", "concurrency_limiter_for"]
-
-#: Longest countdown of a task waiting for a slot: slots free up when tasks end, which the
-#: lease expiry times do not tell, so waiting tasks look again at a growing interval.
-_MAX_RECHECK = 10.0
-
 
 def concurrency_limiter_for(runtime: TuningRuntime, name: str) -> ConcurrencyLimiter:
     """The process's limiter for ``tuning_concurrency_limits[name]``."""
@@ -38,6 +34,8 @@ class ConcurrencyStep(Step):
     """Built once per task class when it is bound."""
 
     kind = "concurrency"
+    #: A slot is refused only after asking Redis: no inner decision is taken ahead across it.
+    refuses_remotely = True
 
     def __init__(self, policy: ConcurrencyPolicy, task_cls: Any) -> None:
         self.policy = policy
@@ -54,23 +52,23 @@ class ConcurrencyStep(Step):
             self._limiter = concurrency_limiter_for(self.runtime, self.policy.name)
         return self._limiter
 
-    def wrap(self, task_cls: Any, call_next: Call) -> Call:
+    def wrap(self, call_next: Call) -> Call:
         policy = self.policy
 
-        def call(task: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        def call(ctx: CallContext) -> Any:
             limiter = self.limiter
             lease = limiter.acquire()
             if not lease.granted:
-                request = task.request
+                request = ctx.request
                 if is_eager(request):  # nothing to defer through: wait, bounded, then raise
                     lease = self._wait_for_slot(limiter, lease)
                 else:
-                    recheck = min(lease.retry_after, 0.25 * 1.5 ** deferrals_of(request), _MAX_RECHECK)
-                    defer(task, jitter(recheck), reason="concurrency_limit", max_deferrals=policy.max_deferrals,
+                    recheck = admission.concurrency_recheck(lease.retry_after, deferrals_of(request))
+                    defer(ctx.task, jitter(recheck), reason="concurrency_limit", max_deferrals=policy.max_deferrals,
                           on_exhausted=lambda n: ConcurrencyLimited(
                               f"{policy.name} (gave up after {n} deferrals)", lease.retry_after))
             try:
-                return call_next(task, args, kwargs)
+                return call_next(ctx)
             finally:
                 limiter.release(lease)
 

@@ -1,13 +1,31 @@
-"""The ordered chain of policy steps TunedTask builds around ``run`` when a task is bound."""
+"""One pipeline for both sides of a tuned task: the worker-side chain around ``run`` and the
+publish-side chain around ``apply_async``, built once per task class when it is bound.
+
+Every call of a tuned task gets one :class:`CallContext`, handed from step to step. Steps
+cooperate through it and through what they declare on :class:`Step`, never through
+thread-locals or by looking each other up:
+
+- a step whose decision lives in the tuning Redis may offer it **ahead**
+  (:meth:`Step.ahead`): an outer step whose store can take it in its own round trip
+  (:attr:`Step.carries_ahead`, the cache's miss path) takes it there, and the decision lands
+  in :attr:`CallContext.admission` for the offering step to act on;
+- the pipeline, not the steps, decides when that is allowed: a decision is never taken ahead
+  across a step that may still refuse the call after it is taken (:attr:`Step.refuses_remotely`,
+  the concurrency slot), and only while every step in between would let the call through by a
+  local look (:meth:`Step.passes_locally`, an open breaker says no);
+- a step that may return a stand-in for the body's result returns a :class:`Degraded`; outer
+  steps see it for what it is and the chain hands Celery its value;
+- publish-side hooks (:meth:`Step.publish`) wrap ``apply_async`` in the same order.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Mapping, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
-__all__ = ["STEP_ORDER", "Call", "Degraded", "Step", "build_chain", "register_step"]
-
-#: A link of the chain: ``call(task, args, kwargs) -> result``.
-Call = Callable[[Any, Tuple[Any, ...], Dict[str, Any]], Any]
+__all__ = [
+    "STEP_ORDER", "Ahead", "Call", "CallContext", "Degraded", "PublishCall", "PublishContext", "Step",
+    "build_chain", "build_publisher", "register_step",
+]
 
 #: Outermost first: a cache hit skips everything; an open breaker is checked
 #: before a slot or a token is taken; the concurrency slot is taken before the
@@ -17,6 +35,48 @@ Call = Callable[[Any, Tuple[Any, ...], Dict[str, Any]], Any]
 #: out. ``celery_tuning.integration.interactions`` tabulates what each step does
 #: with every outcome of the steps inside it.
 STEP_ORDER: Tuple[str, ...] = ("cache", "breaker", "concurrency", "rate_limit")
+
+
+class CallContext:
+    """One call of a tuned task, as every step of its chain sees it.
+
+    Made once per call by the chain's outermost link; lives as long as the call.
+    """
+
+    __slots__ = ("admission", "admission_key", "args", "digest", "kwargs", "request", "task")
+
+    def __init__(self, task: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
+        self.task = task
+        self.request = task.request
+        self.args = args
+        self.kwargs = kwargs
+        #: The cache key digest of these arguments (set by the cache step).
+        self.digest: Optional[str] = None
+        #: A rate-limit decision already taken for this call in an outer step's round trip.
+        self.admission: Any = None
+        #: The per-key limiter key ``admission`` was taken for.
+        self.admission_key: Any = None
+
+
+#: A link of the chain: ``call(ctx) -> result``.
+Call = Callable[[CallContext], Any]
+
+
+class Ahead:
+    """A decision a step offers to have taken in an outer step's round trip.
+
+    ``keys`` and ``packed`` are what the store's combined operation needs; ``connector`` is the
+    Redis it must run on (a carrier on another Redis cannot take it); ``settle(reply)`` turns
+    the store's reply into the decision and writes it into the call's context.
+    """
+
+    __slots__ = ("_settle", "connector", "keys", "packed")
+
+    def __init__(self, connector: Any, keys: List[str], packed: str, settle: Callable[[int], None]) -> None:
+        self.connector, self.keys, self.packed, self._settle = connector, keys, packed, settle
+
+    def settle(self, reply: int) -> None:
+        self._settle(reply)
 
 
 class Degraded:
@@ -33,24 +93,63 @@ class Degraded:
         self.source = source
 
 
-class Step:
-    """One capability's wrapper around the rest of the chain.
+class PublishContext:
+    """One ``apply_async`` of a tuned task, as the publish-side hooks see it."""
 
-    Subclasses implement :meth:`wrap`. Steps are built once per task class
-    when it is bound and must be safe to call from several threads.
+    __slots__ = ("args", "kwargs", "options", "task", "task_id")
+
+    def __init__(self, task: Any, args: Any, kwargs: Any, task_id: Any, options: Dict[str, Any]) -> None:
+        self.task = task
+        self.args = tuple(args or ())
+        self.kwargs = dict(kwargs or {})
+        self.task_id = task_id
+        self.options = options
+
+
+#: A link of the publish-side chain: ``publish(pctx) -> AsyncResult``.
+PublishCall = Callable[[PublishContext], Any]
+
+
+class Step:
+    """One capability's part of a task's pipeline.
+
+    Subclasses implement :meth:`wrap` and declare how they cooperate. Steps are built once per
+    task class when it is bound and must be safe to call from several threads; per-call state
+    lives in the :class:`CallContext`.
     """
 
     #: Policy kind this step applies (a key of ``STEP_ORDER``).
     kind: str = ""
     #: Whether this step may return a :class:`Degraded` value (the chain then unwraps it).
     degrades: bool = False
+    #: Whether this step's store can take an inner step's :class:`Ahead` decision in its own round
+    #: trip; the pipeline then gives it :meth:`take_ahead_from`.
+    carries_ahead: bool = False
+    #: Whether this step may refuse a call after consulting its store: no decision of a step
+    #: inside it is taken ahead (the token would be spent for a call the slot then refuses).
+    refuses_remotely: bool = False
 
-    def wrap(self, task_cls: Any, call_next: Call) -> Call:  # pragma: no cover - interface
+    def wrap(self, call_next: Call) -> Call:  # pragma: no cover - interface
         """Return a call that applies this step, then ``call_next``."""
         raise NotImplementedError
 
-    def chain_built(self, steps: List[Step]) -> None:
-        """Called once with every step of the task, outermost first (to cooperate with siblings)."""
+    def ahead(self, ctx: CallContext) -> Optional[Ahead]:
+        """The decision this call will need from this step, to be taken by an outer carrier; None: none."""
+        return None
+
+    def passes_locally(self, ctx: CallContext) -> bool:
+        """False when a local look (no I/O) says this step would stop the call now."""
+        return True
+
+    def take_ahead_from(self, offer: Callable[[CallContext], Optional[Ahead]]) -> None:
+        """Called once on a carrier with the function that yields a call's :class:`Ahead`, if any."""
+
+    def bind(self, task_cls: Any) -> None:
+        """Attach what this step exposes on the task class (``task.cache``)."""
+
+    def publish(self, publish_next: PublishCall) -> Optional[PublishCall]:
+        """Wrap ``apply_async`` (None: this step does nothing when the task is published)."""
+        return None
 
 
 #: kind -> factory(policy, task_cls) -> Step
@@ -64,30 +163,92 @@ def register_step(kind: str, factory: Callable[[Any, Any], Step]) -> None:
     _FACTORIES[kind] = factory
 
 
-def build_chain(task_cls: Any, policies: Mapping[str, Any], run: Call) -> Tuple[Call, List[Step]]:
-    """Wrap ``run`` in the steps the policies ask for, in :data:`STEP_ORDER`.
-
-    Policies without a step (e.g. ``sla``, read by signal receivers) are
-    ignored here. Returns the outermost call and the steps, outermost first.
-    """
+def build_steps(task_cls: Any, policies: Mapping[str, Any]) -> List[Step]:
+    """The steps the policies ask for, outermost first (``sla`` has none: receivers time it)."""
     steps = [
         _FACTORIES[kind](policies[kind], task_cls)
         for kind in STEP_ORDER
         if kind in policies and kind in _FACTORIES
     ]
-    for step in steps:
-        step.chain_built(steps)
-    call = run
+    _wire_ahead(steps)
+    return steps
+
+
+def _wire_ahead(steps: List[Step]) -> None:
+    """Give each carrier the decisions of the steps inside it that may be taken ahead."""
+    for i, carrier in enumerate(steps):
+        if not carrier.carries_ahead:
+            continue
+        between: List[Step] = []
+        offers: List[Tuple[Step, List[Step]]] = []
+        for inner in steps[i + 1:]:
+            if inner.refuses_remotely:
+                break  # a decision taken ahead across it could be spent on a refused call
+            if type(inner).ahead is not Step.ahead:
+                offers.append((inner, list(between)))
+            between.append(inner)
+        if offers:
+            carrier.take_ahead_from(_offer(offers))
+
+
+def _offer(offers: List[Tuple[Step, List[Step]]]) -> Callable[[CallContext], Optional[Ahead]]:
+    def offer(ctx: CallContext) -> Optional[Ahead]:
+        for step, between in offers:
+            if all(gate.passes_locally(ctx) for gate in between):
+                found = step.ahead(ctx)
+                if found is not None:
+                    return found
+        return None
+
+    return offer
+
+
+def build_chain(task_cls: Any, policies: Mapping[str, Any],
+                run: Callable[[Any, Tuple[Any, ...], Dict[str, Any]], Any]) -> Tuple[Callable[..., Any], List[Step]]:
+    """Wrap ``run(task, args, kwargs)`` in the steps the policies ask for, in :data:`STEP_ORDER`.
+
+    Returns ``(call(task, args, kwargs), steps)``, steps outermost first; ``call`` makes the
+    call's :class:`CallContext` and hands Celery a plain value (a :class:`Degraded` unwrapped).
+    """
+    steps = build_steps(task_cls, policies)
+
+    def body(ctx: CallContext) -> Any:
+        return run(ctx.task, ctx.args, ctx.kwargs)
+
+    chain: Call = body
     for step in reversed(steps):
-        call = step.wrap(task_cls, call)
+        chain = step.wrap(chain)
+    inner = chain
+
     if any(step.degrades for step in steps):
-        return _unwrapping(call), steps
+        def call(task: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+            result = inner(CallContext(task, args, kwargs))
+            return result.value if type(result) is Degraded else result
+    else:
+        def call(task: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+            return inner(CallContext(task, args, kwargs))
+
     return call, steps
 
 
-def _unwrapping(chain: Call) -> Call:
-    def call(task: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
-        result = chain(task, args, kwargs)
-        return result.value if type(result) is Degraded else result
+def build_publisher(steps: List[Step], send: Callable[..., Any]) -> Optional[Callable[..., Any]]:
+    """An ``apply_async(self, args, kwargs, task_id, **options)`` running the steps' publish hooks
+    around ``send`` (the class's own ``apply_async``), or None when no step has one."""
 
-    return call
+    def last(pctx: PublishContext) -> Any:
+        return send(pctx.task, pctx.args, pctx.kwargs, task_id=pctx.task_id, **pctx.options)
+
+    chain: PublishCall = last
+    wrapped = False
+    for step in reversed(steps):
+        hooked = step.publish(chain)
+        if hooked is not None:
+            chain, wrapped = hooked, True
+    if not wrapped:
+        return None
+    outer = chain
+
+    def apply_async(self: Any, args: Any = None, kwargs: Any = None, task_id: Any = None, **options: Any) -> Any:
+        return outer(PublishContext(self, args, kwargs, task_id, options))
+
+    return apply_async

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import warnings
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional
 
 from ..conf import known_names
 from ..errors import ConfigurationError, RateLimited, Throttled
+from ..policy import admission
 from ..policy.attach import RateLimitPolicy
 from ..ratelimit import Decision, GcraLimiter, hash_key
 from .deferral import defer, is_eager, jitter
 from .limits import limiter_for
-from .pipeline import Call, Step, register_step
+from .pipeline import Ahead, Call, CallContext, Step, register_step
 from .runtime import runtime_for
 
 __all__ = ["HEADER_SLOT", "RateLimitStep"]
@@ -23,27 +23,6 @@ logger = logging.getLogger("celery_tuning.ratelimit")
 
 #: A slot this task id already holds: {"limiter", "key", "at" (epoch s), "id"}.
 HEADER_SLOT = "tuning_rl_slot"
-
-
-class _Preset(threading.local):
-    """A decision the cache step took for the call running in this thread (see ``preflight``)."""
-
-    decision: Optional[Decision] = None
-    key: Any = None
-
-
-class _Preflight:
-    """This step's decision, handed to the cache's miss path to take in its round trip."""
-
-    __slots__ = ("_key", "_step", "keys", "packed")
-
-    def __init__(self, step: RateLimitStep, key: Any, keys: List[str], packed: str) -> None:
-        self._step, self._key, self.keys, self.packed = step, key, keys, packed
-
-    def settle(self, reply: int) -> None:
-        preset = self._step._preset
-        preset.decision = self._step.limiter.settle(reply)
-        preset.key = self._key
 
 
 class RateLimitStep(Step):
@@ -67,7 +46,6 @@ class RateLimitStep(Step):
                 f"({runtime.config.rate_limits[policy.name].burst})")
         self.limiter_name = policy.name or self.task_name
         self._limiter: Optional[GcraLimiter] = None
-        self._preset = _Preset()
         self._warn_visibility(policy)
 
     def _warn_visibility(self, policy: RateLimitPolicy) -> None:
@@ -92,61 +70,61 @@ class RateLimitStep(Step):
                                         burst=p.burst, adaptive=p.adaptive)
         return self._limiter
 
-    def wrap(self, task_cls: Any, call_next: Call) -> Call:
+    def wrap(self, call_next: Call) -> Call:
         policy = self.policy
 
-        def call(task: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        def call(ctx: CallContext) -> Any:
             limiter = self.limiter
-            request = task.request
-            preset = self._preset
-            if preset.decision is not None:  # taken in the cache's round trip for this call
-                decision, key, preset.decision = preset.decision, preset.key, None
+            task, request = ctx.task, ctx.request
+            decision = ctx.admission
+            if decision is not None:  # taken in an outer step's round trip for this call
+                key = ctx.admission_key
                 self._admit(task, request, limiter, key, decision)
             else:
-                key = policy.key(*args, **kwargs) if policy.key is not None else None
+                key = policy.key(*ctx.args, **ctx.kwargs) if policy.key is not None else None
                 if not self._use_reserved_slot(request, limiter, key):
                     self._admit(task, request, limiter, key)
             try:
-                return call_next(task, args, kwargs)
+                return call_next(ctx)
             except Throttled as exc:
                 self._throttled(task, request, limiter, key, exc)
                 raise  # not reached: _throttled defers or raises
 
         return call
 
-    def preflight(self, task: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[_Preflight]:
-        """The decision this call will need, for the cache step to take in its miss path's round trip.
+    def ahead(self, ctx: CallContext) -> Optional[Ahead]:
+        """The decision this call will need, for an outer step to take in its round trip.
 
         None when the call holds a reserved slot (no new decision is due) or the limiter's
-        store is not Redis. The decision reaches :meth:`wrap`'s call through a thread-local.
+        store is not Redis. The decision lands in ``ctx.admission`` for :meth:`wrap`'s call.
         """
-        request = task.request
+        request = ctx.request
         headers = getattr(request, "headers", None) or {}
         if isinstance(headers.get(HEADER_SLOT), dict):
             return None
         policy = self.policy
-        key = policy.key(*args, **kwargs) if policy.key is not None else None
-        plan = self.limiter.plan(policy.cost, reserve=self._reserve(request), key=key)
-        if plan is None:
+        limiter = self.limiter
+        key = policy.key(*ctx.args, **ctx.kwargs) if policy.key is not None else None
+        plan = limiter.plan(policy.cost, reserve=self._reserve(request), key=key)
+        connector = getattr(limiter.store, "connector", None)
+        if plan is None or connector is None:
             return None
-        return _Preflight(self, key, *plan)
 
-    def discard_preset(self) -> None:
-        """Drop a decision no call consumed (the task body never reached this step)."""
-        self._preset.decision = None
+        def settle(reply: int) -> None:
+            ctx.admission, ctx.admission_key = limiter.settle(reply), key
+
+        return Ahead(connector, plan[0], plan[1], settle)
 
     def _reserve(self, request: Any) -> Optional[float]:
         """The ``reserve`` :meth:`_admit` decides with."""
         policy = self.policy
-        if policy.on_limit == "raise":
-            return None
-        if policy.on_limit == "wait" or is_eager(request):
-            return GcraLimiter.acquire_reserve(self._wait_timeout())
-        return policy.max_defer
+        return admission.rate_limit_reserve(policy.on_limit, is_eager(request), policy.max_defer,
+                                            GcraLimiter.acquire_reserve(self._wait_timeout()))
 
     def _wait_timeout(self) -> float:
         """How long a call that waits instead of deferring may wait."""
-        return self.policy.max_wait if self.policy.on_limit == "wait" else self.policy.max_defer
+        policy = self.policy
+        return admission.rate_limit_wait_timeout(policy.on_limit, policy.max_wait, policy.max_defer)
 
     def _slot_id(self, key: Any) -> Optional[str]:
         return None if key is None else hash_key(key)
@@ -176,22 +154,23 @@ class RateLimitStep(Step):
         policy = self.policy
         if decision is None:
             decision = limiter.decide(policy.cost, reserve=self._reserve(request), key=key)
-        if policy.on_limit == "raise":
-            if not decision.allowed:
-                raise RateLimited(decision.wait, limiter.name)
+        action = admission.rate_limit_action(policy.on_limit, is_eager(request), decision.allowed,
+                                             decision.wait, policy.max_wait)
+        kind = action.kind
+        if kind == admission.ADMIT:
             return
-        if policy.on_limit == "wait" or is_eager(request):
+        if kind == admission.RAISE:
+            raise RateLimited(decision.wait, limiter.name)
+        if kind == admission.WAIT:
             # No broker to defer through (eager / direct call) or waiting is what was asked.
             limiter.acquire(timeout=self._wait_timeout(), cost=policy.cost, key=key, decision=decision)
             return
-        if decision.allowed and decision.wait == 0:
-            return
-        if decision.allowed and policy.on_limit == "auto" and decision.wait <= policy.max_wait:
+        if kind == admission.SLEEP:
             limiter._emit("waited", decision.wait)
             limiter.sleep(decision.wait)
             return
         headers = None
-        if decision.allowed:  # a slot is ours: come back for it without queueing again
+        if action.keep_slot:  # a slot is ours: come back for it without queueing again
             headers = {HEADER_SLOT: {"limiter": limiter.name, "key": self._slot_id(key),
                                      "at": time.time() + decision.wait, "id": request.id}}
         self._defer(task, decision.wait, "rate_limit", headers)

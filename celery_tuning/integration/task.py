@@ -10,7 +10,7 @@ from celery import Task
 from ..errors import ConfigurationError
 from ..policy.attach import policies_of
 from . import breaker_step, cache_step, concurrency_step, ratelimit_step  # noqa: F401  (register their steps)
-from .pipeline import Step, build_chain
+from .pipeline import Step, build_chain, build_publisher
 from .runtime import env_disabled, runtime_for
 
 __all__ = ["TunedTask"]
@@ -93,50 +93,7 @@ def _wrap_run(cls: Any, raw_run: Any, policies: Dict[str, Any], runtime: Any) ->
     cls._tuning_steps = steps
     cls.run = run
     for step in steps:
-        if isinstance(step, cache_step.CacheStep):
-            cls.cache = step.handle
-            if step.policy.short_circuit:
-                _short_circuit(cls, step, runtime)
-
-
-#: ``apply_async`` options that leave a call standalone: where and when it is delivered, how it
-#: is encoded. Anything else ties the message to something that waits for its id in the result
-#: backend or on the broker: a canvas (``link``, ``link_error``, ``chain``, ``chord``,
-#: ``group_id``, ``parent_id``, ``root_id``, stamps), a retry or a deferral (``task_id`` and
-#: ``retries`` of the running request), ``Task.replace`` (``replaced_task_nesting``), a frozen
-#: signature (``task_id``). An allowlist, so an option a later Celery adds publishes as usual.
-_STANDALONE_OPTIONS = frozenset({
-    "countdown", "eta", "expires", "queue", "exchange", "exchange_type", "routing_key", "priority",
-    "serializer", "compression", "time_limit", "soft_time_limit", "ignore_result", "add_to_parent",
-    "producer", "connection", "router", "retry", "retry_policy", "shadow", "headers", "publisher",
-    "delivery_mode", "mandatory", "declare",
-})
-
-
-def _standalone(options: Dict[str, Any]) -> bool:
-    """Whether nothing but the caller waits for this call's result (None means "not given")."""
-    return all(key in _STANDALONE_OPTIONS or value is None for key, value in options.items())
-
-
-def _short_circuit(cls: Any, step: Any, runtime: Any) -> None:
-    """On a cache hit, ``apply_async`` of a standalone call answers from the cache without publishing.
-
-    ``app.send_task(name, ...)`` never comes here: it publishes whatever is cached.
-    """
-    from celery import states
-    from celery.result import EagerResult
-    from celery.utils import uuid
-
-    original = cls.apply_async
-
-    def apply_async(self: Any, args: Any = None, kwargs: Any = None, task_id: Any = None, **options: Any) -> Any:
-        if runtime.enabled and task_id is None and _standalone(options):
-            try:
-                found, value = step.handle.get(*(args or ()), **(kwargs or {}))
-            except Exception:  # uncacheable arguments and the like: publish as usual
-                found, value = False, None
-            if found:
-                return EagerResult(uuid(), value, states.SUCCESS, name=self.name)
-        return original(self, args, kwargs, task_id=task_id, **options)
-
-    cls.apply_async = apply_async
+        step.bind(cls)
+    apply_async = build_publisher(steps, cls.apply_async)
+    if apply_async is not None:
+        cls.apply_async = apply_async

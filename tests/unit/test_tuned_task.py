@@ -81,10 +81,10 @@ class Recorder(pipeline.Step):
     def __init__(self, kind, log):
         self.kind, self.log = kind, log
 
-    def wrap(self, task_cls, call_next):
-        def call(task, args, kwargs):
+    def wrap(self, call_next):
+        def call(ctx):
             self.log.append(f"enter {self.kind}")
-            result = call_next(task, args, kwargs)
+            result = call_next(ctx)
             self.log.append(f"exit {self.kind}")
             return result
 
@@ -234,8 +234,8 @@ class Degrading(pipeline.Step):
     def __init__(self, kind):
         self.kind = kind
 
-    def wrap(self, task_cls, call_next):
-        return lambda task, args, kwargs: pipeline.Degraded("stand-in", "fallback")
+    def wrap(self, call_next):
+        return lambda ctx: pipeline.Degraded("stand-in", "fallback")
 
 
 def test_a_degraded_value_reaches_celery_as_the_plain_value(monkeypatch):
