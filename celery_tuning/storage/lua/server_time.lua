@@ -2,8 +2,8 @@
 --
 -- KEYS:   none
 -- ARGV:   none
--- Returns: integer, milliseconds since the Unix epoch by the server's TIME.
+-- Returns: integer, milliseconds since the Unix epoch by the server's TIME (read by server_clock.lua).
 -- Touches: nothing. Used by `celery tuning check` to prove scripts load, and
 -- as the reference clock components compare against.
-local t = redis.call('TIME')
-return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+--@include server_clock
+return math.floor(server_clock({}, {}) / 1000)
