@@ -249,3 +249,11 @@ class GcraLimiter:
         except StorageError as exc:
             self._storage_failed(exc)
             self._fallback.pause(bucket, self.interval, self.burst, pause, self.adaptive)
+
+    def override(self, rate: Rate, burst: Optional[int] = None) -> None:
+        """Put ``rate`` (and ``burst`` when given) in force for every process until :meth:`reset`
+        (the operators' run-time change; the configured rate is left as it is).
+
+        Raises :class:`~celery_tuning.errors.StorageError` when Redis fails.
+        """
+        self.store.set_override(self.bucket(), interval_us(rate.period, rate.amount), burst)

@@ -6,13 +6,12 @@ import logging
 from typing import Any, Optional
 
 from ..circuit import CircuitOpen, SharedBreaker
-from ..conf import known_names
 from ..errors import ConfigurationError
 from ..policy import admission
 from ..policy.attach import BreakerPolicy
-from .breakers import breaker_for
 from .deferral import defer, is_eager, jitter
 from .pipeline import Call, CallContext, Degraded, Step, register_step
+from .registry import BREAKERS, breaker_for
 from .runtime import runtime_for
 
 __all__ = ["BreakerStep"]
@@ -35,10 +34,8 @@ class BreakerStep(Step):
                 f"@circuit_breaker({policy.name!r}, ...): the breaker is defined in tuning_circuit_breakers; "
                 "pass options in one place only")
         if policy.name not in configured and not policy.options:
-            known = known_names(configured)
-            raise ConfigurationError(
-                f"@circuit_breaker({policy.name!r}): no such breaker in tuning_circuit_breakers (known: {known}); "
-                "define it there or pass fail_max=/reset_timeout= to the decorator")
+            error = self.runtime.registry.no_such(BREAKERS, policy.name, by=f"@circuit_breaker({policy.name!r})")
+            raise ConfigurationError(f"{error}; define it there or pass fail_max=/reset_timeout= to the decorator")
         self._breaker: Optional[SharedBreaker] = None
         self.degrades = policy.fallback is not None
 

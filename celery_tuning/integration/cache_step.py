@@ -8,12 +8,11 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 from celery import signals as celery_signals
 
-from .. import signals
+from .. import events
 from ..cache import TwoLevelCache, UncacheableArgument
 from ..policy.attach import CachePolicy
 from ..storage.cache import RedisCacheStore, flush_writers
 from .pipeline import Ahead, Call, CallContext, Degraded, PublishCall, PublishContext, Step, register_step
-from .receivers import _recorders
 from .runtime import runtime_for
 
 __all__ = ["CacheHandle", "CacheStep"]
@@ -22,11 +21,7 @@ logger = logging.getLogger("celery_tuning.cache")
 
 
 def _observer(event: str, name: str) -> None:
-    record = _recorders["cache"]
-    if record is not None:  # metrics: a direct call, no signal dispatch
-        record(name, event)
-    if signals.cache_event.receivers:
-        signals.cache_event.send(sender=name, event=event)
+    events.cache_event(name, event)  # metrics, the cache_event signal
 
 
 class CacheHandle:

@@ -6,29 +6,15 @@ import time
 from typing import Any, Optional
 
 from ..concurrency import ConcurrencyLimiter
-from ..conf import known_names
-from ..errors import ConcurrencyLimited, ConfigurationError
+from ..errors import ConcurrencyLimited
 from ..policy import admission
 from ..policy.attach import ConcurrencyPolicy
 from .deferral import defer, deferrals_of, is_eager, jitter
 from .pipeline import Call, CallContext, Step, register_step
-from .runtime import TuningRuntime, runtime_for
+from .registry import CONCURRENCY_LIMITS, concurrency_limiter_for
+from .runtime import runtime_for
 
-__all__ = ["ConcurrencyStep", "concurrency_limiter_for"]
-
-def concurrency_limiter_for(runtime: TuningRuntime, name: str) -> ConcurrencyLimiter:
-    """The process's limiter for ``tuning_concurrency_limits[name]``."""
-
-    def build() -> ConcurrencyLimiter:
-        cap = runtime.config.concurrency_limits.get(name)
-        if cap is None:
-            known = known_names(runtime.config.concurrency_limits)
-            raise ConfigurationError(f"concurrency limit {name!r} is not in tuning_concurrency_limits (known: {known})")
-        return ConcurrencyLimiter(name, cap, runtime.connector, prefix=runtime.config.key_prefix,
-                                  ttl=runtime.config.concurrency_lease_ttl)
-
-    return runtime.component("concurrency", name, build)
-
+__all__ = ["ConcurrencyStep"]
 
 class ConcurrencyStep(Step):
     """Built once per task class when it is bound."""
@@ -40,10 +26,7 @@ class ConcurrencyStep(Step):
     def __init__(self, policy: ConcurrencyPolicy, task_cls: Any) -> None:
         self.policy = policy
         self.runtime = runtime_for(task_cls._app)
-        if policy.name not in self.runtime.config.concurrency_limits:
-            known = known_names(self.runtime.config.concurrency_limits)
-            raise ConfigurationError(
-                f"@concurrency_limit({policy.name!r}): no such limit in tuning_concurrency_limits (known: {known})")
+        self.runtime.registry.spec(CONCURRENCY_LIMITS, policy.name, by=f"@concurrency_limit({policy.name!r})")
         self._limiter: Optional[ConcurrencyLimiter] = None
 
     @property

@@ -7,7 +7,7 @@ from typing import Any, Callable, Dict, NoReturn, Optional
 
 from celery.exceptions import Ignore
 
-from .. import signals
+from .. import events
 
 __all__ = ["HEADER_DEFERRALS", "defer", "deferrals_of", "is_eager", "jitter"]
 
@@ -68,6 +68,5 @@ def defer(
     countdown = max(0.0, countdown)
     signature = task.signature_from_request(request, countdown=countdown, headers=new_headers)
     signature.apply_async()
-    signals.task_deferred.send(sender=task, task_id=request.id, reason=reason, countdown=countdown,
-                               deferrals=count)
+    events.task_deferred(task, request.id, reason, countdown, count)  # metrics, the task_deferred signal
     raise Ignore(f"deferred by celery-tuning ({reason}) for {countdown:.3f}s")

@@ -7,14 +7,13 @@ import time
 import warnings
 from typing import Any, Dict, Optional
 
-from ..conf import known_names
 from ..errors import ConfigurationError, RateLimited, Throttled
 from ..policy import admission
 from ..policy.attach import RateLimitPolicy
 from ..ratelimit import Decision, GcraLimiter, hash_key
 from .deferral import defer, is_eager, jitter
-from .limits import limiter_for
 from .pipeline import Ahead, Call, CallContext, Step, register_step
+from .registry import LIMITERS, limiter_for
 from .runtime import runtime_for
 
 __all__ = ["HEADER_SLOT", "RateLimitStep"]
@@ -36,14 +35,11 @@ class RateLimitStep(Step):
         self.app = task_cls._app
         runtime = runtime_for(self.app)
         self.runtime = runtime
-        if policy.name is not None and policy.name not in runtime.config.rate_limits:
-            known = known_names(runtime.config.rate_limits)
-            raise ConfigurationError(
-                f"@rate_limit({policy.name!r}): no such limiter in tuning_rate_limits (known: {known})")
-        if policy.name is not None and policy.cost > runtime.config.rate_limits[policy.name].burst:
-            raise ConfigurationError(
-                f"@rate_limit({policy.name!r}, cost={policy.cost}): exceeds the limiter's burst "
-                f"({runtime.config.rate_limits[policy.name].burst})")
+        if policy.name is not None:
+            spec = runtime.registry.spec(LIMITERS, policy.name, by=f"@rate_limit({policy.name!r})")
+            if policy.cost > spec.burst:
+                raise ConfigurationError(
+                    f"@rate_limit({policy.name!r}, cost={policy.cost}): exceeds the limiter's burst ({spec.burst})")
         self.limiter_name = policy.name or self.task_name
         self._limiter: Optional[GcraLimiter] = None
         self._warn_visibility(policy)

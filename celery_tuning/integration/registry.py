@@ -12,11 +12,10 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, TypeVar, Union
 
-from .. import signals
+from .. import events
 from ..conf import BreakerSpec, known_names, parse_breaker_spec
 from ..errors import ConfigurationError
 from ..policy.rates import Rate
-from .receivers import _recorders
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..circuit import SharedBreaker
@@ -188,15 +187,11 @@ def _breaker_spec(name: str, options: Union[BreakerSpec, Mapping[str, Any], None
 
 
 def _limiter_observer(event: str, name: str, seconds: float) -> None:
-    record = _recorders["limiter"]
-    if record is not None:  # metrics: a direct call, no signal dispatch
-        record(name, event, seconds)
-    if signals.limiter_event.receivers:  # the hot path pays nothing when nobody listens
-        signals.limiter_event.send(sender=name, event=event, seconds=seconds)
+    events.limiter_event(name, event, seconds)  # metrics, the limiter_event signal
 
 
 def _on_transition(name: str, old: str, new: str, reason: str) -> None:
-    signals.circuit_state_changed.send(sender=name, old=old, new=new, reason=reason)
+    events.breaker_transition(name, old, new, reason)  # metrics, the circuit_state_changed signal
 
 
 # -- the functions the steps, the CLI and users call -------------------------------------------

@@ -91,7 +91,7 @@ def test_a_call_with_no_message_waits_for_a_slot(redis_clean):
     slot (bounded by max_wait) instead of failing at once while a slot is about to free up."""
     import threading
 
-    from celery_tuning.integration.concurrency_step import concurrency_limiter_for
+    from celery_tuning.integration.registry import concurrency_limiter_for
     from celery_tuning.integration.runtime import runtime_for
 
     app = make_app(redis_clean, "ccwait", tuning_concurrency_limits={"one": 1})
