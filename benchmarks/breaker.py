@@ -16,7 +16,7 @@ import redis
 from celery import Celery
 
 from benchmarks._measure import round_trips_per_call
-from celery_tuning.integration.breakers import breaker_for
+from celery_tuning.integration.registry import breaker_for
 from celery_tuning.integration.runtime import runtime_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +45,7 @@ def _propagation(url: str, runs: int) -> List[float]:
     code = (
         "import sys, time\n"
         "from celery import Celery\n"
-        "from celery_tuning.integration.breakers import breaker_for\n"
+        "from celery_tuning.integration.registry import breaker_for\n"
         "from celery_tuning.integration.runtime import runtime_for\n"
         "app = Celery('bench_opener', set_as_current=False)\n"
         f"app.conf.update(tuning_redis_url={url!r}, tuning_circuit_breakers={{'prop': {{}}}})\n"

@@ -10,7 +10,7 @@ import redis
 from celery import Celery
 
 from benchmarks._measure import round_trips_per_call
-from celery_tuning.integration.limits import limiter_for
+from celery_tuning.integration.registry import limiter_for
 from celery_tuning.integration.runtime import runtime_for
 
 

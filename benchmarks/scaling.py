@@ -14,8 +14,7 @@ from typing import Any, Callable, Dict, List
 
 from celery import Celery
 
-from celery_tuning.integration.breakers import breaker_for
-from celery_tuning.integration.limits import limiter_for
+from celery_tuning.integration.registry import breaker_for, limiter_for
 from celery_tuning.integration.runtime import runtime_for
 from celery_tuning.testing import LatencyProxy
 

@@ -3,16 +3,36 @@
 from __future__ import annotations
 
 import random
+import warnings
 from typing import Any, Callable, Dict, NoReturn, Optional
 
 from celery.exceptions import Ignore
 
 from .. import events
 
-__all__ = ["HEADER_DEFERRALS", "defer", "deferrals_of", "is_eager", "jitter"]
+__all__ = ["HEADER_DEFERRALS", "defer", "deferrals_of", "is_eager", "jitter", "warn_beyond_visibility"]
 
 #: How many times this task id has been deferred (its own budget, apart from retries).
 HEADER_DEFERRALS = "tuning_deferrals"
+
+
+def warn_beyond_visibility(app: Any, what: str, max_defer: float) -> None:
+    """Warn (once, at bind time) when ``max_defer`` can outlast the Redis broker's visibility timeout.
+
+    A deferral is a countdown message; on the Redis transport one held past ``visibility_timeout``
+    is delivered again, so the task would run twice.
+    """
+    broker = str(app.conf.broker_url or "")
+    if not broker.startswith(("redis", "rediss", "sentinel")):
+        return
+    options = app.conf.broker_transport_options or {}
+    visibility = float(options.get("visibility_timeout", 3600))
+    if max_defer >= visibility:
+        warnings.warn(
+            f"{what} can defer a task beyond the Redis broker's visibility_timeout ({visibility:g}s), "
+            "which redelivers it; lower max_defer or raise broker_transport_options['visibility_timeout']",
+            stacklevel=3,
+        )
 
 
 def is_eager(request: Any) -> bool:

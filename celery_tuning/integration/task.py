@@ -9,7 +9,7 @@ from celery import Task
 
 from ..errors import ConfigurationError
 from ..policy.attach import policies_of
-from . import breaker_step, cache_step, concurrency_step, ratelimit_step  # noqa: F401  (register their steps)
+from . import steps  # noqa: F401  (registers every step)
 from .pipeline import Step, build_chain, build_publisher
 from .runtime import env_disabled, runtime_for
 

@@ -70,7 +70,7 @@ def limit_cmd(*args, env):
 def test_limit_set_show_reset_changes_the_shared_rate(redis_clean):
     from celery import Celery
 
-    from celery_tuning.integration.limits import limiter_for
+    from celery_tuning.integration.registry import limiter_for
     from celery_tuning.integration.runtime import runtime_for
 
     env = limited_env(redis_clean)
@@ -158,7 +158,7 @@ def breaker_cmd(*args, env):
 def test_breaker_show_open_close_reset(redis_clean):
     from celery import Celery
 
-    from celery_tuning.integration.breakers import breaker_for
+    from celery_tuning.integration.registry import breaker_for
     from celery_tuning.integration.runtime import runtime_for
 
     env = limited_env(redis_clean)

@@ -13,7 +13,7 @@ from celery.contrib.testing.worker import start_worker
 
 import celery_tuning
 from celery_tuning import CircuitOpen, ConfigurationError, TunedTask, circuit_breaker
-from celery_tuning.integration.breakers import breaker_for
+from celery_tuning.integration.registry import breaker_for
 from celery_tuning.integration.runtime import runtime_for
 from tests.support.apps import make_app
 from tests.support.workers import ROOT
@@ -38,7 +38,7 @@ def run_py(code, redis_server, timeout=60):
 PROCESS_PRELUDE = (
     "import os, time\n"
     "from celery import Celery\n"
-    "from celery_tuning.integration.breakers import breaker_for\n"
+    "from celery_tuning.integration.registry import breaker_for\n"
     "from celery_tuning.integration.runtime import runtime_for\n"
     "app = Celery('p', set_as_current=False)\n"
     "app.conf.update(tuning_redis_url=os.environ['TEST_TUNING_URL'],"

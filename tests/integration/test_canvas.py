@@ -279,7 +279,7 @@ def test_canvas_matrix(canvas_worker, form, mode):
     import json
     import time
 
-    from celery_tuning.integration.breakers import breaker
+    from celery_tuning.integration.registry import breaker
     from tests.apps.canvas import BREAKER_REFRESH
 
     app, ledger, worker = canvas_worker
@@ -320,7 +320,7 @@ def test_direct_members_fail_fast_on_an_open_breaker(canvas_worker, form):
     import time
 
     from celery_tuning import CircuitOpen
-    from celery_tuning.integration.breakers import breaker
+    from celery_tuning.integration.registry import breaker
     from tests.apps.canvas import BREAKER_REFRESH
 
     app, ledger, _ = canvas_worker

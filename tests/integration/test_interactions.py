@@ -30,11 +30,9 @@ from celery_tuning import (
     sla,
 )
 from celery_tuning.integration import interactions as ix
-from celery_tuning.integration.breakers import breaker_for
-from celery_tuning.integration.limits import limiter_for
-from celery_tuning.integration.ratelimit_step import HEADER_SLOT
-from celery_tuning.integration.registry import concurrency_limiter_for
+from celery_tuning.integration.registry import breaker_for, concurrency_limiter_for, limiter_for
 from celery_tuning.integration.runtime import runtime_for
+from celery_tuning.integration.slots import HEADER_SLOT
 from tests.support.apps import make_app
 
 pytestmark = pytest.mark.integration

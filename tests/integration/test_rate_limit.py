@@ -10,7 +10,7 @@ from celery.contrib.testing.worker import start_worker
 
 import celery_tuning
 from celery_tuning import ConfigurationError, RateLimited, TunedTask, rate_limit
-from celery_tuning.integration.limits import limiter_for
+from celery_tuning.integration.registry import limiter_for
 from celery_tuning.integration.runtime import runtime_for
 from tests.support.apps import make_app, run_producer, worker_env
 from tests.support.hammer import hammer

@@ -10,7 +10,7 @@ def hammer(url: str, seconds: float, queue: Any, start_at: float) -> None:
     """try_acquire in a tight loop on limiter 'acc' (50/s burst 5); report admission times."""
     from celery import Celery
 
-    from celery_tuning.integration.limits import limiter_for
+    from celery_tuning.integration.registry import limiter_for
     from celery_tuning.integration.runtime import runtime_for
 
     app = Celery("hammer", set_as_current=False)

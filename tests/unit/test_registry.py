@@ -6,7 +6,6 @@ from celery import Celery
 import celery_tuning
 from celery_tuning import ConfigurationError
 from celery_tuning.conf import BreakerSpec
-from celery_tuning.integration import breakers, limits
 from celery_tuning.integration.registry import (
     BREAKERS,
     breaker_for,
@@ -41,8 +40,6 @@ def test_components_are_built_once_and_kept_on_the_runtime():
     cc = concurrency_limiter_for(runtime, "render")
     assert cc is runtime.registry.concurrency_limiter("render")
     assert runtime.registry.built(BREAKERS) == {"pay": brk}
-    # The old import paths are the same functions.
-    assert limits.limiter_for is limiter_for and breakers.breaker_for is breaker_for
 
 
 @pytest.mark.parametrize(

@@ -8,12 +8,12 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 from celery import signals as celery_signals
 
-from .. import events
-from ..cache import TwoLevelCache, UncacheableArgument
-from ..policy.attach import CachePolicy
-from ..storage.cache import RedisCacheStore, flush_writers
-from .pipeline import Ahead, Call, CallContext, Degraded, PublishCall, PublishContext, Step, register_step
-from .runtime import runtime_for
+from ... import events
+from ...cache import TwoLevelCache, UncacheableArgument
+from ...policy.attach import CachePolicy
+from ...storage.cache import RedisCacheStore, flush_writers
+from ..pipeline import Ahead, Call, CallContext, Degraded, PublishCall, PublishContext, Step, register_step
+from ..runtime import runtime_for
 
 __all__ = ["CacheHandle", "CacheStep"]
 

@@ -3,25 +3,21 @@
 from __future__ import annotations
 
 import logging
-import time
-import warnings
 from typing import Any, Dict, Optional
 
-from ..errors import ConfigurationError, RateLimited, Throttled
-from ..policy import admission
-from ..policy.attach import RateLimitPolicy
-from ..ratelimit import Decision, GcraLimiter, hash_key
-from .deferral import defer, is_eager, jitter
-from .pipeline import Ahead, Call, CallContext, Step, register_step
-from .registry import LIMITERS, limiter_for
-from .runtime import runtime_for
+from ...errors import ConfigurationError, RateLimited, Throttled
+from ...policy import admission
+from ...policy.attach import RateLimitPolicy
+from ...ratelimit import Decision, GcraLimiter
+from ..deferral import defer, is_eager, jitter, warn_beyond_visibility
+from ..pipeline import Ahead, Call, CallContext, Step, register_step
+from ..registry import LIMITERS, limiter_for
+from ..runtime import runtime_for
+from ..slots import HEADER_SLOT, holds_slot, slot_headers, take_slot
 
 __all__ = ["HEADER_SLOT", "RateLimitStep"]
 
 logger = logging.getLogger("celery_tuning.ratelimit")
-
-#: A slot this task id already holds: {"limiter", "key", "at" (epoch s), "id"}.
-HEADER_SLOT = "tuning_rl_slot"
 
 
 class RateLimitStep(Step):
@@ -42,21 +38,9 @@ class RateLimitStep(Step):
                     f"@rate_limit({policy.name!r}, cost={policy.cost}): exceeds the limiter's burst ({spec.burst})")
         self.limiter_name = policy.name or self.task_name
         self._limiter: Optional[GcraLimiter] = None
-        self._warn_visibility(policy)
-
-    def _warn_visibility(self, policy: RateLimitPolicy) -> None:
-        broker = str(self.app.conf.broker_url or "")
-        if not broker.startswith(("redis", "rediss", "sentinel")) or policy.on_limit in ("raise", "wait"):
-            return
-        options = self.app.conf.broker_transport_options or {}
-        visibility = float(options.get("visibility_timeout", 3600))
-        if policy.max_defer >= visibility:
-            warnings.warn(
-                f"task {self.task_name!r}: @rate_limit(max_defer={policy.max_defer}) can defer a task "
-                f"beyond the Redis broker's visibility_timeout ({visibility:g}s), which redelivers it; "
-                "lower max_defer or raise broker_transport_options['visibility_timeout']",
-                stacklevel=2,
-            )
+        if policy.on_limit not in ("raise", "wait"):
+            warn_beyond_visibility(self.app, f"task {self.task_name!r}: @rate_limit(max_defer={policy.max_defer})",
+                                   policy.max_defer)
 
     @property
     def limiter(self) -> GcraLimiter:
@@ -95,8 +79,7 @@ class RateLimitStep(Step):
         store is not Redis. The decision lands in ``ctx.admission`` for :meth:`wrap`'s call.
         """
         request = ctx.request
-        headers = getattr(request, "headers", None) or {}
-        if isinstance(headers.get(HEADER_SLOT), dict):
+        if holds_slot(request):
             return None
         policy = self.policy
         limiter = self.limiter
@@ -122,22 +105,9 @@ class RateLimitStep(Step):
         policy = self.policy
         return admission.rate_limit_wait_timeout(policy.on_limit, policy.max_wait, policy.max_defer)
 
-    def _slot_id(self, key: Any) -> Optional[str]:
-        return None if key is None else hash_key(key)
-
     def _use_reserved_slot(self, request: Any, limiter: GcraLimiter, key: Any) -> bool:
-        headers = getattr(request, "headers", None) or {}
-        slot = headers.get(HEADER_SLOT)
-        if not isinstance(slot, dict):
-            return False
-        # Consume it: a later retry of this task must queue for a new slot.
-        headers.pop(HEADER_SLOT, None)
-        if (slot.get("id") != request.id or slot.get("limiter") != limiter.name
-                or slot.get("key") != self._slot_id(key)):
-            return False
-        try:
-            early = float(slot["at"]) - time.time()
-        except (KeyError, TypeError, ValueError):
+        early = take_slot(request, limiter.name, key)
+        if early is None:
             return False
         if early > 0:
             # Countdown fired a little early (or host clocks differ): wait out the rest, bounded.
@@ -167,8 +137,7 @@ class RateLimitStep(Step):
             return
         headers = None
         if action.keep_slot:  # a slot is ours: come back for it without queueing again
-            headers = {HEADER_SLOT: {"limiter": limiter.name, "key": self._slot_id(key),
-                                     "at": time.time() + decision.wait, "id": request.id}}
+            headers = slot_headers(limiter.name, key, decision.wait, request.id)
         self._defer(task, decision.wait, "rate_limit", headers)
 
     def _defer(self, task: Any, wait: float, reason: str, headers: Optional[Dict[str, Any]]) -> None:
@@ -190,8 +159,7 @@ class RateLimitStep(Step):
         decision = limiter.decide(self.policy.cost, reserve=self.policy.max_defer, key=key)
         headers = None
         if decision.allowed:
-            headers = {HEADER_SLOT: {"limiter": limiter.name, "key": self._slot_id(key),
-                                     "at": time.time() + decision.wait, "id": request.id}}
+            headers = slot_headers(limiter.name, key, decision.wait, request.id)
         self._defer(task, max(decision.wait, exc.retry_after if target is limiter else 0.0),
                     "throttled", headers)
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import time
 from typing import Any, Optional
 
-from ..concurrency import ConcurrencyLimiter
-from ..errors import ConcurrencyLimited
-from ..policy import admission
-from ..policy.attach import ConcurrencyPolicy
-from .deferral import defer, deferrals_of, is_eager, jitter
-from .pipeline import Call, CallContext, Step, register_step
-from .registry import CONCURRENCY_LIMITS, concurrency_limiter_for
-from .runtime import runtime_for
+from ...concurrency import ConcurrencyLimiter
+from ...errors import ConcurrencyLimited
+from ...policy import admission
+from ...policy.attach import ConcurrencyPolicy
+from ..deferral import defer, deferrals_of, is_eager, jitter
+from ..pipeline import Call, CallContext, Step, register_step
+from ..registry import CONCURRENCY_LIMITS, concurrency_limiter_for
+from ..runtime import runtime_for
 
 __all__ = ["ConcurrencyStep"]
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional
 
-from ..circuit import CircuitOpen, SharedBreaker
-from ..errors import ConfigurationError
-from ..policy import admission
-from ..policy.attach import BreakerPolicy
-from .deferral import defer, is_eager, jitter
-from .pipeline import Call, CallContext, Degraded, Step, register_step
-from .registry import BREAKERS, breaker_for
-from .runtime import runtime_for
+from ...circuit import CircuitOpen, SharedBreaker
+from ...errors import ConfigurationError
+from ...policy import admission
+from ...policy.attach import BreakerPolicy
+from ..deferral import defer, is_eager, jitter
+from ..pipeline import Call, CallContext, Degraded, Step, register_step
+from ..registry import BREAKERS, breaker_for
+from ..runtime import runtime_for
 
 __all__ = ["BreakerStep"]
 
