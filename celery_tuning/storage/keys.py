@@ -24,6 +24,21 @@ channel ``P:cb:failures``                          pub/sub    :func:`breaker_cha
 ``P:cache:{T}:v<version>:g<gen>:<sha256>``         string     :func:`cache_value_key`
 ``P:cache:{T}:v<version>:g<gen>:<sha256>:lock``    string     :func:`cache_lock_key` (single flight)
 channel ``P:cache:invalidate``                     pub/sub    :func:`cache_invalidation_channel`
+``P:park:{N}:<r>``                                 (stem)     :func:`park_stem` (parked tasks of one
+                                                              spot: reason code ``<r>`` = ``rl`` |
+                                                              ``cc`` | ``cb``, name ``N``)
+``P:park:{N}:<r>:due``                             zset       :func:`park_keys` (park id -> due, µs)
+``P:park:{N}:<r>:wait``                            zset       :func:`park_keys` (FIFO waiters: park
+                                                              id -> first-park sequence, µs)
+``P:park:{N}:<r>:msg``                             hash       :func:`park_keys` (park id -> payload)
+``P:park:{N}:<r>:claim``                           zset       :func:`park_keys` (park id -> claim
+                                                              expiry, µs)
+``P:park:{N}:<r>:tix``                             hash       :func:`park_keys` (park id -> ticket
+                                                              ``<pub>`` or ``<pub>:r``)
+``P:park:{N}:<r>:tixat``                           zset       :func:`park_keys` (park id -> when its
+                                                              ticket may be dropped, µs)
+``P:park:index``                                   set        :func:`park_index_key` (``<r>:<N>``
+                                                              of every spot that may hold entries)
 ``P:<part>:<part>…``                               any        :func:`prefixed_key` (anything else
                                                               under the prefix)
 =================================================  =========  ====================================
@@ -31,11 +46,13 @@ channel ``P:cache:invalidate``                     pub/sub    :func:`cache_inval
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional, Tuple
 
 from ..errors import ConfigurationError
 
 __all__ = [
+    "PARK_REASONS",
+    "ParkKeys",
     "breaker_channel",
     "breaker_key",
     "cache_generation_key",
@@ -45,6 +62,12 @@ __all__ = [
     "cache_value_key",
     "hash_tag",
     "lease_key",
+    "park_index_key",
+    "park_index_member",
+    "park_keys",
+    "park_reason_code",
+    "park_spot_of",
+    "park_stem",
     "prefixed_key",
     "rate_limit_bucket_key",
     "rate_limit_conf_key",
@@ -53,6 +76,7 @@ __all__ = [
 
 #: The ``kind`` part of each entity's keys.
 RATE_LIMIT, BREAKER, LEASE, CACHE = "rl", "cb", "cc", "cache"
+PARK = "park"
 
 
 def hash_tag(prefix: str, kind: str, name: str) -> str:
@@ -144,3 +168,62 @@ def cache_lock_key(stem: str, version: int, generation: int, digest: str) -> str
 def cache_invalidation_channel(prefix: str) -> str:
     """The channel cache invalidations and clears are published on."""
     return prefixed_key(prefix, CACHE, "invalidate")
+
+
+# -- parked tasks (park_*.lua) ---------------------------------------------------------------
+
+#: A parking reason and the code its keys and index members carry.
+PARK_REASONS = {"rate_limit": RATE_LIMIT, "concurrency": LEASE, "circuit_open": BREAKER}
+_PARK_REASON_OF_CODE = {code: reason for reason, code in PARK_REASONS.items()}
+
+
+class ParkKeys(NamedTuple):
+    """The keys of one parking spot, in the order every ``park_*.lua`` script receives them."""
+
+    due: str
+    wait: str
+    msg: str
+    claim: str
+    tix: str
+    tixat: str
+
+
+def park_reason_code(reason: str) -> str:
+    """``rl`` | ``cc`` | ``cb`` for ``rate_limit`` | ``concurrency`` | ``circuit_open``.
+
+    Raises:
+        ConfigurationError: For any other reason.
+    """
+    try:
+        return PARK_REASONS[reason]
+    except KeyError:
+        raise ConfigurationError(
+            f"parking reason {reason!r}: must be one of {', '.join(sorted(PARK_REASONS))}") from None
+
+
+def park_stem(prefix: str, reason: str, name: str) -> str:
+    """The stem of spot (``reason``, ``name``): same hash tag as the limiter, lease set and breaker ``name``."""
+    return f"{hash_tag(prefix, PARK, name)}:{park_reason_code(reason)}"
+
+
+def park_keys(prefix: str, reason: str, name: str) -> ParkKeys:
+    """Every key of one spot (one Cluster slot)."""
+    stem = park_stem(prefix, reason, name)
+    return ParkKeys(*(f"{stem}:{part}" for part in ParkKeys._fields))
+
+
+def park_index_key(prefix: str) -> str:
+    """The set of spots that may hold parked entries (a hint for movers; its own slot)."""
+    return prefixed_key(prefix, PARK, "index")
+
+
+def park_index_member(reason: str, name: str) -> str:
+    """``<r>:<name>``: one spot's member of :func:`park_index_key`."""
+    return f"{park_reason_code(reason)}:{name}"
+
+
+def park_spot_of(member: str) -> Optional[Tuple[str, str]]:
+    """(reason, name) of an index member, or None when it is not one (the code has no colon)."""
+    code, sep, name = member.partition(":")
+    reason = _PARK_REASON_OF_CODE.get(code)
+    return (reason, name) if sep and reason is not None else None

@@ -1,0 +1,40 @@
+-- park_promote.lua: concurrency waiters become due as slots free up (and the release of a lease).
+--
+-- KEYS     one spot's keys (see park_add.lua), then [7] the limit's lease set (same hash tag)
+-- ARGV[1]  now in µs, or '' for the server's TIME      ARGV[2]  ticket TTL (µs)
+-- ARGV[3]  cap   ARGV[4]  most waiters moved in this call (1 on a release)
+-- ARGV[5]  a lease id to remove first (the step's release), or ''
+-- Returns: how many FIFO heads moved to due (score now).
+-- Free slots = cap - live leases (expiry after now) - entries of the spot already due or
+-- claimed (they are on their way to take a slot). So it never moves more than cap - live.
+-- Touches: the spot's keys and KEYS[7] (ZREM only); expiries refreshed when anything moved, or
+-- when waiters stay and the keys' expiry fell under half the ticket TTL.
+-- Mirrors celery_tuning.storage.park.MemoryParkStore.promote / release_lease.
+--@include server_clock
+--@include park_touch
+local now = server_clock({}, {ARGV[1]})
+local ttl = tonumber(ARGV[2])
+local nowf = string.format('%.0f', now)
+if ARGV[5] ~= '' then
+  redis.call('ZREM', KEYS[7], ARGV[5])
+end
+local waiting = redis.call('ZCARD', KEYS[2])
+if waiting == 0 then
+  return 0
+end
+local live = redis.call('ZCOUNT', KEYS[7], '(' .. nowf, '+inf')
+local free = tonumber(ARGV[3]) - live - redis.call('ZCARD', KEYS[1]) - redis.call('ZCARD', KEYS[4])
+local n = math.min(free, waiting, tonumber(ARGV[4]))
+if n <= 0 then
+  if redis.call('PTTL', KEYS[2]) < ttl / 2000 then
+    park_touch(KEYS, {now, ttl})
+  end
+  return 0
+end
+local heads = redis.call('ZRANGE', KEYS[2], 0, n - 1)
+for _, id in ipairs(heads) do
+  redis.call('ZREM', KEYS[2], id)
+  redis.call('ZADD', KEYS[1], nowf, id)
+end
+park_touch(KEYS, {now, ttl})
+return n

@@ -1,0 +1,21 @@
+-- park_touch.lua: refresh the expiry of every key of one spot after a write, so nothing lives forever.
+-- Not run alone: included ("--@include park_touch") by the park_*.lua scripts that write.
+--
+-- KEYS     one spot's keys (see park_add.lua)
+-- ARGV[1]  now in µs (a number)   ARGV[2]  ticket TTL in µs (a number)
+-- Returns: the expiry set, in ms.
+-- Touches: KEYS[1..6] (PEXPIRE; a missing key stays missing).
+-- The expiry outlives the latest due time and the latest claim expiry by the ticket TTL (and 1 s),
+-- so an entry, its claim and its ticket all outlive their use.
+local horizon = ARGV[1]
+for _, k in ipairs({KEYS[1], KEYS[4]}) do
+  local last = redis.call('ZRANGE', k, -1, -1, 'WITHSCORES')
+  if last[2] and tonumber(last[2]) > horizon then
+    horizon = tonumber(last[2])
+  end
+end
+local ms = math.ceil((horizon - ARGV[1] + ARGV[2]) / 1000) + 1000
+for i = 1, 6 do
+  redis.call('PEXPIRE', KEYS[i], ms)
+end
+return ms

@@ -1,0 +1,448 @@
+"""Where parked tasks wait (issue #17): one interface, an in-process reference and a Redis (Lua) store.
+
+A *spot* is (reason, name): every task deferred for one reason by one limiter, concurrency limit
+or breaker. An entry is a park id (``f"{task_id}:{deferral_count}"``) with its payload (JSON text),
+either *due* at a time, *waiting* in FIFO order for a concurrency slot, or *claimed* by a mover
+that is publishing it. Each claim raises the entry's ticket ``pub``; the mover acks with it, the
+worker redeems with it, so a message published twice (a mover died after publishing) runs once.
+
+Entry life::
+
+    park(delay) ──> due ──claim──> claimed ──ack──> gone (its ticket stays, to drop duplicates)
+    park(FIFO)  ──> wait ──promote / release_lease──> due
+                         claimed ──claim expiry──> due (pub + 1 at the next claim)
+    redeem(pub) : the worker runs the message: the entry goes, the ticket says "redeemed"
+
+Time is integer microseconds by the Redis server's clock (``server_clock.lua``); tests pass a
+manual clock to both stores. :class:`MemoryParkStore` is the reference the Lua scripts mirror
+(a differential state machine holds them together).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Protocol, Set, Tuple
+
+from . import keys
+from .gcra import now_us
+from .keys import ParkKeys
+from .lease import LeaseStore, MemoryLeaseStore
+from .process import PerProcess
+from .redis import RedisConnector
+
+__all__ = [
+    "REASONS",
+    "Claimed",
+    "MemoryParkStore",
+    "ParkSnapshot",
+    "ParkStore",
+    "RedisParkStore",
+    "Spot",
+]
+
+#: The reasons a task parks for.
+REASONS = ("rate_limit", "concurrency", "circuit_open")
+
+#: Default seconds a published entry's ticket is kept to drop duplicates (``tuning_park_ticket_ttl``).
+DEFAULT_TICKET_TTL_US = 86_400 * 1_000_000
+#: Bounded work per call: tickets trimmed, expired claims put back, entries moved by promote/release.
+TRIM_PER_CALL = 100
+RECLAIM_PER_CALL = 1000
+MOVE_PER_CALL = 1000
+
+
+class Spot(NamedTuple):
+    """Where entries park: ``reason`` ("rate_limit" | "concurrency" | "circuit_open") and the limiter /
+    concurrency limit / breaker ``name``."""
+
+    reason: str
+    name: str
+
+
+class Claimed(NamedTuple):
+    """One entry a mover claimed: publish ``payload`` with ``pub`` in its header, then ack with ``pub``."""
+
+    park_id: str
+    payload: str
+    pub: int
+
+
+class ParkSnapshot(NamedTuple):
+    """One spot's counts, for the CLI and the gauge."""
+
+    due: int
+    waiting: int
+    claimed: int
+    #: Earliest due time (µs), or None when nothing is due.
+    next_due_us: Optional[int]
+    #: The head's score: the earliest of the first waiter's park time and the earliest due time
+    #: (µs), or None when empty. ``now - oldest_us`` is how long the head has been waiting to run
+    #: (negative: not due yet).
+    oldest_us: Optional[int]
+
+
+class ParkStore(Protocol):
+    """Parked entries of every spot. Every operation is atomic; work per call is bounded."""
+
+    def park(self, spot: Spot, park_id: str, payload: str, delay_us: Optional[int],
+             seq_us: Optional[int] = None) -> None:
+        """Park an entry due in ``delay_us`` µs, or (None) as a FIFO waiter with score ``seq_us`` (or now).
+
+        Re-parking an id that exists replaces its payload and position; a ticket it has gets a
+        higher ``pub`` (earlier publications of it become stale duplicates).
+        """
+
+    def claim(self, spot: Spot, batch: int, claim_ttl_us: int) -> List[Claimed]:
+        """Expired claims go back to due (score now); then up to ``batch`` due entries, oldest due
+        first, are claimed until now + ``claim_ttl_us`` with their ticket's ``pub`` + 1. Entries
+        whose payload is gone, or whose ticket says they already ran, are dropped."""
+
+    def ack(self, spot: Spot, park_id: str, pub: int) -> bool:
+        """The mover published: drop the entry if its ticket's pub is still ``pub``; True when it was."""
+
+    def redeem(self, spot: Spot, park_id: str, pub: int) -> bool:
+        """May the worker run the message published with ``pub``? False only for a stale duplicate
+        (the ticket's pub is higher). Missing ticket: True (never lose a task); the same pub again:
+        True. Marks the ticket redeemed and drops the entry."""
+
+    def promote(self, spot: Spot, lease_key: str, cap: int) -> int:
+        """Move FIFO heads to due (score now): as many as slots are free, i.e. ``cap`` minus the
+        live leases in ``lease_key`` minus the spot's entries already due or claimed. Returns how many."""
+
+    def release_lease(self, spot: Spot, lease_key: str, lease_id: str, cap: int) -> None:
+        """Give lease ``lease_id`` back and promote one waiter if that frees a slot, atomically."""
+
+    def next_due_us(self, spot: Spot) -> Optional[int]:
+        """The earliest due time (µs), or None."""
+
+    def now_us(self) -> int:
+        """Now by the store's clock (µs)."""
+
+    def snapshot(self, spot: Spot) -> ParkSnapshot:
+        """The spot's counts."""
+
+    def release(self, spot: Spot) -> int:
+        """Everything waiting or due later becomes due now; returns how many entries moved."""
+
+    def purge(self, spot: Spot) -> int:
+        """Drop every entry of the spot (tickets stay); returns how many."""
+
+    def spots(self) -> List[Spot]:
+        """The spots that may hold entries (from the index, sorted)."""
+
+
+def _check_spot(spot: Spot) -> None:
+    keys.park_reason_code(spot.reason)  # raises ConfigurationError for an unknown reason
+
+
+def _ordered(zset: Dict[str, int]) -> List[Tuple[str, int]]:
+    # Redis orders a sorted set by score, then by member bytes (code-point order for str).
+    return sorted(zset.items(), key=lambda item: (item[1], item[0]))
+
+
+def _ticket_pub(ticket: str) -> int:
+    return int(ticket.split(":", 1)[0])
+
+
+class _SpotState:
+    __slots__ = ("claim", "due", "msg", "tix", "tixat", "wait")
+
+    def __init__(self) -> None:
+        self.due: Dict[str, int] = {}
+        self.wait: Dict[str, int] = {}
+        self.msg: Dict[str, str] = {}
+        self.claim: Dict[str, int] = {}
+        self.tix: Dict[str, str] = {}
+        self.tixat: Dict[str, int] = {}
+
+    def drop(self, park_id: str) -> None:
+        for zset in (self.due, self.wait, self.claim):
+            zset.pop(park_id, None)
+        self.msg.pop(park_id, None)
+
+    def trim(self, now: int) -> None:
+        for park_id, _ in _ordered({k: v for k, v in self.tixat.items() if v <= now})[:TRIM_PER_CALL]:
+            del self.tixat[park_id]
+            self.tix.pop(park_id, None)
+
+
+class _Parked:
+    __slots__ = ("index", "lock", "spots")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.spots: Dict[Spot, _SpotState] = {}
+        self.index: Set[Spot] = set()
+
+
+class MemoryParkStore:
+    """Parked entries in this process only: the reference for the contract and differential tests.
+
+    Mirrors the ``park_*.lua`` scripts exactly (keys' TTLs aside). A forked child starts empty.
+
+    Arguments:
+        clock: Now in integer microseconds (inject a manual clock in tests).
+        leases: The lease store whose live leases :meth:`promote` counts (the concurrency
+            limits' store); a private in-process one by default.
+        ticket_ttl_us: How long a ticket is kept after its last change (``tuning_park_ticket_ttl``).
+    """
+
+    def __init__(self, clock: Callable[[], int] = now_us, leases: Optional[LeaseStore] = None,
+                 ticket_ttl_us: int = DEFAULT_TICKET_TTL_US) -> None:
+        self.clock = clock
+        self.leases: LeaseStore = leases if leases is not None else MemoryLeaseStore(clock=clock)
+        self.ticket_ttl_us = int(ticket_ttl_us)
+        self._process: PerProcess[_Parked] = PerProcess(_Parked, name="memory parked tasks")
+
+    def _state(self, spot: Spot) -> _SpotState:
+        _check_spot(spot)
+        spots = self._process.get().spots
+        state = spots.get(spot)
+        if state is None:
+            state = spots[spot] = _SpotState()
+        return state
+
+    @property
+    def _lock(self) -> threading.Lock:
+        return self._process.get().lock
+
+    def _stamp(self, state: _SpotState, park_id: str, ticket: str, now: int) -> None:
+        state.tix[park_id] = ticket
+        state.tixat[park_id] = now + self.ticket_ttl_us
+
+    def park(self, spot: Spot, park_id: str, payload: str, delay_us: Optional[int],
+             seq_us: Optional[int] = None) -> None:
+        with self._lock:
+            now = self.clock()
+            self._process.get().index.add(Spot(*spot))
+            state = self._state(spot)
+            state.trim(now)
+            state.drop(park_id)
+            if delay_us is None:
+                state.wait[park_id] = now if seq_us is None else int(seq_us)
+            else:
+                state.due[park_id] = now + max(0, int(delay_us))
+            state.msg[park_id] = payload
+            ticket = state.tix.get(park_id)
+            if ticket is not None:
+                self._stamp(state, park_id, str(_ticket_pub(ticket) + 1), now)
+
+    def claim(self, spot: Spot, batch: int, claim_ttl_us: int) -> List[Claimed]:
+        with self._lock:
+            now = self.clock()
+            state = self._state(spot)
+            state.trim(now)
+            expired = _ordered({k: v for k, v in state.claim.items() if v <= now})[:RECLAIM_PER_CALL]
+            for park_id, _ in expired:
+                del state.claim[park_id]
+                state.due[park_id] = now
+            if batch <= 0:
+                return []
+            ready = _ordered({k: v for k, v in state.due.items() if v <= now})[:batch]
+            claimed = []
+            for park_id, _ in ready:
+                del state.due[park_id]
+                payload = state.msg.get(park_id)
+                if payload is None:
+                    continue
+                ticket = state.tix.get(park_id)
+                if ticket is not None and ticket.endswith(":r"):
+                    del state.msg[park_id]  # it ran already
+                    continue
+                pub = (_ticket_pub(ticket) if ticket is not None else 0) + 1
+                self._stamp(state, park_id, str(pub), now)
+                state.claim[park_id] = now + int(claim_ttl_us)
+                claimed.append(Claimed(park_id, payload, pub))
+            return claimed
+
+    def ack(self, spot: Spot, park_id: str, pub: int) -> bool:
+        with self._lock:
+            now = self.clock()
+            state = self._state(spot)
+            state.trim(now)
+            ticket = state.tix.get(park_id)
+            if ticket is None or _ticket_pub(ticket) != int(pub):
+                return False
+            state.claim.pop(park_id, None)
+            state.due.pop(park_id, None)
+            state.msg.pop(park_id, None)
+            self._stamp(state, park_id, ticket, now)
+            return True
+
+    def redeem(self, spot: Spot, park_id: str, pub: int) -> bool:
+        with self._lock:
+            now = self.clock()
+            state = self._state(spot)
+            state.trim(now)
+            ticket = state.tix.get(park_id)
+            if ticket is not None and _ticket_pub(ticket) > int(pub):
+                return False
+            self._stamp(state, park_id, f"{int(pub)}:r", now)
+            state.drop(park_id)
+            return True
+
+    def _promote(self, state: _SpotState, lease_key: str, cap: int, most: int, now: int) -> int:
+        live = self.leases.count(lease_key, now=now)
+        count = max(0, min(cap - live - len(state.due) - len(state.claim), len(state.wait), most))
+        for park_id, _ in _ordered(state.wait)[:count]:
+            del state.wait[park_id]
+            state.due[park_id] = now
+        return count
+
+    def promote(self, spot: Spot, lease_key: str, cap: int) -> int:
+        with self._lock:
+            now = self.clock()
+            return self._promote(self._state(spot), lease_key, int(cap), MOVE_PER_CALL, now)
+
+    def release_lease(self, spot: Spot, lease_key: str, lease_id: str, cap: int) -> None:
+        with self._lock:
+            now = self.clock()
+            self.leases.release(lease_key, lease_id)
+            self._promote(self._state(spot), lease_key, int(cap), 1, now)
+
+    def next_due_us(self, spot: Spot) -> Optional[int]:
+        with self._lock:
+            due = self._state(spot).due
+            return min(due.values()) if due else None
+
+    def now_us(self) -> int:
+        return self.clock()
+
+    def snapshot(self, spot: Spot) -> ParkSnapshot:
+        with self._lock:
+            state = self._state(spot)
+            next_due = min(state.due.values()) if state.due else None
+            heads = [score for score in (next_due, min(state.wait.values()) if state.wait else None)
+                     if score is not None]
+            return ParkSnapshot(len(state.due), len(state.wait), len(state.claim), next_due,
+                                min(heads) if heads else None)
+
+    def release(self, spot: Spot) -> int:
+        with self._lock:
+            now = self.clock()
+            state = self._state(spot)
+            later = [park_id for park_id, score in state.due.items() if score > now]
+            moved = later + list(state.wait)
+            for park_id in moved:
+                state.due[park_id] = now
+            state.wait.clear()
+            return len(moved)
+
+    def purge(self, spot: Spot) -> int:
+        with self._lock:
+            state = self._state(spot)
+            count = len(state.due) + len(state.wait) + len(state.claim)
+            state.due.clear()
+            state.wait.clear()
+            state.claim.clear()
+            state.msg.clear()
+            return count
+
+    def spots(self) -> List[Spot]:
+        with self._lock:
+            return sorted(self._process.get().index)
+
+
+class RedisParkStore:
+    """Parked entries in Redis (see :mod:`celery_tuning.storage.keys` for the layout); one script per call.
+
+    Raises :class:`~celery_tuning.errors.StorageError` when Redis fails.
+
+    Arguments:
+        connector: The tuning Redis.
+        prefix: ``tuning_key_prefix``.
+        clock: Now in µs sent to the scripts (tests); None, the default: the Redis server's TIME.
+        ticket_ttl_us: How long a ticket is kept after its last change (``tuning_park_ticket_ttl``).
+    """
+
+    def __init__(self, connector: RedisConnector, prefix: str = "tuning",
+                 clock: Optional[Callable[[], int]] = None,
+                 ticket_ttl_us: int = DEFAULT_TICKET_TTL_US) -> None:
+        self.connector = connector
+        self.prefix = prefix
+        self.clock = clock
+        self.ticket_ttl_us = int(ticket_ttl_us)
+        self.index_key = keys.park_index_key(prefix)
+        self._cluster = connector.target.kind == "cluster"
+        self._keys: Dict[Spot, ParkKeys] = {}
+
+    def keys(self, spot: Spot) -> ParkKeys:
+        """The spot's keys (cached)."""
+        found = self._keys.get(spot)
+        if found is None:
+            found = self._keys[spot] = keys.park_keys(self.prefix, spot.reason, spot.name)
+        return found
+
+    def _run(self, script: str, spot: Spot, args: Iterable[Any], extra_keys: Tuple[str, ...] = ()) -> Any:
+        now = "" if self.clock is None else int(self.clock())
+        return self.connector.evalsha(script, [*self.keys(spot), *extra_keys],
+                                      [now, self.ticket_ttl_us, *args])
+
+    def park(self, spot: Spot, park_id: str, payload: str, delay_us: Optional[int],
+             seq_us: Optional[int] = None) -> None:
+        member = keys.park_index_member(spot.reason, spot.name)
+        args = ["" if delay_us is None else int(delay_us), "" if seq_us is None else int(seq_us),
+                park_id, payload, member]
+        horizon = max(0, int(delay_us or 0))
+        if self._cluster:
+            # The index has its own slot: a separate script, before the entry exists.
+            now = "" if self.clock is None else int(self.clock())
+            self.connector.evalsha("park_index", [self.index_key],
+                                   [now, self.ticket_ttl_us + horizon, member])
+            self._run("park_add", spot, args)
+        else:
+            self._run("park_add", spot, args, (self.index_key,))
+
+    def claim(self, spot: Spot, batch: int, claim_ttl_us: int) -> List[Claimed]:
+        reply = self._run("park_claim", spot, [int(batch), int(claim_ttl_us), RECLAIM_PER_CALL])
+        return [Claimed(_text(reply[i]), _text(reply[i + 1]), int(reply[i + 2])) for i in range(0, len(reply), 3)]
+
+    def ack(self, spot: Spot, park_id: str, pub: int) -> bool:
+        return bool(int(self._run("park_ack", spot, [park_id, int(pub)])))
+
+    def redeem(self, spot: Spot, park_id: str, pub: int) -> bool:
+        return bool(int(self._run("park_redeem", spot, [park_id, int(pub)])))
+
+    def promote(self, spot: Spot, lease_key: str, cap: int) -> int:
+        return int(self._run("park_promote", spot, [int(cap), MOVE_PER_CALL, ""], (lease_key,)))
+
+    def release_lease(self, spot: Spot, lease_key: str, lease_id: str, cap: int) -> None:
+        self._run("park_promote", spot, [int(cap), 1, lease_id], (lease_key,))
+
+    def next_due_us(self, spot: Spot) -> Optional[int]:
+        due = self.keys(spot).due
+        head = self.connector.run(lambda c: c.zrange(due, 0, 0, withscores=True), what="ZRANGE parked due")
+        return int(head[0][1]) if head else None
+
+    def now_us(self) -> int:
+        if self.clock is not None:
+            return int(self.clock())
+        return int(self.connector.evalsha("park_now", [], []))
+
+    def snapshot(self, spot: Spot) -> ParkSnapshot:
+        due, waiting, claimed, next_due, oldest = self._run("park_snapshot", spot, [])
+        return ParkSnapshot(int(due), int(waiting), int(claimed), _optional_int(next_due), _optional_int(oldest))
+
+    def release(self, spot: Spot) -> int:
+        total = 0
+        while True:
+            moved = int(self._run("park_release", spot, [MOVE_PER_CALL]))
+            total += moved
+            if moved < MOVE_PER_CALL:
+                return total
+
+    def purge(self, spot: Spot) -> int:
+        return int(self._run("park_purge", spot, []))
+
+    def spots(self) -> List[Spot]:
+        members = self.connector.run(lambda c: c.smembers(self.index_key), what="SMEMBERS park index")
+        found = (keys.park_spot_of(_text(member)) for member in members)
+        return sorted(Spot(*spot) for spot in found if spot is not None)
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _optional_int(value: Any) -> Optional[int]:
+    return None if value is None or value is False or value == b"" or value == "" else int(value)

@@ -1,0 +1,276 @@
+"""One contract for the parking stores (in-process reference and Redis/Lua, single server and Cluster).
+
+A manual clock drives every store (the Redis store sends it to the scripts as their "now").
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, Optional
+
+import pytest
+
+from celery_tuning.storage import keys
+from celery_tuning.storage.lease import LeaseStore, MemoryLeaseStore, RedisLeaseStore
+from celery_tuning.storage.park import Claimed, MemoryParkStore, ParkSnapshot, ParkStore, RedisParkStore, Spot
+from celery_tuning.storage.redis import RedisConnector
+
+pytestmark = pytest.mark.integration
+
+T0 = 1_700_000_000_000_000
+SEC = 1_000_000
+RL = Spot("rate_limit", "openai")
+CC = Spot("concurrency", "pdf")
+CB = Spot("circuit_open", "payments")
+LEASES = keys.lease_key("tuning", "pdf")
+CLAIM = 30 * SEC
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> int:
+        return self.now
+
+
+class World:
+    """A store, the lease store its promote counts, the clock both read and (for Redis) the connector."""
+
+    def __init__(self, store: ParkStore, leases: LeaseStore, clock: Clock,
+                 connector: Optional[RedisConnector] = None, make: Optional[Callable[..., Any]] = None) -> None:
+        self.store, self.leases, self.clock, self.connector, self.make = store, leases, clock, connector, make
+
+    def lease(self, lease_id: str, ttl: int = 60 * SEC) -> None:
+        assert self.leases.acquire(LEASES, 100, lease_id, ttl, now=self.clock.now).granted
+
+    def flush(self) -> None:
+        """Redis loses everything (FLUSHDB); the memory reference: a store that never saw anything."""
+        if self.connector is None:
+            self.store = MemoryParkStore(clock=self.clock, leases=self.leases)
+        else:
+            self.connector.run(lambda c: c.flushall(), what="FLUSHALL")
+
+
+def memory_world(ticket_ttl_us: int = 86_400 * SEC) -> World:
+    clock = Clock()
+    leases = MemoryLeaseStore(clock=clock)
+    return World(MemoryParkStore(clock=clock, leases=leases, ticket_ttl_us=ticket_ttl_us), leases, clock)
+
+
+@pytest.fixture(params=["memory", "redis", "cluster"])
+def where(request):
+    return request.param
+
+
+@pytest.fixture()
+def make_world(where, request):
+    def make(ticket_ttl_us: int = 86_400 * SEC) -> World:
+        if where == "memory":
+            return memory_world(ticket_ttl_us)
+        if where == "cluster":
+            connector = RedisConnector(request.getfixturevalue("cluster_clean").url)
+        else:
+            connector = RedisConnector(request.getfixturevalue("redis_clean").db_url(5))
+        clock = Clock()
+        store = RedisParkStore(connector, clock=clock, ticket_ttl_us=ticket_ttl_us)
+        return World(store, RedisLeaseStore(connector), clock, connector)
+
+    return make
+
+
+@pytest.fixture()
+def w(make_world) -> World:
+    return make_world()
+
+
+def test_a_delayed_entry_is_claimed_when_due_oldest_first(w):
+    s = w.store
+    s.park(RL, "t1:1", '{"a": 1}', 5 * SEC)
+    s.park(RL, "t2:1", '{"a": 2}', 2 * SEC)
+    s.park(RL, "t3:1", '{"a": 3}', 9 * SEC)
+    assert s.next_due_us(RL) == T0 + 2 * SEC
+    assert s.claim(RL, 10, CLAIM) == []
+    w.clock.now = T0 + 5 * SEC
+    assert s.claim(RL, 10, CLAIM) == [Claimed("t2:1", '{"a": 2}', 1), Claimed("t1:1", '{"a": 1}', 1)]
+    assert s.snapshot(RL) == ParkSnapshot(1, 0, 2, T0 + 9 * SEC, T0 + 9 * SEC)
+    assert s.ack(RL, "t2:1", 1) and s.ack(RL, "t1:1", 1)
+    assert s.snapshot(RL) == ParkSnapshot(1, 0, 0, T0 + 9 * SEC, T0 + 9 * SEC)
+    assert s.claim(RL, 10, CLAIM) == []
+
+
+def test_batch_caps_a_claim(w):
+    for i in range(5):
+        w.store.park(CB, f"t{i}:0", "{}", 0)
+    assert [c.park_id for c in w.store.claim(CB, 2, CLAIM)] == ["t0:0", "t1:0"]
+    assert len(w.store.claim(CB, 0, CLAIM)) == 0
+    assert [c.park_id for c in w.store.claim(CB, 10, CLAIM)] == ["t2:0", "t3:0", "t4:0"]
+
+
+def test_spots_are_kept_apart_and_listed_from_the_index(w):
+    w.store.park(RL, "same:1", "rl", 0)
+    w.store.park(CB, "same:1", "cb", 0)
+    w.store.park(Spot("rate_limit", "a:b}{"), "x:1", "odd", 0)
+    assert w.store.claim(RL, 10, CLAIM) == [Claimed("same:1", "rl", 1)]
+    assert w.store.claim(CB, 10, CLAIM) == [Claimed("same:1", "cb", 1)]
+    assert w.store.spots() == sorted([RL, CB, Spot("rate_limit", "a:b}{")])
+
+
+def test_an_unknown_reason_is_refused(w):
+    from celery_tuning.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="reason"):
+        w.store.park(Spot("whim", "x"), "t:1", "{}", 0)
+
+
+def test_an_entry_held_by_a_dead_mover_comes_back_when_its_claim_expires(w):
+    s = w.store
+    s.park(RL, "t:1", "p", 0)
+    assert s.claim(RL, 10, CLAIM) == [Claimed("t:1", "p", 1)]  # the mover dies here
+    w.clock.now += CLAIM - 1
+    assert s.claim(RL, 10, CLAIM) == []  # still held
+    w.clock.now += 1
+    again = s.claim(RL, 10, CLAIM)
+    assert again == [Claimed("t:1", "p", 2)]  # back, with pub + 1
+    assert s.ack(RL, "t:1", 1) is False  # the dead mover's ack (stale pub): a no-op
+    assert s.snapshot(RL).claimed == 1
+    assert s.redeem(RL, "t:1", 1) is False  # what it published is a stale duplicate
+    assert s.redeem(RL, "t:1", 2) is True
+    assert s.redeem(RL, "t:1", 2) is True  # a broker redelivery of the same publication
+    assert s.redeem(RL, "t:1", 1) is False
+    assert s.ack(RL, "t:1", 2) is True
+    assert s.snapshot(RL) == ParkSnapshot(0, 0, 0, None, None)
+
+
+def test_a_redeemed_entry_is_never_published_again(w):
+    s = w.store
+    s.park(RL, "t:1", "p", 0)
+    [claimed] = s.claim(RL, 10, CLAIM)
+    assert s.redeem(RL, "t:1", claimed.pub)  # the worker runs it; the mover died before its ack
+    w.clock.now += 2 * CLAIM
+    assert s.claim(RL, 10, CLAIM) == []
+    assert s.snapshot(RL) == ParkSnapshot(0, 0, 0, None, None)
+
+
+def test_redeem_fails_open_when_redis_lost_the_ticket(w):
+    w.store.park(RL, "t:1", "p", 0)
+    [claimed] = w.store.claim(RL, 10, CLAIM)
+    w.flush()
+    assert w.store.redeem(RL, "t:1", claimed.pub) is True
+    assert w.store.ack(RL, "t:1", claimed.pub) is True  # the redeem left a ticket with that pub
+    assert w.store.redeem(RL, "t:7", 3) is True  # never seen at all
+
+
+def test_re_parking_replaces_the_entry_and_makes_older_publications_stale(w):
+    s = w.store
+    s.park(RL, "t:1", "old", 0)
+    [claimed] = s.claim(RL, 10, CLAIM)
+    s.park(RL, "t:1", "new", 3 * SEC)  # same id parked again while a mover holds it
+    assert s.ack(RL, "t:1", claimed.pub) is False  # the mover's ack cannot remove the new entry
+    assert s.snapshot(RL) == ParkSnapshot(1, 0, 0, T0 + 3 * SEC, T0 + 3 * SEC)
+    w.clock.now += 3 * SEC
+    assert s.claim(RL, 10, CLAIM) == [Claimed("t:1", "new", claimed.pub + 2)]
+    assert s.redeem(RL, "t:1", claimed.pub) is False
+
+
+def test_fifo_waiters_keep_their_place_when_re_parked_with_their_sequence(w):
+    s = w.store
+    for i, seq in enumerate([T0 - 30, T0 - 20, T0 - 10]):
+        s.park(CC, f"t{i}:1", f"p{i}", None, seq)
+    s.park(CC, "t0:2", "p0 again", None, T0 - 30)  # t0 deferred once more, first seq kept
+    s.park(CC, "late:1", "late", None)  # no seq: now
+    w.clock.now += SEC
+    assert s.snapshot(CC) == ParkSnapshot(0, 5, 0, None, T0 - 30)
+    assert s.promote(CC, LEASES, 2) == 2
+    assert [c.park_id for c in s.claim(CC, 10, CLAIM)] == ["t0:1", "t0:2"]  # both seq T0-30: by id
+    w.clock.now += SEC
+    assert s.promote(CC, LEASES, 3) == 1  # 2 of the 3 slots are claimed: on their way
+    assert s.release(CC) == 2
+    assert [c.park_id for c in s.claim(CC, 10, CLAIM)] == ["late:1", "t1:1", "t2:1"]
+
+
+def test_promote_never_moves_more_than_the_free_slots(w):
+    s = w.store
+    for i in range(6):
+        s.park(CC, f"t{i}:1", "{}", None, T0 + i)
+    w.lease("a")
+    w.lease("b", ttl=2 * SEC)
+    assert s.promote(CC, LEASES, 1) == 0  # over the cap already
+    assert s.promote(CC, LEASES, 3) == 1
+    assert s.promote(CC, LEASES, 3) == 0  # the promoted one is due: it will take the slot
+    w.clock.now += 2 * SEC  # b expired
+    assert s.promote(CC, LEASES, 3) == 1
+    assert s.snapshot(CC) == ParkSnapshot(2, 4, 0, T0, T0)
+    [first, second] = s.claim(CC, 10, CLAIM)
+    assert s.ack(CC, first.park_id, first.pub) and s.ack(CC, second.park_id, second.pub)
+    assert s.promote(CC, LEASES, 3) == 2  # acked: running (or about to lease) elsewhere
+
+
+def test_releasing_a_lease_wakes_one_waiter_in_the_same_step(w):
+    s = w.store
+    w.lease("a")
+    w.lease("b")
+    s.park(CC, "t0:1", "{}", None, T0 - 2)
+    s.park(CC, "t1:1", "{}", None, T0 - 1)
+    s.release_lease(CC, LEASES, "a", 2)
+    assert w.leases.count(LEASES, now=w.clock.now) == 1
+    assert s.snapshot(CC) == ParkSnapshot(1, 1, 0, w.clock.now, T0 - 1)
+    s.release_lease(CC, LEASES, "never-held", 2)  # the promoted one has not leased yet: no slot
+    assert s.snapshot(CC).due == 1
+    s.release_lease(CC, LEASES, "b", 2)
+    assert s.snapshot(CC) == ParkSnapshot(2, 0, 0, w.clock.now, w.clock.now)
+
+
+def test_release_makes_everything_due_now_and_purge_drops_everything(w):
+    s = w.store
+    s.park(RL, "a:1", "{}", 100 * SEC)
+    s.park(RL, "b:1", "{}", 0)
+    s.park(RL, "c:1", "{}", None)
+    assert s.release(RL) == 2
+    assert len(s.claim(RL, 1, CLAIM)) == 1
+    assert s.snapshot(RL) == ParkSnapshot(2, 0, 1, T0, T0)
+    assert s.purge(RL) == 3
+    assert s.snapshot(RL) == ParkSnapshot(0, 0, 0, None, None)
+    w.clock.now += 2 * CLAIM
+    assert s.claim(RL, 10, CLAIM) == []
+    assert s.purge(RL) == 0
+
+
+def test_entries_whose_payload_is_gone_are_dropped(w):
+    if w.connector is None:
+        pytest.skip("only Redis can lose one key of a spot (a partial eviction)")
+    w.store.park(RL, "a:1", "{}", 0)
+    w.store.park(RL, "b:1", "{}", 0)
+    msg = keys.park_keys("tuning", RL.reason, RL.name).msg
+    w.connector.run(lambda c: c.hdel(msg, "a:1"))
+    assert w.store.claim(RL, 10, CLAIM) == [Claimed("b:1", "{}", 1)]
+    assert w.store.snapshot(RL).due == 0
+
+
+def test_tickets_are_trimmed_a_bounded_number_per_call(make_world):
+    w = make_world(ticket_ttl_us=10 * SEC)
+    s = w.store
+    for i in range(150):
+        s.park(RL, f"t{i:03}:1", "{}", 0)
+    claimed = s.claim(RL, 200, CLAIM)
+    assert len(claimed) == 150
+    for c in claimed:
+        assert s.ack(RL, c.park_id, c.pub)
+    w.clock.now += 10 * SEC  # every ticket may go now: one call drops 100 of them
+    assert s.redeem(RL, "t149:1", 0) is False  # t000..t099 went; t149's ticket (pub 1) is still there
+    assert s.redeem(RL, "t149:1", 0) is True  # the next call dropped the other 50
+    assert s.redeem(RL, "t000:1", 0) is True
+    if w.connector is not None:
+        tix = keys.park_keys("tuning", RL.reason, RL.name).tix
+        assert w.connector.run(lambda c: c.hlen(tix)) == 2  # the two redeemed just now
+
+
+def test_now_is_the_stores_clock(w):
+    assert w.store.now_us() == T0
+
+
+def test_a_64_kib_payload_round_trips(w):
+    payload = json.dumps({"args": ["é" * 10 + "x" * (64 * 1024)], "kwargs": {"k": "\u2603"}})
+    w.store.park(RL, "big:1", payload, 0)
+    [claimed] = w.store.claim(RL, 1, CLAIM)
+    assert claimed.payload == payload
