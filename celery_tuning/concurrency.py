@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from typing import List, NamedTuple, Optional, Set, Union
+from typing import Any, List, NamedTuple, Optional, Set, Union
 
 from .errors import ConfigurationError, StorageError
 from .storage.keys import lease_key
@@ -88,6 +88,13 @@ class ConcurrencyLimiter:
         self._fallback = MemoryLeaseStore()
         self._holders: PerProcess[_Holders] = PerProcess(_Holders, name=f"leases of {name}")
         self._warned = False
+        #: (park store, spot) when waiters park (``tuning_defer_via="park"``): see :meth:`wake_waiters_with`.
+        self._parking: Optional[Any] = None
+
+    def wake_waiters_with(self, park_store: Any, spot: Any) -> None:
+        """Give slots back through ``park_store.release_lease`` (one script removes the lease and
+        moves the first parked waiter of ``spot`` to due), so a freed slot wakes a waiter at once."""
+        self._parking = (park_store, spot)
 
     def __repr__(self) -> str:
         return f"<ConcurrencyLimiter {self.name!r} cap={self.cap} ttl={self.ttl}>"
@@ -148,7 +155,11 @@ class ConcurrencyLimiter:
             holders.held.discard(lease.id)
         self._fallback.release(self.key, lease.id)
         try:
-            self.store.release(self.key, lease.id)
+            parking = self._parking
+            if parking is not None and lease.source == "redis":
+                parking[0].release_lease(parking[1], self.key, lease.id, self.cap)
+            else:
+                self.store.release(self.key, lease.id)
         except StorageError:
             pass
 

@@ -529,6 +529,20 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting("tuning_concurrency_scale", "float", 1.0,
             "Multiplies profile concurrency (operators set it from the environment).",
             _positive_float, env="CELERY_TUNING_CONCURRENCY_SCALE"),
+    Setting("tuning_defer_via", "'park' | 'countdown'", "park",
+            "How a task that cannot run now (rate limit, concurrency limit, open breaker) waits: 'park' "
+            "keeps it in the tuning Redis and a mover in the workers publishes it back when due (no ETA "
+            "message held by a worker; see docs/parking.md); 'countdown' re-publishes it with a countdown.",
+            _choice("park", "countdown")),
+    Setting("tuning_park_claim_ttl", "float (s)", 30.0,
+            "How long a mover holds the parked entries it claimed before they count as due again (a mover "
+            "killed while publishing loses nothing).", _positive_float),
+    Setting("tuning_park_ticket_ttl", "float (s)", 86400.0,
+            "How long a published parked entry's ticket is kept, so a duplicate re-published by a mover that "
+            "died before acknowledging is dropped instead of run twice.", _positive_float),
+    Setting("tuning_park_mover", "bool", True,
+            "Run a mover thread in this worker's main process (several workers' movers cooperate through "
+            "an atomic claim).", _bool),
     Setting("tuning_timing", "bool | None", None,
             "Worker-side timing (task_timed signal, SLA checks). None: on when tuning_sla, an @sla "
             "task or tuning_metrics_port needs it, so pass-through workers pay nothing.",
@@ -577,6 +591,10 @@ class TuningConfig:
     concurrency_limits: Mapping[str, int]
     concurrency_lease_ttl: float
     concurrency_scale: float
+    defer_via: str
+    park_claim_ttl: float
+    park_ticket_ttl: float
+    park_mover: bool
     timing: Optional[bool]
     metrics_buckets: Optional[Tuple[float, ...]]
     metrics_port: Optional[int]

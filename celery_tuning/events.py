@@ -209,3 +209,50 @@ def task_deferred(task: Any, task_id: str, reason: str, countdown: float, deferr
             subscriber(sender=task, task_id=task_id, reason=reason, countdown=countdown, deferrals=deferrals)
         except Exception:  # a subscriber's bug must not fail the caller's task
             _failed(subscriber)
+
+
+# -- parking (issue #17): appended; see celery_tuning.integration.deferral and .mover -----------
+
+class ParkSubscriber(Protocol):
+    def __call__(self, reason: str, name: str, /) -> None: ...
+
+
+#: A task was parked in the tuning Redis: ``(reason, name)`` (reason 'rate_limit', 'concurrency'
+#: or 'circuit_open'; name: the limiter, concurrency limit or breaker).
+TASK_PARKED: Topic[ParkSubscriber] = Topic("task_parked")
+#: A mover published a parked task back to its queue: ``(reason, name)``.
+TASK_UNPARKED: Topic[ParkSubscriber] = Topic("task_unparked")
+#: Parking was asked for but the task was re-published with a countdown instead: ``(reason, why)``
+#: (why: 'storage' when the tuning Redis failed, 'encoding' when the call is not JSON-encodable).
+PARK_FALLBACK: Topic[ParkSubscriber] = Topic("park_fallback")
+
+
+def task_parked(reason: str, name: str) -> None:
+    """A task was parked at spot ``(reason, name)``."""
+    for subscriber in TASK_PARKED.subscribers:
+        try:
+            subscriber(reason, name)
+        except Exception:  # a subscriber's bug must not fail the caller's task
+            _failed(subscriber)
+
+
+def task_unparked(reason: str, name: str) -> None:
+    """A parked task of spot ``(reason, name)`` was published back to its queue."""
+    for subscriber in TASK_UNPARKED.subscribers:
+        try:
+            subscriber(reason, name)
+        except Exception:  # a subscriber's bug must not fail the mover
+            _failed(subscriber)
+
+
+def park_fallback(reason: str, why: str) -> None:
+    """A task that should have been parked was deferred with a countdown (``why``: 'storage', 'encoding')."""
+    for subscriber in PARK_FALLBACK.subscribers:
+        try:
+            subscriber(reason, why)
+        except Exception:  # a subscriber's bug must not fail the caller's task
+            _failed(subscriber)
+
+
+__all__ += ["PARK_FALLBACK", "TASK_PARKED", "TASK_UNPARKED", "ParkSubscriber", "park_fallback", "task_parked",
+            "task_unparked"]

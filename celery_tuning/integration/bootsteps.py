@@ -1,4 +1,5 @@
-"""Worker bootstep: reports the effective tuning setup and checks Redis at worker start."""
+"""Worker bootstep: reports the effective tuning setup, checks Redis at worker start, and runs the
+parking mover (``tuning_defer_via="park"``, ``tuning_park_mover``) in the main process."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ class TuningWorkerStep(bootsteps.StartStopStep):
         if without_tuning:
             runtime.enabled = False
         self.runtime = runtime
+        self.mover: Any = None
 
     def start(self, worker: Any) -> None:
         runtime = self.runtime
@@ -57,6 +59,25 @@ class TuningWorkerStep(bootsteps.StartStopStep):
         except StorageError as exc:
             logger.warning("celery-tuning: tuning Redis unreachable at start (%s); "
                            "capabilities follow their Redis-error policies", exc)
+            self._start_mover(worker)  # it backs off until the tuning Redis answers
             return
         logger.info("celery-tuning: tuning Redis %s answered in %.2f ms (prefix %r)",
                     url, rtt * 1000, runtime.config.key_prefix)
+        self._start_mover(worker)
+
+    def _start_mover(self, worker: Any) -> None:
+        config = self.runtime.config
+        if config.defer_via != "park" or not config.park_mover or not self.runtime.needs_redis():
+            return
+        from .mover import Mover
+
+        self.mover = Mover(worker.app).start()
+        logger.info("celery-tuning: parking mover started (claim TTL %gs)", config.park_claim_ttl)
+
+    def stop(self, worker: Any) -> None:
+        mover, self.mover = self.mover, None
+        if mover is not None:
+            mover.stop()
+
+    def shutdown(self, worker: Any) -> None:
+        self.stop(worker)

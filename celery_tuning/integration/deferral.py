@@ -1,19 +1,92 @@
-"""Re-publishing a task for later without spending one of its retries."""
+"""Deferring a task for later without spending one of its retries: parked in the tuning Redis
+(``tuning_defer_via="park"``, the default) or re-published with a countdown.
+
+Parking (docs/parking.md): the call's signature, encoded as JSON, waits in the tuning Redis at a
+*spot* ``(reason, name)`` until it is due; a mover in the workers (:mod:`.mover`) publishes it back
+to its queue with a :data:`HEADER_PARK` header, and :func:`guard` drops a duplicate of a message a
+mover published twice (it died between publishing and acknowledging) before any step runs.
+When the tuning Redis fails, or the call cannot be encoded as JSON, the task is deferred with a
+countdown instead (logged once, counted through ``events.park_fallback``).
+"""
 
 from __future__ import annotations
 
+import logging
 import random
+import threading
+import time
 import warnings
-from typing import Any, Callable, Dict, NoReturn, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, NamedTuple, NoReturn, Optional, Set
 
 from celery.exceptions import Ignore
 
 from .. import events
+from ..errors import StorageError
 
-__all__ = ["HEADER_DEFERRALS", "defer", "deferrals_of", "is_eager", "jitter", "warn_beyond_visibility"]
+if TYPE_CHECKING:  # pragma: no cover
+    from ..storage.park import Spot
+    from .runtime import TuningRuntime
+
+__all__ = [
+    "HEADER_DEFERRALS", "HEADER_PARK", "HEADER_PARK_SEQ", "PAYLOAD_VERSION", "ParkRequest", "decode_payload",
+    "defer", "deferrals_of", "encode_payload", "guard", "is_eager", "jitter", "park_info", "parking_on", "spot",
+    "warn_beyond_visibility",
+]
+
+logger = logging.getLogger("celery_tuning.parking")
 
 #: How many times this task id has been deferred (its own budget, apart from retries).
 HEADER_DEFERRALS = "tuning_deferrals"
+#: Set by the mover on a message it publishes back: {"id": park id, "pub": n, "r": reason, "n": name}.
+HEADER_PARK = "tuning_park"
+#: A concurrency waiter's first-park sequence (µs), so a waiter parked again keeps its place.
+HEADER_PARK_SEQ = "tuning_park_seq"
+#: Version of the parked payload's layout.
+PAYLOAD_VERSION = 1
+#: Keys the payload adds to the signature's dict.
+_META = ("v", "reason", "name", "parked_at")
+
+
+class ParkRequest(NamedTuple):
+    """Where a deferred call parks: its spot, and in how many seconds it is due (None: a FIFO
+    waiter of a concurrency limit, due when a slot frees)."""
+
+    spot: Any
+    delay: Optional[float]
+
+
+def spot(reason: str, name: str) -> Spot:
+    """The store's :class:`~celery_tuning.storage.park.Spot` ``(reason, name)``."""
+    from ..storage.park import Spot
+
+    return Spot(reason, name)
+
+
+def parking_on(runtime: TuningRuntime) -> bool:
+    """Whether deferrals of this app park (``tuning_defer_via="park"``)."""
+    return runtime.config.defer_via == "park"
+
+
+class _Once:
+    """Log a condition once per key per process (until :meth:`clear`)."""
+
+    def __init__(self) -> None:
+        self._seen: Set[Any] = set()
+        self._lock = threading.Lock()
+
+    def first(self, key: Any) -> bool:
+        with self._lock:
+            if key in self._seen:
+                return False
+            self._seen.add(key)
+            return True
+
+    def clear(self, key: Any) -> None:
+        with self._lock:
+            self._seen.discard(key)
+
+
+_once = _Once()
 
 
 def warn_beyond_visibility(app: Any, what: str, max_defer: float) -> None:
@@ -64,8 +137,15 @@ def defer(
     max_deferrals: int,
     on_exhausted: Callable[[int], BaseException],
     headers: Optional[Dict[str, Any]] = None,
+    park: Optional[ParkRequest] = None,
 ) -> NoReturn:
-    """Publish the current task again (same id, same retries count) and stop this attempt.
+    """Park the current task, or publish it again with a countdown (same id, same retries count),
+    and stop this attempt.
+
+    With ``park`` and ``tuning_defer_via="park"`` the call waits in the tuning Redis at
+    ``park.spot`` (due in ``park.delay`` s, or a FIFO waiter when None) and a mover publishes it
+    back; otherwise (or when the tuning Redis fails, or the call is not JSON-encodable) it is
+    re-published with ``countdown``.
 
     ``Task.retry`` would add one to ``request.retries`` and fire retry handlers;
     here a header counter (:data:`HEADER_DEFERRALS`) with its own cap counts
@@ -83,10 +163,125 @@ def defer(
         raise on_exhausted(count - 1)
     new_headers = dict(getattr(request, "headers", None) or {})
     new_headers[HEADER_DEFERRALS] = count
+    new_headers.pop(HEADER_PARK, None)  # the mover's ticket of the previous run is spent
     if headers:
         new_headers.update(headers)
+    if park is not None:
+        _park(task, request, park, new_headers, count, reason)  # raises Ignore once parked
     countdown = max(0.0, countdown)
     signature = task.signature_from_request(request, countdown=countdown, headers=new_headers)
     signature.apply_async()
     events.task_deferred(task, request.id, reason, countdown, count)  # metrics, the task_deferred signal
     raise Ignore(f"deferred by celery-tuning ({reason}) for {countdown:.3f}s")
+
+
+# -- parking -------------------------------------------------------------------------------------
+
+
+def encode_payload(task: Any, request: Any, headers: Dict[str, Any], reason: str, name: str) -> str:
+    """The parked message: the call's signature (task id, arguments, headers, links and errbacks,
+    chord, group, parent/root ids, routing, priority) as JSON text, with the park's own fields.
+
+    Raises:
+        TypeError, ValueError: When the call cannot be encoded as JSON (pickle-only arguments).
+    """
+    from kombu.utils.json import dumps
+
+    signature = task.signature_from_request(request, headers=headers)
+    data = dict(signature)
+    data.update(v=PAYLOAD_VERSION, reason=reason, name=name, parked_at=time.time())
+    return str(dumps(data))
+
+
+def decode_payload(payload: str) -> Dict[str, Any]:
+    """The signature dict of a parked message (the park's own fields removed)."""
+    from kombu.utils.json import loads
+
+    data = dict(loads(payload))
+    for key in _META:
+        data.pop(key, None)
+    return data
+
+
+def _seq_of(headers: Dict[str, Any]) -> int:
+    """The waiter's first-park sequence: kept from an earlier park, else now (µs); stored in ``headers``."""
+    try:
+        seq = int(headers[HEADER_PARK_SEQ])
+    except (KeyError, TypeError, ValueError):
+        seq = int(time.time() * 1_000_000)
+    headers[HEADER_PARK_SEQ] = seq
+    return seq
+
+
+def _park(task: Any, request: Any, park: ParkRequest, headers: Dict[str, Any], count: int, reason: str) -> None:
+    """Park the call and raise Ignore; return (to defer with a countdown) when parking is off or fails."""
+    from .runtime import runtime_for
+
+    runtime = runtime_for(task._app)
+    if not parking_on(runtime):
+        return
+    where = park.spot
+    seq: Optional[int] = None
+    if park.delay is None:
+        seq = _seq_of(headers)
+    try:
+        payload = encode_payload(task, request, headers, where.reason, where.name)
+    except (TypeError, ValueError, OverflowError) as exc:
+        if _once.first(("encoding", task.name)):
+            logger.warning("task %s cannot be parked (%s: its call is not JSON-encodable); deferred with a "
+                           "countdown instead", task.name, exc)
+        events.park_fallback(where.reason, "encoding")
+        return
+    delay_us = None if park.delay is None else max(0, int(park.delay * 1_000_000))
+    try:
+        runtime.registry.park_store().park(where, f"{request.id}:{count}", payload, delay_us, seq)
+    except StorageError as exc:
+        if _once.first("storage"):
+            logger.warning("tuning Redis failed while parking a task (%s); deferring with countdowns until "
+                           "it answers again", exc)
+        events.park_fallback(where.reason, "storage")
+        return
+    _once.clear("storage")
+    events.task_parked(where.reason, where.name)
+    events.task_deferred(task, request.id, reason, park.delay or 0.0, count)  # the task_deferred signal
+    raise Ignore(f"parked by celery-tuning ({reason}) at {where.reason}:{where.name}")
+
+
+def park_info(request: Any) -> Optional[Dict[str, Any]]:
+    """The mover's :data:`HEADER_PARK` on this message, if it carries one."""
+    headers = getattr(request, "headers", None) or {}
+    info = headers.get(HEADER_PARK)
+    if info is None:
+        info = getattr(request, HEADER_PARK, None)
+    return info if isinstance(info, dict) else None
+
+
+def guard(task: Any, request: Any) -> None:
+    """Before any step: drop a stale duplicate of a message the mover published (Ignore, acked).
+
+    A message published by the mover is redeemed against its ticket: a lower publication number
+    than the ticket's means a mover died between publishing and acknowledging and the entry was
+    published again, so this copy never runs. Redis failing here lets the call run (logged once):
+    a lost task is worse than the rare duplicate.
+    """
+    info = park_info(request)
+    if info is None:
+        return
+    try:
+        where = spot(str(info["r"]), str(info["n"]))
+        park_id, pub = str(info["id"]), int(info["pub"])
+    except (KeyError, TypeError, ValueError):
+        return
+    from .runtime import runtime_for
+
+    try:
+        fresh = runtime_for(task._app).registry.park_store().redeem(where, park_id, pub)
+    except StorageError as exc:
+        if _once.first("redeem"):
+            logger.warning("tuning Redis failed while checking a parked task's ticket (%s); running it", exc)
+        return
+    _once.clear("redeem")
+    if not fresh:
+        logger.info("task %s[%s]: dropped a duplicate of a parked message (publication %d)",
+                    task.name, request.id, pub)
+        raise Ignore(f"duplicate of parked message {park_id} (publication {pub})")

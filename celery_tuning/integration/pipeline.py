@@ -15,7 +15,9 @@ thread-locals or by looking each other up:
   local look (:meth:`Step.passes_locally`, an open breaker says no);
 - a step that may return a stand-in for the body's result returns a :class:`Degraded`; outer
   steps see it for what it is and the chain hands Celery its value;
-- publish-side hooks (:meth:`Step.publish`) wrap ``apply_async`` in the same order.
+- publish-side hooks (:meth:`Step.publish`) wrap ``apply_async`` in the same order;
+- before every step, a **guard** drops a stale duplicate of a message the parking mover published
+  twice (:func:`celery_tuning.integration.deferral.guard`), so it never runs.
 """
 
 from __future__ import annotations
@@ -218,6 +220,8 @@ def build_chain(task_cls: Any, policies: Mapping[str, Any],
     chain: Call = body
     for step in reversed(steps):
         chain = step.wrap(chain)
+    if steps:
+        chain = _guarded(chain)
     inner = chain
 
     if any(step.degrades for step in steps):
@@ -229,6 +233,17 @@ def build_chain(task_cls: Any, policies: Mapping[str, Any],
             return inner(CallContext(task, args, kwargs))
 
     return call, steps
+
+
+def _guarded(call_next: Call) -> Call:
+    """The outermost link: a message published back by the parking mover is redeemed first."""
+    from .deferral import guard
+
+    def call(ctx: CallContext) -> Any:
+        guard(ctx.task, ctx.request)
+        return call_next(ctx)
+
+    return call
 
 
 def build_publisher(steps: List[Step], send: Callable[..., Any]) -> Optional[Callable[..., Any]]:

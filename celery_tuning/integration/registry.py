@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..circuit import SharedBreaker
     from ..concurrency import ConcurrencyLimiter
     from ..ratelimit import GcraLimiter
+    from ..storage.park import ParkStore
     from .runtime import TuningRuntime
 
 __all__ = [
@@ -60,6 +61,8 @@ class Kind:
 LIMITERS = Kind("limiter", "limiter", "tuning_rate_limits")
 BREAKERS = Kind("breaker", "breaker", "tuning_circuit_breakers")
 CONCURRENCY_LIMITS = Kind("concurrency", "concurrency limit", "tuning_concurrency_limits")
+#: Registry key of the app's park store (one per runtime).
+PARK_STORE = "park"
 KINDS: Dict[str, Kind] = {k.key: k for k in (LIMITERS, BREAKERS, CONCURRENCY_LIMITS)}
 
 
@@ -174,10 +177,33 @@ class Registry:
 
             cap = self.spec(CONCURRENCY_LIMITS, name)
             runtime = self.runtime
-            return ConcurrencyLimiter(name, cap, runtime.connector, prefix=runtime.config.key_prefix,
-                                      ttl=runtime.config.concurrency_lease_ttl)
+            limiter = ConcurrencyLimiter(name, cap, runtime.connector, prefix=runtime.config.key_prefix,
+                                         ttl=runtime.config.concurrency_lease_ttl)
+            if runtime.config.defer_via == "park":
+                from ..storage.park import Spot
+
+                limiter.wake_waiters_with(self.park_store(), Spot("concurrency", name))
+            return limiter
 
         return self.get(CONCURRENCY_LIMITS.key, name, build)
+
+    def park_store(self) -> ParkStore:
+        """Where this app's deferred calls park (``tuning_defer_via="park"``): the tuning Redis."""
+
+        def build() -> ParkStore:
+            from ..storage.park import RedisParkStore
+
+            runtime = self.runtime
+            config = runtime.config
+            return RedisParkStore(runtime.connector, prefix=config.key_prefix,
+                                  ticket_ttl_us=int(config.park_ticket_ttl * 1_000_000))
+
+        return self.get(PARK_STORE, "store", build)
+
+    def use_park_store(self, store: ParkStore) -> None:
+        """Park in ``store`` from now on (tests: a :class:`~celery_tuning.storage.park.MemoryParkStore`)."""
+        with self._lock:
+            self._built.setdefault(PARK_STORE, {})["store"] = store
 
 
 def _breaker_spec(name: str, options: Union[BreakerSpec, Mapping[str, Any], None]) -> Optional[BreakerSpec]:

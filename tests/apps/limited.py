@@ -22,6 +22,7 @@ app.conf.update(
     tuning_circuit_breakers={"payments": {"fail_max": 3, "reset_timeout": 30}},
     tuning_concurrency_limits={"render": 2, "exclusive": 1},
     tuning_concurrency_lease_ttl=float(os.environ.get("TEST_LEASE_TTL", "3")),
+    tuning_defer_via=os.environ.get("TEST_DEFER_VIA", "park"),
     broker_connection_retry_on_startup=True,
     worker_prefetch_multiplier=1,
     task_default_queue=os.environ.get("TEST_QUEUE", "celery"),

@@ -9,7 +9,7 @@ from ...circuit import CircuitOpen, SharedBreaker
 from ...errors import ConfigurationError
 from ...policy import admission
 from ...policy.attach import BreakerPolicy
-from ..deferral import defer, is_eager, jitter
+from ..deferral import ParkRequest, defer, is_eager, jitter, spot
 from ..pipeline import Call, CallContext, Degraded, Step, register_step
 from ..registry import BREAKERS, breaker_for
 from ..runtime import runtime_for
@@ -79,6 +79,7 @@ class BreakerStep(Step):
             raise exc
         name = exc.name
         defer(ctx.task, jitter(exc.retry_after), reason="circuit_open", max_deferrals=policy.max_deferrals,
+              park=ParkRequest(spot("circuit_open", name), exc.retry_after),
               on_exhausted=lambda n: CircuitOpen(f"{name} (gave up after {n} deferrals)", exc.retry_after))
 
 

@@ -9,7 +9,7 @@ from ...concurrency import ConcurrencyLimiter
 from ...errors import ConcurrencyLimited
 from ...policy import admission
 from ...policy.attach import ConcurrencyPolicy
-from ..deferral import defer, deferrals_of, is_eager, jitter
+from ..deferral import ParkRequest, defer, deferrals_of, is_eager, jitter, spot
 from ..pipeline import Call, CallContext, Step, register_step
 from ..registry import CONCURRENCY_LIMITS, concurrency_limiter_for
 from ..runtime import runtime_for
@@ -48,6 +48,7 @@ class ConcurrencyStep(Step):
                 else:
                     recheck = admission.concurrency_recheck(lease.retry_after, deferrals_of(request))
                     defer(ctx.task, jitter(recheck), reason="concurrency_limit", max_deferrals=policy.max_deferrals,
+                          park=ParkRequest(spot("concurrency", policy.name), None),
                           on_exhausted=lambda n: ConcurrencyLimited(
                               f"{policy.name} (gave up after {n} deferrals)", lease.retry_after))
             try:

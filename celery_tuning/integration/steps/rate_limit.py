@@ -9,7 +9,7 @@ from ...errors import ConfigurationError, RateLimited, Throttled
 from ...policy import admission
 from ...policy.attach import RateLimitPolicy
 from ...ratelimit import Decision, GcraLimiter
-from ..deferral import defer, is_eager, jitter, warn_beyond_visibility
+from ..deferral import ParkRequest, defer, is_eager, jitter, spot, warn_beyond_visibility
 from ..pipeline import Ahead, Call, CallContext, Step, register_step
 from ..registry import LIMITERS, limiter_for
 from ..runtime import runtime_for
@@ -143,7 +143,7 @@ class RateLimitStep(Step):
     def _defer(self, task: Any, wait: float, reason: str, headers: Optional[Dict[str, Any]]) -> None:
         limiter_name = self.limiter_name
         defer(task, jitter(wait), reason=reason, max_deferrals=self.policy.max_deferrals,
-              headers=headers,
+              headers=headers, park=ParkRequest(spot("rate_limit", limiter_name), wait),
               on_exhausted=lambda n: RateLimited(wait, f"{limiter_name} (gave up after {n} deferrals)"))
 
     def _throttled(self, task: Any, request: Any, limiter: GcraLimiter, key: Any, exc: Throttled) -> None:

@@ -1,0 +1,234 @@
+"""The parking mover: publishes parked calls back to their queues when they are due.
+
+One daemon thread per worker (started by the worker bootstep in the main process when
+``tuning_defer_via="park"`` and ``tuning_park_mover``). Each round it walks the spots that may hold
+entries (from the store's index, cached about a second), and for each spot:
+
+- a concurrency limit first gets ``promote``: as many FIFO waiters as there are free slots become
+  due (this covers leases that expired: a release already promotes in the same script);
+- ``claim`` takes up to ``batch`` due entries under a claim that expires after
+  ``tuning_park_claim_ttl``; a mover killed mid-way loses nothing, another mover claims them again;
+- each claimed entry is published to its queue through the app's producer pool with the
+  :data:`~celery_tuning.integration.deferral.HEADER_PARK` header, then acknowledged (``ack``).
+  A mover that dies between the two leaves an entry that is published again: the worker-side
+  guard drops the older copy by its publication number.
+
+It sleeps until the earliest due entry, at most ``busy_sleep`` (50 ms) while anything is parked
+and ``idle_sleep`` (100 ms: how late the first entry of a burst can be published; an idle round
+costs one SMEMBERS, plus a claim per spot seen recently) when nothing is; the spot list is read
+again on every idle round and at most every ``spots_ttl`` (1 s) while busy. Several workers'
+movers cooperate through the atomic claim (no election). Redis or broker errors back off (up
+to 5 s) and are logged once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Dict, List, NamedTuple, Optional
+
+from .. import events
+from ..errors import StorageError
+from ..storage.keys import lease_key
+from .deferral import HEADER_PARK, decode_payload
+
+__all__ = ["Mover", "ParkedRow", "Round", "parked_snapshot"]
+
+logger = logging.getLogger("celery_tuning.parking")
+
+_MAX_BACKOFF = 5.0
+
+
+class Round(NamedTuple):
+    """What one round of the mover did, and how long it should sleep."""
+
+    published: int
+    sleep: float
+
+
+class ParkedRow(NamedTuple):
+    """One spot's counts, for the gauge ``celery_tuning_parked_tasks{reason,name}`` and the CLI."""
+
+    reason: str
+    name: str
+    due: int
+    waiting: int
+    claimed: int
+    next_due_in: Optional[float]
+    oldest_age: Optional[float]
+
+    @property
+    def parked(self) -> int:
+        return self.due + self.waiting + self.claimed
+
+
+def parked_snapshot(store: Any) -> List[ParkedRow]:
+    """Every spot's counts (one round trip per spot); for metrics and ``tuning parked``.
+
+    Raises:
+        StorageError: When the tuning Redis fails.
+    """
+    now = store.now_us()
+    rows = []
+    for where in sorted(store.spots()):
+        snap = store.snapshot(where)
+        next_in = None if snap.next_due_us is None else max(0.0, (snap.next_due_us - now) / 1e6)
+        age = None if snap.oldest_us is None else max(0.0, (now - snap.oldest_us) / 1e6)
+        rows.append(ParkedRow(where.reason, where.name, snap.due, snap.waiting, snap.claimed, next_in, age))
+    return rows
+
+
+class Mover:
+    """Publishes one app's due parked calls.
+
+    Arguments:
+        app: The Celery app (its producer pool publishes).
+        store: The park store (default: the app's, from the registry).
+        batch: Entries claimed per spot per round.
+        busy_sleep: Longest sleep while anything is parked (s).
+        idle_sleep: Sleep when nothing is parked (s).
+        spots_ttl: How long the spot list from the index is reused while entries are parked (s).
+    """
+
+    def __init__(self, app: Any, store: Any = None, *, batch: int = 100, busy_sleep: float = 0.05,
+                 idle_sleep: float = 0.1, spots_ttl: float = 1.0) -> None:
+        from .runtime import runtime_for
+
+        self.app = app
+        self.runtime = runtime_for(app)
+        self.store = store if store is not None else self.runtime.registry.park_store()
+        config = self.runtime.config
+        self.claim_ttl_us = int(config.park_claim_ttl * 1_000_000)
+        self.batch = batch
+        self.busy_sleep = busy_sleep
+        self.idle_sleep = idle_sleep
+        self.spots_ttl = spots_ttl
+        self._spots: List[Any] = []
+        self._spots_at = -1e9
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._failing = False
+        self._idle = True
+        self._backoff = 0.0
+        #: Entries published since start (all spots).
+        self.published = 0
+
+    # -- the thread ---------------------------------------------------------------------------
+
+    def start(self) -> Mover:
+        if self._thread is not None and self._thread.is_alive():
+            return self
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="celery-tuning-mover", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                sleep = self.run_once().sleep
+                if self._failing:
+                    self._failing, self._backoff = False, 0.0
+                    logger.info("parking mover: the tuning Redis and the broker answer again")
+            except Exception as exc:  # the mover must outlive any one bad round
+                self._backoff = min(max(self._backoff * 2, 0.1), _MAX_BACKOFF)
+                sleep = self._backoff
+                if not self._failing:
+                    self._failing = True
+                    if isinstance(exc, StorageError):
+                        logger.warning("parking mover: tuning Redis failed (%s); retrying with backoff", exc)
+                    else:
+                        logger.exception("parking mover: a round failed; retrying with backoff")
+            if sleep > 0:
+                self._stop.wait(sleep)
+
+    # -- one round ----------------------------------------------------------------------------
+
+    def spots(self) -> List[Any]:
+        """The spots that may hold entries (the store's index, reused for ``spots_ttl`` s)."""
+        now = time.monotonic()
+        if self._idle or now - self._spots_at >= self.spots_ttl:
+            self._spots = list(self.store.spots())
+            self._spots_at = now
+        return self._spots
+
+    def run_once(self) -> Round:
+        """Promote, claim, publish and acknowledge once over every spot.
+
+        Raises:
+            StorageError: When the tuning Redis fails (entries claimed so far come back after the
+            claim TTL); the broker's errors likewise.
+        """
+        store = self.store
+        published = 0
+        full = False
+        parked = False
+        earliest: Optional[int] = None
+        for where in self.spots():
+            if where.reason == "concurrency":
+                parked = self._promote(where) or parked
+            claimed = store.claim(where, self.batch, self.claim_ttl_us)
+            if claimed:
+                parked = True
+                published += self._publish(where, claimed)
+                full = full or len(claimed) >= self.batch
+            due = store.next_due_us(where)
+            if due is not None:
+                parked = True
+                earliest = due if earliest is None else min(earliest, due)
+        self.published += published
+        self._idle = not parked
+        if full:
+            return Round(published, 0.0)
+        if not parked:
+            return Round(published, self.idle_sleep)
+        sleep = self.busy_sleep
+        if earliest is not None:
+            sleep = min(sleep, max(0.0, (earliest - store.now_us()) / 1e6))
+        return Round(published, sleep)
+
+    def _promote(self, where: Any) -> bool:
+        """Free slots of a concurrency limit go to its first waiters; True when any wait."""
+        cap = self.runtime.config.concurrency_limits.get(where.name)
+        if cap is None:
+            return False  # not a limit of this app (another app shares the Redis)
+        snap = self.store.snapshot(where)
+        if snap.waiting:
+            self.store.promote(where, lease_key(self.runtime.config.key_prefix, where.name), cap)
+        return bool(snap.waiting)
+
+    def _publish(self, where: Any, claimed: List[Any]) -> int:
+        done = 0
+        with self.app.producer_or_acquire() as producer:
+            for entry in claimed:
+                try:
+                    self.publish(where, entry, producer=producer)
+                except (TypeError, ValueError, KeyError):
+                    # A payload this version cannot read would fail again on every claim: it stays
+                    # claimed (and comes back after the claim TTL); say which one.
+                    logger.exception("parking mover: cannot decode parked entry %s of %s:%s", entry.park_id,
+                                     where.reason, where.name)
+                    continue
+                self.store.ack(where, entry.park_id, entry.pub)
+                events.task_unparked(where.reason, where.name)
+                done += 1
+        return done
+
+    def publish(self, where: Any, entry: Any, producer: Any = None) -> Any:
+        """Publish one claimed entry to its queue with the :data:`HEADER_PARK` ticket (no ack)."""
+        signature = self.app.signature(decode_payload(entry.payload))
+        headers: Dict[str, Any] = dict(signature.options.get("headers") or {})
+        headers[HEADER_PARK] = {"id": entry.park_id, "pub": entry.pub, "r": where.reason, "n": where.name}
+        signature.options["headers"] = headers
+        return signature.apply_async(producer=producer)

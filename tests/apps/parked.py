@@ -1,0 +1,93 @@
+"""An app whose deferrals park (``tuning_defer_via`` from TEST_DEFER_VIA, default "park").
+
+Every task records its runs in the tuning Redis (``runs`` per task id, start/end times per task)
+so tests can prove exactly-once and measure pacing and hand-over gaps.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import redis
+from celery import Celery
+
+import celery_tuning
+from celery_tuning import circuit_breaker, concurrency_limit, rate_limit
+from celery_tuning.integration.deferral import deferrals_of
+
+URL = os.environ.get("TEST_BROKER_URL", "redis://127.0.0.1:6379/0")
+TUNING = os.environ.get("TEST_TUNING_URL", "redis://127.0.0.1:6379/1")
+app = Celery("tests_parked", broker=URL, backend=os.environ.get("TEST_BACKEND_URL", URL),
+             task_cls="celery_tuning:TunedTask")
+app.conf.update(
+    tuning_redis_url=TUNING,
+    tuning_defer_via=os.environ.get("TEST_DEFER_VIA", "park"),
+    tuning_park_claim_ttl=float(os.environ.get("TEST_CLAIM_TTL", "30")),
+    tuning_park_mover=os.environ.get("TEST_PARK_MOVER", "1"),
+    tuning_rate_limits={"paced": {"rate": "20/s", "burst": 1}},
+    tuning_circuit_breakers={"flaky": {"fail_max": 1, "reset_timeout": 1.0}},
+    tuning_concurrency_limits={"solo": 1},
+    tuning_concurrency_lease_ttl=5.0,
+    broker_connection_retry_on_startup=True,
+    worker_prefetch_multiplier=1,
+    task_default_queue=os.environ.get("TEST_QUEUE", "celery"),
+)
+celery_tuning.install(app)
+ledger = redis.Redis.from_url(os.environ.get("TEST_LEDGER_URL", TUNING))
+
+
+def _ran(task_id: str) -> None:
+    ledger.hincrby("runs", task_id, 1)
+
+
+@app.task(bind=True, max_retries=0)
+@rate_limit("paced", max_wait=0.0, on_limit="defer")
+def paced(self, i):
+    """Runs at the limiter's pace; records when."""
+    _ran(self.request.id)
+    ledger.rpush("paced_times", time.time())
+    return {"i": i, "deferrals": deferrals_of(self.request)}
+
+
+@app.task(bind=True, max_retries=0)
+@concurrency_limit("solo")
+def solo(self, i, seconds=0.2):
+    """One at a time across every worker; records start and end."""
+    start = time.time()
+    time.sleep(seconds)
+    _ran(self.request.id)
+    ledger.rpush("solo_spans", f"{i} {start} {time.time()}")
+    return i
+
+
+@app.task(bind=True, max_retries=0)
+@circuit_breaker("flaky", on_open="retry")
+def guarded(self, i):
+    """Fails while the 'fail' flag is set (opening the breaker); runs once it is reset."""
+    if ledger.get("fail"):
+        raise RuntimeError("provider down")
+    _ran(self.request.id)
+    ledger.rpush("guarded_times", time.time())
+    return i
+
+
+@app.task(bind=True, max_retries=0)
+@rate_limit("paced", max_wait=0.0, on_limit="defer")
+def add(self, x, y):
+    _ran(self.request.id)
+    return x + y
+
+
+@app.task(bind=True)
+def total(self, values):
+    _ran(self.request.id)
+    return sum(values)
+
+
+@app.task(bind=True, max_retries=0)
+@rate_limit("paced", max_wait=0.0, on_limit="defer")
+def blob(self, payload):
+    """Takes a pickle-only argument when the test publishes with the pickle serializer."""
+    _ran(self.request.id)
+    return repr(payload)[:20]
