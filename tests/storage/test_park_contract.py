@@ -274,3 +274,64 @@ def test_a_64_kib_payload_round_trips(w):
     w.store.park(RL, "big:1", payload, 0)
     [claimed] = w.store.claim(RL, 1, CLAIM)
     assert claimed.payload == payload
+
+
+@pytest.fixture()
+def redis_world(make_world, where) -> World:
+    if where == "memory":
+        pytest.skip("key expiry and memory are Redis matters")
+    return make_world()
+
+
+def test_every_key_has_a_bounded_ttl(redis_world):
+    w = redis_world
+    s = w.store
+    s.park(RL, "a:1", "{}", 100 * SEC)
+    s.park(RL, "b:1", "{}", 0)
+    s.park(CC, "c:1", "{}", None)
+    [claimed] = s.claim(RL, 10, CLAIM)
+    assert s.ack(RL, claimed.park_id, claimed.pub)
+    assert s.redeem(RL, "b:1", claimed.pub)
+    s.promote(CC, LEASES, 5)
+    spot_keys = [*keys.park_keys("tuning", RL.reason, RL.name), *keys.park_keys("tuning", CC.reason, CC.name)]
+    present = [k for k in spot_keys if w.connector.run(lambda c, k=k: c.exists(k))]
+    assert len(present) >= 6  # due, msg, tix, tixat of RL; due, msg of CC at least
+    day_ms = 86_400_000
+    for key in [*present, keys.park_index_key("tuning")]:
+        pttl = w.connector.run(lambda c, key=key: c.pttl(key))
+        # longest due (100 s) + ticket TTL + 1 s of slack, and never without one
+        assert day_ms < pttl <= day_ms + 101_000, (key, pttl)
+
+
+def test_redis_memory_per_parked_entry(redis_world, capsys):
+    """The issue's bound: Redis memory per parked task <= message size + 512 bytes."""
+    w = redis_world
+    s = w.store
+    n, size = 2000, 1024
+    payload = json.dumps({"x": "y" * (size - 9)})
+    assert len(payload) == size
+    spot_keys = keys.park_keys("tuning", RL.reason, RL.name)
+
+    def used() -> int:
+        return sum(int(w.connector.run(lambda c, k=k: c.memory_usage(k, samples=0)) or 0) for k in spot_keys)
+
+    import uuid
+
+    ids = [f"{uuid.uuid4()}:{i % 7}" for i in range(n)]
+    for i, park_id in enumerate(ids):
+        s.park(RL, park_id, payload, i)
+    parked = used() / n
+    w.clock.now += n  # all due
+    claimed = [c for _ in range(n // 100) for c in s.claim(RL, 100, CLAIM)]
+    assert len(claimed) == n
+    in_flight = used() / n  # claimed, with a ticket each
+    for c in claimed:
+        s.ack(RL, c.park_id, c.pub)
+    ticket = used() / n  # what stays after publishing: the ticket only
+    with capsys.disabled():
+        print(f"\nRedis bytes per entry with a {size}-byte payload: parked {parked:.0f}, "
+              f"claimed {in_flight:.0f}, ticket after publishing {ticket:.0f}")
+    assert parked <= size + 512
+    # A claimed entry also holds its ticket; at most `batch` per mover are claimed at any time.
+    assert in_flight <= parked + 512
+    assert ticket <= 512

@@ -1,4 +1,4 @@
-"""Every name, however odd, pins all keys of its limiter, breaker, lease set or cache to one Cluster slot.
+"""Every name, however odd, pins all keys of its limiter, breaker, lease set, cache, parking spots to one slot.
 
 And the key formats themselves: deployed data and docs/upgrading.md depend on them, so they are
 pinned here literally, as storage/keys.py's table documents them.
@@ -17,6 +17,8 @@ from celery_tuning.storage.cache import CacheKeys
 from celery_tuning.storage.gcra import Bucket
 from celery_tuning.storage.keys import hash_tag
 from celery_tuning.storage.lease import MemoryLeaseStore
+from celery_tuning.storage.park import REASONS, RedisParkStore, Spot
+from celery_tuning.storage.redis import RedisConnector
 
 ODD = ["}x", "a{b}c", "{", "", "}", "{}", "a}b", "}{", "%7D", "%", "x%7D", "{x}"]
 
@@ -33,7 +35,13 @@ def entity_keys(name: str) -> list:
     bucket, keyed = Bucket.for_limiter("tuning", name), Bucket.for_limiter("tuning", name, "0123abcd")
     cache = CacheKeys("tuning", name, 1)
     return [bucket.tat, bucket.conf, keyed.tat, cache.generation_key,  # keyed.conf is bucket.conf
-            cache.value(3, "ab" * 32), cache.lock(3, "ab" * 32)]
+            cache.value(3, "ab" * 32), cache.lock(3, "ab" * 32), *park_keys_of(name)]
+
+
+def park_keys_of(name: str) -> list:
+    """Every key of the three parking spots of ``name``, built by the store that uses them."""
+    store = RedisParkStore(RedisConnector("redis://127.0.0.1:1/0"))  # lazy: never connects here
+    return [k for reason in REASONS for k in store.keys(Spot(reason, name))]
 
 
 def script_key_sets(name: str) -> list:
@@ -47,6 +55,8 @@ def script_key_sets(name: str) -> list:
         [bucket.tat, bucket.conf], [keyed.tat, keyed.conf],               # gcra_*.lua
         [cache.value(3, "ab" * 32), cache.lock(3, "ab" * 32), cache.generation_key],  # cache_*.lua
         [breaker.key], [lease.key],                                        # breaker.lua, lease_*.lua
+        # park_*.lua: one spot's keys, with the lease set for park_promote.lua
+        *[[*keys.park_keys("tuning", reason, name), lease.key] for reason in REASONS],
     ]
 
 
@@ -64,6 +74,26 @@ def test_key_formats_are_the_documented_ones():
     assert cache.lock(7, "d1") == "tuning:cache:{proj.add}:v2:g7:d1:lock"
     assert cache.channel == "tuning:cache:invalidate"
     assert keys.prefixed_key("tuning", "a", "b") == "tuning:a:b"
+    assert keys.park_keys("tuning", "concurrency", "pdf-render") == (
+        "tuning:park:{pdf-render}:cc:due", "tuning:park:{pdf-render}:cc:wait", "tuning:park:{pdf-render}:cc:msg",
+        "tuning:park:{pdf-render}:cc:claim", "tuning:park:{pdf-render}:cc:tix", "tuning:park:{pdf-render}:cc:tixat")
+    assert keys.park_stem("tuning", "rate_limit", "openai") == "tuning:park:{openai}:rl"
+    assert keys.park_stem("tuning", "circuit_open", "payments") == "tuning:park:{payments}:cb"
+    assert keys.park_index_key("tuning") == "tuning:park:index"
+    assert keys.park_index_member("circuit_open", "pay:ments") == "cb:pay:ments"
+
+
+@pytest.mark.parametrize("name", ["openai", *ODD])
+def test_park_index_members_read_back_as_their_spot(name):
+    for reason in REASONS:
+        assert keys.park_spot_of(keys.park_index_member(reason, name)) == (reason, name)
+    assert keys.park_spot_of("zz:" + name) is None
+    assert keys.park_spot_of("rl") is None
+
+
+def test_an_unknown_parking_reason_is_refused():
+    with pytest.raises(ConfigurationError, match="reason"):
+        keys.park_stem("tuning", "whim", "x")
 
 
 def test_the_key_module_and_the_builders_agree():
