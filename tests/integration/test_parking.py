@@ -1,0 +1,243 @@
+"""Parking (issue #17) end to end: real prefork workers, a real redis-server, the mover in the workers.
+
+Deferred tasks wait in the tuning Redis, not as ETA messages in worker memory; the mover publishes
+them back when due; a mover killed after claiming or after publishing loses nothing and runs
+nothing twice; the tuning Redis down falls back to countdowns.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Any, Dict, List
+
+import pytest
+from celery import Celery
+
+from celery_tuning.storage.park import RedisParkStore, Spot
+from celery_tuning.storage.redis import get_connector
+from tests.support.apps import run_producer, worker_env
+from tests.support.workers import WorkerProcess, running_workers
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+APP = "tests.apps.parked:app"
+
+
+def _store(redis: Any, db: int = 1) -> RedisParkStore:
+    return RedisParkStore(get_connector(redis.db_url(db)), prefix="tuning")
+
+
+def _runs(client: Any) -> Dict[bytes, bytes]:
+    return client.hgetall("runs")
+
+
+def _parked(store: RedisParkStore, spot: Spot) -> int:
+    snap = store.snapshot(spot)
+    return snap.due + snap.waiting + snap.claimed
+
+
+def _wait_for(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_a_burst_parks_and_runs_once_at_the_limits_pace_with_no_eta_messages(redis_clean):
+    """40 tasks at 20/s burst 1 on 2 prefork workers: each once, paced, parked in Redis not in memory."""
+    store = _store(redis_clean)
+    spot = Spot("rate_limit", "paced")
+    seen: Dict[str, List[int]] = {"parked": [], "scheduled": []}
+    control = Celery(broker=redis_clean.db_url(0), set_as_current=False)
+    stop = threading.Event()
+
+    def watch() -> None:  # while the burst is parked: how many wait in Redis, how many ETA in workers
+        while not stop.is_set():
+            seen["parked"].append(_parked(store, spot))
+            replies = control.control.inspect(timeout=0.5).scheduled() or {}
+            seen["scheduled"].append(sum(len(v) for v in replies.values()))
+
+    with running_workers(APP, worker_env(redis_clean), count=2, concurrency=2, prefix="rl") as workers:
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        try:
+            out = run_producer(
+                "import json, time\nfrom tests.apps.parked import paced\n"
+                "start = time.time()\nrs = [paced.delay(i) for i in range(40)]\n"
+                "values = [r.get(timeout=60) for r in rs]\n"
+                "print(json.dumps({'elapsed': time.time() - start, 'values': values}))\n", redis_clean)
+        finally:
+            stop.set()
+            watcher.join(5)
+        logs = "".join(w.output() for w in workers)
+    data = json.loads(out.splitlines()[-1])
+    assert [v["i"] for v in data["values"]] == list(range(40))
+    assert sum(v["deferrals"] > 0 for v in data["values"]) >= 30, "expected the burst to park"
+    runs = _runs(redis_clean.client(1))
+    assert len(runs) == 40 and set(runs.values()) == {b"1"}, runs
+    assert max(seen["parked"]) >= 10, seen["parked"]
+    assert seen["scheduled"] and max(seen["scheduled"]) == 0, "a worker held ETA messages"
+    assert "countdown" not in logs
+    times = sorted(float(t) for t in redis_clean.client(1).lrange("paced_times", 0, -1))
+    # slots are 50 ms apart: 40 runs span >= 39 slots less the burst, and never run faster than the rate
+    assert times[-1] - times[0] >= 38 * 0.05 * 0.95, times[-1] - times[0]
+    assert (len(times) - 1) / (times[-1] - times[0]) <= 20 * 1.05
+    # the first parked tasks come back behind the burst still queued (a FIFO queue, no ETA): a few
+    # may run together once; after that each comes back on its slot
+    late = times[12:]
+    gaps = [b - a for a, b in zip(late, late[1:])]
+    assert min(gaps) >= 0.02, gaps
+    assert _parked(store, spot) == 0
+
+
+def test_concurrency_waiters_run_fifo_and_are_woken_on_release_not_polled(redis_clean):
+    """8 tasks of 0.3 s under a cap of 1 on 2 workers: one at a time, each started right after the
+    previous one ended (no 0.25..10 s polling), and woken in the order they first parked."""
+    with running_workers(APP, worker_env(redis_clean), count=2, concurrency=2, prefix="cc"):
+        run_producer(
+            "import time\nfrom tests.apps.parked import solo\n"
+            "rs = []\nfor i in range(8):\n    rs.append(solo.delay(i, 0.3))\n    time.sleep(0.02)\n"
+            "[r.get(timeout=60) for r in rs]\n", redis_clean)
+    client = redis_clean.client(1)
+    spans = sorted((float(s), float(e), int(i)) for i, s, e in
+                   (x.decode().split() for x in client.lrange("solo_spans", 0, -1)))
+    assert len(spans) == 8 and set(_runs(client).values()) == {b"1"}
+    gaps = [spans[k + 1][0] - spans[k][1] for k in range(7)]
+    assert min(gaps) >= -0.01, f"two ran at once: {spans}"
+    assert max(gaps) < 0.2, f"a freed slot was used late: {gaps}"
+    order = [i for _, _, i in spans]
+    assert order[1:] == sorted(order[1:]), f"waiters were not woken first in, first out: {order}"
+    assert _parked(_store(redis_clean), Spot("concurrency", "solo")) == 0
+
+
+def test_tasks_park_while_the_breaker_is_open_and_run_once_after_the_reset(redis_clean):
+    client = redis_clean.client(1)
+    client.set("fail", 1)
+    store = _store(redis_clean)
+    with running_workers(APP, worker_env(redis_clean), count=1, concurrency=2, prefix="cb"):
+        out = run_producer(
+            "import time\nfrom tests.apps.parked import guarded, ledger\n"
+            "first = guarded.delay(-1)\n"
+            "try:\n    first.get(timeout=20)\nexcept RuntimeError:\n    pass\n"
+            "rs = [guarded.delay(i) for i in range(6)]\n"
+            "time.sleep(0.5)\nprint('PARKED' if int(ledger.hlen('runs')) == 0 else 'RAN')\n"
+            "ledger.delete('fail')\n"
+            "print(sorted(r.get(timeout=30) for r in rs))\n", redis_clean)
+    parked_line, values = out.splitlines()[-2:]
+    assert parked_line == "PARKED"
+    assert values == str(list(range(6)))
+    runs = _runs(client)
+    assert len(runs) == 6 and set(runs.values()) == {b"1"}
+    assert _parked(store, Spot("circuit_open", "flaky")) == 0
+
+
+def test_a_parked_chain_and_chord_complete_exactly_once(redis_clean):
+    with running_workers(APP, worker_env(redis_clean), count=2, concurrency=2, prefix="cv"):
+        out = run_producer(
+            "from celery import chain, chord\nfrom tests.apps.parked import add, total\n"
+            "c = chain(add.s(1, 2), add.s(3), add.s(4)).delay()\n"
+            "d = chord([add.s(i, i) for i in range(8)], total.s()).delay()\n"
+            "print(c.get(timeout=60), d.get(timeout=60))\n", redis_clean)
+    assert out.splitlines()[-1] == f"10 {sum(2 * i for i in range(8))}"
+    runs = _runs(redis_clean.client(1))
+    assert len(runs) == 3 + 8 + 1 and set(runs.values()) == {b"1"}, runs
+
+
+_MOVER_DIES = """
+import os, signal
+from tests.apps.parked import app
+from celery_tuning.integration.mover import Mover
+from celery_tuning.storage.park import Spot
+mover = Mover(app)
+spot = Spot("rate_limit", "paced")
+claimed = mover.store.claim(spot, 100, 500_000)   # a claim of 0.5 s
+for entry in claimed[: len(claimed) // 2]:
+    mover.publish(spot, entry)                    # published, never acknowledged
+print(len(claimed), len(claimed) // 2, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)              # the mover dies holding its claims
+"""
+
+_NEXT_MOVER = """
+import time
+from tests.apps.parked import app
+from celery_tuning.integration.mover import Mover
+time.sleep(0.7)                                   # the dead mover's claims expire
+mover = Mover(app)
+while mover.run_once().published:
+    pass
+print(mover.published)
+"""
+
+
+def test_a_mover_killed_after_claiming_or_publishing_loses_nothing_and_runs_nothing_twice(redis_clean):
+    """Entries claimed by a killed mover come back after the claim TTL; copies it published before
+    dying are dropped by the guard (a later publication owns the entry), so each task runs once."""
+    env = {**worker_env(redis_clean), "TEST_PARK_MOVER": "0"}
+    store, spot = _store(redis_clean), Spot("rate_limit", "paced")
+    first = WorkerProcess(APP, env, concurrency=2, name="nomover")
+    try:
+        first.start()
+        run_producer("from tests.apps.parked import paced\nprint([paced.delay(i).id for i in range(12)])\n",
+                     redis_clean)
+        _wait_for(lambda: _parked(store, spot) >= 10, 20, "the burst to park")
+        _wait_for(lambda: redis_clean.client(0).llen("celery") == 0, 20, "the queue to drain")
+    finally:
+        first.close()
+    parked = _parked(store, spot)
+    ran_before = len(_runs(redis_clean.client(1)))
+    assert parked + ran_before == 12
+
+    import subprocess
+    import sys
+
+    from tests.support.workers import ROOT
+    proc = subprocess.run([sys.executable, "-c", _MOVER_DIES], capture_output=True, text=True, timeout=60,
+                          cwd=str(ROOT), env={**__import__("os").environ, "PYTHONPATH": str(ROOT),
+                                              **worker_env(redis_clean)})
+    assert proc.returncode == -9, proc.stderr
+    claimed, published = map(int, proc.stdout.split())
+    assert claimed == parked and published >= 1
+    assert store.snapshot(spot).claimed == parked
+    republished = int(run_producer(_NEXT_MOVER, redis_clean).splitlines()[-1])
+    assert republished == parked
+    with running_workers(APP, worker_env(redis_clean), count=1, concurrency=2, prefix="after") as workers:
+        _wait_for(lambda: len(_runs(redis_clean.client(1))) == 12 and redis_clean.client(0).llen("celery") == 0,
+                  30, "every task to run")
+        time.sleep(0.5)
+        logs = workers[0].output()
+    runs = _runs(redis_clean.client(1))
+    assert len(runs) == 12 and set(runs.values()) == {b"1"}, runs
+    assert logs.count("dropped a duplicate of a parked message") == published, logs[-3000:]
+    assert _parked(store, spot) == 0
+
+
+def test_tuning_redis_down_while_parking_falls_back_to_countdown_logged_once(redis_clean, fault_redis):
+    env = {**worker_env(redis_clean), "TEST_TUNING_URL": fault_redis.db_url(1),
+           "TEST_LEDGER_URL": redis_clean.db_url(2)}
+    with running_workers(APP, env, count=1, concurrency=1, prefix="down") as workers:
+        fault_redis.stop()
+        out = run_producer(
+            "from tests.apps.parked import paced\nrs = [paced.delay(i) for i in range(6)]\n"
+            "print(sorted(r.get(timeout=60)['i'] for r in rs))\n", redis_clean, env=env)
+        logs = workers[0].output()
+    assert out.splitlines()[-1] == str(list(range(6)))
+    runs = redis_clean.client(2).hgetall("runs")
+    assert len(runs) == 6 and set(runs.values()) == {b"1"}
+    assert logs.count("deferring with countdowns") == 1, logs[-3000:]
+
+
+def test_parking_with_rabbitmq_as_the_broker(redis_clean, rabbitmq_url):
+    queue = f"parked-{time.time_ns()}"
+    env = {**worker_env(redis_clean), "TEST_BROKER_URL": rabbitmq_url, "TEST_QUEUE": queue}
+    with running_workers(APP, env, count=2, concurrency=2, prefix="amqp"):
+        out = run_producer(
+            "import json\nfrom tests.apps.parked import paced, solo\n"
+            "rs = [paced.delay(i) for i in range(20)] + [solo.delay(i, 0.1) for i in range(4)]\n"
+            "values = [r.get(timeout=60) for r in rs]\n"
+            "print(json.dumps([v['deferrals'] for v in values[:20]]))\n", redis_clean, env=env)
+    deferrals = json.loads(out.splitlines()[-1])
+    assert sum(d > 0 for d in deferrals) >= 10
+    runs = _runs(redis_clean.client(1))
+    assert len(runs) == 24 and set(runs.values()) == {b"1"}
