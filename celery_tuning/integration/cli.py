@@ -56,6 +56,40 @@ def check(ctx: click.Context) -> None:
         sys.exit(1)
     click.echo(f"redis: {connector.safe_url} ok ({rtt * 1000:.2f} ms round trip)")
     click.echo(f"lua: scripts load (server time {int(server_ms)} ms)")
+    if runtime.config.defer_via == "park":
+        _check_persistence(connector)
+
+
+def persistence_of(connector: Any) -> Optional[Dict[str, str]]:
+    """The tuning Redis's ``appendonly`` and ``save`` settings, or None when CONFIG is not allowed."""
+    try:
+        client = connector.client
+        found = {**client.config_get("appendonly"), **client.config_get("save")}
+    except Exception:  # CONFIG renamed or disabled (managed Redis), ACL, cluster proxy
+        return None
+    return {key: _text(found.get(key, "")) for key in ("appendonly", "save")}
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _check_persistence(connector: Any) -> None:
+    found = persistence_of(connector)
+    if found is None:
+        click.echo("parking: could not read the tuning Redis's persistence settings (CONFIG GET is disabled); "
+                   "parked tasks live only in Redis: make sure it keeps its data (AOF or RDB) across restarts",
+                   err=True)
+        return
+    aof = found["appendonly"].lower() == "yes"
+    rdb = bool(found["save"].strip())
+    if not aof and not rdb:
+        click.echo("WARNING parking: the tuning Redis has neither AOF (appendonly no) nor RDB snapshots (save ''): "
+                   "parked tasks are lost if it restarts; enable persistence or set tuning_defer_via='countdown'",
+                   err=True)
+        return
+    kinds = " and ".join(k for k, on in (("AOF", aof), ("RDB", rdb)) if on)
+    click.echo(f"parking: the tuning Redis persists with {kinds}")
 
 
 def sla_summary(text: str) -> list[dict]:
@@ -323,6 +357,76 @@ def breaker_close(ctx: click.Context, name: str) -> None:
 @click.pass_context
 def breaker_reset(ctx: click.Context, name: str) -> None:
     _operate(ctx, name, "reset")
+
+
+@tuning.group(help="Show, release and purge tasks parked in the tuning Redis (tuning_defer_via='park').",
+              invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of lines.")
+@click.pass_context
+def parked(ctx: click.Context, as_json: bool) -> None:
+    if ctx.invoked_subcommand is not None:
+        return
+    from .mover import parked_snapshot
+
+    runtime = _runtime(ctx)
+    with _as_cli_error():
+        rows = parked_snapshot(runtime.registry.park_store())
+    if as_json:
+        click.echo(json.dumps([{"reason": r.reason, "name": r.name, "due": r.due, "waiting": r.waiting,
+                                "claimed": r.claimed, "next_due_in": r.next_due_in, "oldest_age": r.oldest_age}
+                               for r in rows], indent=2))
+        return
+    if not rows:
+        click.echo("no parked tasks")
+        return
+    for row in rows:
+        next_due = "-" if row.next_due_in is None else f"{row.next_due_in:.1f}s"
+        oldest = "-" if row.oldest_age is None else f"{row.oldest_age:.1f}s"
+        click.echo(f"{row.reason}:{row.name}: due {row.due}, waiting {row.waiting}, claimed {row.claimed}, "
+                   f"next due in {next_due}, oldest {oldest}")
+
+
+_REASON = click.Choice(["rate_limit", "concurrency", "circuit_open"])
+
+
+def _spots(ctx: click.Context, name: str, reason: Optional[str]) -> Any:
+    from ..storage.park import Spot
+
+    runtime = _runtime(ctx)
+    store = runtime.registry.park_store()
+    with _as_cli_error():
+        known = [s for s in store.spots() if s.name == name and (reason is None or s.reason == reason)]
+    if not known and reason is not None:
+        known = [Spot(reason, name)]
+    if not known:
+        raise click.ClickException(f"no parked tasks named {name!r}")
+    return store, known
+
+
+@parked.command("release", help="Make every task parked under NAME due now (the movers publish them).")
+@click.argument("name")
+@click.option("--reason", type=_REASON, default=None, help="Only this reason (default: every reason).")
+@click.pass_context
+def parked_release(ctx: click.Context, name: str, reason: Optional[str]) -> None:
+    store, spots = _spots(ctx, name, reason)
+    with _as_cli_error():
+        for where in spots:
+            click.echo(f"{where.reason}:{where.name}: released {store.release(where)}")
+
+
+@parked.command("purge", help="Drop every task parked under NAME (they never run; results stay PENDING).")
+@click.argument("name")
+@click.option("--reason", type=_REASON, default=None, help="Only this reason (default: every reason).")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_context
+def parked_purge(ctx: click.Context, name: str, reason: Optional[str], yes: bool) -> None:
+    store, spots = _spots(ctx, name, reason)
+    if not yes:
+        names = ", ".join(f"{s.reason}:{s.name}" for s in spots)
+        click.confirm(f"drop every task parked at {names}? they will never run", abort=True)
+    with _as_cli_error():
+        for where in spots:
+            click.echo(f"{where.reason}:{where.name}: purged {store.purge(where)}")
 
 
 @tuning.group(help="Inspect and clear result caches.")

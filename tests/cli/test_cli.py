@@ -213,3 +213,63 @@ def test_cli_reads_no_private_attributes():
     assert private == [], private
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for alias in node.names}
     assert "interval_us" not in imported
+
+
+def parked_cmd(*args, env, input=None):
+    return subprocess.run([sys.executable, "-m", "celery", "-A", "tests.apps.parked:app", "tuning", *args],
+                          capture_output=True, text=True, timeout=60, cwd=str(ROOT), env=env, input=input)
+
+
+def test_parked_show_release_and_purge(redis_clean):
+    from celery_tuning.storage.park import RedisParkStore, Spot
+    from celery_tuning.storage.redis import get_connector
+
+    env = limited_env(redis_clean)
+    out = parked_cmd("parked", env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "no parked tasks"
+    store = RedisParkStore(get_connector(redis_clean.db_url(1)), prefix="tuning")
+    paced, solo = Spot("rate_limit", "paced"), Spot("concurrency", "solo")
+    for i in range(3):
+        store.park(paced, f"t{i}:1", "{}", 60_000_000)
+    store.park(solo, "w:1", "{}", None)
+    out = parked_cmd("parked", env=env)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "concurrency:solo: due 0, waiting 1, claimed 0, next due in -, oldest " + lines[0].split()[-1]
+    assert re.match(r"rate_limit:paced: due 3, waiting 0, claimed 0, next due in (59|60)\.\ds, oldest \d+\.\ds$",
+                    lines[1]), lines
+    out = parked_cmd("parked", "--json", env=env)
+    assert {r["name"]: r["due"] + r["waiting"] for r in __import__("json").loads(out.stdout)} == {"paced": 3, "solo": 1}
+
+    out = parked_cmd("parked", "release", "paced", env=env)
+    assert out.returncode == 0 and out.stdout.strip() == "rate_limit:paced: released 3", out.stderr
+    assert store.snapshot(paced).next_due_us <= store.now_us()
+
+    out = parked_cmd("parked", "purge", "solo", env=env, input="n\n")
+    assert out.returncode != 0 and "Aborted" in out.stderr
+    assert store.snapshot(solo).waiting == 1
+    out = parked_cmd("parked", "purge", "solo", "--reason", "concurrency", "--yes", env=env)
+    assert out.returncode == 0 and out.stdout.strip() == "concurrency:solo: purged 1", out.stderr
+    assert store.snapshot(solo).waiting == 0
+
+    out = parked_cmd("parked", "release", "nothing-here", env=env)
+    assert out.returncode != 0 and "no parked tasks named 'nothing-here'" in out.stderr
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    ((), "WARNING parking: the tuning Redis has neither AOF"),
+    (("--appendonly", "yes"), "parking: the tuning Redis persists with AOF"),
+    (("--save", "900 1"), "parking: the tuning Redis persists with RDB"),
+    (("--rename-command", "CONFIG", ""), "CONFIG GET is disabled"),
+])
+def test_check_warns_when_parked_tasks_would_live_on_a_redis_without_persistence(args, expected):
+    from celery_tuning.testing import RedisServer
+
+    server = RedisServer(extra_args=list(args)).start()
+    try:
+        out = parked_cmd("check", env=limited_env(server))
+    finally:
+        server.close()
+    assert out.returncode == 0, out.stderr
+    assert expected in out.stdout + out.stderr

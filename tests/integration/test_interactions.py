@@ -142,7 +142,10 @@ class Seen:
 
 
 def run_cell(redis: Any, outcome: ix.Outcome, stack: FrozenSet[str]) -> Seen:
-    app = make_app(redis, "interactions", tuning_rate_limits={RL: {"rate": "1/m", "burst": 1}},
+    # Deferrals read back as the re-published message on the broker: pinned to countdown (parked
+    # deferrals go through the same steps; tests/integration/test_parking.py covers them).
+    app = make_app(redis, "interactions", tuning_defer_via="countdown",
+                   tuning_rate_limits={RL: {"rate": "1/m", "burst": 1}},
                    tuning_circuit_breakers={CB: {"fail_max": 5, "reset_timeout": 60}},
                    tuning_concurrency_limits={CC: 1}, tuning_timing=True)
     recipe = RECIPES[outcome.name]
@@ -309,8 +312,8 @@ def test_another_limiters_throttle_keeps_the_task_on_its_own_key(redis_clean):
     decision and reserved slot stay on its key (it used to decide on an unkeyed bucket nobody uses)."""
     from celery_tuning.ratelimit import hash_key
 
-    app = make_app(redis_clean, "ix-keyed", tuning_rate_limits={"per": {"rate": "1/s", "burst": 1},
-                                                                "api": {"rate": "50/s", "burst": 5}})
+    app = make_app(redis_clean, "ix-keyed", tuning_defer_via="countdown",  # reads the broker's message
+                   tuning_rate_limits={"per": {"rate": "1/s", "burst": 1}, "api": {"rate": "50/s", "burst": 5}})
 
     @app.task(bind=True, shared=False, name="ix.keyed")
     @rate_limit("per", key=lambda tenant: tenant, on_limit="defer")
