@@ -1,0 +1,149 @@
+"""Parking on the worker side against the reference MemoryParkStore: payloads, the guard, the mover."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+import pytest
+from celery import Celery
+from celery.app.task import Context
+from celery.exceptions import Ignore
+
+from celery_tuning import events
+from celery_tuning.integration.deferral import (
+    HEADER_DEFERRALS,
+    HEADER_PARK,
+    decode_payload,
+    encode_payload,
+    guard,
+)
+from celery_tuning.integration.mover import Mover, parked_snapshot
+from celery_tuning.integration.runtime import runtime_for
+from celery_tuning.storage.park import MemoryParkStore, Spot
+
+SPOT = Spot("rate_limit", "api")
+
+
+@pytest.fixture()
+def app() -> Any:
+    app = Celery("parking-unit", broker="memory://", backend="cache+memory://", set_as_current=False)
+    app.conf.update(tuning_redis_url="redis://127.0.0.1:1/0", tuning_concurrency_limits={"solo": 1})
+
+    @app.task(bind=True, name="unit.work", shared=False)
+    def work(self: Any, x: int, y: int = 0) -> int:
+        return x + y
+
+    return app
+
+
+@pytest.fixture()
+def store(app: Any) -> MemoryParkStore:
+    store = MemoryParkStore()
+    runtime_for(app).registry.use_park_store(store)
+    return store
+
+
+def _request(task_id: str = "t-1", headers: Any = None, **extra: Any) -> Context:
+    return Context(id=task_id, args=(1,), kwargs={"y": 2}, headers=headers or {}, retries=0,
+                   delivery_info={"exchange": "", "routing_key": "work-q", "priority": 3},
+                   root_id="root-1", parent_id="parent-1", group_id=None, chord=None, chain=None,
+                   link=None, link_error=None, **extra)
+
+
+def _queued(app: Any, queue: str) -> List[Any]:
+    out = []
+    with app.connection_for_read() as conn:
+        q = conn.SimpleQueue(queue)
+        while True:
+            try:
+                message = q.get(block=False)
+            except q.Empty:
+                break
+            out.append(message)
+            message.ack()
+        q.close()
+    return out
+
+
+def test_the_payload_keeps_the_call_and_its_routing(app):
+    task = app.tasks["unit.work"]
+    headers = {HEADER_DEFERRALS: 2, "tuning_rl_slot": {"limiter": "api", "at": 1.0}}
+    text = encode_payload(task, _request(headers=headers), headers, "rate_limit", "api")
+    assert "pickle" not in text
+    data = decode_payload(text)
+    assert data["task"] == "unit.work" and list(data["args"]) == [1] and data["kwargs"] == {"y": 2}
+    options = data["options"]
+    assert options["task_id"] == "t-1" and options["root_id"] == "root-1" and options["parent_id"] == "parent-1"
+    assert options["queue"] == "work-q" and options["priority"] == 3
+    assert options["headers"] == headers
+    assert not {"v", "reason", "name", "parked_at"} & set(data)
+
+
+def test_a_call_that_is_not_json_cannot_be_parked(app):
+    task = app.tasks["unit.work"]
+    request = _request()
+    request.args = (object(),)
+    with pytest.raises(TypeError):
+        encode_payload(task, request, {}, "rate_limit", "api")
+
+
+def test_the_guard_drops_a_stale_duplicate_and_runs_the_current_copy(app, store):
+    task = app.tasks["unit.work"]
+    store.park(SPOT, "t-1:1", "{}", 0)
+    first = store.claim(SPOT, 10, 1)[0]          # a mover claims (pub 1), publishes, dies
+    store.clock = lambda: MemoryParkStore().clock() + 10  # its claim expires
+    second = store.claim(SPOT, 10, 1_000_000)[0]  # the next mover publishes it again (pub 2)
+    assert (first.pub, second.pub) == (1, 2)
+    stale = {HEADER_PARK: {"id": "t-1:1", "pub": 1, "r": SPOT.reason, "n": SPOT.name}}
+    current = {HEADER_PARK: {"id": "t-1:1", "pub": 2, "r": SPOT.reason, "n": SPOT.name}}
+    with pytest.raises(Ignore):
+        guard(task, _request(headers=stale))
+    guard(task, _request(headers=current))       # runs
+    guard(task, _request(headers=current))       # the same copy redelivered by the broker: runs
+    guard(task, _request())                      # not parked: nothing to check
+
+
+def test_the_mover_publishes_due_entries_with_their_ticket_and_acks_them(app, store):
+    task = app.tasks["unit.work"]
+    unparked: List[Any] = []
+
+    def seen(reason: str, name: str) -> None:
+        unparked.append((reason, name))
+
+    events.TASK_UNPARKED.subscribe(seen)
+    try:
+        for i in range(3):
+            headers: Dict[str, Any] = {HEADER_DEFERRALS: 1}
+            request = _request(task_id=f"t-{i}", headers=headers)
+            store.park(SPOT, f"t-{i}:1", encode_payload(task, request, headers, "rate_limit", "api"), 0)
+        store.park(SPOT, "later:1", encode_payload(task, _request("later"), {}, "rate_limit", "api"), 60_000_000)
+        mover = Mover(app, store)
+        done = mover.run_once()
+    finally:
+        events.TASK_UNPARKED.unsubscribe(seen)
+    assert done.published == 3 and unparked == [("rate_limit", "api")] * 3
+    assert 0 < done.sleep <= mover.busy_sleep  # something is still parked
+    messages = _queued(app, "work-q")
+    assert sorted(m.headers["id"] for m in messages) == ["t-0", "t-1", "t-2"]
+    for m in messages:
+        assert m.headers[HEADER_PARK]["pub"] == 1 and m.headers[HEADER_PARK]["r"] == "rate_limit"
+        assert m.headers[HEADER_DEFERRALS] == 1
+    [row] = parked_snapshot(store)
+    assert (row.reason, row.name, row.due, row.claimed, row.parked) == ("rate_limit", "api", 1, 0, 1)
+    assert 59 < row.next_due_in <= 60
+
+
+def test_the_mover_wakes_concurrency_waiters_in_fifo_order(app, store):
+    task = app.tasks["unit.work"]
+    spot = Spot("concurrency", "solo")
+    for i, seq in ((0, 30), (1, 10), (2, 20)):
+        store.park(spot, f"w{i}:1", encode_payload(task, _request(f"w{i}"), {}, "concurrency", "solo"), None, seq)
+    mover = Mover(app, store)
+    assert mover.run_once().published == 1           # a cap of 1, no lease held: the first waiter
+    assert [m.headers["id"] for m in _queued(app, "work-q")] == ["w1"]
+    assert mover.run_once().published == 1           # nothing holds a lease in this store: the next
+    assert [m.headers["id"] for m in _queued(app, "work-q")] == ["w2"]
+
+
+def test_an_idle_mover_sleeps_longer(app, store):
+    assert Mover(app, store).run_once() == (0, 0.1)
