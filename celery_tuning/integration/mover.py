@@ -33,7 +33,7 @@ from ..errors import StorageError
 from ..storage.keys import lease_key
 from .deferral import HEADER_PARK, decode_payload
 
-__all__ = ["Mover", "ParkedRow", "Round", "parked_snapshot"]
+__all__ = ["Mover", "ParkedRow", "Round", "parked_rows", "parked_snapshot"]
 
 logger = logging.getLogger("celery_tuning.parking")
 
@@ -77,6 +77,17 @@ def parked_snapshot(store: Any) -> List[ParkedRow]:
         age = None if snap.oldest_us is None else max(0.0, (now - snap.oldest_us) / 1e6)
         rows.append(ParkedRow(where.reason, where.name, snap.due, snap.waiting, snap.claimed, next_in, age))
     return rows
+
+
+def parked_rows(app: Any) -> List[ParkedRow]:
+    """:func:`parked_snapshot` of ``app``'s park store (the gauge ``celery_tuning_parked_tasks``).
+
+    Raises:
+        StorageError: When the tuning Redis fails.
+    """
+    from .runtime import runtime_for
+
+    return parked_snapshot(runtime_for(app).registry.park_store())
 
 
 class Mover:
