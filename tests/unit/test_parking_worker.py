@@ -147,3 +147,45 @@ def test_the_mover_wakes_concurrency_waiters_in_fifo_order(app, store):
 
 def test_an_idle_mover_sleeps_longer(app, store):
     assert Mover(app, store).run_once() == (0, 0.1)
+
+
+class _DownStore(MemoryParkStore):
+    def park(self, *args: Any, **kwargs: Any) -> None:
+        from celery_tuning.errors import StorageError
+
+        raise StorageError("tuning Redis down")
+
+
+@pytest.mark.parametrize(("why", "arg"), [("storage", 1), ("encoding", object())])
+def test_deferral_falls_back_to_a_countdown_logged_once(app, why, arg, caplog):
+    from celery_tuning.integration.deferral import ParkRequest, defer
+
+    store = _DownStore() if why == "storage" else MemoryParkStore()
+    app.conf.task_serializer = "pickle"  # where a call that is not JSON comes from
+    runtime_for(app).registry.use_park_store(store)
+    task = app.tasks["unit.work"]
+    fallbacks: List[Any] = []
+
+    def seen(reason: str, what: str) -> None:
+        fallbacks.append((reason, what))
+
+    events.PARK_FALLBACK.subscribe(seen)
+    caplog.set_level("WARNING", logger="celery_tuning.parking")
+    try:
+        for i in range(2):
+            request = _request(f"fb-{why}-{i}")
+            request.args = (arg,)
+            task.push_request(**vars(request))
+            try:
+                with pytest.raises(Ignore, match="deferred by celery-tuning"):
+                    defer(task, 5.0, reason="rate_limit", max_deferrals=3, on_exhausted=RuntimeError,
+                          park=ParkRequest(SPOT, 5.0))
+            finally:
+                task.pop_request()
+    finally:
+        events.PARK_FALLBACK.unsubscribe(seen)
+    assert fallbacks == [("rate_limit", why)] * 2
+    assert len([r for r in caplog.records if "countdown" in r.getMessage()]) == 1
+    assert store.snapshot(SPOT).due == 0
+    messages = _queued(app, "work-q")  # deferred with a countdown instead
+    assert len(messages) == 2 and all(m.headers["eta"] for m in messages)
