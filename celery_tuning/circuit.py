@@ -466,6 +466,18 @@ class _ListenerEvents(CircuitEvents):
             listener.failure(self.breaker, exc)
 
 
+def _through(name: str) -> Any:
+    """A property of :class:`SharedBreaker` that reads and writes its circuit's attribute ``name``."""
+
+    def get(self: Any) -> Any:
+        return getattr(self.circuit, name)
+
+    def set_(self: Any, value: Any) -> None:
+        setattr(self.circuit, name, value)
+
+    return property(get, set_, doc=f"The circuit's ``{name}`` (read and written through).")
+
+
 class SharedBreaker(pybreaker.CircuitBreaker):
     """A ``pybreaker.CircuitBreaker`` whose state every process shares: a :class:`SharedCircuit`.
 
@@ -522,31 +534,14 @@ class SharedBreaker(pybreaker.CircuitBreaker):
     def __repr__(self) -> str:
         return f"<SharedBreaker {self.name!r} fail_max={self.fail_max} reset_timeout={self.reset_timeout}>"
 
-    # -- the circuit's settings, read through ----------------------------------------------
+    # -- the circuit's settings, read and written through (plain attributes before the split) --
 
-    @property
-    def store(self) -> BreakerStore:
-        return self.circuit.store
-
-    @property
-    def params(self) -> BreakerParams:
-        return self.circuit.params
-
-    @property
-    def neutral(self) -> Tuple[Type[BaseException], ...]:
-        return self.circuit.neutral
-
-    @property
-    def on_redis_error(self) -> str:
-        return self.circuit.on_redis_error
-
-    @property
-    def refresh_interval(self) -> float:
-        return self.circuit.refresh_interval
-
-    @property
-    def on_transition(self) -> Optional[TransitionHook]:
-        return self.circuit.on_transition
+    store = _through("store")
+    params = _through("params")
+    neutral = _through("neutral")
+    on_redis_error = _through("on_redis_error")
+    refresh_interval = _through("refresh_interval")
+    on_transition = _through("on_transition")
 
     @property
     def degraded(self) -> bool:

@@ -9,7 +9,7 @@ from typing import Any, Dict, Iterator, Optional
 
 import click
 
-from ..conf import SETTINGS
+from ..conf import SETTINGS, BreakerSpec
 from ..errors import ConfigurationError, StorageError
 from ..policy.advise import quantile
 from .runtime import runtime_for
@@ -173,7 +173,7 @@ def status(ctx: click.Context, as_json: bool, metrics_url: Optional[str]) -> Non
                 value = runtime.connector.safe_url
             except ConfigurationError as exc:
                 value = f"<{exc}>"
-        rows.append((setting.name, value, runtime.config.sources[setting.name]))
+        rows.append((setting.name, _shown(value), runtime.config.sources[setting.name]))
     if as_json:
         click.echo(json.dumps({name: {"value": repr(v), "source": s} for name, v, s in rows},
                               indent=2))
@@ -185,6 +185,15 @@ def status(ctx: click.Context, as_json: bool, metrics_url: Optional[str]) -> Non
     url = metrics_url or _default_metrics_url(runtime)
     if url:
         _print_sla(url)
+
+
+def _shown(value: Any) -> Any:
+    """A setting's value as operators wrote it: breaker specs as the dicts they configured."""
+    if isinstance(value, dict) and value and all(isinstance(v, BreakerSpec) for v in value.values()):
+        return {name: {f: getattr(spec, f) for f in ("fail_max", "reset_timeout", "success_threshold",
+                                                        "trial_timeout", "exclude")}
+                for name, spec in value.items()}
+    return value
 
 
 @tuning.command(help="Recommend a profile per queue from observed CPU-time/run-time ratios and queue waits.")

@@ -102,8 +102,9 @@ class PublishContext:
 
     def __init__(self, task: Any, args: Any, kwargs: Any, task_id: Any, options: Dict[str, Any]) -> None:
         self.task = task
-        self.args = tuple(args or ())
-        self.kwargs = dict(kwargs or {})
+        #: As the caller passed them (None, a list, a tuple...): Celery validates them when it publishes.
+        self.args = args
+        self.kwargs = kwargs
         self.task_id = task_id
         self.options = options
 
@@ -135,16 +136,20 @@ class Step:
         """Return a call that applies this step, then ``call_next``."""
         raise NotImplementedError
 
-    def ahead(self, ctx: CallContext) -> Optional[Ahead]:
-        """The decision this call will need from this step, to be taken by an outer carrier; None: none."""
+    def ahead(self, ctx: CallContext, connector: Any) -> Optional[Ahead]:
+        """The decision this call will need from this step, for an outer carrier whose store runs on
+        ``connector`` to take in its round trip; None when there is none or this step's store is elsewhere.
+
+        Called only for a carrier that can combine: check ``connector`` before any per-call work.
+        """
         return None
 
     def passes_locally(self, ctx: CallContext) -> bool:
         """False when a local look (no I/O) says this step would stop the call now."""
         return True
 
-    def take_ahead_from(self, offer: Callable[[CallContext], Optional[Ahead]]) -> None:
-        """Called once on a carrier with the function that yields a call's :class:`Ahead`, if any."""
+    def take_ahead_from(self, offer: Callable[[CallContext, Any], Optional[Ahead]]) -> None:
+        """Called once on a carrier with ``offer(ctx, connector)``, which yields a call's :class:`Ahead`, if any."""
 
     def bind(self, task_cls: Any) -> None:
         """Attach what this step exposes on the task class (``task.cache``)."""
@@ -193,11 +198,11 @@ def _wire_ahead(steps: List[Step]) -> None:
             carrier.take_ahead_from(_offer(offers))
 
 
-def _offer(offers: List[Tuple[Step, List[Step]]]) -> Callable[[CallContext], Optional[Ahead]]:
-    def offer(ctx: CallContext) -> Optional[Ahead]:
+def _offer(offers: List[Tuple[Step, List[Step]]]) -> Callable[[CallContext, Any], Optional[Ahead]]:
+    def offer(ctx: CallContext, connector: Any) -> Optional[Ahead]:
         for step, between in offers:
             if all(gate.passes_locally(ctx) for gate in between):
-                found = step.ahead(ctx)
+                found = step.ahead(ctx, connector)
                 if found is not None:
                     return found
         return None

@@ -273,3 +273,13 @@ def test_check_warns_when_parked_tasks_would_live_on_a_redis_without_persistence
         server.close()
     assert out.returncode == 0, out.stderr
     assert expected in out.stdout + out.stderr
+
+
+def test_status_shows_breakers_as_the_dicts_operators_configured(redis_clean):
+    out = subprocess.run([sys.executable, "-m", "celery", "-A", "tests.apps.limited:app", "tuning", "status", "--json"],
+                         capture_output=True, text=True, timeout=60, cwd=str(ROOT), env=limited_env(redis_clean))
+    assert out.returncode == 0, out.stderr
+    import json
+
+    shown = json.loads(out.stdout)["tuning_circuit_breakers"]["value"]
+    assert shown.startswith("{'payments': {'fail_max': 3, 'reset_timeout': 30.0, ") and "BreakerSpec" not in shown

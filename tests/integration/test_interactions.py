@@ -330,3 +330,26 @@ def test_another_limiters_throttle_keeps_the_task_on_its_own_key(redis_clean):
     headers = [json.loads(raw)["headers"] for raw in broker.lrange("celery", 0, -1)]
     slots = [h[HEADER_SLOT] for h in headers if h.get("id") == "keyed-1" and isinstance(h.get(HEADER_SLOT), dict)]
     assert slots and slots[0]["key"] == hash_key("acme"), slots
+
+
+@pytest.mark.parametrize("where", ["same", "cluster"])
+def test_a_per_key_function_runs_once_per_miss_whether_or_not_the_decision_rides_the_lookup(
+        redis_clean, cluster_clean, where):
+    # On a Cluster the cache's miss script cannot take the limiter's decision; the limiter's key
+    # function must then run once (in the rate-limit step), not once more for a discarded offer.
+    url = cluster_clean.url if where == "cluster" else redis_clean.db_url(1)
+    app = make_app(redis_clean, f"keyfn-{where}", tuning_url=url)
+    calls = []
+
+    def tenant_of(tenant, n):
+        calls.append(tenant)
+        return tenant
+
+    @app.task(shared=False)
+    @cache_result(ttl=60)
+    @rate_limit("100/s", burst=10, key=tenant_of)
+    def keyed(tenant, n):
+        return n
+
+    assert [keyed.apply(("a", i)).get() for i in range(5)] == list(range(5))
+    assert len(calls) == 5

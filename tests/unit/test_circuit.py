@@ -88,3 +88,14 @@ def test_the_adapter_is_a_pybreaker_breaker_writing_none_of_its_private_state():
     assert {k: v for k, v in vars(b).items() if k.startswith("_")} == private
     assert seen == [("p", "closed", "open"), ("failure", "ValueError"), ("p", "open", "closed")]
     assert (b.store, b.params, b.degraded) == (b.circuit.store, b.circuit.params, False)
+
+
+def test_the_adapter_settings_are_writable_as_before_the_split():
+    from celery_tuning.circuit import SharedBreaker
+    from celery_tuning.storage.breaker import MemoryBreakerStore
+
+    b = SharedBreaker("w", store=MemoryBreakerStore(), fail_max=1, reset_timeout=1)
+    b.refresh_interval = 0
+    b.on_redis_error = "open"
+    assert (b.circuit.refresh_interval, b.circuit.on_redis_error) == (0, "open")
+    assert (b.refresh_interval, b.on_redis_error) == (0, "open")

@@ -35,7 +35,7 @@ class Carrier(Step):
 
     def wrap(self, call_next):
         def call(ctx):
-            found = self.offer(ctx) if self.offer else None
+            found = self.offer(ctx, "conn") if self.offer else None
             if found is not None:
                 self.taken.append(found.keys)
                 found.settle(0)
@@ -50,7 +50,10 @@ class Offerer(Step):
     def __init__(self):
         self.seen = []
 
-    def ahead(self, ctx):
+    def ahead(self, ctx, connector):
+        if connector != "conn":
+            return None
+
         def settle(reply):
             ctx.admission = ("settled", reply)
 
@@ -161,7 +164,7 @@ def test_publish_hooks_run_outermost_first_around_apply_async():
     apply_async = pipeline.build_publisher([Hook("outer"), Step(), Hook("inner")], send)
     out = apply_async("T", [1], {"a": 1}, task_id=None, queue="q")
     assert log == ["outer", "inner"]
-    assert out == ("T", (1,), {"a": 1}, None, {"queue": "q", "seen": ["outer", "inner"]})
+    assert out == ("T", [1], {"a": 1}, None, {"queue": "q", "seen": ["outer", "inner"]})
     assert pipeline.build_publisher([Step()], send) is None
 
 

@@ -87,20 +87,24 @@ class CacheStep(Step):
         self.lock_timeout = lock_timeout
         self._cache: Optional[TwoLevelCache] = None
         self.handle = CacheHandle(self)
-        self._offer: Optional[Callable[[CallContext], Optional[Ahead]]] = None
+        self._offer: Optional[Callable[[CallContext, Any], Optional[Ahead]]] = None
+        self._carries: Optional[bool] = None
 
-    def take_ahead_from(self, offer: Callable[[CallContext], Optional[Ahead]]) -> None:
+    def take_ahead_from(self, offer: Callable[[CallContext, Any], Optional[Ahead]]) -> None:
         self._offer = offer
+
+    def _can_carry(self) -> bool:
+        """Whether this cache's miss script can take an inner decision: not on a Cluster (the keys may
+        live on different nodes), and only when a step inside offers one."""
+        if self._carries is None:
+            store = self.cache.store
+            self._carries = self._offer is not None and store is not None and bool(store.can_combine)
+        return self._carries
 
     def _ahead(self, ctx: CallContext) -> Optional[Ahead]:
         """The inner decision this miss may take in its round trip: only one bound for our Redis."""
-        found = self._offer(ctx) if self._offer is not None else None
-        if found is None:
-            return None
-        store = self.cache.store
-        if store is None or not store.can_combine or found.connector is not store.connector:
-            return None  # another Redis, or a Cluster (the keys may live on different nodes)
-        return found
+        assert self._offer is not None and self.cache.store is not None
+        return self._offer(ctx, self.cache.store.connector)
 
     def bind(self, task_cls: Any) -> None:
         task_cls.cache = self.handle
@@ -119,7 +123,7 @@ class CacheStep(Step):
         def publish(pctx: PublishContext) -> Any:
             if runtime.enabled and pctx.task_id is None and _standalone(pctx.options):
                 try:
-                    found, value = handle.get(*pctx.args, **pctx.kwargs)
+                    found, value = handle.get(*(pctx.args or ()), **(pctx.kwargs or {}))
                 except Exception:  # uncacheable arguments and the like: publish as usual
                     found, value = False, None
                 if found:
@@ -153,7 +157,7 @@ class CacheStep(Step):
                 cache._warn_once("arguments", "task %s runs uncached: %s", self.task_name, exc)
                 _observer("skip_arguments", self.task_name)
                 return call_next(ctx)
-            if self._offer is None:
+            if not self._can_carry():
                 return cache.get_or_compute(digest, lambda: call_next(ctx), cacheable=_is_result)
             return cache.get_or_compute(digest, lambda: call_next(ctx), cacheable=_is_result,
                                         preflight=lambda: self._ahead(ctx))

@@ -72,21 +72,23 @@ class RateLimitStep(Step):
 
         return call
 
-    def ahead(self, ctx: CallContext) -> Optional[Ahead]:
-        """The decision this call will need, for an outer step to take in its round trip.
+    def ahead(self, ctx: CallContext, connector: Any) -> Optional[Ahead]:
+        """The decision this call will need, for an outer step whose store runs on ``connector``.
 
-        None when the call holds a reserved slot (no new decision is due) or the limiter's
-        store is not Redis. The decision lands in ``ctx.admission`` for :meth:`wrap`'s call.
+        None when the limiter's store is elsewhere (checked first: nothing else runs then), or the
+        call holds a reserved slot (no new decision is due). The decision lands in
+        ``ctx.admission`` for :meth:`wrap`'s call.
         """
+        limiter = self.limiter
+        if connector is None or getattr(limiter.store, "connector", None) is not connector:
+            return None
         request = ctx.request
         if holds_slot(request):
             return None
         policy = self.policy
-        limiter = self.limiter
         key = policy.key(*ctx.args, **ctx.kwargs) if policy.key is not None else None
         plan = limiter.plan(policy.cost, reserve=self._reserve(request), key=key)
-        connector = getattr(limiter.store, "connector", None)
-        if plan is None or connector is None:
+        if plan is None:
             return None
 
         def settle(reply: int) -> None:
