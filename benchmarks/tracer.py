@@ -20,7 +20,7 @@ from typing import Any, Dict, List
 import redis
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("plain", "tuned", "limited", "everything")
+VARIANTS = ("plain", "tuned", "limited", "guarded", "everything")
 
 _PROBE = r"""
 import json, time, uuid
