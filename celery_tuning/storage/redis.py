@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from importlib import resources
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Type, TypeVar
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, TypeVar, cast
 
 import redis
 from redis.backoff import NoBackoff
@@ -18,7 +19,7 @@ from .keys import hash_tag
 from .process import PerProcess, after_fork_in_child
 from .urls import RedisTarget, parse_redis_url, redact_url
 
-__all__ = ["CLIENT_NAME", "RedisConnector", "get_connector", "hash_tag", "load_lua"]
+__all__ = ["CLIENT_NAME", "RedisConnector", "get_connector", "hash_tag", "load_lua", "pack_command"]
 
 logger = logging.getLogger("celery_tuning.storage")
 
@@ -45,6 +46,29 @@ def load_lua(name: str) -> str:
         else:
             lines.append(line)
     return "\n".join(lines) + "\n"
+
+
+def pack_command(command: Sequence[Any]) -> Optional[bytes]:
+    """``command`` in the Redis protocol (RESP) when it holds only str, bytes and int (what our
+    scripts and GETs send), else None: let redis-py pack it (floats, memoryviews...).
+
+    The same bytes redis-py's packer writes for these types, at a fraction of its cost (it
+    checks each argument against every type it knows, ~15 µs for a limiter decision here).
+    """
+    parts = [b"*%d\r\n" % len(command)]
+    append = parts.append
+    for arg in command:
+        kind = type(arg)
+        if kind is str:
+            arg = arg.encode()
+        elif kind is int:
+            arg = b"%d" % arg
+        elif kind is not bytes:
+            return None  # bool (redis-py refuses it), float (its repr), buffers...
+        append(b"$%d\r\n" % len(arg))
+        append(arg)
+        append(b"\r\n")
+    return b"".join(parts)
 
 
 class RedisConnector:
@@ -144,7 +168,9 @@ class RedisConnector:
         The error message names the redacted URL, never the password.
         """
         try:
-            return operation(self.client)
+            process = self._process.get()
+            process.release_idle()  # redis-py's own commands check out of the pool: leave it ours
+            return operation(process.client)
         except REDIS_ERRORS as exc:
             raise StorageError(
                 f"{what} failed against {self.safe_url}: {type(exc).__name__}: "
@@ -161,14 +187,13 @@ class RedisConnector:
         try:
             # Inside the try: a Cluster client connects when it is made, and fails there.
             process = self._process.get()
-            client = process.client
             script = process.scripts.get(name) or process.script(name)
             try:
-                return call(client, script.sha, keys, args)
+                return call(process, script.sha, keys, args)
             except NoScriptError:
                 # Redis restarted or failed over: load the script again and retry once.
-                script.sha = client.script_load(script.script)
-                return call(client, script.sha, keys, args)
+                script.sha = process.script_load(script.script)
+                return call(process, script.sha, keys, args)
         except REDIS_ERRORS as exc:
             raise StorageError(
                 f"script {name} failed against {self.safe_url}: {type(exc).__name__}: "
@@ -188,14 +213,11 @@ class RedisConnector:
             return
         try:
             process = self._process.get()
-            client = process.client
             script = process.scripts.get(name) or process.script(name)
             pending = list(calls)
             for _ in range(2):
-                pipe = client.pipeline(transaction=False)
-                for keys, args in pending:
-                    pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-                replies = pipe.execute(raise_on_error=False)
+                replies = self._pipeline_on_connection(
+                    process, [("EVALSHA", script.sha, len(keys), *keys, *args) for keys, args in pending])
                 failed = [r for r in replies if isinstance(r, Exception) and not isinstance(r, NoScriptError)]
                 if failed:
                     raise failed[0]
@@ -203,7 +225,7 @@ class RedisConnector:
                 if not pending:
                     return
                 # Redis restarted or failed over: load the script again and send those again.
-                script.sha = client.script_load(script.script)
+                script.sha = process.script_load(script.script)
             raise NoScriptError(f"script {name} still unknown to Redis after SCRIPT LOAD")
         except REDIS_ERRORS as exc:
             raise StorageError(
@@ -211,43 +233,121 @@ class RedisConnector:
                 f"{redact_url(str(exc))}"
             ) from None
 
+    def evalsha_carrying(self, name: str, keys: Any, args: Any, carried: str,
+                         calls: Sequence[Tuple[Sequence[Any], Sequence[Any]]]) -> Tuple[Any, Optional[StorageError]]:
+        """Run script ``carried`` once per ``(keys, args)`` of ``calls``, then script ``name``,
+        pipelined on one pooled connection: one round trip for all (standalone and Sentinel;
+        on a Cluster the calls run one by one first).
+
+        Returns ``(name's reply, the carried calls' error or None)``: the carried calls are writes
+        nobody waits on, so their failure is handed back rather than raised, while a failure of
+        ``name`` raises :class:`StorageError` as :meth:`evalsha` does (the carried calls then get
+        the same error).
+        """
+        if not calls:
+            return self.evalsha(name, keys, args), None
+        if self.target.kind == "cluster":
+            try:
+                self.evalsha_many(carried, calls)
+                error = None
+            except StorageError as exc:
+                error = exc
+            return self.evalsha(name, keys, args), error
+        try:
+            process = self._process.get()
+            script = process.scripts.get(name) or process.script(name)
+            carried_script = process.scripts.get(carried) or process.script(carried)
+            commands = [("EVALSHA", carried_script.sha, len(k), *k, *a) for k, a in calls]
+            commands.append(("EVALSHA", script.sha, len(keys), *keys, *args))
+            replies = self._pipeline_on_connection(process, commands)
+            reply = replies[-1]
+            retry = [call for call, r in zip(calls, replies) if isinstance(r, NoScriptError)]
+            failed = [r for r in replies[:-1] if isinstance(r, Exception) and not isinstance(r, NoScriptError)]
+            if retry:  # Redis restarted or failed over: load the script again and send those again
+                carried_script.sha = process.script_load(carried_script.script)
+                self.evalsha_many(carried, retry)
+            if isinstance(reply, NoScriptError):
+                script.sha = process.script_load(script.script)
+                reply = self._evalsha_on_connection(process, script.sha, keys, args)
+            elif isinstance(reply, Exception):
+                raise reply
+        except REDIS_ERRORS as exc:
+            raise StorageError(
+                f"script {name} failed against {self.safe_url}: {type(exc).__name__}: "
+                f"{redact_url(str(exc))}"
+            ) from None
+        error = None
+        if failed:
+            error = StorageError(f"script {carried} failed against {self.safe_url}: {type(failed[0]).__name__}: "
+                                 f"{redact_url(str(failed[0]))}")
+        return reply, error
+
+    @staticmethod
+    def _pipeline_on_connection(process: _ProcessClient, commands: Sequence[Tuple[Any, ...]]) -> list:
+        """Send ``commands`` in one write on one pooled connection and read every reply (an error
+        reply comes back as its exception, in its place): one round trip, without a pipeline
+        object's per-command bookkeeping."""
+        conn = process.checkout()
+        replies: list = []
+        try:
+            packed = [pack_command(command) for command in commands]
+            if any(p is None for p in packed):
+                conn.send_packed_command(conn.pack_commands(commands))
+            else:
+                conn.send_packed_command([b"".join(cast(List[bytes], packed))])  # one write
+            for _ in commands:
+                try:
+                    replies.append(conn.read_response())
+                except redis.ResponseError as exc:  # an error reply: the others still follow
+                    replies.append(exc)
+        except BaseException:
+            process.discard(conn)  # never use a half-read socket again (see _command_on_connection)
+            raise
+        process.checkin(conn)
+        return replies
+
     def get(self, key: str) -> Any:
         """GET ``key`` with one round trip on the lean path (the cache's hit path)."""
         try:
             client = self.client
             if self.target.kind == "cluster":
                 return client.get(key)
-            return self._command_on_connection(client, "GET", key)
+            return self._command_on_connection(self._process.get(), "GET", key)
         except REDIS_ERRORS as exc:
             raise StorageError(
                 f"GET failed against {self.safe_url}: {type(exc).__name__}: {redact_url(str(exc))}") from None
 
     @staticmethod
-    def _evalsha_on_client(client: Any, sha: str, keys: Any, args: Any) -> Any:
-        return client.evalsha(sha, len(keys), *keys, *args)
+    def _evalsha_on_client(process: _ProcessClient, sha: str, keys: Any, args: Any) -> Any:
+        return process.client.evalsha(sha, len(keys), *keys, *args)
 
     @classmethod
-    def _evalsha_on_connection(cls, client: Any, sha: str, keys: Any, args: Any) -> Any:
-        return cls._command_on_connection(client, "EVALSHA", sha, len(keys), *keys, *args)
+    def _evalsha_on_connection(cls, process: _ProcessClient, sha: str, keys: Any, args: Any) -> Any:
+        return cls._command_on_connection(process, "EVALSHA", sha, len(keys), *keys, *args)
 
     @staticmethod
-    def _command_on_connection(client: Any, *command: Any) -> Any:
-        # Straight to a pooled connection: redis-py's execute_command adds a retry wrapper
-        # and per-command instrumentation that cost ~15 µs on every decision, and EVALSHA
+    def _command_on_connection(process: _ProcessClient, *command: Any) -> Any:
+        # Straight to a connection of the client's pool: redis-py's execute_command adds a retry
+        # wrapper and per-command instrumentation that cost ~15 µs on every decision, and EVALSHA
         # and GET need no response callback. Same pool, same timeouts, same health checks.
-        pool = client.connection_pool
+        conn = process.checkout()
         try:
-            conn = pool.get_connection()
-        except TypeError:  # redis-py < 5.3 wants a command name
-            conn = pool.get_connection(command[0])
-        try:
-            conn.send_command(*command)
-            return conn.read_response()
-        except (redis.ConnectionError, redis.TimeoutError, OSError):
-            conn.disconnect()  # never hand a half-read socket back to the pool
+            packed = pack_command(command)
+            if packed is None:
+                conn.send_command(*command)
+            else:
+                conn.send_packed_command([packed])
+            reply = conn.read_response()
+        except redis.ResponseError:
+            process.checkin(conn)  # an error reply (NOSCRIPT...), read in full
             raise
-        finally:
-            pool.release(conn)
+        except BaseException:
+            # A broken connection, or an exception raised into this thread mid-read (a Celery
+            # soft time limit): never use a half-read socket again.
+            process.discard(conn)
+            raise
+        process.checkin(conn)
+        return reply
 
     def ping(self) -> float:
         """Round-trip time in seconds of one PING. Raises :class:`StorageError`."""
@@ -267,14 +367,72 @@ class RedisConnector:
                 pass
 
 
-class _ProcessClient:
-    """One process's client of a connector and the scripts registered on it."""
+#: Seconds a connection of the lean path may sit idle and still be used without the pool's
+#: readiness check (a busy worker makes its round trips milliseconds apart).
+IDLE_TRUST = 1.0
 
-    __slots__ = ("client", "scripts")
+
+class _ProcessClient:
+    """One process's client of a connector, the scripts registered on it, and the connections
+    its lean path keeps between round trips.
+
+    redis-py's pool checkout and release cost more CPU than the round trip they serve (a socket
+    poll and two timeout changes to check the connection is ready, instrumentation, locks): a
+    connection that just served a call of ours and read its reply in full is ready by
+    construction, so the lean path keeps it for the next call instead of releasing it. One
+    idle longer than :data:`IDLE_TRUST` goes back through the pool's checks; :meth:`release_idle`
+    hands them all back before redis-py's own commands (:meth:`RedisConnector.run`) need one, so
+    the process still holds no more connections than it uses at once.
+    """
+
+    __slots__ = ("client", "idle", "scripts")
 
     def __init__(self, client: Any) -> None:
         self.client = client
         self.scripts: Dict[str, Script] = {}
+        self.idle: List[Tuple[Any, float]] = []  # (connection, when it was last used)
+
+    def checkout(self) -> Any:
+        """A connection ready to send: one kept from the last calls, else the pool's."""
+        try:
+            conn, used = self.idle.pop()  # atomic: threads never share a connection
+        except IndexError:
+            conn = None
+        pool = self.client.connection_pool
+        if conn is not None:
+            if time.monotonic() - used <= IDLE_TRUST:
+                return conn
+            pool.release(conn)  # idle a while: through the pool's readiness check again
+        try:
+            return pool.get_connection()
+        except TypeError:  # redis-py < 5.3 wants a command name
+            return pool.get_connection("EVALSHA")
+
+    def script_load(self, source: Any) -> str:
+        """SCRIPT LOAD through redis-py (after NOSCRIPT), on a connection of ours handed back first."""
+        self.release_idle()
+        return str(self.client.script_load(source))
+
+    def checkin(self, conn: Any) -> None:
+        """Keep ``conn`` (its replies read in full) for the next call of the lean path."""
+        self.idle.append((conn, time.monotonic()))
+
+    def discard(self, conn: Any) -> None:
+        """``conn`` failed mid-call: close it and give it back to the pool (which reconnects it)."""
+        conn.disconnect()
+        self.client.connection_pool.release(conn)
+
+    def release_idle(self) -> None:
+        """Hand the kept connections back to the pool."""
+        if not self.idle:
+            return  # (a Cluster client keeps none: it has no single pool)
+        pool = self.client.connection_pool
+        while True:
+            try:
+                conn, _ = self.idle.pop()
+            except IndexError:
+                return
+            pool.release(conn)
 
     def script(self, name: str) -> Script:
         script = self.scripts.get(name)
