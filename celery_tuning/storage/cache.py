@@ -62,8 +62,25 @@ class RedisCacheStore:
         self.connector = connector
 
     def lookup(self, value_key: str, lock_key: str, token: str, lock_ms: int) -> Tuple[Optional[bytes], int, int]:
-        raw, pttl, role = self.connector.evalsha("cache_lookup", [value_key, lock_key], [token, lock_ms])
+        raw, pttl, role = self._carrying("cache_lookup", [value_key, lock_key], [token, lock_ms])
         return (raw if raw else None), int(pttl), int(role)
+
+    def _carrying(self, name: str, keys: List[Any], args: List[Any]) -> Any:
+        """Run script ``name``, carrying this process's queued stores ahead of it in the same round
+        trip (see :meth:`StoreWriter.take`): a busy worker's deferred stores cost no trip of their own."""
+        writer = existing_writer(self.connector)
+        batch = writer.take() if writer is not None else None
+        if not batch:
+            return self.connector.evalsha(name, keys, args)
+        assert writer is not None
+        try:
+            reply, error = self.connector.evalsha_carrying(
+                name, keys, args, "cache_store", [(job_keys, job_args) for job_keys, job_args, _ in batch])
+        except StorageError as exc:
+            writer.taken(batch, exc)
+            raise
+        writer.taken(batch, error)
+        return reply
 
     @property
     def can_combine(self) -> bool:
@@ -77,7 +94,7 @@ class RedisCacheStore:
         ``bucket_keys`` and ``packed`` are ``gcra_acquire.lua``'s KEYS and ARGV[1]. The fourth
         value is that script's reply, or None when no token was taken (value found, or a follower).
         """
-        raw, pttl, role, decision = self.connector.evalsha(
+        raw, pttl, role, decision = self._carrying(
             "cache_lookup_acquire", [value_key, lock_key, *bucket_keys], [token, lock_ms, packed])
         return (raw if raw else None), int(pttl), int(role), (None if decision is None else int(decision))
 

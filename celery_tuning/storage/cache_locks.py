@@ -32,6 +32,9 @@ class _Renewals:
         self.cond = threading.Condition()
         self.held: Dict[Tuple[str, str], _HeldLock] = {}
         self.thread: Optional[threading.Thread] = None
+        #: The lease (ms) the thread's timed wait is paced for, None while it waits for a first
+        #: lock: a lock held with a lease no shorter than this needs no wake-up.
+        self.paced_for: Optional[int] = None
 
 
 class LockRenewer:
@@ -78,7 +81,9 @@ class LockRenewer:
                     del state.held[(key, token)]
                     return
                 state.thread = thread
-            state.cond.notify()
+            paced_for = state.paced_for
+            if paced_for is None or lease_ms < paced_for:
+                state.cond.notify()  # else its timed wait renews this lock soon enough already
 
     def drop(self, key: str, token: str) -> None:
         """Stop renewing ``key`` (its leader is done; the store or release that follows frees it)."""
@@ -136,24 +141,40 @@ class LockRenewer:
         return renewed
 
     def _run(self, state: _Renewals) -> None:
+        # While leaders come and go (a busy worker: a lock held for each miss), the thread keeps
+        # a timed wait paced for their lease, so holding a lock wakes nothing; it waits for a
+        # first lock again only after a whole interval in which nothing was held.
         last = self.clock()
         while True:
             with state.cond:
                 while True:
-                    if not state.held:
-                        state.cond.wait()
-                        last = self.clock()
-                        continue
-                    interval = max(min(lock.lease_ms for lock in state.held.values()) / 3000, 0.05)
-                    remaining = last + interval - self.clock()
+                    now = self.clock()
+                    if state.held:
+                        lease = min(lock.lease_ms for lock in state.held.values())
+                    else:
+                        lease = state.paced_for or 0
+                        if not lease or now >= last + _interval(lease):
+                            state.paced_for = None
+                            state.cond.wait()
+                            last = self.clock()
+                            continue
+                    remaining = last + _interval(lease) - now
                     if remaining <= 0:
                         break
+                    state.paced_for = lease
                     state.cond.wait(remaining)
-            try:
-                self.renew_once()
-            except Exception:  # the renewer must outlive any one bad round
-                logger.exception("cache: single-flight lock renewal failed")
+                renew = bool(state.held)
+            if renew:
+                try:
+                    self.renew_once()
+                except Exception:  # the renewer must outlive any one bad round
+                    logger.exception("cache: single-flight lock renewal failed")
             last = self.clock()
+
+
+def _interval(lease_ms: int) -> float:
+    """Seconds between renewals of locks held for ``lease_ms``: a third of the lease."""
+    return max(lease_ms / 3000, 0.05)
 
 
 _renewer = LockRenewer()

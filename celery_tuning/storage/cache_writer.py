@@ -31,6 +31,12 @@ class _Queue:
         self.submitted = 0
         self.done = 0
         self.thread: Optional[threading.Thread] = None
+        #: The thread waits with no job queued (a submit must wake it).
+        self.idle = False
+        #: When the oldest queued job was queued (monotonic).
+        self.first_at = 0.0
+        #: A flush() waits: write what is queued now, without lingering.
+        self.urgent = 0
 
 
 class StoreWriter:
@@ -43,6 +49,11 @@ class StoreWriter:
     round trip: in a busy worker that cuts the client CPU per store to a fraction of a round
     trip's, and delays a value's arrival in Redis by at most ``linger``.
 
+    A lookup of this process may carry what is queued (:meth:`take`, then :meth:`taken`): the
+    stores go out ahead of it in its own round trip, on its connection, so a busy worker sends
+    no round trip and wakes no thread for its stores; the thread writes what no lookup took
+    within ``linger`` of being queued (an idle worker), or at once when someone flushes.
+
     Bounded in jobs and bytes: beyond either, :meth:`submit` answers False and the caller
     stores synchronously. The queue and its thread are a
     :class:`~celery_tuning.storage.process.PerProcess` value, started lazily: a forked child
@@ -51,7 +62,7 @@ class StoreWriter:
     """
 
     def __init__(self, connector: RedisConnector, *, max_jobs: int = 10_000, max_bytes: int = 64 * 2**20,
-                 max_batch: int = 256, linger: float = 0.002) -> None:
+                 max_batch: int = 256, linger: float = 0.01) -> None:
         self.connector = connector
         self.linger = linger
         self.max_jobs = max_jobs
@@ -75,11 +86,47 @@ class StoreWriter:
                 queue.thread = thread
             if len(queue.jobs) >= self.max_jobs or queue.bytes + size > self.max_bytes:
                 return False
+            if not queue.jobs:
+                queue.first_at = time.monotonic()
             queue.jobs.append((keys, args, on_error))
             queue.bytes += size
             queue.submitted += 1
-            queue.cond.notify()
+            if queue.idle:  # else the thread is lingering already, and will look again
+                queue.cond.notify()
         return True
+
+    def take(self) -> List[_Job]:
+        """Take the queued stores (at most ``max_batch``) for a lookup to send ahead of itself.
+
+        The caller must hand them to :meth:`taken` once they were sent (or failed), so
+        :meth:`flush` knows when they are in Redis.
+        """
+        queue = self._queue.peek()
+        if queue is None or not queue.jobs:
+            return []
+        with queue.cond:
+            jobs = queue.jobs
+            if len(jobs) <= self.max_batch:
+                batch = list(jobs)
+                jobs.clear()
+                queue.bytes = 0
+            else:
+                batch = [jobs.popleft() for _ in range(self.max_batch)]
+                queue.bytes -= sum(len(args[0]) for _, args, _ in batch)
+                queue.first_at = time.monotonic()  # what is left lingers no longer than one more linger
+        return batch
+
+    def taken(self, batch: List[_Job], error: Optional[StorageError] = None) -> None:
+        """Stores from :meth:`take` were sent; ``error``: they failed (each job's handler hears of it)."""
+        if error is not None:
+            _report(batch, error)
+        queue = self._queue.peek()
+        if queue is None:
+            return
+        with queue.cond:
+            queue.done += len(batch)
+            if queue.urgent:
+                queue.cond.notify_all()
 
     def pending(self) -> int:
         """Stores queued or being written."""
@@ -94,38 +141,60 @@ class StoreWriter:
         deadline = time.monotonic() + timeout
         with queue.cond:
             target = queue.submitted
-            while queue.done < target:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                queue.cond.wait(remaining)
+            if queue.done >= target:
+                return True
+            queue.urgent += 1
+            queue.cond.notify_all()  # the thread writes what is queued now
+            try:
+                while queue.done < target:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return False
+                    queue.cond.wait(remaining)
+            finally:
+                queue.urgent -= 1
         return True
 
     def _run(self, queue: _Queue) -> None:
         cond = queue.cond
         while True:
             with cond:
-                while not queue.jobs:
-                    cond.wait()
-            if self.linger:
-                time.sleep(self.linger)  # let a few more stores join this batch (CPU per store drops)
-            with cond:
+                while True:
+                    if not queue.jobs:
+                        queue.idle = True
+                        cond.wait()
+                        queue.idle = False
+                        continue
+                    if queue.urgent:
+                        break
+                    # Let a lookup carry them, or a few more stores join this batch (the CPU per
+                    # store drops); write what is still here once the oldest has waited ``linger``.
+                    remaining = queue.first_at + self.linger - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    cond.wait(remaining)
                 batch = [queue.jobs.popleft() for _ in range(min(len(queue.jobs), self.max_batch))]
                 queue.bytes -= sum(len(args[0]) for _, args, _ in batch)
+                if queue.jobs:
+                    queue.first_at = time.monotonic()
             try:
                 self.connector.evalsha_many("cache_store", [(keys, args) for keys, args, _ in batch])
             except StorageError as exc:
-                for _, _, on_error in batch:
-                    try:
-                        on_error(exc)
-                    except Exception:  # a reporting bug must not stop the writer
-                        logger.exception("cache store error handler failed")
+                _report(batch, exc)
             except Exception:  # never let the writer die with jobs behind it
                 logger.exception("cache writer failed on a batch of %d stores", len(batch))
             finally:
                 with cond:
                     queue.done += len(batch)
                     cond.notify_all()
+
+
+def _report(batch: List[_Job], exc: StorageError) -> None:
+    for _, _, on_error in batch:
+        try:
+            on_error(exc)
+        except Exception:  # a reporting bug must not stop the writer
+            logger.exception("cache store error handler failed")
 
 
 class _Writers:
