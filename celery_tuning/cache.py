@@ -37,6 +37,10 @@ logger = logging.getLogger("celery_tuning.cache")
 #: skip_unserializable, skip_arguments, corrupt, redis_error, wait, invalidate.
 Observer = Callable[[str, str], None]
 
+#: Values every serializer decodes to an equal value of the same type (a float's repr round-trips;
+#: NaN and the infinities never encode).
+_SCALARS = frozenset((type(None), bool, int, float, str))
+
 #: Bound of the hit/miss trend of L2 reads: after this many hits in a row a cache that
 #: mostly missed is back to reading with a plain GET first.
 _TREND_LIMIT = 8
@@ -219,6 +223,8 @@ class TwoLevelCache:
         if len(raw) > self.max_size:
             self._emit("skip_too_big")
             return None
+        if type(value) in _SCALARS:
+            return raw, value  # both serializers give these back as they were: no decode needed
         try:
             # The caller gets the decoded form anyway; decoding first also catches values that
             # encode but never decode (msgpack packs a tuple dict key, unpacking it fails), which

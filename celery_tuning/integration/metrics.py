@@ -448,7 +448,7 @@ def _on_sla(sender: Any = None, queue: str = "", level: str = "", kind: str = ""
 
 
 def _on_sla_checked(task: Any, queue: str) -> None:
-    metrics().sla_checked.labels(task.name, queue).inc()
+    _labelled("sla_checked", task.name, queue).inc()
 
 
 def _record_limiter(name: str, event: str, seconds: float) -> None:
