@@ -408,7 +408,13 @@ def _spots(ctx: click.Context, name: str, reason: Optional[str]) -> Any:
     if not known and reason is not None:
         known = [Spot(reason, name)]
     if not known:
-        raise click.ClickException(f"no parked tasks named {name!r}")
+        config = runtime.config
+        if not any(name in names for names in (config.rate_limits, config.concurrency_limits,
+                                                config.circuit_breakers)):
+            raise click.ClickException(
+                f"no parked tasks named {name!r}, and no limiter, concurrency limit or breaker of that name "
+                "in tuning_rate_limits, tuning_concurrency_limits or tuning_circuit_breakers")
+        click.echo(f"no parked tasks named {name!r}")
     return store, known
 
 
@@ -430,7 +436,7 @@ def parked_release(ctx: click.Context, name: str, reason: Optional[str]) -> None
 @click.pass_context
 def parked_purge(ctx: click.Context, name: str, reason: Optional[str], yes: bool) -> None:
     store, spots = _spots(ctx, name, reason)
-    if not yes:
+    if spots and not yes:
         names = ", ".join(f"{s.reason}:{s.name}" for s in spots)
         click.confirm(f"drop every task parked at {names}? they will never run", abort=True)
     with _as_cli_error():
