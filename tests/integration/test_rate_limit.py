@@ -160,7 +160,9 @@ def test_unknown_named_limiter_is_a_bind_time_error(redis_clean):
 
 
 def test_visibility_timeout_warning(redis_clean):
-    app = make_app(redis_clean, "vis", broker_transport_options={"visibility_timeout": 60})
+    # Only countdown deferrals are broker messages held past their visibility timeout.
+    app = make_app(redis_clean, "vis", broker_transport_options={"visibility_timeout": 60},
+                   tuning_defer_via="countdown")
 
     @app.task(base=TunedTask, name="long_defer", shared=False)
     @rate_limit("1/h", max_defer=120)
@@ -168,6 +170,21 @@ def test_visibility_timeout_warning(redis_clean):
         pass
 
     with pytest.warns(UserWarning, match="visibility_timeout"):
+        f.run  # noqa: B018
+
+
+def test_no_visibility_timeout_warning_when_deferrals_park(redis_clean):
+    import warnings
+
+    app = make_app(redis_clean, "vis-park", broker_transport_options={"visibility_timeout": 60})
+
+    @app.task(base=TunedTask, name="long_park", shared=False)
+    @rate_limit("1/h", max_defer=120)
+    def f():
+        pass
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         f.run  # noqa: B018
 
 

@@ -9,7 +9,7 @@ from ...errors import ConfigurationError, RateLimited, Throttled
 from ...policy import admission
 from ...policy.attach import RateLimitPolicy
 from ...ratelimit import Decision, GcraLimiter
-from ..deferral import ParkRequest, defer, is_eager, jitter, spot, warn_beyond_visibility
+from ..deferral import ParkRequest, defer, is_eager, jitter, parking_on, spot, warn_beyond_visibility
 from ..pipeline import Ahead, Call, CallContext, Step, register_step
 from ..registry import LIMITERS, limiter_for
 from ..runtime import runtime_for
@@ -38,7 +38,7 @@ class RateLimitStep(Step):
                     f"@rate_limit({policy.name!r}, cost={policy.cost}): exceeds the limiter's burst ({spec.burst})")
         self.limiter_name = policy.name or self.task_name
         self._limiter: Optional[GcraLimiter] = None
-        if policy.on_limit not in ("raise", "wait"):
+        if policy.on_limit not in ("raise", "wait") and not parking_on(runtime):
             warn_beyond_visibility(self.app, f"task {self.task_name!r}: @rate_limit(max_defer={policy.max_defer})",
                                    policy.max_defer)
 
