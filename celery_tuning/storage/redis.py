@@ -368,8 +368,10 @@ class RedisConnector:
 
 
 #: Seconds a connection of the lean path may sit idle and still be used without the pool's
-#: readiness check (a busy worker makes its round trips milliseconds apart).
-IDLE_TRUST = 1.0
+#: readiness check. A busy worker makes its round trips milliseconds apart; a Redis restart or
+#: failover takes longer than this, so a connection the server closed meanwhile is found out by
+#: the pool's check (and reconnected) instead of failing the first call after it.
+IDLE_TRUST = 0.05
 
 
 class _ProcessClient:
