@@ -504,11 +504,11 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting("tuning_cache_l1_max_bytes", "int", 16 * 2**20,
             "Bytes (encoded values) kept in each process's L1 result cache, per task; an entry "
             "counts at least this divided by tuning_cache_l1_maxsize.", _positive_int),
-    Setting("tuning_cache_write_behind", "bool", False,
-            "True: a task that computed a cached value returns without waiting for Redis to take it; a "
-            "background thread per process writes stores in batches (the single-flight lock is held "
-            "until the value lands). Costs a second pool connection per process while stores and "
-            "tasks overlap. False: each store is a round trip inside the task.", _bool),
+    Setting("tuning_cache_write_behind", "bool", True,
+            "True: a task that computed a cached value returns without waiting for Redis to take it; the "
+            "store rides the process's next lookup, or a background thread writes it within 10 ms when no "
+            "lookup comes (the single-flight lock is held until the value lands). False: each store is a "
+            "round trip inside the task.", _bool),
     Setting("tuning_sla", "dict[str, dict]", {},
             "Per-queue SLA thresholds in seconds: {'webhooks': {'warning': 10, 'critical': 30}}; "
             "'*' applies to every other queue.",

@@ -200,10 +200,29 @@ class Registry:
 
         return self.get(PARK_STORE, "store", build)
 
+    def mover_park_store(self) -> ParkStore:
+        """The park store the mover uses: the app's, on a connection of its own (client name
+        ``celery-tuning-mover``), so the thread never holds a connection a task needs."""
+
+        def build() -> ParkStore:
+            shared = self.park_store()
+            from ..storage.park import RedisParkStore
+            from ..storage.redis import MOVER_CLIENT_NAME
+
+            if not isinstance(shared, RedisParkStore):
+                return shared  # a store a test put in place
+            runtime = self.runtime
+            config = runtime.config
+            return RedisParkStore(runtime.connector_named(MOVER_CLIENT_NAME), prefix=config.key_prefix,
+                                  ticket_ttl_us=int(config.park_ticket_ttl * 1_000_000))
+
+        return self.get(PARK_STORE, "mover", build)
+
     def use_park_store(self, store: ParkStore) -> None:
         """Park in ``store`` from now on (tests: a :class:`~celery_tuning.storage.park.MemoryParkStore`)."""
         with self._lock:
-            self._built.setdefault(PARK_STORE, {})["store"] = store
+            built = self._built.setdefault(PARK_STORE, {})
+            built["store"] = built["mover"] = store
 
 
 def _breaker_spec(name: str, options: Union[BreakerSpec, Mapping[str, Any], None]) -> Optional[BreakerSpec]:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence, TypeV
 from ..conf import TuningConfig, env_override, load_config
 from ..errors import ConfigurationError
 from ..storage.keys import prefixed_key
-from ..storage.redis import RedisConnector, get_connector
+from ..storage.redis import CLIENT_NAME, RedisConnector, get_connector
 from ..storage.urls import SUPPORTED_SCHEMES, redact_url
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -169,12 +169,18 @@ class TuningRuntime:
     @property
     def connector(self) -> RedisConnector:
         """The process-wide connector for the tuning Redis."""
+        return self.connector_named(CLIENT_NAME)
+
+    def connector_named(self, client_name: str) -> RedisConnector:
+        """A process-wide connector for the tuning Redis whose connections carry ``client_name``
+        (the parking mover has its own, so it never takes a task's connection)."""
         cfg = self.config
         return get_connector(
             self.redis_url,
             socket_timeout=cfg.redis_socket_timeout,
             connect_timeout=cfg.redis_connect_timeout,
             max_connections=cfg.redis_max_connections,
+            client_name=client_name,
         )
 
     @property

@@ -19,11 +19,15 @@ from .keys import hash_tag
 from .process import PerProcess, after_fork_in_child
 from .urls import RedisTarget, parse_redis_url, redact_url
 
-__all__ = ["CLIENT_NAME", "RedisConnector", "get_connector", "hash_tag", "load_lua", "pack_command"]
+__all__ = [
+    "CLIENT_NAME", "MOVER_CLIENT_NAME", "RedisConnector", "get_connector", "hash_tag", "load_lua", "pack_command",
+]
 
 logger = logging.getLogger("celery_tuning.storage")
 
 CLIENT_NAME = "celery-tuning"
+#: The client name of the parking mover's own connection (one per worker main process).
+MOVER_CLIENT_NAME = "celery-tuning-mover"
 
 T = TypeVar("T")
 
@@ -93,8 +97,10 @@ class RedisConnector:
         socket_timeout: float = 0.5,
         connect_timeout: float = 0.5,
         max_connections: Optional[int] = None,
+        client_name: str = CLIENT_NAME,
     ) -> None:
         self.target: RedisTarget = parse_redis_url(url)
+        self.client_name = client_name
         self.safe_url = redact_url(url)
         self._url = url
         self.socket_timeout = socket_timeout
@@ -111,7 +117,7 @@ class RedisConnector:
         options: Dict[str, Any] = {
             "socket_timeout": self.socket_timeout,
             "socket_connect_timeout": self.connect_timeout,
-            "client_name": CLIENT_NAME,
+            "client_name": self.client_name,
             "health_check_interval": 30,
             # redis-py retries failed commands with exponential backoff by default; a tuning
             # decision must fail within the socket timeout so the caller's policy can answer.
@@ -459,15 +465,16 @@ def get_connector(
     socket_timeout: float = 0.5,
     connect_timeout: float = 0.5,
     max_connections: Optional[int] = None,
+    client_name: str = CLIENT_NAME,
 ) -> RedisConnector:
-    """The shared :class:`RedisConnector` for these options (one per process per URL)."""
-    key = (url, socket_timeout, connect_timeout, max_connections)
+    """The shared :class:`RedisConnector` for these options (one per process per URL and client name)."""
+    key = (url, socket_timeout, connect_timeout, max_connections, client_name)
     with _connectors_lock:
         connector = _connectors.get(key)
         if connector is None:
             connector = RedisConnector(
                 url, socket_timeout=socket_timeout, connect_timeout=connect_timeout,
-                max_connections=max_connections,
+                max_connections=max_connections, client_name=client_name,
             )
             _connectors[key] = connector
         return connector

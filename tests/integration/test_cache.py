@@ -211,6 +211,7 @@ def _leader_in_child(task, args):
     if pid == 0:
         try:
             task.apply(args)
+            task.cache.flush()  # what a prefork child's worker_process_shutdown does before os._exit
         finally:
             os._exit(0)
     return pid

@@ -115,18 +115,18 @@ def test_a_child_forked_while_the_writer_registry_was_locked_can_store(redis_cle
     conn.close()
 
 
-def test_the_cache_keeps_one_pool_connection_by_default_and_stores_right_away(fault_redis):
-    """The design's bar (one pool connection per process) holds with the default, synchronous
-    stores: 300 misses in a row, each value in Redis when its call returns. A private server:
-    other tests' background threads (lease and lock renewers, listeners) reconnect to the shared
-    one at any moment and would be counted."""
+def test_synchronous_stores_keep_one_pool_connection_and_store_right_away(fault_redis):
+    """The design's bar (one pool connection per process) holds with synchronous stores
+    (``tuning_cache_write_behind=False``): 300 misses in a row, each value in Redis when its call
+    returns. A private server: other tests' background threads (lease and lock renewers,
+    listeners) reconnect to the shared one at any moment and would be counted."""
     import inspect
 
     from celery_tuning.cache import TwoLevelCache
     from celery_tuning.conf import load_config
     from celery_tuning.storage.redis import CLIENT_NAME
 
-    assert load_config({}, environ={}).cache_write_behind is False, "deferred stores are opt-in"
+    assert load_config({}, environ={}).cache_write_behind is True, "deferred stores are the default"
 
     def pool_connections():
         return [c for c in fault_redis.client().client_list() if c["name"] == CLIENT_NAME and c["cmd"] != "subscribe"]
@@ -144,4 +144,29 @@ def test_the_cache_keeps_one_pool_connection_by_default_and_stores_right_away(fa
     from celery_tuning.storage.cache_writer import existing_writer
 
     assert existing_writer(conn) is None
+    conn.close()
+
+
+def test_deferred_stores_ride_the_next_lookup_and_keep_one_pool_connection(fault_redis):
+    """With deferred stores (the default), a busy process's queued stores travel with its next
+    lookup: 300 misses in a row still hold one pool connection, and every value lands."""
+    import inspect
+
+    from celery_tuning.cache import TwoLevelCache
+    from celery_tuning.storage.redis import CLIENT_NAME
+
+    def pool_connections():
+        return [c for c in fault_redis.client().client_list() if c["name"] == CLIENT_NAME and c["cmd"] != "subscribe"]
+
+    before = len(pool_connections())
+    conn = RedisConnector(fault_redis.url)
+    cache = TwoLevelCache("t.deferred", inspect.signature(lambda x: None), store=RedisCacheStore(conn),
+                          write_behind=True)
+    for i in range(300):
+        assert cache.get_or_compute(f"d{i}", lambda i=i: i) == i
+    assert cache.flush(2.0)
+    assert len(pool_connections()) == before + 1
+    generation = cache._current_generation()
+    client = fault_redis.client()
+    assert all(client.exists(cache.keys.value(generation, f"d{i}")) for i in range(300))
     conn.close()
