@@ -223,8 +223,27 @@ TASK_PARKED: Topic[ParkSubscriber] = Topic("task_parked")
 #: A mover published a parked task back to its queue: ``(reason, name)``.
 TASK_UNPARKED: Topic[ParkSubscriber] = Topic("task_unparked")
 #: Parking was asked for but the task was re-published with a countdown instead: ``(reason, why)``
-#: (why: 'storage' when the tuning Redis failed, 'encoding' when the call is not JSON-encodable).
+#: (why: 'storage' when the tuning Redis failed, 'serializer' when the task is not sent as JSON,
+#: 'encoding' when the call is not JSON-encodable).
 PARK_FALLBACK: Topic[ParkSubscriber] = Topic("park_fallback")
+
+
+class ParkedSubscriber(Protocol):
+    def __call__(self, reason: str, name: str, parked: int, /) -> None: ...
+
+
+#: A mover counted what is parked at a spot: ``(reason, name, parked)`` (due, waiting and claimed;
+#: sent about every few seconds by each mover, only while someone subscribes).
+PARKED_COUNT: Topic[ParkedSubscriber] = Topic("parked_count")
+
+
+def parked_count(reason: str, name: str, parked: int) -> None:
+    """``parked`` tasks wait at spot ``(reason, name)`` now."""
+    for subscriber in PARKED_COUNT.subscribers:
+        try:
+            subscriber(reason, name, parked)
+        except Exception:  # a subscriber's bug must not fail the mover
+            _failed(subscriber)
 
 
 def task_parked(reason: str, name: str) -> None:
@@ -254,5 +273,5 @@ def park_fallback(reason: str, why: str) -> None:
             _failed(subscriber)
 
 
-__all__ += ["PARK_FALLBACK", "TASK_PARKED", "TASK_UNPARKED", "ParkSubscriber", "park_fallback", "task_parked",
-            "task_unparked"]
+__all__ += ["PARKED_COUNT", "PARK_FALLBACK", "TASK_PARKED", "TASK_UNPARKED", "ParkSubscriber", "ParkedSubscriber",
+            "park_fallback", "parked_count", "task_parked", "task_unparked"]

@@ -221,6 +221,15 @@ def _park(task: Any, request: Any, park: ParkRequest, headers: Dict[str, Any], c
     if not parking_on(runtime):
         return
     where = park.spot
+    serializer = getattr(task, "serializer", None) or task._app.conf.task_serializer
+    if serializer != "json":
+        # JSON would hand the task lists for its tuples and str keys for its int keys: only a call
+        # Celery itself sends as JSON parks unchanged.
+        if _once.first(("serializer", task.name)):
+            logger.warning("task %s uses the %r serializer: its deferrals are countdown messages, not "
+                           "parked (parked calls are JSON)", task.name, serializer)
+        events.park_fallback(where.reason, "serializer")
+        return
     seq: Optional[int] = None
     if park.delay is None:
         seq = _seq_of(headers)
@@ -234,7 +243,11 @@ def _park(task: Any, request: Any, park: ParkRequest, headers: Dict[str, Any], c
         return
     delay_us = None if park.delay is None else max(0, int(park.delay * 1_000_000))
     try:
-        runtime.registry.park_store().park(where, f"{request.id}:{count}", payload, delay_us, seq)
+        # Task id, retries and deferral count: the same attempt redelivered by the broker (its worker
+        # died before acking) has the same id, so a call that already ran is not parked again.
+        retries = int(getattr(request, "retries", 0) or 0)
+        park_id = f"{request.id}:{retries}:{count}"
+        parked = runtime.registry.park_store().park(where, park_id, payload, delay_us, seq)
     except StorageError as exc:
         if _once.first("storage"):
             logger.warning("tuning Redis failed while parking a task (%s); deferring with countdowns until "
@@ -242,6 +255,8 @@ def _park(task: Any, request: Any, park: ParkRequest, headers: Dict[str, Any], c
         events.park_fallback(where.reason, "storage")
         return
     _once.clear("storage")
+    if not parked:
+        raise Ignore(f"already ran: a redelivered message that celery-tuning had parked ({reason})")
     events.task_parked(where.reason, where.name)
     events.task_deferred(task, request.id, reason, park.delay or 0.0, count)  # the task_deferred signal
     raise Ignore(f"parked by celery-tuning ({reason}) at {where.reason}:{where.name}")

@@ -117,6 +117,17 @@ class TuningMetrics:
                                    multiprocess_mode="mostrecent")
         self.cache = counter("celery_tuning_cache_events_total", "Result-cache events (hits by level, misses...).",
                              ("task", "event"))
+        self.parked = counter("celery_tuning_parked_total", "Deferred calls parked in the tuning Redis.",
+                              ("reason", "name"))
+        self.unparked = counter("celery_tuning_unparked_total", "Parked calls a mover published back to their queue.",
+                                ("reason", "name"))
+        self.park_fallbacks = counter("celery_tuning_park_fallbacks_total",
+                                      "Deferrals that should have parked and went out as countdown messages.",
+                                      ("reason", "why"))
+        # Counted by the movers in the workers' main processes; every mover sees the same Redis.
+        self.parked_tasks = gauge("celery_tuning_parked_tasks",
+                                  "Tasks parked now (due, waiting and claimed), as last counted by a mover.",
+                                  ("reason", "name"), multiprocess_mode="mostrecent")
 
 
 class _BulkChild:
@@ -470,6 +481,22 @@ def _record_cache(task: str, event: str) -> None:
     _labelled("cache", task, event).inc()
 
 
+def _record_parked(reason: str, name: str) -> None:
+    _labelled("parked", reason, name).inc()
+
+
+def _record_unparked(reason: str, name: str) -> None:
+    _labelled("unparked", reason, name).inc()
+
+
+def _record_park_fallback(reason: str, why: str) -> None:
+    _labelled("park_fallbacks", reason, why).inc()
+
+
+def _record_parked_count(reason: str, name: str, parked: int) -> None:
+    _labelled("parked_tasks", reason, name).set(parked)
+
+
 def _on_failure_outside_child(sender: Any = None, task_id: str = "", exception: Any = None, **_: Any) -> None:
     # Sent by the worker's main process when a child was killed (hard time limit) or lost:
     # the child never reached task_postrun, so its outcome is recorded here.
@@ -510,6 +537,10 @@ def connect_metric_receivers(buckets: Optional[Tuple[float, ...]] = None) -> Non
     events.TASK_DEFERRED.subscribe(_on_deferred)
     events.SLA_BREACHED.subscribe(_on_sla)
     events.BREAKER.subscribe(_record_breaker)
+    events.TASK_PARKED.subscribe(_record_parked)
+    events.TASK_UNPARKED.subscribe(_record_unparked)
+    events.PARK_FALLBACK.subscribe(_record_park_fallback)
+    events.PARKED_COUNT.subscribe(_record_parked_count)
     celery_signals.task_failure.connect(_on_failure_outside_child, weak=False,
                                         dispatch_uid="celery_tuning.metrics.lost")
     celery_signals.worker_process_shutdown.connect(_on_child_exit, weak=False,

@@ -38,6 +38,8 @@ __all__ = ["Mover", "ParkedRow", "Round", "parked_rows", "parked_snapshot"]
 logger = logging.getLogger("celery_tuning.parking")
 
 _MAX_BACKOFF = 5.0
+#: Seconds between a mover's counts of what is parked (for the gauge; only while metrics listen).
+COUNT_EVERY = 5.0
 
 
 class Round(NamedTuple):
@@ -108,7 +110,7 @@ class Mover:
 
         self.app = app
         self.runtime = runtime_for(app)
-        self.store = store if store is not None else self.runtime.registry.park_store()
+        self.store = store if store is not None else self.runtime.registry.mover_park_store()
         config = self.runtime.config
         self.claim_ttl_us = int(config.park_claim_ttl * 1_000_000)
         self.batch = batch
@@ -117,6 +119,7 @@ class Mover:
         self.spots_ttl = spots_ttl
         self._spots: List[Any] = []
         self._spots_at = -1e9
+        self._counted_at = -1e9
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._failing = False
@@ -172,7 +175,15 @@ class Mover:
         if self._idle or now - self._spots_at >= self.spots_ttl:
             self._spots = list(self.store.spots())
             self._spots_at = now
+        if events.PARKED_COUNT.subscribers and now - self._counted_at >= COUNT_EVERY:
+            self._counted_at = now
+            self.count()
         return self._spots
+
+    def count(self) -> None:
+        """Tell the events sink what is parked at each spot (the ``celery_tuning_parked_tasks`` gauge)."""
+        for row in parked_snapshot(self.store):
+            events.parked_count(row.reason, row.name, row.parked)
 
     def run_once(self) -> Round:
         """Promote, claim, publish and acknowledge once over every spot.

@@ -85,11 +85,13 @@ class ParkStore(Protocol):
     """Parked entries of every spot. Every operation is atomic; work per call is bounded."""
 
     def park(self, spot: Spot, park_id: str, payload: str, delay_us: Optional[int],
-             seq_us: Optional[int] = None) -> None:
+             seq_us: Optional[int] = None) -> bool:
         """Park an entry due in ``delay_us`` µs, or (None) as a FIFO waiter with score ``seq_us`` (or now).
 
         Re-parking an id that exists replaces its payload and position; a ticket it has gets a
-        higher ``pub`` (earlier publications of it become stale duplicates).
+        higher ``pub`` (earlier publications of it become stale duplicates). False, and nothing
+        parked, when the id's ticket is redeemed: that call already ran (its original message was
+        redelivered after the worker that parked it died before acking).
         """
 
     def claim(self, spot: Spot, batch: int, claim_ttl_us: int) -> List[Claimed]:
@@ -211,10 +213,13 @@ class MemoryParkStore:
         state.tixat[park_id] = now + self.ticket_ttl_us
 
     def park(self, spot: Spot, park_id: str, payload: str, delay_us: Optional[int],
-             seq_us: Optional[int] = None) -> None:
+             seq_us: Optional[int] = None) -> bool:
         with self._lock:
             now = self.clock()
             self._process.get().index.add(Spot(*spot))
+            held = self._state(spot).tix.get(park_id)
+            if held is not None and str(held).endswith(":r"):
+                return False
             state = self._state(spot)
             state.trim(now)
             state.drop(park_id)
@@ -226,6 +231,7 @@ class MemoryParkStore:
             ticket = state.tix.get(park_id)
             if ticket is not None:
                 self._stamp(state, park_id, str(_ticket_pub(ticket) + 1), now)
+            return True
 
     def claim(self, spot: Spot, batch: int, claim_ttl_us: int) -> List[Claimed]:
         with self._lock:
@@ -379,7 +385,7 @@ class RedisParkStore:
                                       [now, self.ticket_ttl_us, *args])
 
     def park(self, spot: Spot, park_id: str, payload: str, delay_us: Optional[int],
-             seq_us: Optional[int] = None) -> None:
+             seq_us: Optional[int] = None) -> bool:
         member = keys.park_index_member(spot.reason, spot.name)
         args = ["" if delay_us is None else int(delay_us), "" if seq_us is None else int(seq_us),
                 park_id, payload, member]
@@ -389,9 +395,8 @@ class RedisParkStore:
             now = "" if self.clock is None else int(self.clock())
             self.connector.evalsha("park_index", [self.index_key],
                                    [now, self.ticket_ttl_us + horizon, member])
-            self._run("park_add", spot, args)
-        else:
-            self._run("park_add", spot, args, (self.index_key,))
+            return bool(int(self._run("park_add", spot, args)))
+        return bool(int(self._run("park_add", spot, args, (self.index_key,))))
 
     def claim(self, spot: Spot, batch: int, claim_ttl_us: int) -> List[Claimed]:
         reply = self._run("park_claim", spot, [int(batch), int(claim_ttl_us), RECLAIM_PER_CALL])
@@ -436,8 +441,12 @@ class RedisParkStore:
 
     def spots(self) -> List[Spot]:
         members = self.connector.run(lambda c: c.smembers(self.index_key), what="SMEMBERS park index")
-        found = (keys.park_spot_of(_text(member)) for member in members)
-        return sorted(Spot(*spot) for spot in found if spot is not None)
+        found = sorted(Spot(*spot) for spot in (keys.park_spot_of(_text(m)) for m in members) if spot is not None)
+        if found:
+            # Read by the movers about once a second: a spot whose entries outlive the last park
+            # (concurrency waiters queued longer than the ticket TTL) stays listed while movers run.
+            self.connector.evalsha("park_index_keep", [self.index_key], [self.ticket_ttl_us])
+        return found
 
 
 def _text(value: Any) -> str:

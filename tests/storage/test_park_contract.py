@@ -152,6 +152,19 @@ def test_a_redeemed_entry_is_never_published_again(w):
     assert s.snapshot(RL) == ParkSnapshot(0, 0, 0, None, None)
 
 
+def test_a_call_that_already_ran_is_not_parked_again(w):
+    # The broker redelivers the original message after the worker that parked it died before its
+    # ack: the same park id comes back, and must not run a second time.
+    s = w.store
+    assert s.park(RL, "t:0:1", "p", 0) is True
+    [claimed] = s.claim(RL, 10, CLAIM)
+    assert s.redeem(RL, "t:0:1", claimed.pub)
+    assert s.park(RL, "t:0:1", "p", 0) is False
+    w.clock.now += 2 * CLAIM
+    assert s.claim(RL, 10, CLAIM) == []
+    assert s.snapshot(RL) == ParkSnapshot(0, 0, 0, None, None)
+
+
 def test_redeem_fails_open_when_redis_lost_the_ticket(w):
     w.store.park(RL, "t:1", "p", 0)
     [claimed] = w.store.claim(RL, 10, CLAIM)
@@ -281,6 +294,17 @@ def redis_world(make_world, where) -> World:
     if where == "memory":
         pytest.skip("key expiry and memory are Redis matters")
     return make_world()
+
+
+def test_reading_the_index_keeps_it_alive_for_waiters_older_than_the_ticket_ttl(make_world, where):
+    if where == "memory":
+        pytest.skip("key expiry is a Redis matter")
+    w = make_world(ticket_ttl_us=3 * SEC)
+    index = keys.park_index_key("tuning")
+    w.store.park(CC, "c:0:1", "{}", None)
+    w.connector.run(lambda c: c.pexpire(index, 100))  # as if the last park was long ago
+    assert w.store.spots() == [CC]
+    assert w.connector.run(lambda c: c.pttl(index)) > 3000
 
 
 def test_every_key_has_a_bounded_ttl(redis_world):

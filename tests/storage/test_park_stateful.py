@@ -83,9 +83,10 @@ class ParkStoresAgree(RuleBasedStateMachine):
     @rule(spot=spots, park_id=ids, delay=delays, seq=seqs, size=st.sampled_from([0, 3, 300]))
     def park(self, spot: Spot, park_id: str, delay: int, seq: int, size: int) -> None:
         payload = f'{{"id": "{park_id}", "at": {self.now}, "pad": "{"x" * size}"}}'
-        self.memory.park(spot, park_id, payload, delay, seq)
-        self.redis.park(spot, park_id, payload, delay, seq)
-        self.parked.add((spot, park_id))
+        parked = self.redis.park(spot, park_id, payload, delay, seq)
+        assert parked == self.memory.park(spot, park_id, payload, delay, seq)
+        if parked:  # False: that id's call already ran (redeemed), nothing parks
+            self.parked.add((spot, park_id))
 
     @rule(spot=spots, batch=st.integers(0, 4), ttl=claim_ttls)
     def claim(self, spot: Spot, batch: int, ttl: int) -> None:

@@ -94,3 +94,27 @@ def test_deferred_attempts_are_not_kept_without_timing():
     without_timing, with_timing = map(int, out.stdout.split())
     assert without_timing == 0
     assert 0 < with_timing <= 10_000
+
+
+PARKING = r"""
+from prometheus_client import REGISTRY
+from celery_tuning import events
+from celery_tuning.integration import metrics as m
+m.connect_metric_receivers()
+events.task_parked("rate_limit", "openai")
+events.task_parked("rate_limit", "openai")
+events.task_unparked("rate_limit", "openai")
+events.park_fallback("concurrency", "storage")
+events.parked_count("rate_limit", "openai", 7)
+events.parked_count("rate_limit", "openai", 3)
+get = REGISTRY.get_sample_value
+spot = {"reason": "rate_limit", "name": "openai"}
+print(get("celery_tuning_parked_total", spot), get("celery_tuning_unparked_total", spot),
+      get("celery_tuning_park_fallbacks_total", {"reason": "concurrency", "why": "storage"}),
+      get("celery_tuning_parked_tasks", spot))
+"""
+
+
+def test_parking_events_feed_counters_and_the_parked_gauge():
+    out = subprocess.run([sys.executable, "-c", PARKING], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.split() == ["2.0", "1.0", "1.0", "3.0"]

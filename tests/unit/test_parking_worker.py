@@ -149,19 +149,43 @@ def test_an_idle_mover_sleeps_longer(app, store):
     assert Mover(app, store).run_once() == (0, 0.1)
 
 
+def test_a_mover_counts_what_is_parked_for_the_gauge_only_while_someone_listens(app, store):
+    store.park(SPOT, "t-9:0:1", "{}", 60_000_000)
+    store.park(SPOT, "t-10:0:1", "{}", 60_000_000)
+    counts: List[Any] = []
+
+    def seen(reason: str, name: str, parked: int) -> None:
+        counts.append((reason, name, parked))
+
+    mover = Mover(app, store)
+    mover.run_once()
+    assert counts == []
+    events.PARKED_COUNT.subscribe(seen)
+    try:
+        mover._counted_at = -1e9
+        mover.run_once()
+    finally:
+        events.PARKED_COUNT.unsubscribe(seen)
+    assert counts == [("rate_limit", "api", 2)]
+
+
 class _DownStore(MemoryParkStore):
-    def park(self, *args: Any, **kwargs: Any) -> None:
+    def park(self, *args: Any, **kwargs: Any) -> bool:
         from celery_tuning.errors import StorageError
 
         raise StorageError("tuning Redis down")
 
 
-@pytest.mark.parametrize(("why", "arg"), [("storage", 1), ("encoding", object())])
-def test_deferral_falls_back_to_a_countdown_logged_once(app, why, arg, caplog):
+@pytest.mark.parametrize(("why", "arg", "serializer"), [
+    ("storage", 1, "json"),
+    ("serializer", (1, {2: "b"}), "pickle"),  # would come back as [1, {"2": "b"}]: not parked at all
+])
+def test_deferral_falls_back_to_a_countdown_logged_once(app, why, arg, serializer, caplog):
     from celery_tuning.integration.deferral import ParkRequest, defer
 
     store = _DownStore() if why == "storage" else MemoryParkStore()
-    app.conf.task_serializer = "pickle"  # where a call that is not JSON comes from
+    app.conf.task_serializer = serializer
+    app.conf.accept_content = ["json", "pickle"]
     runtime_for(app).registry.use_park_store(store)
     task = app.tasks["unit.work"]
     fallbacks: List[Any] = []

@@ -8,7 +8,8 @@
 -- ARGV[1]  now in µs, or '' for the server's TIME      ARGV[2]  ticket TTL (µs)
 -- ARGV[3]  delay in µs, or '' for a FIFO waiter         ARGV[4]  waiter's sequence (µs) or '' (now)
 -- ARGV[5]  park id   ARGV[6]  payload   ARGV[7]  the spot's index member
--- Returns: 1.
+-- Returns: 1, or 0 when the id's ticket is redeemed: that message already ran (a broker
+-- redelivered the original after its worker parked it and died before acking), so nothing parks.
 -- Touches: the spot's keys (and the index); every key's expiry refreshed (park_touch).
 -- A ticket the id already has gets pub + 1: anything published under the old pub is now a stale
 -- duplicate, and a mover still acking the old pub cannot remove the new entry.
@@ -20,11 +21,22 @@
 local now = server_clock({}, {ARGV[1]})
 local ttl = tonumber(ARGV[2])
 local id = ARGV[5]
+local delay = 0
+if ARGV[3] ~= '' then
+  delay = math.max(0, tonumber(ARGV[3]))
+end
+-- The index first, as on a Cluster (where park_index.lua runs before this script): a hint only.
+if KEYS[7] then
+  park_index({KEYS[7]}, {'', delay + ttl, ARGV[7]})
+end
+local held = redis.call('HGET', KEYS[5], id)
+if held and string.find(held, ':r', 1, true) then
+  return 0
+end
 park_trim(KEYS, {now})
 redis.call('ZREM', KEYS[1], id)
 redis.call('ZREM', KEYS[2], id)
 redis.call('ZREM', KEYS[4], id)
-local delay = 0
 if ARGV[3] == '' then
   local seq = now
   if ARGV[4] ~= '' then
@@ -32,7 +44,6 @@ if ARGV[3] == '' then
   end
   redis.call('ZADD', KEYS[2], string.format('%.0f', seq), id)
 else
-  delay = math.max(0, tonumber(ARGV[3]))
   redis.call('ZADD', KEYS[1], string.format('%.0f', now + delay), id)
 end
 redis.call('HSET', KEYS[3], id, ARGV[6])
@@ -42,7 +53,4 @@ if ticket then
   redis.call('ZADD', KEYS[6], string.format('%.0f', now + ttl), id)
 end
 park_touch(KEYS, {now, ttl})
-if KEYS[7] then
-  park_index({KEYS[7]}, {'', delay + ttl, ARGV[7]})
-end
 return 1
