@@ -47,16 +47,14 @@ _lost: OrderedDict[str, bool] = OrderedDict()
 _REMEMBERED = 10_000
 
 
-def _is_worker_process() -> bool:
-    return any(arg == "worker" for arg in sys.argv[1:])
-
-
 def prepare_multiprocess() -> Optional[str]:
     """Point prometheus-client at a per-node directory before it is imported (worker processes only).
 
     Returns the directory, or None when this is not a worker or the operator set one already.
     """
-    if not _is_worker_process() or os.environ.get(_ENV):
+    from .runtime import is_worker_process
+
+    if not is_worker_process() or os.environ.get(_ENV):
         return os.environ.get(_ENV)
     if "prometheus_client" in sys.modules:
         logger.warning("prometheus_client was imported before the app's settings were read: metrics of prefork "
