@@ -197,7 +197,8 @@ def main(argv: List[str]) -> int:
     parser.add_argument("--pools", default="prefork,threads,solo")
     parser.add_argument("--only", default="passthrough,floor,tracer,limiter,breaker,cache,metrics,accuracy,scaling",
                         help="comma-separated sections: passthrough, floor, tracer, limiter, breaker, cache, "
-                             "metrics, accuracy, scaling")
+                             "metrics, accuracy, scaling, parking (not in the default: --only parking --tasks "
+                             "20000 for issue #17's burst; its cap part runs min(2000, tasks) tasks)")
     args = parser.parse_args(argv)
     sections = set(args.only.split(","))
     server = RedisServer().start()
@@ -263,6 +264,12 @@ def main(argv: List[str]) -> int:
                 "breaker_threads": scaling.breaker_threads(server.db_url(5)),
             }
             print("\n" + scaling.render(results["scaling"]), flush=True)
+        if "parking" in sections:
+            from benchmarks import parking
+
+            results["parking"] = parking.run(server.db_url(6), server.db_url(7), tasks=args.tasks,
+                                             cap_tasks=min(2000, args.tasks))
+            print("\n" + parking.render(results["parking"]), flush=True)
     finally:
         server.close()
     RESULTS.mkdir(exist_ok=True)

@@ -127,3 +127,66 @@ else:
     @app.task(name="benchmarks.apps.noop")
     def noop() -> None:
         return None
+
+# -- parking (benchmarks/parking.py) ---------------------------------------------------------------
+# BENCH_VARIANT "<park|countdown>-<rl|cc>": a TunedTask app with Celery's default prefetch and
+# acks, its tuning store on a Redis of its own (BENCH_TUNING_URL, so INFO memory counts only
+# what parks), and a task that records each run in BENCH_RECORD_URL: HINCRBY runs <task id>
+# (exactly once?) and RPUSH starts / ends (admitted rate, running at once).
+# "rl": @rate_limit("bench", on_limit=BENCH_ON_LIMIT) with tuning_rate_limits {"bench": BENCH_RATE
+# (200/s)}, a no-op body. on_limit "defer" (the section's choice): with the default "auto" a task
+# whose slot is at most 1 s away sleeps in the worker, and 4 processes at 200/s never reserve a
+# slot more than ~20 ms ahead, so nothing would defer at all.
+# "cc": @concurrency_limit("bench") with tuning_concurrency_limits {"bench": BENCH_CAP (4)}, 50 ms.
+PARKING_MODE, _, PARKING_KIND = VARIANT.partition("-")
+if PARKING_MODE in ("park", "countdown") and PARKING_KIND in ("rl", "cc"):
+    import time as _time
+    from typing import Any
+
+    import redis as _redis
+
+    import celery_tuning as _tuning
+    from celery_tuning import concurrency_limit, rate_limit
+
+    parking_app = Celery(f"bench_{VARIANT}", broker=URL, task_cls="celery_tuning:TunedTask")
+    parking_app.conf.update(
+        task_default_queue=QUEUE, task_ignore_result=True, broker_connection_retry_on_startup=True,
+        tuning_redis_url=os.environ.get("BENCH_TUNING_URL", URL),
+        tuning_defer_via=PARKING_MODE,
+        tuning_rate_limits={"bench": os.environ.get("BENCH_RATE", "200/s")},
+        tuning_concurrency_limits={"bench": int(os.environ.get("BENCH_CAP", "4"))},
+    )
+    _tuning.install(parking_app)
+    _RECORD_URL = os.environ.get("BENCH_RECORD_URL", URL)
+    _records: dict = {}
+
+    from celery_tuning.integration.deferral import deferrals_of
+
+    def _record(request: Any, started: float, ended: float) -> None:
+        task_id = request.id
+        client = _records.get(os.getpid())  # one connection per process (prefork children fork)
+        if client is None:
+            client = _records[os.getpid()] = _redis.Redis.from_url(_RECORD_URL)
+        pipe = client.pipeline(transaction=False)
+        pipe.hincrby("runs", task_id, 1)
+        pipe.hset("deferrals", task_id, deferrals_of(request))  # times it was deferred before this run
+        pipe.rpush("starts", f"{started:.6f}")
+        pipe.rpush("ends", f"{ended:.6f}")
+        pipe.execute()
+
+    if PARKING_KIND == "rl":
+
+        @parking_app.task(name="benchmarks.apps.parked", bind=True)
+        @rate_limit("bench", on_limit=os.environ.get("BENCH_ON_LIMIT", "defer"))
+        def parked(self) -> None:
+            now = _time.time()
+            _record(self.request, now, now)
+
+    else:
+
+        @parking_app.task(name="benchmarks.apps.parked", bind=True)
+        @concurrency_limit("bench")
+        def parked(self) -> None:
+            started = _time.time()
+            _time.sleep(0.05)
+            _record(self.request, started, _time.time())

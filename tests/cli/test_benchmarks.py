@@ -34,3 +34,23 @@ def test_passthrough_section_runs_and_scripts_per_task_are_exact(fault_redis):
     assert solo["everything"]["pubsub_connections"]["median"] == 2
     table = render_table({"tasks": 120, "runs": 1, "pass_through": results})
     assert "| solo |" in table and "scripts per task" in table
+
+
+def test_parking_section_runs_each_task_once_and_parks_nothing_in_the_workers(fault_redis):
+    # Issue #17's burst, small: 100 tasks at once against the shared 200/s limit (on_limit
+    # "defer": every task not admitted at once parks), 2 prefork workers. Counts only, no timing.
+    from benchmarks.parking import render, run_once
+    from celery_tuning.testing import RedisServer
+
+    tuning = RedisServer().start()
+    try:
+        burst = run_once("rl", "park", 100, fault_redis.db_url(6), fault_redis.db_url(7), tuning)
+    finally:
+        tuning.close()
+    assert (burst["ran"], burst["missing"], burst["ran_twice_or_more"]) == (100, 0, 0), burst
+    assert burst["deferred"] > 0, burst          # the parking path ran
+    assert burst["scheduled_max"] == 0, burst    # no ETA message held by a worker
+    assert burst["log_errors"] == 0, burst["log_tail"]
+    table = render({"burst": {"park": burst}, "cap": {"park": burst}, "rate": 200, "cap_limit": 4,
+                    "task_seconds": 0.05})
+    assert "| ran / missing / ran twice | 100 / 0 / 0 |" in table
