@@ -81,3 +81,8 @@ class TuningWorkerStep(bootsteps.StartStopStep):
 
     def shutdown(self, worker: Any) -> None:
         self.stop(worker)
+
+    def terminate(self, worker: Any) -> None:
+        # A warm or cold shutdown ends here too (bootsteps call terminate, not stop, when the
+        # worker terminates): a mover left running would keep publishing after its worker is gone.
+        self.stop(worker)

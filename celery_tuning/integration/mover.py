@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Dict, List, NamedTuple, Optional
+from typing import Any, Dict, List, NamedTuple, Optional, Set
 
 from .. import events
 from ..errors import StorageError
@@ -173,12 +173,33 @@ class Mover:
         """The spots that may hold entries (the store's index, reused for ``spots_ttl`` s)."""
         now = time.monotonic()
         if self._idle or now - self._spots_at >= self.spots_ttl:
-            self._spots = list(self.store.spots())
+            names = self.names()
+            # Only this app's spots: another app sharing the tuning Redis (and prefix) may publish
+            # through another broker, and its entries are its own movers' to publish.
+            self._spots = [where for where in self.store.spots() if where.name in names.get(where.reason, ())]
             self._spots_at = now
         if events.PARKED_COUNT.subscribers and now - self._counted_at >= COUNT_EVERY:
             self._counted_at = now
             self.count()
         return self._spots
+
+    def names(self) -> Dict[str, Set[str]]:
+        """The limiter, concurrency-limit and breaker names this app defers under, by reason: the
+        configured ones and those its tasks' decorators name (an inline limiter is the task's)."""
+        config = self.runtime.config
+        names: Dict[str, Set[str]] = {"rate_limit": set(config.rate_limits),
+                                      "concurrency": set(config.concurrency_limits),
+                                      "circuit_open": set(config.circuit_breakers)}
+        for task in list(self.app.tasks.values()):
+            policies = getattr(type(task), "_tuning_policies", None) or {}
+            limit = policies.get("rate_limit")
+            if limit is not None:
+                names["rate_limit"].add(getattr(limit, "name", None) or task.name)
+            for reason, kind in (("concurrency", "concurrency"), ("circuit_open", "breaker")):
+                policy = policies.get(kind)
+                if policy is not None and getattr(policy, "name", None):
+                    names[reason].add(policy.name)
+        return names
 
     def count(self) -> None:
         """Tell the events sink what is parked at each spot (the ``celery_tuning_parked_tasks`` gauge)."""

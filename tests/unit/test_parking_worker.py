@@ -27,7 +27,8 @@ SPOT = Spot("rate_limit", "api")
 @pytest.fixture()
 def app() -> Any:
     app = Celery("parking-unit", broker="memory://", backend="cache+memory://", set_as_current=False)
-    app.conf.update(tuning_redis_url="redis://127.0.0.1:1/0", tuning_concurrency_limits={"solo": 1})
+    app.conf.update(tuning_redis_url="redis://127.0.0.1:1/0", tuning_concurrency_limits={"solo": 1},
+                    tuning_rate_limits={"api": "10/s"})
 
     @app.task(bind=True, name="unit.work", shared=False)
     def work(self: Any, x: int, y: int = 0) -> int:
@@ -167,6 +168,18 @@ def test_a_mover_counts_what_is_parked_for_the_gauge_only_while_someone_listens(
     finally:
         events.PARKED_COUNT.unsubscribe(seen)
     assert counts == [("rate_limit", "api", 2)]
+
+
+def test_a_mover_leaves_the_spots_of_other_apps_alone(app, store):
+    # Another app on the same tuning Redis may publish through another broker: its entries are its
+    # own movers' to publish.
+    store.park(Spot("rate_limit", "someone-elses"), "x:0:1", "{}", 0)
+    store.park(SPOT, "t-11:0:1", encode_payload(app.tasks["unit.work"], _request("t-11"), {}, "rate_limit", "api"), 0)
+    mover = Mover(app, store)
+    assert mover.spots() == [SPOT]
+    assert mover.run_once().published == 1
+    assert store.snapshot(Spot("rate_limit", "someone-elses")).due == 1
+    assert len(_queued(app, "work-q")) == 1  # (and leaves the in-memory broker's queue empty)
 
 
 class _DownStore(MemoryParkStore):
