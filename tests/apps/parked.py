@@ -57,7 +57,9 @@ def solo(self, i, seconds=0.2):
     start = time.time()
     time.sleep(seconds)
     _ran(self.request.id)
-    ledger.rpush("solo_spans", f"{i} {start} {time.time()}")
+    # When it first parked (µs; 0 when it never waited): waiters are woken in this order.
+    seq = getattr(self.request, "tuning_park_seq", None) or (self.request.headers or {}).get("tuning_park_seq") or 0
+    ledger.rpush("solo_spans", f"{i} {start} {time.time()} {seq}")
     return i
 
 
