@@ -32,6 +32,9 @@ app.conf.update(
     tuning_circuit_breakers={"doomed-api": {"fail_max": 1, "reset_timeout": 0.5, "trial_timeout": 2}},
     tuning_concurrency_limits={"one-slot": 1},
     tuning_concurrency_lease_ttl=2.0,
+    # Parking by default; the store-outage test defers with countdowns, because a tuning Redis that
+    # restarts empty loses what is parked in it (docs/parking.md: the persistence requirement).
+    tuning_defer_via=os.environ.get("TEST_DEFER_VIA", "park"),
 )
 celery_tuning.install(app)
 ledger = redis.Redis.from_url(BACKEND)  # the broker may be RabbitMQ
