@@ -160,8 +160,10 @@ def run_cell(redis: Any, outcome: ix.Outcome, stack: FrozenSet[str]) -> Seen:
         breaker.record_failure(RuntimeError("seed"), False)
     if recipe.drain_limiter:
         assert limiter_for(runtime, RL).try_acquire()
-    if recipe.take_slot:
-        assert concurrency_limiter_for(runtime, CC).acquire().granted
+    held = None
+    if recipe.take_slot:  # given back below: the process's renewer would keep it alive into later tests
+        held = concurrency_limiter_for(runtime, CC).acquire()
+        assert held.granted
 
     def zrems() -> int:
         return int(tuning.info("commandstats").get("cmdstat_zrem", {}).get("calls", 0))
@@ -215,6 +217,8 @@ def run_cell(redis: Any, outcome: ix.Outcome, stack: FrozenSet[str]) -> Seen:
     held_after = tuning.zcard(CC_KEY)
     assert held_after == held_before, "a concurrency lease outlived the call"
     lease = ix.NONE if recipe.take_slot else (ix.FREED if zrems() > zrem_before else ix.NOT_TAKEN)
+    if held is not None:
+        concurrency_limiter_for(runtime, CC).release(held)
 
     tat_after = tuning.get(RL_KEY)
     if tat_after == tat_before:
@@ -251,10 +255,12 @@ def test_apply_refused_by_the_concurrency_limit_never_opens_the_breaker(redis_cl
         return x
 
     runtime = runtime_for(app)
-    assert concurrency_limiter_for(runtime, CC).acquire().granted
+    held = concurrency_limiter_for(runtime, CC).acquire()
+    assert held.granted
     for _ in range(3):
         with pytest.raises(ConcurrencyLimited):
             eager.apply((1,), throw=True)
+    concurrency_limiter_for(runtime, CC).release(held)  # the process's renewer would keep it alive
     breaker = breaker_for(runtime, CB)
     assert breaker.refresh().state == "closed"
     assert int(redis_clean.client(1).hget(CB_KEY, "failures") or 0) == 0
