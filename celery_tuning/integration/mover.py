@@ -16,7 +16,10 @@ entries (from the store's index, cached about a second), and for each spot:
 It sleeps until the earliest due entry, at most ``busy_sleep`` (50 ms) while anything is parked
 and ``idle_sleep`` (100 ms: how late the first entry of a burst can be published; an idle round
 costs one SMEMBERS, plus a claim per spot seen recently) when nothing is; the spot list is read
-again on every idle round and at most every ``spots_ttl`` (1 s) while busy. Several workers'
+again on every idle round and at most every ``spots_ttl`` (1 s) while busy. A lease release that
+makes a waiter due announces its spot on ``P:park:wake`` in the same script: the mover wakes at
+once and claims from that spot alone, so a freed slot's waiter is published within a round trip
+or two, not at the next round. Several workers'
 movers cooperate through the atomic claim (no election). Redis or broker errors back off (up
 to 5 s) and are logged once.
 """
@@ -30,7 +33,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Set
 
 from .. import events
 from ..errors import StorageError
-from ..storage.keys import lease_key
+from ..storage.keys import lease_key, park_index_member
 from .deferral import HEADER_PARK, decode_payload
 
 __all__ = ["Mover", "ParkedRow", "Round", "parked_rows", "parked_snapshot"]
@@ -125,6 +128,10 @@ class Mover:
         self._failing = False
         self._idle = True
         self._backoff = 0.0
+        #: Set by :meth:`stop` and by a release announcing a waiter it made due.
+        self._wake = threading.Event()
+        self._woken: Set[str] = set()
+        self._woken_lock = threading.Lock()
         #: Entries published since start (all spots).
         self.published = 0
 
@@ -134,12 +141,30 @@ class Mover:
         if self._thread is not None and self._thread.is_alive():
             return self
         self._stop.clear()
+        self._listen()
         self._thread = threading.Thread(target=self._loop, name="celery-tuning-mover", daemon=True)
         self._thread.start()
         return self
 
+    def _listen(self) -> None:
+        """Hear releases that made a waiter due (the store's wake channel), when it has one."""
+        channel = getattr(self.store, "wake_channel", None)
+        connector = getattr(self.store, "connector", None)
+        if channel is None or connector is None:
+            return  # the memory store: rounds alone
+        from ..storage.pubsub import channel_listener
+
+        channel_listener(connector, channel).add(self._on_wake)
+
+    def _on_wake(self, data: Any) -> None:
+        member = data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data)
+        with self._woken_lock:
+            self._woken.add(member)
+        self._wake.set()
+
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
+        self._wake.set()
         thread, self._thread = self._thread, None
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
@@ -149,9 +174,16 @@ class Mover:
         return self._thread is not None and self._thread.is_alive()
 
     def _loop(self) -> None:
+        due_round = 0.0  # monotonic time of the next full round
         while not self._stop.is_set():
             try:
-                sleep = self.run_once().sleep
+                woken = self._take_woken()
+                if woken and time.monotonic() < due_round:
+                    self.run_woken(woken)  # only the spots a release named; the round comes later
+                    sleep = due_round - time.monotonic()
+                else:
+                    sleep = self.run_once().sleep
+                    due_round = time.monotonic() + sleep
                 if self._failing:
                     self._failing, self._backoff = False, 0.0
                     logger.info("parking mover: the tuning Redis and the broker answer again")
@@ -164,8 +196,14 @@ class Mover:
                         logger.warning("parking mover: tuning Redis failed (%s); retrying with backoff", exc)
                     else:
                         logger.exception("parking mover: a round failed; retrying with backoff")
-            if sleep > 0:
-                self._stop.wait(sleep)
+            if sleep > 0 and not self._stop.is_set():
+                self._wake.wait(sleep)
+            self._wake.clear()
+
+    def _take_woken(self) -> Set[str]:
+        with self._woken_lock:
+            woken, self._woken = self._woken, set()
+        return woken
 
     # -- one round ----------------------------------------------------------------------------
 
@@ -240,6 +278,18 @@ class Mover:
         if earliest is not None:
             sleep = min(sleep, max(0.0, (earliest - store.now_us()) / 1e6))
         return Round(published, sleep)
+
+    def run_woken(self, members: Set[str]) -> int:
+        """Claim and publish what is due at the spots named by releases (index members
+        ``<r>:<name>``) that are this mover's; returns how many were published."""
+        published = 0
+        for where in self.spots():
+            if park_index_member(where.reason, where.name) in members:
+                claimed = self.store.claim(where, self.batch, self.claim_ttl_us)
+                if claimed:
+                    published += self._publish(where, claimed)
+        self.published += published
+        return published
 
     def _promote(self, where: Any) -> bool:
         """Free slots of a concurrency limit go to its first waiters; True when any wait."""

@@ -39,6 +39,8 @@ channel ``P:cache:invalidate``                     pub/sub    :func:`cache_inval
                                                               ticket may be dropped, µs)
 ``P:park:index``                                   set        :func:`park_index_key` (``<r>:<N>``
                                                               of every spot that may hold entries)
+channel ``P:park:wake``                           pub/sub    :func:`park_wake_channel` (a release
+                                                              made a waiter due: movers wake)
 ``P:<part>:<part>…``                               any        :func:`prefixed_key` (anything else
                                                               under the prefix)
 =================================================  =========  ====================================
@@ -68,6 +70,7 @@ __all__ = [
     "park_reason_code",
     "park_spot_of",
     "park_stem",
+    "park_wake_channel",
     "prefixed_key",
     "rate_limit_bucket_key",
     "rate_limit_conf_key",
@@ -215,6 +218,11 @@ def park_keys(prefix: str, reason: str, name: str) -> ParkKeys:
 def park_index_key(prefix: str) -> str:
     """The set of spots that may hold parked entries (a hint for movers; its own slot)."""
     return prefixed_key(prefix, PARK, "index")
+
+
+def park_wake_channel(prefix: str) -> str:
+    """The channel a release publishes on when it makes a concurrency waiter due (movers wake)."""
+    return prefixed_key(prefix, PARK, "wake")
 
 
 def park_index_member(reason: str, name: str) -> str:

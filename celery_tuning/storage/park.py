@@ -369,6 +369,7 @@ class RedisParkStore:
         self.clock = clock
         self.ticket_ttl_us = int(ticket_ttl_us)
         self.index_key = keys.park_index_key(prefix)
+        self.wake_channel = keys.park_wake_channel(prefix)
         self._cluster = connector.target.kind == "cluster"
         self._keys: Dict[Spot, ParkKeys] = {}
 
@@ -409,10 +410,13 @@ class RedisParkStore:
         return bool(int(self._run("park_redeem", spot, [park_id, int(pub)])))
 
     def promote(self, spot: Spot, lease_key: str, cap: int) -> int:
-        return int(self._run("park_promote", spot, [int(cap), MOVE_PER_CALL, ""], (lease_key,)))
+        return int(self._run("park_promote", spot, [int(cap), MOVE_PER_CALL, "", "", ""], (lease_key,)))
 
     def release_lease(self, spot: Spot, lease_key: str, lease_id: str, cap: int) -> None:
-        self._run("park_promote", spot, [int(cap), 1, lease_id], (lease_key,))
+        # The waiter made due is announced on the wake channel: a mover publishes it at once
+        # instead of at its next round.
+        self._run("park_promote", spot, [int(cap), 1, lease_id, self.wake_channel,
+                                         keys.park_index_member(spot.reason, spot.name)], (lease_key,))
 
     def next_due_us(self, spot: Spot) -> Optional[int]:
         due = self.keys(spot).due

@@ -116,6 +116,41 @@ def test_concurrency_waiters_run_fifo_and_are_woken_on_release_not_polled(redis_
     assert _parked(_store(redis_clean), Spot("concurrency", "solo")) == 0
 
 
+_WOKEN_MOVER = """
+import json, time
+from tests.apps.parked import app, solo
+from celery_tuning.integration.mover import Mover
+from celery_tuning.integration.registry import concurrency_limiter_for
+from celery_tuning.integration.runtime import runtime_for
+from celery_tuning.storage.park import Spot
+spot = Spot("concurrency", "solo")
+limiter = concurrency_limiter_for(runtime_for(app), "solo")
+lease = limiter.acquire()
+assert lease.granted
+mover = Mover(app, busy_sleep=30.0, idle_sleep=30.0)
+mover.store.park(spot, "woken:0:1", json.dumps(dict(solo.s(1, 0.0).set(task_id="woken"))), None)
+mover.start()
+time.sleep(1.0)                                   # its first round found no free slot; it sleeps 30 s
+before = mover.published
+started = time.monotonic()
+limiter.release(lease)                            # moves the waiter to due and announces the spot
+while mover.published == before and time.monotonic() - started < 10:
+    time.sleep(0.005)
+print(before, mover.published, round(time.monotonic() - started, 3))
+mover.stop()
+"""
+
+
+def test_a_release_wakes_a_sleeping_mover_to_publish_the_waiter_it_made_due(redis_clean):
+    """The release's script announces the spot on the wake channel: a mover between rounds (here
+    sleeping 30 s) publishes the waiter at once instead of at its next round."""
+    before, after, took = run_producer(_WOKEN_MOVER, redis_clean).split()
+    assert (int(before), int(after)) == (0, 1), "the mover did not publish the woken waiter"
+    assert float(took) < 10
+    queued = [json.loads(raw)["headers"]["id"] for raw in redis_clean.client(0).lrange("celery", 0, -1)]
+    assert queued == ["woken"]
+
+
 def test_tasks_park_while_the_breaker_is_open_and_run_once_after_the_reset(redis_clean):
     client = redis_clean.client(1)
     client.set("fail", 1)

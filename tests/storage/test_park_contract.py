@@ -234,6 +234,35 @@ def test_releasing_a_lease_wakes_one_waiter_in_the_same_step(w):
     assert s.snapshot(CC) == ParkSnapshot(2, 0, 0, w.clock.now, w.clock.now)
 
 
+def test_a_release_that_makes_a_waiter_due_announces_its_spot_to_the_movers(w, where):
+    """Only a release that moved a waiter publishes (movers then claim at once, not next round)."""
+    if where == "memory":
+        pytest.skip("the wake channel is Redis pub/sub; a mover on the memory store runs rounds only")
+    redis_world = w
+    s, connector = w.store, w.connector
+    pubsub = connector.client.pubsub()
+    pubsub.subscribe(keys.park_wake_channel("tuning"))
+    assert pubsub.get_message(timeout=5)["type"] == "subscribe"
+
+    def heard() -> list:
+        out = []
+        while True:
+            message = pubsub.get_message(timeout=0.5)
+            if message is None:
+                return out
+            out.append(message["data"])
+
+    redis_world.lease("a")
+    redis_world.lease("b")
+    s.release_lease(CC, LEASES, "a", 2)  # nobody waits
+    assert heard() == []
+    s.park(CC, "t0:1", "{}", None, T0)
+    s.release_lease(CC, LEASES, "b", 2)
+    assert heard() == [b"cc:pdf"]
+    assert s.promote(CC, LEASES, 2) == 0 and heard() == []  # a mover's own promote stays quiet
+    pubsub.close()
+
+
 def test_release_makes_everything_due_now_and_purge_drops_everything(w):
     s = w.store
     s.park(RL, "a:1", "{}", 100 * SEC)

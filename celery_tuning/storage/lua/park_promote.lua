@@ -4,6 +4,7 @@
 -- ARGV[1]  now in µs, or '' for the server's TIME      ARGV[2]  ticket TTL (µs)
 -- ARGV[3]  cap   ARGV[4]  most waiters moved in this call (1 on a release)
 -- ARGV[5]  a lease id to remove first (the step's release), or ''
+-- ARGV[6]  a channel to PUBLISH ARGV[7] (the spot's index member) on when a waiter moved, or ''
 -- Returns: how many FIFO heads moved to due (score now).
 -- Free slots = cap - live leases (expiry after now) - entries of the spot already due or
 -- claimed (they are on their way to take a slot). So it never moves more than cap - live.
@@ -37,4 +38,7 @@ for _, id in ipairs(heads) do
   redis.call('ZADD', KEYS[1], nowf, id)
 end
 park_touch(KEYS, {now, ttl})
+if ARGV[6] and ARGV[6] ~= '' then
+  redis.call('PUBLISH', ARGV[6], ARGV[7])
+end
 return n
