@@ -138,8 +138,41 @@ else:
 # whose slot is at most 1 s away sleeps in the worker, and 4 processes at 200/s never reserve a
 # slot more than ~20 ms ahead, so nothing would defer at all.
 # "cc": @concurrency_limit("bench") with tuning_concurrency_limits {"bench": BENCH_CAP (4)}, 50 ms.
+# "relay-cc": the floor under any cap that hands a freed slot to a waiting message through the
+# broker: plain Celery (no celery-tuning), BENCH_CAP chains of the same 50 ms task, each run
+# publishing its successor as it ends (a slot handed over by one publish and one delivery, with
+# no decision to take and no Redis of ours in between).
 PARKING_MODE, _, PARKING_KIND = VARIANT.partition("-")
-if PARKING_MODE in ("park", "countdown") and PARKING_KIND in ("rl", "cc"):
+if PARKING_MODE == "relay" and PARKING_KIND == "cc":
+    import time as _time
+    from typing import Any
+
+    import redis as _redis
+
+    parking_app = Celery(f"bench_{VARIANT}", broker=URL)
+    parking_app.conf.update(task_default_queue=QUEUE, task_ignore_result=True,
+                            broker_connection_retry_on_startup=True)
+    _RECORD_URL = os.environ.get("BENCH_RECORD_URL", URL)
+    _relay_records: dict = {}
+
+    @parking_app.task(name="benchmarks.apps.parked", bind=True)
+    def parked(self: Any, successors: int = 0) -> None:
+        started = _time.time()
+        _time.sleep(0.05)
+        ended = _time.time()
+        client = _relay_records.get(os.getpid())
+        if client is None:
+            client = _relay_records[os.getpid()] = _redis.Redis.from_url(_RECORD_URL)
+        pipe = client.pipeline(transaction=False)
+        pipe.hincrby("runs", self.request.id, 1)
+        pipe.hset("deferrals", self.request.id, 0)
+        pipe.rpush("starts", f"{started:.6f}")
+        pipe.rpush("ends", f"{ended:.6f}")
+        pipe.execute()
+        if successors > 0:
+            parked.apply_async((successors - 1,))  # the slot's next task, through the broker
+
+elif PARKING_MODE in ("park", "countdown") and PARKING_KIND in ("rl", "cc"):
     import time as _time
     from typing import Any
 
