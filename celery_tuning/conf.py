@@ -490,6 +490,11 @@ SETTINGS: Tuple[Setting, ...] = (
             _rate_limits),
     Setting("tuning_rate_limit_on_redis_error", "'local' | 'allow' | 'deny'", "local",
             "What a limiter does when Redis is unreachable.", _choice("local", "allow", "deny")),
+    Setting("tuning_rate_limit_slot_grace", "float (s)", 1.0,
+            "How late a deferred task may come back for the rate-limit slot reserved for it and still run "
+            "in it. Later (it queued behind a backlog), it asks the limiter again: honouring every late "
+            "slot would run a backlog's deferred tasks back to back, faster than the rate.",
+            _positive_float),
     Setting("tuning_circuit_breakers", "dict[str, dict]", {},
             "Named breakers: {'payments': {'fail_max': 5, 'reset_timeout': 60}}; also success_threshold, "
             "trial_timeout (s) and exclude (exception classes, dotted paths or predicates).", _breakers),
@@ -576,6 +581,7 @@ class TuningConfig:
     redis_max_connections: Optional[int]
     rate_limits: Mapping[str, LimiterSpec]
     rate_limit_on_redis_error: str
+    rate_limit_slot_grace: float
     circuit_breakers: Mapping[str, BreakerSpec]
     breaker_on_redis_error: str
     breaker_refresh_interval: float

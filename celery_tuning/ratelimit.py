@@ -18,7 +18,7 @@ __all__ = ["Decision", "GcraLimiter", "hash_key"]
 logger = logging.getLogger("celery_tuning.ratelimit")
 
 #: Observer signature: (event, limiter name, seconds). Events: acquired, waited,
-#: rejected, reserved, throttled, fallback. Never receives bucket keys or arguments.
+#: rejected, reserved, throttled, fallback, slot_expired. Never receives bucket keys or arguments.
 Observer = Callable[[str, str, float], None]
 
 _ON_REDIS_ERROR = ("local", "allow", "deny")

@@ -45,7 +45,7 @@ task_timed = Signal(
 
 #: Sent on every rate-limit decision. ``sender`` is the limiter name; keyword
 #: arguments: ``event`` ('acquired', 'waited', 'reserved', 'rejected',
-#: 'throttled', 'fallback') and ``seconds``. Never carries keys or arguments.
+#: 'throttled', 'fallback', 'slot_expired') and ``seconds``. Never carries keys or arguments.
 limiter_event = Signal(name="limiter_event", providing_args={"event", "seconds"})
 
 #: Sent in the worker when a task is re-published for later without using a

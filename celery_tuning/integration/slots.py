@@ -35,8 +35,8 @@ def holds_slot(request: Any) -> bool:
 
 
 def take_slot(request: Any, limiter: str, key: Any) -> Optional[float]:
-    """Use the slot this message carries: seconds it is early (0 or more), or None when it holds no
-    valid slot for this task id, limiter and key.
+    """Use the slot this message carries: seconds until it (negative: how late the message is for
+    it), or None when it holds no valid slot for this task id, limiter and key.
 
     The header is consumed either way: a later retry of the task queues for a new slot.
     """
@@ -48,6 +48,6 @@ def take_slot(request: Any, limiter: str, key: Any) -> Optional[float]:
     if slot.get("id") != request.id or slot.get("limiter") != limiter or slot.get("key") != _slot_id(key):
         return None
     try:
-        return max(0.0, float(slot["at"]) - time.time())
+        return float(slot["at"]) - time.time()
     except (KeyError, TypeError, ValueError):
         return None

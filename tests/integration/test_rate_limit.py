@@ -314,3 +314,49 @@ def test_adaptive_limiter_slows_down_on_throttling_and_recovers(redis_clean):
     assert lim.try_acquire()
     slowed_gap = lim.decide().wait
     assert 0.18 <= slowed_gap <= 0.2, slowed_gap
+
+
+@pytest.mark.parametrize(("late", "runs"), [(0.5, True), (5.0, False)])
+def test_a_slot_is_honoured_up_to_the_grace_and_a_later_arrival_asks_the_limiter_again(redis_clean, late, runs):
+    """A deferred task that queued behind a backlog past its slot (later than
+    ``tuning_rate_limit_slot_grace``) must not run in it: every task deferred behind the same backlog
+    comes back late together, and honouring each old slot ran them back to back above the rate."""
+    from celery.app.trace import build_tracer
+
+    from celery_tuning import signals
+    from celery_tuning.integration.deferral import HEADER_DEFERRALS
+    from celery_tuning.integration.slots import HEADER_SLOT
+
+    app = make_app(redis_clean, f"grace-{runs}", tuning_defer_via="countdown",  # reads the broker's message
+                   tuning_rate_limits={"late": {"rate": "1/s", "burst": 1}}, tuning_rate_limit_slot_grace=1.0)
+    ran = []
+
+    @app.task(bind=True, shared=False, name=f"grace.task{runs}")
+    @rate_limit("late", on_limit="defer")
+    def task(self, x):
+        ran.append(x)
+        return x
+
+    assert limiter_for(runtime_for(app), "late").try_acquire()  # the bucket is spent: only the slot admits
+    events = []
+
+    def on_event(sender=None, event=None, seconds=None, **_):
+        events.append((sender, event))
+
+    signals.limiter_event.connect(on_event, weak=False)
+    try:
+        slot = {"limiter": "late", "key": None, "at": time.time() - late, "id": "late-1"}
+        request = {"id": "late-1", "task": task.name, "delivery_info": {"routing_key": "celery", "exchange": ""},
+                   "hostname": "t@host", "headers": {HEADER_SLOT: slot, HEADER_DEFERRALS: 1},
+                   HEADER_DEFERRALS: 1}
+        build_tracer(task.name, task, app=app, eager=False)("late-1", (7,), {}, request)
+    finally:
+        signals.limiter_event.disconnect(on_event)
+    republished = [json.loads(raw)["headers"] for raw in redis_clean.client(0).lrange("celery", 0, -1)]
+    if runs:
+        assert ran == [7] and republished == [] and ("late", "slot_expired") not in events
+    else:
+        assert ran == [] and ("late", "slot_expired") in events
+        [again] = republished
+        assert again["id"] == "late-1" and again[HEADER_DEFERRALS] == 2
+        assert again[HEADER_SLOT]["at"] > time.time(), "it was not given a new slot"

@@ -111,6 +111,12 @@ class RateLimitStep(Step):
         early = take_slot(request, limiter.name, key)
         if early is None:
             return False
+        if early < -self.runtime.config.rate_limit_slot_grace:
+            # It queued behind a backlog past its slot. Every deferred task of a burst that queued
+            # behind the same backlog comes back late together: running each in its old slot would
+            # run them back to back, above the rate. Ask the limiter again (a new slot, a deferral).
+            limiter._emit("slot_expired", -early)
+            return False
         if early > 0:
             # Countdown fired a little early (or host clocks differ): wait out the rest, bounded.
             limiter.sleep(min(early, max(self.policy.max_wait, 0.05)))
