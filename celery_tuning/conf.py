@@ -491,9 +491,10 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting("tuning_rate_limit_on_redis_error", "'local' | 'allow' | 'deny'", "local",
             "What a limiter does when Redis is unreachable.", _choice("local", "allow", "deny")),
     Setting("tuning_rate_limit_slot_grace", "float (s)", 1.0,
-            "How late a deferred task may come back for the rate-limit slot reserved for it and still run "
-            "in it. Later (it queued behind a backlog), it asks the limiter again: honouring every late "
-            "slot would run a backlog's deferred tasks back to back, faster than the rate.",
+            "How late a deferred task may come back for the rate-limit slot reserved for it and run at "
+            "once. Later (it queued behind a backlog), it still runs in its slot, but the late ones take "
+            "turns at the limiter's rate, sleeping in the worker (at most max(max_wait, grace)): a "
+            "backlog's deferred tasks come back together and would otherwise run back to back.",
             _positive_float),
     Setting("tuning_circuit_breakers", "dict[str, dict]", {},
             "Named breakers: {'payments': {'fail_max': 5, 'reset_timeout': 60}}; also success_threshold, "

@@ -128,7 +128,8 @@ class TaskDeferredSubscriber(Protocol):
 
 #: Rate-limit decisions: ``(name, event, seconds)``; event is 'acquired', 'waited', 'reserved',
 #: 'rejected', 'throttled', 'fallback' or 'slot_expired' (a deferred task came back later than
-#: ``tuning_rate_limit_slot_grace`` for its reserved slot; seconds: how late).
+#: ``tuning_rate_limit_slot_grace`` for its reserved slot, and takes its turn among the late
+#: ones; seconds: how late).
 LIMITER: Topic[LimiterSubscriber] = Topic("limiter")
 #: Result-cache events: ``(task_name, event)`` ('hit_l1', 'hit_l2', 'miss', 'store', ...).
 CACHE: Topic[CacheSubscriber] = Topic("cache")

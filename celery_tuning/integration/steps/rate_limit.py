@@ -19,6 +19,10 @@ __all__ = ["HEADER_SLOT", "RateLimitStep"]
 
 logger = logging.getLogger("celery_tuning.ratelimit")
 
+#: The limiter event of a call back later than ``tuning_rate_limit_slot_grace`` for its slot, and
+#: the key part of the bucket such calls take turns in.
+SLOT_EXPIRED = "slot_expired"
+
 
 class RateLimitStep(Step):
     """Built once per task class when it is bound."""
@@ -111,16 +115,31 @@ class RateLimitStep(Step):
         early = take_slot(request, limiter.name, key)
         if early is None:
             return False
-        if early < -self.runtime.config.rate_limit_slot_grace:
-            # It queued behind a backlog past its slot. Every deferred task of a burst that queued
-            # behind the same backlog comes back late together: running each in its old slot would
-            # run them back to back, above the rate. Ask the limiter again (a new slot, a deferral).
-            limiter._emit("slot_expired", -early)
-            return False
+        grace = self.runtime.config.rate_limit_slot_grace
+        if early < -grace:
+            self._pace_late(limiter, key, -early, grace)
+            return True
         if early > 0:
             # Countdown fired a little early (or host clocks differ): wait out the rest, bounded.
             limiter.sleep(min(early, max(self.policy.max_wait, 0.05)))
         return True
+
+    def _pace_late(self, limiter: GcraLimiter, key: Any, late: float, grace: float) -> None:
+        """Run a call that came back ``late`` seconds after its slot, at the rate among the late ones.
+
+        Every task deferred behind the same backlog comes back late together: run each in its old
+        slot at once and they run back to back, several times the rate. Asking the limiter again
+        instead would spend a slot that also falls while the backlog lasts, and a worker short of
+        capacity would defer them over and over. So the slot is kept, and the late calls take
+        turns in a bucket of their own at the limiter's rate (key ``(SLOT_EXPIRED, key)``), each
+        sleeping in the worker for its turn, at most ``max(max_wait, grace)``: late runs stay
+        within ``burst + rate * (t + grace)`` over any ``t`` seconds. The sleep ends early only
+        when more processes wait than the rate lets through in that time.
+        """
+        limiter._emit(SLOT_EXPIRED, late)
+        decision = limiter.decide(self.policy.cost, reserve=86_400.0, key=(SLOT_EXPIRED, key))
+        if decision.allowed and decision.wait > 0:
+            limiter.sleep(min(decision.wait, max(self.policy.max_wait, grace)))
 
     def _admit(self, task: Any, request: Any, limiter: GcraLimiter, key: Any,
                decision: Optional[Decision] = None) -> None:
