@@ -124,6 +124,15 @@ def deferrals_of(request: Any) -> int:
         return 0
 
 
+def _ignored(message: str) -> Ignore:
+    """The ``Ignore`` that ends a deferred or dropped attempt (its memory freed at once: see
+    :func:`~celery_tuning.integration.receivers.connect_ignore_cycle_breaker`)."""
+    from .receivers import connect_ignore_cycle_breaker
+
+    connect_ignore_cycle_breaker()
+    return Ignore(message)
+
+
 def jitter(countdown: float) -> float:
     """A little spread so deferred tasks from one instant do not return in the same millisecond."""
     return countdown + random.uniform(0.0, min(0.05, countdown * 0.02))
@@ -172,7 +181,7 @@ def defer(
     signature = task.signature_from_request(request, countdown=countdown, headers=new_headers)
     signature.apply_async()
     events.task_deferred(task, request.id, reason, countdown, count)  # metrics, the task_deferred signal
-    raise Ignore(f"deferred by celery-tuning ({reason}) for {countdown:.3f}s")
+    raise _ignored(f"deferred by celery-tuning ({reason}) for {countdown:.3f}s")
 
 
 # -- parking -------------------------------------------------------------------------------------
@@ -256,10 +265,10 @@ def _park(task: Any, request: Any, park: ParkRequest, headers: Dict[str, Any], c
         return
     _once.clear("storage")
     if not parked:
-        raise Ignore(f"already ran: a redelivered message that celery-tuning had parked ({reason})")
+        raise _ignored(f"already ran: a redelivered message that celery-tuning had parked ({reason})")
     events.task_parked(where.reason, where.name)
     events.task_deferred(task, request.id, reason, park.delay or 0.0, count)  # the task_deferred signal
-    raise Ignore(f"parked by celery-tuning ({reason}) at {where.reason}:{where.name}")
+    raise _ignored(f"parked by celery-tuning ({reason}) at {where.reason}:{where.name}")
 
 
 def park_info(request: Any) -> Optional[Dict[str, Any]]:
@@ -299,4 +308,4 @@ def guard(task: Any, request: Any) -> None:
     if not fresh:
         logger.info("task %s[%s]: dropped a duplicate of a parked message (publication %d)",
                     task.name, request.id, pub)
-        raise Ignore(f"duplicate of parked message {park_id} (publication {pub})")
+        raise _ignored(f"duplicate of parked message {park_id} (publication {pub})")
