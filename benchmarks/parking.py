@@ -43,6 +43,8 @@ TASK_SECONDS = 0.05
 MODES = ("park", "countdown")
 #: The cap's floor: plain Celery handing each freed slot to the next task by one publish.
 RELAY = "relay"
+#: The burst with the default on_limit="auto" (tuning_defer_via="park").
+AUTO = "park, on_limit auto (default)"
 
 
 def _env(variant: str, broker: str, tuning: str, record: str) -> Dict[str, str]:
@@ -170,13 +172,14 @@ def _running_at_once(starts: List[float], ends: List[float]) -> int:
 
 
 def run_once(kind: str, mode: str, n: int, broker_url: str, record_url: str, tuning: RedisServer,
-             workers: int = 2, concurrency: int = 2) -> Dict[str, Any]:
-    """One burst (``kind="rl"``) or cap (``"cc"``) run of ``n`` tasks with ``tuning_defer_via=mode``."""
+             workers: int = 2, concurrency: int = 2, on_limit: str = "defer") -> Dict[str, Any]:
+    """One burst (``kind="rl"``) or cap (``"cc"``) run of ``n`` tasks with ``tuning_defer_via=mode``
+    (the burst's task with ``@rate_limit(on_limit=on_limit)``)."""
     broker, record, store = redis.Redis.from_url(broker_url), redis.Redis.from_url(record_url), tuning.client()
     broker.flushdb()
     record.flushdb()
     store.flushall()
-    env = _env(f"{mode}-{kind}", broker_url, tuning.url, record_url)
+    env = {**_env(f"{mode}-{kind}", broker_url, tuning.url, record_url), "BENCH_ON_LIMIT": on_limit}
     first = CAP if mode == RELAY else n  # relay: CAP chains, each run publishing the next
     _publish(env, first, successors=n // CAP - 1 if mode == RELAY else 0)
     if broker.llen(QUEUE) != first:
@@ -211,7 +214,10 @@ def run_once(kind: str, mode: str, n: int, broker_url: str, record_url: str, tun
         budget = (n / RATE if kind == "rl" else n / CAP * TASK_SECONDS) * 3 + 120
         deadline = time.monotonic() + budget
         last_count, last_progress = -1, time.monotonic()
+        drained: Optional[float] = None  # when the fresh backlog had left the queue
         while time.monotonic() < deadline:
+            if drained is None and not broker.llen(QUEUE):
+                drained = time.time() - released
             done = int(record.hlen("runs"))
             if done != last_count:
                 last_count, last_progress = done, time.monotonic()
@@ -271,7 +277,8 @@ def run_once(kind: str, mode: str, n: int, broker_url: str, record_url: str, tun
         "scheduled_max": max((w["scheduled_max"] for w in per_worker.values()), default=0),
         "parked_peak": parked_peak, "memory_delta_at_peak": memory_at_peak,
         "memory_usage_at_peak": usage_at_peak, "memory_after_run": memory_after,
-        "scripts_per_task": scripts / n,
+        "scripts_per_task": scripts / n, "drained_s": drained,
+        "fresh_per_s": n / drained if drained else None,
     }
     if starts:
         span = starts[-1] - starts[0]
@@ -300,6 +307,8 @@ def run(broker_url: str, record_url: str, tasks: int = 20000, cap_tasks: int = 2
     tuning = RedisServer().start()
     try:
         burst = {mode: run_once("rl", mode, tasks, broker_url, record_url, tuning, concurrency=2) for mode in modes}
+        # What users get by default: on_limit="auto" sleeps in the worker for a slot under 1 s away.
+        burst[AUTO] = run_once("rl", "park", tasks, broker_url, record_url, tuning, concurrency=2, on_limit="auto")
         cap = {mode: run_once("cc", mode, cap_tasks, broker_url, record_url, tuning, concurrency=4)
                for mode in (*modes, RELAY)}
     finally:
@@ -313,7 +322,7 @@ def _f(value: Any, fmt: str = "{:.1f}") -> str:
 
 def render(result: Dict[str, Any]) -> str:
     burst, cap = result["burst"], result["cap"]
-    modes = list(burst)
+    modes = [m for m in burst if m != AUTO] + [m for m in burst if m == AUTO]
     first = burst[modes[0]]
     lines = [
         f"Parking, burst: {first['tasks']} no-op tasks in the queue at once, shared limit {result['rate']:g}/s, "
@@ -334,6 +343,8 @@ def render(result: Dict[str, Any]) -> str:
     row("tasks/s from release to last run", lambda e: _f(e.get("rate_from_release"), "{:.2f}"), "")
     row("most / fewest runs in a 1 s window", lambda e: f"{e.get('max_1s', 0)} / {e.get('min_1s', 0)}", "")
     row("first run after release (s)", lambda e: _f(e.get("first_run_after_s"), "{:.2f}"), "")
+    row("fresh backlog out of the queue after (s) / fresh tasks per s", lambda e: (
+        f"{_f(e.get('drained_s'))} / {_f(e.get('fresh_per_s'), '{:.0f}')}"), "")
     row("most messages a worker held (inspect: scheduled + reserved)", lambda e: str(e["held_max"]), "<= 8")
     row("most ETA messages a worker held (inspect scheduled)", lambda e: str(e["scheduled_max"]), "0")
     row("most unacked messages, both workers (broker)", lambda e: str(e["unacked_max"]), "")
