@@ -2,7 +2,9 @@
 
 Emitters call the module functions (:func:`limiter_event`, :func:`cache_event`,
 :func:`breaker_transition`, :func:`task_timed`, :func:`sla_checked`, :func:`sla_breached`,
-:func:`task_deferred`); each hands its arguments to the subscribers of its :class:`Topic`, in order.
+:func:`task_deferred`, and the parking events :func:`task_parked`, :func:`task_unparked`,
+:func:`park_fallback`, :func:`parked_count`); each hands its arguments to the subscribers of its
+:class:`Topic` (:meth:`Topic.emit`), in order.
 With no subscriber an emit is a loop over an empty tuple: the hot path pays one check. A
 subscriber that raises is logged and skipped, as Celery does for a signal's receivers: an
 event never fails the task that emitted it.
@@ -36,13 +38,19 @@ __all__ = [
     "BREAKER",
     "CACHE",
     "LIMITER",
+    "PARKED_COUNT",
+    "PARK_FALLBACK",
     "SLA_BREACHED",
     "SLA_CHECKED",
     "TASK_DEFERRED",
+    "TASK_PARKED",
     "TASK_TIMED",
+    "TASK_UNPARKED",
     "BreakerSubscriber",
     "CacheSubscriber",
     "LimiterSubscriber",
+    "ParkSubscriber",
+    "ParkedSubscriber",
     "SlaBreachedSubscriber",
     "SlaCheckedSubscriber",
     "TaskDeferredSubscriber",
@@ -51,10 +59,14 @@ __all__ = [
     "breaker_transition",
     "cache_event",
     "limiter_event",
+    "park_fallback",
+    "parked_count",
     "sla_breached",
     "sla_checked",
     "task_deferred",
+    "task_parked",
     "task_timed",
+    "task_unparked",
 ]
 
 F = TypeVar("F")
@@ -93,6 +105,15 @@ class Topic(Generic[F]):
         with self._lock:
             self.subscribers = tuple(s for s in self.subscribers if s != subscriber)
 
+    def emit(self, *args: Any, **kwargs: Any) -> None:
+        """Call every subscriber with these arguments, in order. One that raises is logged and
+        skipped: a subscriber's bug never fails the task (or the mover) that emitted."""
+        for subscriber in self.subscribers:
+            try:
+                subscriber(*args, **kwargs)  # type: ignore[operator]
+            except Exception:
+                _failed(subscriber)
+
 
 # -- the events ----------------------------------------------------------------------------------
 
@@ -126,6 +147,14 @@ class TaskDeferredSubscriber(Protocol):
     def __call__(self, *, sender: Any, task_id: str, reason: str, countdown: float, deferrals: int) -> None: ...
 
 
+class ParkSubscriber(Protocol):
+    def __call__(self, reason: str, name: str, /) -> None: ...
+
+
+class ParkedSubscriber(Protocol):
+    def __call__(self, reason: str, name: str, parked: int, /) -> None: ...
+
+
 #: Rate-limit decisions: ``(name, event, seconds)``; event is 'acquired', 'waited', 'reserved',
 #: 'rejected', 'throttled', 'fallback' or 'slot_expired' (a deferred task came back later than
 #: ``tuning_rate_limit_slot_grace`` for its reserved slot, and takes its turn among the late
@@ -144,81 +173,6 @@ SLA_CHECKED: Topic[SlaCheckedSubscriber] = Topic("sla_checked")
 SLA_BREACHED: Topic[SlaBreachedSubscriber] = Topic("sla_breached")
 #: A task re-published for later without a retry (keywords as the ``task_deferred`` signal).
 TASK_DEFERRED: Topic[TaskDeferredSubscriber] = Topic("task_deferred")
-
-
-def limiter_event(name: str, event: str, seconds: float = 0.0) -> None:
-    """A rate limiter ``name`` decided or saw ``event`` (``seconds`` waited or reserved)."""
-    for subscriber in LIMITER.subscribers:
-        try:
-            subscriber(name, event, seconds)
-        except Exception:  # a subscriber's bug must not fail the caller's task
-            _failed(subscriber)
-
-
-def cache_event(task_name: str, event: str) -> None:
-    """The result cache of ``task_name`` saw ``event``."""
-    for subscriber in CACHE.subscribers:
-        try:
-            subscriber(task_name, event)
-        except Exception:  # a subscriber's bug must not fail the caller's task
-            _failed(subscriber)
-
-
-def breaker_transition(name: str, old: str, new: str, reason: str) -> None:
-    """Breaker ``name`` went from ``old`` to ``new`` (``reason`` says why)."""
-    for subscriber in BREAKER.subscribers:
-        try:
-            subscriber(name, old, new, reason)
-        except Exception:  # a subscriber's bug must not fail the caller's task
-            _failed(subscriber)
-
-
-def task_timed(task: Any, task_id: str, queue: str, wait: Optional[float], run: float, total: Optional[float],
-               state: Optional[str], clamped: bool, cpu: float) -> None:
-    """A task attempt ended with these timings (seconds)."""
-    for subscriber in TASK_TIMED.subscribers:
-        try:
-            subscriber(sender=task, task_id=task_id, queue=queue, wait=wait, run=run, total=total, state=state,
-                       clamped=clamped, cpu=cpu)
-        except Exception:  # a subscriber's bug must not fail the caller's task
-            _failed(subscriber)
-
-
-def sla_checked(task: Any, queue: str) -> None:
-    """A task attempt was checked against an SLA (breached or not)."""
-    for subscriber in SLA_CHECKED.subscribers:
-        try:
-            subscriber(task, queue)
-        except Exception:  # a subscriber's bug must not fail the caller's task
-            _failed(subscriber)
-
-
-def sla_breached(task: Any, task_id: str, queue: str, level: str, kind: str, measured: float,
-                 threshold: float) -> None:
-    """A task attempt crossed an SLA threshold."""
-    for subscriber in SLA_BREACHED.subscribers:
-        try:
-            subscriber(sender=task, task_id=task_id, queue=queue, level=level, kind=kind, measured=measured,
-                       threshold=threshold)
-        except Exception:  # a subscriber's bug must not fail the caller's task
-            _failed(subscriber)
-
-
-def task_deferred(task: Any, task_id: str, reason: str, countdown: float, deferrals: int) -> None:
-    """A task was re-published for later without using a retry."""
-    for subscriber in TASK_DEFERRED.subscribers:
-        try:
-            subscriber(sender=task, task_id=task_id, reason=reason, countdown=countdown, deferrals=deferrals)
-        except Exception:  # a subscriber's bug must not fail the caller's task
-            _failed(subscriber)
-
-
-# -- parking (issue #17): appended; see celery_tuning.integration.deferral and .mover -----------
-
-class ParkSubscriber(Protocol):
-    def __call__(self, reason: str, name: str, /) -> None: ...
-
-
 #: A task was parked in the tuning Redis: ``(reason, name)`` (reason 'rate_limit', 'concurrency'
 #: or 'circuit_open'; name: the limiter, concurrency limit or breaker).
 TASK_PARKED: Topic[ParkSubscriber] = Topic("task_parked")
@@ -228,52 +182,66 @@ TASK_UNPARKED: Topic[ParkSubscriber] = Topic("task_unparked")
 #: (why: 'storage' when the tuning Redis failed, 'serializer' when the task is not sent as JSON,
 #: 'encoding' when the call is not JSON-encodable).
 PARK_FALLBACK: Topic[ParkSubscriber] = Topic("park_fallback")
-
-
-class ParkedSubscriber(Protocol):
-    def __call__(self, reason: str, name: str, parked: int, /) -> None: ...
-
-
 #: A mover counted what is parked at a spot: ``(reason, name, parked)`` (due, waiting and claimed;
 #: sent about every few seconds by each mover, only while someone subscribes).
 PARKED_COUNT: Topic[ParkedSubscriber] = Topic("parked_count")
 
 
-def parked_count(reason: str, name: str, parked: int) -> None:
-    """``parked`` tasks wait at spot ``(reason, name)`` now."""
-    for subscriber in PARKED_COUNT.subscribers:
-        try:
-            subscriber(reason, name, parked)
-        except Exception:  # a subscriber's bug must not fail the mover
-            _failed(subscriber)
+def limiter_event(name: str, event: str, seconds: float = 0.0) -> None:
+    """A rate limiter ``name`` decided or saw ``event`` (``seconds`` waited or reserved)."""
+    LIMITER.emit(name, event, seconds)
+
+
+def cache_event(task_name: str, event: str) -> None:
+    """The result cache of ``task_name`` saw ``event``."""
+    CACHE.emit(task_name, event)
+
+
+def breaker_transition(name: str, old: str, new: str, reason: str) -> None:
+    """Breaker ``name`` went from ``old`` to ``new`` (``reason`` says why)."""
+    BREAKER.emit(name, old, new, reason)
+
+
+def task_timed(task: Any, task_id: str, queue: str, wait: Optional[float], run: float, total: Optional[float],
+               state: Optional[str], clamped: bool, cpu: float) -> None:
+    """A task attempt ended with these timings (seconds)."""
+    TASK_TIMED.emit(sender=task, task_id=task_id, queue=queue, wait=wait, run=run, total=total, state=state,
+                    clamped=clamped, cpu=cpu)
+
+
+def sla_checked(task: Any, queue: str) -> None:
+    """A task attempt was checked against an SLA (breached or not)."""
+    SLA_CHECKED.emit(task, queue)
+
+
+def sla_breached(task: Any, task_id: str, queue: str, level: str, kind: str, measured: float,
+                 threshold: float) -> None:
+    """A task attempt crossed an SLA threshold."""
+    SLA_BREACHED.emit(sender=task, task_id=task_id, queue=queue, level=level, kind=kind, measured=measured,
+                      threshold=threshold)
+
+
+def task_deferred(task: Any, task_id: str, reason: str, countdown: float, deferrals: int) -> None:
+    """A task was re-published for later without using a retry."""
+    TASK_DEFERRED.emit(sender=task, task_id=task_id, reason=reason, countdown=countdown, deferrals=deferrals)
 
 
 def task_parked(reason: str, name: str) -> None:
     """A task was parked at spot ``(reason, name)``."""
-    for subscriber in TASK_PARKED.subscribers:
-        try:
-            subscriber(reason, name)
-        except Exception:  # a subscriber's bug must not fail the caller's task
-            _failed(subscriber)
+    TASK_PARKED.emit(reason, name)
 
 
 def task_unparked(reason: str, name: str) -> None:
     """A parked task of spot ``(reason, name)`` was published back to its queue."""
-    for subscriber in TASK_UNPARKED.subscribers:
-        try:
-            subscriber(reason, name)
-        except Exception:  # a subscriber's bug must not fail the mover
-            _failed(subscriber)
+    TASK_UNPARKED.emit(reason, name)
 
 
 def park_fallback(reason: str, why: str) -> None:
-    """A task that should have been parked was deferred with a countdown (``why``: 'storage', 'encoding')."""
-    for subscriber in PARK_FALLBACK.subscribers:
-        try:
-            subscriber(reason, why)
-        except Exception:  # a subscriber's bug must not fail the caller's task
-            _failed(subscriber)
+    """A task that should have been parked was deferred with a countdown (``why``: 'storage',
+    'serializer', 'encoding')."""
+    PARK_FALLBACK.emit(reason, why)
 
 
-__all__ += ["PARKED_COUNT", "PARK_FALLBACK", "TASK_PARKED", "TASK_UNPARKED", "ParkSubscriber", "ParkedSubscriber",
-            "park_fallback", "parked_count", "task_parked", "task_unparked"]
+def parked_count(reason: str, name: str, parked: int) -> None:
+    """``parked`` tasks wait at spot ``(reason, name)`` now."""
+    PARKED_COUNT.emit(reason, name, parked)
