@@ -12,16 +12,7 @@ from typing import Any, Optional
 from celery.utils.dispatch import Signal
 
 from .. import events
-
-__all__ = [
-    "cache_event",
-    "circuit_state_changed",
-    "limiter_event",
-    "sla_breached",
-    "sla_checked",
-    "task_deferred",
-    "task_timed",
-]
+from ..signals import __all__ as __all__  # one list: the public module loads these by name
 
 #: Sent in the worker when a task attempt crosses an SLA threshold.
 #: ``sender`` is the task; keyword arguments: ``task_id``, ``queue``,
