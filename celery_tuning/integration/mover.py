@@ -292,14 +292,14 @@ class Mover:
         return published
 
     def _promote(self, where: Any) -> bool:
-        """Free slots of a concurrency limit go to its first waiters; True when any wait."""
+        """Free slots of a concurrency limit go to its first waiters (slots a release freed were
+        handed on by the release itself; this covers leases that expired); True when any moved.
+
+        Waiters left without a free slot do not keep the mover busy: a release wakes it."""
         cap = self.runtime.config.concurrency_limits.get(where.name)
         if cap is None:
             return False  # not a limit of this app (another app shares the Redis)
-        snap = self.store.snapshot(where)
-        if snap.waiting:
-            self.store.promote(where, lease_key(self.runtime.config.key_prefix, where.name), cap)
-        return bool(snap.waiting)
+        return self.store.promote(where, lease_key(self.runtime.config.key_prefix, where.name), cap) > 0
 
     def _publish(self, where: Any, claimed: List[Any]) -> int:
         done = 0
