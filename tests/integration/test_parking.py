@@ -280,3 +280,25 @@ def test_parking_with_rabbitmq_as_the_broker(redis_clean, rabbitmq_url):
     assert sum(d > 0 for d in deferrals) >= 10
     runs = _runs(redis_clean.client(1))
     assert len(runs) == 24 and set(runs.values()) == {b"1"}
+
+
+def test_parking_with_a_redis_cluster_as_the_tuning_store(redis_clean, cluster_clean):
+    """Two workers whose tuning store is a 3-node Cluster: the burst and the concurrency waiters park
+    there (a spot's keys in its name's slot, the index in a slot of its own), each runs once, and
+    nothing is left parked."""
+    env = {**worker_env(redis_clean), "TEST_TUNING_URL": cluster_clean.url, "TEST_LEDGER_URL": redis_clean.db_url(1)}
+    with running_workers(APP, env, count=2, concurrency=2, prefix="cluster"):
+        out = run_producer(
+            "import json\nfrom tests.apps.parked import paced, solo\n"
+            "rs = [paced.delay(i) for i in range(20)] + [solo.delay(i, 0.1) for i in range(4)]\n"
+            "values = [r.get(timeout=60) for r in rs]\n"
+            "print(json.dumps([v['deferrals'] for v in values[:20]]))\n", redis_clean, env=env)
+    deferrals = json.loads(out.splitlines()[-1])
+    assert sum(d > 0 for d in deferrals) >= 10
+    runs = _runs(redis_clean.client(1))
+    assert len(runs) == 24 and set(runs.values()) == {b"1"}
+    keys = {k.decode() for node in cluster_clean.nodes for k in node.client().keys("tuning:park*")}
+    # the tickets of what parked and ran stay (tuning_park_ticket_ttl); entries are gone
+    assert any(k.startswith("tuning:park:{paced}:rl:") for k in keys), sorted(keys)
+    assert any(k.startswith("tuning:park:{solo}:cc:") for k in keys), sorted(keys)
+    assert not any(k.endswith((":due", ":wait", ":claim", ":msg")) for k in keys), sorted(keys)
