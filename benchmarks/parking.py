@@ -223,8 +223,8 @@ def run_once(kind: str, mode: str, n: int, broker_url: str, record_url: str, tun
                 last_count, last_progress = done, time.monotonic()
             if done >= n and not broker.llen(QUEUE) and not broker.hlen("unacked"):
                 break
-            if time.monotonic() - last_progress > 60:
-                break  # stalled: report what ran
+            if time.monotonic() - last_progress > 300:
+                break  # stalled (a fresh backlog can take minutes to leave the queue): report what ran
             held_max = max(held_max, int(broker.hlen("unacked")))
             rss_peak = [max(a, _rss(p.pid)) for a, p in zip(rss_peak, procs)]
             if mode == "park" and len(keys) < 6:
