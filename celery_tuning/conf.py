@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import difflib
 import importlib
+import math
 import os
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
@@ -123,8 +124,8 @@ def _number(
         raise _fail(where, value, f"{kind} {bound}")
     if integer and (not float(value).is_integer() or (typed and not isinstance(value, int))):
         raise _fail(where, value, f"{kind} {bound}")
-    if value < minimum or (strict and value == minimum):
-        raise _fail(where, value, f"{kind} {bound}")
+    if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+        raise _fail(where, value, f"a finite {kind} {bound}" if not math.isfinite(value) else f"{kind} {bound}")
     return value
 
 
@@ -492,9 +493,9 @@ SETTINGS: Tuple[Setting, ...] = (
             "What a limiter does when Redis is unreachable.", _choice("local", "allow", "deny")),
     Setting("tuning_rate_limit_slot_grace", "float (s)", 1.0,
             "How late a deferred task may come back for the rate-limit slot reserved for it and run at "
-            "once. Later (it queued behind a backlog), it still runs in its slot, but the late ones take "
-            "turns at the limiter's rate, sleeping in the worker (at most max(max_wait, grace)): a "
-            "backlog's deferred tasks come back together and would otherwise run back to back.",
+            "once. Later (it queued behind a backlog), the late ones take turns at the limiter's rate: a "
+            "turn at most max(max_wait, grace) away is slept for in the worker, a later one deferred to. "
+            "A backlog's deferred tasks come back together and would otherwise run back to back.",
             _positive_float),
     Setting("tuning_circuit_breakers", "dict[str, dict]", {},
             "Named breakers: {'payments': {'fail_max': 5, 'reset_timeout': 60}}; also success_threshold, "

@@ -177,3 +177,16 @@ def test_cli_reference_is_current():
     page = (ROOT / "docs" / "cli.md").read_text()
     assert page == render_cli_markdown(), "run: python docs/generate_cli.py"
     assert "## `celery -A proj tuning advise`" in page and "--metrics-url" in page
+
+
+FLOAT_SETTINGS = [s.name for s in SETTINGS if s.type == "float (s)"]
+
+
+@pytest.mark.parametrize("name", FLOAT_SETTINGS)
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), "nan", "inf"])
+def test_a_duration_that_is_not_finite_names_its_setting(name, value):
+    """NaN passed ``value < minimum`` and reached the worker (the mover died on int(nan));
+    infinity overflowed the park store's microseconds."""
+    assert FLOAT_SETTINGS  # the table has durations
+    with pytest.raises(ConfigurationError, match=name):
+        load_config({name: value}, environ={})
