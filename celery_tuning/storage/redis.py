@@ -35,13 +35,26 @@ T = TypeVar("T")
 REDIS_ERRORS: Tuple[Type[BaseException], ...] = (redis.RedisError, redis.exceptions.RedisClusterException, OSError)
 
 
+def _read_lua_sources() -> Dict[str, str]:
+    folder = resources.files("celery_tuning.storage") / "lua"
+    return {entry.name[:-len(".lua")]: entry.read_text("utf-8")
+            for entry in folder.iterdir() if entry.name.endswith(".lua")}
+
+
+#: Every script's source, read once when this module is imported. Reading them later, from the
+#: first call in whatever thread makes it, ran importlib.resources in a mover or listener thread
+#: of a prefork worker's main process: a pool child forked meanwhile inherited an import lock
+#: held by a thread it does not have, and hung on its first script for good.
+_LUA_SOURCES = _read_lua_sources()
+
+
 def load_lua(name: str) -> str:
     """Source of ``celery_tuning/storage/lua/<name>.lua`` (shipped as package data).
 
     A line ``--@include OTHER`` becomes ``OTHER.lua`` wrapped as ``local function OTHER(KEYS, ARGV)``,
     so one script can run two others' logic in a single round trip without a copy of either.
     """
-    source = (resources.files("celery_tuning.storage") / "lua" / f"{name}.lua").read_text("utf-8")
+    source = _LUA_SOURCES[name]
     lines = []
     for line in source.splitlines():
         if line.startswith("--@include "):

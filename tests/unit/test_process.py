@@ -138,3 +138,21 @@ def test_threads_racing_build_one_value():
     for t in threads:
         t.join()
     assert len({id(v) for v in got}) == 1
+
+
+def test_scripts_are_read_at_import_not_from_a_thread_that_a_fork_may_freeze(monkeypatch):
+    """A mover thread reading a script through importlib.resources while the prefork pool forked a
+    child left that child holding an import lock nobody would release: it hung on its first
+    script. Every source is read when celery_tuning.storage.redis is imported."""
+    from importlib import resources
+
+    from celery_tuning.storage import redis as storage_redis
+
+    def no_importlib(*args, **kwargs):
+        raise AssertionError("importlib.resources used after import")
+
+    monkeypatch.setattr(resources, "files", no_importlib)
+    names = sorted(storage_redis._LUA_SOURCES)
+    assert "park_unclaim" in names and "gcra_acquire" in names
+    for name in names:
+        assert storage_redis.load_lua(name).strip()
