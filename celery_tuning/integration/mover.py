@@ -36,13 +36,25 @@ from ..errors import StorageError
 from ..storage.keys import lease_key, park_index_member
 from .deferral import HEADER_PARK, decode_payload
 
-__all__ = ["Mover", "ParkedRow", "Round", "parked_rows", "parked_snapshot"]
+__all__ = ["ForeignEntry", "Mover", "ParkedRow", "Round", "parked_rows", "parked_snapshot"]
 
 logger = logging.getLogger("celery_tuning.parking")
 
 _MAX_BACKOFF = 5.0
 #: Seconds between a mover's counts of what is parked (for the gauge; only while metrics listen).
 COUNT_EVERY = 5.0
+
+
+#: Seconds a mover leaves a spot alone after finding another app's entry there.
+FOREIGN_REST = 1.0
+
+
+class ForeignEntry(Exception):
+    """A parked entry whose task the mover's app does not have (another app parked it)."""
+
+    def __init__(self, task: str) -> None:
+        super().__init__(task)
+        self.task = task
 
 
 class Round(NamedTuple):
@@ -79,7 +91,8 @@ def parked_snapshot(store: Any) -> List[ParkedRow]:
     for where in sorted(store.spots()):
         snap = store.snapshot(where)
         next_in = None if snap.next_due_us is None else max(0.0, (snap.next_due_us - now) / 1e6)
-        age = None if snap.oldest_us is None else max(0.0, (now - snap.oldest_us) / 1e6)
+        # A spot whose entries are all due later has no age to show (its scores are due times).
+        age = None if snap.oldest_us is None or snap.oldest_us > now else (now - snap.oldest_us) / 1e6
         rows.append(ParkedRow(where.reason, where.name, snap.due, snap.waiting, snap.claimed, next_in, age))
     return rows
 
@@ -129,6 +142,8 @@ class Mover:
         self._idle = True
         self._backoff = 0.0
         #: Set by :meth:`stop` and by a release announcing a waiter it made due.
+        self._resting: Dict[Any, float] = {}  # spot -> monotonic time it may be claimed from again
+        self._warned_foreign: Set[Any] = set()
         self._wake = threading.Event()
         self._woken: Set[str] = set()
         self._woken_lock = threading.Lock()
@@ -259,6 +274,8 @@ class Mover:
         for where in self.spots():
             if where.reason == "concurrency":
                 parked = self._promote(where) or parked
+            if self._rests(where):
+                continue
             claimed = store.claim(where, self.batch, self.claim_ttl_us)
             if claimed:
                 parked = True
@@ -279,12 +296,21 @@ class Mover:
             sleep = min(sleep, max(0.0, (earliest - store.now_us()) / 1e6))
         return Round(published, sleep)
 
+    def _rests(self, where: Any) -> bool:
+        until = self._resting.get(where)
+        if until is None:
+            return False
+        if time.monotonic() < until:
+            return True
+        del self._resting[where]
+        return False
+
     def run_woken(self, members: Set[str]) -> int:
         """Claim and publish what is due at the spots named by releases (index members
         ``<r>:<name>``) that are this mover's; returns how many were published."""
         published = 0
         for where in self.spots():
-            if park_index_member(where.reason, where.name) in members:
+            if park_index_member(where.reason, where.name) in members and not self._rests(where):
                 claimed = self.store.claim(where, self.batch, self.claim_ttl_us)
                 if claimed:
                     published += self._publish(where, claimed)
@@ -307,6 +333,19 @@ class Mover:
             for entry in claimed:
                 try:
                     self.publish(where, entry, producer=producer)
+                except ForeignEntry as exc:
+                    # Another app shares the tuning Redis, its prefix and this spot's name: its
+                    # entry goes back for its own movers, which publish through its broker (this
+                    # app's would discard the task as unregistered). This spot rests a while.
+                    self.store.unclaim(where, entry.park_id, entry.pub)
+                    self._resting[where] = time.monotonic() + FOREIGN_REST
+                    if (where, exc.task) not in self._warned_foreign:
+                        self._warned_foreign.add((where, exc.task))
+                        logger.warning(
+                            "parking mover: %s:%s holds task %r, which this app does not have: left for "
+                            "the movers of the app that parked it (give each app its own limit names or "
+                            "tuning_key_prefix)", where.reason, where.name, exc.task)
+                    continue
                 except (TypeError, ValueError, KeyError):
                     # A payload this version cannot read would fail again on every claim: it stays
                     # claimed (and comes back after the claim TTL); say which one.
@@ -319,8 +358,14 @@ class Mover:
         return done
 
     def publish(self, where: Any, entry: Any, producer: Any = None) -> Any:
-        """Publish one claimed entry to its queue with the :data:`HEADER_PARK` ticket (no ack)."""
+        """Publish one claimed entry to its queue with the :data:`HEADER_PARK` ticket (no ack).
+
+        Raises:
+            ForeignEntry: When the entry's task is not one of this app's.
+        """
         signature = self.app.signature(decode_payload(entry.payload))
+        if signature.task not in self.app.tasks:
+            raise ForeignEntry(signature.task)
         headers: Dict[str, Any] = dict(signature.options.get("headers") or {})
         headers[HEADER_PARK] = {"id": entry.park_id, "pub": entry.pub, "r": where.reason, "n": where.name}
         signature.options["headers"] = headers

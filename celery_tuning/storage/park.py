@@ -102,6 +102,10 @@ class ParkStore(Protocol):
     def ack(self, spot: Spot, park_id: str, pub: int) -> bool:
         """The mover published: drop the entry if its ticket's pub is still ``pub``; True when it was."""
 
+    def unclaim(self, spot: Spot, park_id: str, pub: int) -> bool:
+        """Give back an entry claimed with ``pub`` that this mover must not publish (due again now);
+        True when that claim still owned it."""
+
     def redeem(self, spot: Spot, park_id: str, pub: int) -> bool:
         """May the worker run the message published with ``pub``? False only for a stale duplicate
         (the ticket's pub is higher). Missing ticket: True (never lose a task); the same pub again:
@@ -275,6 +279,17 @@ class MemoryParkStore:
             self._stamp(state, park_id, ticket, now)
             return True
 
+    def unclaim(self, spot: Spot, park_id: str, pub: int) -> bool:
+        with self._lock:
+            now = self.clock()
+            state = self._state(spot)
+            ticket = state.tix.get(park_id)
+            if ticket is None or _ticket_pub(ticket) != int(pub) or park_id not in state.claim:
+                return False
+            del state.claim[park_id]
+            state.due[park_id] = now
+            return True
+
     def redeem(self, spot: Spot, park_id: str, pub: int) -> bool:
         with self._lock:
             now = self.clock()
@@ -405,6 +420,9 @@ class RedisParkStore:
 
     def ack(self, spot: Spot, park_id: str, pub: int) -> bool:
         return bool(int(self._run("park_ack", spot, [park_id, int(pub)])))
+
+    def unclaim(self, spot: Spot, park_id: str, pub: int) -> bool:
+        return bool(int(self._run("park_unclaim", spot, [park_id, int(pub)])))
 
     def redeem(self, spot: Spot, park_id: str, pub: int) -> bool:
         return bool(int(self._run("park_redeem", spot, [park_id, int(pub)])))

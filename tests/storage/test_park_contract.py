@@ -142,6 +142,20 @@ def test_an_entry_held_by_a_dead_mover_comes_back_when_its_claim_expires(w):
     assert s.snapshot(RL) == ParkSnapshot(0, 0, 0, None, None)
 
 
+def test_an_unclaimed_entry_is_due_again_for_another_mover(w):
+    """A mover that finds another app's entry gives it back: due now, claimed again with a new pub."""
+    s = w.store
+    s.park(RL, "t1:0:1", "{}", 0)
+    [first] = s.claim(RL, 10, CLAIM)
+    assert not s.unclaim(RL, "t1:0:1", first.pub + 1)  # not that claim's
+    assert s.unclaim(RL, "t1:0:1", first.pub)
+    assert not s.unclaim(RL, "t1:0:1", first.pub)  # given back already
+    assert s.snapshot(RL).due == 1 and s.snapshot(RL).claimed == 0
+    [again] = s.claim(RL, 10, CLAIM)
+    assert again.park_id == "t1:0:1" and again.pub == first.pub + 1
+    assert s.ack(RL, "t1:0:1", again.pub)
+
+
 def test_a_redeemed_entry_is_never_published_again(w):
     s = w.store
     s.park(RL, "t:1", "p", 0)

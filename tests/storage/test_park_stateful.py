@@ -108,6 +108,11 @@ class ParkStoresAgree(RuleBasedStateMachine):
         if acked:
             self.parked.discard((spot, park_id))
 
+    @rule(spot=spots, park_id=ids, data=st.data())
+    def unclaim(self, spot: Spot, park_id: str, data: st.DataObject) -> None:
+        pub = self._pub(data, spot, park_id)
+        assert self.redis.unclaim(spot, park_id, pub) == self.memory.unclaim(spot, park_id, pub)
+
     @rule(data=st.data(), any_id=st.integers(0, 4))
     def redeem(self, data: st.DataObject, any_id: int) -> None:
         # Mostly what a worker receives: an entry a mover was handed; now and then anything.
