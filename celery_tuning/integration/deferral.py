@@ -41,6 +41,9 @@ HEADER_DEFERRALS = "tuning_deferrals"
 HEADER_PARK = "tuning_park"
 #: A concurrency waiter's first-park sequence (µs), so a waiter parked again keeps its place.
 HEADER_PARK_SEQ = "tuning_park_seq"
+#: Deferrals that do not count against ``max_deferrals`` (a waiter woken for a slot that was
+#: gone when it arrived parks again at its place: waking it was the mover's guess, not its wait).
+HEADER_FREE_DEFERRALS = "tuning_free_deferrals"
 #: Version of the parked payload's layout.
 PAYLOAD_VERSION = 1
 #: Keys the payload adds to the signature's dict.
@@ -113,15 +116,19 @@ def is_eager(request: Any) -> bool:
     return bool(getattr(request, "is_eager", False) or getattr(request, "called_directly", False))
 
 
-def deferrals_of(request: Any) -> int:
-    """Deferrals so far, from the message headers (0 for a fresh task)."""
-    value = (getattr(request, "headers", None) or {}).get(HEADER_DEFERRALS)
+def _counter(request: Any, header: str) -> int:
+    value = (getattr(request, "headers", None) or {}).get(header)
     if value is None:
-        value = getattr(request, HEADER_DEFERRALS, 0)
+        value = getattr(request, header, 0)
     try:
         return max(0, int(value or 0))
     except (TypeError, ValueError):
         return 0
+
+
+def deferrals_of(request: Any) -> int:
+    """Deferrals so far, from the message headers (0 for a fresh task)."""
+    return _counter(request, HEADER_DEFERRALS)
 
 
 def _ignored(message: str) -> Ignore:
@@ -147,6 +154,7 @@ def defer(
     on_exhausted: Callable[[int], BaseException],
     headers: Optional[Dict[str, Any]] = None,
     park: Optional[ParkRequest] = None,
+    free: bool = False,
 ) -> NoReturn:
     """Park the current task, or publish it again with a countdown (same id, same retries count),
     and stop this attempt.
@@ -164,14 +172,18 @@ def defer(
 
     Raises:
         celery.exceptions.Ignore: Always, after publishing.
-        BaseException: ``on_exhausted(count)`` when the deferral budget is spent.
+        BaseException: ``on_exhausted(count)`` when the deferral budget is spent (``free``: this
+            deferral does not count against it).
     """
     request = task.request
     count = deferrals_of(request) + 1
-    if count > max_deferrals:
-        raise on_exhausted(count - 1)
+    uncounted = _counter(request, HEADER_FREE_DEFERRALS) + (1 if free else 0)
+    if count - uncounted > max_deferrals:
+        raise on_exhausted(count - uncounted - 1)
     new_headers = dict(getattr(request, "headers", None) or {})
-    new_headers[HEADER_DEFERRALS] = count
+    new_headers[HEADER_DEFERRALS] = count  # every deferral: the park id and the ticket need a new one
+    if uncounted:
+        new_headers[HEADER_FREE_DEFERRALS] = uncounted
     new_headers.pop(HEADER_PARK, None)  # the mover's ticket of the previous run is spent
     if headers:
         new_headers.update(headers)
@@ -179,6 +191,9 @@ def defer(
         _park(task, request, park, new_headers, count, reason)  # raises Ignore once parked
     countdown = max(0.0, countdown)
     signature = task.signature_from_request(request, countdown=countdown, headers=new_headers)
+    serializer = _serializer_keeping(task, request)
+    if serializer is not None:
+        signature.set(serializer=serializer)
     signature.apply_async()
     events.task_deferred(task, request.id, reason, countdown, count)  # metrics, the task_deferred signal
     raise _ignored(f"deferred by celery-tuning ({reason}) for {countdown:.3f}s")
@@ -212,6 +227,36 @@ def decode_payload(payload: str) -> Dict[str, Any]:
     return data
 
 
+def _survives_json(request: Any) -> bool:
+    """Whether the call's arguments come back from JSON as they are: not so for a call published
+    with another serializer (``apply_async(serializer="pickle")``) holding tuples, non-str dict
+    keys or objects JSON has no form for."""
+    from kombu.utils.json import dumps, loads
+
+    args = list(getattr(request, "args", None) or [])
+    kwargs = dict(getattr(request, "kwargs", None) or {})
+    try:
+        back = loads(dumps([args, kwargs]))
+    except (TypeError, ValueError, OverflowError):
+        return False
+    return bool(back == [args, kwargs])
+
+
+def _serializer_keeping(task: Any, request: Any) -> Optional[str]:
+    """The serializer a re-published call needs so its arguments arrive unchanged: None (the
+    task's own) when they survive it; else one the workers accept that is not JSON (pickle first)."""
+    own = getattr(task, "serializer", None) or task._app.conf.task_serializer
+    if own != "json" or _survives_json(request):
+        return None
+    from kombu.serialization import registry
+
+    accepted = [registry.type_to_name.get(c, c) for c in (task._app.conf.accept_content or ())]
+    others = [name for name in accepted if name != "json"]
+    if not others:
+        return None
+    return "pickle" if "pickle" in others else others[0]
+
+
 def _seq_of(headers: Dict[str, Any]) -> int:
     """The waiter's first-park sequence: kept from an earlier park, else now (µs); stored in ``headers``."""
     try:
@@ -231,12 +276,13 @@ def _park(task: Any, request: Any, park: ParkRequest, headers: Dict[str, Any], c
         return
     where = park.spot
     serializer = getattr(task, "serializer", None) or task._app.conf.task_serializer
-    if serializer != "json":
+    if serializer != "json" or not _survives_json(request):
         # JSON would hand the task lists for its tuples and str keys for its int keys: only a call
-        # Celery itself sends as JSON parks unchanged.
+        # whose arguments survive JSON parks (a call sent with serializer="pickle" may not).
         if _once.first(("serializer", task.name)):
-            logger.warning("task %s uses the %r serializer: its deferrals are countdown messages, not "
-                           "parked (parked calls are JSON)", task.name, serializer)
+            logger.warning("task %s: a call sent with a serializer other than JSON (the task's is %r) is "
+                           "deferred with a countdown message, not parked (parked calls are JSON)",
+                           task.name, serializer)
         events.park_fallback(where.reason, "serializer")
         return
     seq: Optional[int] = None
