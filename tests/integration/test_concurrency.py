@@ -251,3 +251,43 @@ def test_a_forked_child_neither_renews_its_parents_leases_nor_inherits_a_held_lo
             assert true_in_child(child)
     finally:
         limiter.release(lease)
+
+
+@pytest.mark.parametrize("woken", [True, False])
+def test_a_woken_waiter_refused_again_parks_without_spending_its_budget(redis_clean, woken):
+    """Under a backlog the mover wakes waiters before the last one woken has taken its slot; each
+    refused one parked again and spent a deferral, and with max_deferrals=2 a review saw 12 of 150
+    FIFO waiters fail with ConcurrencyLimited. Waking is the mover's guess: it does not count."""
+    from celery.app.trace import build_tracer
+
+    from celery_tuning.integration.deferral import HEADER_DEFERRALS, HEADER_PARK
+    from celery_tuning.integration.registry import concurrency_limiter_for
+    from celery_tuning.integration.runtime import runtime_for
+    from celery_tuning.storage.park import RedisParkStore, Spot
+    from celery_tuning.storage.redis import get_connector
+
+    app = make_app(redis_clean, f"woken-{woken}", tuning_concurrency_limits={"one": 1})
+
+    @app.task(bind=True, shared=False, name=f"woken.task{woken}")
+    @concurrency_limit("one", max_deferrals=2)
+    def task(self, x):
+        return x
+
+    limiter = concurrency_limiter_for(runtime_for(app), "one")
+    held = limiter.acquire()  # the slot the waiter was woken for went to another call
+    assert held.granted
+    try:
+        headers = {HEADER_DEFERRALS: 2}  # its whole budget spent waiting already
+        if woken:
+            headers[HEADER_PARK] = {"id": "w-1:0:2", "pub": 1, "r": "concurrency", "n": "one"}
+        request = {"id": "w-1", "task": task.name, "delivery_info": {"routing_key": "celery", "exchange": ""},
+                   "hostname": "t@host", "headers": headers, **headers}
+        info = build_tracer(task.name, task, app=app, eager=False)("w-1", (1,), {}, request)[1]
+    finally:
+        limiter.release(held)
+    parked = RedisParkStore(get_connector(redis_clean.db_url(1))).snapshot(Spot("concurrency", "one"))
+    if woken:
+        assert info.state == "IGNORED" and parked.waiting + parked.due == 1, "a woken waiter spent its budget"
+    else:
+        assert info.state == "FAILURE" and isinstance(info.retval, ConcurrencyLimited)
+        assert parked.waiting + parked.due == 0

@@ -9,7 +9,7 @@ from ...concurrency import ConcurrencyLimiter
 from ...errors import ConcurrencyLimited
 from ...policy import admission
 from ...policy.attach import ConcurrencyPolicy
-from ..deferral import ParkRequest, defer, deferrals_of, is_eager, jitter, spot
+from ..deferral import ParkRequest, defer, deferrals_of, is_eager, jitter, park_info, spot
 from ..pipeline import Call, CallContext, Step, register_step
 from ..registry import CONCURRENCY_LIMITS, concurrency_limiter_for
 from ..runtime import runtime_for
@@ -47,8 +47,11 @@ class ConcurrencyStep(Step):
                     lease = self._wait_for_slot(limiter, lease)
                 else:
                     recheck = admission.concurrency_recheck(lease.retry_after, deferrals_of(request))
+                    # A waiter the mover woke for a slot that another call took first parks again
+                    # at its place without spending its budget (under a backlog, waking is early).
+                    woken = (park_info(request) or {}).get("r") == "concurrency"
                     defer(ctx.task, jitter(recheck), reason="concurrency_limit", max_deferrals=policy.max_deferrals,
-                          park=ParkRequest(spot("concurrency", policy.name), None),
+                          park=ParkRequest(spot("concurrency", policy.name), None), free=woken,
                           on_exhausted=lambda n: ConcurrencyLimited(
                               f"{policy.name} (gave up after {n} deferrals)", lease.retry_after))
             try:
