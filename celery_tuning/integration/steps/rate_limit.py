@@ -66,7 +66,7 @@ class RateLimitStep(Step):
                 self._admit(task, request, limiter, key, decision)
             else:
                 key = policy.key(*ctx.args, **ctx.kwargs) if policy.key is not None else None
-                if not self._use_reserved_slot(request, limiter, key):
+                if not self._use_reserved_slot(task, request, limiter, key):
                     self._admit(task, request, limiter, key)
             try:
                 return call_next(ctx)
@@ -111,35 +111,40 @@ class RateLimitStep(Step):
         policy = self.policy
         return admission.rate_limit_wait_timeout(policy.on_limit, policy.max_wait, policy.max_defer)
 
-    def _use_reserved_slot(self, request: Any, limiter: GcraLimiter, key: Any) -> bool:
+    def _use_reserved_slot(self, task: Any, request: Any, limiter: GcraLimiter, key: Any) -> bool:
         early = take_slot(request, limiter.name, key)
         if early is None:
             return False
         grace = self.runtime.config.rate_limit_slot_grace
         if early < -grace:
-            self._pace_late(limiter, key, -early, grace)
+            self._pace_late(task, request, limiter, key, -early, grace)
             return True
         if early > 0:
             # Countdown fired a little early (or host clocks differ): wait out the rest, bounded.
             limiter.sleep(min(early, max(self.policy.max_wait, 0.05)))
         return True
 
-    def _pace_late(self, limiter: GcraLimiter, key: Any, late: float, grace: float) -> None:
+    def _pace_late(self, task: Any, request: Any, limiter: GcraLimiter, key: Any, late: float,
+                   grace: float) -> None:
         """Run a call that came back ``late`` seconds after its slot, at the rate among the late ones.
 
         Every task deferred behind the same backlog comes back late together: run each in its old
         slot at once and they run back to back, several times the rate. Asking the limiter again
         instead would spend a slot that also falls while the backlog lasts, and a worker short of
-        capacity would defer them over and over. So the slot is kept, and the late calls take
-        turns in a bucket of their own at the limiter's rate (key ``(SLOT_EXPIRED, key)``), each
-        sleeping in the worker for its turn, at most ``max(max_wait, grace)``: late runs stay
-        within ``burst + rate * (t + grace)`` over any ``t`` seconds. The sleep ends early only
-        when more processes wait than the rate lets through in that time.
+        capacity would defer them over and over. So the late calls take turns in a bucket of their
+        own at the limiter's rate (key ``(SLOT_EXPIRED, key)``): a turn within
+        ``max(max_wait, grace)`` is slept for in the worker; a later one (more late calls than the
+        rate lets through in that time) is deferred to, holding it as its slot. Late runs stay
+        within ``burst + rate * (t + grace)`` over any ``t`` seconds.
         """
         limiter._emit(SLOT_EXPIRED, late)
         decision = limiter.decide(self.policy.cost, reserve=86_400.0, key=(SLOT_EXPIRED, key))
-        if decision.allowed and decision.wait > 0:
-            limiter.sleep(min(decision.wait, max(self.policy.max_wait, grace)))
+        if not decision.allowed or decision.wait <= 0:
+            return  # admitted now (or the store failed open)
+        if decision.wait <= max(self.policy.max_wait, grace) or is_eager(request):
+            limiter.sleep(decision.wait)
+            return
+        self._defer(task, decision.wait, "rate_limit", slot_headers(limiter.name, key, decision.wait, request.id))
 
     def _admit(self, task: Any, request: Any, limiter: GcraLimiter, key: Any,
                decision: Optional[Decision] = None) -> None:
