@@ -151,6 +151,51 @@ def test_a_release_wakes_a_sleeping_mover_to_publish_the_waiter_it_made_due(redi
     assert queued == ["woken"]
 
 
+_FOREIGN_MOVER = """
+import json, logging
+logging.basicConfig(level=logging.WARNING)
+from tests.apps.parked import app, paced
+from celery_tuning.integration.mover import Mover
+from celery_tuning.storage.park import Spot
+spot = Spot("rate_limit", "paced")              # the same limiter name in two apps
+mover = Mover(app)
+theirs = {"task": "other_app.tasks.work", "args": [1], "kwargs": {}, "options": {"task_id": "theirs"},
+          "subtask_type": None, "immutable": False}
+mover.store.park(spot, "theirs:0:1", json.dumps(theirs), 0)
+mover.store.park(spot, "ours:0:1", json.dumps(dict(paced.s(2).set(task_id="ours"))), 0)
+print(mover.run_once().published, mover.run_once().published)
+snap = mover.store.snapshot(spot)
+print(snap.due, snap.claimed)
+"""
+
+
+def test_a_mover_leaves_another_apps_entries_for_that_apps_movers(redis_clean):
+    """Two apps sharing a tuning Redis (and a limiter name) park at the same spot; a mover publishes
+    only tasks its app has. Another app's task published through this app's broker was discarded
+    by its workers as unregistered, and lost."""
+    out = run_producer(_FOREIGN_MOVER, redis_clean, env={"PYTHONUNBUFFERED": "1"})
+    published, due_claimed = out.splitlines()[-2:]
+    assert published.split() == ["1", "0"], out  # ours once; theirs never, and the spot rests
+    assert due_claimed.split() == ["1", "0"], out  # theirs is due again, for its own movers
+    queued = [json.loads(raw)["headers"]["id"] for raw in redis_clean.client(0).lrange("celery", 0, -1)]
+    assert queued == ["ours"]
+
+
+def test_a_call_sent_with_pickle_is_deferred_by_countdown_and_keeps_its_types(redis_clean):
+    """A task whose serializer is JSON, called with ``serializer="pickle"`` and a tuple holding an
+    int-keyed dict: parked as JSON (or re-published as JSON) it came back as a list with str keys."""
+    env = {**worker_env(redis_clean), "TEST_ACCEPT_PICKLE": "1", "C_FORCE_ROOT": "1"}  # CI runs as root
+    with running_workers(APP, env, count=1, concurrency=2, prefix="pickle"):
+        out = run_producer(
+            "from tests.apps.parked import blob\n"
+            "rs = [blob.apply_async(((i, {2: 'b'}),), serializer='pickle') for i in range(6)]\n"
+            "print('|'.join(r.get(timeout=60) for r in rs))\n", redis_clean, env=env)
+    assert out.splitlines()[-1].split("|") == [repr((i, {2: "b"})) for i in range(6)]
+    runs = _runs(redis_clean.client(1))
+    assert len(runs) == 6 and set(runs.values()) == {b"1"}
+    assert _parked(_store(redis_clean), Spot("rate_limit", "paced")) == 0
+
+
 def test_tasks_park_while_the_breaker_is_open_and_run_once_after_the_reset(redis_clean):
     client = redis_clean.client(1)
     client.set("fail", 1)
