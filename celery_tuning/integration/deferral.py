@@ -16,7 +16,7 @@ import random
 import threading
 import time
 import warnings
-from typing import TYPE_CHECKING, Any, Callable, Dict, NamedTuple, NoReturn, Optional, Set
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, NoReturn, Optional, Set
 
 from celery.exceptions import Ignore
 
@@ -131,13 +131,21 @@ def deferrals_of(request: Any) -> int:
     return _counter(request, HEADER_DEFERRALS)
 
 
+class Deferred(Ignore):
+    """The ``Ignore`` that ends an attempt celery-tuning deferred, parked or dropped as a duplicate.
+
+    The task's ``run`` re-raises it without the pipeline's frames: Celery builds two
+    ``ExceptionInfo`` for every ``Ignore`` and each formats the whole traceback (three quarters of
+    a parked attempt's CPU with the nine frames it was raised under)."""
+
+
 def _ignored(message: str) -> Ignore:
     """The ``Ignore`` that ends a deferred or dropped attempt (its memory freed at once: see
     :func:`~celery_tuning.integration.receivers.connect_ignore_cycle_breaker`)."""
     from .receivers import connect_ignore_cycle_breaker
 
     connect_ignore_cycle_breaker()
-    return Ignore(message)
+    return Deferred(message)
 
 
 def jitter(countdown: float) -> float:
@@ -227,19 +235,62 @@ def decode_payload(payload: str) -> Dict[str, Any]:
     return data
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Equal and of the same types all the way down (a tuple is not a list, an IntEnum not an
+    int, a ZoneInfo datetime not a fixed-offset one, an OrderedDict not a dict)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        if len(a) != len(b):
+            return False
+        for (ka, va), (kb, vb) in zip(a.items(), b.items()):
+            if not (_same(ka, kb) and _same(va, vb)):
+                return False
+        return True
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if hasattr(a, "tzinfo") and a == b:
+        return type(a.tzinfo) is type(b.tzinfo)
+    try:
+        return bool(a == b)
+    except Exception:  # an object whose == raises: it did not survive
+        return False
+
+
+def _calls_of(request: Any) -> List[Any]:
+    """The arguments a re-published message carries: the call's, and those of the calls its
+    chain, links, errbacks and chord hold."""
+    calls: List[Any] = [list(getattr(request, "args", None) or []), dict(getattr(request, "kwargs", None) or {})]
+    others = [*(getattr(request, "chain", None) or []), *(getattr(request, "callbacks", None) or []),
+              *(getattr(request, "errbacks", None) or [])]
+    chord = getattr(request, "chord", None)
+    if chord:
+        others.append(chord)
+    for sig in others:
+        if isinstance(sig, dict):
+            calls += [sig.get("args"), sig.get("kwargs")]
+    return calls
+
+
 def _survives_json(request: Any) -> bool:
-    """Whether the call's arguments come back from JSON as they are: not so for a call published
-    with another serializer (``apply_async(serializer="pickle")``) holding tuples, non-str dict
-    keys or objects JSON has no form for."""
+    """Whether the message's arguments come back from JSON as they are: not so for a call
+    published with another serializer (``apply_async(serializer="pickle")``) holding tuples,
+    non-str dict keys, enums, or objects JSON has no form for; its chain and links included."""
     from kombu.utils.json import dumps, loads
 
-    args = list(getattr(request, "args", None) or [])
-    kwargs = dict(getattr(request, "kwargs", None) or {})
+    calls = _calls_of(request)
     try:
-        back = loads(dumps([args, kwargs]))
+        back = loads(dumps(calls))
     except (TypeError, ValueError, OverflowError):
         return False
-    return bool(back == [args, kwargs])
+    # Containers read from a JSON message are lists and dicts: the outer ones are normalised.
+    return all(_same(_plain(a), b) for a, b in zip(calls, back))
+
+
+def _plain(value: Any) -> Any:
+    if type(value) is tuple:
+        return list(value)
+    return value
 
 
 def _serializer_keeping(task: Any, request: Any) -> Optional[str]:

@@ -10,6 +10,7 @@ from celery import Task
 from ..errors import ConfigurationError
 from ..policy.attach import policies_of
 from . import steps  # noqa: F401  (registers every step)
+from .deferral import Deferred
 from .pipeline import Step, build_chain, build_publisher
 from .runtime import env_disabled, runtime_for
 
@@ -87,7 +88,12 @@ def _wrap_run(cls: Any, raw_run: Any, policies: Dict[str, Any], runtime: Any) ->
     def run(self: Any, *args: Any, **kwargs: Any) -> Any:
         if not runtime.enabled:
             return call_run(self, args, kwargs)
-        return chain(self, args, kwargs)
+        try:
+            return chain(self, args, kwargs)
+        except Deferred as exc:
+            # Celery formats this traceback twice (ExceptionInfo): raised from here it holds none
+            # of the pipeline's frames.
+            raise exc.with_traceback(None) from None
 
     cls._tuning_original_run = raw_run
     cls._tuning_steps = steps

@@ -445,3 +445,30 @@ def test_late_calls_beyond_what_the_rate_lets_through_in_the_grace_are_deferred_
     assert len(again) == 2 and {h["id"] for h in again} == {f"slow-{n}" for n in range(4)} - {f"slow-{n}" for n in ran}
     turns = sorted(h[HEADER_SLOT]["at"] - time.time() for h in again)
     assert 0.0 < turns[0] < turns[1] and turns[1] - turns[0] >= 0.9, turns  # one turn per second
+
+
+def test_a_deferral_reaches_celery_without_the_pipelines_frames(redis_clean):
+    """Celery builds two ExceptionInfo for every Ignore and each formats the whole traceback: with
+    the nine frames of the pipeline that was three quarters of a parked attempt's CPU."""
+    import traceback
+
+    from celery.exceptions import Ignore
+
+    app = make_app(redis_clean, "frames", tuning_rate_limits={"spent": {"rate": "1/m", "burst": 1}})
+
+    @app.task(bind=True, shared=False, name="frames.task")
+    @rate_limit("spent", on_limit="defer")
+    def task(self, x):
+        return x
+
+    assert limiter_for(runtime_for(app), "spent").try_acquire()
+    task.push_request(id="frames-1", delivery_info={"routing_key": "celery", "exchange": ""}, hostname="t@host",
+                      headers=None, is_eager=False, called_directly=False)
+    try:
+        with pytest.raises(Ignore) as caught:
+            task.run(7)
+    finally:
+        task.pop_request()
+    frames = [frame.f_code.co_name for frame, _ in traceback.walk_tb(caught.value.__traceback__)]
+    assert len(frames) <= 2, frames  # this test's frame and the task's run
+    assert caught.value.__suppress_context__

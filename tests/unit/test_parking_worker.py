@@ -226,3 +226,47 @@ def test_deferral_falls_back_to_a_countdown_logged_once(app, why, arg, serialize
     assert store.snapshot(SPOT).due == 0
     messages = _queued(app, "work-q")  # deferred with a countdown instead
     assert len(messages) == 2 and all(m.headers["eta"] for m in messages)
+
+
+def _call(args: Any = (), kwargs: Any = None, **more: Any) -> Context:
+    return Context(id="t", args=args, kwargs=kwargs or {}, **more)
+
+
+@pytest.mark.parametrize("value", [
+    [1, "a", {"k": [True, None, 2.5]}],
+    __import__("datetime").datetime(2026, 12, 1, 12, 0),
+    __import__("uuid").UUID(int=7),
+    __import__("decimal").Decimal("1.5"),
+])
+def test_arguments_a_json_message_can_hold_park_as_they_are(value: Any) -> None:
+    from celery_tuning.integration.deferral import _survives_json
+
+    assert _survives_json(_call([value], {"k": value}))
+
+
+@pytest.mark.parametrize("value", [
+    (7, (8,)),                                   # tuples
+    {2: "b"},                                    # int keys
+    __import__("enum").IntEnum("E", "A").A,      # an enum that is an int
+    __import__("collections").OrderedDict(a=1),  # a dict subclass
+    __import__("collections").defaultdict(int, a=1),
+    __import__("datetime").datetime(2026, 12, 1, tzinfo=__import__("zoneinfo").ZoneInfo("Europe/Paris")),
+    {1, 2},
+])
+def test_arguments_json_would_change_are_not_parked(value: Any) -> None:
+    """A call sent with serializer="pickle": parked (as JSON) it came back with other types."""
+    from celery_tuning.integration.deferral import _survives_json
+
+    assert not _survives_json(_call([value]))
+    assert not _survives_json(_call([], {"v": value}))
+
+
+def test_the_chain_and_links_of_a_call_are_checked_too() -> None:
+    """A chain's later step lost its tuples when the first step was deferred (review)."""
+    from celery_tuning.integration.deferral import _survives_json
+
+    step = {"task": "echo", "args": [(7, (8,))], "kwargs": {}, "options": {}}
+    assert not _survives_json(_call(["x"], chain=[step]))
+    assert not _survives_json(_call(["x"], callbacks=[step]))
+    assert not _survives_json(_call(["x"], errbacks=[step]))
+    assert _survives_json(_call(["x"], chain=[{**step, "args": [[7, [8]]]}]))
