@@ -45,7 +45,7 @@ _MAX_BACKOFF = 5.0
 COUNT_EVERY = 5.0
 
 
-#: Seconds a mover leaves a spot alone after finding another app's entry there.
+#: Seconds until another app's entry a mover gave back is due again (for that app's movers).
 FOREIGN_REST = 1.0
 
 
@@ -142,7 +142,6 @@ class Mover:
         self._idle = True
         self._backoff = 0.0
         #: Set by :meth:`stop` and by a release announcing a waiter it made due.
-        self._resting: Dict[Any, float] = {}  # spot -> monotonic time it may be claimed from again
         self._warned_foreign: Set[Any] = set()
         self._wake = threading.Event()
         self._woken: Set[str] = set()
@@ -274,8 +273,6 @@ class Mover:
         for where in self.spots():
             if where.reason == "concurrency":
                 parked = self._promote(where) or parked
-            if self._rests(where):
-                continue
             claimed = store.claim(where, self.batch, self.claim_ttl_us)
             if claimed:
                 parked = True
@@ -296,21 +293,12 @@ class Mover:
             sleep = min(sleep, max(0.0, (earliest - store.now_us()) / 1e6))
         return Round(published, sleep)
 
-    def _rests(self, where: Any) -> bool:
-        until = self._resting.get(where)
-        if until is None:
-            return False
-        if time.monotonic() < until:
-            return True
-        del self._resting[where]
-        return False
-
     def run_woken(self, members: Set[str]) -> int:
         """Claim and publish what is due at the spots named by releases (index members
         ``<r>:<name>``) that are this mover's; returns how many were published."""
         published = 0
         for where in self.spots():
-            if park_index_member(where.reason, where.name) in members and not self._rests(where):
+            if park_index_member(where.reason, where.name) in members:
                 claimed = self.store.claim(where, self.batch, self.claim_ttl_us)
                 if claimed:
                     published += self._publish(where, claimed)
@@ -336,9 +324,9 @@ class Mover:
                 except ForeignEntry as exc:
                     # Another app shares the tuning Redis, its prefix and this spot's name: its
                     # entry goes back for its own movers, which publish through its broker (this
-                    # app's would discard the task as unregistered). This spot rests a while.
-                    self.store.unclaim(where, entry.park_id, entry.pub)
-                    self._resting[where] = time.monotonic() + FOREIGN_REST
+                    # app's would discard the task as unregistered), due a little later so that
+                    # this mover's next claims reach its own entries behind it.
+                    self.store.unclaim(where, entry.park_id, entry.pub, int(FOREIGN_REST * 1_000_000))
                     if (where, exc.task) not in self._warned_foreign:
                         self._warned_foreign.add((where, exc.task))
                         logger.warning(

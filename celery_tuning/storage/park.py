@@ -102,9 +102,9 @@ class ParkStore(Protocol):
     def ack(self, spot: Spot, park_id: str, pub: int) -> bool:
         """The mover published: drop the entry if its ticket's pub is still ``pub``; True when it was."""
 
-    def unclaim(self, spot: Spot, park_id: str, pub: int) -> bool:
-        """Give back an entry claimed with ``pub`` that this mover must not publish (due again now);
-        True when that claim still owned it."""
+    def unclaim(self, spot: Spot, park_id: str, pub: int, delay_us: int = 0) -> bool:
+        """Give back an entry claimed with ``pub`` that this mover must not publish, due again
+        ``delay_us`` from now; True when that claim still owned it."""
 
     def redeem(self, spot: Spot, park_id: str, pub: int) -> bool:
         """May the worker run the message published with ``pub``? False only for a stale duplicate
@@ -279,7 +279,7 @@ class MemoryParkStore:
             self._stamp(state, park_id, ticket, now)
             return True
 
-    def unclaim(self, spot: Spot, park_id: str, pub: int) -> bool:
+    def unclaim(self, spot: Spot, park_id: str, pub: int, delay_us: int = 0) -> bool:
         with self._lock:
             now = self.clock()
             state = self._state(spot)
@@ -287,7 +287,7 @@ class MemoryParkStore:
             if ticket is None or _ticket_pub(ticket) != int(pub) or park_id not in state.claim:
                 return False
             del state.claim[park_id]
-            state.due[park_id] = now
+            state.due[park_id] = now + int(delay_us)
             return True
 
     def redeem(self, spot: Spot, park_id: str, pub: int) -> bool:
@@ -421,8 +421,8 @@ class RedisParkStore:
     def ack(self, spot: Spot, park_id: str, pub: int) -> bool:
         return bool(int(self._run("park_ack", spot, [park_id, int(pub)])))
 
-    def unclaim(self, spot: Spot, park_id: str, pub: int) -> bool:
-        return bool(int(self._run("park_unclaim", spot, [park_id, int(pub)])))
+    def unclaim(self, spot: Spot, park_id: str, pub: int, delay_us: int = 0) -> bool:
+        return bool(int(self._run("park_unclaim", spot, [park_id, int(pub), int(delay_us)])))
 
     def redeem(self, spot: Spot, park_id: str, pub: int) -> bool:
         return bool(int(self._run("park_redeem", spot, [park_id, int(pub)])))

@@ -153,7 +153,11 @@ def test_an_unclaimed_entry_is_due_again_for_another_mover(w):
     assert s.snapshot(RL).due == 1 and s.snapshot(RL).claimed == 0
     [again] = s.claim(RL, 10, CLAIM)
     assert again.park_id == "t1:0:1" and again.pub == first.pub + 1
-    assert s.ack(RL, "t1:0:1", again.pub)
+    assert s.unclaim(RL, "t1:0:1", again.pub, 2 * SEC)  # behind the mover's own entries
+    assert s.claim(RL, 10, CLAIM) == []
+    w.clock.now += 2 * SEC
+    [third] = s.claim(RL, 10, CLAIM)
+    assert s.ack(RL, "t1:0:1", third.pub)
 
 
 def test_a_redeemed_entry_is_never_published_again(w):
