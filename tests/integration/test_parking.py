@@ -265,8 +265,8 @@ def test_a_mover_killed_after_claiming_or_publishing_loses_nothing_and_runs_noth
         first.start()
         run_producer("from tests.apps.parked import paced\nprint([paced.delay(i).id for i in range(12)])\n",
                      redis_clean)
-        _wait_for(lambda: _parked(store, spot) >= 10, 20, "the burst to park")
-        _wait_for(lambda: redis_clean.client(0).llen("celery") == 0, 20, "the queue to drain")
+        _wait_for(lambda: _parked(store, spot) >= 10, 60, "the burst to park")
+        _wait_for(lambda: redis_clean.client(0).llen("celery") == 0, 60, "the queue to drain")
     finally:
         first.close()
     parked = _parked(store, spot)
