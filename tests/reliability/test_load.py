@@ -1,4 +1,7 @@
-"""20,000 tasks through two prefork workers with every capability on: all accounted for, no leak."""
+"""8,000 tasks through two prefork workers with every capability on: all accounted for, no leak.
+
+(20,000 until the suite outgrew its 15-minute budget: 137 s of it; large runs live in benchmarks/.)
+"""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from tests.support.workers import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.reliability]
 
-TASKS = 20_000
+TASKS = 8_000
 
 
 def tree_rss(pid):
@@ -20,7 +23,7 @@ def tree_rss(pid):
     return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])
 
 
-def test_twenty_thousand_tasks_all_accounted_for_without_memory_growth(redis_clean, fault_redis):
+def test_eight_thousand_tasks_all_accounted_for_without_memory_growth(redis_clean, fault_redis):
     from celery import Celery
 
     broker = redis_clean.db_url(0)

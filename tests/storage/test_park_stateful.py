@@ -219,7 +219,7 @@ def test_memory_and_redis_park_stores_agree(redis_clean):
     ParkStoresAgree.server = redis_clean
     try:
         run_state_machine_as_test(ParkStoresAgree,
-                                  settings=settings(max_examples=120, stateful_step_count=50, **SETTINGS))
+                                  settings=settings(max_examples=80, stateful_step_count=50, **SETTINGS))
     finally:
         ParkStoresAgree.server = None
 
