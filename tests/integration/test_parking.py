@@ -312,10 +312,9 @@ def test_tuning_redis_down_while_parking_falls_back_to_countdown_logged_once(red
     assert logs.count("deferring with countdowns") == 1, logs[-3000:]
 
 
-def test_parking_with_rabbitmq_as_the_broker(redis_clean, rabbitmq_url):
-    queue = f"parked-{time.time_ns()}"
-    env = {**worker_env(redis_clean), "TEST_BROKER_URL": rabbitmq_url, "TEST_QUEUE": queue}
-    with running_workers(APP, env, count=2, concurrency=2, prefix="amqp"):
+def _burst_and_waiters_run_once(redis_clean: Any, env: Dict[str, str], prefix: str) -> None:
+    """20 paced calls (most park for their slot) and 4 cap-1 waiters on two workers: each runs once."""
+    with running_workers(APP, env, count=2, concurrency=2, prefix=prefix):
         out = run_producer(
             "import json\nfrom tests.apps.parked import paced, solo\n"
             "rs = [paced.delay(i) for i in range(20)] + [solo.delay(i, 0.1) for i in range(4)]\n"
@@ -325,6 +324,12 @@ def test_parking_with_rabbitmq_as_the_broker(redis_clean, rabbitmq_url):
     assert sum(d > 0 for d in deferrals) >= 10
     runs = _runs(redis_clean.client(1))
     assert len(runs) == 24 and set(runs.values()) == {b"1"}
+
+
+def test_parking_with_rabbitmq_as_the_broker(redis_clean, rabbitmq_url):
+    queue = f"parked-{time.time_ns()}"
+    env = {**worker_env(redis_clean), "TEST_BROKER_URL": rabbitmq_url, "TEST_QUEUE": queue}
+    _burst_and_waiters_run_once(redis_clean, env, "amqp")
 
 
 def test_parking_with_a_redis_cluster_as_the_tuning_store(redis_clean, cluster_clean):
@@ -332,16 +337,7 @@ def test_parking_with_a_redis_cluster_as_the_tuning_store(redis_clean, cluster_c
     there (a spot's keys in its name's slot, the index in a slot of its own), each runs once, and
     nothing is left parked."""
     env = {**worker_env(redis_clean), "TEST_TUNING_URL": cluster_clean.url, "TEST_LEDGER_URL": redis_clean.db_url(1)}
-    with running_workers(APP, env, count=2, concurrency=2, prefix="cluster"):
-        out = run_producer(
-            "import json\nfrom tests.apps.parked import paced, solo\n"
-            "rs = [paced.delay(i) for i in range(20)] + [solo.delay(i, 0.1) for i in range(4)]\n"
-            "values = [r.get(timeout=60) for r in rs]\n"
-            "print(json.dumps([v['deferrals'] for v in values[:20]]))\n", redis_clean, env=env)
-    deferrals = json.loads(out.splitlines()[-1])
-    assert sum(d > 0 for d in deferrals) >= 10
-    runs = _runs(redis_clean.client(1))
-    assert len(runs) == 24 and set(runs.values()) == {b"1"}
+    _burst_and_waiters_run_once(redis_clean, env, "cluster")
     keys = {k.decode() for node in cluster_clean.nodes for k in node.client().keys("tuning:park*")}
     # the tickets of what parked and ran stay (tuning_park_ticket_ttl); entries are gone
     assert any(k.startswith("tuning:park:{paced}:rl:") for k in keys), sorted(keys)
