@@ -18,6 +18,7 @@ import time
 import warnings
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, NoReturn, Optional, Set
 
+from celery import states
 from celery.exceptions import Ignore
 
 from .. import events
@@ -195,6 +196,7 @@ def defer(
     new_headers.pop(HEADER_PARK, None)  # the mover's ticket of the previous run is spent
     if headers:
         new_headers.update(headers)
+    _unstart(task, request)
     if park is not None:
         _park(task, request, park, new_headers, count, reason)  # raises Ignore once parked
     countdown = max(0.0, countdown)
@@ -205,6 +207,22 @@ def defer(
     signature.apply_async()
     events.task_deferred(task, request.id, reason, countdown, count)  # metrics, the task_deferred signal
     raise _ignored(f"deferred by celery-tuning ({reason}) for {countdown:.3f}s")
+
+
+def _unstart(task: Any, request: Any) -> None:
+    """Put a deferred task's result back to PENDING when Celery marked it STARTED for this attempt
+    (``task_track_started``): it waits, it has not started. Done before the call is parked or
+    published again, so its next attempt's STARTED (or result) cannot be overwritten. A result
+    backend that fails here is logged, not raised: the deferral goes on."""
+    if not getattr(task, "track_started", False) or getattr(task, "ignore_result", False):
+        return
+    if getattr(request, "is_eager", False) or not getattr(request, "id", None):
+        return
+    try:
+        task.backend.store_result(request.id, None, states.PENDING, request=request)
+    except Exception as exc:  # the backend's trouble must not cost the deferral (or leak into the task)
+        logger.warning("celery-tuning could not set deferred task %s back to PENDING: %s: %s",
+                       request.id, exc.__class__.__name__, exc)
 
 
 # -- parking -------------------------------------------------------------------------------------

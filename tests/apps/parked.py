@@ -64,7 +64,7 @@ def solo(self, i, seconds=0.2):
     return i
 
 
-@app.task(bind=True, max_retries=0)
+@app.task(bind=True, max_retries=0, track_started=True)
 @circuit_breaker("flaky", on_open="retry")
 def guarded(self, i):
     """Fails while the 'fail' flag is set (opening the breaker); runs once it is reset."""

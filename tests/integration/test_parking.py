@@ -197,6 +197,7 @@ def test_a_call_sent_with_pickle_is_deferred_by_countdown_and_keeps_its_types(re
 
 
 def test_tasks_park_while_the_breaker_is_open_and_run_once_after_the_reset(redis_clean):
+    """Parked while open, PENDING (not STARTED) with track_started, each once after the reset."""
     client = redis_clean.client(1)
     client.set("fail", 1)
     store = _store(redis_clean)
@@ -207,10 +208,13 @@ def test_tasks_park_while_the_breaker_is_open_and_run_once_after_the_reset(redis
             "try:\n    first.get(timeout=20)\nexcept RuntimeError:\n    pass\n"
             "rs = [guarded.delay(i) for i in range(6)]\n"
             "time.sleep(0.5)\nprint('PARKED' if int(ledger.hlen('runs')) == 0 else 'RAN')\n"
+            "print(sorted({r.state for r in rs}))\n"
             "ledger.delete('fail')\n"
             "print(sorted(r.get(timeout=30) for r in rs))\n", redis_clean)
-    parked_line, values = out.splitlines()[-2:]
+    parked_line, states, values = out.splitlines()[-3:]
     assert parked_line == "PARKED"
+    # track_started: Celery marked each attempt STARTED; a parked task waits, so it is PENDING again
+    assert states == "['PENDING']"
     assert values == str(list(range(6)))
     runs = _runs(client)
     assert len(runs) == 6 and set(runs.values()) == {b"1"}
