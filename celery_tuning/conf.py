@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 from .errors import ConfigurationError
-from .policy.profiles import CPU_FORMS, POOLS, PROFILE_FIELDS, ProfileField, field_named
+from .policy.profiles import CPU_FORMS, POOLS, PROFILE_FIELDS, ProfileError, ProfileField, field_named, resolve_profile
 from .policy.rates import ACCEPTED as RATE_FORMS
 from .policy.rates import Rate, parse_rate
 
@@ -412,9 +412,19 @@ def _profiles(name: str, value: Any) -> Dict[str, Dict[str, Any]]:
         _unknown_options(where, spec, (*(f.name for f in PROFILE_FIELDS), "base"), names)
         parsed: Dict[str, Any] = {}
         for option, v in spec.items():
+            if option == "base":
+                if not isinstance(v, str) or not v:
+                    raise _fail(f"{where}['base']", v, "the name of a preset or of another custom profile")
+                parsed[option] = v
+                continue
             profile_field = field_named(option)
             parsed[option] = v if profile_field is None else _profile_field(where, profile_field, v)
         out[key] = parsed
+    for key in out:  # every base chain ends at a known profile, without a cycle
+        try:
+            resolve_profile(key, out)
+        except ProfileError as exc:
+            raise ConfigurationError(str(exc)) from None
     return out
 
 
@@ -521,7 +531,9 @@ SETTINGS: Tuple[Setting, ...] = (
             "'*' applies to every other queue.",
             _sla),
     Setting("tuning_profiles", "dict[str, dict]", {},
-            "Custom concurrency profiles beside the presets io, cpu and mixed.", _profiles),
+            "Custom concurrency profiles beside the presets io, cpu and mixed; 'base' extends a preset or "
+            "another custom profile, and a profile named like a preset extends that preset with "
+            "{'cpu': {'base': 'cpu', ...}}.", _profiles),
     Setting("tuning_queue_profiles", "dict[str, str]", {},
             "Queue name to profile name: {'webhooks': 'io', 'embeddings': 'cpu'}.",
             _queue_profiles),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import click
 
@@ -39,10 +39,12 @@ def tuning() -> None:
     """celery-tuning commands."""
 
 
-@tuning.command(help="Validate the tuning_* settings and check the tuning Redis.")
+@tuning.command(help="Validate the tuning_* settings (refusing what a worker start refuses, profiles included) "
+                     "and check the tuning Redis.")
 @click.pass_context
 def check(ctx: click.Context) -> None:
     runtime = _runtime(ctx)
+    _check_profiles(ctx.obj.app, runtime.config)
     click.echo("settings: ok")
     try:
         connector = runtime.connector
@@ -58,6 +60,25 @@ def check(ctx: click.Context) -> None:
     click.echo(f"lua: scripts load (server time {int(server_ms)} ms)")
     if runtime.config.defer_via == "park":
         _check_persistence(connector)
+
+
+def _check_profiles(app: Any, config: Any) -> None:
+    """Refuse what a worker start refuses (the same function), and warn about a worker without -Q."""
+    from ..policy.profiles import ProfileConflict, choose_profile
+    from .profiles import configured_queues, validate_profiles
+
+    try:
+        validate_profiles(config)
+    except ConfigurationError as exc:
+        raise click.ClickException(f"configuration error: {exc}") from None
+    if not config.queue_profiles:
+        return
+    queues = configured_queues(app)
+    try:
+        choose_profile(queues, config.queue_profiles)
+    except ProfileConflict as exc:
+        click.echo(f"WARNING profiles: a worker started without -Q consumes {', '.join(queues)} and refuses to "
+                   f"start: {exc}", err=True)
 
 
 def persistence_of(connector: Any) -> Optional[Dict[str, str]]:
@@ -92,28 +113,58 @@ def _check_persistence(connector: Any) -> None:
     click.echo(f"parking: the tuning Redis persists with {kinds}")
 
 
-def sla_summary(text: str) -> list[dict]:
-    """Per-queue SLA figures from a /metrics page (the worker's Prometheus endpoint)."""
+Sample = Tuple[str, Dict[str, str], float]
+
+
+def metric_samples(text: str) -> List[Sample]:
+    """(name, labels, value) of every sample of a Prometheus text page.
+
+    Raises:
+        ValueError: When ``text`` is not Prometheus text.
+    """
     from prometheus_client.parser import text_string_to_metric_families
 
+    try:
+        samples = [(s.name, dict(s.labels), float(s.value)) for family in text_string_to_metric_families(text)
+                   for s in family.samples]
+        for name, labels, _ in samples:
+            if name.endswith("_bucket"):
+                float(labels["le"])  # a histogram bucket has a numeric upper bound
+    except Exception as exc:  # the parser raises ValueError, IndexError, ... on a page that is not metrics
+        detail = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise ValueError(f"not Prometheus text ({exc.__class__.__name__}: {detail})") from None
+    return samples
+
+
+def sla_summary(text: str) -> list[dict]:
+    """Per-queue SLA figures from a /metrics page (the worker's Prometheus endpoint).
+
+    Raises:
+        ValueError: When ``text`` is not Prometheus text.
+    """
+    return _sla_rows(metric_samples(text))
+
+
+def _sla_rows(samples: List[Sample]) -> list[dict]:
     queues: Dict[str, Dict[str, Any]] = {}
 
     def row(queue: str) -> Dict[str, Any]:
         return queues.setdefault(queue, {"queue": queue, "attempts": 0.0, "checked": 0.0, "warning": 0.0,
                                          "critical": 0.0, "buckets": {}})
 
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = sample.labels
-            if sample.name == "celery_tuning_sla_checked_total":
-                row(labels["queue"])["checked"] += sample.value
-            elif sample.name == "celery_tuning_sla_breaches_total":
-                row(labels["queue"])[labels["level"]] += sample.value
-            elif sample.name == "celery_tuning_task_queue_wait_seconds_count":
-                row(labels["queue"])["attempts"] += sample.value
-            elif sample.name == "celery_tuning_task_queue_wait_seconds_bucket":
-                b = row(labels["queue"])["buckets"]
-                b[float(labels["le"])] = b.get(float(labels["le"]), 0.0) + sample.value
+    for name, labels, value in samples:
+        queue = labels.get("queue")
+        if queue is None:
+            continue
+        if name == "celery_tuning_sla_checked_total":
+            row(queue)["checked"] += value
+        elif name == "celery_tuning_sla_breaches_total" and labels.get("level") in ("warning", "critical"):
+            row(queue)[labels["level"]] += value
+        elif name == "celery_tuning_task_queue_wait_seconds_count":
+            row(queue)["attempts"] += value
+        elif name == "celery_tuning_task_queue_wait_seconds_bucket" and "le" in labels:
+            b = row(queue)["buckets"]
+            b[float(labels["le"])] = b.get(float(labels["le"]), 0.0) + value
     out = []
     for queue in sorted(queues):
         r = queues[queue]
@@ -125,12 +176,29 @@ def sla_summary(text: str) -> list[dict]:
     return out
 
 
-def _scrape(url: str) -> str:
-    """A /metrics page (OSError when it cannot be fetched)."""
+def _check_metrics_url(url: str) -> None:
+    """Refuse a metrics URL that is not http(s)://HOST..., before anything is printed."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise click.ClickException(f"metrics URL {url!r} is not an http(s) URL; expected e.g. "
+                                   "http://127.0.0.1:9808/metrics")
+
+
+def _scrape(url: str) -> List[Sample]:
+    """The samples of a worker's /metrics page, or a one-line error naming the URL and the problem."""
     import urllib.request
 
-    with urllib.request.urlopen(url, timeout=5) as response:
-        return str(response.read().decode())
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read().decode()
+    except (OSError, ValueError) as exc:  # URLError, HTTPError, timeouts; UnicodeDecodeError, bad URLs
+        raise click.ClickException(f"metrics endpoint {url} unreachable ({exc})") from None
+    try:
+        return metric_samples(text)
+    except ValueError as exc:
+        raise click.ClickException(f"metrics endpoint {url} did not serve Prometheus metrics: {exc}") from None
 
 
 def _default_metrics_url(runtime: Any) -> Optional[str]:
@@ -138,13 +206,8 @@ def _default_metrics_url(runtime: Any) -> Optional[str]:
     return f"http://127.0.0.1:{port}/metrics" if port else None
 
 
-def _print_sla(url: str) -> None:
-    try:
-        text = _scrape(url)
-    except OSError as exc:
-        click.echo(f"SLA by queue: metrics endpoint {url} unreachable ({exc})")
-        return
-    rows = sla_summary(text)
+def _print_sla(url: str, samples: List[Sample]) -> None:
+    rows = _sla_rows(samples)
     click.echo(f"SLA by queue (from {url}, since the worker started):")
     if not rows:
         click.echo("  no task attempts recorded yet")
@@ -158,12 +221,15 @@ def _print_sla(url: str) -> None:
                    f"critical {r['critical']:.0f}, compliance {compliance}")
 
 
-@tuning.command(help="Show the effective settings, where each came from, and SLA figures per queue.")
+@tuning.command(help="Show the effective settings, where each came from, and SLA figures per queue "
+                     "(exit 1 when the metrics URL cannot be read or serves no Prometheus text).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--metrics-url", default=None,
-              help="A worker's /metrics URL (default: 127.0.0.1 on tuning_metrics_port when set).")
+              help="A worker's http(s) /metrics URL (default: 127.0.0.1 on tuning_metrics_port when set).")
 @click.pass_context
 def status(ctx: click.Context, as_json: bool, metrics_url: Optional[str]) -> None:
+    if metrics_url is not None:
+        _check_metrics_url(metrics_url)
     runtime = _runtime(ctx)
     rows = []
     for setting in SETTINGS:
@@ -184,7 +250,7 @@ def status(ctx: click.Context, as_json: bool, metrics_url: Optional[str]) -> Non
         click.echo(f"{name:<{width}}  {value!r}  ({source})")
     url = metrics_url or _default_metrics_url(runtime)
     if url:
-        _print_sla(url)
+        _print_sla(url, _scrape(url))
 
 
 def _shown(value: Any) -> Any:
@@ -196,33 +262,29 @@ def _shown(value: Any) -> Any:
     return value
 
 
-@tuning.command(help="Recommend a profile per queue from observed CPU-time/run-time ratios and queue waits.")
+@tuning.command(help="Recommend a profile per queue from observed CPU-time/run-time ratios and queue waits "
+                     "(exit 1 when a metrics URL cannot be read or serves no Prometheus text).")
 @click.option("--metrics-url", "urls", multiple=True,
-              help="A worker's /metrics URL; repeat for several workers "
+              help="A worker's http(s) /metrics URL; repeat for several workers "
                    "(default: 127.0.0.1 on tuning_metrics_port when set).")
 @click.option("--min-attempts", default=20, show_default=True, type=click.IntRange(1),
               help="Task attempts a queue needs before it gets advice.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of lines.")
 @click.pass_context
 def advise(ctx: click.Context, urls: Any, min_attempts: int, as_json: bool) -> None:
-    from prometheus_client.parser import text_string_to_metric_families
-
     from ..policy.advise import advise as advise_queues
     from ..policy.advise import observe
 
+    for url in urls:
+        _check_metrics_url(url)
     runtime = _runtime(ctx)
     urls = list(urls) or [u for u in [_default_metrics_url(runtime)] if u]
     if not urls:
         raise click.ClickException("advise reads the workers' metrics: pass --metrics-url URL "
                                    "or set tuning_metrics_port")
-    samples: list = []
+    samples: List[Sample] = []
     for url in urls:
-        try:
-            text = _scrape(url)
-        except OSError as exc:
-            raise click.ClickException(f"metrics endpoint {url} unreachable ({exc})") from None
-        for family in text_string_to_metric_families(text):
-            samples.extend((s.name, s.labels, s.value) for s in family.samples)
+        samples.extend(_scrape(url))
     advice = advise_queues(observe(samples), runtime.config.queue_profiles, min_attempts)
     if as_json:
         click.echo(json.dumps([a.as_dict() for a in advice], indent=2))
@@ -484,15 +546,18 @@ def cache_clear(ctx: click.Context, task_name: str) -> None:
     click.echo(f"{task_name}: cleared (generation {generation})")
 
 
-@tuning.command(help="Effective concurrency settings per queue (as `celery worker -Q QUEUE` would get them).")
+@tuning.command(help="Effective concurrency settings per queue (as `celery worker -Q QUEUE` would get them) "
+                     "and the profile of a worker started without -Q.")
 @click.pass_context
 def profiles(ctx: click.Context) -> None:
-    from .profiles import CONF_KEYS, profile_table
+    from ..policy.profiles import ProfileConflict, choose_profile
+    from .profiles import CONF_KEYS, configured_queues, profile_table
 
     runtime = _runtime(ctx)
     app = ctx.obj.app
     scale = float(runtime.config.concurrency_scale)
     scale_source = runtime.config.sources["tuning_concurrency_scale"]
+    errors = 0
     for queue, name, settings in profile_table(runtime.config, str(app.conf.task_default_queue or "celery")):
         if name == "-":
             click.echo(f"{queue}: no profile (Celery's settings: pool {app.conf.worker_pool}, "
@@ -501,17 +566,29 @@ def profiles(ctx: click.Context) -> None:
             continue
         if "error" in settings:
             click.echo(f"{queue}: {settings['error']}")
+            errors += 1
             continue
         origin = "config" if name in runtime.config.profiles else "preset"
         parts = []
         for field in (*CONF_KEYS, "autoscale"):
             if field in settings:
-                note = f" (x{scale:g} from {scale_source})" if field == "concurrency" and scale != 1.0 else ""
+                scaled = field in ("concurrency", "autoscale") and scale != 1.0
+                note = f" (x{scale:g} from {scale_source})" if scaled else ""
                 parts.append(f"{field} {settings[field]}{note}")
         limit = runtime.config.queue_concurrency.get(queue)
         if limit:
             parts.append(f"in-worker cap {limit}")
         click.echo(f"{queue}: profile {name} ({origin}): " + ", ".join(parts) + "; explicit worker flags win")
+    queues = configured_queues(app)
+    try:
+        chosen, _ = choose_profile(queues, runtime.config.queue_profiles)
+        click.echo(f"a worker without -Q consumes {', '.join(queues)}: "
+                   + (f"profile {chosen}" if chosen else "no profile"))
+    except ProfileConflict as exc:
+        click.echo(f"a worker without -Q consumes {', '.join(queues)}: refuses to start ({exc})")
+    if errors:
+        raise click.ClickException(f"tuning_queue_profiles: {errors} queue(s) map to an unknown profile (above); "
+                                   "workers refuse to start until that is fixed")
 
 
 def render_cli_markdown() -> str:

@@ -5,15 +5,28 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 from celery import bootsteps
 
 from ..errors import ConfigurationError
-from ..policy.profiles import PRESETS, PROFILE_FIELDS, ProfileConflict, choose_profile, expand_profile
+from ..policy.profiles import (
+    PRESETS,
+    PROFILE_FIELDS,
+    ProfileConflict,
+    ProfileError,
+    UnknownProfile,
+    choose_profile,
+    expand_profile,
+    known_profiles,
+    resolve_profile,
+)
 from .runtime import is_worker_process
 
-__all__ = ["CONF_KEYS", "AutoscaleStep", "apply_profile", "parse_worker_argv", "profile_table", "profiles_apply_here"]
+__all__ = [
+    "CONF_KEYS", "AutoscaleStep", "apply_profile", "configured_queues", "parse_worker_argv", "profile_table",
+    "profiles_apply_here", "validate_profiles", "worker_queues",
+]
 
 logger = logging.getLogger("celery_tuning.profiles")
 
@@ -38,28 +51,74 @@ def _flag_value(argv: Sequence[str], names: Tuple[str, ...]) -> Tuple[bool, Opti
 
 def parse_worker_argv(argv: Sequence[str]) -> Tuple[List[str], Optional[str], Set[str]]:
     """(queues given with -Q, --tuning-profile value, profile fields set by explicit flags)."""
-    args = list(argv)
-    if "worker" in args:
-        args = args[args.index("worker") + 1:]
+    args = _worker_args(argv)
     _, queues = _flag_value(args, ("-Q", "--queues"))
     _, explicit = _flag_value(args, ("--tuning-profile",))
     given = {field for field, names in _FLAGS.items() if _flag_value(args, names)[0]}
-    return [q for q in (queues or "").split(",") if q], explicit, given
+    return _names(queues), explicit, given
+
+
+def _worker_args(argv: Sequence[str]) -> List[str]:
+    args = list(argv)
+    return args[args.index("worker") + 1:] if "worker" in args else args
+
+
+def _names(value: Optional[str]) -> List[str]:
+    return [q for q in (value or "").split(",") if q]
+
+
+def configured_queues(app: Any) -> List[str]:
+    """The queues a worker started without -Q consumes: every queue in ``task_queues``, else the default queue."""
+    declared = app.conf.task_queues
+    if isinstance(declared, Mapping):
+        names = [str(name) for name in declared]
+    else:
+        names = [str(getattr(q, "name", q)) for q in declared or ()]
+    return names or [str(app.conf.task_default_queue or "celery")]
+
+
+def worker_queues(app: Any, argv: Sequence[str]) -> List[str]:
+    """The queues a worker started with ``argv`` consumes: its -Q list or :func:`configured_queues`, minus -X."""
+    queues, _, _ = parse_worker_argv(argv)
+    excluded = set(_names(_flag_value(_worker_args(argv), ("-X", "--exclude-queues"))[1]))
+    return [q for q in queues or configured_queues(app) if q not in excluded]
+
+
+def validate_profiles(config: Any) -> None:
+    """Refuse a profile configuration no worker can use (the worker start and ``tuning check`` both call this).
+
+    Every custom profile must resolve (a known ``base``, no cycle; the settings loader checks that
+    too) and every profile ``tuning_queue_profiles`` names must exist.
+
+    Raises:
+        ConfigurationError: Naming the setting and the profile at fault.
+    """
+    for name in config.profiles:
+        try:
+            resolve_profile(name, config.profiles)
+        except ProfileError as exc:
+            raise ConfigurationError(str(exc)) from None
+    for queue, name in config.queue_profiles.items():
+        if name not in PRESETS and name not in config.profiles:
+            raise ConfigurationError(f"tuning_queue_profiles[{queue!r}]: unknown profile {name!r}; "
+                                     f"known: {known_profiles(config.profiles)}")
 
 
 def apply_profile(app: Any, config: Any, argv: Optional[Sequence[str]] = None) -> Optional[Dict[str, Any]]:
     """Choose and apply this worker's profile to ``app.conf``; returns what was applied.
 
     Explicit worker flags win because Celery reads a flag's value before falling back to the
-    settings written here.
+    settings written here. A worker without -Q takes the profile of the queues it consumes then
+    (``task_queues``, or the default queue).
 
     Raises:
-        ConfigurationError: On conflicting queue profiles or an unknown profile name.
+        ConfigurationError: On conflicting queue profiles, an unknown profile name or a profile
+            configuration :func:`validate_profiles` refuses.
     """
     argv = sys.argv if argv is None else argv
-    queues, explicit, given = parse_worker_argv(argv)
-    if not queues:
-        queues = [str(app.conf.task_default_queue or "celery")]
+    validate_profiles(config)
+    _, explicit, given = parse_worker_argv(argv)
+    queues = worker_queues(app, argv)
     try:
         name, why = choose_profile(queues, config.queue_profiles, explicit)
     except ProfileConflict as exc:
@@ -69,10 +128,12 @@ def apply_profile(app: Any, config: Any, argv: Optional[Sequence[str]] = None) -
     scale = float(config.concurrency_scale)
     try:
         settings = expand_profile(name, config.profiles, scale)
-    except KeyError:
-        known = sorted(set(PRESETS) | set(config.profiles))
-        raise ConfigurationError(f"{why}: unknown profile {name!r}; known: {known}") from None
+    except UnknownProfile:
+        raise ConfigurationError(f"{why}: unknown profile {name!r}; known: {known_profiles(config.profiles)}") from None
+    except ProfileError as exc:
+        raise ConfigurationError(str(exc)) from None
     applied: Dict[str, Any] = {"profile": name, "chosen_by": why, "queues": queues, "settings": {}}
+    scaled = f" x CELERY_TUNING_CONCURRENCY_SCALE={scale:g}" if scale != 1.0 else ""
     for field, value in settings.items():
         if field not in CONF_KEYS and field != "autoscale":
             continue
@@ -84,13 +145,10 @@ def apply_profile(app: Any, config: Any, argv: Optional[Sequence[str]] = None) -
                 applied["settings"][field] = ("flag -c", None)
                 continue
             applied["autoscale"] = tuple(value)  # applied by AutoscaleStep (no setting exists)
-            applied["settings"][field] = (f"profile {name}", tuple(value))
+            applied["settings"][field] = (f"profile {name}{scaled}", tuple(value))
             continue
         app.conf[CONF_KEYS[field]] = value
-        source = f"profile {name}"
-        if field == "concurrency" and scale != 1.0:
-            source += f" x CELERY_TUNING_CONCURRENCY_SCALE={scale:g}"
-        applied["settings"][field] = (source, value)
+        applied["settings"][field] = (f"profile {name}{scaled if field == 'concurrency' else ''}", value)
     return applied
 
 
@@ -144,8 +202,10 @@ def profile_table(config: Any, default_queue: str) -> List[Tuple[str, str, Dict[
             continue
         try:
             settings = expand_profile(name, config.profiles, float(config.concurrency_scale))
-        except KeyError:
-            settings = {"error": f"unknown profile {name!r}"}
+        except UnknownProfile:
+            settings = {"error": f"unknown profile {name!r}; known: {known_profiles(config.profiles)}"}
+        except ProfileError as exc:
+            settings = {"error": str(exc)}
         rows.append((queue, name, settings))
     return rows
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 __all__ = [
-    "CPU_FORMS", "POOLS", "PRESETS", "PROFILE_FIELDS", "ProfileConflict", "ProfileField", "choose_profile",
-    "expand_profile", "field_named",
+    "CPU_FORMS", "POOLS", "PRESETS", "PROFILE_FIELDS", "ProfileConflict", "ProfileError", "ProfileField",
+    "UnknownProfile", "choose_profile", "expand_profile", "field_named", "known_profiles", "resolve_profile",
 ]
 
 
@@ -72,32 +72,100 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 }
 
 
+class ProfileError(ValueError):
+    """A profile that cannot be resolved; the message names the setting at fault."""
+
+
+class UnknownProfile(ProfileError):
+    """No preset and no custom profile has this name (the caller says who asked for it)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"unknown profile {name!r}")
+        self.name = name
+
+
 class ProfileConflict(ValueError):
     """The queues of one worker map to different profiles."""
 
 
-def expand_profile(name: str, custom: Mapping[str, Mapping[str, Any]], scale: float = 1.0) -> Dict[str, Any]:
-    """Concrete settings of profile ``name`` (custom profiles may name a preset as ``base``).
+def known_profiles(custom: Mapping[str, Any]) -> str:
+    """The profile names a setting may use, for error messages."""
+    return ", ".join(sorted(set(PRESETS) | set(custom)))
+
+
+def resolve_profile(name: str, custom: Mapping[str, Mapping[str, Any]]) -> Dict[str, Any]:
+    """The fields of profile ``name`` with its ``base`` chain applied (not scaled, CPU forms kept).
+
+    A custom profile shadows the preset of the same name; a custom profile whose ``base`` is its
+    own name extends the preset of that name (``{"cpu": {"base": "cpu", "concurrency": 3}}``).
 
     Raises:
-        KeyError: When the profile does not exist.
+        UnknownProfile: When ``name`` is neither a preset nor a custom profile.
+        ProfileError: Naming the custom profile whose ``base`` is unknown, or the profiles whose
+            bases form a cycle.
     """
-    if name in custom:
-        spec = dict(custom[name])
-        base = spec.pop("base", None)
-        settings = dict(expand_profile(base, custom, 1.0)) if base else {}
-        settings.update(spec)
-    elif name in PRESETS:
-        settings = dict(PRESETS[name])
-    else:
-        raise KeyError(name)
+    layers: List[Dict[str, Any]] = []
+    chain: List[str] = []  # the custom profiles visited, in order
+    current, presets_only = name, False
+    while True:
+        if current in custom and not presets_only:
+            if current in chain:
+                cycle = " -> ".join([*chain[chain.index(current):], current])
+                raise ProfileError(f"tuning_profiles: the bases of these profiles form a cycle ({cycle}); "
+                                   "one of them must extend a preset (or have no base)")
+            chain.append(current)
+            spec = dict(custom[current])
+            base = spec.pop("base", None)
+            layers.append(spec)
+            if base is None:
+                break
+            if base == current:  # extends the preset it shadows
+                if base not in PRESETS:
+                    raise ProfileError(f"tuning_profiles[{current!r}]['base']: {base!r} names the profile itself "
+                                       f"and there is no preset of that name (presets: {', '.join(PRESETS)})")
+                presets_only = True
+            elif base not in custom and base not in PRESETS:
+                raise ProfileError(f"tuning_profiles[{current!r}]['base']: unknown profile {base!r}; "
+                                   f"known: {known_profiles(custom)}")
+            current = base
+        elif current in PRESETS:
+            layers.append(dict(PRESETS[current]))
+            break
+        else:
+            raise UnknownProfile(current)
+    settings: Dict[str, Any] = {}
+    for layer in reversed(layers):
+        settings.update(layer)
+    return settings
+
+
+def _scaled(count: int, scale: float, floor: int) -> int:
+    return max(floor, round(count * scale))
+
+
+def expand_profile(name: str, custom: Mapping[str, Mapping[str, Any]], scale: float = 1.0) -> Dict[str, Any]:
+    """Concrete settings of profile ``name``: bases applied, CPU forms counted, ``scale`` applied.
+
+    ``scale`` multiplies ``concurrency`` and both ends of ``autoscale`` (at least 1 process,
+    and a minimum above 0 stays above 0).
+
+    Raises:
+        UnknownProfile: When the profile does not exist.
+        ProfileError: When a ``base`` in its chain is unknown or the bases form a cycle.
+    """
+    settings = resolve_profile(name, custom)
     concurrency = settings.get("concurrency")
     if concurrency == "cpus":
         concurrency = _cpus()
     elif concurrency == "2*cpus":
         concurrency = 2 * _cpus()
     if concurrency is not None:
-        settings["concurrency"] = max(1, round(int(concurrency) * scale))
+        settings["concurrency"] = _scaled(int(concurrency), scale, 1)
+    autoscale = settings.get("autoscale")
+    if autoscale is not None:
+        high, low = (int(v) for v in autoscale)
+        high = _scaled(high, scale, 1)
+        settings["autoscale"] = (high, min(high, _scaled(low, scale, 1 if low else 0)))
     return settings
 
 

@@ -283,3 +283,143 @@ def test_status_shows_breakers_as_the_dicts_operators_configured(redis_clean):
 
     shown = json.loads(out.stdout)["tuning_circuit_breakers"]["value"]
     assert shown.startswith("{'payments': {'fail_max': 3, 'reset_timeout': 30.0, ") and "BreakerSpec" not in shown
+
+
+# -- profiles: `tuning check` refuses what a worker start refuses (issue #21) ------------------
+
+#: An app whose Celery config comes from the environment (TEST_CONF: JSON; TEST_TASK_QUEUES: names).
+CONFIGURED_APP = '''
+import json, os
+from celery import Celery
+from kombu import Queue
+import celery_tuning
+app = Celery("configured", broker=os.environ["TEST_BROKER_URL"])
+app.conf.update(tuning_redis_url=os.environ["TEST_TUNING_URL"], broker_connection_retry_on_startup=True,
+                **json.loads(os.environ.get("TEST_CONF", "{}")))
+if os.environ.get("TEST_TASK_QUEUES"):
+    app.conf.task_queues = [Queue(name) for name in os.environ["TEST_TASK_QUEUES"].split(",")]
+celery_tuning.install(app)
+'''
+
+
+@pytest.fixture()
+def configured(tmp_path, redis_clean):
+    """(run `celery -A configured:app ARGS` with a config, its environment) for a module in tmp_path."""
+    import json
+    import os
+
+    (tmp_path / "configured.py").write_text(CONFIGURED_APP)
+
+    def env_for(conf, **extra):
+        return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}", "TEST_BROKER_URL": redis_clean.db_url(0),
+                "TEST_TUNING_URL": redis_clean.db_url(1), "TEST_CONF": json.dumps(conf), **extra}
+
+    def run(conf, *args, **extra):
+        return subprocess.run([sys.executable, "-m", "celery", "-A", "configured:app", *args], capture_output=True,
+                              text=True, timeout=60, cwd=str(tmp_path), env=env_for(conf, **extra))
+
+    return run, env_for
+
+
+@pytest.mark.parametrize(("conf", "message"), [
+    ({"tuning_queue_profiles": {"emb": "nope"}},
+     "tuning_queue_profiles['emb']: unknown profile 'nope'; known: cpu, io, mixed"),
+    ({"tuning_queue_profiles": {"emb": "top"}, "tuning_profiles": {"top": {"base": "mid"}, "mid": {"base": "nope"}}},
+     "tuning_profiles['mid']['base']: unknown profile 'nope'"),
+    ({"tuning_queue_profiles": {"emb": "a"}, "tuning_profiles": {"a": {"base": "b"}, "b": {"base": "a"}}},
+     "tuning_profiles: the bases of these profiles form a cycle (a -> b -> a)"),
+    ({"tuning_queue_profiles": {"emb": "x"}, "tuning_profiles": {"x": {"base": "x"}}},
+     "tuning_profiles['x']['base']: 'x' names the profile itself and there is no preset of that name"),
+])
+def test_check_refuses_every_profile_error_a_worker_start_refuses(configured, conf, message):
+    from tests.support.workers import WorkerProcess
+
+    run, env_for = configured
+    out = run(conf, "tuning", "check")
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert message in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert "settings: ok" not in out.stdout
+    # the worker (here one consuming only a queue with no profile) refuses with the same message
+    worker = WorkerProcess("configured:app", env_for(conf), pool="solo", queues="unmapped")
+    try:
+        with pytest.raises(RuntimeError, match="worker exited") as info:
+            worker.start(timeout=30)
+    finally:
+        worker.close()
+    assert message in str(info.value)
+
+
+def test_a_profile_extending_the_preset_of_its_own_name(configured):
+    conf = {"tuning_queue_profiles": {"emb": "cpu"}, "tuning_profiles": {"cpu": {"base": "cpu", "concurrency": 3}}}
+    out = configured[0](conf, "tuning", "check")
+    assert out.returncode == 0 and "settings: ok" in out.stdout, out.stdout + out.stderr
+    out = configured[0](conf, "tuning", "profiles")
+    assert out.returncode == 0, out.stderr
+    assert ("emb: profile cpu (config): pool prefork, concurrency 3, prefetch_multiplier 1, acks_late True, "
+            "max_tasks_per_child 1000;") in out.stdout
+
+
+def test_check_and_profiles_say_what_a_worker_without_q_gets(configured):
+    conf = {"tuning_queue_profiles": {"emb": "cpu", "webhooks": "io"}}
+    out = configured[0](conf, "tuning", "check", TEST_TASK_QUEUES="emb,webhooks")
+    assert out.returncode == 0 and "settings: ok" in out.stdout, out.stdout + out.stderr
+    assert ("WARNING profiles: a worker started without -Q consumes emb, webhooks and refuses to start: "
+            "tuning_queue_profiles: this worker's queues map to different profiles (emb -> cpu, webhooks -> io)"
+            ) in out.stderr
+    out = configured[0](conf, "tuning", "profiles", TEST_TASK_QUEUES="webhooks,other")
+    assert out.returncode == 0, out.stderr
+    assert "a worker without -Q consumes webhooks, other: profile io" in out.stdout
+    out = configured[0]({"tuning_queue_profiles": {"emb": "nope"}}, "tuning", "profiles")
+    assert out.returncode == 1 and "emb: unknown profile 'nope'; known: cpu, io, mixed" in out.stdout
+
+
+# -- status / advise against a metrics URL that does not serve metrics (issue #21) ------------
+
+
+@pytest.fixture(scope="module")
+def garbage_url():
+    """An HTTP server on loopback serving an HTML page where metrics should be."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b"<html><body><h1>Welcome to nginx!</h1>\n<p>Not metrics.</p></body></html>\n"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/metrics"
+    server.shutdown()
+    server.server_close()
+
+
+def closed_port_url():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/metrics"
+
+
+@pytest.mark.parametrize("command", ["status", "advise"])
+@pytest.mark.parametrize(("case", "expected"), [
+    ("garbage", "did not serve Prometheus metrics: not Prometheus text (ValueError: invalid metric name"),
+    ("closed", "unreachable (<urlopen error"),
+    ("no scheme", "metrics URL '127.0.0.1:9/metrics' is not an http(s) URL"),
+])
+def test_metrics_url_problems_are_one_line_and_a_failure(garbage_url, command, case, expected):
+    url = {"garbage": garbage_url, "closed": closed_port_url(), "no scheme": "127.0.0.1:9/metrics"}[case]
+    out = celery(command, "--metrics-url", url, env=make_env("redis://127.0.0.1:9/1"))
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert out.stderr.strip().count("\n") == 0, out.stderr
+    assert out.stderr.startswith("Error: ") and expected in out.stderr, out.stderr

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 
@@ -88,8 +89,10 @@ def test_profiles_can_be_turned_off_per_worker(redis_clean):
 
 def inspect_stats(redis_server, worker):
     env = {**os.environ, "PYTHONPATH": str(ROOT), **worker_env(redis_server)}
+    # naming the worker makes inspect return on its reply instead of waiting out the timeout for others
     out = subprocess.run([sys.executable, "-m", "celery", "-A", "tests.apps.profiled:app", "inspect", "stats",
-                          "--json", "-t", "5"], capture_output=True, text=True, timeout=60, cwd=str(ROOT), env=env)
+                          "--json", "-t", "5", "-d", f"w1@{socket.gethostname()}"],
+                         capture_output=True, text=True, timeout=60, cwd=str(ROOT), env=env)
     assert out.returncode == 0, out.stdout + out.stderr + worker.output()[-2000:]
     (stats,) = json.loads(out.stdout).values()
     return stats
@@ -123,3 +126,43 @@ def test_profile_autoscale_reaches_celerys_autoscaler(redis_clean):
     stats, out = stats_of(redis_clean, "elastic", extra=["--autoscale", "4,2"])
     assert stats["autoscaler"]["max"] == 4 and stats["autoscaler"]["min"] == 2
     assert "autoscale=<flag>" in out
+
+
+#: An app declaring task_queues (TEST_TASK_QUEUES) and mapping queues to profiles, for a worker without -Q.
+QUEUES_APP = '''
+import os
+from celery import Celery
+from kombu import Queue
+import celery_tuning
+app = Celery("declared", broker=os.environ["TEST_BROKER_URL"])
+app.conf.update(tuning_redis_url=os.environ["TEST_TUNING_URL"], broker_connection_retry_on_startup=True,
+                task_queues=[Queue(name) for name in os.environ["TEST_TASK_QUEUES"].split(",")],
+                tuning_queue_profiles={"emb": "cpu", "webhooks": "io", "hooks2": "io"})
+celery_tuning.install(app)
+'''
+
+
+def test_a_worker_without_q_takes_the_profile_of_task_queues(redis_clean, tmp_path):
+    (tmp_path / "declared.py").write_text(QUEUES_APP)
+
+    def worker(queues):
+        env = {**worker_env(redis_clean), "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}", "TEST_TASK_QUEUES": queues}
+        w = WorkerProcess("declared:app", env, pool="solo")
+        for flag in ("-P", "-c"):  # the profile chooses the pool and concurrency
+            i = w.args.index(flag)
+            del w.args[i:i + 2]
+        return w
+
+    conflicting = worker("emb,webhooks")
+    try:
+        with pytest.raises(RuntimeError, match="worker exited") as info:
+            conflicting.start(timeout=30)
+    finally:
+        conflicting.close()
+    assert ("tuning_queue_profiles: this worker's queues map to different profiles (emb -> cpu, webhooks -> io); "
+            "start one worker per profile or pass --tuning-profile NAME") in str(info.value)
+
+    out = run_worker(worker("webhooks,hooks2,plain"))
+    assert banner_concurrency(out) == (32, "thread")
+    assert ("celery-tuning profile 'io' for queues webhooks,hooks2,plain "
+            "(chosen by tuning_queue_profiles[hooks2, webhooks])") in out
