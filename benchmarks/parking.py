@@ -295,6 +295,11 @@ def run_once(kind: str, mode: str, n: int, broker_url: str, record_url: str, tun
             "running_at_once_max": _running_at_once(starts, ends),
             "throughput": len(starts) / (ends[-1] - starts[0]) if ends and ends[-1] > starts[0] else 0.0,
         })
+        if kind == "cc" and len(ends) > CAP:
+            # Hand-over: the k-th start after the first CAP waited for the (k - CAP)-th end.
+            last = min(len(starts), len(ends) + CAP)
+            gaps = sorted(max(0.0, starts[k] - ends[k - CAP]) * 1000 for k in range(CAP, last))
+            result.update({"handover_ms_p50": gaps[len(gaps) // 2], "handover_ms_p90": gaps[len(gaps) * 9 // 10]})
     if parked_peak:
         result["memory_per_parked"] = memory_at_peak / parked_peak
         result["usage_per_parked"] = usage_at_peak / parked_peak if usage_at_peak else None
@@ -383,6 +388,8 @@ def render(result: Dict[str, Any]) -> str:
         ("deferrals per task / most of one task", lambda e: f"{e['deferrals_per_task']:.2f} / {e['deferrals_max']}",
          ""),
         ("most bodies running at once", lambda e: str(e.get("running_at_once_max", 0)), f"<= {result['cap_limit']}"),
+        ("hand-over, an end to the start it freed a slot for: p50 / p90 (ms)",
+         lambda e: f"{_f(e.get('handover_ms_p50'))} / {_f(e.get('handover_ms_p90'))}", ""),
         ("most messages a worker held (inspect)", lambda e: str(e["held_max"]), "<= 16"),
         ("tuning Redis scripts per task", lambda e: f"{e['scripts_per_task']:.2f}", ""),
         ("worker log errors", lambda e: str(e["log_errors"]), "0"),
