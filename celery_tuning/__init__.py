@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+#: The one version source: setup.cfg reads it statically (``version = attr: ...``, nothing is
+#: imported at build time), so the package metadata and ``celery_tuning.__version__`` agree.
 __version__ = "0.1.0"
 
 # Public names resolve lazily (PEP 562) so that importing a pure layer such as
