@@ -188,6 +188,8 @@ def _redis_url(name: str, value: Any) -> Optional[str]:
 
     if not isinstance(value, str):
         raise _fail(name, value, "a Redis URL string")
+    if value.strip().lower() == "memory://":
+        return "memory://"  # in-process stores: one process only (tests)
     try:
         parse_redis_url(value)
     except ValueError as exc:

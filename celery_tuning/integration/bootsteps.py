@@ -4,7 +4,8 @@ parking mover (``tuning_defer_via="park"``, ``tuning_park_mover``) in the main p
 from __future__ import annotations
 
 import logging
-from typing import Any
+import threading
+from typing import Any, Optional
 
 from celery import bootsteps
 
@@ -14,6 +15,58 @@ from .runtime import runtime_for
 __all__ = ["TuningWorkerStep"]
 
 logger = logging.getLogger("celery_tuning.worker")
+
+
+class _StartGate(threading.Event):
+    """Stands in for the ``_on_started`` event of Celery's embedded test worker
+    (``celery.contrib.testing.worker``), which ``start_worker`` waits on with no timeout: a worker
+    that dies while starting also opens it, and the waiting thread then raises why."""
+
+    def __init__(self, original: threading.Event) -> None:
+        super().__init__()
+        self.failure: Optional[BaseException] = None
+        if original.is_set():
+            self.set()
+
+    def fail(self, failure: BaseException) -> None:
+        if not self.is_set():
+            self.failure = failure
+            self.set()
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        started = super().wait(timeout)
+        failure = self.failure
+        if failure is not None:
+            from celery.result import _set_task_join_will_block
+
+            _set_task_join_will_block(False)  # as start_worker does once started: later .get() calls work
+            raise failure
+        return started
+
+
+def _gate_test_worker(worker: Any) -> Optional[_StartGate]:
+    """Make a test worker's start fail loudly instead of hanging: ``start_worker`` runs
+    ``worker.start`` in a thread and waits for ``_on_started``, which a worker that stopped while
+    starting (an error in any bootstep: Celery logs it and stops) never sets."""
+    original = getattr(worker, "_on_started", None)
+    if not isinstance(original, threading.Event) or not hasattr(worker, "ensure_started"):
+        return None  # a real worker: Celery reports a failed start itself
+    gate = original if isinstance(original, _StartGate) else _StartGate(original)
+    worker._on_started = gate
+    start = worker.start
+    if getattr(start, "_tuning_gated", False):
+        return gate
+
+    def gated_start(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return start(*args, **kwargs)
+        finally:
+            gate.fail(RuntimeError("the worker stopped before it started (see the error logged by "
+                                   "celery.worker above)"))
+
+    gated_start._tuning_gated = True  # type: ignore[attr-defined]
+    worker.start = gated_start
+    return gate
 
 
 class TuningWorkerStep(bootsteps.StartStopStep):
@@ -29,8 +82,17 @@ class TuningWorkerStep(bootsteps.StartStopStep):
             runtime.enabled = False
         self.runtime = runtime
         self.mover: Any = None
+        self._gate = _gate_test_worker(worker)
 
     def start(self, worker: Any) -> None:
+        try:
+            self._start(worker)
+        except BaseException as exc:
+            if self._gate is not None:
+                self._gate.fail(exc)  # start_worker raises this, rather than waiting forever
+            raise
+
+    def _start(self, worker: Any) -> None:
         runtime = self.runtime
         applied = runtime.profile
         if applied:
@@ -43,6 +105,11 @@ class TuningWorkerStep(bootsteps.StartStopStep):
             start_endpoint(runtime.config.metrics_port, runtime.config.metrics_address)
         if not runtime.enabled:
             logger.warning("celery-tuning is disabled on this worker: tuned tasks run as plain tasks")
+            return
+        if runtime.in_memory:
+            logger.warning("celery-tuning: the tuning store is memory:// (this process only: other workers "
+                           "and producers share no limits, breakers or cache with it)")
+            self._start_mover(worker)
             return
         try:
             url = runtime.connector.safe_url

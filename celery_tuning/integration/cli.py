@@ -46,6 +46,10 @@ def check(ctx: click.Context) -> None:
     runtime = _runtime(ctx)
     _check_profiles(ctx.obj.app, runtime.config)
     click.echo("settings: ok")
+    if runtime.in_memory:
+        click.echo("store: memory:// (in this process only: every worker and producer process has its own "
+                   "limits, breakers, leases and cache; set tuning_redis_url to share them)")
+        return
     try:
         connector = runtime.connector
     except ConfigurationError as exc:
@@ -236,7 +240,7 @@ def status(ctx: click.Context, as_json: bool, metrics_url: Optional[str]) -> Non
         value: Any = runtime.config.value_of(setting)
         if setting.name == "tuning_redis_url":
             try:
-                value = runtime.connector.safe_url
+                value = "memory://" if runtime.in_memory else runtime.connector.safe_url
             except ConfigurationError as exc:
                 value = f"<{exc}>"
         rows.append((setting.name, _shown(value), runtime.config.sources[setting.name]))

@@ -134,7 +134,7 @@ class Registry:
             runtime = self.runtime
             return GcraLimiter(
                 name, rate, burst or 1,
-                store=RedisGcraStore(runtime.connector),
+                store=runtime.memory.gcra if runtime.in_memory else RedisGcraStore(runtime.connector),
                 prefix=runtime.config.key_prefix,
                 on_redis_error=runtime.config.rate_limit_on_redis_error,
                 adaptive=AdaptiveSpec() if adaptive else None,
@@ -157,7 +157,7 @@ class Registry:
             runtime = self.runtime
             return SharedBreaker(
                 name,
-                store=RedisBreakerStore(runtime.connector),
+                store=runtime.memory.breaker if runtime.in_memory else RedisBreakerStore(runtime.connector),
                 fail_max=spec.fail_max, reset_timeout=spec.reset_timeout,
                 success_threshold=spec.success_threshold, trial_timeout=spec.trial_timeout,
                 exclude=spec.exclude, neutral=NOT_A_FAILURE,
@@ -177,7 +177,8 @@ class Registry:
 
             cap = self.spec(CONCURRENCY_LIMITS, name)
             runtime = self.runtime
-            limiter = ConcurrencyLimiter(name, cap, runtime.connector, prefix=runtime.config.key_prefix,
+            store = runtime.memory.lease if runtime.in_memory else runtime.connector
+            limiter = ConcurrencyLimiter(name, cap, store, prefix=runtime.config.key_prefix,
                                          ttl=runtime.config.concurrency_lease_ttl)
             if runtime.config.defer_via == "park":
                 from ..storage.park import Spot
@@ -194,6 +195,8 @@ class Registry:
             from ..storage.park import RedisParkStore
 
             runtime = self.runtime
+            if runtime.in_memory:
+                return runtime.memory.park
             config = runtime.config
             return RedisParkStore(runtime.connector, prefix=config.key_prefix,
                                   ticket_ttl_us=int(config.park_ticket_ttl * 1_000_000))

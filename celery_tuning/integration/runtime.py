@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 import weakref
@@ -17,11 +18,35 @@ if TYPE_CHECKING:  # pragma: no cover
     from .registry import Registry
 
 __all__ = [
-    "STATEFUL_POLICIES", "STATEFUL_SETTINGS", "TuningRuntime", "env_disabled", "installed_runtime",
-    "is_redis_url", "is_worker_process", "runtime_for", "runtime_of",
+    "MEMORY_URL", "STATEFUL_POLICIES", "STATEFUL_SETTINGS", "MemoryStores", "TuningRuntime", "env_disabled",
+    "installed_runtime", "is_memory_url", "is_redis_url", "is_worker_process", "runtime_for", "runtime_of",
+    "use_memory_everywhere",
 ]
 
 T = TypeVar("T")
+
+logger = logging.getLogger("celery_tuning")
+
+#: The tuning "URL" of in-process stores: limits, breakers, leases, parked calls and the cache
+#: live in this one process's memory (tests, and apps on Celery's ``memory://`` broker).
+MEMORY_URL = "memory://"
+
+#: The attributes in which pipeline steps keep the component they built (dropped by
+#: :meth:`TuningRuntime.reset_stores` so the next call builds it again on the current stores).
+_STEP_COMPONENTS = ("_limiter", "_breaker", "_cache", "_carries")
+
+# Every app of this process on memory://, whatever its settings (the pytest plugin's ``tuning_memory``).
+_memory_everywhere = False
+
+
+def use_memory_everywhere(on: bool = True) -> None:
+    """Put every app of this process, those installed later included, on in-process stores
+    (``on``) or back on the stores their settings name; every app's components start afresh."""
+    global _memory_everywhere
+    with _lock:
+        _memory_everywhere = bool(on)
+        for runtime in list(_runtimes.values()):
+            runtime.reset_stores()
 
 _runtimes: weakref.WeakKeyDictionary[Any, TuningRuntime] = weakref.WeakKeyDictionary()
 _lock = threading.RLock()
@@ -53,6 +78,27 @@ def is_redis_url(url: Any) -> bool:
     return isinstance(url, str) and url.lower().startswith(_REDIS_SCHEMES)
 
 
+def is_memory_url(url: Any) -> bool:
+    """Whether ``url`` (a broker or tuning URL) is ``memory://``: one process's memory."""
+    return isinstance(url, str) and url.strip().lower().startswith(MEMORY_URL)
+
+
+class MemoryStores:
+    """One app's in-process stores (``memory://``): shared by its limiters, breakers, leases and
+    parked calls, so state set through one handle is seen through every other in this process."""
+
+    def __init__(self) -> None:
+        from ..storage.breaker import MemoryBreakerStore
+        from ..storage.gcra import MemoryGcraStore
+        from ..storage.lease import MemoryLeaseStore
+        from ..storage.park import MemoryParkStore
+
+        self.gcra = MemoryGcraStore()
+        self.breaker = MemoryBreakerStore()
+        self.lease = MemoryLeaseStore()
+        self.park = MemoryParkStore(leases=self.lease)
+
+
 def is_worker_process(argv: Optional[Sequence[str]] = None) -> bool:
     """Whether this process runs ``celery worker`` (judged from ``sys.argv``)."""
     argv = sys.argv if argv is None else argv
@@ -82,6 +128,10 @@ class TuningRuntime:
         self._switched_off = False
         self._redis_url: Optional[str] = None
         self._registry: Optional[Registry] = None
+        # True while a test (the pytest plugin's ``tuning_memory``) put this app on memory://.
+        self._forced_memory = False
+        self._memory: Optional[MemoryStores] = None
+        self._warned_memory = False
         #: The concurrency profile applied to this worker process, if any (see integration.profiles).
         self.profile: Optional[Dict[str, Any]] = None
 
@@ -146,17 +196,28 @@ class TuningRuntime:
 
     @property
     def redis_url(self) -> str:
-        """The tuning Redis URL: ``tuning_redis_url``, else the broker URL if it is Redis.
+        """The tuning Redis URL: ``tuning_redis_url``, else the broker URL if it is Redis, else
+        ``memory://`` (in-process stores, with a warning) when the broker is ``memory://``.
 
         Raises:
-            ConfigurationError: When neither gives a Redis URL.
+            ConfigurationError: When none of these gives a URL.
         """
+        if self._forced_memory or _memory_everywhere:
+            return MEMORY_URL
         if self._redis_url is None:
             url = self.config.redis_url
             if url is None:
                 broker = self.app.conf.broker_url or ""
                 if is_redis_url(broker):
                     url = broker.split(";")[0] if broker.startswith("redis") else broker
+                elif is_memory_url(broker):
+                    url = MEMORY_URL
+                    if not self._warned_memory:
+                        self._warned_memory = True
+                        logger.warning(
+                            "celery-tuning: tuning_redis_url not set and the broker is memory://: rate "
+                            "limits, breakers, leases and the cache live in this process's memory "
+                            "(memory://, one process only); set tuning_redis_url to share them")
                 else:
                     raise ConfigurationError(
                         "tuning_redis_url: not set and the broker "
@@ -167,14 +228,61 @@ class TuningRuntime:
         return self._redis_url
 
     @property
+    def in_memory(self) -> bool:
+        """Whether this app keeps its tuning state in this process (``memory://``), not in Redis."""
+        if self._forced_memory or _memory_everywhere:
+            return True
+        try:
+            return is_memory_url(self.redis_url)
+        except ConfigurationError:
+            return False
+
+    @property
+    def memory(self) -> MemoryStores:
+        """The in-process stores used while :attr:`in_memory`."""
+        memory = self._memory
+        if memory is None:
+            with _lock:
+                memory = self._memory
+                if memory is None:
+                    memory = self._memory = MemoryStores()
+        return memory
+
+    def use_memory(self, on: bool = True) -> None:
+        """Keep this app's tuning state in this process (``on``) whatever ``tuning_redis_url`` says,
+        or go back to the configured store; either way every component starts afresh."""
+        with _lock:
+            self._forced_memory = bool(on)
+            self.reset_stores()
+
+    def reset_stores(self) -> None:
+        """Forget every component built so far (limiters, breakers, caches...) and the in-process
+        stores: the next use builds them again, on the store the settings now name."""
+        with _lock:
+            self._registry = None
+            self._memory = None
+            tasks = getattr(self.app, "_tasks", None) or {}  # never finalize the app here
+            for task in list(tasks.values()):
+                for step in getattr(type(task), "_tuning_steps", None) or ():
+                    for attr in _STEP_COMPONENTS:
+                        if attr in vars(step):
+                            setattr(step, attr, None)
+
+    @property
     def connector(self) -> RedisConnector:
-        """The process-wide connector for the tuning Redis."""
+        """The process-wide connector for the tuning Redis.
+
+        Raises:
+            ConfigurationError: When the app keeps its state in memory (``memory://``): there is no Redis.
+        """
         return self.connector_named(CLIENT_NAME)
 
     def connector_named(self, client_name: str) -> RedisConnector:
         """A process-wide connector for the tuning Redis whose connections carry ``client_name``
         (the parking mover has its own, so it never takes a task's connection)."""
         cfg = self.config
+        if self.in_memory:
+            raise ConfigurationError("the tuning store is memory:// (in this process only): there is no tuning Redis")
         return get_connector(
             self.redis_url,
             socket_timeout=cfg.redis_socket_timeout,

@@ -266,7 +266,7 @@ def test_a_worker_with_nothing_stateful_starts_without_a_tuning_redis(monkeypatc
 
 
 def test_a_worker_whose_task_keeps_state_still_needs_a_tuning_redis():
-    app = fresh_app(broker="memory://", task_cls="celery_tuning:TunedTask")
+    app = fresh_app(broker="amqp://guest@127.0.0.1//", task_cls="celery_tuning:TunedTask")
     celery_tuning.install(app)
 
     @app.task(shared=False, name="limited_inline")

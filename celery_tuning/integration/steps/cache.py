@@ -136,10 +136,13 @@ class CacheStep(Step):
     def cache(self) -> TwoLevelCache:
         if self._cache is None:
             p = self.policy
-            store = RedisCacheStore(self.runtime.connector)
+            # memory://: this process's L1 is the whole cache, kept as long as Redis would keep it.
+            memory = self.runtime.in_memory
+            store = None if memory else RedisCacheStore(self.runtime.connector)
             self._cache = TwoLevelCache(
                 self.task_name, self.signature, store=store, prefix=self.runtime.config.key_prefix,
-                version=p.version, ttl=p.ttl, l1_ttl=p.l1_ttl, l1_maxsize=self.runtime.config.cache_l1_maxsize,
+                version=p.version, ttl=p.ttl, l1_ttl=p.ttl if memory else p.l1_ttl,
+                l1_maxsize=self.runtime.config.cache_l1_maxsize,
                 l1_max_bytes=self.runtime.config.cache_l1_max_bytes,
                 max_size=p.max_size, serializer=p.serializer, key=p.key, vary_on=p.vary_on,
                 lock_timeout=self.lock_timeout, lease_ttl=self.runtime.config.concurrency_lease_ttl,
