@@ -10,12 +10,22 @@ How it works, all in the worker's main process and on the consumer's event loop:
 
 * The step wraps ``consumer.on_task_request`` before the ``Tasks`` step builds the task strategies,
   so every request passes through :meth:`QueueGate.handle` right before it would go to the pool.
-* A request of a capped queue goes to the pool while the queue is under its cap; otherwise it is
-  *held* (still reserved and unacknowledged, so a worker that dies loses nothing: the broker
-  redelivers it). Holding only happens for the few messages already on their way when the queue
-  was cancelled.
+* The queue of a request is the consumer's own (the consumer tag the broker stamps on a delivery,
+  RabbitMQ), or else the queue its exchange and routing key lead to, resolved exactly as the
+  metrics label it (:func:`.receivers.queue_label`: a queue named by the key, or bound to it by a
+  direct or topic binding, or a fanout exchange's queue). Redis deliveries carry no consumer tag.
+* A request of a capped queue goes to the pool while the queue is under its cap. A surplus one (a
+  message already on its way when the queue was cancelled, a countdown task that fell due, one
+  out of Celery's own rate limit) is *held* on RabbitMQ: reserved and unacknowledged, so a worker
+  that dies loses nothing (the broker redelivers it). On Redis it is put back in the broker
+  instead: Redis hands an unacknowledged message to a worker again once it is older than the
+  transport's ``visibility_timeout``, and a held one would then run twice. Fanout queues on Redis
+  are the exception: consumed through pub/sub, which drops what is published while nobody
+  listens, they are never cancelled and their surplus is held.
 * A timer on the event loop notices finished requests (Celery's worker state drops them when they
-  are ready), hands held ones to the pool and starts consuming the queue again.
+  are ready), hands held ones to the pool and starts consuming the queue again. On Redis it also
+  ends the channel's pending ``BRPOP`` (``CLIENT UNBLOCK``): that command names the queues it
+  waits on, and kombu re-issues it only when it returns (after up to a second).
 
 The cap needs the worker's event loop (Redis and RabbitMQ brokers with the prefork, threads or
 solo pool); on a worker without it (gevent, eventlet, transports without async support) the step
@@ -28,12 +38,14 @@ import logging
 from collections import deque
 from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Set
 
+import redis
 from celery import bootsteps
 from celery.worker import state as worker_state
 
+from .receivers import queue_label
 from .runtime import runtime_for
 
-__all__ = ["QueueCapsStep", "QueueGate"]
+__all__ = ["BrpopWaker", "QueueCapsStep", "QueueGate"]
 
 logger = logging.getLogger("celery_tuning.worker")
 
@@ -44,6 +56,85 @@ POLL_INTERVAL = 0.02
 def _alive(request: Any) -> bool:
     """Whether the worker still holds ``request`` (reserved, waiting for the pool or running)."""
     return request in worker_state.active_requests or request in worker_state.reserved_requests
+
+
+def _address_forms(sock: Any) -> Set[str]:
+    """How Redis's ``CLIENT LIST`` writes the peer address of our end of ``sock``."""
+    try:
+        local = sock.getsockname()
+    except OSError:
+        return set()
+    if not isinstance(local, tuple) or len(local) < 2:
+        return set()  # a unix socket: every client shows the same path
+    host, port = local[0], local[1]
+    return {f"{host}:{port}", f"[{host}]:{port}"}
+
+
+class BrpopWaker:
+    """Ends the kombu Redis channel's pending ``BRPOP`` so the next one waits on a queue added since.
+
+    kombu issues ``BRPOP q1 q2 … timeout`` (timeout 1 s) and the next one only when it returns, so
+    a queue consumed again would wait for a message on another queue or for the timeout.
+    ``CLIENT UNBLOCK`` (Redis >= 5) makes the pending one return empty at once: nothing is popped,
+    and kombu issues the next ``BRPOP`` with the current queues on the event loop's next turn. The
+    connection's client id is looked up once per connection in ``CLIENT LIST`` by its address. Where
+    that is not possible (an ACL without ``CLIENT``, a proxy or NAT that changes the address, a
+    unix socket), it logs so once and the queue waits for the ``BRPOP`` to return as before.
+    """
+
+    def __init__(self, channel: Any) -> None:
+        self.channel = channel
+        self._sock: Any = None
+        self._id: Optional[int] = None
+        self.disabled = False
+
+    def wake(self) -> bool:
+        """Unblock the pending ``BRPOP``; whether one was ended."""
+        connection = getattr(self.channel, "_in_poll", None)
+        sock = getattr(connection, "_sock", None) if connection else None
+        if self.disabled or sock is None:
+            return False  # no BRPOP pending: the next one is issued with the current queues
+        try:
+            with self.channel.conn_or_acquire() as client:
+                if sock is not self._sock:
+                    self._sock, self._id = sock, self._client_id(client, sock)
+                    if self._id is None:
+                        self._give_up("its connection is not in CLIENT LIST under its address "
+                                      "(a proxy or NAT in between, or a unix socket)")
+                        return False
+                return bool(client.execute_command("CLIENT", "UNBLOCK", self._id))
+        except redis.ResponseError as exc:  # Redis < 5, or an ACL without CLIENT: for good
+            self._give_up(f"{exc.__class__.__name__}: {exc}")
+        except Exception as exc:  # the broker connection's trouble: the consumer deals with it
+            logger.debug("celery-tuning: could not end the pending BRPOP: %r", exc)
+            self._sock = None
+        return False
+
+    @staticmethod
+    def _client_id(client: Any, sock: Any) -> Optional[int]:
+        forms = _address_forms(sock)
+        if not forms:
+            return None
+        for entry in client.client_list():
+            if entry.get("addr") in forms:
+                return int(entry["id"])
+        return None
+
+    def _give_up(self, why: str) -> None:
+        self.disabled = True
+        logger.info("celery-tuning: cannot end the Redis broker's pending BRPOP (%s): a queue below its "
+                    "cap is consumed again when that BRPOP returns, within the transport's brpop_timeout "
+                    "(1 s)", why)
+
+
+def _put_back_surplus(channel: Any) -> bool:
+    """Whether the broker gives unacknowledged messages to a worker again after a time (Redis)."""
+    return hasattr(channel, "visibility_timeout")
+
+
+def _pubsub_queues(channel: Any) -> Set[str]:
+    """Queues the channel consumes through pub/sub (kombu's Redis fanout): cancelling drops messages."""
+    return {str(name) for name in (getattr(channel, "_fanout_queues", None) or {})}
 
 
 class QueueGate:
@@ -63,7 +154,15 @@ class QueueGate:
         self.held: Dict[str, Deque[Any]] = {q: deque() for q in caps}
         self.paused: Set[str] = set()
         self.queues: Dict[str, Any] = {}
-        self.routes: Dict[Any, str] = {}
+        #: Every consumer tag this task consumer has used -> its queue (a tag stays on deliveries
+        #: that were on their way when the queue was cancelled).
+        self.tags: Dict[Any, str] = {}
+        #: Surplus requests go back to the broker (Redis) rather than being held.
+        self.put_back = False
+        #: Queues consumed through pub/sub (fanout on Redis): never cancelled (that would drop
+        #: their messages), their surplus is held.
+        self.hold_only: Set[str] = set()
+        self.waker: Optional[BrpopWaker] = None
         self._timer: Any = None
 
     # -- lifecycle (consumer thread) ---------------------------------------------------------
@@ -72,11 +171,13 @@ class QueueGate:
         """The task consumer is (re)created: learn its queues and re-apply the caps."""
         task_consumer = self.consumer.task_consumer
         self.queues = {q.name: q for q in task_consumer.queues}
-        self.routes = {}
-        for q in task_consumer.queues:
-            exchange = q.exchange.name if q.exchange is not None else ""
-            self.routes[(exchange, q.routing_key)] = q.name
-            self.routes.setdefault(q.routing_key, q.name)
+        self.tags = {}
+        self._learn_tags()
+        channel = getattr(task_consumer, "channel", None)
+        self.put_back = _put_back_surplus(channel)
+        self.hold_only = _pubsub_queues(channel)
+        self.waker = BrpopWaker(channel) if hasattr(channel, "_in_poll") and hasattr(
+            channel, "conn_or_acquire") else None
         self.paused = set()
         missing = sorted(set(self.caps) - set(self.queues))
         if missing:
@@ -99,20 +200,23 @@ class QueueGate:
 
     # -- admission -----------------------------------------------------------------------------
 
+    def _learn_tags(self) -> None:
+        active = getattr(self.consumer.task_consumer, "_active_tags", None) or {}
+        for name, tag in active.items():
+            self.tags[tag] = str(name)
+
     def queue_of(self, request: Any) -> Optional[str]:
+        """The queue ``request`` came from: its consumer's, or the one its routing leads to."""
         message = getattr(request, "_message", None)
         info = getattr(message, "delivery_info", None) or request.delivery_info or {}
         tag = info.get("consumer_tag")
         if tag is not None:
-            active = getattr(self.consumer.task_consumer, "_active_tags", {}) or {}
-            for name, queue_tag in active.items():
-                if queue_tag == tag:
-                    return str(name)
-        routing_key = info.get("routing_key")
-        name = self.routes.get((info.get("exchange") or "", routing_key))
-        if name is None:
-            name = self.routes.get(routing_key)
-        return name
+            if tag not in self.tags:
+                self._learn_tags()
+            if tag in self.tags:
+                return self.tags[tag]
+        task = getattr(request, "task", None)
+        return queue_label(self.consumer.app, info, getattr(task, "queue", None))
 
     def handle(self, request: Any) -> Any:
         queue = self.queue_of(request)
@@ -120,11 +224,20 @@ class QueueGate:
             return self.downstream(request)
         self._settle(queue)
         if self.held[queue] or len(self.running[queue]) >= self.caps[queue]:
-            self.held[queue].append(request)
+            if self.put_back and queue not in self.hold_only:
+                self._put_back(queue, request)
+            else:
+                self.held[queue].append(request)
         else:
             self._admit(queue, request)
         self._update_consuming(queue)
         return None
+
+    def _put_back(self, queue: str, request: Any) -> None:
+        """Return a surplus request's message to the broker (it comes again once there is room)."""
+        request.reject(requeue=True)
+        worker_state.task_ready(request)
+        logger.debug("celery-tuning: queue %s at its cap, task %s put back in the broker", queue, request.id)
 
     def tick(self) -> None:
         """Notice finished requests, admit held ones, pause or resume queues."""
@@ -152,7 +265,7 @@ class QueueGate:
     def _update_consuming(self, queue: str) -> None:
         busy = len(self.running[queue]) + len(self.held[queue])
         if busy >= self.caps[queue]:
-            if queue not in self.paused and queue in self.queues:
+            if queue not in self.paused and queue in self.queues and queue not in self.hold_only:
                 self.paused.add(queue)
                 self.consumer.task_consumer.cancel_by_queue(queue)
                 logger.debug("celery-tuning: queue %s at its cap of %d, not consuming it", queue, self.caps[queue])
@@ -161,6 +274,9 @@ class QueueGate:
             task_consumer = self.consumer.task_consumer
             task_consumer.add_queue(self.queues[queue])
             task_consumer.consume()
+            self._learn_tags()
+            if self.waker is not None:
+                self.waker.wake()
             logger.debug("celery-tuning: queue %s below its cap, consuming it again", queue)
 
 
