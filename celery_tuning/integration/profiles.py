@@ -38,15 +38,18 @@ _FLAGS: Dict[str, Tuple[str, ...]] = {f.name: f.flags for f in PROFILE_FIELDS if
 
 
 def _flag_value(argv: Sequence[str], names: Tuple[str, ...]) -> Tuple[bool, Optional[str]]:
+    """Whether one of ``names`` is given, and its value: the last one given, as Celery's command
+    line keeps it (``-Q a -Q b`` consumes ``b`` only)."""
+    found, value = False, None
     for i, arg in enumerate(argv):
         for name in names:
             if arg == name:
-                return True, argv[i + 1] if i + 1 < len(argv) else None
-            if name.startswith("--") and arg.startswith(name + "="):
-                return True, arg.split("=", 1)[1]
-            if not name.startswith("--") and arg.startswith(name) and len(arg) > len(name):
-                return True, arg[len(name):]
-    return False, None
+                found, value = True, (argv[i + 1] if i + 1 < len(argv) else None)
+            elif name.startswith("--") and arg.startswith(name + "="):
+                found, value = True, arg.split("=", 1)[1]
+            elif not name.startswith("--") and arg.startswith(name) and len(arg) > len(name):
+                found, value = True, arg[len(name):]
+    return found, value
 
 
 def parse_worker_argv(argv: Sequence[str]) -> Tuple[List[str], Optional[str], Set[str]]:

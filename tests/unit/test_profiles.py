@@ -107,6 +107,8 @@ def test_choice_and_conflicts():
         (["celery", "worker", "--queues", "x", "--tuning-profile", "cpu", "--prefetch-multiplier", "2"],
          (["x"], "cpu", {"prefetch_multiplier"})),
         (["celery", "-A", "p", "worker"], ([], None, set())),
+        # Celery keeps the last -Q given: the worker consumes b only, so b's profile applies.
+        (["celery", "-A", "p", "worker", "-Q", "a", "--queues=c", "-Q", "b"], (["b"], None, set())),
     ],
 )
 def test_worker_argv(argv, expected):
