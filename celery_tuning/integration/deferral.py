@@ -16,7 +16,7 @@ import random
 import threading
 import time
 import warnings
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, NoReturn, Optional, Set
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, NoReturn, Optional, Sequence, Set
 
 from celery import states
 from celery.exceptions import Ignore
@@ -395,16 +395,20 @@ def park_info(request: Any) -> Optional[Dict[str, Any]]:
     return info if isinstance(info, dict) else None
 
 
-def guard(task: Any, request: Any) -> None:
+def guard(task: Any, request: Any, spots: Sequence[Spot] = ()) -> None:
     """Before any step: drop a stale duplicate of a message the mover published (Ignore, acked).
 
     A message published by the mover is redeemed against its ticket: a lower publication number
     than the ticket's means a mover died between publishing and acknowledging and the entry was
-    published again, so this copy never runs. Redis failing here lets the call run (logged once):
-    a lost task is worse than the rare duplicate.
+    published again, so this copy never runs. A message the broker redelivered (``acks_late``:
+    its worker died after parking it, before acking) whose attempt parked at one of ``spots``
+    (the task's parking steps) is dropped too: its parked copy owns the run. Redis failing here
+    lets the call run (logged once): a lost task is worse than the rare duplicate.
     """
     info = park_info(request)
     if info is None:
+        if spots and _redelivered(request):
+            _drop_if_parked(task, request, spots)
         return
     try:
         where = spot(str(info["r"]), str(info["n"]))
@@ -424,3 +428,30 @@ def guard(task: Any, request: Any) -> None:
         logger.info("task %s[%s]: dropped a duplicate of a parked message (publication %d)",
                     task.name, request.id, pub)
         raise _ignored(f"duplicate of parked message {park_id} (publication {pub})")
+
+
+def _redelivered(request: Any) -> bool:
+    info = getattr(request, "delivery_info", None) or {}
+    return bool(info.get("redelivered")) if isinstance(info, dict) else False
+
+
+def _drop_if_parked(task: Any, request: Any, spots: Sequence[Spot]) -> None:
+    """Drop a redelivered original whose attempt had parked (its park id has a ticket)."""
+    from .runtime import runtime_for
+
+    runtime = runtime_for(task._app)
+    if not parking_on(runtime) or not getattr(request, "id", None):
+        return
+    retries = int(getattr(request, "retries", 0) or 0)
+    park_id = f"{request.id}:{retries}:{deferrals_of(request) + 1}"
+    try:
+        store = runtime.registry.park_store()
+        parked = next((where for where in spots if store.seen(where, park_id)), None)
+    except StorageError as exc:
+        if _once.first("redeem"):
+            logger.warning("tuning Redis failed while checking a parked task's ticket (%s); running it", exc)
+        return
+    if parked is not None:
+        logger.info("task %s[%s]: dropped a redelivered message whose attempt was parked at %s:%s (its "
+                    "parked copy runs instead)", task.name, request.id, parked.reason, parked.name)
+        raise _ignored(f"redelivered original of parked call {park_id}")

@@ -132,6 +132,10 @@ class Step:
     #: inside it is taken ahead (the token would be spent for a call the slot then refuses).
     refuses_remotely: bool = False
 
+    def park_spot(self) -> Optional[Any]:
+        """The parking spot this step's deferrals park at (None: it never parks)."""
+        return None
+
     def wrap(self, call_next: Call) -> Call:  # pragma: no cover - interface
         """Return a call that applies this step, then ``call_next``."""
         raise NotImplementedError
@@ -226,7 +230,7 @@ def build_chain(task_cls: Any, policies: Mapping[str, Any],
     for step in reversed(steps):
         chain = step.wrap(chain)
     if steps:
-        chain = _guarded(chain)
+        chain = _guarded(chain, [where for where in (step.park_spot() for step in steps) if where is not None])
     inner = chain
 
     if any(step.degrades for step in steps):
@@ -240,12 +244,13 @@ def build_chain(task_cls: Any, policies: Mapping[str, Any],
     return call, steps
 
 
-def _guarded(call_next: Call) -> Call:
-    """The outermost link: a message published back by the parking mover is redeemed first."""
+def _guarded(call_next: Call, spots: List[Any]) -> Call:
+    """The outermost link: a message published back by the parking mover is redeemed first (and a
+    redelivered original whose attempt parked at one of ``spots`` is dropped)."""
     from .deferral import guard
 
     def call(ctx: CallContext) -> Any:
-        guard(ctx.task, ctx.request)
+        guard(ctx.task, ctx.request, spots)
         return call_next(ctx)
 
     return call

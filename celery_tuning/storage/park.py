@@ -111,6 +111,10 @@ class ParkStore(Protocol):
         (the ticket's pub is higher). Missing ticket: True (never lose a task); the same pub again:
         True. Marks the ticket redeemed and drops the entry."""
 
+    def seen(self, spot: Spot, park_id: str) -> bool:
+        """Whether ``park_id`` was parked at ``spot`` (its entry or its ticket is there: parked,
+        claimed, published or run). Read-only."""
+
     def promote(self, spot: Spot, lease_key: str, cap: int) -> int:
         """Move FIFO heads to due (score now): as many as slots are free, i.e. ``cap`` minus the
         live leases in ``lease_key`` minus the spot's entries already due or claimed. Returns how many."""
@@ -302,6 +306,11 @@ class MemoryParkStore:
             state.drop(park_id)
             return True
 
+    def seen(self, spot: Spot, park_id: str) -> bool:
+        with self._lock:
+            state = self._state(spot)
+            return park_id in state.msg or park_id in state.tix
+
     def _promote(self, state: _SpotState, lease_key: str, cap: int, most: int, now: int) -> int:
         live = self.leases.count(lease_key, now=now)
         count = max(0, min(cap - live - len(state.due) - len(state.claim), len(state.wait), most))
@@ -426,6 +435,9 @@ class RedisParkStore:
 
     def redeem(self, spot: Spot, park_id: str, pub: int) -> bool:
         return bool(int(self._run("park_redeem", spot, [park_id, int(pub)])))
+
+    def seen(self, spot: Spot, park_id: str) -> bool:
+        return bool(int(self._run("park_seen", spot, [park_id])))
 
     def promote(self, spot: Spot, lease_key: str, cap: int) -> int:
         return int(self._run("park_promote", spot, [int(cap), MOVE_PER_CALL, "", "", ""], (lease_key,)))

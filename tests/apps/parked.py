@@ -34,8 +34,27 @@ app.conf.update(
     task_default_queue=os.environ.get("TEST_QUEUE", "celery"),
     accept_content=["json", "pickle"] if os.environ.get("TEST_ACCEPT_PICKLE") else ["json"],
 )
+if os.environ.get("TEST_ACKS_LATE"):
+    # Redelivery after a worker death, quickly: the Redis broker restores unacked messages older
+    # than the visibility timeout.
+    app.conf.task_acks_late = True
+    app.conf.broker_transport_options = {"visibility_timeout": float(os.environ.get("TEST_VISIBILITY", "2")),
+                                         "unacked_restore_interval": 1, "unacked_restore_throttle": 1}
 celery_tuning.install(app)
 ledger = redis.Redis.from_url(os.environ.get("TEST_LEDGER_URL", TUNING))
+
+if os.environ.get("TEST_KILL_ON_DEFER"):
+    import signal
+
+    from celery_tuning.signals import task_deferred
+
+    @task_deferred.connect(weak=False)
+    def _die_after_parking(sender=None, **_):
+        """SIGKILL the worker (main process and child) right after the first deferral parked,
+        before Celery acknowledges the message."""
+        if ledger.set("killed_after_parking", 1, nx=True):
+            os.kill(os.getppid(), signal.SIGKILL)
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _ran(task_id: str) -> None:

@@ -301,6 +301,29 @@ def test_a_mover_killed_after_claiming_or_publishing_loses_nothing_and_runs_noth
     assert _parked(store, spot) == 0
 
 
+def test_an_acks_late_message_redelivered_after_its_worker_died_parking_runs_once(redis_clean):
+    """task_acks_late: the worker is SIGKILLed after parking a call, before acking; the broker
+    redelivers the original. Its parked copy owns the run: the original is dropped (before the
+    fix both ran)."""
+    env = {**worker_env(redis_clean), "TEST_ACKS_LATE": "1", "TEST_VISIBILITY": "2"}
+    doomed = WorkerProcess(APP, {**env, "TEST_KILL_ON_DEFER": "1"}, concurrency=1, name="doomed")
+    try:
+        doomed.start()
+        run_producer("from tests.apps.parked import paced\n"
+                     "print([paced.delay(i).id for i in range(2)])\n", redis_clean, env=env)
+        _wait_for(lambda: doomed.proc is not None and doomed.proc.poll() is not None, 30, "the worker to die parking")
+    finally:
+        doomed.close()
+    assert redis_clean.client(1).get("killed_after_parking") == b"1"
+    with running_workers(APP, env, count=1, concurrency=2, prefix="heir") as workers:
+        _wait_for(lambda: "dropped a redelivered message" in workers[0].output(), 30,
+                  "the redelivered original to be dropped")
+        _wait_for(lambda: len(_runs(redis_clean.client(1))) == 2, 30, "both tasks to run")
+        time.sleep(0.5)
+    runs = _runs(redis_clean.client(1))
+    assert len(runs) == 2 and set(runs.values()) == {b"1"}, runs
+
+
 def test_tuning_redis_down_while_parking_falls_back_to_countdown_logged_once(redis_clean, fault_redis):
     env = {**worker_env(redis_clean), "TEST_TUNING_URL": fault_redis.db_url(1),
            "TEST_LEDGER_URL": redis_clean.db_url(2)}

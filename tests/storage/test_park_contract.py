@@ -160,6 +160,18 @@ def test_an_unclaimed_entry_is_due_again_for_another_mover(w):
     assert s.ack(RL, "t1:0:1", third.pub)
 
 
+def test_seen_tells_a_park_id_that_was_parked_at_the_spot_in_any_state(w):
+    s = w.store
+    assert not s.seen(RL, "t1:0:1")
+    s.park(RL, "t1:0:1", "{}", 0)
+    assert s.seen(RL, "t1:0:1") and not s.seen(RL, "t1:0:2") and not s.seen(CB, "t1:0:1")
+    [entry] = s.claim(RL, 10, CLAIM)
+    assert s.ack(RL, entry.park_id, entry.pub) and s.seen(RL, "t1:0:1")  # published
+    assert s.redeem(RL, "t1:0:1", entry.pub) and s.seen(RL, "t1:0:1")  # ran
+    w.flush()
+    assert not s.seen(RL, "t1:0:1") if w.connector is not None else not w.store.seen(RL, "t1:0:1")
+
+
 def test_a_redeemed_entry_is_never_published_again(w):
     s = w.store
     s.park(RL, "t:1", "p", 0)

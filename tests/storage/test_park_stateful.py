@@ -158,6 +158,10 @@ class ParkStoresAgree(RuleBasedStateMachine):
         self.memory.release_lease(CC, LEASES, lease_id, cap)
         self.redis.release_lease(CC, LEASES, lease_id, cap)
 
+    @rule(spot=spots, park_id=ids)
+    def seen(self, spot: Spot, park_id: str) -> None:
+        assert self.redis.seen(spot, park_id) == self.memory.seen(spot, park_id)
+
     @rule(spot=spots)
     def release(self, spot: Spot) -> None:
         assert self.redis.release(spot) == self.memory.release(spot)

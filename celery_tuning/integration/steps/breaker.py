@@ -49,6 +49,9 @@ class BreakerStep(Step):
         """An open or half-open breaker decides before any inner decision is taken ahead."""
         return self.breaker.looks_closed()
 
+    def park_spot(self) -> Any:
+        return spot("circuit_open", self.policy.name)
+
     def wrap(self, call_next: Call) -> Call:
         def call(ctx: CallContext) -> Any:
             breaker = self.breaker

@@ -35,6 +35,9 @@ class ConcurrencyStep(Step):
             self._limiter = concurrency_limiter_for(self.runtime, self.policy.name)
         return self._limiter
 
+    def park_spot(self) -> Any:
+        return spot("concurrency", self.policy.name)
+
     def wrap(self, call_next: Call) -> Call:
         policy = self.policy
 

@@ -54,6 +54,9 @@ class RateLimitStep(Step):
                                         burst=p.burst, adaptive=p.adaptive)
         return self._limiter
 
+    def park_spot(self) -> Any:
+        return spot("rate_limit", self.limiter_name)
+
     def wrap(self, call_next: Call) -> Call:
         policy = self.policy
 
