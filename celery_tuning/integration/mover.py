@@ -27,6 +27,7 @@ to 5 s) and are logged once.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import Any, Dict, List, NamedTuple, Optional, Set
@@ -47,6 +48,24 @@ COUNT_EVERY = 5.0
 
 #: Seconds until another app's entry a mover gave back is due again (for that app's movers).
 FOREIGN_REST = 1.0
+
+
+#: Held while the mover uses the broker's connection pool. The worker's main process forks pool
+#: children (at start, on max_tasks_per_child, on a lost child); a child forked while this thread
+#: held the pool's lock would inherit it locked and hang for good in kombu's after-fork cleanup
+#: (seen once by a review: ForkPoolWorker stuck in redis-py's ConnectionPool.reset). A fork waits
+#: for the publish in progress instead.
+_NO_FORK_WHILE_PUBLISHING = threading.Lock()
+
+
+def _release_after_fork() -> None:
+    if _NO_FORK_WHILE_PUBLISHING.locked():
+        _NO_FORK_WHILE_PUBLISHING.release()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_NO_FORK_WHILE_PUBLISHING.acquire, after_in_parent=_release_after_fork,
+                        after_in_child=_release_after_fork)
 
 
 class ForeignEntry(Exception):
@@ -317,7 +336,7 @@ class Mover:
 
     def _publish(self, where: Any, claimed: List[Any]) -> int:
         done = 0
-        with self.app.producer_or_acquire() as producer:
+        with _NO_FORK_WHILE_PUBLISHING, self.app.producer_or_acquire() as producer:
             for entry in claimed:
                 try:
                     self.publish(where, entry, producer=producer)
