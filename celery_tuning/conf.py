@@ -125,7 +125,8 @@ def _number(
     if integer and (not float(value).is_integer() or (typed and not isinstance(value, int))):
         raise _fail(where, value, f"{kind} {bound}")
     if not math.isfinite(value) or value < minimum or (strict and value == minimum):
-        raise _fail(where, value, f"a finite {kind} {bound}" if not math.isfinite(value) else f"{kind} {bound}")
+        finite = "a finite " + kind.split(" ", 1)[1]  # "a finite number", "a finite integer"
+        raise _fail(where, value, f"{finite} {bound}" if not math.isfinite(value) else f"{kind} {bound}")
     return value
 
 
