@@ -180,29 +180,68 @@ def _sla_rows(samples: List[Sample]) -> list[dict]:
     return out
 
 
+_SECRET_ARG = ("pass", "pwd", "token", "secret", "key", "auth")
+
+
+def _url_shown(url: str) -> str:
+    """``url`` for messages: the userinfo's password and secret-looking query values as ``***``."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if "@" in netloc:
+            userinfo, host = netloc.rsplit("@", 1)
+            netloc = f"{userinfo.split(':', 1)[0]}:***@{host}" if ":" in userinfo else f"***@{host}"
+        query = urlencode([(k, "***" if any(w in k.lower() for w in _SECRET_ARG) else v)
+                           for k, v in parse_qsl(parts.query, keep_blank_values=True)], safe="*")
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    except ValueError:  # not even a URL: show its scheme only
+        return url.split("://", 1)[0] + "://..." if "://" in url else "..."
+
+
 def _check_metrics_url(url: str) -> None:
     """Refuse a metrics URL that is not http(s)://HOST..., before anything is printed."""
     from urllib.parse import urlsplit
 
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise click.ClickException(f"metrics URL {url!r} is not an http(s) URL; expected e.g. "
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError as exc:
+        raise click.ClickException(f"metrics URL {_url_shown(url)!r} is not a valid URL ({exc})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise click.ClickException(f"metrics URL {_url_shown(url)!r} is not an http(s) URL; expected e.g. "
                                    "http://127.0.0.1:9808/metrics")
 
 
 def _scrape(url: str) -> List[Sample]:
-    """The samples of a worker's /metrics page, or a one-line error naming the URL and the problem."""
+    """The samples of a worker's /metrics page, or a one-line error naming the URL (its secrets
+    hidden) and the problem. ``user:password@`` in the URL is sent as HTTP basic auth."""
+    import base64
+    import http.client
     import urllib.request
+    from urllib.parse import unquote, urlsplit, urlunsplit
 
+    shown = _url_shown(url)
     try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            text = response.read().decode()
-    except (OSError, ValueError) as exc:  # URLError, HTTPError, timeouts; UnicodeDecodeError, bad URLs
-        raise click.ClickException(f"metrics endpoint {url} unreachable ({exc})") from None
+        parts = urlsplit(url)
+        headers = {}
+        if parts.username is not None:
+            pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+            headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
+            netloc = parts.netloc.rsplit("@", 1)[1]
+            url = urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5) as response:
+            body = response.read()
+    except (OSError, ValueError, http.client.HTTPException) as exc:  # URLError, HTTPError, timeouts, bad URLs
+        raise click.ClickException(f"metrics endpoint {shown} unreachable ({exc})") from None
     try:
-        return metric_samples(text)
+        return metric_samples(body.decode())
+    except UnicodeDecodeError:
+        raise click.ClickException(f"metrics endpoint {shown} did not serve Prometheus metrics (not UTF-8 text)") \
+            from None
     except ValueError as exc:
-        raise click.ClickException(f"metrics endpoint {url} did not serve Prometheus metrics: {exc}") from None
+        raise click.ClickException(f"metrics endpoint {shown} did not serve Prometheus metrics: {exc}") from None
 
 
 def _default_metrics_url(runtime: Any) -> Optional[str]:
@@ -212,7 +251,7 @@ def _default_metrics_url(runtime: Any) -> Optional[str]:
 
 def _print_sla(url: str, samples: List[Sample]) -> None:
     rows = _sla_rows(samples)
-    click.echo(f"SLA by queue (from {url}, since the worker started):")
+    click.echo(f"SLA by queue (from {_url_shown(url)}, since the worker started):")
     if not rows:
         click.echo("  no task attempts recorded yet")
     for r in rows:

@@ -416,10 +416,15 @@ def closed_port_url():
     ("garbage", "did not serve Prometheus metrics: not Prometheus text (ValueError: invalid metric name"),
     ("closed", "unreachable (<urlopen error"),
     ("no scheme", "metrics URL '127.0.0.1:9/metrics' is not an http(s) URL"),
+    ("bad port", "metrics URL 'http://127.0.0.1:notaport/metrics' is not a valid URL"),
+    ("credentials", "metrics endpoint http://admin:***@127.0.0.1:"),
 ])
 def test_metrics_url_problems_are_one_line_and_a_failure(garbage_url, command, case, expected):
-    url = {"garbage": garbage_url, "closed": closed_port_url(), "no scheme": "127.0.0.1:9/metrics"}[case]
+    url = {"garbage": garbage_url, "closed": closed_port_url(), "no scheme": "127.0.0.1:9/metrics",
+           "bad port": "http://127.0.0.1:notaport/metrics",
+           "credentials": closed_port_url().replace("http://", "http://admin:s3cretPW@")}[case]
     out = celery(command, "--metrics-url", url, env=make_env("redis://127.0.0.1:9/1"))
     assert out.returncode == 1, out.stdout + out.stderr
     assert out.stderr.strip().count("\n") == 0, out.stderr
     assert out.stderr.startswith("Error: ") and expected in out.stderr, out.stderr
+    assert "s3cretPW" not in out.stdout + out.stderr
