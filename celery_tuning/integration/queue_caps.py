@@ -132,6 +132,58 @@ def _put_back_surplus(channel: Any) -> bool:
     return hasattr(channel, "visibility_timeout")
 
 
+def _restore_to_queue(message: Any, queue: str) -> bool:
+    """Put an unacknowledged Redis message back at the far end of ``queue`` only (one MULTI, as
+    kombu's restore does: out of the unacked set and into the list together). False when the
+    channel is not kombu's Redis channel as this version knows it (then kombu requeues it)."""
+    from kombu.transport.virtual import QoS as VirtualQoS
+    from kombu.utils.encoding import bytes_to_str
+    from kombu.utils.json import dumps, loads
+
+    channel: Any = getattr(message, "channel", None)
+    qos: Any = getattr(channel, "qos", None)
+    needed = (getattr(qos, "unacked_key", None), getattr(qos, "_remove_from_indices", None),
+              getattr(channel, "_q_for_pri", None), getattr(channel, "_get_message_priority", None),
+              getattr(channel, "conn_or_acquire", None))
+    if any(part is None for part in needed):
+        return False
+    tag = message.delivery_tag
+
+    def restore(pipe: Any) -> None:
+        raw = pipe.hget(qos.unacked_key, tag)
+        pipe.multi()
+        qos._remove_from_indices(tag, pipe)
+        if raw:
+            payload = loads(bytes_to_str(raw))[0]
+            priority = channel._get_message_priority(payload, reverse=False)
+            pipe.lpush(channel._q_for_pri(queue, priority), dumps(payload))
+
+    with channel.conn_or_acquire() as client:
+        client.transaction(restore, qos.unacked_key)
+    VirtualQoS.ack(qos, tag)  # out of the channel's delivered set (kombu's reject does the same)
+    return True
+
+
+def _soft_pause(channel: Any, paused: Set[str]) -> Optional[Callable[[], None]]:
+    """On kombu's Redis channel: pause a queue by leaving it out of the BRPOP while its consumer
+    stays, and return the function that applies ``paused`` (None on other transports).
+
+    Cancelling the consumer instead raced with the BRPOP in flight: a message it fetched for a
+    queue cancelled meanwhile has no consumer, and kombu requeues such a message through its
+    exchange, which copies it into every queue bound to its routing key. Kept, the consumer
+    takes it and the gate puts it back in its own queue. kombu rebuilds the BRPOP's queue list
+    on every consume and cancel, so that rebuild is what leaves the paused queues out."""
+    cycle = getattr(channel, "_queue_cycle", None)
+    if cycle is None or not hasattr(cycle, "update") or not hasattr(channel, "active_queues"):
+        return None
+
+    def apply() -> None:
+        cycle.update([q for q in channel.active_queues if q not in paused])
+
+    channel._update_queue_cycle = apply  # kombu calls it after every consume and cancel
+    return apply
+
+
 def _pubsub_queues(channel: Any) -> Set[str]:
     """Queues the channel consumes through pub/sub (kombu's Redis fanout): cancelling drops messages."""
     return {str(name) for name in (getattr(channel, "_fanout_queues", None) or {})}
@@ -163,6 +215,8 @@ class QueueGate:
         #: their messages), their surplus is held.
         self.hold_only: Set[str] = set()
         self.waker: Optional[BrpopWaker] = None
+        #: Redis: pause by leaving the queue out of the BRPOP, the consumer kept (see _soft_pause).
+        self._soft: Optional[Callable[[], None]] = None
         self._timer: Any = None
 
     # -- lifecycle (consumer thread) ---------------------------------------------------------
@@ -179,6 +233,7 @@ class QueueGate:
         self.waker = BrpopWaker(channel) if hasattr(channel, "_in_poll") and hasattr(
             channel, "conn_or_acquire") else None
         self.paused = set()
+        self._soft = _soft_pause(channel, self.paused)
         missing = sorted(set(self.caps) - set(self.queues))
         if missing:
             logger.info("celery-tuning: tuning_queue_concurrency names queues this worker does not "
@@ -191,7 +246,7 @@ class QueueGate:
         """Held requests belong to a dead channel: the broker redelivers them."""
         for queue in self.held:
             self.held[queue].clear()
-        self.paused = set()
+        self.paused.clear()
 
     def shutdown(self) -> None:
         timer, self._timer = self._timer, None
@@ -234,8 +289,18 @@ class QueueGate:
         return None
 
     def _put_back(self, queue: str, request: Any) -> None:
-        """Return a surplus request's message to the broker (it comes again once there is room)."""
-        request.reject(requeue=True)
+        """Return a surplus request's message to the broker (it comes again once there is room).
+
+        To ``queue`` alone: kombu's own requeue routes the message through its exchange again,
+        which copies it into every queue bound to its routing key (a topic audit queue, another
+        queue on the same key), and those copies run twice."""
+        message = getattr(request, "_message", None) or getattr(request, "message", None)
+        if message is not None and _restore_to_queue(message, queue):
+            request.acknowledged = True
+            message._state = "REJECTED"
+            request.send_event("task-rejected", requeue=True)
+        else:
+            request.reject(requeue=True)
         worker_state.task_ready(request)
         logger.debug("celery-tuning: queue %s at its cap, task %s put back in the broker", queue, request.id)
 
@@ -267,14 +332,20 @@ class QueueGate:
         if busy >= self.caps[queue]:
             if queue not in self.paused and queue in self.queues and queue not in self.hold_only:
                 self.paused.add(queue)
-                self.consumer.task_consumer.cancel_by_queue(queue)
+                if self._soft is not None:
+                    self._soft()
+                else:
+                    self.consumer.task_consumer.cancel_by_queue(queue)
                 logger.debug("celery-tuning: queue %s at its cap of %d, not consuming it", queue, self.caps[queue])
         elif queue in self.paused:
             self.paused.discard(queue)
-            task_consumer = self.consumer.task_consumer
-            task_consumer.add_queue(self.queues[queue])
-            task_consumer.consume()
-            self._learn_tags()
+            if self._soft is not None:
+                self._soft()
+            else:
+                task_consumer = self.consumer.task_consumer
+                task_consumer.add_queue(self.queues[queue])
+                task_consumer.consume()
+                self._learn_tags()
             if self.waker is not None:
                 self.waker.wake()
             logger.debug("celery-tuning: queue %s below its cap, consuming it again", queue)

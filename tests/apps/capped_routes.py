@@ -56,6 +56,12 @@ def settings(suffix: str) -> Dict[str, Any]:
     }
 
 
+def audit_queue(suffix: str) -> Queue:
+    """A queue nobody consumes, bound to the topic exchange with '#': it must get each topic
+    message once, as published (a requeue through the exchange would copy surplus messages here)."""
+    return Queue(f"tq-audit{suffix}", exchanges(suffix)["topic"], routing_key="#")
+
+
 def send(producer: Celery, conn: Any, suffix: str, case: str, seconds: float, **options: Any) -> None:
     """Publish one task to ``case``'s queue, the way that case routes it."""
     names, ex = queue_names(suffix), exchanges(suffix)
