@@ -5,6 +5,10 @@ files (multiprocess mode). Under prefork every pool child records into its own f
 worker's main process serves the sum, so the directory must be set before anything imports
 prometheus_client: :func:`prepare_multiprocess` does that from ``install()`` in a worker process,
 and this module imports prometheus_client only inside functions.
+
+The directory lives as long as its worker: the main process removes it at exit (a warm shutdown or
+a failed start), merges the series of pool processes that have exited into one archive file per
+kind (:func:`compact`), and a worker starting sweeps the directories of workers that are gone.
 """
 
 from __future__ import annotations
@@ -27,10 +31,21 @@ from celery import signals as celery_signals
 from .. import events
 from ..errors import ConfigurationError
 from ..storage.process import PerProcess
-from .receivers import OTHER_QUEUE, _queue_of, queue_label, timing_connected
-from .runtime import installed_runtime
+from .receivers import (
+    OTHER_QUEUE,
+    _queue_of,
+    connect_loss_receiver,
+    queue_label,
+    settling_lost_attempt,
+    timing_connected,
+)
 
-__all__ = ["BUCKETS", "flush", "metrics", "prepare_multiprocess", "start_endpoint"]
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: directories are told apart by pid only
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["BUCKETS", "compact", "flush", "metrics", "prepare_multiprocess", "start_endpoint"]
 
 logger = logging.getLogger("celery_tuning.metrics")
 
@@ -43,14 +58,21 @@ _state: Dict[str, Any] = {"server": None, "ours": None}
 #: Task ids counted as 'deferred', so the timing receiver does not count them again; oldest
 #: dropped first past _REMEMBERED (an id whose attempt is never timed would stay for good).
 _deferred: OrderedDict[str, bool] = OrderedDict()
-_lost: OrderedDict[str, bool] = OrderedDict()
 _REMEMBERED = 10_000
+
+#: A worker's directory is ``<tmp>/celery-tuning-metrics-<pid>-<random>``; its main process holds an
+#: exclusive lock on ``owner.lock`` inside it for life (pool children inherit it), so a directory
+#: whose lock can be taken belongs to no live worker, whatever its pid became since.
+_DIR_PREFIX = "celery-tuning-metrics-"
+_LOCK_NAME = "owner.lock"
 
 
 def prepare_multiprocess() -> Optional[str]:
     """Point prometheus-client at a per-node directory before it is imported (worker processes only).
 
-    Returns the directory, or None when this is not a worker or the operator set one already.
+    Sweeps the directories of workers that are gone, makes this worker's (removed when its main
+    process exits). Returns the directory, or None when this is not a worker or the operator set
+    one already (an operator's directory is never swept, compacted or removed).
     """
     from .runtime import is_worker_process
 
@@ -60,12 +82,111 @@ def prepare_multiprocess() -> Optional[str]:
         logger.warning("prometheus_client was imported before the app's settings were read: metrics of prefork "
                        "children cannot be aggregated; set %s before starting the worker", _ENV)
         return None
-    path = os.path.join(tempfile.gettempdir(), f"celery-tuning-metrics-{os.getpid()}")
-    shutil.rmtree(path, ignore_errors=True)  # a fresh directory for this node: no stale children
-    os.makedirs(path, exist_ok=True)
+    tmp = tempfile.gettempdir()
+    sweep_stale_directories(tmp)
+    # Made under a staging name and renamed once locked: a sweeper never sees it unlocked.
+    staging = tempfile.mkdtemp(prefix=f".{_DIR_PREFIX}{os.getpid()}-", dir=tmp)
+    _state["lock"] = _lock_directory(staging)
+    path = os.path.join(tmp, os.path.basename(staging)[1:])
+    os.rename(staging, path)
     os.environ[_ENV] = path
     _state["ours"] = path
+    _state["owner"] = os.getpid()
+    atexit.register(_remove_ours)  # before flush registers: runs after the last flush
     return path
+
+
+def _lock_directory(path: str) -> Optional[int]:
+    fd = os.open(os.path.join(path, _LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o600)
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # a file system without flock: sweepers judge the directory by its pid
+            os.close(fd)
+            os.remove(os.path.join(path, _LOCK_NAME))
+            return None
+    return fd
+
+
+def _remove_ours() -> None:
+    """Remove this worker's directory when its main process exits (pool children exit with
+    ``os._exit`` and never run this; a fork that does is no owner)."""
+    path = _state.get("ours")
+    if not path or _state.get("owner") != os.getpid():
+        return
+    locked = _compact_lock.acquire(timeout=5)  # not under a merge running in the compactor thread
+    try:
+        _state["ours"] = None
+        shutil.rmtree(path, ignore_errors=True)
+    finally:
+        if locked:
+            _compact_lock.release()
+    fd = _state.pop("lock", None)
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # another user's process, or not a pid we can ask about: leave it
+    return True
+
+
+def sweep_stale_directories(tmp: Optional[str] = None) -> List[str]:
+    """Remove the metrics directories of workers that are gone (their main process died without
+    cleaning up: SIGKILL, a crash). A directory is stale when nobody holds its lock (a directory of
+    an earlier version, without a lock: when its pid is gone). Returns the directories removed."""
+    tmp = tmp or tempfile.gettempdir()
+    removed: List[str] = []
+    try:
+        entries = list(os.scandir(tmp))
+    except OSError:
+        return removed
+    for entry in entries:
+        name = entry.name.lstrip(".")
+        if not name.startswith(_DIR_PREFIX):
+            continue
+        try:
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            pid = int(name[len(_DIR_PREFIX):].split("-", 1)[0])
+        except (OSError, ValueError):
+            continue
+        # A staging directory exists for the moment between its making and its lock: by pid only.
+        if (_pid_alive(pid) if entry.name.startswith(".") else _owned(entry.path, pid)):
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        removed.append(entry.path)
+    if removed:
+        logger.info("celery-tuning: removed %d metrics director%s of workers that are gone", len(removed),
+                    "y" if len(removed) == 1 else "ies")
+    return removed
+
+
+def _owned(path: str, pid: int) -> bool:
+    try:
+        fd = os.open(os.path.join(path, _LOCK_NAME), os.O_RDWR)
+    except FileNotFoundError:
+        return _pid_alive(pid)
+    except OSError:
+        return True  # not ours to judge (another user's)
+    try:
+        if fcntl is None:
+            return _pid_alive(pid)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True  # held: its worker (or one of its pool processes) is alive
+        return False
+    finally:
+        os.close(fd)
 
 
 class TuningMetrics:
@@ -278,6 +399,8 @@ def start_endpoint(port: int, address: str = "0.0.0.0") -> Any:
         registry = CollectorRegistry()
         registry.register(_ReapingCollector(os.environ[_ENV]))
         registry.register(_InFlightCollector())
+        if os.environ[_ENV] == _state.get("ours"):
+            _start_compactor(os.environ[_ENV])
     elif not _state.get("in_flight_registered"):
         registry.register(_InFlightCollector())
         _state["in_flight_registered"] = True
@@ -293,17 +416,21 @@ def start_endpoint(port: int, address: str = "0.0.0.0") -> Any:
 
 
 class _ReapingCollector:
-    """MultiProcessCollector that first forgets the live gauges of pool children that died.
+    """MultiProcessCollector that first settles the files of pool processes that have exited.
 
-    A child killed by a hard time limit, SIGKILL or the OOM killer sends no
-    ``worker_process_shutdown``; its in-flight gauge file would count forever.
-    Counters and histograms of dead children are kept (they must never go backwards).
+    In this worker's own directory (``compact`` defaults to that) their series are merged into one
+    archive file per kind (:func:`compact`), so a scrape reads the live processes' files and the
+    archives, however many children came and went (``max_tasks_per_child``). In a directory the
+    operator set, only the live gauges of dead processes are forgotten. Either way a child killed
+    by a hard time limit, SIGKILL or the OOM killer (no ``worker_process_shutdown``) stops counting
+    in live gauges, and counters and histograms never go backwards.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, compact: Optional[bool] = None) -> None:
         from prometheus_client import multiprocess
 
         self.path = path
+        self.compact = path == _state.get("ours") if compact is None else compact
         self._inner = multiprocess.MultiProcessCollector(None, path=path)
 
     def collect(self) -> Any:
@@ -311,15 +438,140 @@ class _ReapingCollector:
 
         from prometheus_client import multiprocess
 
-        for name in glob.glob(os.path.join(self.path, "gauge_live*_*.db")):
-            try:
-                pid = int(name.rsplit("_", 1)[1].split(".")[0])
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                multiprocess.mark_process_dead(pid, self.path)
-            except (ValueError, PermissionError):
+        with _compact_lock:  # no merge may move a file between the glob and its read
+            if self.compact:
+                compact(self.path)
+            else:
+                for name in glob.glob(os.path.join(self.path, "gauge_live*_*.db")):
+                    try:
+                        pid = int(name.rsplit("_", 1)[1].split(".")[0])
+                    except ValueError:
+                        continue
+                    if not _pid_alive(pid):
+                        multiprocess.mark_process_dead(pid, self.path)
+            return list(self._inner.collect())
+
+
+# -- compaction ----------------------------------------------------------------------------------
+
+#: How often the worker's main process merges exited processes' files when nobody scrapes.
+COMPACT_INTERVAL = 30.0
+_compact_lock = threading.RLock()
+_ARCHIVE = "archive"  # in place of a pid: counter_archive.db, histogram_archive.db...
+#: File kinds (prometheus-client's file name before the pid) merged per series, and how.
+_MERGED = {"counter": "sum", "histogram": "sum", "summary": "sum", "gauge_sum": "sum", "gauge_max": "max",
+           "gauge_min": "min", "gauge_mostrecent": "mostrecent"}
+
+
+def compact(path: str) -> int:
+    """Merge the files of this worker's processes that have exited into one archive per kind.
+
+    Counters, histograms and summaries are added up (as a scrape adds them), ``max``/``min``/``sum``
+    gauges keep that, ``mostrecent`` gauges the latest value; live gauges of an exited process are
+    dropped, ``all`` gauges (one series per pid) are left alone. A scrape sees the same totals
+    before and after. Returns how many files were merged or dropped.
+    """
+    with _compact_lock:
+        merged: Dict[str, List[str]] = {}
+        done = 0
+        try:
+            names = os.listdir(path)
+        except OSError:
+            return 0
+        for name in names:
+            if not name.endswith(".db"):
                 continue
-        return self._inner.collect()
+            kind, _, pid = name[:-3].rpartition("_")
+            if not pid.isdigit() or not kind or _pid_alive(int(pid)):
+                continue
+            if kind.startswith("gauge_live"):
+                try:
+                    os.remove(os.path.join(path, name))
+                    done += 1
+                except FileNotFoundError:
+                    pass
+            elif kind in _MERGED:
+                merged.setdefault(kind, []).append(name)
+        for kind, files in merged.items():
+            done += _merge(path, kind, files)
+        return done
+
+
+def _merge(path: str, kind: str, names: List[str]) -> int:
+    from prometheus_client.mmap_dict import MmapedDict
+
+    how = _MERGED[kind]
+    archive = os.path.join(path, f"{kind}_{_ARCHIVE}.db")
+    # Moved aside first (a name no collector globs): a new process that reuses the pid writes a
+    # new file instead of one being merged.
+    moved = []
+    for name in names:
+        source = os.path.join(path, name)
+        try:
+            os.rename(source, source + ".merging")
+        except FileNotFoundError:
+            continue
+        moved.append(source)
+    values: Dict[str, Tuple[float, float]] = {}
+    taken = []
+    for source in ([archive] if os.path.exists(archive) else []) + [s + ".merging" for s in moved]:
+        try:
+            rows = list(MmapedDict.read_all_values_from_file(source))
+        except Exception:  # unreadable (cut short?): left where a scrape reports it as before
+            if source != archive:
+                os.replace(source, source[:-len(".merging")])
+                continue
+            raise
+        taken.append(source)
+        for key, value, timestamp, _ in rows:
+            old = values.get(key)
+            if old is None:
+                values[key] = (value, timestamp)
+            elif how == "sum":
+                values[key] = (old[0] + value, 0.0)
+            elif how == "max":
+                values[key] = (max(old[0], value), 0.0)
+            elif how == "min":
+                values[key] = (min(old[0], value), 0.0)
+            elif timestamp > old[1]:  # mostrecent
+                values[key] = (value, timestamp)
+    staged = archive + ".new"
+    try:
+        out = MmapedDict(staged)
+        try:
+            for key, (value, timestamp) in values.items():
+                out.write_value(key, value, timestamp)
+        finally:
+            out.close()
+        os.replace(staged, archive)
+    except BaseException:
+        for source in taken:
+            if source != archive:
+                os.replace(source, source[:-len(".merging")])
+        raise
+    for source in taken:
+        if source != archive:
+            os.remove(source)
+    return sum(1 for source in taken if source != archive)
+
+
+def _start_compactor(path: str) -> None:
+    """Merge exited processes' files every COMPACT_INTERVAL in the main process, scraped or not."""
+    if _state.get("compactor"):
+        return
+    _state["compactor"] = True
+    from prometheus_client.mmap_dict import MmapedDict  # noqa: F401  (imported before any fork)
+
+    def loop() -> None:
+        while _state.get("ours") == path:
+            time.sleep(COMPACT_INTERVAL)
+            try:
+                if os.path.isdir(path):
+                    compact(path)
+            except Exception:
+                logger.exception("celery-tuning: merging the metrics of exited pool processes failed")
+
+    threading.Thread(target=loop, name="celery-tuning-metrics-compactor", daemon=True).start()
 
 
 # -- receivers ---------------------------------------------------------------------------------
@@ -372,6 +624,11 @@ def _on_timed(sender: Any = None, task_id: str = "", queue: str = "", wait: Opti
         if outcome is not None:
             pending.outcomes[outcome] = pending.outcomes.get(outcome, 0) + 1
     if not process.flusher:
+        if settling_lost_attempt():
+            # A prefork worker's main process settling a lost child: written now, no thread there
+            # (one writing while the pool forks could leave prometheus-client's lock held in the child).
+            flush()
+            return
         _start_flusher(process)
 
 
@@ -449,7 +706,7 @@ def _on_deferred(sender: Any = None, task_id: str = "", **_: Any) -> None:
         _deferred[task_id] = True
         while len(_deferred) > _REMEMBERED:
             _deferred.popitem(last=False)
-    metrics().outcomes.labels(sender.name, _queue_of(sender), "deferred").inc()
+    _outcome(sender.name, _queue_of(sender), "deferred").inc()
 
 
 def _on_sla(sender: Any = None, queue: str = "", level: str = "", kind: str = "", **_: Any) -> None:
@@ -495,22 +752,11 @@ def _record_parked_count(reason: str, name: str, parked: int) -> None:
     _labelled("parked_tasks", reason, name).set(parked)
 
 
-def _on_failure_outside_child(sender: Any = None, task_id: str = "", exception: Any = None, **_: Any) -> None:
-    # Sent by the worker's main process when a child was killed (hard time limit) or lost:
-    # the child never reached task_postrun, so its outcome is recorded here.
-    from celery.exceptions import TimeLimitExceeded, WorkerLostError
-
-    if sender is None or not isinstance(exception, (TimeLimitExceeded, WorkerLostError)):
-        return
-    if installed_runtime(sender.app) is None or task_id in _lost:
-        return  # Celery sends task_failure twice for a hard time limit
-    _lost[task_id] = True
-    while len(_lost) > _REMEMBERED:
-        _lost.popitem(last=False)
-    # When a child is lost or killed, Celery puts the request's context on the task's stack while
-    # it sends this signal: label the queue the task came from, like every other outcome (a test
-    # routes a hard-time-limited task to another queue). Without it: the declared queue.
-    metrics().outcomes.labels(sender.name, _queue_of(sender), "failure").inc()
+def _count_lost(task: Any, queue: str, state: str) -> None:
+    """The outcome of an attempt whose pool process was killed or lost and that was not timed
+    (timing off, or no start known); a timed one is counted from its ``task_timed``, with its run
+    time (see ``receivers._settle``)."""
+    _outcome(task.name, queue, state.lower()).inc()
 
 
 def _on_child_exit(pid: Optional[int] = None, **_: Any) -> None:
@@ -519,6 +765,17 @@ def _on_child_exit(pid: Optional[int] = None, **_: Any) -> None:
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(os.getpid())  # live gauges of this child go; counters stay
+
+
+def _on_child_start(**_: Any) -> None:
+    """A pool child closes the metrics listening socket it inherited from the main process: it
+    would keep the port open (a restarted worker could not listen) after the main process died."""
+    server, _state["server"] = _state.get("server"), None
+    if server is not None:
+        try:
+            server.socket.close()
+        except OSError:
+            pass
 
 
 def connect_metric_receivers(buckets: Optional[Tuple[float, ...]] = None) -> None:
@@ -539,8 +796,9 @@ def connect_metric_receivers(buckets: Optional[Tuple[float, ...]] = None) -> Non
     events.TASK_UNPARKED.subscribe(_record_unparked)
     events.PARK_FALLBACK.subscribe(_record_park_fallback)
     events.PARKED_COUNT.subscribe(_record_parked_count)
-    celery_signals.task_failure.connect(_on_failure_outside_child, weak=False,
-                                        dispatch_uid="celery_tuning.metrics.lost")
+    connect_loss_receiver(_count_lost)
+    celery_signals.worker_process_init.connect(_on_child_start, weak=False,
+                                               dispatch_uid="celery_tuning.metrics.child_start")
     celery_signals.worker_process_shutdown.connect(_on_child_exit, weak=False,
                                                    dispatch_uid="celery_tuning.metrics.child_exit")
     celery_signals.worker_shutdown.connect(lambda **_: flush(), weak=False,

@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
+from collections import OrderedDict
 from datetime import datetime
-from typing import Any, Dict, Optional, Tuple
+from types import FrameType
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from celery import signals as celery_signals
 
 from .. import events
 from ..policy.attach import SlaPolicy
 from ..policy.timing import breach, compute_timings
+from .deferral import Deferred
 from .runtime import installed_runtime
 
 __all__ = [
+    "CONSUMED_QUEUE",
     "HEADER_PUBLISHED",
     "HEADER_SENT",
+    "connect_loss_receiver",
     "connect_publish_receivers",
     "connect_timing_receivers",
     "stamp_headers",
@@ -66,6 +72,10 @@ def _on_before_publish(sender: Any = None, headers: Optional[Dict[str, Any]] = N
 #: queue names, never raw routing keys: on a topic exchange every key (``orders.eu.1234``) would
 #: otherwise be a series of its own, and so would every SLA lookup keyed by it.
 OTHER_QUEUE = "other"
+#: The ``delivery_info`` entry naming the queue the worker consumed a message from, when the broker
+#: says so (AMQP: the message's consumer tag, set in the worker's main process on ``task_received``
+#: and carried to the pool process with the request). It wins over matching the routing key.
+CONSUMED_QUEUE = "tuning_queue"
 _MAX_ROUTES = 4096
 # (app id, queues known, queues consumed, exchange, routing key) -> label; the counts make a queue
 # added at run time (``add_consumer``) count from then on. Cleared when full: labels are cheap.
@@ -79,6 +89,9 @@ def queue_label(app: Any, delivery_info: Any, declared: Optional[str] = None) ->
     give); ``declared`` is the task's own ``queue``, used when the message names neither.
     """
     info = delivery_info or {}
+    consumed = info.get(CONSUMED_QUEUE)
+    if consumed:
+        return str(consumed)  # one of the queues this worker consumes: bounded
     key = str(info.get("routing_key") or info.get("queue") or "")
     exchange = str(info.get("exchange") or "")
     default = str(declared or app.conf.task_default_queue or "celery")
@@ -103,7 +116,7 @@ def queue_label(app: Any, delivery_info: Any, declared: Optional[str] = None) ->
 
 def _route(queues: Any, exchange: str, key: str) -> Optional[str]:
     """The first of ``queues`` bound to (``exchange``, ``key``), by its stable name."""
-    if key and key in queues:
+    if key and key in queues and not exchange:  # the default exchange: the key names the queue
         return key
     words = key.split(".")
     for name, queue in list(queues.items()):
@@ -134,6 +147,48 @@ def _topic_match(pattern: Any, words: Any) -> bool:
     return bool(words) and head in ("*", words[0]) and _topic_match(rest, words[1:])
 
 
+def _on_received(sender: Any = None, request: Any = None, **_: Any) -> None:
+    """Name the queue a message was consumed from in its request (worker main process, AMQP).
+
+    A RabbitMQ delivery carries the consumer tag of the queue it came from: exact where matching
+    the routing key cannot be (two consumed queues bound to the same key on one exchange, a binding
+    made outside the app's settings). Virtual transports (Redis, SQS...) carry no tag: the receiver
+    disconnects itself at their first message, and :func:`queue_label` matches the routing key.
+    """
+    info = getattr(getattr(request, "message", None), "delivery_info", None) or {}
+    tag = info.get("consumer_tag")
+    if not tag:
+        transport = getattr(getattr(sender, "connection", None), "transport", None)
+        if getattr(transport, "driver_type", None) != "amqp":
+            celery_signals.task_received.disconnect(dispatch_uid="celery_tuning.received")
+        return
+    consumer = getattr(sender, "task_consumer", None)
+    gate = getattr(sender, "tuning_queue_gate", None)
+    # The caps' gate keeps every tag the consumer used: a queue it paused (cancelled) still has
+    # deliveries on their way, whose tag the consumer's own table no longer holds.
+    name = (getattr(gate, "tags", None) or {}).get(tag)
+    if name is None:
+        try:
+            name = next((q for q, t in consumer._active_tags.items() if t == tag), None)  # type: ignore[union-attr]
+        except Exception:  # a kombu without the tag table: the routing key is matched instead
+            return
+    if name is None:
+        return
+    label = _consumed_labels.get(name)
+    if label is None:
+        queue = next((q for q in getattr(consumer, "queues", None) or () if q.name == name), None)
+        # kombu's Broadcast queues get a fresh uuid name per process: label the stable alias
+        label = _consumed_labels[name] = str(getattr(queue, "alias", None) or name)
+    try:
+        request.delivery_info[CONSUMED_QUEUE] = label  # the same dict the pool process gets
+    except (AttributeError, TypeError):
+        pass
+
+
+# queue name -> label (its alias for a Broadcast queue); the queues a worker consumes: bounded.
+_consumed_labels: Dict[str, str] = {}
+
+
 def _queue_of(task: Any, request: Any = None) -> str:
     """The queue label of a running task (see :func:`queue_label`)."""
     info = getattr(request if request is not None else task.request, "delivery_info", None)
@@ -155,6 +210,18 @@ def _header(request: Any, name: str) -> Optional[float]:
     value = getattr(request, name, None)
     if value is None:
         value = (getattr(request, "headers", None) or {}).get(name)
+    return _seconds(value)
+
+
+def _stamp(request_dict: Mapping[str, Any], name: str) -> Optional[float]:
+    """:func:`_header` from a worker request's dict (message headers at its top level)."""
+    value = request_dict.get(name)
+    if value is None:
+        value = (request_dict.get("headers") or {}).get(name)
+    return _seconds(value)
+
+
+def _seconds(value: Any) -> Optional[float]:
     try:
         return float(value) if value is not None else None
     except (TypeError, ValueError):
@@ -184,11 +251,16 @@ _task_runtimes: Dict[type, Any] = {}
 
 
 def _on_postrun(sender: Any = None, task_id: Optional[str] = None, task: Any = None,
-                state: Optional[str] = None, **_: Any) -> None:
+                state: Optional[str] = None, retval: Any = None, **_: Any) -> None:
     if task_id is None or task is None:
         return
     start = _started.pop(task_id, None)
     if start is None:
+        return
+    if state is None and _pool_child:
+        # Cut short (SystemExit: a hard time limit's SIGTERM, a terminating revoke, the process
+        # stopped): the main process times it from the start it saw to the loss, as it does for a
+        # child that never got here (SIGKILL). Timing it here too counted it twice.
         return
     finished_wall, finished_perf, finished_cpu = time.time(), time.perf_counter(), time.thread_time()
     runtime = _runtime_of(task)
@@ -212,9 +284,136 @@ def _on_postrun(sender: Any = None, task_id: Optional[str] = None, task: Any = N
     if events.TASK_TIMED.subscribers:  # metrics and the task_timed signal
         events.task_timed(task, task_id, queue, timings.wait, timings.run, timings.total, state, timings.clamped,
                           cpu)
+    if state == "IGNORED" and isinstance(retval, Deferred):
+        return  # deferred, parked or a dropped duplicate: no SLA check; the attempt that runs is one
     policy = _sla_policy(runtime, task, queue)
     if policy is not None:
         _check_sla(policy, task, task_id, queue, timings)
+
+
+# -- attempts cut short: their pool process was killed or lost --------------------------------------
+
+#: Task ids of cut-short attempts already settled (Celery sends ``task_failure`` twice for a hard
+#: time limit); oldest dropped first past _REMEMBERED.
+_lost: OrderedDict[str, bool] = OrderedDict()
+_REMEMBERED = 10_000
+#: Called with (task, queue label, state) for a cut-short attempt that could not be timed (metrics
+#: count its outcome); a timed one reaches them through ``task_timed``.
+_untimed_loss_hooks: List[Callable[[Any, str, str], None]] = []
+_settling = False
+_loss_connected = False
+_pool_child = False
+
+
+def settling_lost_attempt() -> bool:
+    """Whether the ``task_timed`` being sent is a cut-short attempt's, from a prefork worker's main
+    process (its recorders write at once: a thread writing there while the pool forks could leave
+    a lock held in the child)."""
+    return _settling
+
+
+def _on_pool_child_start(**_: Any) -> None:
+    global _pool_child
+    _pool_child = True
+
+
+def _on_task_failure(sender: Any = None, task_id: Optional[str] = None, exception: Any = None,
+                     **_: Any) -> None:
+    """A pool process killed by a hard time limit or lost (SIGKILL, the OOM killer) under a task:
+    the worker's main process sends ``task_failure`` for it."""
+    from celery.exceptions import TimeLimitExceeded, WorkerLostError
+
+    if isinstance(exception, (TimeLimitExceeded, WorkerLostError)):
+        _settle(sender, task_id, "FAILURE")
+
+
+def _on_revoked(sender: Any = None, request: Any = None, terminated: bool = False, **_: Any) -> None:
+    """A running task revoked with ``terminate=True``: its pool process is signalled."""
+    if terminated:
+        _settle(sender, getattr(request, "id", None), "REVOKED")
+
+
+def _settle(task: Any, task_id: Optional[str], state: str) -> None:
+    """Time, SLA-check and count an attempt whose pool process died under it, in the worker's main
+    process: the process never finished ``task_postrun`` (killed), or finished it cut short and left
+    the attempt here (see :func:`_on_postrun`). Its run time is from the start the main process saw
+    to now; it gets the SLA check every attempt gets (killed attempts are the ones an SLA most needs
+    to see)."""
+    if task is None or not task_id or task_id in _started:
+        return  # _started: traced in this process (a green pool's hard limit); its postrun times it
+    runtime = _runtime_of(task)
+    if runtime is None or task_id in _lost:
+        return
+    _lost[task_id] = True
+    while len(_lost) > _REMEMBERED:
+        _lost.popitem(last=False)
+    request = _worker_request(task_id)
+    info = getattr(request if request is not None else task.request, "delivery_info", None)
+    queue = queue_label(task.app, info, getattr(task, "queue", None))
+    if _timing_connected and request is not None and _time_cut_short(runtime, task, task_id, request, queue, state):
+        return
+    for hook in list(_untimed_loss_hooks):
+        hook(task, queue, state)
+
+
+def _worker_request(task_id: str) -> Any:
+    """The worker's Request sending the signal for ``task_id`` (from its ``on_failure``,
+    ``on_timeout`` or ``_announce_revoked`` frame), or None. Celery has left its active requests by
+    then, and the signal carries no start time."""
+    frame: Optional[FrameType] = sys._getframe(2)
+    for _ in range(8):
+        if frame is None:
+            return None
+        candidate = frame.f_locals.get("self")
+        if getattr(candidate, "id", None) == task_id and hasattr(candidate, "time_start"):
+            return candidate
+        frame = frame.f_back
+    return None
+
+
+def _time_cut_short(runtime: Any, task: Any, task_id: str, request: Any, queue: str, state: str) -> bool:
+    started = getattr(request, "time_start", None)
+    if not started:
+        return False  # lost before the pool said it started: nothing ran that can be timed
+    now = time.time()
+    # Celery 5.5+ keeps the wall-clock start; earlier versions the monotonic clock of acceptance.
+    started_wall = float(started) if started > 1e9 else now - (time.monotonic() - float(started))
+    request_dict = getattr(request, "request_dict", None) or {}
+    timings = compute_timings(
+        sent_at=_stamp(request_dict, HEADER_SENT),
+        published_at=_stamp(request_dict, HEADER_PUBLISHED),
+        eta=_eta_seconds(getattr(request, "eta", None)),
+        started_wall=started_wall,
+        finished_wall=now,
+        run=max(0.0, now - started_wall),
+    )
+    global _settling
+    if events.TASK_TIMED.subscribers:
+        _settling = True
+        try:
+            events.task_timed(task, task_id, queue, timings.wait, timings.run, timings.total, state,
+                              timings.clamped, 0.0)
+        finally:
+            _settling = False
+    policy = _sla_policy(runtime, task, queue)
+    if policy is not None:
+        _check_sla(policy, task, task_id, queue, timings)
+    return True
+
+
+def connect_loss_receiver(untimed: Optional[Callable[[Any, str, str], None]] = None) -> None:
+    """Settle attempts whose pool process died under them (see :func:`_settle`); ``untimed`` is
+    called for those that cannot be timed (all of them while timing is off). Once per process."""
+    global _loss_connected
+    with _connect_lock:
+        if untimed is not None and untimed not in _untimed_loss_hooks:
+            _untimed_loss_hooks.append(untimed)
+        if not _loss_connected:
+            celery_signals.task_failure.connect(
+                _on_task_failure, weak=False, dispatch_uid="celery_tuning.lost")
+            celery_signals.task_revoked.connect(
+                _on_revoked, weak=False, dispatch_uid="celery_tuning.terminated")
+            _loss_connected = True
 
 
 # (runtime id, task class, queue) -> the SLA that applies, or None; bounded by tasks x queues.
@@ -313,7 +512,13 @@ def connect_timing_receivers() -> None:
                 _on_prerun, weak=False, dispatch_uid="celery_tuning.prerun")
             celery_signals.task_postrun.connect(
                 _on_postrun, weak=False, dispatch_uid="celery_tuning.postrun")
+            # Worker main process: the queue an AMQP message came from (its consumer tag).
+            celery_signals.task_received.connect(
+                _on_received, weak=False, dispatch_uid="celery_tuning.received")
+            celery_signals.worker_process_init.connect(
+                _on_pool_child_start, weak=False, dispatch_uid="celery_tuning.pool_child")
             _timing_connected = True
+    connect_loss_receiver()
 
 
 def timing_connected() -> bool:

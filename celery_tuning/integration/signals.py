@@ -29,6 +29,9 @@ sla_breached = Signal(
 #: ``total`` (first publish to finish; None when the message was not stamped),
 #: ``state``, ``clamped`` (the wait came out negative and was clamped to 0) and
 #: ``cpu`` (CPU seconds of the thread that ran the task).
+#: An attempt whose prefork pool process died under it (hard time limit, SIGKILL, a terminating
+#: revoke) is sent by the worker's main process: ``run`` up to when it learned of the loss, ``state``
+#: 'FAILURE' (or 'REVOKED'), ``cpu`` 0.
 task_timed = Signal(
     name="task_timed",
     providing_args={"task_id", "queue", "wait", "run", "total", "state", "clamped", "cpu"},

@@ -1,7 +1,13 @@
 """The Prometheus endpoint of a real prefork worker, scraped over HTTP."""
 
+import glob
+import os
+import shutil
+import subprocess
+import tempfile
 import time
 import urllib.request
+import uuid
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -72,7 +78,13 @@ def test_prefork_children_are_aggregated_and_countdown_is_not_waiting(redis_clea
     assert "SLA checked 1, warning 0, critical 1, compliance 0.00%" in status.stdout
 
 
-def test_port_in_use_is_a_clear_error(redis_clean):
+def metrics_dirs(pid):
+    """The metrics directories of the worker whose main process is ``pid`` (also as named before)."""
+    base = os.path.join(tempfile.gettempdir(), f"celery-tuning-metrics-{pid}")
+    return glob.glob(base + "-*") + ([base] if os.path.isdir(base) else [])
+
+
+def test_port_in_use_is_a_clear_error_and_leaves_no_metrics_directory(redis_clean):
     import socket
 
     with socket.socket() as busy:
@@ -85,6 +97,10 @@ def test_port_in_use_is_a_clear_error(redis_clean):
             with pytest.raises(RuntimeError) as info:
                 worker.start(timeout=30)
             assert f"tuning_metrics_port: cannot listen on 0.0.0.0 port {port}" in str(info.value)
+            pid = worker.proc.pid
+            assert worker.proc.wait(timeout=30) != 0
+            assert "metrics on" not in worker.output()
+            assert metrics_dirs(pid) == []  # removed by the main process on its way out
         finally:
             worker.close()
 
@@ -118,6 +134,9 @@ def test_hard_time_limit_is_settled_by_the_main_process(redis_clean):
     task = "tests.apps.metered.stuck"
     assert value(samples, "celery_tuning_task_outcomes_total", task=task, state="failure") == 1
     assert value(samples, "celery_tuning_task_outcomes_total", task=task, queue="slowlane", state="failure") == 1
+    # timed from its start to the kill at the 1 s limit (the child never reached task_postrun)
+    assert value(samples, "celery_tuning_task_run_seconds_count", task=task, queue="slowlane") == 1
+    assert 1.0 <= value(samples, "celery_tuning_task_run_seconds_sum", task=task, queue="slowlane") < 10
     assert value(samples, "celery_tuning_tasks_in_flight", task=task) == 0
     assert value(samples, "celery_tuning_task_outcomes_total", task="tests.apps.metered.work", state="success") == 1
 
@@ -185,3 +204,185 @@ def test_breaker_state_follows_the_latest_transition_after_the_child_that_opened
     assert transitions[(("name", "flaky"), ("state", "closed"))] >= 1, transitions
     states = [v for (n, lbls), v in samples.items() if n == "celery_tuning_breaker_state"]
     assert states == [0.0], states  # one series (no pid label), showing closed
+
+
+def listening_inode(port):
+    """The socket inode listening on ``port`` (from /proc/net/tcp*)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as rows:
+            for row in list(rows)[1:]:
+                fields = row.split()
+                if fields[1].endswith(f":{port:04X}") and fields[3] == "0A":
+                    return fields[9]
+    raise AssertionError(f"nothing listens on {port}")
+
+
+def children_of(pid):
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    if int(stat.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                continue
+    return found
+
+
+def socket_inodes(pid):
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:["):-1])
+    return inodes
+
+
+def test_queue_labels_lost_children_deferrals_and_the_metrics_directory_with_a_real_prefork_worker(redis_clean):
+    """One prefork worker whose children are replaced after every task (issue #21, 2, 6, 9):
+
+    * a task sent to exchange tx with routing key rk.x is timed, SLA-checked and labelled as the
+      queue qx it was consumed from, topic keys orders.eu.N as their queue qt;
+    * a child that SIGKILLs itself leaves a run-time sample and an SLA check (it left an outcome only);
+    * a deferred attempt is no SLA check, the attempt that runs is;
+    * the directories of workers that are gone are swept at start, a live one is kept; children's
+      files do not pile up and totals stay exact; pool children do not hold the metrics socket;
+      a warm shutdown leaves no directory.
+    """
+    import fcntl
+
+    tmp = tempfile.gettempdir()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stale = tempfile.mkdtemp(prefix=f"celery-tuning-metrics-{gone.pid}-", dir=tmp)  # a lock nobody holds
+    open(os.path.join(stale, "owner.lock"), "w").close()
+    open(os.path.join(stale, f"counter_{gone.pid}.db"), "wb").close()
+    old_style = os.path.join(tmp, f"celery-tuning-metrics-{gone.pid}")  # an earlier version's: no lock
+    os.makedirs(old_style, exist_ok=True)
+    live = tempfile.mkdtemp(prefix=f"celery-tuning-metrics-{gone.pid}-", dir=tmp)  # dead pid, held lock
+    held = os.open(os.path.join(live, "owner.lock"), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(held, fcntl.LOCK_EX)
+
+    port = free_port()
+    env = {**worker_env(redis_clean), "TEST_METRICS_PORT": str(port)}
+    worker = WorkerProcess("tests.apps.observed:app", env, pool="prefork", concurrency=2, queues="qx,qy,qt",
+                           extra=["--max-tasks-per-child", "1"])
+    try:
+        worker.start()
+        assert not os.path.exists(stale) and not os.path.exists(old_style)
+        assert os.path.isdir(live)
+        pid = worker.proc.pid
+        [ours] = metrics_dirs(pid)
+        run_producer(
+            "from celery.exceptions import WorkerLostError\n"
+            "from tests.apps.observed import DIRECT, TOPIC, killed, quick, slow, trickle\n"
+            "rs = [trickle.delay(i) for i in range(2)]  # both start at once (two idle children): one is deferred\n"
+            "lost = killed.delay()\n"
+            "rs.append(slow.apply_async(exchange=DIRECT, routing_key='rk.x'))\n"
+            "rs += [quick.apply_async((i,), exchange=TOPIC, routing_key=f'orders.eu.{i}', declare=[TOPIC])\n"
+            "       for i in range(4)]\n"
+            "assert [r.get(timeout=60) for r in rs] == [0, 1, 0.2] + list(range(4))\n"
+            "try:\n    lost.get(timeout=30)\nexcept WorkerLostError:\n    pass\n"
+            "else:\n    raise SystemExit('the child was not lost')\n"
+            "import time\n"
+            "from tests.apps.observed import held\n"
+            "r = held.delay()\n"
+            "deadline = time.monotonic() + 30\n"
+            "while r.state != 'STARTED' and time.monotonic() < deadline:\n    time.sleep(0.05)\n"
+            "r.revoke(terminate=True)\n"
+            "while r.state != 'REVOKED' and time.monotonic() < deadline:\n    time.sleep(0.05)\n"
+            "assert r.state == 'REVOKED', r.state\n", redis_clean)
+        samples = scrape(port)
+        files = [f for f in os.listdir(ours) if f.endswith(".db")]
+        children = children_of(pid)
+        listener = listening_inode(port)
+        assert listener in socket_inodes(pid)
+        held_by_children = {child: listener in socket_inodes(child) for child in children}
+        worker.stop()  # warm shutdown (SIGTERM)
+        assert not os.path.exists(ours)
+    finally:
+        worker.close()
+        os.close(held)
+        for path in (stale, old_style, live):
+            shutil.rmtree(path, ignore_errors=True)
+    m = "tests.apps.observed."
+    run_counts = {lbls: v for (n, lbls), v in samples.items() if n == "celery_tuning_task_run_seconds_count"}
+    assert {dict(lbls)["queue"] for lbls in run_counts} == {"qx", "qt"}, run_counts
+    # 2: the queue consumed from, not the routing key; its SLA applies
+    assert value(samples, "celery_tuning_sla_breaches_total", task=m + "slow", queue="qx", level="critical") == 1
+    assert value(samples, "celery_tuning_task_run_seconds_count", task=m + "quick", queue="qt") == 4
+    assert value(samples, "celery_tuning_sla_checked_total", task=m + "quick", queue="qt") == 4
+    # 9: the killed child's attempt is timed (0.3 s before the kill) and checked against qx's SLA
+    assert value(samples, "celery_tuning_task_outcomes_total", task=m + "killed", queue="qx", state="failure") == 1
+    assert value(samples, "celery_tuning_task_run_seconds_count", task=m + "killed", queue="qx") == 1
+    # from its start to when the main process noticed the loss (later on a loaded machine)
+    assert 0.3 <= value(samples, "celery_tuning_task_run_seconds_sum", task=m + "killed") < 30
+    assert value(samples, "celery_tuning_sla_checked_total", task=m + "killed", queue="qx") == 1
+    assert value(samples, "celery_tuning_sla_breaches_total", task=m + "killed", queue="qx", level="critical",
+                 kind="run") == 1
+    # a running task revoked with terminate=True: timed once, by the main process
+    assert value(samples, "celery_tuning_task_outcomes_total", task=m + "held", queue="qx", state="revoked") == 1
+    assert value(samples, "celery_tuning_task_run_seconds_count", task=m + "held", queue="qx") == 1
+    # (a): two tasks ran once each; the deferred attempt was no SLA check
+    assert value(samples, "celery_tuning_task_outcomes_total", task=m + "trickle", state="deferred") >= 1
+    assert value(samples, "celery_tuning_task_outcomes_total", task=m + "trickle", state="success") == 2
+    assert value(samples, "celery_tuning_sla_checked_total", task=m + "trickle") == 2
+    # 6: ten children came and went (one attempt each); their files were merged, totals exact
+    assert value(samples, "celery_tuning_task_run_seconds_count") == 2 + 1 + 4 + 1 + 1 + value(
+        samples, "celery_tuning_task_outcomes_total", task=m + "trickle", state="deferred")
+    assert value(samples, "celery_tuning_task_outcomes_total", state="success") == 7
+    assert {"counter_archive.db", "histogram_archive.db"} <= set(files), files
+    exited = [f for f in files if f.rsplit("_", 1)[1][:-3].isdigit()
+              and not os.path.exists(f"/proc/{f.rsplit('_', 1)[1][:-3]}")]
+    assert len(exited) <= 6, files  # at most the children that exited since the scrape began
+    assert len(files) <= 3 * 3 + 3, files  # main process and two children, three kinds each; archives
+    # (b): the children did not inherit the metrics listening socket
+    assert children and not any(held_by_children.values()), held_by_children
+
+
+@pytest.mark.reliability
+def test_queue_label_is_the_queue_consumed_from_on_rabbitmq(redis_clean, rabbitmq_url):
+    """Two queues bound to the same key on one exchange both get a copy; matching the routing key
+    labelled both with the first, and the second's SLA never applied. The consumer tag names each."""
+    from kombu import Connection
+
+    suffix = "-" + uuid.uuid4().hex[:8]
+    port = free_port()
+    env = {**worker_env(redis_clean), "TEST_BROKER_URL": rabbitmq_url, "TEST_METRICS_PORT": str(port),
+           "TEST_ROUTE_SUFFIX": suffix, "TEST_QY_KEY": "rk.x"}
+    # A node name of its own: RabbitMQ is shared, and a pidbox queue is exclusive to one connection.
+    worker = WorkerProcess("tests.apps.observed:app", env, pool="prefork", concurrency=1,
+                           queues=f"qx{suffix},qy{suffix},qt{suffix}", name=f"observed{suffix}")
+    try:
+        worker.start()
+        run_producer(
+            "from tests.apps.observed import DIRECT, TOPIC, quick, slow\n"
+            "slow.apply_async(exchange=DIRECT, routing_key='rk.x').get(timeout=30)\n"
+            "assert quick.apply_async((1,), exchange=TOPIC, routing_key='orders.us.7').get(timeout=30) == 1\n",
+            redis_clean, env=env)
+        deadline = time.monotonic() + 20
+        while True:  # both copies of slow ran
+            samples = scrape(port)
+            if value(samples, "celery_tuning_task_run_seconds_count", task="tests.apps.observed.slow") >= 2:
+                break
+            assert time.monotonic() < deadline, samples
+    finally:
+        worker.close()
+        with Connection(rabbitmq_url) as conn:
+            channel = conn.channel()
+            for queue in ("qx", "qy", "qt"):
+                channel.queue_delete(queue + suffix)
+            for exchange in ("tx", "tt"):
+                channel.exchange_delete(exchange + suffix)
+    slow = "tests.apps.observed.slow"
+    assert value(samples, "celery_tuning_task_run_seconds_count", task=slow, queue="qx" + suffix) == 1
+    assert value(samples, "celery_tuning_task_run_seconds_count", task=slow, queue="qy" + suffix) == 1
+    assert value(samples, "celery_tuning_sla_breaches_total", task=slow, queue="qx" + suffix, level="critical") == 1
+    assert value(samples, "celery_tuning_sla_breaches_total", task=slow, queue="qy" + suffix, level="warning") == 1
+    assert value(samples, "celery_tuning_sla_breaches_total", task=slow, queue="qy" + suffix, level="critical") == 0
+    assert value(samples, "celery_tuning_task_run_seconds_count", task="tests.apps.observed.quick",
+                 queue="qt" + suffix) == 1

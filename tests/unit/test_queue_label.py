@@ -81,3 +81,28 @@ def test_the_queue_this_worker_consumes_wins_over_an_overlapping_binding():
     assert queue_label(app, info) == "orders_all"  # no selection: the first binding that matches
     app.amqp.queues.select(["orders_eu"])  # what `celery worker -Q orders_eu` does
     assert queue_label(app, info) == "orders_eu"
+
+
+def test_the_queue_the_worker_consumed_from_wins_over_the_routing_key():
+    """On AMQP the worker's main process names the queue from the message's consumer tag: two
+    queues bound to the same key on one exchange each get their own label (matching the key gave
+    both the first)."""
+    from celery_tuning.integration.receivers import CONSUMED_QUEUE
+
+    app = Celery("consumed", broker="memory://", set_as_current=False)
+    direct = Exchange("tx", type="direct")
+    app.conf.task_queues = [Queue("qx", direct, routing_key="rk.x"), Queue("qy", direct, routing_key="rk.x")]
+    info = {"exchange": "tx", "routing_key": "rk.x"}
+    assert queue_label(app, info) == "qx"
+    assert queue_label(app, {**info, CONSUMED_QUEUE: "qy"}) == "qy"
+    assert queue_label(app, {**info, CONSUMED_QUEUE: "qx"}) == "qx"
+
+
+def test_a_routing_key_that_names_a_queue_is_that_queue_only_on_the_default_exchange():
+    """qy on exchange ey with key 'qa' (another queue's name): a message sent to ey with key qa is
+    qy's, not qa's (the name shortcut took it for qa: one cap for both, qy's SLA never checked)."""
+    app = Celery("alias", broker="memory://", set_as_current=False)
+    app.conf.task_queues = [Queue("qa"), Queue("qy", Exchange("ey", type="direct"), routing_key="qa")]
+    assert queue_label(app, {"exchange": "ey", "routing_key": "qa"}) == "qy"
+    assert queue_label(app, {"exchange": "", "routing_key": "qa"}) == "qa"
+    assert queue_label(app, {"exchange": "", "routing_key": "qy"}) == "qy"  # by name on the default exchange
