@@ -71,13 +71,15 @@ def test_two_prefork_workers_respect_a_shared_limit_without_using_retries(redis_
     times = sorted(float(t) for t in redis_clean.client(1).lrange("run_times", 0, -1))
     # the bucket admits 2 at once then one per 100 ms: 40 runs span at least 3.7 s (- jitter)
     assert times[-1] - times[0] >= 3.6
-    # deferred tasks come back on their reserved slots, not as a herd: no 1 s window over burst + rate
+    # deferred tasks come back on their reserved slots, not as a herd (a herd puts ~38 in one second):
+    # the documented bound for calls back late (a loaded machine runs ETA messages late) is
+    # burst + rate x (t + tuning_rate_limit_slot_grace) over any t seconds: 2 + 10 x (1 + 1) for t = 1
     worst, j = 0, 0
     for i in range(len(times)):
         while times[i] - times[j] > 1.0:
             j += 1
         worst = max(worst, i - j + 1)
-    assert worst <= 12 + 1, worst  # 2 + 10, one more for run-time jitter between hosts' clocks
+    assert worst <= 22, worst
 
 
 @pytest.mark.slow
