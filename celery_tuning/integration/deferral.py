@@ -204,6 +204,9 @@ def defer(
     serializer = _serializer_keeping(task, request)
     if serializer is not None:
         signature.set(serializer=serializer)
+    declare = route_declarations(task._app, signature.options)
+    if declare:
+        signature.set(declare=declare)
     signature.apply_async()
     events.task_deferred(task, request.id, reason, countdown, count)  # metrics, the task_deferred signal
     raise _ignored(f"deferred by celery-tuning ({reason}) for {countdown:.3f}s")
@@ -223,6 +226,31 @@ def _unstart(task: Any, request: Any) -> None:
     except Exception as exc:  # the backend's trouble must not cost the deferral (or leak into the task)
         logger.warning("celery-tuning could not set deferred task %s back to PENDING: %s: %s",
                        request.id, exc.__class__.__name__, exc)
+
+
+def route_declarations(app: Any, options: Dict[str, Any]) -> Optional[List[Any]]:
+    """The app's queue a re-published call's exchange and routing key lead to, when its exchange
+    is a topic or fanout one: declared before publishing (once per channel, kombu remembers).
+
+    On the Redis broker a process routes by the exchange's type as it knows it: one that never
+    declared ``tx`` takes the topic exchange for a direct one, matches ``orders.eu.1`` against the
+    binding ``orders.#`` literally, finds no queue and drops the message (a deferred call of a
+    task routed through a topic exchange was lost)."""
+    exchange = options.get("exchange")
+    exchange = getattr(exchange, "name", exchange)
+    if not exchange:
+        return None
+    from .receivers import queue_label
+
+    try:
+        queue = app.amqp.queues.get(queue_label(app, {"exchange": str(exchange),
+                                                      "routing_key": options.get("routing_key") or ""}))
+    except Exception:  # an app whose amqp cannot be set up: publish as before
+        return None
+    ex = getattr(queue, "exchange", None)
+    if queue is None or ex is None or getattr(ex, "type", "direct") == "direct":
+        return None
+    return [queue]
 
 
 # -- parking -------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Set
 from .. import events
 from ..errors import StorageError
 from ..storage.keys import lease_key, park_index_member
-from .deferral import HEADER_PARK, decode_payload
+from .deferral import HEADER_PARK, decode_payload, route_declarations
 
 __all__ = ["ForeignEntry", "Mover", "ParkedRow", "Round", "parked_rows", "parked_snapshot"]
 
@@ -376,4 +376,7 @@ class Mover:
         headers: Dict[str, Any] = dict(signature.options.get("headers") or {})
         headers[HEADER_PARK] = {"id": entry.park_id, "pub": entry.pub, "r": where.reason, "n": where.name}
         signature.options["headers"] = headers
+        declare = route_declarations(self.app, signature.options)
+        if declare:
+            signature.options["declare"] = declare
         return signature.apply_async(producer=producer)

@@ -34,6 +34,12 @@ app.conf.update(
     task_default_queue=os.environ.get("TEST_QUEUE", "celery"),
     accept_content=["json", "pickle"] if os.environ.get("TEST_ACCEPT_PICKLE") else ["json"],
 )
+if os.environ.get("TEST_TOPIC"):
+    from kombu import Exchange, Queue
+
+    # A queue bound to a topic exchange by a wildcard: a call routed there by a key such as
+    # orders.eu.1 must come back to it after a deferral.
+    app.conf.task_queues = [Queue("celery"), Queue("qt", Exchange("tx", type="topic"), routing_key="orders.#")]
 if os.environ.get("TEST_ACKS_LATE"):
     # Redelivery after a worker death, quickly: the Redis broker restores unacked messages older
     # than the visibility timeout.

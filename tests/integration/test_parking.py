@@ -324,6 +324,26 @@ def test_an_acks_late_message_redelivered_after_its_worker_died_parking_runs_onc
     assert len(runs) == 2 and set(runs.values()) == {b"1"}, runs
 
 
+@pytest.mark.parametrize("defer_via", ["park", "countdown"])
+def test_a_call_routed_through_a_topic_exchange_comes_back_after_a_deferral(redis_clean, defer_via):
+    """Sent to exchange tx (topic) with key orders.eu.<n>, bound to queue qt by 'orders.#': the
+    deferred calls are published again by a process that never declared tx; on Redis it took the
+    exchange for a direct one, matched the key literally and dropped them (2 of 3 stayed PENDING)."""
+    env = {**worker_env(redis_clean), "TEST_TOPIC": "1", "TEST_DEFER_VIA": defer_via}
+    with running_workers(APP, env, count=1, concurrency=2, prefix=f"topic-{defer_via}", queues="celery,qt"):
+        out = run_producer(
+            "from kombu import Exchange\nfrom tests.apps.parked import paced\n"
+            "tx = Exchange('tx', type='topic')\n"
+            "rs = [paced.apply_async((i,), exchange='tx', routing_key=f'orders.eu.{i}', declare=[tx]) "
+            "for i in range(3)]\n"
+            "print(sorted(r.get(timeout=20)['i'] for r in rs), max(r.get()['deferrals'] for r in rs))\n",
+            redis_clean, env=env)
+    values, deferred = out.splitlines()[-1].rsplit(" ", 1)
+    assert values == "[0, 1, 2]" and int(deferred) >= 1, out
+    runs = _runs(redis_clean.client(1))
+    assert len(runs) == 3 and set(runs.values()) == {b"1"}, runs
+
+
 def test_tuning_redis_down_while_parking_falls_back_to_countdown_logged_once(redis_clean, fault_redis):
     env = {**worker_env(redis_clean), "TEST_TUNING_URL": fault_redis.db_url(1),
            "TEST_LEDGER_URL": redis_clean.db_url(2)}
