@@ -73,6 +73,10 @@ class ConcurrencyLimiter:
             holders, until Redis is back) or ``'allow'`` (run unlimited).
     """
 
+    #: Standby slots releases promote for above the cap (``tuning_concurrency_standby``: 1 when on;
+    #: the concurrency step sets it): a woken waiter holds on for the next slot in its worker.
+    standby_slots: int = 0
+
     def __init__(self, name: str, cap: int, store: Union[LeaseStore, RedisConnector], *, prefix: str = "tuning",
                  ttl: float = 30.0, on_redis_error: str = "local") -> None:
         if on_redis_error not in _ON_REDIS_ERROR:
@@ -157,7 +161,7 @@ class ConcurrencyLimiter:
         try:
             parking = self._parking
             if parking is not None and lease.source == "redis":
-                parking[0].release_lease(parking[1], self.key, lease.id, self.cap)
+                parking[0].release_lease(parking[1], self.key, lease.id, self.cap, self.standby_slots)
             else:
                 self.store.release(self.key, lease.id)
         except StorageError:

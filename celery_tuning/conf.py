@@ -548,6 +548,11 @@ SETTINGS: Tuple[Setting, ...] = (
             "Lifetime of a concurrency-limit lease or a cache single-flight lock without renewal: how soon "
             "a dead worker's slot or lock returns.",
             _positive_float),
+    Setting("tuning_concurrency_standby", "float (s)", 10.0,
+            "With tuning_defer_via='park': how long a woken concurrency waiter that found no free slot "
+            "may hold on in its worker as the limit's one standby, taking the next slot a release frees "
+            "(about 1 ms instead of a mover and broker round trip); it then parks again at its place. "
+            "It holds a worker process meanwhile. 0: no standby.", _non_negative_float),
     Setting("tuning_concurrency_scale", "float", 1.0,
             "Multiplies profile concurrency (operators set it from the environment).",
             _positive_float, env="CELERY_TUNING_CONCURRENCY_SCALE"),
@@ -613,6 +618,7 @@ class TuningConfig:
     queue_concurrency: Mapping[str, int]
     concurrency_limits: Mapping[str, int]
     concurrency_lease_ttl: float
+    concurrency_standby: float
     concurrency_scale: float
     defer_via: str
     park_claim_ttl: float

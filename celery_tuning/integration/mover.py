@@ -332,7 +332,9 @@ class Mover:
         cap = self.runtime.config.concurrency_limits.get(where.name)
         if cap is None:
             return False  # not a limit of this app (another app shares the Redis)
-        return self.store.promote(where, lease_key(self.runtime.config.key_prefix, where.name), cap) > 0
+        # One more than the cap while standbys are on: the waiter on its way to hold on for the next slot.
+        standby = 1 if self.runtime.config.concurrency_standby > 0 else 0
+        return self.store.promote(where, lease_key(self.runtime.config.key_prefix, where.name), cap, standby) > 0
 
     def _publish(self, where: Any, claimed: List[Any]) -> int:
         done = 0

@@ -37,10 +37,16 @@ channel ``P:cache:invalidate``                     pub/sub    :func:`cache_inval
                                                               ``<pub>`` or ``<pub>:r``)
 ``P:park:{N}:<r>:tixat``                           zset       :func:`park_keys` (park id -> when its
                                                               ticket may be dropped, µs)
+``P:park:{N}:<r>:pub``                             zset       :func:`park_handover_keys` (park id ->
+                                                              expiry, µs: published, not arrived)
+``P:park:{N}:<r>:standby``                         zset       :func:`park_handover_keys` (standby
+                                                              token -> expiry, µs; concurrency)
 ``P:park:index``                                   set        :func:`park_index_key` (``<r>:<N>``
                                                               of every spot that may hold entries)
 channel ``P:park:wake``                           pub/sub    :func:`park_wake_channel` (a release
                                                               made a waiter due: movers wake)
+channel ``P:park:standby``                        pub/sub    :func:`park_standby_channel` (a lease
+                                                              released while a standby waits)
 ``P:<part>:<part>…``                               any        :func:`prefixed_key` (anything else
                                                               under the prefix)
 =================================================  =========  ====================================
@@ -54,6 +60,7 @@ from ..errors import ConfigurationError
 
 __all__ = [
     "PARK_REASONS",
+    "ParkHandoverKeys",
     "ParkKeys",
     "breaker_channel",
     "breaker_key",
@@ -64,11 +71,13 @@ __all__ = [
     "cache_value_key",
     "hash_tag",
     "lease_key",
+    "park_handover_keys",
     "park_index_key",
     "park_index_member",
     "park_keys",
     "park_reason_code",
     "park_spot_of",
+    "park_standby_channel",
     "park_stem",
     "park_wake_channel",
     "prefixed_key",
@@ -215,6 +224,22 @@ def park_keys(prefix: str, reason: str, name: str) -> ParkKeys:
     return ParkKeys(*(f"{stem}:{part}" for part in ParkKeys._fields))
 
 
+class ParkHandoverKeys(NamedTuple):
+    """A spot's keys for the hand-over of concurrency slots; every ``park_*.lua`` script receives
+    them right after the :class:`ParkKeys` (KEYS[7], KEYS[8])."""
+
+    #: zset park id -> expiry (µs): published by a mover, not yet arrived at a worker.
+    pub: str
+    #: zset standby token -> expiry (µs): woken waiters holding on in a worker for the next slot.
+    standby: str
+
+
+def park_handover_keys(prefix: str, reason: str, name: str) -> ParkHandoverKeys:
+    """The spot's :class:`ParkHandoverKeys` (the same Cluster slot as :func:`park_keys`)."""
+    stem = park_stem(prefix, reason, name)
+    return ParkHandoverKeys(*(f"{stem}:{part}" for part in ParkHandoverKeys._fields))
+
+
 def park_index_key(prefix: str) -> str:
     """The set of spots that may hold parked entries (a hint for movers; its own slot)."""
     return prefixed_key(prefix, PARK, "index")
@@ -223,6 +248,11 @@ def park_index_key(prefix: str) -> str:
 def park_wake_channel(prefix: str) -> str:
     """The channel a release publishes on when it makes a concurrency waiter due (movers wake)."""
     return prefixed_key(prefix, PARK, "wake")
+
+
+def park_standby_channel(prefix: str) -> str:
+    """The channel a lease release publishes its spot's index member on while a standby waits."""
+    return prefixed_key(prefix, PARK, "standby")
 
 
 def park_index_member(reason: str, name: str) -> str:

@@ -13,6 +13,14 @@ Entry life::
                          claimed ──claim expiry──> due (pub + 1 at the next claim)
     redeem(pub) : the worker runs the message: the entry goes, the ticket says "redeemed"
 
+Hand-over of concurrency slots: an acked entry's id stays in the spot's *published* set until it is
+redeemed (it arrived) or its claim's expiry passes, so promotion counts the waiters on their way
+to a worker. A woken waiter that finds no free slot may become the limit's *standby*
+(:meth:`ParkStore.standby`, one per limit): it holds on in its worker and takes the next slot a
+release frees (releases announce themselves on the standby channel while one waits), instead of
+parking again and coming back through a mover and the broker. Promotion aims at the cap plus the
+standby slots, so a waiter is always on its way to become the next standby.
+
 Time is integer microseconds by the Redis server's clock (``server_clock.lua``); tests pass a
 manual clock to both stores. :class:`MemoryParkStore` is the reference the Lua scripts mirror
 (a differential state machine holds them together).
@@ -25,7 +33,7 @@ from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Pr
 
 from . import keys
 from .gcra import now_us
-from .keys import ParkKeys
+from .keys import ParkHandoverKeys, ParkKeys
 from .lease import LeaseStore, MemoryLeaseStore
 from .process import PerProcess
 from .redis import RedisConnector
@@ -79,6 +87,10 @@ class ParkSnapshot(NamedTuple):
     #: (µs), or None when empty. ``now - oldest_us`` is how long the head has been waiting to run
     #: (negative: not due yet).
     oldest_us: Optional[int]
+    #: Published by a mover and not redeemed yet (expired ones not yet dropped included).
+    published: int = 0
+    #: Standbys holding on for a slot (expired ones not yet dropped included).
+    standbys: int = 0
 
 
 class ParkStore(Protocol):
@@ -115,12 +127,30 @@ class ParkStore(Protocol):
         """Whether ``park_id`` was parked at ``spot`` (its entry or its ticket is there: parked,
         claimed, published or run). Read-only."""
 
-    def promote(self, spot: Spot, lease_key: str, cap: int) -> int:
-        """Move FIFO heads to due (score now): as many as slots are free, i.e. ``cap`` minus the
-        live leases in ``lease_key`` minus the spot's entries already due or claimed. Returns how many."""
+    def promote(self, spot: Spot, lease_key: str, cap: int, standby: int = 0) -> int:
+        """Move FIFO heads to due (score now): as many as slots are free, i.e. ``cap`` plus
+        ``standby`` (standby slots) minus the live leases in ``lease_key``, the spot's entries
+        already due, claimed or published (expiry after now) and the live standbys. Expired
+        published ids are dropped first. Returns how many moved."""
 
-    def release_lease(self, spot: Spot, lease_key: str, lease_id: str, cap: int) -> None:
-        """Give lease ``lease_id`` back and promote one waiter if that frees a slot, atomically."""
+    def release_lease(self, spot: Spot, lease_key: str, lease_id: str, cap: int, standby: int = 0) -> None:
+        """Give lease ``lease_id`` back and promote one waiter if that frees a slot, atomically;
+        a live standby of the spot is told (:meth:`standby_bell`)."""
+
+    def standby(self, spot: Spot, token: str, ttl_us: int, slots: int = 1) -> bool:
+        """Hold on as a standby (``token``) for ``ttl_us`` µs, if fewer than ``slots`` live
+        standbys hold on at ``spot`` (expired ones are dropped first). True when it does."""
+
+    def unstandby(self, spot: Spot, token: str) -> bool:
+        """Stop holding on; True when ``token`` was a standby."""
+
+    def standby_bell(self, spot: Spot) -> threading.Event:
+        """An event set whenever a lease of ``spot``'s limit is released while a standby holds on
+        (best effort: also retry on a timer). Subscribed before it returns, when it can be.
+        Give it back with :meth:`standby_unbell`."""
+
+    def standby_unbell(self, spot: Spot, bell: threading.Event) -> None:
+        """Stop ringing ``bell``."""
 
     def next_due_us(self, spot: Spot) -> Optional[int]:
         """The earliest due time (µs), or None."""
@@ -155,7 +185,7 @@ def _ticket_pub(ticket: str) -> int:
 
 
 class _SpotState:
-    __slots__ = ("claim", "due", "msg", "tix", "tixat", "wait")
+    __slots__ = ("claim", "due", "msg", "pub", "standby", "tix", "tixat", "wait")
 
     def __init__(self) -> None:
         self.due: Dict[str, int] = {}
@@ -164,6 +194,8 @@ class _SpotState:
         self.claim: Dict[str, int] = {}
         self.tix: Dict[str, str] = {}
         self.tixat: Dict[str, int] = {}
+        self.pub: Dict[str, int] = {}
+        self.standby: Dict[str, int] = {}
 
     def drop(self, park_id: str) -> None:
         for zset in (self.due, self.wait, self.claim):
@@ -185,6 +217,36 @@ class _Parked:
         self.index: Set[Spot] = set()
 
 
+class _Bells:
+    """One process's standby bells: spot -> the events its releases set."""
+
+    __slots__ = ("by_spot", "lock")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.by_spot: Dict[Spot, Set[threading.Event]] = {}
+
+    def add(self, spot: Spot) -> threading.Event:
+        bell = threading.Event()
+        with self.lock:
+            self.by_spot.setdefault(Spot(*spot), set()).add(bell)
+        return bell
+
+    def remove(self, spot: Spot, bell: threading.Event) -> None:
+        with self.lock:
+            bells = self.by_spot.get(Spot(*spot))
+            if bells is not None:
+                bells.discard(bell)
+                if not bells:
+                    del self.by_spot[Spot(*spot)]
+
+    def ring(self, spot: Spot) -> None:
+        with self.lock:
+            bells = list(self.by_spot.get(Spot(*spot), ()))
+        for bell in bells:
+            bell.set()
+
+
 class MemoryParkStore:
     """Parked entries in this process only: the reference for the contract and differential tests.
 
@@ -203,6 +265,7 @@ class MemoryParkStore:
         self.leases: LeaseStore = leases if leases is not None else MemoryLeaseStore(clock=clock)
         self.ticket_ttl_us = int(ticket_ttl_us)
         self._process: PerProcess[_Parked] = PerProcess(_Parked, name="memory parked tasks")
+        self._bells: PerProcess[_Bells] = PerProcess(_Bells, name="memory standby bells")
 
     def _state(self, spot: Spot) -> _SpotState:
         _check_spot(spot)
@@ -277,7 +340,9 @@ class MemoryParkStore:
             ticket = state.tix.get(park_id)
             if ticket is None or _ticket_pub(ticket) != int(pub):
                 return False
-            state.claim.pop(park_id, None)
+            until = state.claim.pop(park_id, None)
+            if until is not None and spot.reason == "concurrency":
+                state.pub[park_id] = until  # on its way to take a slot
             state.due.pop(park_id, None)
             state.msg.pop(park_id, None)
             self._stamp(state, park_id, ticket, now)
@@ -304,6 +369,7 @@ class MemoryParkStore:
                 return False
             self._stamp(state, park_id, f"{int(pub)}:r", now)
             state.drop(park_id)
+            state.pub.pop(park_id, None)
             return True
 
     def seen(self, spot: Spot, park_id: str) -> bool:
@@ -312,23 +378,54 @@ class MemoryParkStore:
             return park_id in state.msg or park_id in state.tix
 
     def _promote(self, state: _SpotState, lease_key: str, cap: int, most: int, now: int) -> int:
+        if not state.wait:
+            return 0
+        for park_id in [k for k, v in state.pub.items() if v <= now]:
+            del state.pub[park_id]
         live = self.leases.count(lease_key, now=now)
-        count = max(0, min(cap - live - len(state.due) - len(state.claim), len(state.wait), most))
+        standbys = sum(1 for v in state.standby.values() if v > now)
+        free = cap - live - len(state.due) - len(state.claim) - len(state.pub) - standbys
+        count = max(0, min(free, len(state.wait), most))
         for park_id, _ in _ordered(state.wait)[:count]:
             del state.wait[park_id]
             state.due[park_id] = now
         return count
 
-    def promote(self, spot: Spot, lease_key: str, cap: int) -> int:
+    def promote(self, spot: Spot, lease_key: str, cap: int, standby: int = 0) -> int:
         with self._lock:
             now = self.clock()
-            return self._promote(self._state(spot), lease_key, int(cap), MOVE_PER_CALL, now)
+            return self._promote(self._state(spot), lease_key, int(cap) + int(standby), MOVE_PER_CALL, now)
 
-    def release_lease(self, spot: Spot, lease_key: str, lease_id: str, cap: int) -> None:
+    def release_lease(self, spot: Spot, lease_key: str, lease_id: str, cap: int, standby: int = 0) -> None:
         with self._lock:
             now = self.clock()
             self.leases.release(lease_key, lease_id)
-            self._promote(self._state(spot), lease_key, int(cap), 1, now)
+            state = self._state(spot)
+            held_on = any(v > now for v in state.standby.values())
+            self._promote(state, lease_key, int(cap) + int(standby), 1, now)
+        if held_on:
+            self._bells.get().ring(spot)
+
+    def standby(self, spot: Spot, token: str, ttl_us: int, slots: int = 1) -> bool:
+        with self._lock:
+            now = self.clock()
+            state = self._state(spot)
+            for gone in [k for k, v in state.standby.items() if v <= now]:
+                del state.standby[gone]
+            if len(state.standby) >= int(slots):
+                return False
+            state.standby[token] = now + int(ttl_us)
+            return True
+
+    def unstandby(self, spot: Spot, token: str) -> bool:
+        with self._lock:
+            return self._state(spot).standby.pop(token, None) is not None
+
+    def standby_bell(self, spot: Spot) -> threading.Event:
+        return self._bells.get().add(spot)
+
+    def standby_unbell(self, spot: Spot, bell: threading.Event) -> None:
+        self._bells.get().remove(spot, bell)
 
     def next_due_us(self, spot: Spot) -> Optional[int]:
         with self._lock:
@@ -345,7 +442,7 @@ class MemoryParkStore:
             heads = [score for score in (next_due, min(state.wait.values()) if state.wait else None)
                      if score is not None]
             return ParkSnapshot(len(state.due), len(state.wait), len(state.claim), next_due,
-                                min(heads) if heads else None)
+                                min(heads) if heads else None, len(state.pub), len(state.standby))
 
     def release(self, spot: Spot) -> int:
         with self._lock:
@@ -394,8 +491,11 @@ class RedisParkStore:
         self.ticket_ttl_us = int(ticket_ttl_us)
         self.index_key = keys.park_index_key(prefix)
         self.wake_channel = keys.park_wake_channel(prefix)
+        self.standby_channel = keys.park_standby_channel(prefix)
         self._cluster = connector.target.kind == "cluster"
         self._keys: Dict[Spot, ParkKeys] = {}
+        self._handover: Dict[Spot, ParkHandoverKeys] = {}
+        self._bells: PerProcess[_Bells] = PerProcess(_Bells, name="standby bells")
 
     def keys(self, spot: Spot) -> ParkKeys:
         """The spot's keys (cached)."""
@@ -404,9 +504,16 @@ class RedisParkStore:
             found = self._keys[spot] = keys.park_keys(self.prefix, spot.reason, spot.name)
         return found
 
+    def handover_keys(self, spot: Spot) -> ParkHandoverKeys:
+        """The spot's published and standby keys (cached)."""
+        found = self._handover.get(spot)
+        if found is None:
+            found = self._handover[spot] = keys.park_handover_keys(self.prefix, spot.reason, spot.name)
+        return found
+
     def _run(self, script: str, spot: Spot, args: Iterable[Any], extra_keys: Tuple[str, ...] = ()) -> Any:
         now = "" if self.clock is None else int(self.clock())
-        return self.connector.evalsha(script, [*self.keys(spot), *extra_keys],
+        return self.connector.evalsha(script, [*self.keys(spot), *self.handover_keys(spot), *extra_keys],
                                       [now, self.ticket_ttl_us, *args])
 
     def park(self, spot: Spot, park_id: str, payload: str, delay_us: Optional[int],
@@ -428,7 +535,7 @@ class RedisParkStore:
         return [Claimed(_text(reply[i]), _text(reply[i + 1]), int(reply[i + 2])) for i in range(0, len(reply), 3)]
 
     def ack(self, spot: Spot, park_id: str, pub: int) -> bool:
-        return bool(int(self._run("park_ack", spot, [park_id, int(pub)])))
+        return bool(int(self._run("park_ack", spot, [park_id, int(pub), "1" if spot.reason == "concurrency" else ""])))
 
     def unclaim(self, spot: Spot, park_id: str, pub: int, delay_us: int = 0) -> bool:
         return bool(int(self._run("park_unclaim", spot, [park_id, int(pub), int(delay_us)])))
@@ -439,14 +546,40 @@ class RedisParkStore:
     def seen(self, spot: Spot, park_id: str) -> bool:
         return bool(int(self._run("park_seen", spot, [park_id])))
 
-    def promote(self, spot: Spot, lease_key: str, cap: int) -> int:
-        return int(self._run("park_promote", spot, [int(cap), MOVE_PER_CALL, "", "", ""], (lease_key,)))
+    def promote(self, spot: Spot, lease_key: str, cap: int, standby: int = 0) -> int:
+        return int(self._run("park_promote", spot, [int(cap), MOVE_PER_CALL, "", "", "", int(standby), ""],
+                             (lease_key,)))
 
-    def release_lease(self, spot: Spot, lease_key: str, lease_id: str, cap: int) -> None:
+    def release_lease(self, spot: Spot, lease_key: str, lease_id: str, cap: int, standby: int = 0) -> None:
         # The waiter made due is announced on the wake channel: a mover publishes it at once
-        # instead of at its next round.
+        # instead of at its next round. A standby holding on hears the release on its own channel.
         self._run("park_promote", spot, [int(cap), 1, lease_id, self.wake_channel,
-                                         keys.park_index_member(spot.reason, spot.name)], (lease_key,))
+                                         keys.park_index_member(spot.reason, spot.name), int(standby),
+                                         self.standby_channel], (lease_key,))
+
+    def standby(self, spot: Spot, token: str, ttl_us: int, slots: int = 1) -> bool:
+        return bool(int(self._run("park_standby", spot, ["+", token, int(ttl_us), int(slots)])))
+
+    def unstandby(self, spot: Spot, token: str) -> bool:
+        return bool(int(self._run("park_standby", spot, ["-", token, "", ""])))
+
+    def standby_bell(self, spot: Spot) -> threading.Event:
+        from .pubsub import channel_listener
+
+        bells = self._bells.get()
+        listener = channel_listener(self.connector, self.standby_channel)
+        listener.add(self._ring)
+        if not listener.subscribed.is_set():
+            listener.subscribed.wait(1.0)  # once per process: a release sent before would be missed
+        return bells.add(spot)
+
+    def standby_unbell(self, spot: Spot, bell: threading.Event) -> None:
+        self._bells.get().remove(spot, bell)
+
+    def _ring(self, data: Any) -> None:
+        found = keys.park_spot_of(_text(data))
+        if found is not None:
+            self._bells.get().ring(Spot(*found))
 
     def next_due_us(self, spot: Spot) -> Optional[int]:
         due = self.keys(spot).due
@@ -459,8 +592,9 @@ class RedisParkStore:
         return int(self.connector.evalsha("park_now", [], []))
 
     def snapshot(self, spot: Spot) -> ParkSnapshot:
-        due, waiting, claimed, next_due, oldest = self._run("park_snapshot", spot, [])
-        return ParkSnapshot(int(due), int(waiting), int(claimed), _optional_int(next_due), _optional_int(oldest))
+        due, waiting, claimed, next_due, oldest, published, standbys = self._run("park_snapshot", spot, [])
+        return ParkSnapshot(int(due), int(waiting), int(claimed), _optional_int(next_due), _optional_int(oldest),
+                            int(published), int(standbys))
 
     def release(self, spot: Spot) -> int:
         total = 0

@@ -85,7 +85,9 @@ def solo(self, i, seconds=0.2):
     _ran(self.request.id)
     # When it first parked (µs; 0 when it never waited): waiters are woken in this order.
     seq = getattr(self.request, "tuning_park_seq", None) or (self.request.headers or {}).get("tuning_park_seq") or 0
-    ledger.rpush("solo_spans", f"{i} {start} {time.time()} {seq}")
+    # Whether it held on as the limit's standby (1) or got its slot through a mover (0).
+    standby = int(bool(getattr(self.request, "tuning_standby", False)))
+    ledger.rpush("solo_spans", f"{i} {start} {time.time()} {seq} {standby}")
     return i
 
 

@@ -246,7 +246,73 @@ def test_promote_never_moves_more_than_the_free_slots(w):
     assert s.snapshot(CC) == ParkSnapshot(2, 4, 0, T0, T0)
     [first, second] = s.claim(CC, 10, CLAIM)
     assert s.ack(CC, first.park_id, first.pub) and s.ack(CC, second.park_id, second.pub)
-    assert s.promote(CC, LEASES, 3) == 2  # acked: running (or about to lease) elsewhere
+    assert s.snapshot(CC) == ParkSnapshot(0, 4, 0, None, T0 + 2, 2, 0)
+    assert s.promote(CC, LEASES, 3) == 0  # published, not arrived yet: on their way to take a slot
+    assert s.redeem(CC, first.park_id, first.pub)  # arrived (it leases, or parks again, now)
+    assert s.promote(CC, LEASES, 3) == 1
+    w.clock.now += CLAIM  # the second never arrived (lost): its claim's expiry frees its slot
+    assert s.promote(CC, LEASES, 3) == 1
+    assert s.snapshot(CC).published == 0
+
+
+def test_a_published_id_is_counted_only_at_a_concurrency_spot(w):
+    s = w.store
+    s.park(RL, "a:1", "{}", 0)
+    [claimed] = s.claim(RL, 10, CLAIM)
+    assert s.ack(RL, claimed.park_id, claimed.pub)
+    assert s.snapshot(RL) == ParkSnapshot(0, 0, 0, None, None, 0, 0)
+
+
+def test_promotion_aims_one_over_the_cap_for_a_standby(w):
+    """Standby slots: one waiter more than the cap is woken, to hold on for the next slot; a live
+    standby fills that slot, an expired one does not, and only ``slots`` standbys hold on at once."""
+    s = w.store
+    for i in range(4):
+        s.park(CC, f"t{i}:1", "{}", None, T0 + i)
+    w.lease("a")
+    w.lease("b")
+    assert s.promote(CC, LEASES, 2) == 0
+    assert s.standby(CC, "x", 5 * SEC)
+    assert not s.standby(CC, "y", 5 * SEC)  # one standby per limit
+    assert s.promote(CC, LEASES, 2, standby=1) == 0  # the standby holds the extra slot
+    assert s.snapshot(CC).standbys == 1
+    w.clock.now += 5 * SEC  # its time is up (its worker died): not counted, replaced
+    assert s.promote(CC, LEASES, 2, standby=1) == 1
+    assert s.standby(CC, "y", 5 * SEC)
+    assert s.snapshot(CC).standbys == 1  # the expired one was dropped
+    assert not s.unstandby(CC, "x") and s.unstandby(CC, "y") and not s.unstandby(CC, "y")
+    assert s.promote(CC, LEASES, 2, standby=1) == 0  # one due already fills the extra slot
+    assert s.standby(CC, "z", 5 * SEC, slots=2) and s.standby(CC, "w", 5 * SEC, slots=2)
+    assert not s.standby(CC, "v", 5 * SEC, slots=2)
+
+
+def test_a_release_rings_the_standby_and_promotes_its_successor(w):
+    """A release while a standby holds on rings its bell in this process (Redis: over the standby
+    channel) and wakes the next waiter, the standby's successor."""
+    s = w.store
+    s.park(CC, "t0:1", "{}", None, T0)
+    s.park(CC, "t1:1", "{}", None, T0 + 1)
+    w.lease("a")
+    bell = s.standby_bell(CC)
+    other = s.standby_bell(Spot("concurrency", "other"))
+    try:
+        s.release_lease(CC, LEASES, "a", 1, 1)  # no standby: not rung; 2 slots free (cap + 1)
+        assert not bell.wait(0.3)
+        assert s.snapshot(CC).due == 1  # one per release
+        w.lease("b")
+        assert s.standby(CC, "x", 5 * SEC)
+        s.release_lease(CC, LEASES, "b", 1, 1)
+        assert bell.wait(5) and not other.is_set()
+        assert s.snapshot(CC).due == 1  # b's slot goes to the standby: the due one still fills cap + 1
+        assert w.leases.acquire(LEASES, 1, "x-lease", 60 * SEC, now=w.clock.now).granted
+        assert s.unstandby(CC, "x")
+        bell.clear()
+        s.release_lease(CC, LEASES, "x-lease", 1, 1)  # nobody holds on
+        assert not bell.wait(0.3)
+        assert s.snapshot(CC).due == 2
+    finally:
+        s.standby_unbell(CC, bell)
+        s.standby_unbell(Spot("concurrency", "other"), other)
 
 
 def test_releasing_a_lease_wakes_one_waiter_in_the_same_step(w):
@@ -376,14 +442,24 @@ def test_every_key_has_a_bounded_ttl(redis_world):
     assert s.ack(RL, claimed.park_id, claimed.pub)
     assert s.redeem(RL, "b:1", claimed.pub)
     s.promote(CC, LEASES, 5)
-    spot_keys = [*keys.park_keys("tuning", RL.reason, RL.name), *keys.park_keys("tuning", CC.reason, CC.name)]
+    s.park(CC, "d:1", "{}", 0)
+    published = s.claim(CC, 10, CLAIM)[0]  # c:1 (promoted) acked; d:1 stays claimed
+    assert s.ack(CC, published.park_id, published.pub)
+    spot_keys = [*keys.park_keys("tuning", RL.reason, RL.name), *keys.park_keys("tuning", CC.reason, CC.name),
+                 keys.park_handover_keys("tuning", CC.reason, CC.name).pub]
     present = [k for k in spot_keys if w.connector.run(lambda c, k=k: c.exists(k))]
-    assert len(present) >= 6  # due, msg, tix, tixat of RL; due, msg of CC at least
+    assert len(present) >= 7  # due, msg, tix, tixat of RL; msg, claim, pub of CC at least
     day_ms = 86_400_000
     for key in [*present, keys.park_index_key("tuning")]:
         pttl = w.connector.run(lambda c, key=key: c.pttl(key))
         # longest due (100 s) + ticket TTL + 1 s of slack, and never without one
         assert day_ms < pttl <= day_ms + 101_000, (key, pttl)
+    # A standby's entry lives its own short time, never the ticket TTL.
+    assert s.standby(CC, "x", 5 * SEC)
+    standby_key = keys.park_handover_keys("tuning", CC.reason, CC.name).standby
+    assert 5000 < w.connector.run(lambda c: c.pttl(standby_key)) <= 6000
+    s.park(CC, "e:1", "{}", None)
+    assert 5000 < w.connector.run(lambda c: c.pttl(standby_key)) <= 6000
 
 
 def test_redis_memory_per_parked_entry(redis_world, capsys):

@@ -2,8 +2,9 @@
 
 One manual clock drives both stores and both lease stores (the Redis ones send it to the scripts as
 their "now"). Rules: park (delayed, FIFO with and without a sequence, re-parks of the same id),
-claim, ack and redeem with current and stale pubs, promote and release_lease against leases added
-and removed on the limit's lease set, release, purge, time passing (claims expire, tickets are
+claim, ack and redeem with current and stale pubs, promote and release_lease (with and without a
+standby slot) against leases added and removed on the limit's lease set, standbys holding on and
+letting go, release, purge, time passing (claims, published ids and standbys expire, tickets are
 trimmed) and Redis losing everything (FLUSHDB), whose reference is a memory store that never saw
 anything. Any answer or snapshot that differs fails, and so does an entry that vanishes.
 """
@@ -33,6 +34,7 @@ CC = Spot("concurrency", "pdf")
 SPOTS = [Spot("rate_limit", "api"), CC, Spot("circuit_open", "}x")]
 LEASES = keys.lease_key("tuning", CC.name)
 IDS = ["t0:1", "t0:2", "t1:1", "t2:1", "t3:1", "é:1"]
+TOKENS = ["s0", "s1", "s2"]
 
 spots = st.sampled_from([*SPOTS, CC])  # the concurrency spot (promote, leases) twice as often
 ids = st.sampled_from(IDS)
@@ -145,18 +147,40 @@ class ParkStoresAgree(RuleBasedStateMachine):
         self.memory_leases.release(LEASES, lease_id)
         self.redis_leases.release(LEASES, lease_id)
 
-    @rule(cap=st.integers(0, 4))
-    def promote(self, cap: int) -> None:
+    @rule(cap=st.integers(0, 4), standby=st.integers(0, 1))
+    def promote(self, cap: int, standby: int) -> None:
         live = self.memory_leases.count(LEASES)
-        moved = self.redis.promote(CC, LEASES, cap)
-        assert moved == self.memory.promote(CC, LEASES, cap)
-        assert moved <= max(0, cap - live)
+        moved = self.redis.promote(CC, LEASES, cap, standby)
+        assert moved == self.memory.promote(CC, LEASES, cap, standby)
+        assert moved <= max(0, cap + standby - live)
 
-    @rule(cap=st.integers(0, 4), data=st.data())
-    def release_lease(self, cap: int, data: st.DataObject) -> None:
+    @rule(cap=st.integers(0, 4), standby=st.integers(0, 1), data=st.data())
+    def release_lease(self, cap: int, standby: int, data: st.DataObject) -> None:
         lease_id = data.draw(st.sampled_from(self.held)) if self.held else "never-held"
-        self.memory.release_lease(CC, LEASES, lease_id, cap)
-        self.redis.release_lease(CC, LEASES, lease_id, cap)
+        self.memory.release_lease(CC, LEASES, lease_id, cap, standby)
+        self.redis.release_lease(CC, LEASES, lease_id, cap, standby)
+
+    @rule(batch=st.integers(1, 3), ttl=claim_ttls, cap=st.integers(0, 3), standby=st.integers(0, 1))
+    def mover_round(self, batch: int, ttl: int, cap: int, standby: int) -> None:
+        """What a mover does at the concurrency spot: promote, claim, publish (ack): the acked ids
+        are on their way (published) and count against the free slots."""
+        self.promote(cap, standby)
+        self.claim(CC, batch, ttl)
+        for (spot, park_id), pubs in sorted(self.pubs.items()):
+            if spot == CC:
+                acked = self.redis.ack(spot, park_id, pubs[-1])
+                assert acked == self.memory.ack(spot, park_id, pubs[-1])
+                if acked:
+                    self.parked.discard((spot, park_id))
+
+    # The standby set lives its latest standby's time + 1 s in real time: 5 s at least here.
+    @rule(token=st.sampled_from(TOKENS), ttl=st.sampled_from([5 * SEC, 20 * SEC]), slots=st.integers(1, 2))
+    def standby(self, token: str, ttl: int, slots: int) -> None:
+        assert self.redis.standby(CC, token, ttl, slots) == self.memory.standby(CC, token, ttl, slots)
+
+    @rule(token=st.sampled_from(TOKENS))
+    def unstandby(self, token: str) -> None:
+        assert self.redis.unstandby(CC, token) == self.memory.unstandby(CC, token)
 
     @rule(spot=spots, park_id=ids)
     def seen(self, spot: Spot, park_id: str) -> None:
@@ -177,9 +201,11 @@ class ParkStoresAgree(RuleBasedStateMachine):
     def advance(self, gap: int) -> None:
         self.now += gap
 
-    @rule(spot=spots, edge=st.sampled_from(["due", "claim", "tixat"]), off=st.sampled_from([-1, 0, 1]))
+    @rule(spot=spots, edge=st.sampled_from(["due", "claim", "tixat", "pub", "standby"]),
+          off=st.sampled_from([-1, 0, 1]))
     def advance_to_an_edge(self, spot: Spot, edge: str, off: int) -> None:
-        """Step to just before, onto or just past the next due time, claim expiry or ticket drop."""
+        """Step to just before, onto or just past the next due time, claim expiry, ticket drop,
+        published id's expiry or standby's end."""
         times = [t for t in getattr(self.memory._state(spot), edge).values() if t + off > self.now]
         if times:
             self.now = min(times) + off

@@ -140,10 +140,27 @@ def test_the_mover_wakes_concurrency_waiters_in_fifo_order(app, store):
     for i, seq in ((0, 30), (1, 10), (2, 20)):
         store.park(spot, f"w{i}:1", encode_payload(task, _request(f"w{i}"), {}, "concurrency", "solo"), None, seq)
     mover = Mover(app, store)
-    assert mover.run_once().published == 1           # a cap of 1, no lease held: the first waiter
-    assert [m.headers["id"] for m in _queued(app, "work-q")] == ["w1"]
-    assert mover.run_once().published == 1           # nothing holds a lease in this store: the next
-    assert [m.headers["id"] for m in _queued(app, "work-q")] == ["w2"]
+    # A cap of 1, no lease held: the first waiter, and the next one to hold on as the standby.
+    assert mover.run_once().published == 2
+    assert [m.headers["id"] for m in _queued(app, "work-q")] == ["w1", "w2"]
+    assert mover.run_once().published == 0           # both on their way: they fill cap + 1
+    assert store.redeem(spot, "w1:1", 1)             # w1 arrived (and ended: no lease in this store)
+    assert mover.run_once().published == 1
+    assert [m.headers["id"] for m in _queued(app, "work-q")] == ["w0"]
+
+
+def test_without_standby_the_mover_wakes_one_waiter_per_free_slot(app):
+    app.conf.tuning_concurrency_standby = 0
+    store = MemoryParkStore()
+    runtime_for(app).registry.use_park_store(store)
+    task = app.tasks["unit.work"]
+    spot = Spot("concurrency", "solo")
+    for i in range(2):
+        store.park(spot, f"w{i}:1", encode_payload(task, _request(f"w{i}"), {}, "concurrency", "solo"), None, i)
+    mover = Mover(app, store)
+    assert mover.run_once().published == 1
+    assert mover.run_once().published == 0           # w0 is on its way
+    assert [m.headers["id"] for m in _queued(app, "work-q")] == ["w0"]
 
 
 def test_an_idle_mover_sleeps_longer(app, store):

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Any, Optional
 
-from ...concurrency import ConcurrencyLimiter
-from ...errors import ConcurrencyLimited
+from ...concurrency import ConcurrencyLimiter, Lease
+from ...errors import ConcurrencyLimited, StorageError
 from ...policy import admission
 from ...policy.attach import ConcurrencyPolicy
 from ..deferral import ParkRequest, defer, deferrals_of, is_eager, jitter, park_info, spot
@@ -15,6 +16,11 @@ from ..registry import CONCURRENCY_LIMITS, concurrency_limiter_for
 from ..runtime import runtime_for
 
 __all__ = ["ConcurrencyStep"]
+
+#: A standby retries its lease this often when no release was heard (a lost message, an expired lease).
+STANDBY_POLL = 0.25
+#: A standby's entry outlives its wait by this much (its expiry only matters when its worker died).
+STANDBY_MARGIN = 2.0
 
 class ConcurrencyStep(Step):
     """Built once per task class when it is bound."""
@@ -32,8 +38,15 @@ class ConcurrencyStep(Step):
     @property
     def limiter(self) -> ConcurrencyLimiter:
         if self._limiter is None:
-            self._limiter = concurrency_limiter_for(self.runtime, self.policy.name)
+            limiter = concurrency_limiter_for(self.runtime, self.policy.name)
+            if self._standby_wait() > 0:
+                limiter.standby_slots = 1
+            self._limiter = limiter
         return self._limiter
+
+    def _standby_wait(self) -> float:
+        config = self.runtime.config
+        return float(config.concurrency_standby) if config.defer_via == "park" else 0.0
 
     def park_spot(self) -> Any:
         return spot("concurrency", self.policy.name)
@@ -49,20 +62,70 @@ class ConcurrencyStep(Step):
                 if is_eager(request):  # nothing to defer through: wait, bounded, then raise
                     lease = self._wait_for_slot(limiter, lease)
                 else:
-                    recheck = admission.concurrency_recheck(lease.retry_after, deferrals_of(request))
-                    # A waiter the mover woke for a slot that another call took first parks again
-                    # at its place without spending its budget (under a backlog, waking is early).
-                    woken = (park_info(request) or {}).get("r") == "concurrency"
-                    defer(ctx.task, jitter(recheck), reason="concurrency_limit", max_deferrals=policy.max_deferrals,
-                          park=ParkRequest(spot("concurrency", policy.name), None), free=woken,
-                          on_exhausted=lambda n: ConcurrencyLimited(
-                              f"{policy.name} (gave up after {n} deferrals)", lease.retry_after))
+                    info = park_info(request) or {}
+                    # A waiter the mover woke for this limit holds on for the next slot when no
+                    # other waiter does (the standby); else, or when its wait ends, it parks again.
+                    woken = info.get("r") == "concurrency"
+                    held = self._stand_by(limiter, request) if woken and info.get("n") == policy.name else None
+                    if held is not None:
+                        lease = held
+                        request.tuning_standby = True  # for the task (and tests) to tell
+                    else:
+                        recheck = admission.concurrency_recheck(lease.retry_after, deferrals_of(request))
+                        # A woken waiter whose slot another call took first parks again at its
+                        # place without spending its budget (under a backlog, waking is early).
+                        refused = lease
+                        defer(ctx.task, jitter(recheck), reason="concurrency_limit",
+                              max_deferrals=policy.max_deferrals,
+                              park=ParkRequest(spot("concurrency", policy.name), None), free=woken,
+                              on_exhausted=lambda n: ConcurrencyLimited(
+                                  f"{policy.name} (gave up after {n} deferrals)", refused.retry_after))
             try:
                 return call_next(ctx)
             finally:
                 limiter.release(lease)
 
         return call
+
+    def _stand_by(self, limiter: ConcurrencyLimiter, request: Any) -> Optional[Lease]:
+        """A woken waiter that found no free slot: hold on as the limit's standby (one at a time,
+        cluster-wide) and take the next slot a release frees, for up to ``tuning_concurrency_standby``
+        seconds. The lease, or None: not the standby (another is), Redis failed, or the wait ended
+        (then the call parks again at its place, as any refused woken waiter does)."""
+        wait = self._standby_wait()
+        if wait <= 0:
+            return None
+        store = self.runtime.registry.park_store()
+        where = spot("concurrency", self.policy.name)
+        token = f"{getattr(request, 'id', None)}:{uuid.uuid4().hex[:12]}"
+        try:
+            bell = store.standby_bell(where)  # listening before standing by: no release missed
+        except StorageError:
+            return None
+        try:
+            try:
+                if not store.standby(where, token, int((wait + STANDBY_MARGIN) * 1_000_000)):
+                    return None
+            except StorageError:
+                return None
+            try:
+                deadline = time.monotonic() + wait
+                while True:
+                    bell.clear()
+                    lease = limiter.acquire()  # first at once: a release may have come meanwhile
+                    if lease.granted:
+                        return lease
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return None
+                    bell.wait(min(STANDBY_POLL, left))
+            finally:
+                try:
+                    store.unstandby(where, token)  # the next release promotes the next standby
+                except StorageError:
+                    pass
+        finally:
+            store.standby_unbell(where, bell)
 
     def _wait_for_slot(self, limiter: ConcurrencyLimiter, lease: Any) -> Any:
         """A slot for a call with no message to defer (``apply()``, direct calls, map/chunks members).

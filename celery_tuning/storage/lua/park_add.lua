@@ -4,7 +4,10 @@
 --   [1] due (zset id -> due µs)        [2] wait (zset id -> first-park sequence µs)
 --   [3] msg (hash id -> payload)       [4] claim (zset id -> claim expiry µs)
 --   [5] tix (hash id -> "<pub>" or "<pub>:r")   [6] tixat (zset id -> when the ticket may go, µs)
---   [7] optional: the index set (single server only; on a Cluster park_index.lua runs first)
+--   [7] pub (zset id -> expiry µs: published by a mover, not arrived yet; concurrency spots)
+--   [8] standby (zset token -> expiry µs: woken waiters holding on for the next slot)
+--   (storage/keys.py park_handover_keys: [7] and [8]; park_touch refreshes [1..7], never [8])
+--   [9] optional: the index set (single server only; on a Cluster park_index.lua runs first)
 -- ARGV[1]  now in µs, or '' for the server's TIME      ARGV[2]  ticket TTL (µs)
 -- ARGV[3]  delay in µs, or '' for a FIFO waiter         ARGV[4]  waiter's sequence (µs) or '' (now)
 -- ARGV[5]  park id   ARGV[6]  payload   ARGV[7]  the spot's index member
@@ -26,8 +29,8 @@ if ARGV[3] ~= '' then
   delay = math.max(0, tonumber(ARGV[3]))
 end
 -- The index first, as on a Cluster (where park_index.lua runs before this script): a hint only.
-if KEYS[7] then
-  park_index({KEYS[7]}, {'', delay + ttl, ARGV[7]})
+if KEYS[9] then
+  park_index({KEYS[9]}, {'', delay + ttl, ARGV[7]})
 end
 local held = redis.call('HGET', KEYS[5], id)
 if held and string.find(held, ':r', 1, true) then

@@ -6,7 +6,8 @@
 -- Returns: 0 for a stale duplicate (the ticket's pub is higher: a later claim republished it);
 -- else 1: run it. A missing ticket (trimmed, or Redis lost its state) answers 1 (never lose a
 -- task); the same pub redeemed twice (a broker redelivery) answers 1 again. On 1 the ticket
--- becomes "<pub>:r" and the entry is dropped wherever it is (it runs now: no later claim).
+-- becomes "<pub>:r" and the entry is dropped wherever it is (it runs now: no later claim), and
+-- from the published set (it arrived).
 -- Mirrors celery_tuning.storage.park.MemoryParkStore.redeem.
 --@include server_clock
 --@include park_trim
@@ -25,6 +26,7 @@ redis.call('ZADD', KEYS[6], string.format('%.0f', now + ttl), id)
 redis.call('ZREM', KEYS[1], id)
 redis.call('ZREM', KEYS[2], id)
 redis.call('ZREM', KEYS[4], id)
+redis.call('ZREM', KEYS[7], id)
 redis.call('HDEL', KEYS[3], id)
 park_touch(KEYS, {now, ttl})
 return 1
