@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence, TypeVar
+from typing import Any, Callable, Optional, Sequence, TypeVar, Union
 
 from .conf import Arg, callable_or_none, choice, count, parse_breaker_spec, rate, seconds, sla_thresholds
 from .errors import ConfigurationError
@@ -43,7 +43,7 @@ def rate_limit(
     *,
     burst: Optional[int] = None,
     key: Optional[Callable[..., Any]] = None,
-    cost: int = 1,
+    cost: Union[int, Callable[..., int]] = 1,
     on_limit: str = "auto",
     max_wait: float = 1.0,
     max_defer: float = 300.0,
@@ -60,7 +60,12 @@ def rate_limit(
         key: Per-key limit: called with the task's arguments
             (``key=lambda tenant_id, **kw: tenant_id``); one bucket per key,
             keys hashed before they reach Redis, idle buckets expire.
-        cost: Tokens one run takes (1 to burst).
+        cost: Tokens one run takes: an integer (1 to burst), or a callable taking the task's
+            arguments (``cost=lambda text, **kw: len(text)``), called in the worker when the call
+            is admitted and returning an integer >= 0 (0: the call takes no token). A callable's
+            cost above the burst is admitted once the bucket is full, and the rest is debt
+            that delays later calls. For costs known only after the call, see
+            :meth:`~celery_tuning.GcraLimiter.charge`.
         on_limit: ``"auto"`` (default) sleeps in the worker when the wait is at
             most ``max_wait`` and otherwise re-publishes the task for its
             reserved slot without touching ``request.retries``; ``"defer"``
@@ -93,8 +98,9 @@ def rate_limit(
                 f"tuning_rate_limits[{limit!r}]")
         _count("rate_limit", "burst", burst)
     _key_function("rate_limit", key)
-    _count("rate_limit", "cost", cost)
-    if rate_ is not None and cost > (burst or 1):
+    if not callable(cost):
+        cost = _count("rate_limit", "cost", cost)
+    if not callable(cost) and rate_ is not None and cost > (burst or 1):
         raise ConfigurationError(f"@rate_limit(cost={cost}): must not exceed burst ({burst or 1})")
     choice(Arg("rate_limit", "on_limit"), on_limit, ON_LIMIT)
     policy = RateLimitPolicy(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import numbers
 import threading
 import time
 from typing import Any, Callable, List, NamedTuple, Optional, Tuple
@@ -115,13 +116,13 @@ class GcraLimiter:
                            self.name, exc, self.on_redis_error)
         self._emit("fallback")
 
-    def _valid_cost(self, cost: int) -> bool:
-        return 1 <= cost <= self.burst
+    @staticmethod
+    def _valid_cost(cost: Any) -> bool:
+        return isinstance(cost, numbers.Integral) and not isinstance(cost, bool) and int(cost) >= 1
 
-    def _check_cost(self, cost: int) -> None:
+    def _check_cost(self, cost: Any) -> None:
         if not self._valid_cost(cost):
-            raise ConfigurationError(
-                f"limiter {self.name!r}: cost={cost!r} must be between 1 and burst ({self.burst})")
+            raise ConfigurationError(f"limiter {self.name!r}: cost={cost!r}: expected an integer >= 1")
 
     @staticmethod
     def _reserve_us(reserve: Optional[float]) -> int:
@@ -146,9 +147,13 @@ class GcraLimiter:
     def decide(self, cost: int = 1, *, reserve: Optional[float] = None, key: Any = None) -> Decision:
         """One round trip: admit now, reserve a slot up to ``reserve`` seconds ahead, or refuse.
 
+        A ``cost`` above the burst is admitted once the bucket is full (it could never be
+        otherwise), and the part above the burst is debt that delays the calls after it.
+
         Never raises because Redis is down: the Redis-error policy answers instead.
         """
         self._check_cost(cost)
+        cost = int(cost)
         reserve_us = self._reserve_us(reserve)
         bucket = self.bucket(key)
         try:
@@ -176,7 +181,7 @@ class GcraLimiter:
         script_args = getattr(self.store, "script_args", None)
         if script_args is None or not self._valid_cost(cost):
             return None
-        return script_args(self.bucket(key), self.interval, self.burst, cost, self._reserve_us(reserve))
+        return script_args(self.bucket(key), self.interval, self.burst, int(cost), self._reserve_us(reserve))
 
     def settle(self, reply: int) -> Decision:
         """The :class:`Decision` for a ``gcra_acquire.lua`` reply obtained through :meth:`plan`."""
@@ -249,6 +254,41 @@ class GcraLimiter:
         except StorageError as exc:
             self._storage_failed(exc)
             self._fallback.pause(bucket, self.interval, self.burst, pause, self.adaptive)
+
+    def charge(self, n: int, key: Any = None) -> float:
+        """Debit ``n`` tokens now, for a cost known only after the call (the LLM tokens it used).
+
+        Never waits and never refuses: what the bucket does not hold is debt, and later acquires
+        wait it out (one :meth:`acquire` after ``charge(600)`` on a 10/s limiter waits a minute).
+        One round trip (``gcra_charge.lua``); the bucket's key lives until the debt is paid and
+        the bucket full again, and a charge never moves the next admission more than a year ahead.
+        ``n=0`` does nothing.
+
+        Never raises because Redis is down: with ``on_redis_error='local'`` the process's fallback
+        bucket is charged; with ``'allow'`` or ``'deny'`` the charge is dropped (the outage is
+        logged once, as for acquires).
+
+        Returns:
+            Seconds until a call of cost 1 would be admitted (0.0: the bucket still has a token).
+
+        Raises:
+            ConfigurationError: When ``n`` is not an integer >= 0.
+        """
+        if not isinstance(n, numbers.Integral) or isinstance(n, bool) or int(n) < 0:
+            raise ConfigurationError(f"limiter {self.name!r}: charge(n={n!r}): expected an integer >= 0")
+        if n == 0:
+            return 0.0
+        n = int(n)
+        bucket = self.bucket(key)
+        try:
+            debt = self.store.charge(bucket, self.interval, self.burst, n)
+            self._redis_answered()
+        except StorageError as exc:
+            self._storage_failed(exc)
+            if self.on_redis_error != "local":
+                return 0.0
+            debt = self._fallback.charge(bucket, self.interval, self.burst, n)
+        return debt / 1_000_000
 
     def override(self, rate: Rate, burst: Optional[int] = None) -> None:
         """Put ``rate`` (and ``burst`` when given) in force for every process until :meth:`reset`

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple, Union
 
 from .rates import Rate
 
@@ -51,7 +51,8 @@ class RateLimitPolicy:
     burst: Optional[int] = None
     #: Per-key limit: called with the task's arguments, returns the bucket key.
     key: Optional[Callable[..., Any]] = None
-    cost: int = 1
+    #: Tokens one run takes, or a callable taking the task's arguments that returns them (>= 0).
+    cost: Union[int, Callable[..., int]] = 1
     on_limit: str = "auto"
     #: Longest wait (s) spent sleeping in the worker before deferring instead.
     max_wait: float = 1.0

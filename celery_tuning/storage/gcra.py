@@ -19,12 +19,34 @@ from ..policy.gcra import (
 from .keys import rate_limit_bucket_key, rate_limit_conf_key
 from .redis import RedisConnector
 
-__all__ = ["AdaptiveSpec", "Bucket", "GcraSnapshot", "GcraStore", "MemoryGcraStore", "RedisGcraStore", "now_us"]
+__all__ = ["MAX_DEBT_US", "AdaptiveSpec", "Bucket", "GcraSnapshot", "GcraStore", "MemoryGcraStore", "RedisGcraStore",
+           "gcra_charge", "now_us"]
+
+#: Furthest (µs) a charge moves a bucket's next admission past now: a year. Bounds a runaway
+#: ``charge(n)`` (and the key's TTL, which always outlives the debt).
+MAX_DEBT_US = 366 * 86_400 * 1_000_000
 
 
 def now_us() -> int:
     """Wall clock in integer microseconds (the memory store's default clock)."""
     return time.time_ns() // 1000
+
+
+def gcra_charge(state: Optional[GcraState], now: int, interval: int, burst: int, n: int,
+                max_debt: int = MAX_DEBT_US) -> GcraState:
+    """State after debiting ``n`` tokens at ``now`` without waiting or refusing (``gcra_charge.lua``).
+
+    The move of an admitted acquire of cost ``n`` (``allow_at`` on by ``n`` intervals from the
+    bucket's level now) without its admission check: what it takes beyond the tokens the bucket
+    holds is debt, which later acquires wait out. ``allow_at`` never moves past ``now + max_debt``.
+    """
+    base = now - (burst - 1) * interval
+    if state is not None and state.full_at > now and state.allow_at > base:
+        base = state.allow_at
+    allow_at = base + n * interval
+    if allow_at > now + max_debt:
+        allow_at = max(base, now + max_debt)
+    return GcraState(allow_at, allow_at + (burst - 1) * interval)
 
 
 @dataclass(frozen=True)
@@ -81,6 +103,8 @@ class GcraStore(Protocol):
 
     def pause(self, bucket: Bucket, interval: int, burst: int, pause: int,
               adaptive: Optional[AdaptiveSpec] = None, now: Optional[int] = None) -> None: ...
+
+    def charge(self, bucket: Bucket, interval: int, burst: int, n: int, now: Optional[int] = None) -> int: ...
 
     def set_override(self, bucket: Bucket, interval: Optional[int], burst: Optional[int]) -> None: ...
 
@@ -150,6 +174,15 @@ class MemoryGcraStore:
                             factor_at=now, recover=adaptive.recover_per_us)
             interval, burst = self._rate(bucket, interval, burst, now)
             self._state[bucket.tat] = gcra_pause(self._get(bucket.tat, now), now, interval, burst, pause)
+
+    def charge(self, bucket: Bucket, interval: int, burst: int, n: int, now: Optional[int] = None) -> int:
+        """Debit ``n`` tokens now, never waiting or refusing; the debt left in µs (``gcra_charge.lua``)."""
+        with self._lock:
+            now = self.clock() if now is None else now
+            interval, burst = self._rate(bucket, interval, burst, now)
+            state = gcra_charge(self._get(bucket.tat, now), now, interval, burst, n)
+            self._state[bucket.tat] = state
+            return max(0, state.allow_at - now)
 
     def set_override(self, bucket: Bucket, interval: Optional[int], burst: Optional[int]) -> None:
         with self._lock:
@@ -227,6 +260,13 @@ class RedisGcraStore:
             now = self.clock()
         args.append("" if now is None else now)
         self.connector.evalsha("gcra_pause", keys=[bucket.tat, bucket.conf], args=args)
+
+    def charge(self, bucket: Bucket, interval: int, burst: int, n: int, now: Optional[int] = None) -> int:
+        """One ``EVALSHA`` of ``gcra_charge.lua``: debit ``n`` tokens now; the debt left in µs."""
+        if now is None and self.clock is not None:
+            now = self.clock()
+        return int(self.connector.evalsha("gcra_charge", keys=[bucket.tat, bucket.conf],
+                                          args=[interval, burst, n, MAX_DEBT_US, "" if now is None else now]))
 
     def snapshot(self, bucket: Bucket, interval: int, burst: int, now: Optional[int] = None) -> GcraSnapshot:
         if now is None and self.clock is not None:

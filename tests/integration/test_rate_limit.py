@@ -2,6 +2,8 @@
 
 import json
 import multiprocessing
+import random
+import threading
 import time
 
 import pytest
@@ -203,6 +205,44 @@ def test_limiter_around_single_calls(redis_clean):
         lim.acquire(timeout=1)
     with pytest.raises(ConfigurationError, match="no such limiter .nope. in tuning_rate_limits"):
         celery_tuning.limiter("nope", app=app)
+
+
+def test_charges_of_random_sizes_hold_the_total_within_2_percent(redis_clean):
+    """Issue #18 (1,000 units/min, scaled to 1,000 units/s for 3 s): 4 threads each acquire a random
+    cost, then charge a random size without waiting. Every unit acquired or charged fits
+    burst + rate x (time until the debt is paid) within +-2 %, the charged ones included."""
+    app = make_app(redis_clean, "charges", tuning_rate_limits={"tokens": {"rate": "1000/s", "burst": 20}})
+    lim = celery_tuning.limiter("tokens", app=app)
+    clock = {"deadline": 0.0}
+    barrier = threading.Barrier(5)
+    acquired, charged = [], []
+
+    def spend(seed):
+        rnd, got, owed = random.Random(seed), 0, 0
+        barrier.wait()
+        while time.monotonic() < clock["deadline"]:
+            cost = rnd.randint(1, 10)
+            lim.acquire(cost=cost)  # waits for its slot, and behind every charge before it
+            got += cost
+            n = rnd.randint(1, 40)  # "tokens used", known after the call
+            lim.charge(n)
+            owed += n
+        acquired.append(got)
+        charged.append(owed)
+
+    threads = [threading.Thread(target=spend, args=(seed,)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    start = time.monotonic()
+    clock["deadline"] = start + 3.0
+    barrier.wait()
+    for t in threads:
+        t.join(timeout=30)
+    paid_at = time.monotonic() + lim.decide(1, reserve=86_400.0).wait  # one more unit, once the debt is paid
+    units = sum(acquired) + sum(charged) + 1
+    expected = 20 + 1000 * (paid_at - start)
+    assert 0.98 * expected <= units <= 1.02 * expected, (units, expected)
+    assert sum(charged) > 2 * sum(acquired), "most units were charged after the fact, and still held"
 
 
 def test_redis_restart_and_outage_follow_the_policy(fault_redis):

@@ -4,7 +4,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from celery_tuning.policy.gcra import gcra_acquire
-from celery_tuning.storage.gcra import AdaptiveSpec, Bucket, GcraSnapshot, MemoryGcraStore, RedisGcraStore
+from celery_tuning.storage.gcra import (
+    MAX_DEBT_US,
+    AdaptiveSpec,
+    Bucket,
+    GcraSnapshot,
+    MemoryGcraStore,
+    RedisGcraStore,
+)
 from celery_tuning.storage.redis import RedisConnector
 from tests.support import gcra
 
@@ -253,3 +260,57 @@ def test_any_limiter_name_keeps_its_keys_in_one_slot(store, name):
     store.reset(shared)
     assert store.get_override(shared) == {}
     assert store.acquire(bucket("other"), 1000, 1, 1, -1, now=T0).allowed, "another limiter is untouched"
+
+
+def test_charge_debits_without_waiting_and_the_debt_delays_later_acquires(store):
+    """`limiter.charge(n)`: never refused, takes the tokens there are, and the rest is debt."""
+    b = bucket()
+    assert store.charge(b, 1000, 3, 2, now=T0) == 0, "2 of 3 tokens: no debt yet"
+    assert store.acquire(b, 1000, 3, 1, -1, now=T0).allowed
+    # empty now, next token at T0 + 1000: 5 more intervals of debt on top
+    assert store.charge(b, 1000, 3, 5, now=T0) == 6000
+    assert store.charge(b, 1000, 3, 1, now=T0 + 1000) == 6000, "debts add up; time pays them"
+    refused = store.acquire(b, 1000, 3, 1, -1, now=T0 + 2000)
+    assert not refused.allowed and refused.wait_us == 5000
+    assert store.acquire(b, 1000, 3, 2, 10_000, now=T0 + 2000).wait_us == 6000, "a reservation queues behind it"
+    assert not store.acquire(b, 1000, 3, 1, -1, now=T0 + 8999).allowed
+    assert store.acquire(b, 1000, 3, 1, -1, now=T0 + 9000).allowed
+    assert store.snapshot(b, 1000, 3, now=T0 + 9000).tokens == 0
+
+
+def test_charge_uses_the_rate_in_force_and_is_bounded(store):
+    b = bucket()
+    store.set_override(b, interval=10_000, burst=1)
+    assert store.charge(b, 1000, 5, 3, now=T0) == 30_000, "the overridden rate and burst: the 1 token, then 2 owed"
+    huge = store.charge(bucket(key="runaway"), 1000, 1, 10**20, now=T0)
+    assert huge == MAX_DEBT_US, "a runaway charge moves the next admission at most a year ahead"
+    r = store.acquire(bucket(key="runaway"), 1000, 1, 1, -1, now=T0 + 1)
+    assert not r.allowed and r.wait_us == MAX_DEBT_US - 1
+
+
+def test_a_charged_key_lives_until_its_debt_is_paid(redis_clean):
+    store = RedisGcraStore(RedisConnector(redis_clean.db_url(3)))
+    b = bucket(key="tenant")
+    debt = store.charge(b, 1000, 2, 10_000)  # the server's clock: ~10 s of debt
+    assert debt == 10_000 * 1000 - 1000
+    ttl = redis_clean.client(3).pttl(b.tat)
+    assert debt // 1000 + 1000 - 50 <= ttl <= debt // 1000 + 1002, "TTL = debt + one interval + 1 s"
+
+
+@pytest.mark.parametrize("policy", ["local", "allow", "deny"])
+def test_a_charge_with_redis_down_never_raises(fault_redis, caplog, policy):
+    """`local` debits the process's fallback bucket; `allow` and `deny` drop it; logged once."""
+    from celery_tuning.policy.rates import Rate
+    from celery_tuning.ratelimit import GcraLimiter
+
+    lim = GcraLimiter("tokens", Rate(10, 1.0), 2, store=RedisGcraStore(RedisConnector(fault_redis.url)),
+                      on_redis_error=policy)
+    fault_redis.close()
+    with caplog.at_level("WARNING", logger="celery_tuning.ratelimit"):
+        debts = [lim.charge(12), lim.charge(1)]
+    assert len([r for r in caplog.records if "tuning Redis failed" in r.getMessage()]) == 1
+    if policy == "local":
+        assert 0.9 < debts[1] <= 1.2, "the fallback bucket holds the debt"
+        assert not lim.try_acquire()
+    else:
+        assert debts == [0.0, 0.0]

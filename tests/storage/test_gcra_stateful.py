@@ -2,10 +2,11 @@
 
 One manual clock drives both (the Redis store sends it to the scripts as their "now"). Every
 operation a limiter or the CLI performs is a rule: acquire with cost, reserve and per-key buckets;
-pause with and without adaptive mode; time passing (adaptive recovery); the CLI's rate override
-and reset; and Redis losing everything (FLUSHDB), whose reference is a memory store that never
-saw anything. Any difference in a decision, a snapshot or an override fails, and so does a refused
-caller that is not admitted after sleeping exactly the wait it was told.
+charge (debit after the call, debt included); pause with and without adaptive mode; time passing
+(adaptive recovery); the CLI's rate override and reset; and Redis losing everything (FLUSHDB), whose
+reference is a memory store that never saw anything. Any difference in a decision, a snapshot or an
+override fails, and so does a refused caller that is not admitted after sleeping exactly the wait it
+was told.
 """
 
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -42,6 +43,8 @@ reserves = st.sampled_from([-1, 0, 1, 1000, 250_000, 86_400_000_000])
 steps = st.one_of(st.just(0), st.integers(1, 5_000), st.integers(5_000, 3_000_000))
 gaps = st.one_of(steps, st.sampled_from([30_000_000, 120_000_000]))
 pauses = st.one_of(st.integers(0, 1_000), st.integers(0, 10_000_000))
+#: Tokens charged after a call: a few, many (debt of many intervals), and a runaway (capped at a year).
+charges = st.one_of(st.integers(1, 4), st.integers(1, 200), st.sampled_from([10**9, 10**20]))
 
 
 class GcraStoresAgree(RuleBasedStateMachine):
@@ -135,10 +138,22 @@ class GcraStoresAgree(RuleBasedStateMachine):
     @rule(name=names, key=keys, cost=st.integers(1, 4), reserve=st.sampled_from([None, 0.0, 0.001, 0.25, 3600.0]),
           gap=steps)
     def decide(self, name: str, key: Optional[str], cost: int, reserve: Optional[float], gap: int) -> None:
-        self.now += gap
-        if cost > self.config[name][1]:
-            return  # the limiter refuses such a cost itself (ConfigurationError), before any store
+        self.now += gap  # a cost above the burst (a callable cost's big call) waits for a full bucket
         self.limiters_agree(name, 0, lambda lim: lim.decide(cost, reserve=reserve, key=key))
+
+    @rule(name=names, key=keys, n=charges, gap=steps)
+    def charge(self, name: str, key: Optional[str], n: int, gap: int) -> None:
+        """``gcra_charge.lua``: debit after the call, never refused; the debt must agree to the µs."""
+        self.now += gap
+        interval, burst = self.config[name]
+        b = self.bucket(name, key)
+        self.both(lambda s: s.charge(b, interval, burst, n))
+
+    @rule(name=names, key=keys, n=st.one_of(st.just(0), charges), gap=steps)
+    def limiter_charge(self, name: str, key: Optional[str], n: int, gap: int) -> None:
+        """``celery_tuning.limiter(name).charge(n, key=...)``: the seconds of debt it reports agree."""
+        self.now += gap
+        self.limiters_agree(name, 0, lambda lim: lim.charge(n, key=key))
 
     @rule(name=names, key=keys, pause=pauses, spec=specs, gap=steps)
     def pause(self, name: str, key: Optional[str], pause: int, spec: int, gap: int) -> None:

@@ -78,6 +78,7 @@ def test_rate_limit_named_and_inline():
         (("10/s",), {"max_wait": -1}, "@rate_limit(max_wait=-1)"),
         (("10/s",), {"max_defer": 0}, "@rate_limit(max_defer=0)"),
         (("10/s",), {"cost": 2}, "must not exceed burst (1)"),
+        (("10/s",), {"cost": "3"}, "@rate_limit(cost='3'): expected an integer >= 1"),
         (("10/s",), {"key": "tenant"}, "@rate_limit(key='tenant')"),
         (("10/s",), {"max_deferrals": -1}, "@rate_limit(max_deferrals=-1)"),
     ],
@@ -222,3 +223,52 @@ def test_decorator_arguments_keep_their_python_types(decorator, kwargs, fragment
     with pytest.raises(ConfigurationError) as info:
         decorator(**kwargs)
     assert fragment in str(info.value)
+
+
+def test_rate_limit_cost_callable_is_evaluated_per_call_with_its_key_and_charge_adds_debt():
+    """``cost=lambda text, **kw: len(text)`` in the worker, per-key bucket; ``limiter().charge(n)``."""
+    from celery import Celery
+
+    import celery_tuning
+    from celery_tuning import RateLimited
+
+    app = Celery("costs", set_as_current=False, task_cls="celery_tuning:TunedTask")
+    app.conf.update(tuning_redis_url="memory://",
+                    tuning_rate_limits={"tokens": {"rate": "10/m", "burst": 10}})  # a token every 6 s
+    celery_tuning.install(app)
+    calls = []
+
+    def cost(tenant, text):
+        calls.append(text)
+        return len(text)
+
+    @app.task(name="costs.embed", shared=False)
+    @rate_limit("tokens", key=lambda tenant, text: tenant, cost=cost, on_limit="raise")
+    def embed(tenant, text):
+        return len(text)
+
+    rate_limit("10/s", cost=lambda text: len(text))(lambda text: None)  # no burst check for a callable
+    lim = celery_tuning.limiter("tokens", app=app)
+    assert embed.apply(("a", "abcd")).get() == 4
+    assert calls == ["abcd"], "evaluated once, with the call's arguments"
+    assert (lim.snapshot(key="a").tokens, lim.snapshot(key="b").tokens, lim.snapshot().tokens) == (6, 10, 10)
+    assert embed.apply(("a", "")).get() == 0, "a cost of 0 takes no token"
+    assert lim.snapshot(key="a").tokens == 6
+    assert embed.apply(("b", "x" * 15)).get() == 15, "above the burst: admitted from a full bucket"
+    with pytest.raises(RateLimited) as info:
+        embed.apply(("b", "x")).get()
+    assert 35 < info.value.retry_after <= 36, "the 5 tokens of debt, then the next one"
+    assert lim.charge(4, key="a") == 0.0 and lim.snapshot(key="a").tokens == 2
+    assert 29 < lim.charge(6, key="a") <= 30, "the 2 tokens there, then 4 owed + the next: 5 x 6 s"
+    assert lim.charge(0) == 0.0 and lim.snapshot().tokens == 10, "charge(0) does nothing"
+    for bad in (-1, 1.5, True, "3"):
+        with pytest.raises(ConfigurationError, match=r"limiter 'tokens': charge\(n="):
+            lim.charge(bad)
+
+    @app.task(name="costs.negative", shared=False)
+    @rate_limit("tokens", cost=lambda text: -1)
+    def negative(text):
+        pass
+
+    with pytest.raises(ConfigurationError, match=r"task 'costs.negative': @rate_limit\(cost=<lambda>\) returned -1"):
+        negative.apply(("x",)).get()

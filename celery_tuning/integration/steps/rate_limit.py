@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import numbers
 from typing import Any, Dict, Optional
 
 from ...errors import ConfigurationError, RateLimited, Throttled
@@ -37,7 +38,7 @@ class RateLimitStep(Step):
         self.runtime = runtime
         if policy.name is not None:
             spec = runtime.registry.spec(LIMITERS, policy.name, by=f"@rate_limit({policy.name!r})")
-            if policy.cost > spec.burst:
+            if not callable(policy.cost) and policy.cost > spec.burst:
                 raise ConfigurationError(
                     f"@rate_limit({policy.name!r}, cost={policy.cost}): exceeds the limiter's burst ({spec.burst})")
         self.limiter_name = policy.name or self.task_name
@@ -64,17 +65,20 @@ class RateLimitStep(Step):
             limiter = self.limiter
             task, request = ctx.task, ctx.request
             decision = ctx.admission
+            cost: Optional[int] = None  # evaluated once, when first needed
             if decision is not None:  # taken in an outer step's round trip for this call
                 key = ctx.admission_key
-                self._admit(task, request, limiter, key, decision)
+                self._admit(task, request, limiter, key, 1, decision)
             else:
                 key = policy.key(*ctx.args, **ctx.kwargs) if policy.key is not None else None
-                if not self._use_reserved_slot(task, request, limiter, key):
-                    self._admit(task, request, limiter, key)
+                if not self._use_reserved_slot(task, request, limiter, key, ctx):
+                    cost = self._cost(ctx)
+                    if cost:  # a call of cost 0 takes no token: nothing to decide
+                        self._admit(task, request, limiter, key, cost)
             try:
                 return call_next(ctx)
             except Throttled as exc:
-                self._throttled(task, request, limiter, key, exc)
+                self._throttled(task, request, limiter, key, exc, self._cost(ctx) if cost is None else cost)
                 raise  # not reached: _throttled defers or raises
 
         return call
@@ -93,8 +97,11 @@ class RateLimitStep(Step):
         if holds_slot(request):
             return None
         policy = self.policy
+        cost = self._cost(ctx)
+        if not cost:
+            return None  # takes no token: wrap's call admits it without a decision
         key = policy.key(*ctx.args, **ctx.kwargs) if policy.key is not None else None
-        plan = limiter.plan(policy.cost, reserve=self._reserve(request), key=key)
+        plan = limiter.plan(cost, reserve=self._reserve(request), key=key)
         if plan is None:
             return None
 
@@ -102,6 +109,18 @@ class RateLimitStep(Step):
             ctx.admission, ctx.admission_key = limiter.settle(reply), key
 
         return Ahead(connector, plan[0], plan[1], settle)
+
+    def _cost(self, ctx: CallContext) -> int:
+        """Tokens this call takes: ``cost``, or what the ``cost`` callable returns for its arguments."""
+        cost = self.policy.cost
+        if not callable(cost):
+            return cost
+        value = cost(*ctx.args, **ctx.kwargs)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+            raise ConfigurationError(
+                f"task {self.task_name!r}: @rate_limit(cost={getattr(cost, '__name__', cost)}) returned "
+                f"{value!r} for this call; expected an integer >= 0")
+        return int(value)
 
     def _reserve(self, request: Any) -> Optional[float]:
         """The ``reserve`` :meth:`_admit` decides with."""
@@ -114,13 +133,16 @@ class RateLimitStep(Step):
         policy = self.policy
         return admission.rate_limit_wait_timeout(policy.on_limit, policy.max_wait, policy.max_defer)
 
-    def _use_reserved_slot(self, task: Any, request: Any, limiter: GcraLimiter, key: Any) -> bool:
+    def _use_reserved_slot(self, task: Any, request: Any, limiter: GcraLimiter, key: Any,
+                           ctx: CallContext) -> bool:
         early = take_slot(request, limiter.name, key)
         if early is None:
             return False
         grace = self.runtime.config.rate_limit_slot_grace
         if early < -grace:
-            self._pace_late(task, request, limiter, key, -early, grace)
+            cost = self._cost(ctx)
+            if cost:
+                self._pace_late(task, request, limiter, key, -early, grace, cost)
             return True
         if early > 0:
             # Countdown fired a little early (or host clocks differ): wait out the rest, bounded.
@@ -128,7 +150,7 @@ class RateLimitStep(Step):
         return True
 
     def _pace_late(self, task: Any, request: Any, limiter: GcraLimiter, key: Any, late: float,
-                   grace: float) -> None:
+                   grace: float, cost: int) -> None:
         """Run a call that came back ``late`` seconds after its slot, at the rate among the late ones.
 
         Every task deferred behind the same backlog comes back late together: run each in its old
@@ -141,7 +163,7 @@ class RateLimitStep(Step):
         within ``burst + rate * (t + grace)`` over any ``t`` seconds.
         """
         limiter._emit(SLOT_EXPIRED, late)
-        decision = limiter.decide(self.policy.cost, reserve=86_400.0, key=(SLOT_EXPIRED, key))
+        decision = limiter.decide(cost, reserve=86_400.0, key=(SLOT_EXPIRED, key))
         if not decision.allowed or decision.wait <= 0:
             return  # admitted now (or the store failed open)
         if decision.wait <= max(self.policy.max_wait, grace) or is_eager(request):
@@ -149,12 +171,13 @@ class RateLimitStep(Step):
             return
         self._defer(task, decision.wait, "rate_limit", slot_headers(limiter.name, key, decision.wait, request.id))
 
-    def _admit(self, task: Any, request: Any, limiter: GcraLimiter, key: Any,
+    def _admit(self, task: Any, request: Any, limiter: GcraLimiter, key: Any, cost: int,
                decision: Optional[Decision] = None) -> None:
-        """Admit, wait, defer or raise; ``decision``: one already taken with :meth:`_reserve`."""
+        """Admit, wait, defer or raise a call of ``cost`` tokens; ``decision``: one already taken
+        with :meth:`_reserve` (then ``cost`` is not used)."""
         policy = self.policy
         if decision is None:
-            decision = limiter.decide(policy.cost, reserve=self._reserve(request), key=key)
+            decision = limiter.decide(cost, reserve=self._reserve(request), key=key)
         action = admission.rate_limit_action(policy.on_limit, is_eager(request), decision.allowed,
                                              decision.wait, policy.max_wait)
         kind = action.kind
@@ -164,7 +187,7 @@ class RateLimitStep(Step):
             raise RateLimited(decision.wait, limiter.name)
         if kind == admission.WAIT:
             # No broker to defer through (eager / direct call) or waiting is what was asked.
-            limiter.acquire(timeout=self._wait_timeout(), cost=policy.cost, key=key, decision=decision)
+            limiter.acquire(timeout=self._wait_timeout(), cost=cost, key=key, decision=decision)
             return
         if kind == admission.SLEEP:
             limiter._emit("waited", decision.wait)
@@ -181,7 +204,8 @@ class RateLimitStep(Step):
               headers=headers, park=ParkRequest(spot("rate_limit", limiter_name), wait),
               on_exhausted=lambda n: RateLimited(wait, f"{limiter_name} (gave up after {n} deferrals)"))
 
-    def _throttled(self, task: Any, request: Any, limiter: GcraLimiter, key: Any, exc: Throttled) -> None:
+    def _throttled(self, task: Any, request: Any, limiter: GcraLimiter, key: Any, exc: Throttled,
+                   cost: int) -> None:
         target, target_key = limiter, key
         if exc.name is not None and exc.name != limiter.name:
             # Another limiter's whole bucket is paused; this task still comes back for its own key.
@@ -191,7 +215,7 @@ class RateLimitStep(Step):
                        self.task_name, target.name, exc.retry_after)
         if is_eager(request) or self.policy.on_limit == "raise":
             raise RateLimited(exc.retry_after, target.name) from exc
-        decision = limiter.decide(self.policy.cost, reserve=self.policy.max_defer, key=key)
+        decision = limiter.decide(max(1, cost), reserve=self.policy.max_defer, key=key)
         headers = None
         if decision.allowed:
             headers = slot_headers(limiter.name, key, decision.wait, request.id)
