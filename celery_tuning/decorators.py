@@ -52,6 +52,11 @@ def rate_limit(
 ) -> Callable[[F], F]:
     """Limit a task with a token bucket shared by every worker through Redis.
 
+    Several ``@rate_limit`` on one task stack: a call is admitted only when every limit admits,
+    tokens are taken from all of them or none, in one round trip; they must agree on
+    ``on_limit``, ``max_wait``, ``max_defer`` and ``max_deferrals`` (see docs/ratelimits.md,
+    "Stacked limits"; not on Redis Cluster).
+
     Arguments:
         limit: A name from ``tuning_rate_limits`` (``"openai"``) or an inline
             rate (``"10/s"``, ``"600/m"``, ``"5000/h"``) named after the task.
@@ -80,7 +85,8 @@ def rate_limit(
             and recover it over a minute.
 
     Raises:
-        ConfigurationError: On anything malformed, naming the argument.
+        ConfigurationError: On anything malformed, naming the argument; when stacked, on an
+            argument the task's other ``@rate_limit`` sets differently, or a limiter named twice.
     """
     if not isinstance(limit, str) or not limit.strip():
         raise ConfigurationError(

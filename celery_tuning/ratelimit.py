@@ -7,14 +7,14 @@ import logging
 import numbers
 import threading
 import time
-from typing import Any, Callable, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 from .errors import ConfigurationError, RateLimited, StorageError
 from .policy.gcra import interval_us
 from .policy.rates import Rate
-from .storage.gcra import AdaptiveSpec, Bucket, GcraSnapshot, GcraStore, MemoryGcraStore
+from .storage.gcra import AdaptiveSpec, Bucket, GcraSnapshot, GcraStore, MemoryGcraStore, StackedBucket
 
-__all__ = ["Decision", "GcraLimiter", "hash_key"]
+__all__ = ["Decision", "GcraLimiter", "StackDecision", "decide_all", "hash_key"]
 
 logger = logging.getLogger("celery_tuning.ratelimit")
 
@@ -297,3 +297,85 @@ class GcraLimiter:
         Raises :class:`~celery_tuning.errors.StorageError` when Redis fails.
         """
         self.store.set_override(self.bucket(), interval_us(rate.period, rate.amount), burst)
+
+
+class StackDecision(NamedTuple):
+    """What :func:`decide_all` decided, and which limiter's wait decided it."""
+
+    decision: Decision
+    #: The limiter with the longest wait (the one that refused, or whose slot the call waits for);
+    #: the first part's when nothing waits.
+    limiter: GcraLimiter
+
+
+def _same_store(a: Any, b: Any) -> bool:
+    """Whether two stores keep their buckets in one place (each limiter has its own Redis store
+    object on the app's one connector)."""
+    if a is b:
+        return True
+    connector = getattr(a, "connector", None)
+    return (type(a) is type(b) and connector is not None and connector is getattr(b, "connector", None)
+            and getattr(a, "clock", None) is getattr(b, "clock", None))
+
+
+def decide_all(parts: Sequence[Tuple[GcraLimiter, int, Any]], *, reserve: Optional[float] = None) -> StackDecision:
+    """One decision over several limiters (a task's stacked ``@rate_limit``): ``parts`` are
+    ``(limiter, cost, key)``. Admitted only when every limiter admits; then each bucket pays its
+    cost, else none pays anything. One round trip (``gcra_acquire_many.lua``) when there are two
+    or more parts; one part is exactly :meth:`GcraLimiter.decide`.
+
+    A part of cost 0 takes no token and is left out. The wait is the longest of the buckets'
+    (refused: when every one of them admits; reserved: the call's slot, the latest of its buckets').
+    ``reserve`` as for :meth:`GcraLimiter.decide`.
+
+    Never raises because Redis is down: the first limiter's Redis-error policy answers, and with
+    ``"local"`` the buckets are decided together in that limiter's in-process fallback store.
+
+    Raises:
+        ConfigurationError: On a cost that is not an integer >= 0, limiters on different stores, a
+            bucket named twice, or (on Redis Cluster) buckets in different slots.
+    """
+    if not parts:
+        raise ConfigurationError("decide_all(parts=[]): expected at least one (limiter, cost, key)")
+    live = []
+    for limiter, cost, key in parts:
+        if isinstance(cost, numbers.Integral) and not isinstance(cost, bool) and cost == 0:
+            continue
+        limiter._check_cost(cost)
+        live.append((limiter, int(cost), key))
+    if not live:
+        return StackDecision(Decision(True, 0.0, "redis"), parts[0][0])
+    if len(live) == 1:
+        limiter, cost, key = live[0]
+        return StackDecision(limiter.decide(cost, reserve=reserve, key=key), limiter)
+    first = live[0][0]
+    store = first.store
+    for limiter, _, _ in live[1:]:
+        if not _same_store(limiter.store, store):
+            raise ConfigurationError(
+                f"stacked limiters {first.name!r} and {limiter.name!r} keep their buckets in different stores; "
+                "one decision needs them in one")
+    entries = [StackedBucket(limiter.bucket(key), limiter.interval, limiter.burst, cost) for limiter, cost, key in live]
+    reserve_us = GcraLimiter._reserve_us(reserve)
+    try:
+        result = store.acquire_many(entries, reserve_us)
+        source = "redis"
+        for limiter, _, _ in live:
+            limiter._redis_answered()
+    except StorageError as exc:
+        for limiter, _, _ in live:
+            limiter._storage_failed(exc)
+        if first.on_redis_error == "allow":
+            return StackDecision(Decision(True, 0.0, "allow"), first)
+        if first.on_redis_error == "deny":
+            slowest = max((lim for lim, _, _ in live), key=lambda lim: lim.interval)
+            return StackDecision(Decision(False, max(1.0, slowest.interval / 1_000_000), "deny"), slowest)
+        result = first._fallback.acquire_many(entries, reserve_us)
+        source = "local"
+    decider = live[result.which][0]
+    if not result.allowed:
+        return StackDecision(decider._decided(False, result.wait_us, source), decider)
+    decision = Decision(True, result.wait_us / 1_000_000, source)
+    for limiter, _, _ in live:
+        limiter._decided(True, result.wait_us, source)
+    return StackDecision(decision, decider)

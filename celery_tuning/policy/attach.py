@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple, Union
 
+from ..errors import ConfigurationError
 from .rates import Rate
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -18,6 +19,7 @@ __all__ = [
     "CachePolicy",
     "ConcurrencyPolicy",
     "RateLimitPolicy",
+    "RateLimitStack",
     "SlaPolicy",
     "attach_policy",
     "policies_of",
@@ -61,6 +63,47 @@ class RateLimitPolicy:
     #: Deferrals allowed per task before it fails with RateLimited (separate from max_retries).
     max_deferrals: int = 100
     adaptive: bool = False
+
+
+#: What every limit of a stack must agree on: a call is admitted, waits or is deferred once, for all.
+STACK_SHARED = ("on_limit", "max_wait", "max_defer", "max_deferrals")
+
+
+@dataclass(frozen=True)
+class RateLimitStack:
+    """Several ``@rate_limit`` on one task: admitted only when every limit admits.
+
+    ``policies`` in reading order (the topmost decorator first). The first limit names the stack
+    (:attr:`name`) and its deferrals' parking spot; ``on_limit``, ``max_wait``, ``max_defer`` and
+    ``max_deferrals`` are the same on every limit (checked when they are stacked).
+    """
+
+    policies: Tuple[RateLimitPolicy, ...]
+
+    @property
+    def name(self) -> Optional[str]:
+        """The first limit's limiter name (None: inline, named after the task)."""
+        return self.policies[0].name
+
+    @property
+    def on_limit(self) -> str:
+        return self.policies[0].on_limit
+
+
+def _stacked(existing: Any, new: RateLimitPolicy, fun_name: str) -> RateLimitStack:
+    """``new`` (a decorator above) stacked on ``existing`` (a policy or a stack)."""
+    below = existing.policies if isinstance(existing, RateLimitStack) else (existing,)
+    for field in STACK_SHARED:
+        mine, theirs = getattr(new, field), getattr(below[0], field)
+        if mine != theirs:
+            raise ConfigurationError(
+                f"@rate_limit({field}={mine!r}) stacked on {fun_name!r} whose other @rate_limit has "
+                f"{field}={theirs!r}: a task's limits admit, wait or defer it together, so give every "
+                f"@rate_limit of the task the same {field}")
+    if new.name is not None and any(p.name == new.name for p in below):
+        raise ConfigurationError(
+            f"@rate_limit({new.name!r}) is stacked twice on {fun_name!r}: each limiter may limit a task once")
+    return RateLimitStack((new, *below))
 
 
 #: What a task does when its breaker is open: defer without a retry, or fail fast.
@@ -120,7 +163,9 @@ def attach_policy(fun: Callable[..., Any], kind: str, policy: Any, decorator: st
     Raises:
         TypeError: When ``fun`` is already a Celery task (the decorator must
             sit below ``@app.task``) or is not callable, or when the same kind
-            is attached twice.
+            is attached twice (except ``rate_limit``: several stack, see :class:`RateLimitStack`).
+        ConfigurationError: When stacked rate limits disagree on how the task waits, or name one
+            limiter twice.
     """
     if _looks_like_task(fun):
         raise TypeError(
@@ -129,7 +174,9 @@ def attach_policy(fun: Callable[..., Any], kind: str, policy: Any, decorator: st
     if not callable(fun):
         raise TypeError(f"@{decorator} decorates a function, got {fun!r}")
     existing: Dict[str, Any] = dict(getattr(fun, POLICY_ATTR, None) or {})
-    if kind in existing:
+    if kind == "rate_limit" and kind in existing:
+        policy = _stacked(existing[kind], policy, getattr(fun, "__name__", repr(fun)))
+    elif kind in existing:
         raise TypeError(f"@{decorator} is applied twice to {getattr(fun, '__name__', fun)!r}")
     existing[kind] = policy
     setattr(fun, POLICY_ATTR, existing)

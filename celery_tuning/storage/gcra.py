@@ -5,8 +5,9 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Protocol, Sequence, Tuple
 
+from ..errors import ConfigurationError
 from ..policy.gcra import (
     GcraResult,
     GcraState,
@@ -19,8 +20,8 @@ from ..policy.gcra import (
 from .keys import rate_limit_bucket_key, rate_limit_conf_key
 from .redis import RedisConnector
 
-__all__ = ["MAX_DEBT_US", "AdaptiveSpec", "Bucket", "GcraSnapshot", "GcraStore", "MemoryGcraStore", "RedisGcraStore",
-           "gcra_charge", "now_us"]
+__all__ = ["MAX_DEBT_US", "AdaptiveSpec", "Bucket", "GcraManyResult", "GcraSnapshot", "GcraStore", "MemoryGcraStore",
+           "RedisGcraStore", "StackedBucket", "gcra_charge", "now_us"]
 
 #: Furthest (µs) a charge moves a bucket's next admission past now: a year. Bounds a runaway
 #: ``charge(n)`` (and the key's TTL, which always outlives the debt).
@@ -59,6 +60,41 @@ class Bucket:
     @classmethod
     def for_limiter(cls, prefix: str, name: str, key_hash: Optional[str] = None) -> Bucket:
         return cls(tat=rate_limit_bucket_key(prefix, name, key_hash), conf=rate_limit_conf_key(prefix, name))
+
+
+class StackedBucket(NamedTuple):
+    """One bucket of a decision over several (:meth:`GcraStore.acquire_many`): the bucket, its
+    limiter's configured interval (µs) and burst, and the tokens this call takes from it (>= 1)."""
+
+    bucket: Bucket
+    interval: int
+    burst: int
+    cost: int
+
+
+class GcraManyResult(NamedTuple):
+    """Outcome of one decision over several buckets (``gcra_acquire_many.lua``)."""
+
+    #: True when every bucket admits (now, or with slots reserved ``wait_us`` ahead): tokens were
+    #: taken from each. False: nothing was taken from any.
+    allowed: bool
+    #: The longest of the buckets' waits (µs): 0 admitted now; allowed: the call's slot (the latest
+    #: of its buckets' slots); refused: when every bucket would admit it.
+    wait_us: int
+    #: Index (0-based) of the bucket with that longest wait, the first of equals.
+    which: int
+
+
+def _check_stack(entries: Sequence[StackedBucket]) -> None:
+    if not entries:
+        raise ConfigurationError("acquire_many(entries=[]): expected at least one bucket")
+    seen = set()
+    for entry in entries:
+        if entry.bucket.tat in seen:
+            raise ConfigurationError(
+                f"acquire_many(entries=...): bucket {entry.bucket.tat!r} appears twice; a stack takes "
+                "each bucket once")
+        seen.add(entry.bucket.tat)
 
 
 @dataclass(frozen=True)
@@ -100,6 +136,9 @@ class GcraStore(Protocol):
 
     def acquire(self, bucket: Bucket, interval: int, burst: int, cost: int, reserve: int,
                 now: Optional[int] = None) -> GcraResult: ...
+
+    def acquire_many(self, entries: Sequence[StackedBucket], reserve: int,
+                     now: Optional[int] = None) -> GcraManyResult: ...
 
     def pause(self, bucket: Bucket, interval: int, burst: int, pause: int,
               adaptive: Optional[AdaptiveSpec] = None, now: Optional[int] = None) -> None: ...
@@ -160,6 +199,39 @@ class MemoryGcraStore:
             if result.new_state is not None:
                 self._state[bucket.tat] = result.new_state
             return result
+
+    def _forget_recovered_factor(self, bucket: Bucket, now: int) -> None:
+        conf = self._conf.get(bucket.conf)
+        if conf and "factor" in conf and recovered_factor(
+                conf["factor"], int(conf["factor_at"]), conf["recover"], now) >= 1:
+            for field in ("factor", "factor_at", "recover"):
+                del conf[field]
+
+    def acquire_many(self, entries: Sequence[StackedBucket], reserve: int,
+                     now: Optional[int] = None) -> GcraManyResult:
+        """Admit only when every bucket admits, taking tokens from all or none (``gcra_acquire_many.lua``)."""
+        _check_stack(entries)
+        with self._lock:
+            now = self.clock() if now is None else now
+            results, rates, states = [], [], []
+            for entry in entries:
+                self._forget_recovered_factor(entry.bucket, now)
+                interval, burst = self._rate(entry.bucket, entry.interval, entry.burst, now)
+                state = self._get(entry.bucket.tat, now)
+                rates.append((interval, burst))
+                states.append(state)
+                results.append(gcra_acquire(state, now, interval, burst, entry.cost, reserve))
+            longest = max(r.wait_us for r in results)
+            which = next(i for i, r in enumerate(results) if r.wait_us == longest)
+            if not all(r.allowed for r in results):
+                return GcraManyResult(False, longest, which)
+            # Every bucket is charged as of the one time the call is admitted (now + the longest wait).
+            at = now + longest
+            for entry, state, (interval, burst) in zip(entries, states, rates):
+                admitted = gcra_acquire(state, at, interval, burst, entry.cost, 0)
+                assert admitted.allowed and admitted.new_state is not None
+                self._state[entry.bucket.tat] = admitted.new_state
+            return GcraManyResult(True, longest, which)
 
     def pause(self, bucket: Bucket, interval: int, burst: int, pause: int,
               adaptive: Optional[AdaptiveSpec] = None, now: Optional[int] = None) -> None:
@@ -248,6 +320,34 @@ class RedisGcraStore:
         args = [packed] if now is None else [packed, now]
         r = int(self.connector.evalsha("gcra_acquire", keys=keys, args=args))
         return GcraResult(r >= 0, abs(r), None)
+
+    def acquire_many(self, entries: Sequence[StackedBucket], reserve: int,
+                     now: Optional[int] = None) -> GcraManyResult:
+        """One ``EVALSHA`` of ``gcra_acquire_many.lua``: every bucket admits and pays, or none pays.
+
+        Raises:
+            ConfigurationError: On Redis Cluster when the buckets' keys live in more than one slot
+                (buckets of different limiters do: each limiter's name is its hash tag).
+        """
+        _check_stack(entries)
+        keys: List[str] = []
+        packed = [str(reserve)]
+        for entry in entries:
+            keys += [entry.bucket.tat, entry.bucket.conf]
+            packed.append(f"{entry.interval} {entry.burst} {entry.cost}")
+        if self.connector.target.kind == "cluster":
+            from redis.crc import key_slot
+
+            if len({key_slot(k.encode()) for k in keys}) > 1:
+                raise ConfigurationError(
+                    "stacked rate limits: on Redis Cluster the buckets of one decision must share a slot, "
+                    f"and {[e.bucket.tat for e in entries]} do not (each limiter's name is its hash tag)")
+        if now is None and self.clock is not None:
+            now = self.clock()
+        args: List[Any] = [" ".join(packed)] if now is None else [" ".join(packed), now]
+        r, which = self.connector.evalsha("gcra_acquire_many", keys=keys, args=args)
+        r = int(r)
+        return GcraManyResult(r >= 0, abs(r), int(which) - 1)
 
     def pause(self, bucket: Bucket, interval: int, burst: int, pause: int,
               adaptive: Optional[AdaptiveSpec] = None, now: Optional[int] = None) -> None:

@@ -357,6 +357,26 @@ def test_a_call_routed_through_a_topic_exchange_comes_back_after_a_deferral(redi
     assert len(runs) == 3 and set(runs.values()) == {b"1"}, runs
 
 
+def test_stacked_limits_park_and_pace_by_the_tightest_in_a_real_worker(redis_clean):
+    """A shared 20/s stacked on a per-tenant 10/s: two tenants' calls park at the first limit's
+    spot, come back and run once each; each tenant at most 10/s, together at most 20/s."""
+    with running_workers(APP, worker_env(redis_clean), count=1, concurrency=2, prefix="stacked"):
+        out = run_producer(
+            "from tests.apps.parked import stacked\n"
+            "rs = [stacked.delay(i, tenant=t) for i in range(8) for t in ('a', 'b')]\n"
+            "print(sorted(r.get(timeout=30) for r in rs))\n", redis_clean)
+    assert out.splitlines()[-1] == str(sorted(list(range(8)) * 2))
+    client = redis_clean.client(1)
+    runs = _runs(client)
+    assert len(runs) == 16 and set(runs.values()) == {b"1"}, runs
+    for tenant in ("a", "b"):
+        times = sorted(float(t) for t in client.lrange(f"stacked_times:{tenant}", 0, -1))
+        assert times[-1] - times[0] >= 7 * 0.1 - 0.05, times  # 8 runs at 10/s, burst 1
+    both = sorted(float(t) for t in client.lrange("stacked_times:a", 0, -1) + client.lrange("stacked_times:b", 0, -1))
+    assert both[-1] - both[0] >= 15 * 0.05 - 0.05, both  # 16 runs at 20/s, burst 1
+    assert _parked(_store(redis_clean), Spot("rate_limit", "paced")) == 0
+
+
 def test_tuning_redis_down_while_parking_falls_back_to_countdown_logged_once(redis_clean, fault_redis):
     env = {**worker_env(redis_clean), "TEST_TUNING_URL": fault_redis.db_url(1),
            "TEST_LEDGER_URL": redis_clean.db_url(2)}

@@ -514,3 +514,49 @@ def test_a_deferral_reaches_celery_without_the_pipelines_frames(redis_clean):
     frames = [frame.f_code.co_name for frame, _ in traceback.walk_tb(caught.value.__traceback__)]
     assert len(frames) <= 2, frames  # this test's frame and the task's run
     assert caught.value.__suppress_context__
+
+
+def test_stacked_limits_admit_only_what_the_tightest_allows_and_refused_calls_spend_no_bucket(redis_clean):
+    """Stacked 50/s burst 5 + 900/m burst 3 (30 per 2 s), 4 threads hammering for 2 s through Redis:
+    3 + 15/s x 2 s admitted (the 30th slot falls on the end), and the looser bucket is all but full
+    afterwards, though the calls refused (several hundred) would have emptied it many times over."""
+    app = make_app(redis_clean, "stacked", tuning_rate_limits={"tight": {"rate": "900/m", "burst": 3}})
+
+    @app.task(base=TunedTask, name="stacked.hammered", shared=False)
+    @rate_limit("50/s", burst=5, on_limit="raise")
+    @rate_limit("tight", on_limit="raise")
+    def hammered():
+        return True
+
+    counts = {"admitted": 0, "refused": 0}
+    lock = threading.Lock()
+    hammered.apply().get()  # bind and warm up outside the window
+    time.sleep(1.0)  # both buckets full again
+    start = time.monotonic()
+    stamps = []
+
+    def hammer_it():
+        while True:
+            at = time.monotonic()
+            if at >= start + 2.0:
+                return
+            try:
+                hammered.apply().get()
+                outcome = "admitted"
+            except RateLimited:
+                outcome = "refused"
+            with lock:
+                counts[outcome] += 1
+                stamps.append(at)
+
+    threads = [threading.Thread(target=hammer_it) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    span = max(stamps) - start
+    loose = limiter_for(runtime_for(app), "stacked.hammered").snapshot()
+    most = 3 + 15 * span  # burst + rate x t
+    assert most - 1.5 <= counts["admitted"] <= most + 0.5, (counts, span)
+    assert counts["admitted"] + counts["refused"] > 5 + 50 * span, "the looser bucket alone would have run dry"
+    assert loose.tokens >= 4, f"refused calls spent the looser bucket: {loose.tokens} of 5 tokens left"

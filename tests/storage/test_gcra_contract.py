@@ -2,6 +2,7 @@
 
 import pytest
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from celery_tuning.policy.gcra import gcra_acquire
 from celery_tuning.storage.gcra import (
@@ -314,3 +315,121 @@ def test_a_charge_with_redis_down_never_raises(fault_redis, caplog, policy):
         assert not lim.try_acquire()
     else:
         assert debts == [0.0, 0.0]
+
+
+# Stacked limits: one decision over several buckets (gcra_acquire_many.lua). A limiter's shared and
+# per-key buckets share its hash tag, so these run on the Cluster too.
+
+
+def stacked(*entries):
+    from celery_tuning.storage.gcra import StackedBucket
+
+    return [StackedBucket(*entry) for entry in entries]
+
+
+def test_a_stack_admits_only_when_every_bucket_admits_and_takes_all_or_none(store):
+    loose, tight = bucket(), bucket(key="tenant")
+    stack = stacked((loose, 1000, 5, 1), (tight, 10_000, 2, 1))
+    assert [tuple(store.acquire_many(stack, -1, now=T0)) for _ in range(2)] == [(True, 0, 0), (True, 0, 0)]
+    refused = store.acquire_many(stack, -1, now=T0)
+    assert tuple(refused) == (False, 10_000, 1), "the longest wait, and the bucket it is"
+    for _ in range(3):
+        assert not store.acquire_many(stack, -1, now=T0).allowed
+    assert store.snapshot(loose, 1000, 5, now=T0).tokens == 3, "refused calls spent nothing"
+    assert store.snapshot(tight, 10_000, 2, now=T0).tokens == 0
+    reserved = store.acquire_many(stack, 20_000, now=T0)
+    assert tuple(reserved) == (True, 10_000, 1), "a slot in every bucket, the call's at the latest"
+    # Every bucket is charged as of the call's time, T0 + 10 ms: the loose one is full again by
+    # then and gives one of its 5 (charged at T0 it would let the next call run 10 ms early).
+    assert store.snapshot(loose, 1000, 5, now=T0 + 10_000).tokens == 4
+    # cost 3 in the loose bucket, 1 in the tight one
+    assert not store.acquire(tight, 10_000, 2, 1, -1, now=T0 + 19_999).allowed
+    heavy = stacked((loose, 1000, 5, 3), (tight, 10_000, 2, 1))
+    assert tuple(store.acquire_many(heavy, -1, now=T0 + 20_000)) == (True, 0, 0)
+    assert tuple(store.acquire_many(heavy, -1, now=T0 + 20_000)) == (False, 10_000, 1)
+
+
+def test_a_stack_reads_each_limiters_override_and_waits_for_the_slowest(store):
+    a, b = bucket(key="a"), bucket(key="b")
+    store.set_override(a, interval=50_000, burst=1)  # one conf per limiter: both buckets see it
+    stack = stacked((a, 1000, 1, 1), (b, 1000, 3, 2))  # b's cost 2 above the burst 1 in force: 1 owed
+    assert tuple(store.acquire_many(stack, -1, now=T0)) == (True, 0, 0)
+    assert tuple(store.acquire_many(stack, -1, now=T0)) == (False, 100_000, 1)
+    assert tuple(store.acquire_many(stack, 100_000, now=T0)) == (True, 100_000, 1)
+    # a paid too, as of the call's time (T0 + 100 ms): its next slot is 50 ms after that
+    assert tuple(store.acquire_many(stacked((a, 1000, 1, 1)), -1, now=T0)) == (False, 150_000, 0), "a paid too"
+
+
+def test_a_stack_names_no_bucket_twice(store):
+    from celery_tuning import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="appears twice"):
+        store.acquire_many(stacked((bucket(), 1000, 1, 1), (bucket(), 2000, 1, 1)), -1, now=T0)
+
+
+def test_a_stack_of_different_limiters_is_one_script_except_on_a_cluster(store):
+    """Different limiters' keys are in different Cluster slots: refused there, with a clear error."""
+    from celery_tuning import ConfigurationError
+
+    stack = stacked((bucket("per-second"), 100_000, 1, 1), (bucket("per-hour"), 1000, 2, 1))
+    connector = getattr(store, "connector", None)
+    if connector is not None and connector.target.kind == "cluster":
+        with pytest.raises(ConfigurationError, match="must share a slot"):
+            store.acquire_many(stack, -1, now=T0)
+        return
+    assert store.acquire_many(stack, -1, now=T0).allowed
+    assert tuple(store.acquire_many(stack, -1, now=T0)) == (False, 100_000, 0)
+    assert store.snapshot(bucket("per-hour"), 1000, 2, now=T0).tokens == 1
+
+
+def test_a_stacked_task_is_refused_on_a_cluster_when_it_is_bound(cluster_clean):
+    from celery import Celery
+
+    import celery_tuning
+    from celery_tuning import ConfigurationError, TunedTask, rate_limit
+
+    app = Celery("stack-cluster", set_as_current=False, task_cls="celery_tuning:TunedTask")
+    app.conf.update(tuning_redis_url=cluster_clean.url, tuning_rate_limits={"hourly": "5000/h"})
+    celery_tuning.install(app)
+
+    @app.task(base=TunedTask, name="stacked_on_cluster", shared=False)
+    @rate_limit("10/s")
+    @rate_limit("hourly")
+    def f():
+        pass
+
+    with pytest.raises(ConfigurationError, match="stacked @rate_limit .* not supported on Redis Cluster"):
+        f.run  # noqa: B018 - binding happens on first access
+
+
+#: 2-4 buckets, each (interval µs, burst).
+stacks = st.lists(st.tuples(gcra.intervals, gcra.bursts), min_size=2, max_size=4)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(stack=stacks, steps=gcra.steps(max_size=30))
+def test_the_stack_script_matches_the_oracle_bucket_by_bucket(redis_clean, stack, steps):
+    """Each bucket of gcra_acquire_many.lua is gcra_acquire; all admit and are written, or none is."""
+    client = redis_clean.client(3)
+    client.flushdb()
+    store = RedisGcraStore(RedisConnector(redis_clean.db_url(3)))
+    buckets = [bucket(f"s{i}") for i in range(len(stack))]
+    states = [None] * len(stack)
+    now = T0
+    for gap, cost, reserve in steps:
+        now += gap  # a cost above a bucket's burst waits for it to be full
+        results = [gcra_acquire(state, now, interval, burst, cost, reserve)
+                   for state, (interval, burst) in zip(states, stack)]
+        waits = [r.wait_us for r in results]
+        expected = (all(r.allowed for r in results), max(waits), waits.index(max(waits)))
+        before = [client.get(b.tat) for b in buckets]
+        got = store.acquire_many(stacked(*[(b, interval, burst, cost) for b, (interval, burst) in zip(buckets, stack)]),
+                                 reserve, now=now)
+        assert tuple(got) == expected
+        after = [client.get(b.tat) for b in buckets]
+        if expected[0]:  # every bucket charged as of the call's time, now + the longest wait
+            states = [gcra_acquire(state, now + expected[1], interval, burst, cost, 0).new_state
+                      for state, (interval, burst) in zip(states, stack)]
+            assert [raw.decode() for raw in after] == [f"{s.allow_at} {s.full_at}" for s in states]
+        else:
+            assert after == before, "a refused stack writes no bucket"

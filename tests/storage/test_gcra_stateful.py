@@ -2,6 +2,8 @@
 
 One manual clock drives both (the Redis store sends it to the scripts as their "now"). Every
 operation a limiter or the CLI performs is a rule: acquire with cost, reserve and per-key buckets;
+a stacked decision over several buckets (``gcra_acquire_many.lua``, all or none; on a Cluster only
+the buckets of one limiter, which share its slot);
 charge (debit after the call, debt included); pause with and without adaptive mode; time passing
 (adaptive recovery); the CLI's rate override and reset; and Redis losing everything (FLUSHDB), whose
 reference is a memory store that never saw anything. Any difference in a decision, a snapshot or an
@@ -17,8 +19,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
 from celery_tuning.policy.rates import Rate
-from celery_tuning.ratelimit import GcraLimiter, hash_key
-from celery_tuning.storage.gcra import AdaptiveSpec, Bucket, MemoryGcraStore, RedisGcraStore
+from celery_tuning.ratelimit import GcraLimiter, decide_all, hash_key
+from celery_tuning.storage.gcra import AdaptiveSpec, Bucket, MemoryGcraStore, RedisGcraStore, StackedBucket
 from celery_tuning.storage.redis import RedisConnector
 
 pytestmark = pytest.mark.integration
@@ -52,6 +54,8 @@ class GcraStoresAgree(RuleBasedStateMachine):
 
     connect: Callable[[], RedisConnector]
     flush: Callable[[], None]
+    #: On a Cluster a stack takes the buckets of one limiter only (different limiters: other slots).
+    cluster: bool = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -141,6 +145,34 @@ class GcraStoresAgree(RuleBasedStateMachine):
         self.now += gap  # a cost above the burst (a callable cost's big call) waits for a full bucket
         self.limiters_agree(name, 0, lambda lim: lim.decide(cost, reserve=reserve, key=key))
 
+    def stack_of(self, data: Any) -> List[Tuple[str, Optional[str]]]:
+        pairs = data.draw(st.lists(st.tuples(names, keys), min_size=1, max_size=4, unique=True), label="stack")
+        if type(self).cluster:
+            pairs = [(pairs[0][0], key) for key in dict.fromkeys(key for _, key in pairs)]
+        return pairs
+
+    @rule(data=st.data(), reserve=reserves, gap=steps)
+    def acquire_many(self, data: Any, reserve: int, gap: int) -> None:
+        """A stacked ``@rate_limit``: every bucket admits and pays, or none pays (a refusal writes nothing)."""
+        self.now += gap
+        entries = [StackedBucket(self.bucket(name, key), *self.config[name], data.draw(st.integers(1, 4), label="cost"))
+                   for name, key in self.stack_of(data)]
+        self.both(lambda s: tuple(s.acquire_many(entries, reserve)))
+
+    @rule(data=st.data(), reserve=st.sampled_from([None, 0.0, 0.001, 0.25, 3600.0]), gap=steps)
+    def decide_stack(self, data: Any, reserve: Optional[float], gap: int) -> None:
+        """``decide_all`` over limiters: costs of 0 are left out, one part is a plain decide."""
+        self.now += gap
+        parts = [(name, data.draw(st.integers(0, 4), label="cost"), key) for name, key in self.stack_of(data)]
+
+        def decide(store: str) -> Any:
+            decision, lim = decide_all([(self.limiter(store, name, 0), cost, key) for name, cost, key in parts],
+                                       reserve=reserve)
+            return decision, lim.name
+
+        expected, got = decide("memory"), decide("redis")
+        assert got == expected, f"memory store says {expected!r}, Redis says {got!r}"
+
     @rule(name=names, key=keys, n=charges, gap=steps)
     def charge(self, name: str, key: Optional[str], n: int, gap: int) -> None:
         """``gcra_charge.lua``: debit after the call, never refused; the debt must agree to the µs."""
@@ -227,9 +259,10 @@ def _no_sleep(seconds: float) -> None:
     raise AssertionError("decide() and throttle() never sleep")
 
 
-def run(connect: Callable[[], RedisConnector], flush: Callable[[], None], examples: int) -> None:
+def run(connect: Callable[[], RedisConnector], flush: Callable[[], None], examples: int, cluster: bool = False) -> None:
     GcraStoresAgree.connect = staticmethod(connect)  # type: ignore[assignment]
     GcraStoresAgree.flush = staticmethod(flush)  # type: ignore[assignment]
+    GcraStoresAgree.cluster = cluster
     run_state_machine_as_test(GcraStoresAgree, settings=settings(
         max_examples=examples, stateful_step_count=25, deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]))
@@ -249,4 +282,4 @@ def test_memory_and_cluster_agree(cluster_clean):
         for client in clients:
             client.flushall()
 
-    run(lambda: connector, flush, examples=15)
+    run(lambda: connector, flush, examples=15, cluster=True)

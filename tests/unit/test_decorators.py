@@ -272,3 +272,81 @@ def test_rate_limit_cost_callable_is_evaluated_per_call_with_its_key_and_charge_
 
     with pytest.raises(ConfigurationError, match=r"task 'costs.negative': @rate_limit\(cost=<lambda>\) returned -1"):
         negative.apply(("x",)).get()
+
+
+def test_rate_limits_stack_in_reading_order_and_must_agree_on_how_the_task_waits():
+    from celery_tuning.policy.attach import RateLimitStack
+
+    def f(tenant):
+        pass
+
+    rate_limit("10/s", on_limit="raise")(rate_limit("hourly", key=lambda tenant: tenant, on_limit="raise")(f))
+    stack = policies_of(f)["rate_limit"]
+    assert isinstance(stack, RateLimitStack)
+    assert [p.name for p in stack.policies] == [None, "hourly"], "topmost decorator first"
+    assert stack.name is None and stack.on_limit == "raise"
+    rate_limit("5000/h", on_limit="raise")(f)
+    assert len(policies_of(f)["rate_limit"].policies) == 3
+
+    def g():
+        pass
+
+    rate_limit("hourly")(g)
+    with pytest.raises(ConfigurationError, match=r"@rate_limit\(on_limit='raise'\) stacked on 'g' whose other "
+                                                 r"@rate_limit has on_limit='auto'"):
+        rate_limit("10/s", on_limit="raise")(g)
+    with pytest.raises(ConfigurationError, match=r"@rate_limit\(max_wait=2\.0\) stacked on 'g'"):
+        rate_limit("10/s", max_wait=2)(g)
+    with pytest.raises(ConfigurationError, match=r"@rate_limit\('hourly'\) is stacked twice on 'g'"):
+        rate_limit("hourly", key=lambda: 1)(g)
+    assert policies_of(g)["rate_limit"].name == "hourly", "a refused stacking leaves the policy as it was"
+
+
+def test_a_stacked_task_is_admitted_only_when_every_limit_admits():
+    """10/s burst 3 shared + 1/m per tenant + a callable cost on a named 'tokens' limiter (memory://)."""
+    from celery import Celery
+
+    import celery_tuning
+    from celery_tuning import RateLimited, Throttled
+
+    app = Celery("stacked", set_as_current=False, task_cls="celery_tuning:TunedTask")
+    app.conf.update(tuning_redis_url="memory://",
+                    tuning_rate_limits={"tokens": {"rate": "60/m", "burst": 10}})  # a token a second
+    celery_tuning.install(app)
+    throttle = []
+
+    @app.task(name="stacked.sync", shared=False)
+    @rate_limit("10/s", burst=3, on_limit="raise")
+    @rate_limit("1/m", key=lambda tenant, text: tenant, on_limit="raise")
+    @rate_limit("tokens", cost=lambda tenant, text: len(text), on_limit="raise")
+    def sync(tenant, text):
+        if throttle:
+            raise Throttled(throttle.pop(), name="tokens")
+        return tenant
+
+    assert sync.apply(("a", "xxxx")).get() == "a"
+    shared = limiter_of(app, "stacked.sync")  # inline limits: the task's name, then TASK#2 ...
+    per_tenant = limiter_of(app, "stacked.sync#2")
+    tokens = celery_tuning.limiter("tokens", app=app)
+    assert (shared.snapshot().tokens, per_tenant.snapshot(key="a").tokens, tokens.snapshot().tokens) == (2, 0, 6)
+    with pytest.raises(RateLimited) as info:
+        sync.apply(("a", "xx")).get()
+    assert 59 < info.value.retry_after <= 60 and info.value.name == "stacked.sync#2", "the tightest limit's wait"
+    assert (shared.snapshot().tokens, tokens.snapshot().tokens) == (2, 6), "a refused call spends no bucket"
+    with pytest.raises(RateLimited) as info:
+        sync.apply(("b", "x" * 7)).get()
+    assert 0.9 < info.value.retry_after <= 1.0 and info.value.name == "tokens"
+    assert per_tenant.snapshot(key="b").tokens == 1, "nor the tenant's bucket"
+    assert sync.apply(("b", "")).get() == "b", "a cost of 0 leaves that limit out"
+    assert (shared.snapshot().tokens, per_tenant.snapshot(key="b").tokens, tokens.snapshot().tokens) == (1, 0, 6)
+    throttle.append(30)
+    with pytest.raises(RateLimited, match="tokens"):
+        sync.apply(("c", "x")).get()
+    assert tokens.snapshot().tokens == 0, "Throttled(name=...) paused that limit of the stack"
+
+
+def limiter_of(app, name):
+    from celery_tuning.integration.registry import limiter_for
+    from celery_tuning.integration.runtime import runtime_for
+
+    return limiter_for(runtime_for(app), name)

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import logging
 import numbers
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 from ...errors import ConfigurationError, RateLimited, Throttled
 from ...policy import admission
-from ...policy.attach import RateLimitPolicy
-from ...ratelimit import Decision, GcraLimiter
+from ...policy.attach import RateLimitPolicy, RateLimitStack
+from ...ratelimit import Decision, GcraLimiter, decide_all
 from ..deferral import ParkRequest, defer, is_eager, jitter, parking_on, spot, warn_beyond_visibility
 from ..pipeline import Ahead, Call, CallContext, Step, register_step
 from ..registry import LIMITERS, limiter_for
 from ..runtime import runtime_for
 from ..slots import HEADER_SLOT, holds_slot, slot_headers, take_slot
 
-__all__ = ["HEADER_SLOT", "RateLimitStep"]
+__all__ = ["HEADER_SLOT", "RateLimitStep", "StackedRateLimitStep"]
 
 logger = logging.getLogger("celery_tuning.ratelimit")
 
@@ -115,12 +115,7 @@ class RateLimitStep(Step):
         cost = self.policy.cost
         if not callable(cost):
             return cost
-        value = cost(*ctx.args, **ctx.kwargs)
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-            raise ConfigurationError(
-                f"task {self.task_name!r}: @rate_limit(cost={getattr(cost, '__name__', cost)}) returned "
-                f"{value!r} for this call; expected an integer >= 0")
-        return int(value)
+        return _called_cost(self.task_name, cost, ctx)
 
     def _reserve(self, request: Any) -> Optional[float]:
         """The ``reserve`` :meth:`_admit` decides with."""
@@ -223,4 +218,167 @@ class RateLimitStep(Step):
                     "throttled", headers)
 
 
-register_step("rate_limit", RateLimitStep)
+def _called_cost(task_name: str, cost: Callable[..., int], ctx: CallContext) -> int:
+    value = cost(*ctx.args, **ctx.kwargs)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ConfigurationError(
+            f"task {task_name!r}: @rate_limit(cost={getattr(cost, '__name__', cost)}) returned "
+            f"{value!r} for this call; expected an integer >= 0")
+    return int(value)
+
+
+class StackedRateLimitStep(RateLimitStep):
+    """Several ``@rate_limit`` on one task (a :class:`~celery_tuning.policy.attach.RateLimitStack`):
+    one step, one decision over every limiter's bucket (``gcra_acquire_many.lua``), admitted only
+    when all admit, tokens taken from all or none.
+
+    Each limit keeps its own ``key`` and ``cost``; the wait is the longest of the buckets'. The first
+    limit names the stack: deferrals park at its spot and a slot header names it (with every key).
+    Inline limits are named after the task, the second and later ones ``TASK#2``, ``TASK#3``...
+    No decision is offered ahead to the cache's lookup script (one bucket only rides there).
+    Refused on Redis Cluster, where different limiters' keys live in different slots.
+    """
+
+    def __init__(self, stack: RateLimitStack, task_cls: Any) -> None:
+        super().__init__(stack.policies[0], task_cls)
+        self.stack = stack
+        runtime = self.runtime
+        names: List[str] = []
+        inline = 0
+        for policy in stack.policies:
+            if policy.name is None:
+                inline += 1
+                names.append(self.task_name if inline == 1 else f"{self.task_name}#{inline}")
+                continue
+            names.append(policy.name)
+            spec = runtime.registry.spec(LIMITERS, policy.name, by=f"@rate_limit({policy.name!r})")
+            if not callable(policy.cost) and policy.cost > spec.burst:
+                raise ConfigurationError(
+                    f"@rate_limit({policy.name!r}, cost={policy.cost}): exceeds the limiter's burst ({spec.burst})")
+        self.limiter_names = names
+        if not runtime.in_memory and runtime.connector.target.kind == "cluster":
+            raise ConfigurationError(
+                f"task {self.task_name!r}: stacked @rate_limit ({', '.join(map(repr, names))}) is not supported "
+                "on Redis Cluster: one decision must read every bucket in one script, and each limiter's "
+                "keys live in their own slot; keep one @rate_limit per task there")
+        self._limiters: Optional[List[GcraLimiter]] = None
+
+    @property
+    def limiters(self) -> List[GcraLimiter]:
+        if self._limiters is None:
+            self._limiters = [limiter_for(self.runtime, name, rate=p.rate, burst=p.burst, adaptive=p.adaptive)
+                              for name, p in zip(self.limiter_names, self.stack.policies)]
+        return self._limiters
+
+    @property
+    def limiter(self) -> GcraLimiter:
+        """The first limit's limiter (the one that names the stack)."""
+        return self.limiters[0]
+
+    def ahead(self, ctx: CallContext, connector: Any) -> Optional[Ahead]:
+        return None  # a stack decides in gcra_acquire_many.lua, never inside the cache's script
+
+    def wrap(self, call_next: Call) -> Call:
+        policies = self.stack.policies
+
+        def call(ctx: CallContext) -> Any:
+            task, request = ctx.task, ctx.request
+            keys = [p.key(*ctx.args, **ctx.kwargs) if p.key is not None else None for p in policies]
+            costs: Optional[List[int]] = None  # evaluated once, when first needed
+            if not self._use_stacked_slot(task, request, keys, ctx):
+                costs = self._costs(ctx)
+                self._admit_all(task, request, keys, costs)
+            try:
+                return call_next(ctx)
+            except Throttled as exc:
+                self._throttled_all(task, request, keys, exc, self._costs(ctx) if costs is None else costs)
+                raise  # not reached: _throttled_all defers or raises
+
+        return call
+
+    def _costs(self, ctx: CallContext) -> List[int]:
+        return [_called_cost(self.task_name, p.cost, ctx) if callable(p.cost) else p.cost
+                for p in self.stack.policies]
+
+    def _parts(self, costs: Sequence[int], keys: Sequence[Any]) -> List[Any]:
+        return list(zip(self.limiters, costs, keys))
+
+    def _use_stacked_slot(self, task: Any, request: Any, keys: List[Any], ctx: CallContext) -> bool:
+        early = take_slot(request, self.limiter_name, tuple(keys))
+        if early is None:
+            return False
+        grace = self.runtime.config.rate_limit_slot_grace
+        if early < -grace:
+            self._pace_late_all(task, request, keys, self._costs(ctx), -early, grace)
+            return True
+        if early > 0:
+            self.limiter.sleep(min(early, max(self.policy.max_wait, 0.05)))
+        return True
+
+    def _pace_late_all(self, task: Any, request: Any, keys: List[Any], costs: List[int], late: float,
+                       grace: float) -> None:
+        """:meth:`RateLimitStep._pace_late` over every limit: late calls take turns in late buckets of
+        their own, one per limit, at each limit's rate."""
+        self.limiter._emit(SLOT_EXPIRED, late)
+        decision, limiter = decide_all(self._parts(costs, [(SLOT_EXPIRED, key) for key in keys]), reserve=86_400.0)
+        if not decision.allowed or decision.wait <= 0:
+            return
+        if decision.wait <= max(self.policy.max_wait, grace) or is_eager(request):
+            limiter.sleep(decision.wait)
+            return
+        self._defer(task, decision.wait, "rate_limit",
+                    slot_headers(self.limiter_name, tuple(keys), decision.wait, request.id))
+
+    def _admit_all(self, task: Any, request: Any, keys: List[Any], costs: List[int]) -> None:
+        policy = self.policy
+        decision, limiter = decide_all(self._parts(costs, keys), reserve=self._reserve(request))
+        action = admission.rate_limit_action(policy.on_limit, is_eager(request), decision.allowed,
+                                             decision.wait, policy.max_wait)
+        kind = action.kind
+        if kind == admission.ADMIT:
+            return
+        if kind == admission.RAISE:
+            raise RateLimited(decision.wait, limiter.name)
+        if kind == admission.WAIT:
+            limiter.acquire(timeout=self._wait_timeout(), decision=decision)
+            return
+        if kind == admission.SLEEP:
+            limiter._emit("waited", decision.wait)
+            limiter.sleep(decision.wait)
+            return
+        headers = None
+        if action.keep_slot:
+            headers = slot_headers(self.limiter_name, tuple(keys), decision.wait, request.id)
+        self._defer(task, decision.wait, "rate_limit", headers)
+
+    def _throttled_all(self, task: Any, request: Any, keys: List[Any], exc: Throttled, costs: List[int]) -> None:
+        """``Throttled`` pauses the first limit's bucket (its key's), or the limit ``exc.name`` names
+        (its key's when it is one of the stack, else that limiter's whole bucket)."""
+        limiters = self.limiters
+        target, target_key, own = limiters[0], keys[0], True
+        if exc.name is not None and exc.name != target.name:
+            for lim, key in zip(limiters, keys):
+                if lim.name == exc.name:
+                    target, target_key = lim, key
+                    break
+            else:
+                target, target_key, own = limiter_for(self.runtime, exc.name), None, False
+        target.throttle(exc.retry_after, key=target_key)
+        logger.warning("task %s: remote side throttled limiter %r for %.1fs; task deferred",
+                       self.task_name, target.name, exc.retry_after)
+        if is_eager(request) or self.policy.on_limit == "raise":
+            raise RateLimited(exc.retry_after, target.name) from exc
+        decision, _ = decide_all(self._parts([max(1, c) for c in costs], keys), reserve=self.policy.max_defer)
+        headers = None
+        if decision.allowed:
+            headers = slot_headers(self.limiter_name, tuple(keys), decision.wait, request.id)
+        self._defer(task, max(decision.wait, exc.retry_after if own else 0.0), "throttled", headers)
+
+
+def _build(policy: Union[RateLimitPolicy, RateLimitStack], task_cls: Any) -> RateLimitStep:
+    if isinstance(policy, RateLimitStack):
+        return StackedRateLimitStep(policy, task_cls)
+    return RateLimitStep(policy, task_cls)
+
+
+register_step("rate_limit", _build)
