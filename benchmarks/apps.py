@@ -217,7 +217,8 @@ elif PARKING_MODE in ("park", "countdown") and PARKING_KIND in ("rl", "cc"):
 
     else:
 
-        @parking_app.task(name="benchmarks.apps.parked", bind=True)
+        # acks_late: a woken waiter may then hold on as the limit's standby (tuning_concurrency_standby).
+        @parking_app.task(name="benchmarks.apps.parked", bind=True, acks_late=True)
         @concurrency_limit("bench")
         def parked(self) -> None:
             started = _time.time()

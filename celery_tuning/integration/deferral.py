@@ -15,6 +15,7 @@ import logging
 import random
 import threading
 import time
+import uuid
 import warnings
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, NoReturn, Optional, Sequence, Set
 
@@ -399,7 +400,13 @@ def _park(task: Any, request: Any, park: ParkRequest, headers: Dict[str, Any], c
         # died before acking) has the same id, so a call that already ran is not parked again.
         retries = int(getattr(request, "retries", 0) or 0)
         park_id = f"{request.id}:{retries}:{count}"
-        parked = runtime.registry.park_store().park(where, park_id, payload, delay_us, seq)
+        store = runtime.registry.park_store()
+        parked = store.park(where, park_id, payload, delay_us, seq)
+        if not parked and not _redelivered(request):
+            # Not a redelivery: a new call that reuses a task id whose earlier call parked here
+            # and ran (apply_async(task_id=...) with a fixed id). It parks under an id of its own.
+            park_id = f"{park_id}:{uuid.uuid4().hex[:12]}"
+            parked = store.park(where, park_id, payload, delay_us, seq)
     except StorageError as exc:
         if _once.first("storage"):
             logger.warning("tuning Redis failed while parking a task (%s); deferring with countdowns until "
@@ -456,6 +463,10 @@ def guard(task: Any, request: Any, spots: Sequence[Spot] = ()) -> None:
         logger.info("task %s[%s]: dropped a duplicate of a parked message (publication %d)",
                     task.name, request.id, pub)
         raise _ignored(f"duplicate of parked message {park_id} (publication {pub})")
+    if spots and _redelivered(request):
+        # The same publication again (acks_late, its worker died): if that attempt parked the call
+        # again before dying, the new entry owns the run.
+        _drop_if_parked(task, request, spots)
 
 
 def _redelivered(request: Any) -> bool:

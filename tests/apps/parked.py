@@ -76,17 +76,18 @@ def paced(self, i):
     return {"i": i, "deferrals": deferrals_of(self.request)}
 
 
-@app.task(bind=True, max_retries=0)
-@rate_limit("paced", max_wait=0.0, on_limit="defer")
-@rate_limit("10/s", burst=1, key=lambda i, tenant="t": tenant, max_wait=0.0, on_limit="defer")
-def stacked(self, i, tenant="t"):
-    """Two stacked limits: the shared 20/s and a per-tenant 10/s; parks at the first one's spot."""
-    _ran(self.request.id)
-    ledger.rpush(f"stacked_times:{tenant}", time.time())
-    return i
+if not TUNING.startswith("redis+cluster://"):  # stacked limits are refused on a Cluster
+    @app.task(bind=True, max_retries=0)
+    @rate_limit("paced", max_wait=0.0, on_limit="defer")
+    @rate_limit("10/s", burst=1, key=lambda i, tenant="t": tenant, max_wait=0.0, on_limit="defer")
+    def stacked(self, i, tenant="t"):
+        """Two stacked limits: the shared 20/s and a per-tenant 10/s; parks at the first one's spot."""
+        _ran(self.request.id)
+        ledger.rpush(f"stacked_times:{tenant}", time.time())
+        return i
 
 
-@app.task(bind=True, max_retries=0)
+@app.task(bind=True, max_retries=0, acks_late=True)  # acks_late: its woken waiters may stand by
 @concurrency_limit("solo")
 def solo(self, i, seconds=0.2):
     """One at a time across every worker; records start and end."""

@@ -287,3 +287,73 @@ def test_the_chain_and_links_of_a_call_are_checked_too() -> None:
     assert not _survives_json(_call(["x"], callbacks=[step]))
     assert not _survives_json(_call(["x"], errbacks=[step]))
     assert _survives_json(_call(["x"], chain=[{**step, "args": [[7, [8]]]}]))
+
+
+def test_only_an_acks_late_task_without_a_time_limit_may_stand_by():
+    """The standby is a running attempt: without acks_late a worker dying while it waits loses a
+    task that never ran; under a time limit the wait counts against the limit (review of #17)."""
+    from types import SimpleNamespace
+
+    from celery import Celery
+
+    from celery_tuning.integration.steps.concurrency import _may_stand_by
+
+    app = Celery("standby_rules", broker="memory://", set_as_current=False)
+
+    def task(**options):
+        return SimpleNamespace(_app=app, acks_late=options.get("acks_late", False),
+                               time_limit=options.get("time_limit"), soft_time_limit=options.get("soft_time_limit"))
+
+    free = SimpleNamespace(timelimit=(None, None))
+    assert _may_stand_by(task(acks_late=True), free)
+    assert not _may_stand_by(task(), free)  # acked early: a crash while waiting would lose it
+    assert not _may_stand_by(task(acks_late=True, soft_time_limit=3), free)
+    assert not _may_stand_by(task(acks_late=True, time_limit=4), free)
+    assert not _may_stand_by(task(acks_late=True), SimpleNamespace(timelimit=(4, None)))  # per call
+    app.conf.task_soft_time_limit = 30
+    assert not _may_stand_by(task(acks_late=True), free)
+
+
+def test_a_redelivered_copy_whose_attempt_parked_again_is_dropped(app, store):
+    """acks_late: a mover-published copy parks again (its next deferral) and its worker dies before
+    acking; the broker redelivers the same publication. Its re-parked entry owns the run (review
+    of #17: both ran)."""
+    task = app.tasks["unit.work"]
+    store.park(SPOT, "t-1:0:1", "{}", 0)
+    [entry] = store.claim(SPOT, 10, 1_000_000)
+    assert store.ack(SPOT, entry.park_id, entry.pub)
+    headers = {HEADER_PARK: {"id": "t-1:0:1", "pub": entry.pub, "r": SPOT.reason, "n": SPOT.name},
+               "tuning_deferrals": 1}
+
+    def delivery(redelivered: bool) -> Context:
+        request = _request(headers=dict(headers))
+        request.delivery_info = {"exchange": "", "routing_key": "work-q", "redelivered": redelivered}
+        return request
+
+    guard(task, delivery(False), [SPOT])          # the first delivery runs
+    guard(task, delivery(True), [SPOT])           # redelivered, nothing parked again: runs
+    store.park(SPOT, "t-1:0:2", "{}", 0)          # that attempt parked the call again, then died
+    with pytest.raises(Ignore, match="redelivered original"):
+        guard(task, delivery(True), [SPOT])
+
+
+def test_a_new_call_reusing_the_task_id_of_one_that_ran_parks_under_its_own_id(app, store):
+    """apply_async(task_id='report-2026-12-02') sent again after the first one parked and ran: its
+    deferral must not be taken for a redelivery of the first (review of #17: it was dropped)."""
+    from celery_tuning.integration.deferral import ParkRequest, defer
+
+    task = app.tasks["unit.work"]
+    store.park(SPOT, "report:0:1", "{}", 0)
+    [entry] = store.claim(SPOT, 10, 1_000_000)
+    assert store.ack(SPOT, entry.park_id, entry.pub) and store.redeem(SPOT, entry.park_id, entry.pub)  # it ran
+    for redelivered, parked in ((False, 1), (True, 1)):  # a redelivery of a call that ran is dropped
+        request = _request("report")
+        request.delivery_info = {"exchange": "", "routing_key": "work-q", "redelivered": redelivered}
+        task.push_request(**vars(request))
+        try:
+            with pytest.raises(Ignore):
+                defer(task, 5.0, reason="rate_limit", max_deferrals=3, on_exhausted=RuntimeError,
+                      park=ParkRequest(SPOT, 5.0))
+        finally:
+            task.pop_request()
+        assert store.snapshot(SPOT).due == parked

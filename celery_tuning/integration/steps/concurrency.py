@@ -22,6 +22,21 @@ STANDBY_POLL = 0.25
 #: A standby's entry outlives its wait by this much (its expiry only matters when its worker died).
 STANDBY_MARGIN = 2.0
 
+def _may_stand_by(task: Any, request: Any) -> bool:
+    """Whether a woken waiter of ``task`` may hold on as the standby. Only with ``acks_late``: the
+    standby is a running attempt, and without it Celery has acknowledged the message, so a worker
+    that died while it waited would lose a task that never ran (parking again keeps it in Redis).
+    Never under a time limit: the wait would count against it (waiters failed with
+    SoftTimeLimitExceeded before their body started)."""
+    if not getattr(task, "acks_late", False):
+        return False
+    limits = getattr(request, "timelimit", None) or (None, None)
+    conf = task._app.conf
+    return not any(value for value in (*limits, getattr(task, "time_limit", None),
+                                       getattr(task, "soft_time_limit", None),
+                                       conf.task_time_limit, conf.task_soft_time_limit))
+
+
 class ConcurrencyStep(Step):
     """Built once per task class when it is bound."""
 
@@ -66,7 +81,8 @@ class ConcurrencyStep(Step):
                     # A waiter the mover woke for this limit holds on for the next slot when no
                     # other waiter does (the standby); else, or when its wait ends, it parks again.
                     woken = info.get("r") == "concurrency"
-                    held = self._stand_by(limiter, request) if woken and info.get("n") == policy.name else None
+                    held = (self._stand_by(limiter, request) if woken and info.get("n") == policy.name
+                            and _may_stand_by(ctx.task, request) else None)
                     if held is not None:
                         lease = held
                         request.tuning_standby = True  # for the task (and tests) to tell

@@ -258,7 +258,7 @@ class StackedRateLimitStep(RateLimitStep):
         self.limiter_names = names
         if not runtime.in_memory and runtime.connector.target.kind == "cluster":
             raise ConfigurationError(
-                f"task {self.task_name!r}: stacked @rate_limit ({', '.join(map(repr, names))}) is not supported "
+                f"stacked @rate_limit ({', '.join(map(repr, names))}) is not supported "
                 "on Redis Cluster: one decision must read every bucket in one script, and each limiter's "
                 "keys live in their own slot; keep one @rate_limit per task there")
         self._limiters: Optional[List[GcraLimiter]] = None
