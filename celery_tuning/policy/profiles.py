@@ -36,6 +36,10 @@ PROFILE_FIELDS: Tuple[ProfileField, ...] = (
     ProfileField("time_limit", "seconds", "task_time_limit", ("--time-limit",)),
     ProfileField("soft_time_limit", "seconds", "task_soft_time_limit", ("--soft-time-limit",)),
     ProfileField("autoscale", "autoscale", None, ("--autoscale",)),
+    # Celery 5.6+: how many ETA/countdown messages a worker holds (kombu raises its prefetch for
+    # each), and a worker that takes a message only when a process is free (no prefetch at all).
+    ProfileField("eta_task_limit", "count", "worker_eta_task_limit"),
+    ProfileField("disable_prefetch", "bool", "worker_disable_prefetch", ("--disable-prefetch",)),
 )
 
 _BY_NAME = {f.name: f for f in PROFILE_FIELDS}

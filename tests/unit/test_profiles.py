@@ -149,3 +149,20 @@ def test_apply_profile_scales_autoscale_and_says_so():
     applied = apply_profile(app, config, ["celery", "worker", "-Q", "q"])
     assert applied is not None and applied["autoscale"] == (6, 2)
     assert applied["settings"]["autoscale"] == ("profile elastic x CELERY_TUNING_CONCURRENCY_SCALE=2", (6, 2))
+
+
+def test_a_profile_sets_celery_5_6_prefetch_controls_and_the_flag_wins():
+    """worker_eta_task_limit (ETA messages a worker holds) and worker_disable_prefetch (issue #20)."""
+    config = load_config({"tuning_queue_profiles": {"q": "lean"},
+                          "tuning_profiles": {"lean": {"base": "io", "eta_task_limit": 50,
+                                                       "disable_prefetch": True}}}, environ={})
+    app = Celery("lean", set_as_current=False)
+    applied = apply_profile(app, config, ["celery", "worker", "-Q", "q"])
+    assert applied is not None and applied["profile"] == "lean"
+    assert app.conf.worker_eta_task_limit == 50 and app.conf.worker_disable_prefetch is True
+    flagged = Celery("lean2", set_as_current=False)
+    apply_profile(flagged, config, ["celery", "worker", "-Q", "q", "--disable-prefetch"])
+    assert flagged.conf.worker_eta_task_limit == 50
+    assert flagged.conf.worker_disable_prefetch is False  # the explicit flag wins: Celery sets it itself
+    with pytest.raises(ConfigurationError, match="eta_task_limit"):
+        load_config({"tuning_profiles": {"bad": {"eta_task_limit": 0}}}, environ={})
