@@ -45,7 +45,7 @@ try:
 except ImportError:  # pragma: no cover - not POSIX: directories are told apart by pid only
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["BUCKETS", "compact", "flush", "metrics", "prepare_multiprocess", "start_endpoint"]
+__all__ = ["BUCKETS", "compact", "flush", "health", "metrics", "prepare_multiprocess", "start_endpoint"]
 
 logger = logging.getLogger("celery_tuning.metrics")
 
@@ -391,7 +391,7 @@ def metrics() -> TuningMetrics:
 
 
 def start_endpoint(port: int, address: str = "0.0.0.0") -> Any:
-    """Serve /metrics for the whole node from the worker's main process."""
+    """Serve /metrics for the whole node from the worker's main process, and /health (see :func:`health`)."""
     from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 
     registry = REGISTRY
@@ -399,20 +399,232 @@ def start_endpoint(port: int, address: str = "0.0.0.0") -> Any:
         registry = CollectorRegistry()
         registry.register(_ReapingCollector(os.environ[_ENV]))
         registry.register(_InFlightCollector())
+        registry.register(_WorkerCollector())
         if os.environ[_ENV] == _state.get("ours"):
             _start_compactor(os.environ[_ENV])
     elif not _state.get("in_flight_registered"):
         registry.register(_InFlightCollector())
+        registry.register(_WorkerCollector())
         _state["in_flight_registered"] = True
+    celery_signals.worker_ready.connect(_on_worker_ready, weak=False, dispatch_uid="celery_tuning.metrics.ready")
     try:
         server, _thread = start_http_server(port, addr=address, registry=registry)
     except OSError as exc:
         raise ConfigurationError(
             f"tuning_metrics_port: cannot listen on {address} port {port}: {exc.strerror or exc}") from None
+    # wsgiref's public hook: /health is answered here, every other path by prometheus-client.
+    server.set_app(_with_health(server.get_app()))
     _state["server"] = server
-    logger.info("celery-tuning: Prometheus metrics on %s:%d/metrics%s", address, server.server_port,
+    logger.info("celery-tuning: Prometheus metrics on %s:%d/metrics (and /health)%s", address, server.server_port,
                 " (multiprocess)" if os.environ.get(_ENV) else "")
     return server
+
+
+# -- /health and the worker's own gauges --------------------------------------------------------
+
+#: Seconds a queue-depth reading is reused: concurrent or close scrapes ask the broker once.
+QUEUE_DEPTH_TTL = 1.0
+#: Seconds a broker connection attempt or read for queue depths may take before the scrape gives up.
+BROKER_TIMEOUT = 1.0
+#: The tuning Redis client name /health pings with (its own connections, never a task's).
+_HEALTH_CLIENT = "celery-tuning-health"
+
+
+def _on_worker_ready(sender: Any = None, **_: Any) -> None:
+    """The worker's consumer (``worker_ready`` is sent with it once it consumes)."""
+    _state["consumer"] = sender
+
+
+def _consumer_state() -> Tuple[Optional[Any], Optional[str]]:
+    """The worker's consumer and, when it is not consuming now, why."""
+    from celery.bootsteps import RUN
+    from celery.worker import state as worker_state
+
+    consumer = _state.get("consumer")
+    if consumer is None:
+        return None, "consumer not started"
+    if worker_state.should_stop is not None or worker_state.should_terminate is not None:
+        return consumer, "worker shutting down"
+    blueprint = getattr(consumer, "blueprint", None)
+    if blueprint is not None and blueprint.state != RUN:
+        return consumer, f"consumer {blueprint.human_state()}"
+    connection = getattr(consumer, "connection", None)
+    if connection is None or getattr(consumer, "task_consumer", None) is None:
+        return consumer, "consumer not connected to the broker"
+    return consumer, None
+
+
+def _consumed_queues(consumer: Any) -> List[Tuple[str, str]]:
+    """(label, broker name) of each queue the worker consumes: the label is the queue's name (a
+    ``Broadcast`` queue's own name, not its per-process ``bcast.<uuid>``)."""
+    found = list(getattr(getattr(consumer, "task_consumer", None), "queues", None) or ())
+    if not found:
+        found = list(consumer.app.amqp.queues.consume_from.values())
+    pairs = {}
+    for queue in found:
+        name = getattr(queue, "name", None)
+        if name:
+            pairs[str(getattr(queue, "alias", None) or name)] = str(name)
+    return sorted(pairs.items())
+
+
+def _redis_health(app: Any) -> Tuple[str, Optional[str]]:
+    """``(status, problem)`` of the tuning Redis: one PING on the health check's own connection,
+    within the tuning Redis socket timeouts (0.5 s by default)."""
+    from ..errors import StorageError
+    from .runtime import runtime_for
+
+    runtime = runtime_for(app)
+    if runtime.in_memory:
+        return "memory", None
+    try:
+        connector = runtime.connector_named(_HEALTH_CLIENT)
+    except ConfigurationError:
+        return "none", None  # no tuning Redis set and none needed (the bootstep said so at start)
+    try:
+        connector.ping()
+    except StorageError as exc:
+        return "error", f"tuning Redis: {exc}"
+    return "ok", None
+
+
+def health() -> Tuple[int, Dict[str, Any]]:
+    """The worker's health as ``(HTTP status, JSON body)``: 200 when its consumer runs and the
+    tuning Redis answers a PING, 503 with the reason otherwise. No metric is read."""
+    consumer, problem = _consumer_state()
+    body: Dict[str, Any] = {"status": "ok"}
+    if consumer is None:
+        return 503, {"status": "unavailable", "reason": problem, "consuming": [], "redis": "unknown"}
+    body["consuming"] = [label for label, _ in _consumed_queues(consumer)] if problem is None else []
+    try:
+        body["redis"], redis_problem = _redis_health(consumer.app)
+    except Exception as exc:  # a settings problem: reported, never a traceback in the server
+        body["redis"], redis_problem = "error", f"tuning Redis: {type(exc).__name__}: {exc}"
+    reasons = [r for r in (problem, redis_problem) if r]
+    if reasons:
+        body["status"] = "unavailable"
+        body["reason"] = "; ".join(reasons)
+        return 503, body
+    return 200, body
+
+
+def _with_health(metrics_app: Any) -> Any:
+    """A WSGI app that answers ``/health`` itself and hands every other request to ``metrics_app``."""
+    import json
+
+    def app(environ: Dict[str, Any], start_response: Any) -> Any:
+        if environ.get("PATH_INFO") != "/health":
+            return metrics_app(environ, start_response)
+        try:
+            status, body = health()
+        except Exception as exc:  # never a traceback: a 503 that says why
+            logger.warning("celery-tuning: /health failed: %s: %s", type(exc).__name__, exc)
+            status, body = 503, {"status": "unavailable", "reason": f"{type(exc).__name__}: {exc}"}
+        payload = json.dumps(body).encode()
+        start_response("200 OK" if status == 200 else "503 Service Unavailable",
+                       [("Content-Type", "application/json"), ("Content-Length", str(len(payload))),
+                        ("Cache-Control", "no-store")])
+        return [payload] if environ.get("REQUEST_METHOD") != "HEAD" else [b""]
+
+    return app
+
+
+class _QueueDepths:
+    """Messages waiting in the queues the worker consumes, read from the broker at most every
+    QUEUE_DEPTH_TTL on a connection of its own (never the consumer's): Redis sums LLEN over the
+    queue's priority lists, AMQP a passive ``queue_declare``'s message count. Messages a worker
+    has reserved (prefetched) are not waiting and not counted."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.read_at = -QUEUE_DEPTH_TTL
+        self.depths: Optional[Dict[str, int]] = None
+        self.connection: Any = None
+        self.failing = False
+
+    def get(self, app: Any, queues: List[Tuple[str, str]]) -> Optional[Dict[str, int]]:
+        with self.lock:  # a second scrape waits for the first's reading and reuses it
+            now = time.monotonic()
+            if now - self.read_at < QUEUE_DEPTH_TTL:
+                return self.depths
+            try:
+                self.depths = self._read(app, queues)
+                if self.failing:
+                    logger.info("celery-tuning: queue depths readable again")
+                self.failing = False
+            except Exception as exc:  # the gauge is left out: one log line, no scrape error
+                self.depths = None
+                self._drop()
+                if not self.failing:
+                    logger.warning("celery-tuning: cannot read queue depths from the broker (%s: %s); "
+                                   "celery_tuning_queue_depth is left out until it answers",
+                                   type(exc).__name__, _redact(str(exc)))
+                self.failing = True
+            self.read_at = time.monotonic()
+            return self.depths
+
+    def _read(self, app: Any, queues: List[Tuple[str, str]]) -> Dict[str, int]:
+        from kombu.transport import virtual
+
+        if self.connection is None:
+            connection = app.connection_for_read()
+            options = dict(connection.transport_options or {})
+            if connection.transport.driver_type == "redis":
+                options.setdefault("socket_timeout", BROKER_TIMEOUT)
+            elif connection.transport.driver_type == "amqp":
+                options.setdefault("read_timeout", BROKER_TIMEOUT)
+                options.setdefault("write_timeout", BROKER_TIMEOUT)
+            self.connection = connection.clone(connect_timeout=BROKER_TIMEOUT, transport_options=options)
+            self.connection.ensure_connection(max_retries=1, interval_start=0, interval_step=0, interval_max=0)
+        channel = self.connection.default_channel
+        depths = {}
+        for label, name in queues:
+            if isinstance(channel, virtual.Channel):
+                depths[label] = int(channel._size(name))  # an empty Redis queue has no key: 0
+            else:
+                depths[label] = int(channel.queue_declare(queue=name, passive=True).message_count)
+        return depths
+
+    def _drop(self) -> None:
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            try:
+                connection.release()
+            except Exception:
+                pass
+
+
+def _redact(text: str) -> str:
+    from ..storage.urls import redact_url
+
+    return redact_url(text)
+
+
+_queue_depths = _QueueDepths()
+
+
+class _WorkerCollector:
+    """``celery_tuning_worker_consuming`` (1 while the worker's consumer runs) and
+    ``celery_tuning_queue_depth`` of the queues it consumes, read at scrape time in the main process."""
+
+    def collect(self) -> Any:
+        from prometheus_client.core import GaugeMetricFamily
+
+        consumer, problem = _consumer_state()
+        up = GaugeMetricFamily("celery_tuning_worker_consuming",
+                               "1 while this worker's consumer runs (connected and consuming), else 0.")
+        up.add_metric([], 1 if consumer is not None and problem is None else 0)
+        yield up
+        depth = GaugeMetricFamily("celery_tuning_queue_depth",
+                                  "Messages waiting in a queue this worker consumes (not those reserved by "
+                                  "workers), read at most every second; absent while the broker does not answer.",
+                                  labels=("queue",))
+        if consumer is not None and problem is None:
+            queues = _consumed_queues(consumer)
+            depths = _queue_depths.get(consumer.app, queues) if queues else None
+            for label, n in sorted((depths or {}).items()):
+                depth.add_metric([label], n)
+        yield depth
 
 
 class _ReapingCollector:

@@ -105,12 +105,63 @@ def test_port_in_use_is_a_clear_error_and_leaves_no_metrics_directory(redis_clea
             worker.close()
 
 
-def test_hard_time_limit_is_settled_by_the_main_process(redis_clean):
+def get_health(port):
+    """(HTTP status, JSON body) of the worker's /health."""
+    import json
+    import urllib.error
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as answer:
+            return answer.status, answer.headers.get("Content-Type"), json.loads(answer.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers.get("Content-Type"), json.loads(exc.read())
+
+
+def test_hard_time_limit_health_and_queue_depth_of_a_real_worker(redis_clean, fault_redis):
+    """One prefork worker with one process and prefetch 1, its tuning store a Redis we can kill:
+
+    * /health answers 200 naming the queues it consumes; celery_tuning_worker_consuming is 1;
+    * while its only process sleeps in a task, tasks published to a queue it consumes wait there,
+      and celery_tuning_queue_depth{queue} says how many (the broker's own count, one prefetched);
+    * a hard time limit is settled by the main process (issue #9);
+    * with the tuning Redis down /health answers 503 saying so, and 200 again once it is back.
+    """
+    from celery import Celery
+
     port = free_port()
-    env = {**worker_env(redis_clean), "TEST_METRICS_PORT": str(port)}
-    worker = WorkerProcess("tests.apps.metered:app", env, pool="prefork", concurrency=1, queues="celery,slowlane")
+    env = {**worker_env(redis_clean), "TEST_METRICS_PORT": str(port), "TEST_TUNING_URL": fault_redis.db_url(1)}
+    worker = WorkerProcess("tests.apps.metered:app", env, pool="prefork", concurrency=1, queues="celery,slowlane",
+                           extra=["--prefetch-multiplier", "1"])
+    producer = Celery("depth_producer", set_as_current=False, broker=redis_clean.db_url(0))
+    broker = redis_clean.client(0)
+    waiting = 6
     try:
         worker.start()
+        status, ctype, body = get_health(port)
+        assert (status, ctype) == (200, "application/json"), body
+        assert body == {"status": "ok", "consuming": ["celery", "slowlane"], "redis": "ok"}
+        samples = scrape(port, settle=False)
+        assert value(samples, "celery_tuning_worker_consuming") == 1
+        assert samples[("celery_tuning_queue_depth", (("queue", "slowlane"),))] == 0
+        assert samples[("celery_tuning_queue_depth", (("queue", "celery"),))] == 0
+
+        # The only process sleeps 3 s in a task; what is published meanwhile waits in the broker.
+        producer.send_task("tests.apps.metered.stuck", queue="celery", time_limit=30)
+        deadline = time.monotonic() + 5
+        while not value(scrape(port, settle=False), "celery_tuning_tasks_in_flight", task="tests.apps.metered.stuck"):
+            assert time.monotonic() < deadline, "the sleeping task never started"
+            time.sleep(0.05)
+        for i in range(waiting + 1):
+            producer.send_task("tests.apps.metered.work", (i,), queue="slowlane")
+        deadline = time.monotonic() + 2
+        while True:  # the worker reserves one (prefetch 1); a reading is reused for up to 1 s
+            listed = broker.llen("slowlane")
+            depth = scrape(port, settle=False).get(("celery_tuning_queue_depth", (("queue", "slowlane"),)))
+            if depth == listed == waiting and broker.llen("slowlane") == listed:
+                break
+            assert time.monotonic() < deadline, (depth, listed)
+            time.sleep(0.1)
+        assert value(scrape(port, settle=False), "celery_tuning_queue_depth", queue="celery") == 0
         # Routed to a queue other than the task's own: the failure is labelled with that queue.
         task_id = run_producer("from tests.apps.metered import stuck\nprint(stuck.apply_async(queue='slowlane').id)\n",
                                redis_clean)
@@ -129,16 +180,34 @@ def test_hard_time_limit_is_settled_by_the_main_process(redis_clean):
             "else:\n    raise SystemExit('no time limit')\n"
             "assert work.delay(1).get(timeout=30) == 1\n", redis_clean)
         samples = scrape(port)
+        drained = samples.get(("celery_tuning_queue_depth", (("queue", "slowlane"),)))
+        fault_redis.stop()
+        down = get_health(port)
+        fault_redis.start()
+        deadline = time.monotonic() + 10
+        while (back := get_health(port))[0] != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
     finally:
         worker.close()
+    assert drained == 0
+    status, _, body = down
+    assert status == 503, body
+    assert body["status"] == "unavailable" and body["redis"] == "error", body
+    assert body["reason"].startswith("tuning Redis: PING failed against redis://127.0.0.1:"), body
+    assert body["consuming"] == ["celery", "slowlane"], body
+    assert back[0] == 200 and back[2]["redis"] == "ok", back
+    assert value(samples, "celery_tuning_task_outcomes_total", task="tests.apps.metered.work",
+                 queue="slowlane", state="success") == waiting + 1
     task = "tests.apps.metered.stuck"
+    assert value(samples, "celery_tuning_task_outcomes_total", task=task, queue="celery", state="success") == 1
     assert value(samples, "celery_tuning_task_outcomes_total", task=task, state="failure") == 1
     assert value(samples, "celery_tuning_task_outcomes_total", task=task, queue="slowlane", state="failure") == 1
     # timed from its start to the kill at the 1 s limit (the child never reached task_postrun)
     assert value(samples, "celery_tuning_task_run_seconds_count", task=task, queue="slowlane") == 1
     assert 1.0 <= value(samples, "celery_tuning_task_run_seconds_sum", task=task, queue="slowlane") < 10
     assert value(samples, "celery_tuning_tasks_in_flight", task=task) == 0
-    assert value(samples, "celery_tuning_task_outcomes_total", task="tests.apps.metered.work", state="success") == 1
+    assert value(samples, "celery_tuning_task_outcomes_total", task="tests.apps.metered.work", queue="celery",
+                 state="success") == 1
 
 
 def test_advise_tells_cpu_bound_from_io_bound_queues(redis_clean):
@@ -370,6 +439,7 @@ def test_queue_label_is_the_queue_consumed_from_on_rabbitmq(redis_clean, rabbitm
             if value(samples, "celery_tuning_task_run_seconds_count", task="tests.apps.observed.slow") >= 2:
                 break
             assert time.monotonic() < deadline, samples
+        health = get_health(port)
     finally:
         worker.close()
         with Connection(rabbitmq_url) as conn:
@@ -379,6 +449,10 @@ def test_queue_label_is_the_queue_consumed_from_on_rabbitmq(redis_clean, rabbitm
             for exchange in ("tx", "tt"):
                 channel.exchange_delete(exchange + suffix)
     slow = "tests.apps.observed.slow"
+    # queue depths from a passive queue_declare on RabbitMQ: every consumed queue drained
+    depths = {dict(lbls)["queue"]: v for (n, lbls), v in samples.items() if n == "celery_tuning_queue_depth"}
+    assert depths == {q + suffix: 0 for q in ("qx", "qy", "qt")}, depths
+    assert health[0] == 200 and health[2]["consuming"] == sorted(q + suffix for q in ("qt", "qx", "qy")), health
     assert value(samples, "celery_tuning_task_run_seconds_count", task=slow, queue="qx" + suffix) == 1
     assert value(samples, "celery_tuning_task_run_seconds_count", task=slow, queue="qy" + suffix) == 1
     assert value(samples, "celery_tuning_sla_breaches_total", task=slow, queue="qx" + suffix, level="critical") == 1
@@ -386,3 +460,58 @@ def test_queue_label_is_the_queue_consumed_from_on_rabbitmq(redis_clean, rabbitm
     assert value(samples, "celery_tuning_sla_breaches_total", task=slow, queue="qy" + suffix, level="critical") == 0
     assert value(samples, "celery_tuning_task_run_seconds_count", task="tests.apps.observed.quick",
                  queue="qt" + suffix) == 1
+
+
+NO_WORKER = r"""
+import json, urllib.error, urllib.request
+from celery_tuning.integration.metrics import connect_metric_receivers, start_endpoint
+connect_metric_receivers()
+port = start_endpoint(0, "127.0.0.1").server_port
+try:
+    urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+    health = None
+except urllib.error.HTTPError as exc:
+    health = [exc.code, json.loads(exc.read())]
+metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+print(json.dumps({"health": health, "metrics": metrics}))
+"""
+
+
+def test_health_is_503_until_a_worker_consumes():
+    """An endpoint whose process has no consuming worker (never ready) is not healthy, and says why."""
+    import json
+    import sys
+
+    from tests.support.workers import ROOT
+
+    out = subprocess.run([sys.executable, "-c", NO_WORKER], capture_output=True, text=True, timeout=60,
+                         cwd=str(ROOT), env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["health"] == [503, {"status": "unavailable", "reason": "consumer not started", "consuming": [],
+                                    "redis": "unknown"}]
+    assert "celery_tuning_worker_consuming 0.0" in data["metrics"]
+    assert "celery_tuning_queue_depth{" not in data["metrics"]
+
+
+def test_queue_depth_of_a_broker_that_does_not_answer_is_left_out_with_one_log_line(caplog):
+    """A refused broker connection: no reading (the gauge is left out), a bounded wait, and one
+    warning however many scrapes fail until the broker answers."""
+    import logging
+
+    from celery import Celery
+
+    from celery_tuning.integration.metrics import QUEUE_DEPTH_TTL, _QueueDepths
+
+    app = Celery("depth_down", set_as_current=False, broker=f"redis://127.0.0.1:{free_port()}/0")
+    depths = _QueueDepths()
+    with caplog.at_level(logging.INFO, logger="celery_tuning.metrics"):
+        started = time.monotonic()
+        assert depths.get(app, [("q", "q")]) is None
+        took = time.monotonic() - started
+        assert depths.get(app, [("q", "q")]) is None  # the failed reading, reused
+        time.sleep(QUEUE_DEPTH_TTL)
+        assert depths.get(app, [("q", "q")]) is None
+    assert took < 1.5
+    lines = [r.getMessage() for r in caplog.records if r.name == "celery_tuning.metrics"]
+    assert len(lines) == 1 and "cannot read queue depths from the broker" in lines[0], lines

@@ -29,7 +29,7 @@ def test_alert_rules_pass_promtool():
     out = subprocess.run(["promtool", "check", "rules", str(DOCS / "prometheus-alerts.yml")],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "SUCCESS: 3 rules found" in out.stdout
+    assert "SUCCESS: 4 rules found" in out.stdout
 
 
 def dashboard_queries():
@@ -78,6 +78,8 @@ def test_real_prometheus_scrapes_a_worker_and_every_dashboard_query_runs(redis_c
         for expr in dashboard_queries():
             answer = query(prom_port, expr)
             assert answer["status"] == "success", (expr, answer)
+        depth = query(prom_port, "max by (queue) (celery_tuning_queue_depth)")["data"]["result"]
+        assert [(r["metric"]["queue"], r["value"][1]) for r in depth] == [("celery", "0")], depth
         # rate() needs two scrapes that saw tasks: run more and give it a few scrapes
         run_producer("from tests.apps.metered import work\n[work.delay(i).get(timeout=30) for i in range(10)]\n",
                      redis_clean)
