@@ -8,6 +8,7 @@ import importlib
 import math
 import os
 from dataclasses import dataclass, fields
+from dataclasses import field as dataclass_field
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 from .errors import ConfigurationError
@@ -22,11 +23,14 @@ __all__ = [
     "LimiterSpec",
     "RateLimitSpec",
     "Setting",
+    "Tier",
     "TuningConfig",
     "env_override",
     "load_config",
     "parse_breaker_spec",
     "parse_limiter_spec",
+    "parse_per_key",
+    "parse_tier",
     "render_settings_markdown",
 ]
 
@@ -230,6 +234,14 @@ def _unknown_options(where: str, spec: Mapping[str, Any], allowed: Tuple[str, ..
 
 
 @dataclass(frozen=True)
+class Tier:
+    """The rate and burst of one key's bucket: an entry of a limiter's ``per_key``."""
+
+    rate: Rate
+    burst: int = 1
+
+
+@dataclass(frozen=True)
 class LimiterSpec:
     """A named rate limit from ``tuning_rate_limits``."""
 
@@ -237,10 +249,42 @@ class LimiterSpec:
     rate: Rate
     burst: int = 1
     adaptive: bool = False
+    #: Tiers: key value (``str()`` of what the task's ``key`` returns) -> that key's rate and burst.
+    per_key: Mapping[str, Tier] = dataclass_field(default_factory=dict, hash=False)
 
 
 #: The same type under the capability's name.
 RateLimitSpec = LimiterSpec
+
+
+def parse_tier(where: str, value: Any) -> Tier:
+    """One key's rate and burst: ``'100/s'`` (burst 1), a :class:`Rate`, a :class:`Tier`, or a dict
+    ``{'rate': '100/s', 'burst': 20}``."""
+    if isinstance(value, Tier):
+        return value
+    if isinstance(value, (str, Rate)):
+        value = {"rate": value}
+    if not isinstance(value, Mapping):
+        raise ConfigurationError(
+            f"{where}: {value!r} is not valid; expected {RATE_FORMS} "
+            "or a dict like {'rate': '100/s', 'burst': 20}")
+    _unknown_options(where, value, ("rate", "burst"), "'rate', 'burst'")
+    if "rate" not in value:
+        raise ConfigurationError(f"{where}: missing 'rate' ({RATE_FORMS})")
+    return Tier(rate(f"{where}.rate", value["rate"]), count(f"{where}.burst", value.get("burst", Tier.burst)))
+
+
+def parse_per_key(where: str, value: Any) -> Dict[str, Tier]:
+    """A limiter's ``per_key``: key value -> tier (keys compared as ``str``)."""
+    if not isinstance(value, Mapping):
+        raise _fail(where, value, "a dict like {'enterprise': {'rate': '100/s', 'burst': 20}}")
+    tiers: Dict[str, Tier] = {}
+    for key, tier in value.items():
+        if key is None:
+            raise ConfigurationError(f"{where}: key None names the shared bucket, not a key's; "
+                                     "set the limiter's own rate instead")
+        tiers[str(key)] = parse_tier(f"{where}[{key!r}]", tier)
+    return tiers
 
 
 def parse_limiter_spec(where: str, name: str, value: Any) -> LimiterSpec:
@@ -252,7 +296,8 @@ def parse_limiter_spec(where: str, name: str, value: Any) -> LimiterSpec:
             f"{where}: {value!r} is not valid; expected {RATE_FORMS} "
             "or a dict like {'rate': '20/s', 'burst': 5}"
         )
-    _unknown_options(where, value, ("rate", "burst", "adaptive"), "'rate', 'burst', 'adaptive'")
+    _unknown_options(where, value, ("rate", "burst", "adaptive", "per_key"),
+                     "'rate', 'burst', 'adaptive', 'per_key'")
     if "rate" not in value:
         raise ConfigurationError(f"{where}: missing 'rate' ({RATE_FORMS})")
     return LimiterSpec(
@@ -260,6 +305,7 @@ def parse_limiter_spec(where: str, name: str, value: Any) -> LimiterSpec:
         rate=rate(f"{where}.rate", value["rate"]),
         burst=count(f"{where}.burst", value.get("burst", LimiterSpec.burst)),
         adaptive=_bool(f"{where}.adaptive", value.get("adaptive", LimiterSpec.adaptive)),
+        per_key=parse_per_key(f"{where}['per_key']", value.get("per_key", {})),
     )
 
 
@@ -500,7 +546,8 @@ SETTINGS: Tuple[Setting, ...] = (
             "Upper bound of the per-process connection pool (None: unbounded).",
             _optional_positive_int),
     Setting("tuning_rate_limits", "dict[str, str | dict]", {},
-            "Named rate limits: {'openai': '20/s'} or {'openai': {'rate': '20/s', 'burst': 5}}.",
+            "Named rate limits: {'openai': '20/s'} or {'openai': {'rate': '20/s', 'burst': 5}}; "
+            "'per_key': {'enterprise': {'rate': '100/s', 'burst': 20}} gives listed keys a tier of their own.",
             _rate_limits),
     Setting("tuning_rate_limit_on_redis_error", "'local' | 'allow' | 'deny'", "local",
             "What a limiter does when Redis is unreachable.", _choice("local", "allow", "deny")),

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence, TypeVar, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar, Union
 
-from .conf import Arg, callable_or_none, choice, count, parse_breaker_spec, rate, seconds, sla_thresholds
+from .conf import (
+    Arg,
+    callable_or_none,
+    choice,
+    count,
+    parse_breaker_spec,
+    parse_per_key,
+    rate,
+    seconds,
+    sla_thresholds,
+)
 from .errors import ConfigurationError
 from .policy.attach import (
     ON_LIMIT,
@@ -44,6 +54,7 @@ def rate_limit(
     burst: Optional[int] = None,
     key: Optional[Callable[..., Any]] = None,
     cost: Union[int, Callable[..., int]] = 1,
+    per_key: Union[Mapping[Any, Any], Callable[[Any], Any], None] = None,
     on_limit: str = "auto",
     max_wait: float = 1.0,
     max_defer: float = 300.0,
@@ -71,6 +82,13 @@ def rate_limit(
             cost above the burst is admitted once the bucket is full, and the rest is debt
             that delays later calls. For costs known only after the call, see
             :meth:`~celery_tuning.GcraLimiter.charge`.
+        per_key: Tiers: keys with a rate of their own (needs ``key``). For an inline rate, a dict
+            ``{key value: "100/s" or {"rate": "100/s", "burst": 20}}`` (a named limiter takes its
+            dict from ``tuning_rate_limits``). For either, a callable taking the call's key and
+            returning its tier in one of those forms, or None for the configured one
+            (``per_key=lambda tenant: "100/s" if premium(tenant) else None``), called per call
+            in the worker; anything else fails the call with ``ConfigurationError`` naming
+            ``per_key``. A run-time ``tuning limit set`` override wins over every key's tier.
         on_limit: ``"auto"`` (default) sleeps in the worker when the wait is at
             most ``max_wait`` and otherwise re-publishes the task for its
             reserved slot without touching ``request.retries``; ``"defer"``
@@ -108,9 +126,11 @@ def rate_limit(
         cost = _count("rate_limit", "cost", cost)
     if not callable(cost) and rate_ is not None and cost > (burst or 1):
         raise ConfigurationError(f"@rate_limit(cost={cost}): must not exceed burst ({burst or 1})")
+    if per_key is not None:
+        per_key = _per_key(limit, rate_, key, cost, per_key)
     choice(Arg("rate_limit", "on_limit"), on_limit, ON_LIMIT)
     policy = RateLimitPolicy(
-        name=name, rate=rate_, burst=burst, key=key, cost=cost, on_limit=on_limit,
+        name=name, rate=rate_, burst=burst, key=key, cost=cost, per_key=per_key, on_limit=on_limit,
         max_wait=_seconds("rate_limit", "max_wait", max_wait),
         max_defer=_seconds("rate_limit", "max_defer", max_defer, allow_zero=False),
         max_deferrals=_count("rate_limit", "max_deferrals", max_deferrals, minimum=0),
@@ -122,6 +142,30 @@ def rate_limit(
         return fun
 
     return decorate
+
+
+def _per_key(limit: str, rate_: Any, key: Any, cost: Any, per_key: Any) -> Any:
+    """``@rate_limit(per_key=...)`` checked: a callable, or (inline rates only) a dict of tiers."""
+    if key is None:
+        raise ConfigurationError(
+            f"@rate_limit({limit!r}, per_key=...): tiers are per key; give key= too "
+            "(key=lambda tenant_id, **kw: tenant_id)")
+    if callable(per_key):
+        return per_key
+    if rate_ is None:
+        raise ConfigurationError(
+            f"@rate_limit({limit!r}, per_key={per_key!r}): a named limiter takes its per_key dict from "
+            f"tuning_rate_limits[{limit!r}]; pass a callable (key -> rate) for tiers decided at run time")
+    if not isinstance(per_key, Mapping):
+        raise ConfigurationError(
+            f"@rate_limit(per_key={per_key!r}): expected a dict like {{'enterprise': {{'rate': '100/s', "
+            "'burst': 20}} or a callable taking the call's key")
+    tiers = parse_per_key("@rate_limit(per_key)", per_key)
+    for value, tier in tiers.items():
+        if not callable(cost) and cost > tier.burst:
+            raise ConfigurationError(
+                f"@rate_limit(cost={cost}): must not exceed the burst of per_key[{value!r}] ({tier.burst})")
+    return tiers
 
 
 def circuit_breaker(

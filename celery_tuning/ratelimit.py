@@ -7,14 +7,19 @@ import logging
 import numbers
 import threading
 import time
-from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
+from .conf import Tier, parse_per_key, parse_tier
 from .errors import ConfigurationError, RateLimited, StorageError
 from .policy.gcra import interval_us
 from .policy.rates import Rate
 from .storage.gcra import AdaptiveSpec, Bucket, GcraSnapshot, GcraStore, MemoryGcraStore, StackedBucket
 
-__all__ = ["Decision", "GcraLimiter", "StackDecision", "decide_all", "hash_key"]
+__all__ = ["Decision", "GcraLimiter", "StackDecision", "Tier", "TierLike", "decide_all", "hash_key"]
+
+#: A key's tier as callers give it: a :class:`~celery_tuning.conf.Tier`, a rate (``"100/s"``, burst 1),
+#: or ``{"rate": "100/s", "burst": 20}``; None: the key's configured tier (``per_key``), else the limiter's.
+TierLike = Union[Tier, str, Rate, Mapping[str, Any], None]
 
 logger = logging.getLogger("celery_tuning.ratelimit")
 
@@ -57,6 +62,10 @@ class GcraLimiter:
         on_redis_error: ``'local'`` (fall back to an in-process bucket at the
             same rate), ``'allow'`` or ``'deny'``.
         adaptive: Lower the rate on :meth:`throttle` and recover slowly.
+        per_key: Tiers: key value -> its rate and burst (``{"enterprise": {"rate": "100/s",
+            "burst": 20}}``). A key is matched as ``str()`` of the ``key`` a call passes; other keys
+            (and the shared bucket) get ``rate`` and ``burst``. A run-time :meth:`override` replaces
+            every key's rate (and burst, when it sets one); the adaptive factor slows every key's.
         observer: Called with ``(event, name, seconds)`` for metrics and signals.
     """
 
@@ -70,6 +79,7 @@ class GcraLimiter:
         prefix: str = "tuning",
         on_redis_error: str = "local",
         adaptive: Optional[AdaptiveSpec] = None,
+        per_key: Optional[Mapping[Any, Any]] = None,
         observer: Optional[Observer] = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
@@ -90,6 +100,9 @@ class GcraLimiter:
         self.sleep = sleep
         self._fallback = MemoryGcraStore()
         self._shared_bucket = Bucket.for_limiter(prefix, name)
+        self.per_key: Dict[str, Tier] = parse_per_key(f"limiter {name!r}: per_key", per_key or {})
+        self.default_tier = Tier(rate, self.burst)
+        self._intervals: Dict[Tier, int] = {}
         self._warned = False
         self._warn_lock = threading.Lock()
 
@@ -100,6 +113,30 @@ class GcraLimiter:
         if key is None:
             return self._shared_bucket
         return Bucket.for_limiter(self.prefix, self.name, hash_key(key))
+
+    def tier(self, key: Any = None, tier: TierLike = None) -> Tier:
+        """The rate and burst of ``key``'s bucket: ``tier`` when given (validated, errors name
+        ``tier``), else the key's entry of ``per_key`` (matched as ``str(key)``), else the limiter's."""
+        if tier is not None:
+            if isinstance(tier, Tier):
+                return tier
+            return parse_tier(f"limiter {self.name!r}: tier", tier)
+        if key is not None and self.per_key:
+            found = self.per_key.get(str(key))
+            if found is not None:
+                return found
+        return self.default_tier
+
+    def _params(self, key: Any = None, tier: TierLike = None) -> Tuple[int, int]:
+        """Interval (µs) and burst sent to the store for ``key``'s bucket (before any run-time
+        override, which the store applies)."""
+        found = self.tier(key, tier)
+        if found is self.default_tier:
+            return self.interval, self.burst
+        interval = self._intervals.get(found)
+        if interval is None:
+            interval = self._intervals[found] = interval_us(found.rate.period, found.rate.amount)
+        return interval, found.burst
 
     def _emit(self, event: str, seconds: float = 0.0) -> None:
         if self.observer is not None:
@@ -144,11 +181,14 @@ class GcraLimiter:
             self._emit("acquired")
         return decision
 
-    def decide(self, cost: int = 1, *, reserve: Optional[float] = None, key: Any = None) -> Decision:
+    def decide(self, cost: int = 1, *, reserve: Optional[float] = None, key: Any = None,
+               tier: TierLike = None) -> Decision:
         """One round trip: admit now, reserve a slot up to ``reserve`` seconds ahead, or refuse.
 
         A ``cost`` above the burst is admitted once the bucket is full (it could never be
         otherwise), and the part above the burst is debt that delays the calls after it.
+
+        ``tier``: the rate and burst of ``key``'s bucket (see :meth:`tier`; default: ``per_key``).
 
         Never raises because Redis is down: the Redis-error policy answers instead.
         """
@@ -156,8 +196,9 @@ class GcraLimiter:
         cost = int(cost)
         reserve_us = self._reserve_us(reserve)
         bucket = self.bucket(key)
+        interval, burst = self._params(key, tier)
         try:
-            result = self.store.acquire(bucket, self.interval, self.burst, cost, reserve_us)
+            result = self.store.acquire(bucket, interval, burst, cost, reserve_us)
             source = "redis"
             self._redis_answered()
         except StorageError as exc:
@@ -165,13 +206,13 @@ class GcraLimiter:
             if self.on_redis_error == "allow":
                 return Decision(True, 0.0, "allow")
             if self.on_redis_error == "deny":
-                return Decision(False, max(1.0, self.interval / 1_000_000), "deny")
-            result = self._fallback.acquire(bucket, self.interval, self.burst, cost, reserve_us)
+                return Decision(False, max(1.0, interval / 1_000_000), "deny")
+            result = self._fallback.acquire(bucket, interval, burst, cost, reserve_us)
             source = "local"
         return self._decided(result.allowed, result.wait_us, source)
 
     def plan(self, cost: int = 1, *, reserve: Optional[float] = None,
-             key: Any = None) -> Optional[Tuple[List[str], str]]:
+             key: Any = None, tier: TierLike = None) -> Optional[Tuple[List[str], str]]:
         """``gcra_acquire.lua``'s KEYS and ARGV[1] for the decision :meth:`decide` would make.
 
         Lets another script (the cache's miss path) take the decision in its own round trip;
@@ -181,19 +222,20 @@ class GcraLimiter:
         script_args = getattr(self.store, "script_args", None)
         if script_args is None or not self._valid_cost(cost):
             return None
-        return script_args(self.bucket(key), self.interval, self.burst, int(cost), self._reserve_us(reserve))
+        interval, burst = self._params(key, tier)
+        return script_args(self.bucket(key), interval, burst, int(cost), self._reserve_us(reserve))
 
     def settle(self, reply: int) -> Decision:
         """The :class:`Decision` for a ``gcra_acquire.lua`` reply obtained through :meth:`plan`."""
         self._redis_answered()
         return self._decided(reply >= 0, abs(reply), "redis")
 
-    def try_acquire(self, cost: int = 1, key: Any = None) -> bool:
+    def try_acquire(self, cost: int = 1, key: Any = None, *, tier: TierLike = None) -> bool:
         """Take ``cost`` tokens if they are there now; never waits."""
-        return self.decide(cost, key=key).allowed
+        return self.decide(cost, key=key, tier=tier).allowed
 
     def acquire(self, timeout: Optional[float] = None, cost: int = 1, key: Any = None,
-                *, decision: Optional[Decision] = None) -> float:
+                *, decision: Optional[Decision] = None, tier: TierLike = None) -> float:
         """Block until admitted, at most ``timeout`` seconds (None: wait as long as it takes).
 
         The slot is reserved in the same round trip, so waiting callers are
@@ -211,7 +253,7 @@ class GcraLimiter:
         if timeout is not None and timeout < 0:
             raise ConfigurationError(f"acquire(timeout={timeout!r}): must be >= 0 seconds or None")
         if decision is None:
-            decision = self.decide(cost, reserve=self.acquire_reserve(timeout), key=key)
+            decision = self.decide(cost, reserve=self.acquire_reserve(timeout), key=key, tier=tier)
         if not decision.allowed:
             raise RateLimited(decision.wait, self.name)
         if decision.wait > 0:
@@ -224,13 +266,14 @@ class GcraLimiter:
         """The ``reserve`` :meth:`acquire` decides with for ``timeout``."""
         return 86_400.0 if timeout is None else timeout
 
-    def snapshot(self, key: Any = None) -> GcraSnapshot:
+    def snapshot(self, key: Any = None, *, tier: TierLike = None) -> GcraSnapshot:
         """The bucket as the store sees it now: rate in force (override, adaptive factor) and tokens.
 
         Read-only. Raises :class:`~celery_tuning.errors.StorageError` when Redis fails (no policy
         applies: this is for operators, not for deciding).
         """
-        return self.store.snapshot(self.bucket(key), self.interval, self.burst)
+        interval, burst = self._params(key, tier)
+        return self.store.snapshot(self.bucket(key), interval, burst)
 
     def reset(self, key: Any = None) -> None:
         """Forget state in every process's view. Without ``key``: the run-time override, the adaptive
@@ -241,28 +284,29 @@ class GcraLimiter:
         """
         self.store.reset(self.bucket(key), override=key is None)
 
-    def throttle(self, retry_after: float, key: Any = None) -> None:
+    def throttle(self, retry_after: float, key: Any = None, *, tier: TierLike = None) -> None:
         """Admit nothing for ``retry_after`` seconds, in every process (e.g. after an HTTP 429).
 
         With adaptive mode the shared rate is also lowered and recovers slowly.
         """
         pause = int(max(0.0, retry_after) * 1_000_000)
         bucket = self.bucket(key)
+        interval, burst = self._params(key, tier)
         self._emit("throttled", retry_after)
         try:
-            self.store.pause(bucket, self.interval, self.burst, pause, self.adaptive)
+            self.store.pause(bucket, interval, burst, pause, self.adaptive)
         except StorageError as exc:
             self._storage_failed(exc)
-            self._fallback.pause(bucket, self.interval, self.burst, pause, self.adaptive)
+            self._fallback.pause(bucket, interval, burst, pause, self.adaptive)
 
-    def charge(self, n: int, key: Any = None) -> float:
+    def charge(self, n: int, key: Any = None, *, tier: TierLike = None) -> float:
         """Debit ``n`` tokens now, for a cost known only after the call (the LLM tokens it used).
 
         Never waits and never refuses: what the bucket does not hold is debt, and later acquires
         wait it out (one :meth:`acquire` after ``charge(600)`` on a 10/s limiter waits a minute).
         One round trip (``gcra_charge.lua``); the bucket's key lives until the debt is paid and
         the bucket full again, and a charge never moves the next admission more than a year ahead.
-        ``n=0`` does nothing.
+        ``n=0`` does nothing. The tokens are the key's tier's (``tier``, else ``per_key``).
 
         Never raises because Redis is down: with ``on_redis_error='local'`` the process's fallback
         bucket is charged; with ``'allow'`` or ``'deny'`` the charge is dropped (the outage is
@@ -280,19 +324,21 @@ class GcraLimiter:
             return 0.0
         n = int(n)
         bucket = self.bucket(key)
+        interval, burst = self._params(key, tier)
         try:
-            debt = self.store.charge(bucket, self.interval, self.burst, n)
+            debt = self.store.charge(bucket, interval, burst, n)
             self._redis_answered()
         except StorageError as exc:
             self._storage_failed(exc)
             if self.on_redis_error != "local":
                 return 0.0
-            debt = self._fallback.charge(bucket, self.interval, self.burst, n)
+            debt = self._fallback.charge(bucket, interval, burst, n)
         return debt / 1_000_000
 
     def override(self, rate: Rate, burst: Optional[int] = None) -> None:
         """Put ``rate`` (and ``burst`` when given) in force for every process until :meth:`reset`
-        (the operators' run-time change; the configured rate is left as it is).
+        (the operators' run-time change; the configured rate is left as it is). It applies to
+        every bucket of the limiter, each key's tier included: the override wins for every key.
 
         Raises :class:`~celery_tuning.errors.StorageError` when Redis fails.
         """
@@ -318,11 +364,13 @@ def _same_store(a: Any, b: Any) -> bool:
             and getattr(a, "clock", None) is getattr(b, "clock", None))
 
 
-def decide_all(parts: Sequence[Tuple[GcraLimiter, int, Any]], *, reserve: Optional[float] = None) -> StackDecision:
+def decide_all(parts: Sequence[Tuple[Any, ...]], *, reserve: Optional[float] = None) -> StackDecision:
     """One decision over several limiters (a task's stacked ``@rate_limit``): ``parts`` are
-    ``(limiter, cost, key)``. Admitted only when every limiter admits; then each bucket pays its
-    cost, else none pays anything. One round trip (``gcra_acquire_many.lua``) when there are two
-    or more parts; one part is exactly :meth:`GcraLimiter.decide`.
+    ``(limiter, cost, key)`` or ``(limiter, cost, key, tier)`` (``tier`` as for
+    :meth:`GcraLimiter.decide`; default: the key's ``per_key`` tier). Admitted only when every
+    limiter admits; then each bucket pays its cost, else none pays anything. One round trip
+    (``gcra_acquire_many.lua``) when there are two or more parts; one part is exactly
+    :meth:`GcraLimiter.decide`.
 
     A part of cost 0 takes no token and is left out. The wait is the longest of the buckets'
     (refused: when every one of them admits; reserved: the call's slot, the latest of its buckets').
@@ -337,45 +385,48 @@ def decide_all(parts: Sequence[Tuple[GcraLimiter, int, Any]], *, reserve: Option
     """
     if not parts:
         raise ConfigurationError("decide_all(parts=[]): expected at least one (limiter, cost, key)")
-    live = []
-    for limiter, cost, key in parts:
+    live: List[Tuple[GcraLimiter, int, Any, TierLike]] = []
+    for part in parts:
+        limiter, cost, key = part[:3]
+        tier = part[3] if len(part) > 3 else None
         if isinstance(cost, numbers.Integral) and not isinstance(cost, bool) and cost == 0:
             continue
         limiter._check_cost(cost)
-        live.append((limiter, int(cost), key))
+        live.append((limiter, int(cost), key, tier))
     if not live:
         return StackDecision(Decision(True, 0.0, "redis"), parts[0][0])
     if len(live) == 1:
-        limiter, cost, key = live[0]
-        return StackDecision(limiter.decide(cost, reserve=reserve, key=key), limiter)
+        limiter, cost, key, tier = live[0]
+        return StackDecision(limiter.decide(cost, reserve=reserve, key=key, tier=tier), limiter)
     first = live[0][0]
     store = first.store
-    for limiter, _, _ in live[1:]:
+    for limiter, _, _, _ in live[1:]:
         if not _same_store(limiter.store, store):
             raise ConfigurationError(
                 f"stacked limiters {first.name!r} and {limiter.name!r} keep their buckets in different stores; "
                 "one decision needs them in one")
-    entries = [StackedBucket(limiter.bucket(key), limiter.interval, limiter.burst, cost) for limiter, cost, key in live]
+    entries = [StackedBucket(limiter.bucket(key), *limiter._params(key, tier), cost)
+               for limiter, cost, key, tier in live]
     reserve_us = GcraLimiter._reserve_us(reserve)
     try:
         result = store.acquire_many(entries, reserve_us)
         source = "redis"
-        for limiter, _, _ in live:
+        for limiter, _, _, _ in live:
             limiter._redis_answered()
     except StorageError as exc:
-        for limiter, _, _ in live:
+        for limiter, _, _, _ in live:
             limiter._storage_failed(exc)
         if first.on_redis_error == "allow":
             return StackDecision(Decision(True, 0.0, "allow"), first)
         if first.on_redis_error == "deny":
-            slowest = max((lim for lim, _, _ in live), key=lambda lim: lim.interval)
-            return StackDecision(Decision(False, max(1.0, slowest.interval / 1_000_000), "deny"), slowest)
+            i = max(range(len(entries)), key=lambda j: entries[j].interval)
+            return StackDecision(Decision(False, max(1.0, entries[i].interval / 1_000_000), "deny"), live[i][0])
         result = first._fallback.acquire_many(entries, reserve_us)
         source = "local"
     decider = live[result.which][0]
     if not result.allowed:
         return StackDecision(decider._decided(False, result.wait_us, source), decider)
     decision = Decision(True, result.wait_us / 1_000_000, source)
-    for limiter, _, _ in live:
+    for limiter, _, _, _ in live:
         limiter._decided(True, result.wait_us, source)
     return StackDecision(decision, decider)

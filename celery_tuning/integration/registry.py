@@ -120,17 +120,18 @@ class Registry:
     # -- the kinds ------------------------------------------------------------------------------
 
     def limiter(self, name: str, *, rate: Optional[Rate] = None, burst: Optional[int] = None,
-                adaptive: bool = False) -> GcraLimiter:
-        """Limiter ``name`` from ``tuning_rate_limits``; with ``rate``, an inline limiter of that name."""
+                adaptive: bool = False, per_key: Optional[Mapping[Any, Any]] = None) -> GcraLimiter:
+        """Limiter ``name`` from ``tuning_rate_limits`` (with its ``per_key`` tiers); with ``rate``,
+        an inline limiter of that name (``per_key``: its tiers)."""
 
         def build() -> GcraLimiter:
             from ..ratelimit import GcraLimiter
             from ..storage.gcra import AdaptiveSpec, RedisGcraStore
 
-            nonlocal rate, burst, adaptive
+            nonlocal rate, burst, adaptive, per_key
             if rate is None:
                 spec = self.spec(LIMITERS, name)
-                rate, burst, adaptive = spec.rate, spec.burst, spec.adaptive
+                rate, burst, adaptive, per_key = spec.rate, spec.burst, spec.adaptive, spec.per_key
             runtime = self.runtime
             return GcraLimiter(
                 name, rate, burst or 1,
@@ -138,6 +139,7 @@ class Registry:
                 prefix=runtime.config.key_prefix,
                 on_redis_error=runtime.config.rate_limit_on_redis_error,
                 adaptive=AdaptiveSpec() if adaptive else None,
+                per_key=per_key,
                 observer=_limiter_observer,
             )
 
@@ -246,16 +248,17 @@ def _on_transition(name: str, old: str, new: str, reason: str) -> None:
 
 
 def limiter_for(runtime: TuningRuntime, name: str, *, rate: Optional[Rate] = None,
-                burst: Optional[int] = None, adaptive: bool = False) -> GcraLimiter:
+                burst: Optional[int] = None, adaptive: bool = False,
+                per_key: Optional[Mapping[Any, Any]] = None) -> GcraLimiter:
     """The process's limiter ``name`` for this app (created once).
 
     Named limiters come from ``tuning_rate_limits``; passing ``rate`` makes an
-    inline limiter of that name.
+    inline limiter of that name (``per_key``: its tiers, key value -> rate and burst).
 
     Raises:
         ConfigurationError: When ``name`` is not configured and no rate is given.
     """
-    return runtime.registry.limiter(name, rate=rate, burst=burst, adaptive=adaptive)
+    return runtime.registry.limiter(name, rate=rate, burst=burst, adaptive=adaptive, per_key=per_key)
 
 
 def breaker_for(runtime: TuningRuntime, name: str,

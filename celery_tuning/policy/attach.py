@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple, Union
+from dataclasses import field as dataclass_field
+from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 from ..errors import ConfigurationError
 from .rates import Rate
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..conf import BreakerSpec
+    from ..conf import BreakerSpec, Tier
 
 __all__ = [
     "ON_LIMIT",
@@ -63,6 +64,9 @@ class RateLimitPolicy:
     #: Deferrals allowed per task before it fails with RateLimited (separate from max_retries).
     max_deferrals: int = 100
     adaptive: bool = False
+    #: Tiers: an inline limit's ``{key value: Tier}``, or a callable taking the call's key and
+    #: returning its tier (a rate, ``{"rate", "burst"}`` or None for the configured one).
+    per_key: Union[Mapping[str, Tier], Callable[[Any], Any], None] = dataclass_field(default=None, hash=False)
 
 
 #: What every limit of a stack must agree on: a call is admitted, waits or is deferred once, for all.

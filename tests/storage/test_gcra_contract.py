@@ -433,3 +433,52 @@ def test_the_stack_script_matches_the_oracle_bucket_by_bucket(redis_clean, stack
             assert [raw.decode() for raw in after] == [f"{s.allow_at} {s.full_at}" for s in states]
         else:
             assert after == before, "a refused stack writes no bucket"
+
+
+# Tiers: a limiter's per_key gives listed keys a rate and burst of their own; the stores see only
+# the interval and burst each bucket is decided with.
+
+
+def test_two_keys_with_different_tiers_admit_at_their_own_rates(store):
+    from celery_tuning.policy.rates import Rate
+    from celery_tuning.ratelimit import GcraLimiter
+
+    now = [T0]
+    store.clock = lambda: now[0]  # one manual clock for the memory and the Redis stores
+    lim = GcraLimiter("openai", Rate(20, 1.0), 2, store=store,
+                      per_key={"enterprise": {"rate": "100/s", "burst": 5}, 7: "1/s"})
+    admitted = {k: sum(lim.try_acquire(key=k) for _ in range(10)) for k in ("enterprise", "free", 7)}
+    assert admitted == {"enterprise": 5, "free": 2, 7: 1}, "each key's burst (7 matched as '7')"
+    assert not lim.try_acquire(key="enterprise")
+    now[0] += 10_000  # 10 ms: one enterprise token (100/s), none for the default tier (20/s)
+    assert (lim.try_acquire(key="enterprise"), lim.try_acquire(key="free")) == (True, False)
+    assert lim.decide(key="free").wait == pytest.approx(0.04), "20/s: 50 ms after the last"
+    assert lim.snapshot(key="enterprise").burst == 5 and lim.snapshot(key="free").burst == 2
+    assert lim.tier("free", tier="60/m").burst == 1
+    # charge() debits at the key's tier: the next token, then 3 owed (10 ms each at 100/s, 50 at 20/s)
+    assert lim.charge(3, key="enterprise") == pytest.approx(0.01 + 0.03)
+    assert lim.charge(3, key="free") == pytest.approx(0.04 + 0.15)
+    # a run-time override of the limiter wins for every key, tiers included
+    now[0] += 10_000_000
+    lim.override(Rate(10, 1.0), burst=1)
+    assert [lim.try_acquire(key=k) for k in ("enterprise", "enterprise", "free")] == [True, False, True]
+    lim.reset()
+    now[0] += 1_000_000
+    assert sum(lim.try_acquire(key="enterprise") for _ in range(9)) == 5, "back to the tier's burst"
+
+
+def test_a_stack_decides_each_part_at_its_keys_tier(store):
+    from celery_tuning.policy.rates import Rate
+    from celery_tuning.ratelimit import GcraLimiter, decide_all
+
+    now = [T0]
+    store.clock = lambda: now[0]
+    lim = GcraLimiter("api", Rate(1, 1.0), 1, store=store, per_key={"big": {"rate": "10/s", "burst": 3}})
+    parts = [(lim, 1, None), (lim, 1, "big")]
+    assert decide_all(parts).decision.allowed
+    assert not decide_all(parts).decision.allowed, "the shared bucket (1/s, burst 1) refuses"
+    assert decide_all([(lim, 1, "small"), (lim, 1, "big")]).decision.allowed
+    explicit = [(lim, 1, "other"), (lim, 1, "vip", {"rate": "1/s"})]  # a tier given per call wins
+    assert decide_all(explicit).decision.allowed
+    refused = decide_all(explicit)
+    assert not refused.decision.allowed and refused.decision.wait == pytest.approx(1.0), "burst 1 at 1/s"

@@ -71,6 +71,18 @@ def test_bad_rate_names_setting_value_and_accepted_forms():
     assert "'20/s', '1200/m' or '5000/h'" in msg
 
 
+def test_rate_limit_tiers_are_normalized_and_keyed_as_str():
+    from celery_tuning.conf import Tier
+    from celery_tuning.policy.rates import Rate
+
+    cfg = load_config({"tuning_rate_limits": {"openai": {"rate": "20/s", "burst": 5, "per_key": {
+        "enterprise": {"rate": "100/s", "burst": 20}, 42: "1/m"}}}}, environ={})
+    spec = cfg.rate_limits["openai"]
+    assert (spec.rate, spec.burst) == (Rate(20, 1.0), 5)
+    assert spec.per_key == {"enterprise": Tier(Rate(100, 1.0), 20), "42": Tier(Rate(1, 60.0), 1)}
+    assert load_config({"tuning_rate_limits": {"a": "1/s"}}, environ={}).rate_limits["a"].per_key == {}
+
+
 def test_rate_limit_forms_are_normalized():
     cfg = load_config({"tuning_rate_limits": {"a": "20/s", "b": {"rate": "60/m", "burst": 5}}}, environ={})
     assert cfg.rate_limits["a"].burst == 1
@@ -84,6 +96,16 @@ def test_rate_limit_forms_are_normalized():
         ({"tuning_rate_limits": {"a": {"rate": "1/s", "burst": 0}}}, "tuning_rate_limits['a'].burst"),
         ({"tuning_rate_limits": {"a": {"rate": "1/s", "brust": 2}}}, "unknown option(s) ['brust']"),
         ({"tuning_rate_limits": ["a"]}, "tuning_rate_limits: ['a'] is not valid; expected a dict"),
+        ({"tuning_rate_limits": {"a": {"rate": "1/s", "per_key": {"e": {"rate": "9/s", "burst": 0}}}}},
+         "tuning_rate_limits['a']['per_key']['e'].burst: 0 is not valid"),
+        ({"tuning_rate_limits": {"a": {"rate": "1/s", "per_key": {"e": "9/x"}}}},
+         "tuning_rate_limits['a']['per_key']['e'].rate: '9/x'"),
+        ({"tuning_rate_limits": {"a": {"rate": "1/s", "per_key": {"e": {"burst": 2}}}}},
+         "tuning_rate_limits['a']['per_key']['e']: missing 'rate'"),
+        ({"tuning_rate_limits": {"a": {"rate": "1/s", "per_key": {"e": {"rate": "9/s", "adaptive": True}}}}},
+         "tuning_rate_limits['a']['per_key']['e']: unknown option(s) ['adaptive']; accepted: 'rate', 'burst'"),
+        ({"tuning_rate_limits": {"a": {"rate": "1/s", "per_key": ["e"]}}},
+         "tuning_rate_limits['a']['per_key']: ['e'] is not valid; expected a dict"),
         ({"tuning_circuit_breakers": {"p": {"fail_max": -1}}}, "tuning_circuit_breakers['p'].fail_max"),
         ({"tuning_sla": {"q": {"warning": 10, "critical": 5}}}, "must not exceed critical"),
         ({"tuning_sla": {"q": {"on": "queue"}}}, "tuning_sla['q'].on"),

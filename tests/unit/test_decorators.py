@@ -345,6 +345,82 @@ def test_a_stacked_task_is_admitted_only_when_every_limit_admits():
     assert tokens.snapshot().tokens == 0, "Throttled(name=...) paused that limit of the stack"
 
 
+def test_tiers_admit_the_enterprise_burst_while_the_default_key_is_refused():
+    """``per_key`` in the config, a ``per_key`` callable decided per call, and an inline dict."""
+    from celery import Celery
+
+    import celery_tuning
+    from celery_tuning import RateLimited
+
+    app = Celery("tiers", set_as_current=False, task_cls="celery_tuning:TunedTask")
+    app.conf.update(tuning_redis_url="memory://", tuning_rate_limits={
+        "openai": {"rate": "1/m", "burst": 2, "per_key": {"enterprise": {"rate": "60/m", "burst": 20}}}})
+    celery_tuning.install(app)
+    premium = {"gold"}
+
+    @app.task(name="tiers.embed", shared=False)
+    @rate_limit("openai", key=lambda tenant: tenant, on_limit="raise",
+                per_key=lambda tenant: {"rate": "6/m", "burst": 4} if tenant in premium else None)
+    def embed(tenant):
+        return tenant
+
+    def admitted(tenant, n):
+        ok = 0
+        for _ in range(n):
+            try:
+                embed.apply((tenant,)).get()
+                ok += 1
+            except RateLimited:
+                pass
+        return ok
+
+    assert (admitted("enterprise", 25), admitted("free", 5), admitted("gold", 6)) == (20, 2, 4)
+    with pytest.raises(RateLimited) as info:
+        embed.apply(("free",)).get()
+    assert 59 < info.value.retry_after <= 60, "the default tier: 1/m after its burst of 2"
+    lim = celery_tuning.limiter("openai", app=app)
+    assert (lim.snapshot(key="enterprise").burst, lim.snapshot(key="free").burst) == (20, 2)
+    assert lim.charge(1, key="enterprise") == pytest.approx(2.0, abs=0.1), "the tier's 1 s tokens: next + 1 owed"
+
+    @app.task(name="tiers.bad", shared=False)
+    @rate_limit("openai", key=lambda tenant: tenant, per_key=lambda tenant: "lots")
+    def bad(tenant):
+        pass
+
+    with pytest.raises(ConfigurationError, match=r"task 'tiers.bad': @rate_limit\(per_key=<lambda>\) returned 'lots'"):
+        bad.apply(("x",)).get()
+
+    @app.task(name="tiers.inline", shared=False)
+    @rate_limit("1/h", key=lambda tenant: tenant, per_key={"vip": {"rate": "3/m", "burst": 3}}, on_limit="raise")
+    @rate_limit("openai", key=lambda tenant: tenant, on_limit="raise")
+    def inline(tenant):
+        return tenant
+
+    assert [inline.apply(("acme",)).failed() for _ in range(2)] == [False, True], "1/h: burst 1"
+    results = [inline.apply(("vip",)) for _ in range(3)]
+    assert [r.failed() for r in results] == [False, False, True], "vip's burst 3 stacked on openai's 2"
+    assert results[2].result.name == "openai"
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "fragment"),
+    [
+        (("10/s",), {"per_key": {"e": "5/s"}}, "tiers are per key; give key= too"),
+        (("openai",), {"key": len, "per_key": {"e": "5/s"}},
+         "takes its per_key dict from tuning_rate_limits['openai']"),
+        (("10/s",), {"key": len, "per_key": {"e": {"rate": "5/s", "burst": 0}}},
+         "@rate_limit(per_key)['e'].burst: 0 is not valid"),
+        (("10/s",), {"key": len, "per_key": ["e"]}, "@rate_limit(per_key=['e']): expected a dict"),
+        (("10/s",), {"key": len, "burst": 3, "cost": 3, "per_key": {"e": "5/s"}},
+         "must not exceed the burst of per_key['e'] (1)"),
+    ],
+)
+def test_rate_limit_per_key_rejects_nonsense(args, kwargs, fragment):
+    with pytest.raises(ConfigurationError) as info:
+        rate_limit(*args, **kwargs)
+    assert fragment in str(info.value)
+
+
 def limiter_of(app, name):
     from celery_tuning.integration.registry import limiter_for
     from celery_tuning.integration.runtime import runtime_for

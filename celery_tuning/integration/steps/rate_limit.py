@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import numbers
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
+from ...conf import LimiterSpec, Tier, parse_tier
 from ...errors import ConfigurationError, RateLimited, Throttled
 from ...policy import admission
 from ...policy.attach import RateLimitPolicy, RateLimitStack
@@ -37,10 +38,7 @@ class RateLimitStep(Step):
         runtime = runtime_for(self.app)
         self.runtime = runtime
         if policy.name is not None:
-            spec = runtime.registry.spec(LIMITERS, policy.name, by=f"@rate_limit({policy.name!r})")
-            if not callable(policy.cost) and policy.cost > spec.burst:
-                raise ConfigurationError(
-                    f"@rate_limit({policy.name!r}, cost={policy.cost}): exceeds the limiter's burst ({spec.burst})")
+            _check_fixed_cost(policy, runtime.registry.spec(LIMITERS, policy.name, by=f"@rate_limit({policy.name!r})"))
         self.limiter_name = policy.name or self.task_name
         self._limiter: Optional[GcraLimiter] = None
         if policy.on_limit not in ("raise", "wait") and not parking_on(runtime):
@@ -52,7 +50,7 @@ class RateLimitStep(Step):
         if self._limiter is None:
             p = self.policy
             self._limiter = limiter_for(self.runtime, self.limiter_name, rate=p.rate,
-                                        burst=p.burst, adaptive=p.adaptive)
+                                        burst=p.burst, adaptive=p.adaptive, per_key=_static_tiers(p))
         return self._limiter
 
     def park_spot(self) -> Any:
@@ -68,17 +66,19 @@ class RateLimitStep(Step):
             cost: Optional[int] = None  # evaluated once, when first needed
             if decision is not None:  # taken in an outer step's round trip for this call
                 key = ctx.admission_key
+                tier = _tier(self.task_name, policy, limiter, key)
                 self._admit(task, request, limiter, key, 1, decision)
             else:
                 key = policy.key(*ctx.args, **ctx.kwargs) if policy.key is not None else None
-                if not self._use_reserved_slot(task, request, limiter, key, ctx):
+                tier = _tier(self.task_name, policy, limiter, key)
+                if not self._use_reserved_slot(task, request, limiter, key, ctx, tier):
                     cost = self._cost(ctx)
                     if cost:  # a call of cost 0 takes no token: nothing to decide
-                        self._admit(task, request, limiter, key, cost)
+                        self._admit(task, request, limiter, key, cost, tier=tier)
             try:
                 return call_next(ctx)
             except Throttled as exc:
-                self._throttled(task, request, limiter, key, exc, self._cost(ctx) if cost is None else cost)
+                self._throttled(task, request, limiter, key, exc, self._cost(ctx) if cost is None else cost, tier)
                 raise  # not reached: _throttled defers or raises
 
         return call
@@ -101,7 +101,8 @@ class RateLimitStep(Step):
         if not cost:
             return None  # takes no token: wrap's call admits it without a decision
         key = policy.key(*ctx.args, **ctx.kwargs) if policy.key is not None else None
-        plan = limiter.plan(cost, reserve=self._reserve(request), key=key)
+        plan = limiter.plan(cost, reserve=self._reserve(request), key=key,
+                            tier=_tier(self.task_name, policy, limiter, key))
         if plan is None:
             return None
 
@@ -129,7 +130,7 @@ class RateLimitStep(Step):
         return admission.rate_limit_wait_timeout(policy.on_limit, policy.max_wait, policy.max_defer)
 
     def _use_reserved_slot(self, task: Any, request: Any, limiter: GcraLimiter, key: Any,
-                           ctx: CallContext) -> bool:
+                           ctx: CallContext, tier: Tier) -> bool:
         early = take_slot(request, limiter.name, key)
         if early is None:
             return False
@@ -137,7 +138,7 @@ class RateLimitStep(Step):
         if early < -grace:
             cost = self._cost(ctx)
             if cost:
-                self._pace_late(task, request, limiter, key, -early, grace, cost)
+                self._pace_late(task, request, limiter, key, -early, grace, cost, tier)
             return True
         if early > 0:
             # Countdown fired a little early (or host clocks differ): wait out the rest, bounded.
@@ -145,7 +146,7 @@ class RateLimitStep(Step):
         return True
 
     def _pace_late(self, task: Any, request: Any, limiter: GcraLimiter, key: Any, late: float,
-                   grace: float, cost: int) -> None:
+                   grace: float, cost: int, tier: Tier) -> None:
         """Run a call that came back ``late`` seconds after its slot, at the rate among the late ones.
 
         Every task deferred behind the same backlog comes back late together: run each in its old
@@ -155,10 +156,10 @@ class RateLimitStep(Step):
         own at the limiter's rate (key ``(SLOT_EXPIRED, key)``): a turn within
         ``max(max_wait, grace)`` is slept for in the worker; a later one (more late calls than the
         rate lets through in that time) is deferred to, holding it as its slot. Late runs stay
-        within ``burst + rate * (t + grace)`` over any ``t`` seconds.
+        within ``burst + rate * (t + grace)`` over any ``t`` seconds (the key's tier's).
         """
         limiter._emit(SLOT_EXPIRED, late)
-        decision = limiter.decide(cost, reserve=86_400.0, key=(SLOT_EXPIRED, key))
+        decision = limiter.decide(cost, reserve=86_400.0, key=(SLOT_EXPIRED, key), tier=tier)
         if not decision.allowed or decision.wait <= 0:
             return  # admitted now (or the store failed open)
         if decision.wait <= max(self.policy.max_wait, grace) or is_eager(request):
@@ -167,12 +168,12 @@ class RateLimitStep(Step):
         self._defer(task, decision.wait, "rate_limit", slot_headers(limiter.name, key, decision.wait, request.id))
 
     def _admit(self, task: Any, request: Any, limiter: GcraLimiter, key: Any, cost: int,
-               decision: Optional[Decision] = None) -> None:
-        """Admit, wait, defer or raise a call of ``cost`` tokens; ``decision``: one already taken
-        with :meth:`_reserve` (then ``cost`` is not used)."""
+               decision: Optional[Decision] = None, *, tier: Optional[Tier] = None) -> None:
+        """Admit, wait, defer or raise a call of ``cost`` tokens from ``key``'s bucket at ``tier``;
+        ``decision``: one already taken with :meth:`_reserve` (then ``cost`` is not used)."""
         policy = self.policy
         if decision is None:
-            decision = limiter.decide(cost, reserve=self._reserve(request), key=key)
+            decision = limiter.decide(cost, reserve=self._reserve(request), key=key, tier=tier)
         action = admission.rate_limit_action(policy.on_limit, is_eager(request), decision.allowed,
                                              decision.wait, policy.max_wait)
         kind = action.kind
@@ -200,22 +201,72 @@ class RateLimitStep(Step):
               on_exhausted=lambda n: RateLimited(wait, f"{limiter_name} (gave up after {n} deferrals)"))
 
     def _throttled(self, task: Any, request: Any, limiter: GcraLimiter, key: Any, exc: Throttled,
-                   cost: int) -> None:
+                   cost: int, tier: Tier) -> None:
         target, target_key = limiter, key
+        target_tier: Optional[Tier] = tier
         if exc.name is not None and exc.name != limiter.name:
             # Another limiter's whole bucket is paused; this task still comes back for its own key.
-            target, target_key = limiter_for(self.runtime, exc.name), None
-        target.throttle(exc.retry_after, key=target_key)
+            target, target_key, target_tier = limiter_for(self.runtime, exc.name), None, None
+        target.throttle(exc.retry_after, key=target_key, tier=target_tier)
         logger.warning("task %s: remote side throttled limiter %r for %.1fs; task deferred",
                        self.task_name, target.name, exc.retry_after)
         if is_eager(request) or self.policy.on_limit == "raise":
             raise RateLimited(exc.retry_after, target.name) from exc
-        decision = limiter.decide(max(1, cost), reserve=self.policy.max_defer, key=key)
+        decision = limiter.decide(max(1, cost), reserve=self.policy.max_defer, key=key, tier=tier)
         headers = None
         if decision.allowed:
             headers = slot_headers(limiter.name, key, decision.wait, request.id)
         self._defer(task, max(decision.wait, exc.retry_after if target is limiter else 0.0),
                     "throttled", headers)
+
+
+def _check_fixed_cost(policy: RateLimitPolicy, spec: LimiterSpec) -> None:
+    """A fixed cost above the named limiter's burst, or a tier's, would wait for a full bucket every call."""
+    if callable(policy.cost):
+        return
+    bursts = [(f"the limiter's burst ({spec.burst})", spec.burst)]
+    bursts += [(f"the burst of tuning_rate_limits[{spec.name!r}]['per_key'][{k!r}] ({t.burst})", t.burst)
+               for k, t in spec.per_key.items()]
+    for what, burst in bursts:
+        if policy.cost > burst:
+            raise ConfigurationError(f"@rate_limit({policy.name!r}, cost={policy.cost}): exceeds {what}")
+
+
+def _static_tiers(policy: RateLimitPolicy) -> Optional[Mapping[str, Tier]]:
+    """An inline limit's ``per_key`` dict (a callable is asked per call, see :func:`_tier`)."""
+    return policy.per_key if isinstance(policy.per_key, Mapping) else None
+
+
+def _tier(task_name: str, policy: RateLimitPolicy, limiter: GcraLimiter, key: Any) -> Tier:
+    """The tier of this call's bucket: the ``per_key`` callable's answer for ``key``, else the
+    limiter's configured one for ``key`` (its ``per_key`` entry, else its own rate)."""
+    per_key = policy.per_key
+    if key is not None and callable(per_key) and not isinstance(per_key, Mapping):
+        value = per_key(key)
+        if value is not None:
+            try:
+                return _parsed_tier(value)
+            except ConfigurationError as exc:
+                raise ConfigurationError(
+                    f"task {task_name!r}: @rate_limit(per_key={getattr(per_key, '__name__', per_key)}) returned "
+                    f"{value!r} for this call's key; expected a rate like '100/s', a dict like "
+                    f"{{'rate': '100/s', 'burst': 20}}, or None for the configured tier ({exc})") from None
+    return limiter.tier(key)
+
+
+_TIERS: Dict[str, Tier] = {}
+
+
+def _parsed_tier(value: Any) -> Tier:
+    """``parse_tier`` with the rate strings a callable returns remembered (it answers every call)."""
+    if isinstance(value, str):
+        found = _TIERS.get(value)
+        if found is None:
+            found = parse_tier("per_key", value)
+            if len(_TIERS) < 1024:
+                _TIERS[value] = found
+        return found
+    return parse_tier("per_key", value)
 
 
 def _called_cost(task_name: str, cost: Callable[..., int], ctx: CallContext) -> int:
@@ -251,10 +302,7 @@ class StackedRateLimitStep(RateLimitStep):
                 names.append(self.task_name if inline == 1 else f"{self.task_name}#{inline}")
                 continue
             names.append(policy.name)
-            spec = runtime.registry.spec(LIMITERS, policy.name, by=f"@rate_limit({policy.name!r})")
-            if not callable(policy.cost) and policy.cost > spec.burst:
-                raise ConfigurationError(
-                    f"@rate_limit({policy.name!r}, cost={policy.cost}): exceeds the limiter's burst ({spec.burst})")
+            _check_fixed_cost(policy, runtime.registry.spec(LIMITERS, policy.name, by=f"@rate_limit({policy.name!r})"))
         self.limiter_names = names
         if not runtime.in_memory and runtime.connector.target.kind == "cluster":
             raise ConfigurationError(
@@ -266,7 +314,8 @@ class StackedRateLimitStep(RateLimitStep):
     @property
     def limiters(self) -> List[GcraLimiter]:
         if self._limiters is None:
-            self._limiters = [limiter_for(self.runtime, name, rate=p.rate, burst=p.burst, adaptive=p.adaptive)
+            self._limiters = [limiter_for(self.runtime, name, rate=p.rate, burst=p.burst, adaptive=p.adaptive,
+                                          per_key=_static_tiers(p))
                               for name, p in zip(self.limiter_names, self.stack.policies)]
         return self._limiters
 
@@ -284,14 +333,15 @@ class StackedRateLimitStep(RateLimitStep):
         def call(ctx: CallContext) -> Any:
             task, request = ctx.task, ctx.request
             keys = [p.key(*ctx.args, **ctx.kwargs) if p.key is not None else None for p in policies]
+            tiers = [_tier(self.task_name, p, lim, key) for p, lim, key in zip(policies, self.limiters, keys)]
             costs: Optional[List[int]] = None  # evaluated once, when first needed
-            if not self._use_stacked_slot(task, request, keys, ctx):
+            if not self._use_stacked_slot(task, request, keys, ctx, tiers):
                 costs = self._costs(ctx)
-                self._admit_all(task, request, keys, costs)
+                self._admit_all(task, request, keys, costs, tiers)
             try:
                 return call_next(ctx)
             except Throttled as exc:
-                self._throttled_all(task, request, keys, exc, self._costs(ctx) if costs is None else costs)
+                self._throttled_all(task, request, keys, exc, self._costs(ctx) if costs is None else costs, tiers)
                 raise  # not reached: _throttled_all defers or raises
 
         return call
@@ -300,27 +350,29 @@ class StackedRateLimitStep(RateLimitStep):
         return [_called_cost(self.task_name, p.cost, ctx) if callable(p.cost) else p.cost
                 for p in self.stack.policies]
 
-    def _parts(self, costs: Sequence[int], keys: Sequence[Any]) -> List[Any]:
-        return list(zip(self.limiters, costs, keys))
+    def _parts(self, costs: Sequence[int], keys: Sequence[Any], tiers: Sequence[Tier]) -> List[Any]:
+        return list(zip(self.limiters, costs, keys, tiers))
 
-    def _use_stacked_slot(self, task: Any, request: Any, keys: List[Any], ctx: CallContext) -> bool:
+    def _use_stacked_slot(self, task: Any, request: Any, keys: List[Any], ctx: CallContext,
+                          tiers: List[Tier]) -> bool:
         early = take_slot(request, self.limiter_name, tuple(keys))
         if early is None:
             return False
         grace = self.runtime.config.rate_limit_slot_grace
         if early < -grace:
-            self._pace_late_all(task, request, keys, self._costs(ctx), -early, grace)
+            self._pace_late_all(task, request, keys, self._costs(ctx), -early, grace, tiers)
             return True
         if early > 0:
             self.limiter.sleep(min(early, max(self.policy.max_wait, 0.05)))
         return True
 
     def _pace_late_all(self, task: Any, request: Any, keys: List[Any], costs: List[int], late: float,
-                       grace: float) -> None:
+                       grace: float, tiers: List[Tier]) -> None:
         """:meth:`RateLimitStep._pace_late` over every limit: late calls take turns in late buckets of
         their own, one per limit, at each limit's rate."""
         self.limiter._emit(SLOT_EXPIRED, late)
-        decision, limiter = decide_all(self._parts(costs, [(SLOT_EXPIRED, key) for key in keys]), reserve=86_400.0)
+        decision, limiter = decide_all(self._parts(costs, [(SLOT_EXPIRED, key) for key in keys], tiers),
+                                       reserve=86_400.0)
         if not decision.allowed or decision.wait <= 0:
             return
         if decision.wait <= max(self.policy.max_wait, grace) or is_eager(request):
@@ -329,9 +381,9 @@ class StackedRateLimitStep(RateLimitStep):
         self._defer(task, decision.wait, "rate_limit",
                     slot_headers(self.limiter_name, tuple(keys), decision.wait, request.id))
 
-    def _admit_all(self, task: Any, request: Any, keys: List[Any], costs: List[int]) -> None:
+    def _admit_all(self, task: Any, request: Any, keys: List[Any], costs: List[int], tiers: List[Tier]) -> None:
         policy = self.policy
-        decision, limiter = decide_all(self._parts(costs, keys), reserve=self._reserve(request))
+        decision, limiter = decide_all(self._parts(costs, keys, tiers), reserve=self._reserve(request))
         action = admission.rate_limit_action(policy.on_limit, is_eager(request), decision.allowed,
                                              decision.wait, policy.max_wait)
         kind = action.kind
@@ -351,24 +403,26 @@ class StackedRateLimitStep(RateLimitStep):
             headers = slot_headers(self.limiter_name, tuple(keys), decision.wait, request.id)
         self._defer(task, decision.wait, "rate_limit", headers)
 
-    def _throttled_all(self, task: Any, request: Any, keys: List[Any], exc: Throttled, costs: List[int]) -> None:
+    def _throttled_all(self, task: Any, request: Any, keys: List[Any], exc: Throttled, costs: List[int],
+                       tiers: List[Tier]) -> None:
         """``Throttled`` pauses the first limit's bucket (its key's), or the limit ``exc.name`` names
         (its key's when it is one of the stack, else that limiter's whole bucket)."""
         limiters = self.limiters
         target, target_key, own = limiters[0], keys[0], True
+        target_tier: Optional[Tier] = tiers[0]
         if exc.name is not None and exc.name != target.name:
-            for lim, key in zip(limiters, keys):
+            for lim, key, tier in zip(limiters, keys, tiers):
                 if lim.name == exc.name:
-                    target, target_key = lim, key
+                    target, target_key, target_tier = lim, key, tier
                     break
             else:
-                target, target_key, own = limiter_for(self.runtime, exc.name), None, False
-        target.throttle(exc.retry_after, key=target_key)
+                target, target_key, target_tier, own = limiter_for(self.runtime, exc.name), None, None, False
+        target.throttle(exc.retry_after, key=target_key, tier=target_tier)
         logger.warning("task %s: remote side throttled limiter %r for %.1fs; task deferred",
                        self.task_name, target.name, exc.retry_after)
         if is_eager(request) or self.policy.on_limit == "raise":
             raise RateLimited(exc.retry_after, target.name) from exc
-        decision, _ = decide_all(self._parts([max(1, c) for c in costs], keys), reserve=self.policy.max_defer)
+        decision, _ = decide_all(self._parts([max(1, c) for c in costs], keys, tiers), reserve=self.policy.max_defer)
         headers = None
         if decision.allowed:
             headers = slot_headers(self.limiter_name, tuple(keys), decision.wait, request.id)
