@@ -212,12 +212,13 @@ class RateLimitStep(Step):
                        self.task_name, target.name, exc.retry_after)
         if is_eager(request) or self.policy.on_limit == "raise":
             raise RateLimited(exc.retry_after, target.name) from exc
-        decision = limiter.decide(max(1, cost), reserve=self.policy.max_defer, key=key, tier=tier)
-        headers = None
-        if decision.allowed:
-            headers = slot_headers(limiter.name, key, decision.wait, request.id)
-        self._defer(task, max(decision.wait, exc.retry_after if target is limiter else 0.0),
-                    "throttled", headers)
+        headers, wait = None, 0.0
+        if cost:  # a call of cost 0 takes no token: it comes back after the pause, with no slot
+            decision = limiter.decide(cost, reserve=self.policy.max_defer, key=key, tier=tier)
+            if decision.allowed:
+                headers = slot_headers(limiter.name, key, decision.wait, request.id)
+            wait = decision.wait
+        self._defer(task, max(wait, exc.retry_after if target is limiter else 0.0), "throttled", headers)
 
 
 def _check_fixed_cost(policy: RateLimitPolicy, spec: LimiterSpec) -> None:
@@ -422,7 +423,8 @@ class StackedRateLimitStep(RateLimitStep):
                        self.task_name, target.name, exc.retry_after)
         if is_eager(request) or self.policy.on_limit == "raise":
             raise RateLimited(exc.retry_after, target.name) from exc
-        decision, _ = decide_all(self._parts([max(1, c) for c in costs], keys, tiers), reserve=self.policy.max_defer)
+        # A limit whose cost is 0 for this call takes no token (decide_all leaves it out).
+        decision, _ = decide_all(self._parts(list(costs), keys, tiers), reserve=self.policy.max_defer)
         headers = None
         if decision.allowed:
             headers = slot_headers(self.limiter_name, tuple(keys), decision.wait, request.id)
