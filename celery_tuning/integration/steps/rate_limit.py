@@ -160,20 +160,31 @@ class RateLimitStep(Step):
         """
         limiter._emit(SLOT_EXPIRED, late)
         decision = limiter.decide(cost, reserve=86_400.0, key=(SLOT_EXPIRED, key), tier=tier)
+        self._take_late_turn(task, request, limiter, decision, key, grace)
+
+    def _take_late_turn(self, task: Any, request: Any, limiter: GcraLimiter, decision: Decision,
+                        slot_key: Any, grace: float) -> None:
+        """A late call's turn: now, slept for when near, else deferred to (holding it as its slot)."""
         if not decision.allowed or decision.wait <= 0:
             return  # admitted now (or the store failed open)
         if decision.wait <= max(self.policy.max_wait, grace) or is_eager(request):
             limiter.sleep(decision.wait)
             return
-        self._defer(task, decision.wait, "rate_limit", slot_headers(limiter.name, key, decision.wait, request.id))
+        self._defer(task, decision.wait, "rate_limit",
+                    slot_headers(self.limiter_name, slot_key, decision.wait, request.id))
 
     def _admit(self, task: Any, request: Any, limiter: GcraLimiter, key: Any, cost: int,
                decision: Optional[Decision] = None, *, tier: Optional[Tier] = None) -> None:
         """Admit, wait, defer or raise a call of ``cost`` tokens from ``key``'s bucket at ``tier``;
         ``decision``: one already taken with :meth:`_reserve` (then ``cost`` is not used)."""
-        policy = self.policy
         if decision is None:
             decision = limiter.decide(cost, reserve=self._reserve(request), key=key, tier=tier)
+        self._act(task, request, limiter, decision, key)
+
+    def _act(self, task: Any, request: Any, limiter: GcraLimiter, decision: Decision, slot_key: Any) -> None:
+        """What ``on_limit`` makes of ``decision`` (taken by ``limiter``, the tightest of a stack):
+        run, raise, wait, sleep, or defer (to the reserved slot, named by ``slot_key``)."""
+        policy = self.policy
         action = admission.rate_limit_action(policy.on_limit, is_eager(request), decision.allowed,
                                              decision.wait, policy.max_wait)
         kind = action.kind
@@ -183,7 +194,7 @@ class RateLimitStep(Step):
             raise RateLimited(decision.wait, limiter.name)
         if kind == admission.WAIT:
             # No broker to defer through (eager / direct call) or waiting is what was asked.
-            limiter.acquire(timeout=self._wait_timeout(), cost=cost, key=key, decision=decision)
+            limiter.acquire(timeout=self._wait_timeout(), decision=decision)
             return
         if kind == admission.SLEEP:
             limiter._emit("waited", decision.wait)
@@ -191,7 +202,7 @@ class RateLimitStep(Step):
             return
         headers = None
         if action.keep_slot:  # a slot is ours: come back for it without queueing again
-            headers = slot_headers(limiter.name, key, decision.wait, request.id)
+            headers = slot_headers(self.limiter_name, slot_key, decision.wait, request.id)
         self._defer(task, decision.wait, "rate_limit", headers)
 
     def _defer(self, task: Any, wait: float, reason: str, headers: Optional[Dict[str, Any]]) -> None:
@@ -374,35 +385,11 @@ class StackedRateLimitStep(RateLimitStep):
         self.limiter._emit(SLOT_EXPIRED, late)
         decision, limiter = decide_all(self._parts(costs, [(SLOT_EXPIRED, key) for key in keys], tiers),
                                        reserve=86_400.0)
-        if not decision.allowed or decision.wait <= 0:
-            return
-        if decision.wait <= max(self.policy.max_wait, grace) or is_eager(request):
-            limiter.sleep(decision.wait)
-            return
-        self._defer(task, decision.wait, "rate_limit",
-                    slot_headers(self.limiter_name, tuple(keys), decision.wait, request.id))
+        self._take_late_turn(task, request, limiter, decision, tuple(keys), grace)
 
     def _admit_all(self, task: Any, request: Any, keys: List[Any], costs: List[int], tiers: List[Tier]) -> None:
-        policy = self.policy
         decision, limiter = decide_all(self._parts(costs, keys, tiers), reserve=self._reserve(request))
-        action = admission.rate_limit_action(policy.on_limit, is_eager(request), decision.allowed,
-                                             decision.wait, policy.max_wait)
-        kind = action.kind
-        if kind == admission.ADMIT:
-            return
-        if kind == admission.RAISE:
-            raise RateLimited(decision.wait, limiter.name)
-        if kind == admission.WAIT:
-            limiter.acquire(timeout=self._wait_timeout(), decision=decision)
-            return
-        if kind == admission.SLEEP:
-            limiter._emit("waited", decision.wait)
-            limiter.sleep(decision.wait)
-            return
-        headers = None
-        if action.keep_slot:
-            headers = slot_headers(self.limiter_name, tuple(keys), decision.wait, request.id)
-        self._defer(task, decision.wait, "rate_limit", headers)
+        self._act(task, request, limiter, decision, tuple(keys))
 
     def _throttled_all(self, task: Any, request: Any, keys: List[Any], exc: Throttled, costs: List[int],
                        tiers: List[Tier]) -> None:
