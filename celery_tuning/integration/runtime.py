@@ -33,7 +33,7 @@ MEMORY_URL = "memory://"
 
 #: The attributes in which pipeline steps keep the component they built (dropped by
 #: :meth:`TuningRuntime.reset_stores` so the next call builds it again on the current stores).
-_STEP_COMPONENTS = ("_limiter", "_breaker", "_cache", "_carries")
+_STEP_COMPONENTS = ("_limiter", "_limiters", "_breaker", "_cache", "_carries")
 
 # Every app of this process on memory://, whatever its settings (the pytest plugin's ``tuning_memory``).
 _memory_everywhere = False

@@ -60,3 +60,23 @@ def test_start_worker_raises_instead_of_hanging_when_tuning_cannot_start():
     assert outcome, "start_worker hung on a worker that could not start"
     assert isinstance(outcome[0], ConfigurationError), outcome
     assert "tuning_metrics_port" in str(outcome[0])
+
+
+def test_resetting_the_stores_forgets_every_limiter_a_step_built_stacked_ones_too():
+    """tuning_memory starts each test from empty stores: a stacked @rate_limit keeps its limiters
+    in its own attribute, which the reset missed (the next test saw the last test's buckets)."""
+    from celery_tuning import RateLimited, rate_limit
+
+    app = _app(tuning_redis_url="memory://")
+
+    @app.task(name="plugin.stacked", shared=False)
+    @rate_limit("1/m", on_limit="raise")
+    @rate_limit("2/m", on_limit="raise")
+    def stacked():
+        return "ran"
+
+    assert stacked.apply().get() == "ran"
+    with pytest.raises(RateLimited):
+        stacked.apply().get()
+    runtime_for(app).reset_stores()
+    assert stacked.apply().get() == "ran", "the bucket of the earlier test is gone"
