@@ -554,7 +554,9 @@ def test_stacked_limits_admit_only_what_the_tightest_allows_and_refused_calls_sp
         t.start()
     for t in threads:
         t.join(timeout=30)
-    span = max(stamps) - start
+    # From the first call, not from `start`: threads that start late on a loaded machine leave the
+    # bucket full meanwhile, and a full bucket holds no more than its burst.
+    span = max(stamps) - min(stamps)
     loose = limiter_for(runtime_for(app), "stacked.hammered").snapshot()
     most = 3 + 15 * span  # burst + rate x t
     assert most - 1.5 <= counts["admitted"] <= most + 0.5, (counts, span)
