@@ -559,6 +559,10 @@ def test_stacked_limits_admit_only_what_the_tightest_allows_and_refused_calls_sp
     span = max(stamps) - min(stamps)
     loose = limiter_for(runtime_for(app), "stacked.hammered").snapshot()
     most = 3 + 15 * span  # burst + rate x t
-    assert most - 1.5 <= counts["admitted"] <= most + 0.5, (counts, span)
+    # The upper bound is the property; the lower one only shows the tight bucket was not starved.
+    # It is looser because `span` is read on this clock before each call while the script reads
+    # Redis's clock inside it: a first call delayed 100 ms on a loaded CI host shortens the window
+    # the script saw by one or two slots (CI admitted 31 of a computed 32.9).
+    assert most - 3 <= counts["admitted"] <= most + 0.5, (counts, span)
     assert counts["admitted"] + counts["refused"] > 5 + 50 * span, "the looser bucket alone would have run dry"
     assert loose.tokens >= 4, f"refused calls spent the looser bucket: {loose.tokens} of 5 tokens left"
