@@ -628,6 +628,11 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting("tuning_metrics_address", "str", "0.0.0.0",
             "Address the metrics endpoint listens on: every interface by default, so a Prometheus "
             "server on another host can scrape it; '127.0.0.1' keeps it to a local agent.", _bind_address),
+    Setting("tuning_opentelemetry", "bool | None", None,
+            "Record rate-limit waits, deferrals, parks, breaker rejections and cache hits as events on the "
+            "current OpenTelemetry span (the task's run span; see docs/opentelemetry.md). None: on when "
+            "opentelemetry-api is installed; True: an error at start when it is not; False: off.",
+            _optional_bool),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}
@@ -675,6 +680,7 @@ class TuningConfig:
     metrics_buckets: Optional[Tuple[float, ...]]
     metrics_port: Optional[int]
     metrics_address: str
+    opentelemetry: Optional[bool]
     #: Setting name -> where its value came from ('default', 'config' or 'env').
     sources: Mapping[str, str]
 

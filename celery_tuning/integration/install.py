@@ -103,6 +103,10 @@ def _apply_settings(app: Any, runtime: TuningRuntime, conf: Any) -> None:
 
             prepare_multiprocess()  # before anything imports prometheus_client in this worker
             connect_metric_receivers(config.metrics_buckets)
+        if config.opentelemetry is not False:
+            from .otel import connect_tracing
+
+            connect_tracing(config.opentelemetry)  # nothing when opentelemetry-api is not installed
         from .profiles import apply_profile, profiles_apply_here
 
         if profiles_apply_here() and (config.queue_profiles or "--tuning-profile" in " ".join(sys.argv)):
