@@ -37,6 +37,8 @@ from typing import Any, Generic, Optional, Protocol, Tuple, TypeVar
 __all__ = [
     "BREAKER",
     "CACHE",
+    "DEBOUNCED",
+    "DEDUPLICATED",
     "LIMITER",
     "PARKED_COUNT",
     "PARK_FALLBACK",
@@ -48,6 +50,8 @@ __all__ = [
     "TASK_UNPARKED",
     "BreakerSubscriber",
     "CacheSubscriber",
+    "DebounceSubscriber",
+    "DedupeSubscriber",
     "LimiterSubscriber",
     "ParkSubscriber",
     "ParkedSubscriber",
@@ -58,6 +62,8 @@ __all__ = [
     "Topic",
     "breaker_transition",
     "cache_event",
+    "debounced",
+    "deduplicated",
     "limiter_event",
     "park_fallback",
     "parked_count",
@@ -155,6 +161,14 @@ class ParkedSubscriber(Protocol):
     def __call__(self, reason: str, name: str, parked: int, /) -> None: ...
 
 
+class DedupeSubscriber(Protocol):
+    def __call__(self, task_name: str, /) -> None: ...
+
+
+class DebounceSubscriber(Protocol):
+    def __call__(self, task_name: str, /) -> None: ...
+
+
 #: Rate-limit decisions: ``(name, event, seconds)``; event is 'acquired', 'waited', 'reserved',
 #: 'rejected', 'throttled', 'fallback' or 'slot_expired' (a deferred task came back later than
 #: ``tuning_rate_limit_slot_grace`` for its reserved slot, and takes its turn among the late
@@ -185,6 +199,12 @@ PARK_FALLBACK: Topic[ParkSubscriber] = Topic("park_fallback")
 #: A mover counted what is parked at a spot: ``(reason, name, parked)`` (due, waiting and claimed;
 #: sent about every few seconds by each mover, only while someone subscribes).
 PARKED_COUNT: Topic[ParkedSubscriber] = Topic("parked_count")
+#: A ``@dedupe`` call found an identical call queued or running and was not published: ``(task_name,)``
+#: (sent in the process that made the call, whatever ``on_duplicate`` then does).
+DEDUPLICATED: Topic[DedupeSubscriber] = Topic("deduplicated")
+#: A ``@debounce`` call collapsed into the pending run of its key (not published): ``(task_name,)``
+#: (sent in the process that made the call).
+DEBOUNCED: Topic[DebounceSubscriber] = Topic("debounced")
 
 
 def limiter_event(name: str, event: str, seconds: float = 0.0) -> None:
@@ -245,3 +265,13 @@ def park_fallback(reason: str, why: str) -> None:
 def parked_count(reason: str, name: str, parked: int) -> None:
     """``parked`` tasks wait at spot ``(reason, name)`` now."""
     PARKED_COUNT.emit(reason, name, parked)
+
+
+def deduplicated(task_name: str) -> None:
+    """A ``@dedupe`` call of ``task_name`` was not published: an identical one is queued or running."""
+    DEDUPLICATED.emit(task_name)
+
+
+def debounced(task_name: str) -> None:
+    """A ``@debounce`` call of ``task_name`` collapsed into the pending run of its key."""
+    DEBOUNCED.emit(task_name)

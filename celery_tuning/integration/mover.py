@@ -167,6 +167,10 @@ class Mover:
         self._woken_lock = threading.Lock()
         #: Entries published since start (all spots).
         self.published = 0
+        from .steps.debounce import DebounceMoving
+
+        #: Its part for ``@debounce``: due debounced runs are published in the same rounds.
+        self.debounce = DebounceMoving(self)
 
     # -- the thread ---------------------------------------------------------------------------
 
@@ -301,6 +305,12 @@ class Mover:
             if due is not None:
                 parked = True
                 earliest = due if earliest is None else min(earliest, due)
+        debounced = self.debounce.run_once(time.monotonic())
+        published += debounced.published
+        full = full or debounced.full
+        if debounced.next_due_us is not None:
+            parked = True
+            earliest = debounced.next_due_us if earliest is None else min(earliest, debounced.next_due_us)
         self.published += published
         self._idle = not parked
         if full:

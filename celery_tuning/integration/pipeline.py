@@ -35,8 +35,11 @@ __all__ = [
 #: while a spent token is not (the slot is held while a call waits up to
 #: ``max_wait`` for its token); the cache store runs after ``run`` on the way back
 #: out. ``celery_tuning.integration.interactions`` tabulates what each step does
-#: with every outcome of the steps inside it.
-STEP_ORDER: Tuple[str, ...] = ("cache", "breaker", "concurrency", "rate_limit")
+#: with every outcome of the steps inside it. ``dedupe`` is outermost: its lock follows the whole
+#: attempt (held while running, kept when an inner step defers the call, freed on every other exit).
+#: ``debounce`` is before it: a debounced call is stored, not published, and its run (published by
+#: the mover) holds the key's running mark around everything else.
+STEP_ORDER: Tuple[str, ...] = ("debounce", "dedupe", "cache", "breaker", "concurrency", "rate_limit")
 
 
 class CallContext:
