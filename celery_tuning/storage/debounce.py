@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Pr
 
 from ..policy.debounce import due_us
 from .gcra import now_us
-from .keys import hash_tag
+from .keys import DebounceKeys, debounce_keys
 from .process import PerProcess
 from .redis import RedisConnector
 
@@ -45,31 +45,10 @@ __all__ = [
 
 #: :meth:`DebounceStore.start` answers.
 STALE_DUPLICATE, STARTED_WITH_MARK, STARTED_UNMARKED = 0, 1, 2
-#: The ``kind`` part of the keys: ``P:db:{T}:…``.
-DEBOUNCE = "db"
 #: Default seconds a published run's ticket is kept (``tuning_park_ticket_ttl``).
 DEFAULT_TICKET_TTL_US = 86_400 * 1_000_000
 #: Tickets trimmed per call (bounded work).
 TRIM_PER_CALL = 100
-
-
-class DebounceKeys(NamedTuple):
-    """One debounced task's keys, in the order every ``debounce_*.lua`` script receives them."""
-
-    #: zset key digest -> when a mover looks at the key next (µs).
-    due: str
-    #: hash ``<digest>:<field>`` -> the key's pending and in-flight runs.
-    runs: str
-    #: hash task id -> ticket ``<pub>`` or ``<pub>:r``.
-    tix: str
-    #: zset task id -> when its ticket may go (µs).
-    tixat: str
-
-
-def debounce_keys(prefix: str, task: str) -> DebounceKeys:
-    """Every key of debounced task ``task`` (one Cluster slot: the task name is the hash tag)."""
-    stem = hash_tag(prefix, DEBOUNCE, task)
-    return DebounceKeys(*(f"{stem}:{part}" for part in DebounceKeys._fields))
 
 
 class DebounceClaimed(NamedTuple):

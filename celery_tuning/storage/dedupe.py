@@ -26,7 +26,7 @@ import threading
 from typing import Callable, Dict, List, NamedTuple, Optional, Protocol, Sequence, Tuple
 
 from .gcra import now_us
-from .keys import hash_tag
+from .keys import dedupe_index_key, dedupe_lock_key, dedupe_stem
 from .process import PerProcess
 from .redis import RedisConnector
 
@@ -44,21 +44,6 @@ HELD = 2
 
 #: Locks read or dropped per round trip by ``locks`` and ``clear``.
 BATCH = 500
-
-
-def dedupe_stem(prefix: str, task: str) -> str:
-    """The stem of every dedupe key of task ``task``."""
-    return hash_tag(prefix, "dd", task)
-
-
-def dedupe_lock_key(prefix: str, task: str, digest: str) -> str:
-    """The lock of one key of task ``task``."""
-    return f"{dedupe_stem(prefix, task)}:l:{digest}"
-
-
-def dedupe_index_key(prefix: str, task: str) -> str:
-    """Task ``task``'s index of locks (digest -> expiry, µs)."""
-    return f"{dedupe_stem(prefix, task)}:idx"
 
 
 class Claim(NamedTuple):
