@@ -36,6 +36,7 @@ from typing import Any, Generic, Optional, Protocol, Tuple, TypeVar
 
 __all__ = [
     "BREAKER",
+    "BREAKER_REJECTED",
     "CACHE",
     "DEBOUNCED",
     "DEDUPLICATED",
@@ -48,6 +49,7 @@ __all__ = [
     "TASK_PARKED",
     "TASK_TIMED",
     "TASK_UNPARKED",
+    "BreakerRejectedSubscriber",
     "BreakerSubscriber",
     "CacheSubscriber",
     "DebounceSubscriber",
@@ -60,6 +62,7 @@ __all__ = [
     "TaskDeferredSubscriber",
     "TaskTimedSubscriber",
     "Topic",
+    "breaker_rejected",
     "breaker_transition",
     "cache_event",
     "debounced",
@@ -135,6 +138,10 @@ class BreakerSubscriber(Protocol):
     def __call__(self, name: str, old: str, new: str, reason: str, /) -> None: ...
 
 
+class BreakerRejectedSubscriber(Protocol):
+    def __call__(self, name: str, task_name: str, action: str, retry_after: float, /) -> None: ...
+
+
 class TaskTimedSubscriber(Protocol):
     def __call__(self, *, sender: Any, task_id: str, queue: str, wait: Optional[float], run: float,
                  total: Optional[float], state: Optional[str], clamped: bool, cpu: float) -> None: ...
@@ -179,6 +186,9 @@ CACHE: Topic[CacheSubscriber] = Topic("cache")
 #: Circuit-breaker state changes: ``(name, old, new, reason)`` ('observed' when another process
 #: changed it).
 BREAKER: Topic[BreakerSubscriber] = Topic("breaker")
+#: An open breaker refused a task's call in its ``@circuit_breaker`` step:
+#: ``(name, task_name, action, retry_after)``, action ``fallback``, ``fail`` or ``defer``.
+BREAKER_REJECTED: Topic[BreakerRejectedSubscriber] = Topic("breaker_rejected")
 #: A task attempt timed in the worker (keywords as the ``task_timed`` signal; sender: the task).
 TASK_TIMED: Topic[TaskTimedSubscriber] = Topic("task_timed")
 #: A task attempt checked against an SLA: ``(task, queue)``.
@@ -215,6 +225,11 @@ def limiter_event(name: str, event: str, seconds: float = 0.0) -> None:
 def cache_event(task_name: str, event: str) -> None:
     """The result cache of ``task_name`` saw ``event``."""
     CACHE.emit(task_name, event)
+
+
+def breaker_rejected(name: str, task_name: str, action: str, retry_after: float) -> None:
+    """Breaker ``name`` was open for a call of ``task_name``, which then took ``action``."""
+    BREAKER_REJECTED.emit(name, task_name, action, retry_after)
 
 
 def breaker_transition(name: str, old: str, new: str, reason: str) -> None:

@@ -36,6 +36,7 @@ from .. import events
 from ..errors import StorageError
 from ..storage.keys import lease_key, park_index_member
 from .deferral import HEADER_PARK, decode_payload, route_declarations
+from .otel import HEADER_TRACE, continued_trace
 
 __all__ = ["ForeignEntry", "Mover", "ParkedRow", "Round", "parked_rows", "parked_snapshot"]
 
@@ -391,4 +392,5 @@ class Mover:
         declare = route_declarations(self.app, signature.options)
         if declare:
             signature.options["declare"] = declare
-        return signature.apply_async(producer=producer)
+        with continued_trace(headers.get(HEADER_TRACE)):
+            return signature.apply_async(producer=producer)
