@@ -3,9 +3,12 @@
 A lock belongs to one task name and one key digest and is held by a task id. Its life::
 
     claim (publish) ──> queued ──start──> running ──release (finish, revoke, hard time limit)──> gone
-                        queued <──hold('q')── running        (Retry, deferral: the same id again)
+                        queued <──hold('q')── running        (Retry, deferral, replace: the same id again)
     queued:  expires at its deadline (claimed + ttl)
     running: expires one lease TTL after its last renewal (hold('r')), never after its deadline
+
+A renewal (hold('r')) never turns its own call's queued lock back to running: the call re-queued it
+while the renewal was on its way. ``release(..., state='r')`` frees a lock only while it runs.
 
 Every operation is one script (one round trip); a renewal re-creates a lock the store lost.
 Time is integer microseconds by the Redis server's clock (``server_clock.lua``); tests pass a
@@ -85,7 +88,7 @@ class DedupeStore(Protocol):
     def hold(self, task: str, state: str, lease_us: int, locks: Sequence[Tuple[str, str, int]],
              now: Optional[int] = None) -> int: ...
 
-    def release(self, task: str, digest: str, task_id: str, now: Optional[int] = None) -> bool: ...
+    def release(self, task: str, digest: str, task_id: str, now: Optional[int] = None, state: str = "") -> bool: ...
 
     def locks(self, task: str, limit: int = 1000, now: Optional[int] = None) -> List[DedupeLock]: ...
 
@@ -171,6 +174,8 @@ class MemoryDedupeStore:
                 found = self._live(process.locks, key, now)
                 if found is not None and found.holder != task_id:
                     continue  # lost and claimed anew by another call: leave it
+                if state == "r" and found is not None and found.state == "q":
+                    continue  # re-queued by its call (a retry) while this renewal was on its way: stays queued
                 if deadline <= now:
                     process.locks.pop(key, None)
                     continue
@@ -181,12 +186,12 @@ class MemoryDedupeStore:
                 found.expires = min(now + lease_us, deadline) if state == "r" else deadline
             return recreated
 
-    def release(self, task: str, digest: str, task_id: str, now: Optional[int] = None) -> bool:
+    def release(self, task: str, digest: str, task_id: str, now: Optional[int] = None, state: str = "") -> bool:
         process = self._process.get()
         with process.lock:
             now = self.clock() if now is None else now
             found = process.locks.get((task, digest))
-            if found is None or found.holder != task_id:
+            if found is None or found.holder != task_id or (state and found.state != state):
                 return False
             del process.locks[(task, digest)]
             return found.expires > now
@@ -268,9 +273,9 @@ class RedisDedupeStore:
             args += [task_id, digest, int(deadline)]
         return int(self.connector.evalsha("dedupe_hold", keys, args))
 
-    def release(self, task: str, digest: str, task_id: str, now: Optional[int] = None) -> bool:
+    def release(self, task: str, digest: str, task_id: str, now: Optional[int] = None, state: str = "") -> bool:
         return bool(int(self.connector.evalsha("dedupe_release", self._keys(task, digest),
-                                               [task_id, digest, self._now(now)])))
+                                               [task_id, digest, self._now(now), state])))
 
     def locks(self, task: str, limit: int = 1000, now: Optional[int] = None) -> List[DedupeLock]:
         index = dedupe_index_key(self.prefix, task)

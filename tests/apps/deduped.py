@@ -80,3 +80,33 @@ def trickled(self, x):
     """One a second: the second call in a second is deferred (parked), keeping its lock."""
     _ran("trickled", x, self.request.id)
     return x
+
+
+@app.task
+def add(x, y):
+    """A plain task to put in front of a @dedupe one in a canvas."""
+    return x + y
+
+
+@app.task
+def fail(x):
+    raise ValueError(x)
+
+
+@app.task(bind=True)
+@dedupe(key=lambda x, **_: x)
+def pages(self, x, page=0):
+    """Replaces itself (``Task.replace``: the same id) with its next page, under the same key, due
+    1.5 s later; the second page returns."""
+    _ran("pages", x, self.request.id)
+    if page == 0:
+        return self.replace(pages.si(x, page=1).set(countdown=1.5))
+    return {"x": x, "page": page, "id": self.request.id}
+
+
+@app.task(bind=True)
+@dedupe(key=lambda x, **_: 1 / 0)
+def badkey(self, x):
+    """Its key function always raises: ``delay()`` raises; sent by name, it still runs."""
+    _ran("badkey", x, self.request.id)
+    return x

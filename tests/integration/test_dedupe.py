@@ -5,13 +5,20 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 from celery import chain, group
+from celery.exceptions import Retry
+from celery.result import EagerResult
+from celery.utils import uuid
 
-from celery_tuning import ConfigurationError, DuplicateTask, TunedTask, dedupe, events
+from celery_tuning import ConfigurationError, DuplicateTask, TunedTask, cache_result, dedupe, events
+from celery_tuning.integration.pipeline import CallContext
 from celery_tuning.integration.steps.dedupe import HEADER_DEDUPE
+from celery_tuning.storage.dedupe import RedisDedupeStore
+from celery_tuning.storage.redis import RedisConnector
 from tests.support.apps import make_app, run_producer, worker_env
 from tests.support.workers import ROOT, WorkerProcess
 
@@ -151,6 +158,84 @@ def test_memory_store_dedupes_in_process(redis_clean):
     first = render.delay("acme")
     assert render.delay("acme").id == first.id
     assert queued(redis_clean) == 1
+
+
+def test_a_key_function_that_raises_reaches_the_caller_and_nothing_is_published(redis_clean):
+    """Documented: ``key=`` is the caller's code; its error reaches ``delay()`` as it is (a worker
+    never fails a call because of it: see test_messages_no_worker_runs_free_their_key)."""
+    app = make_app(redis_clean, "ddbadkey")
+
+    @app.task(base=TunedTask, shared=False, name="ddbadkey.bad")
+    @dedupe(key=lambda x, **_: 1 / x)
+    def bad(x):
+        return x
+
+    with pytest.raises(ZeroDivisionError):
+        bad.delay(0)
+    assert queued(redis_clean) == 0 and bad.dedupe.locks() == []
+    assert bad.delay(2).id == bad.delay(2).id and queued(redis_clean) == 1
+
+
+def test_a_cache_hit_at_publish_answers_without_publishing_or_claiming(redis_clean):
+    """``@cache_result(short_circuit=True)`` under ``@dedupe``: a cached call is answered from the
+    cache, takes no key (an identical call is never answered with an id nobody publishes); a miss
+    is deduplicated."""
+    app = make_app(redis_clean, "ddcache")
+
+    @app.task(base=TunedTask, shared=False, name="ddcache.price")
+    @dedupe()
+    @cache_result(ttl=60, short_circuit=True)
+    def price(sku):
+        return {"sku": sku}
+
+    assert price.apply(("A1",)).get() == {"sku": "A1"}  # computed in this process: cached
+    price.cache.flush()
+    hit = price.delay("A1")
+    assert isinstance(hit, EagerResult) and hit.get() == {"sku": "A1"}
+    assert queued(redis_clean) == 0 and price.dedupe.locks() == []
+    miss = price.delay("B2")
+    assert not isinstance(miss, EagerResult) and price.delay("B2").id == miss.id
+    assert queued(redis_clean) == 1 and [lock.holder for lock in price.dedupe.locks()] == [miss.id]
+
+
+def test_a_renewal_on_its_way_never_drops_a_retried_calls_lock(redis_clean):
+    """The renewer takes its snapshot while the call runs; the body raises Retry (the lock turns
+    queued: the retried message keeps it) and the renewal's round trip lands only then. It must
+    neither turn the lock back to running nor free it when it sees the call gone."""
+    _app, render, _, _ = deduped_app(redis_clean, "ddrace")
+    step = render.dedupe._step
+    store = step.store
+    task_id, digest = uuid(), render.dedupe.key("acme")
+    assert store.claim(render.name, digest, task_id, step.ttl_us).holder == task_id  # as published
+    on_its_way, land = threading.Event(), threading.Event()
+    real_hold = store.hold
+
+    def hold(task, state, *args, **kwargs):  # the real script, against the real Redis, held back
+        if state == "r" and threading.current_thread().name == "renewal":
+            on_its_way.set()
+            land.wait(10)
+        return real_hold(task, state, *args, **kwargs)
+
+    store.hold = hold
+    renewal = threading.Thread(target=step.renew, name="renewal")
+
+    def body(ctx):
+        renewal.start()
+        assert on_its_way.wait(10)  # the snapshot holds this call; its round trip waits
+        raise Retry()
+
+    call = step.wrap(body)
+    render.push_request(id=task_id, headers={HEADER_DEDUPE: digest}, is_eager=False, called_directly=False)
+    try:
+        with pytest.raises(Retry):
+            call(CallContext(render, ("acme",), {}))
+    finally:
+        render.pop_request()
+    assert [(lock.holder, lock.state) for lock in render.dedupe.locks()] == [(task_id, "queued")]
+    land.set()
+    renewal.join(10)
+    assert [(lock.holder, lock.state) for lock in render.dedupe.locks()] == [(task_id, "queued")]
+    assert render.delay("acme").id == task_id
 
 
 def test_decorator_errors_name_the_argument():
@@ -348,5 +433,96 @@ print("time_limit", freed_within(lambda: stuck.s(4).set(countdown=600).delay(), 
         timings = dict(line.split() for line in out.splitlines())
         assert float(timings["revoke"]) < 5
         assert float(timings["time_limit"]) < 5  # 1.5 s limit, then the main process frees it
+    finally:
+        worker.close()
+
+
+def tuning_locks(redis_server, task):
+    return [(lock.holder, lock.state) for lock in RedisDedupeStore(RedisConnector(redis_server.db_url(1))).locks(task)]
+
+
+@pytest.mark.slow
+def test_canvas_members_duplicating_a_holder_are_published_and_complete(redis_clean):
+    """Something waits for a canvas member's own id, however Celery publishes it: a chain's last
+    member (the tracer sends it with ``chain=[]``), a frozen ``link=`` callback or ``link_error=``
+    errback, a chord's body, a group member. Each runs beside the holder (here queued where no worker consumes) and its
+    canvas completes; the holder keeps its key."""
+    worker = WorkerProcess("tests.apps.deduped:app", worker_env(redis_clean), pool="prefork", concurrency=2)
+    try:
+        worker.start()
+        out = run_producer("""
+from celery import chain, chord, group
+from tests.apps.deduped import add, fail, render
+holder = render.apply_async((9,), queue="nobody")  # holds the key, queued, for as long as the test runs
+assert render.delay(9).id == holder.id
+last = chain(add.si(1, 1), render.si(9)).apply_async()
+assert last.get(timeout=10)["id"] == last.id != holder.id
+callback = render.si(9)
+linked = callback.freeze()
+add.apply_async((1, 1), link=callback)
+assert linked.get(timeout=10)["id"] == linked.id != holder.id
+body = chord([add.si(1, 1), add.si(2, 2)], render.si(9)).apply_async()
+assert body.get(timeout=10)["id"] == body.id != holder.id
+errback = render.si(9)
+failed_over = errback.freeze()
+fail.apply_async((1,), link_error=errback)
+assert failed_over.get(timeout=10)["id"] == failed_over.id != holder.id
+assert [r["id"] for r in group(render.si(9), render.si(9)).apply_async().get(timeout=10)] != [holder.id] * 2
+print(holder.id)
+""", redis_clean, timeout=60)
+        assert tuning_locks(redis_clean, "tests.apps.deduped.render") == [(out, "queued")]
+    finally:
+        worker.close()
+
+
+@pytest.mark.slow
+def test_messages_no_worker_runs_free_their_key(redis_clean):
+    """A task the worker does not know (a rolling deploy: ``task_unknown``) and a message it cannot
+    decode (``task_rejected``) free their key at once, not at ``ttl``. A key function that raises
+    never fails a call on a worker (sent by name: no digest header)."""
+    _app, render, _, _ = deduped_app(redis_clean, "ddghost")  # tasks the worker below has never heard of
+    ghost = render.delay("acme")
+    rejected = run_producer("from tests.apps.deduped import render\n"
+                            "print(render.apply_async((11,), serializer='pickle').id)\n",  # the worker accepts JSON
+                            redis_clean)
+    assert [lock.holder for lock in render.dedupe.locks()] == [ghost.id]
+    assert tuning_locks(redis_clean, "tests.apps.deduped.render") == [(rejected, "queued")]
+    worker = WorkerProcess("tests.apps.deduped:app", worker_env(redis_clean), pool="prefork", concurrency=1)
+    try:
+        worker.start()
+        assert run_producer("from tests.apps.deduped import app\n"
+                            "print(app.send_task('tests.apps.deduped.badkey', (3,)).get(timeout=10))\n",
+                            redis_clean) == "3"
+        deadline = time.time() + 10
+        while render.dedupe.locks() or tuning_locks(redis_clean, "tests.apps.deduped.render"):
+            assert time.time() < deadline, (render.dedupe.locks(), worker.output())
+            time.sleep(0.05)
+        assert "unregistered task" in worker.output() and "ContentDisallowed" in worker.output()
+    finally:
+        worker.close()
+    assert render.delay("acme").id != ghost.id
+
+
+@pytest.mark.slow
+def test_replace_keeps_the_key_for_the_replacement(redis_clean):
+    """``Task.replace`` with a call under the same key publishes it with the same id: the key stays
+    held (queued) while it waits, and the replaced call's end does not free it."""
+    worker = WorkerProcess("tests.apps.deduped:app", worker_env(redis_clean), pool="prefork", concurrency=2)
+    try:
+        worker.start()
+        out = run_producer(WAIT_STARTED + """
+import time
+from tests.apps.deduped import ledger, pages
+p = pages.delay(5)
+wait_started(p.id)
+time.sleep(0.5)  # the first page has replaced itself: the second waits for its countdown (1.5 s)
+assert int(ledger.get("runs:pages:5")) == 1
+assert pages.delay(5, page=7).id == p.id
+assert p.get(timeout=10) == {"x": 5, "page": 1, "id": p.id}
+assert int(ledger.get("runs:pages:5")) == 2
+print("ok")
+""", redis_clean)
+        assert out == "ok"
+        assert tuning_locks(redis_clean, "tests.apps.deduped.pages") == []
     finally:
         worker.close()

@@ -103,6 +103,24 @@ def test_queued_again_keeps_the_lock_until_the_deadline(store):
     assert store.claim(TASK, "d", "b", TTL, now=T0 + 100 * SEC).status == CLAIMED
 
 
+def test_a_renewal_landing_after_a_retry_leaves_the_lock_queued(store):
+    """The renewer's snapshot is taken while the call runs; the call re-queues its lock (a retry)
+    before the renewal's round trip lands. The renewal leaves it queued, and the renewer's "the call
+    is gone" release (``state='r'``) frees only a running lock."""
+    store.claim(TASK, "d", "a", TTL, now=T0)
+    store.start(TASK, "d", "a", LEASE, TTL, True, now=T0 + SEC)
+    assert store.hold(TASK, "q", LEASE, [("a", "d", T0 + TTL)], now=T0 + 2 * SEC) == 0  # the retry
+    assert store.hold(TASK, "r", LEASE, [("a", "d", T0 + TTL)], now=T0 + 2 * SEC) == 0  # the late renewal
+    assert store.claim(TASK, "d", "b", TTL, now=T0 + 2 * SEC) == Claim(OTHER, "a", "q", T0 + TTL)
+    assert not store.release(TASK, "d", "a", now=T0 + 2 * SEC, state="r")
+    assert store.claim(TASK, "d", "b", TTL, now=T0 + 60 * SEC) == Claim(OTHER, "a", "q", T0 + TTL)  # past any lease
+    # the retried message runs: running again, and then a release limited to running locks frees it
+    assert store.start(TASK, "d", "a", LEASE, TTL, True, now=T0 + 61 * SEC) == Claim(HELD, "a", "r", T0 + TTL)
+    assert not store.release(TASK, "d", "a", now=T0 + 61 * SEC, state="q")
+    assert store.release(TASK, "d", "a", now=T0 + 61 * SEC, state="r")
+    assert store.claim(TASK, "d", "b", TTL, now=T0 + 61 * SEC).status == CLAIMED
+
+
 def test_renewal_re_creates_a_lost_lock_and_leaves_another_holder_alone(store):
     store.claim(TASK, "d", "a", TTL, now=T0)
     store.start(TASK, "d", "a", LEASE, TTL, True, now=T0)
@@ -173,7 +191,8 @@ def test_differential_random_operations(redis_clean):
     for _ in range(600):
         now += rng.choice([0, 1, SEC // 2, SEC, 3 * SEC])
         digest, task_id = rng.choice("abc"), rng.choice("xyz")
-        op = rng.choice(["claim", "claim", "start", "start0", "hold_r", "hold_q", "release", "locks", "clear"])
+        op = rng.choice(["claim", "claim", "start", "start0", "hold_r", "hold_q", "release", "release_r", "release_q",
+                         "locks", "clear"])
         ttl = rng.choice([2, 5, 20]) * SEC
         if op == "claim":
             answers = [s.claim(TASK, digest, task_id, ttl, now=now) for s in (memory, redis_store)]
@@ -187,8 +206,9 @@ def test_differential_random_operations(redis_clean):
         elif op.startswith("hold"):
             held = [(i, d, dl) for (d, i), dl in deadlines.items() if rng.random() < 0.5]
             answers = [s.hold(TASK, op[-1], 3 * SEC, held, now=now) for s in (memory, redis_store)]
-        elif op == "release":
-            answers = [s.release(TASK, digest, task_id, now=now) for s in (memory, redis_store)]
+        elif op.startswith("release"):
+            state = op[-1] if op != "release" else ""
+            answers = [s.release(TASK, digest, task_id, now=now, state=state) for s in (memory, redis_store)]
         elif op == "locks":
             answers = [s.locks(TASK, now=now) for s in (memory, redis_store)]
         else:

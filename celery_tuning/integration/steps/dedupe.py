@@ -8,9 +8,11 @@ digest travels in the :data:`HEADER_DEDUPE` header.
 Worker side (:meth:`DedupeStep.wrap`, outermost): when the body starts, the lock turns running
 (``until="done"``: renewed every lease TTL / 3 by one thread per process, so a worker killed mid-run
 frees the key within ``tuning_concurrency_lease_ttl``) or is released (``until="started"``). It is
-freed when the attempt ends, kept (queued again) when the call is retried or deferred (the new
-message has the same id), and freed from the worker's main process on a hard time limit, a lost
-pool process and a revoke (:func:`connect_receivers`).
+freed when the attempt ends, kept (queued again) when the call is retried, deferred or replaced by
+a call under the same key (the new message has the same id: a running call publishing itself
+again queues its lock before the message exists), and freed from the worker's main process on a
+hard time limit, a lost pool process and a revoke (:func:`connect_receivers`), and for a message
+the worker drops unrun: an unregistered task, an undecodable message (:func:`_on_message_dropped`).
 """
 
 from __future__ import annotations
@@ -18,20 +20,20 @@ from __future__ import annotations
 import inspect
 import logging
 import threading
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 from celery import signals as celery_signals
 from celery.exceptions import Retry
 
 from ... import events
-from ...errors import DuplicateTask, StorageError
+from ...errors import ConfigurationError, DuplicateTask, StorageError
 from ...policy.cachekeys import CallDigester, UncacheableArgument
 from ...policy.dedupe import DedupePolicy
 from ...storage.dedupe import CLAIMED, OTHER, DedupeLock, DedupeStore, RedisDedupeStore
 from ...storage.process import PerProcess
 from ..deferral import HEADER_PARK, Deferred, is_eager
 from ..pipeline import Call, CallContext, PublishCall, PublishContext, Step, register_step
-from ..runtime import runtime_for
+from ..runtime import installed_runtime, runtime_for
 
 __all__ = ["HEADER_DEDUPE", "DedupeHandle", "DedupeStep", "connect_receivers"]
 
@@ -40,11 +42,18 @@ logger = logging.getLogger("celery_tuning.dedupe")
 #: The key's digest (hex SHA-256), stamped on the message of a call whose key was claimed.
 HEADER_DEDUPE = "tuning_dedupe"
 
-#: ``apply_async`` options of a canvas member: a chain's next tasks, callbacks, a group or chord
-#: wait for this very id. Such a call is never answered with another call's id (the rest of its
-#: canvas would be lost, or wait for an id nobody publishes): it claims a free key and is
-#: published either way.
-_CANVAS_OPTIONS = ("link", "link_error", "chain", "chord", "group_id", "group_index", "replaced_task_nesting")
+#: ``apply_async`` options Celery passes to a canvas member, whose very id something waits for:
+#: such a call is never answered with another call's id (the rest of its canvas would be lost,
+#: or wait for an id nobody publishes); it claims a free key and is published either way.
+#: Present at all (any value, even ``[]``): ``chain`` (a chain's member; the tracer publishes its
+#: last one with ``chain=[]``), ``reply_to`` (set by ``Signature.freeze``: a frozen signature, whose
+#: id a chord body, a ``link=`` callback or a caller holds), ``replaced_task_nesting``
+#: (``Task.replace``). Given a value: ``link``, ``link_error``, ``chord`` (a chord's header),
+#: ``group_id``, ``group_index`` (group members, chord headers, errbacks published as a group),
+#: ``parent_id``, ``root_id`` (the tracer publishing callbacks and a chain's next member; Celery
+#: fills both in itself only later, in ``send_task``, so a plain call made inside a task has neither).
+_CANVAS_PRESENT = ("chain", "reply_to", "replaced_task_nesting")
+_CANVAS_SET = ("link", "link_error", "chord", "group_id", "group_index", "parent_id", "root_id")
 
 
 def _republished(options: Dict[str, Any]) -> bool:
@@ -57,7 +66,8 @@ def _republished(options: Dict[str, Any]) -> bool:
 
 
 def _in_canvas(options: Dict[str, Any]) -> bool:
-    return any(options.get(name) not in (None, (), [], {}) for name in _CANVAS_OPTIONS)
+    return (any(name in options for name in _CANVAS_PRESENT)
+            or any(options.get(name) not in (None, (), [], {}) for name in _CANVAS_SET))
 
 
 def _digest_header(request: Any) -> Optional[str]:
@@ -107,11 +117,14 @@ class DedupeHandle:
 class _Running:
     """One process's running calls holding a lock of one task, and the thread renewing them."""
 
-    __slots__ = ("held", "lock", "thread", "wake")
+    __slots__ = ("held", "lock", "requeued", "thread", "wake")
 
     def __init__(self) -> None:
         #: task id -> (digest, deadline µs)
         self.held: Dict[str, Tuple[str, int]] = {}
+        #: Running calls that published themselves again under their own key (``Task.retry``, a
+        #: deferral, ``Task.replace``): their lock is queued already and stays when they end.
+        self.requeued: Set[str] = set()
         self.lock = threading.Lock()
         self.thread: Optional[threading.Thread] = None
         self.wake = threading.Event()
@@ -171,8 +184,13 @@ class DedupeStep(Step):
             self._warned.discard("storage")
             logger.info("@dedupe of task %s: tuning Redis is back", self.task_name)
 
-    def _digest(self, args: Any, kwargs: Any) -> Optional[str]:
-        """The call's key digest, or None when it has none (the call is not deduplicated)."""
+    def _digest(self, args: Any, kwargs: Any, caller: bool = False) -> Optional[str]:
+        """The call's key digest, or None when it has none (the call is not deduplicated).
+
+        ``key=`` is the user's code: what it raises reaches the ``caller`` of ``apply_async``
+        (nothing is published), but never fails a call in a worker (``send_task``, a message
+        without the digest header): logged once, the call runs without a lock.
+        """
         try:
             return self.digester(tuple(args or ()), dict(kwargs or {}))
         except UncacheableArgument as exc:
@@ -182,6 +200,14 @@ class DedupeStep(Step):
             return None
         except TypeError:
             return None  # arguments that do not fit the task: Celery says so (or the worker fails the call)
+        except Exception as exc:
+            if caller:
+                raise
+            if "key" not in self._warned:
+                self._warned.add("key")
+                logger.warning("@dedupe of task %s: its key function raised %r; the call runs without a lock",
+                               self.task_name, exc)
+            return None
 
     def bind(self, task_cls: Any) -> None:
         task_cls.dedupe = self.handle
@@ -196,9 +222,13 @@ class DedupeStep(Step):
         def publish(pctx: PublishContext) -> Any:
             if not runtime.enabled or app.conf.task_always_eager:
                 return publish_next(pctx)  # run in this process: nothing is queued to hold a key
-            digest = self._digest(pctx.args, pctx.kwargs)
+            digest = self._digest(pctx.args, pctx.kwargs, caller=True)
             if digest is None:
                 return publish_next(pctx)
+            if pctx.task_id is not None:
+                here = self._running_here(str(pctx.task_id), digest)
+                if here is not None:
+                    return self._publish_again(pctx, digest, here[0], here[1], publish_next)
             task_id = str(pctx.task_id or uuid())
             options = pctx.options
             try:
@@ -230,6 +260,44 @@ class DedupeStep(Step):
 
         return publish
 
+    def _running_here(self, task_id: str, digest: str) -> Optional[Tuple[_Running, int]]:
+        """This process's registry and the call's deadline when call ``task_id`` runs here holding
+        ``digest`` (it is publishing itself again), else None."""
+        running = self._running.get()
+        with running.lock:
+            found = running.held.get(task_id)
+        return (running, found[1]) if found is not None and found[0] == digest else None
+
+    def _publish_again(self, pctx: PublishContext, digest: str, running: _Running, deadline: int,
+                       publish_next: PublishCall) -> Any:
+        """A running call publishes itself again under its own key (``Task.retry``, a deferral,
+        ``Task.replace`` with a signature of the same key): its lock turns queued *before* the new
+        message exists, so the new attempt (which may start at once, in another process) finds it
+        queued and makes it running; and the call's end keeps it instead of freeing it."""
+        task_id = str(pctx.task_id)
+        try:
+            self.store.hold(self.task_name, "q", self.lease_us, [(task_id, digest, deadline)])
+        except StorageError as exc:
+            self._failed("keeping a retried call's key", exc)
+        else:
+            self._answered()
+        with running.lock:
+            running.requeued.add(task_id)
+        headers = dict(pctx.options.get("headers") or {})
+        headers[HEADER_DEDUPE] = digest
+        pctx.options = {**pctx.options, "headers": headers}
+        try:
+            return publish_next(pctx)
+        except BaseException:
+            # Not published: the call runs on (its lock running again) and its end frees the key.
+            with running.lock:
+                running.requeued.discard(task_id)
+            try:
+                self.store.start(self.task_name, digest, task_id, self.lease_us, self.ttl_us, True)
+            except StorageError as exc:
+                self._failed("keeping a running call's key", exc)
+            raise
+
     # -- worker side -----------------------------------------------------------------------------
 
     def wrap(self, call_next: Call) -> Call:
@@ -258,22 +326,38 @@ class DedupeStep(Step):
             except (Retry, Deferred):
                 # Published again with the same id (Task.retry, a deferral or a park): its new
                 # message holds the key, queued, until the deadline.
-                self._unhold(task_id)
-                self._queue_again(task_id, digest, started.deadline)
+                self._end(task_id, digest, started.deadline, queue_again=True)
                 raise
             except BaseException:
-                self._unhold(task_id)
-                self._release(task_id, digest)
+                self._end(task_id, digest, started.deadline)  # Ignore after Task.replace: kept too
                 raise
-            self._unhold(task_id)
-            self._release(task_id, digest)
+            self._end(task_id, digest, started.deadline)
             return result
 
         return call
 
-    def _release(self, task_id: str, digest: str) -> None:
+    def _end(self, task_id: str, digest: str, deadline: int, queue_again: bool = False) -> None:
+        """The attempt of call ``task_id`` ends: its lock is kept, queued, when the call was published
+        again (by this step's publish hook, or ``queue_again``: a park), else freed."""
+        running = self._running.get()
+        with running.lock:
+            requeued = task_id in running.requeued
+            running.requeued.discard(task_id)
+        if requeued or queue_again:
+            if not requeued:
+                self._queue_again(task_id, digest, deadline)
+            # Out of the renewals only now that it is queued: a renewal on its way leaves a queued
+            # lock alone, and frees only a running one (see renew).
+            self._unhold(task_id)
+            return
+        # Out of the renewals before the release: a renewal on its way re-creates the lock, sees
+        # the call gone and frees it again (the last wins).
+        self._unhold(task_id)
+        self._release(task_id, digest)
+
+    def _release(self, task_id: str, digest: str, state: str = "") -> None:
         try:
-            self.store.release(self.task_name, digest, task_id)
+            self.store.release(self.task_name, digest, task_id, state=state)
         except StorageError as exc:
             self._failed("releasing a key", exc)  # it expires by itself
 
@@ -346,7 +430,8 @@ class DedupeStep(Step):
         with running.lock:
             gone = [(task_id, digest) for task_id, digest, _ in held if task_id not in running.held]
         for task_id, digest in gone:
-            self._release(task_id, digest)
+            # Only while it runs: a call that ended re-queued (a retry) keeps its lock for its new message.
+            self._release(task_id, digest, state="r")
         if recreated:
             logger.warning("@dedupe of task %s: re-created %d lock(s) of running calls the store had lost",
                            self.task_name, recreated)
@@ -394,6 +479,30 @@ def _on_task_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
     step.release_call(task_id, request, getattr(request, "args", None), getattr(request, "kwargs", None))
 
 
+def _on_message_dropped(sender: Any = None, message: Any = None, **_: Any) -> None:
+    """A message no worker will run: its task is not registered here (``task_unknown``: a rolling
+    deploy) or it cannot be decoded (``task_rejected``: a serializer the worker does not accept).
+    The message's headers name the task, its id and the digest it claimed; the key is freed if that
+    id still holds it. The worker may know nothing of the task, so the store is the app's, not a step's."""
+    headers = getattr(message, "headers", None)
+    if not isinstance(headers, dict) or HEADER_DEDUPE not in headers:
+        return
+    digest, name, task_id = _digest_header(message), headers.get("task"), headers.get("id")
+    app = getattr(sender, "app", None)
+    runtime = installed_runtime(app) if app is not None else None
+    if digest is None or not isinstance(name, str) or not isinstance(task_id, str) or runtime is None:
+        return
+    try:
+        if not runtime.enabled:
+            return
+        store: DedupeStore = (runtime.memory.dedupe if runtime.in_memory else
+                              RedisDedupeStore(runtime.connector, runtime.config.key_prefix))
+        store.release(name, digest, task_id)
+    except (StorageError, ConfigurationError) as exc:
+        logger.warning("@dedupe: could not free the key of dropped message %s[%s] (%s); it expires by itself",
+                       name, task_id, exc)
+
+
 def connect_receivers() -> None:
     """Free keys of calls that end in the worker's main process (once per process)."""
     global _connected
@@ -404,5 +513,10 @@ def connect_receivers() -> None:
         celery_signals.task_revoked.connect(_on_task_revoked, weak=False, dispatch_uid="celery_tuning.dedupe.revoked")
         _connected = True
 
+
+# Connected on import, not by a step: a worker that has no @dedupe task (a rolling deploy's new
+# version) still frees the keys of the messages it drops. Both signals are sent only for them.
+celery_signals.task_unknown.connect(_on_message_dropped, weak=False, dispatch_uid="celery_tuning.dedupe.unknown")
+celery_signals.task_rejected.connect(_on_message_dropped, weak=False, dispatch_uid="celery_tuning.dedupe.rejected")
 
 register_step("dedupe", DedupeStep)

@@ -7,8 +7,10 @@
 -- ARGV[4..]  per lock KEYS[i + 1], three values: task id, the key's digest, deadline (µs)
 -- Returns: how many locks were missing (flushed, restarted, failed over, expired) and re-created.
 -- A lock another task holds now is left alone (it was lost and claimed anew: both calls run). A
--- lock past its deadline is released and not re-created: ttl bounds a lock's life whatever
--- happens. Running: expires one lease TTL ahead (at most the deadline); queued: at the deadline.
+-- renewal ('r') leaves its own call's queued lock alone: the call re-queued it (a retry, a
+-- deferral) while the renewal was on its way, and its new message must keep it. A lock past its
+-- deadline is released and not re-created: ttl bounds a lock's life whatever happens. Running:
+-- expires one lease TTL ahead (at most the deadline); queued: at the deadline.
 -- Touches KEYS (one hash tag: the task's name).
 -- Mirrors celery_tuning.storage.dedupe.MemoryDedupeStore.hold.
 --@include server_clock
@@ -19,10 +21,12 @@ local recreated = 0
 for i = 2, #KEYS do
   local base = 4 + (i - 2) * 3
   local id, digest, deadline = ARGV[base], ARGV[base + 1], tonumber(ARGV[base + 2])
-  local held = redis.call('HMGET', KEYS[i], 'id', 'ex')
+  local held = redis.call('HMGET', KEYS[i], 'id', 'ex', 'st')
   local live = held[1] and (tonumber(held[2]) or 0) > now
   if live and held[1] ~= id then
     -- another call's lock now: leave it
+  elseif live and state == 'r' and held[3] == 'q' then
+    -- re-queued by its own call: stays queued
   elseif deadline <= now then
     if held[1] == id then
       redis.call('DEL', KEYS[i])

@@ -2,14 +2,17 @@
 --
 -- KEYS[1]  the lock (see dedupe_claim.lua)   KEYS[2]  the task's index
 -- ARGV[1]  task id   ARGV[2]  the key's digest   ARGV[3]  now in µs, or '' for the server's TIME
--- Returns: 1 when the lock was this task's and live; 0 when another task (or nobody) held it, or
---          it had expired (an expired lock stored under this id is deleted too: it was free already).
+-- ARGV[4]  '' (whatever its state) or 'r' / 'q': free it only in that state (a renewer freeing a
+--          finished call's lock frees it only while it runs: a re-queued call keeps it)
+-- Returns: 1 when the lock was this task's and live; 0 when another task (or nobody) held it, it
+--          was in another state than ARGV[4], or it had expired (an expired lock stored under this
+--          id is deleted too: it was free already).
 -- Touches KEYS[1] and KEYS[2] (one hash tag).
 -- Mirrors celery_tuning.storage.dedupe.MemoryDedupeStore.release.
 --@include server_clock
 local now = server_clock({}, {ARGV[3]})
-local held = redis.call('HMGET', KEYS[1], 'id', 'ex')
-if held[1] ~= ARGV[1] then
+local held = redis.call('HMGET', KEYS[1], 'id', 'ex', 'st')
+if held[1] ~= ARGV[1] or (ARGV[4] ~= '' and held[3] ~= ARGV[4]) then
   return 0
 end
 redis.call('DEL', KEYS[1])
