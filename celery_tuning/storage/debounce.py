@@ -79,10 +79,12 @@ class DebounceStore(Protocol):
     """Debounced runs of every task. Every operation is atomic; work per call is bounded."""
 
     def call(self, task: str, digest: str, task_id: str, payload: str, delay_us: int,
-             max_wait_us: Optional[int] = None) -> Tuple[str, bool]:
+             max_wait_us: Optional[int] = None, own_id: bool = False) -> Tuple[str, bool]:
         """A call for key ``digest``: becomes the pending run ``task_id`` (False), or collapses into the
         pending run (True) whose id is returned: its payload becomes ``payload``, its due time
-        ``min(now + delay, first + max_wait)``."""
+        ``min(now + delay, first + max_wait)``. With ``own_id`` (the caller gave ``task_id`` and waits
+        for that id) a pending run of another id is left as it is and its id answered (True): the
+        caller publishes its call at once."""
 
     def claim(self, task: str, batch: int, claim_ttl_us: int) -> List[DebounceClaimed]:
         """The runs to publish now: due pending runs of keys no other run holds, and runs whose
@@ -100,6 +102,15 @@ class DebounceStore(Protocol):
 
     def renew(self, task: str, digest: str, task_id: str, lease_ttl_us: int) -> int:
         """Extend the running mark: 1 renewed, 2 re-created (it was lost), 0 another run holds the key."""
+
+    def requeue(self, task: str, digest: str, task_id: str, queued_ttl_us: int) -> bool:
+        """Run ``task_id`` was published again under its own id (``Task.retry``, a deferral, a park):
+        it keeps the key, as published and not started, until now + ``queued_ttl_us`` (or its next
+        attempt's start, or its end); True when it held the key."""
+
+    def unclaim(self, task: str, digest: str, task_id: str, pub: int, rest_us: int) -> bool:
+        """Give back a run claimed with ``pub`` without publishing it (another app's): its claim
+        expires in ``rest_us``, when a mover claims it again; True when that claim owned it."""
 
     def end(self, task: str, digest: str, task_id: str) -> bool:
         """The run ended: clear its mark (True when it held it); the pending run is due at its due time."""
@@ -220,13 +231,15 @@ class MemoryDebounceStore:
         return self._process.get().lock
 
     def call(self, task: str, digest: str, task_id: str, payload: str, delay_us: int,
-             max_wait_us: Optional[int] = None) -> Tuple[str, bool]:
+             max_wait_us: Optional[int] = None, own_id: bool = False) -> Tuple[str, bool]:
         with self._lock:
             now = self.clock()
             state = self._state(task)
             state.trim(now)
             key = state.key(digest)
             collapsed = key.p is not None
+            if collapsed and own_id and key.p != task_id:
+                return str(key.p), True
             if not collapsed:
                 key.p, key.f = task_id, now
             first = key.f if key.f is not None else now
@@ -315,6 +328,28 @@ class MemoryDebounceStore:
             state.due[digest] = key.x
             return done
 
+    def requeue(self, task: str, digest: str, task_id: str, queued_ttl_us: int) -> bool:
+        with self._lock:
+            now = self.clock()
+            state = self._state(task)
+            key = state.runs.get(digest)
+            if key is None or key.i != task_id:
+                return False
+            key.s, key.x, key.b = "a", now + int(queued_ttl_us), None
+            state.due[digest] = key.x
+            return True
+
+    def unclaim(self, task: str, digest: str, task_id: str, pub: int, rest_us: int) -> bool:
+        with self._lock:
+            now = self.clock()
+            state = self._state(task)
+            key = state.runs.get(digest)
+            if key is None or key.i != task_id or key.s != "c" or key.n != int(pub):
+                return False
+            key.x = now + int(rest_us)
+            state.due[digest] = key.x
+            return True
+
     def end(self, task: str, digest: str, task_id: str) -> bool:
         with self._lock:
             state = self._state(task)
@@ -380,9 +415,10 @@ class RedisDebounceStore:
         return self.connector.evalsha(script, list(self.keys(task)), [now, self.ticket_ttl_us, *args])
 
     def call(self, task: str, digest: str, task_id: str, payload: str, delay_us: int,
-             max_wait_us: Optional[int] = None) -> Tuple[str, bool]:
+             max_wait_us: Optional[int] = None, own_id: bool = False) -> Tuple[str, bool]:
         run_id, collapsed = self._run("debounce_call", task, [
-            digest, task_id, payload, int(delay_us), "" if max_wait_us is None else int(max_wait_us)])
+            digest, task_id, payload, int(delay_us), "" if max_wait_us is None else int(max_wait_us),
+            "1" if own_id else ""])
         return _text(run_id), bool(int(collapsed))
 
     def claim(self, task: str, batch: int, claim_ttl_us: int) -> List[DebounceClaimed]:
@@ -398,6 +434,12 @@ class RedisDebounceStore:
 
     def renew(self, task: str, digest: str, task_id: str, lease_ttl_us: int) -> int:
         return int(self._run("debounce_renew", task, [digest, task_id, int(lease_ttl_us)]))
+
+    def requeue(self, task: str, digest: str, task_id: str, queued_ttl_us: int) -> bool:
+        return bool(int(self._run("debounce_requeue", task, [digest, task_id, int(queued_ttl_us)])))
+
+    def unclaim(self, task: str, digest: str, task_id: str, pub: int, rest_us: int) -> bool:
+        return bool(int(self._run("debounce_unclaim", task, [digest, task_id, int(pub), int(rest_us)])))
 
     def end(self, task: str, digest: str, task_id: str) -> bool:
         return bool(int(self._run("debounce_end", task, [digest, task_id])))

@@ -76,3 +76,21 @@ def any_account(self, account, i):
 def per_account(self, account, i):
     _record("per_account", self.request.id, time.time(), account=account, i=i)
     return i
+
+
+@app.task(bind=True)
+@debounce(0.3)
+def retried(self, i):
+    """Its first attempt of the run with ``i == 1`` takes 0.5 s and retries after 1 s."""
+    _record("retried", self.request.id, time.time(), i=i, retries=self.request.retries)
+    if i == 1 and self.request.retries == 0:
+        time.sleep(0.5)
+        raise self.retry(countdown=1.0)
+    return i
+
+
+@app.task(bind=True)
+def plain_add(self, x, y=0):
+    """Not debounced: a chain's neighbour, a chord's body, a link= callback."""
+    _record("plain_add", self.request.id, time.time(), x=x, y=y)
+    return x + y if not isinstance(x, list) else sum(x) + y

@@ -215,3 +215,109 @@ def test_tuning_redis_down_publishes_the_call_at_once(redis_server, fault_redis)
     with running_workers(APP, env, count=1, concurrency=2, prefix="down"):
         _wait_for(lambda: len(_runs(redis_server, "refresh", 7)) == 3, 30, "the three calls to run")
     assert sorted(r["i"] for r in _runs(redis_server, "refresh", 7)) == [0, 1, 2]
+
+
+_CANVAS = """
+import json, time
+from celery import chain, chord, group
+from tests.apps.debounced import ledger, plain_add, refresh
+g = group(refresh.s(i) for i in range(3)).apply_async()
+c = chord([refresh.s(10), refresh.s(20)], plain_add.s(1)).apply_async()
+ch = chain(plain_add.s(1, 1), refresh.s(), plain_add.s(100)).apply_async()
+linked = refresh.apply_async((7,), link=plain_add.s(1000))
+frozen = refresh.s(9)
+frozen_id = frozen.freeze().id
+r = frozen.delay()
+out = {"group": g.get(timeout=10), "chord": c.get(timeout=10), "chain": ch.get(timeout=10),
+       "linked": linked.get(timeout=10), "frozen": [frozen_id == r.id, r.get(timeout=10)]}
+deadline = time.time() + 10
+while time.time() < deadline and not any(json.loads(x)["y"] == 1000 for x in ledger.lrange("runs:plain_add", 0, -1)):
+    time.sleep(0.05)
+out["link_ran"] = any(json.loads(x)["y"] == 1000 for x in ledger.lrange("runs:plain_add", 0, -1))
+print(json.dumps(out))
+"""
+
+
+def test_group_chord_chain_link_and_frozen_members_of_a_debounced_task_all_run_under_their_own_ids(world):
+    """Somebody waits on each of these ids: they are published at once, never collapsed into one run."""
+    out = run_producer(_CANVAS, world["server"], env=world["env"])
+    data = json.loads(out.splitlines()[-1])
+    assert data == {"group": [0, 1, 2], "chord": 31, "chain": 102, "linked": 7, "frozen": [True, 9],
+                    "link_ran": True}, data
+
+
+def test_a_retried_run_keeps_its_key_so_the_next_run_starts_after_the_retry_with_the_latest_arguments(world):
+    server = world["server"]
+    out = run_producer(
+        "import json, time\nfrom tests.apps.debounced import ledger, retried\n"
+        "first = retried.delay(1)\n"
+        "deadline = time.time() + 15\n"
+        "while not ledger.llen('runs:retried') and time.time() < deadline:\n"
+        "    time.sleep(0.02)\n"
+        "second = retried.delay(2)\n"       # during the first attempt, which then retries (after 1 s)
+        "print(json.dumps([first.id != second.id, first.get(timeout=15), second.get(timeout=15)]))\n",
+        server, env=world["env"])
+    assert json.loads(out.splitlines()[-1]) == [True, 1, 2]
+    time.sleep(0.5)
+    runs = _runs(server, "retried")
+    assert [(r["i"], r["retries"]) for r in runs] == [(1, 0), (1, 1), (2, 0)], runs
+
+
+def test_a_revoked_pending_run_frees_its_key_when_the_worker_drops_it(world):
+    """The worker drops the revoked run's message: the next call runs about `delay` later, not after
+    the key's bound for a published run (tuning_dedupe_ttl, an hour)."""
+    server = world["server"]
+    out = run_producer(
+        "import json, time\nfrom tests.apps.debounced import refresh\n"
+        "a = refresh.delay(1)\n"
+        "a.revoke()\n"
+        "time.sleep(1.5)\n"                      # due at 0.5 s, published, dropped by the worker
+        "t = time.time()\n"
+        "b = refresh.delay(2)\n"
+        "print(json.dumps([a.id != b.id, b.get(timeout=10), time.time() - t, a.state]))\n",
+        server, env=world["env"])
+    different, value, took, state = json.loads(out.splitlines()[-1])
+    assert different and value == 2 and state == "REVOKED"
+    assert took < 5, took  # due 0.5 s after the call; without the fix, held for the queued bound
+
+
+_MOVER_ROUND = """
+import json
+from kombu.utils.json import dumps
+from tests.apps.debounced import app
+from celery_tuning.integration.mover import Mover
+from celery_tuning.integration.runtime import runtime_for
+from celery_tuning.integration.steps.debounce import debounce_store
+T = "tests.apps.debounced.per_account"
+store = debounce_store(runtime_for(app))
+def payload(acc, **extra):
+    return dumps({"task": T, "args": [acc, 0], "kwargs": {}, "options": {}, "subtask_type": None,
+                  "immutable": False, "v": 1, **extra})
+bad = dict(options={"serializer": "no-such-serializer"}, tuning_app=app.main)
+store.call(T, "bad", "id-bad", payload("bad", **bad), 0)        # claimed first: publishing it raises
+store.call(T, "foreign", "id-foreign", payload("foreign", tuning_app="another_app"), 0)
+store.call(T, "good", "id-good", payload("good", tuning_app=app.main), 0)
+mover = Mover(app)
+published = mover.debounce.run_once(0.0).published
+now = store.now_us()
+out = {"published": published}
+for d in ("bad", "foreign", "good"):
+    e = store.entry(T, d)
+    out[d] = [e.state, round((e.expires_us - now) / 1e6)]
+print(json.dumps(out))
+"""
+
+
+def test_one_failing_run_does_not_hold_up_the_others_and_another_app_name_is_no_reason_to_hold_a_run(redis_server):
+    env = _env(redis_server, broker=8, tuning=9, ledger=10, TEST_PARK_MOVER="0")
+    for db in (8, 9, 10):
+        redis_server.client(db).flushdb()
+    data = json.loads(run_producer(_MOVER_ROUND, redis_server, env=env).splitlines()[-1])
+    assert data["published"] == 2, data
+    assert data["bad"] == ["c", 30], data         # left claimed: claimed again after the claim TTL
+    # A run stamped with another app name but of a task this app has is published: the producer may
+    # name its app differently from the worker's (the name is kept for diagnostics only).
+    assert data["foreign"][0] == "a", data
+    assert data["good"][0] == "a" and data["good"][1] >= 3500, data  # held until started, up to tuning_dedupe_ttl
+    published = [json.loads(m)["headers"]["id"] for m in redis_server.client(8).lrange("celery", 0, -1)]
+    assert sorted(published) == ["id-foreign", "id-good"]

@@ -215,6 +215,59 @@ def test_redis_losing_everything_loses_the_pending_run_and_a_renewal_recreates_t
     assert s.start(T, K, "a", 1, LEASE) in (STARTED_UNMARKED, STARTED_WITH_MARK)  # no ticket: it runs
 
 
+def test_a_run_published_again_under_its_id_keeps_its_key_until_its_next_attempt_ends(w):
+    """Task.retry or a deferral: the attempt's end keeps the key, queued, for the same id."""
+    s = w.store
+    s.call(T, K, "a", "p1", 0)
+    s.claim(T, 10, CLAIM)
+    assert s.start(T, K, "a", 1, LEASE) == STARTED_WITH_MARK
+    s.call(T, K, "b", "p2", 0)  # during the first attempt
+    assert s.requeue(T, K, "a", 60 * SEC) is True
+    w.clock.now += LEASE + SEC  # well past a running mark's lease: still held, queued
+    assert s.claim(T, 10, CLAIM) == []
+    entry = s.entry(T, K)
+    assert entry is not None and (entry.in_flight_id, entry.state) == ("a", "a")
+    assert s.start(T, K, "a", 1, LEASE) == STARTED_WITH_MARK  # the retry runs, holding the key
+    assert s.end(T, K, "a")
+    assert s.claim(T, 10, CLAIM) == [DebounceClaimed(K, "b", "p2", 1)]
+    assert s.requeue(T, K, "a", 60 * SEC) is False  # another run holds the key: left alone
+
+
+def test_a_queued_run_whose_attempt_never_comes_frees_the_key_at_its_bound(w):
+    s = w.store
+    s.call(T, K, "a", "p1", 0)
+    s.claim(T, 10, CLAIM)
+    s.start(T, K, "a", 1, LEASE)
+    assert s.requeue(T, K, "a", 5 * SEC)
+    s.call(T, K, "b", "p2", 0)
+    w.clock.now += 5 * SEC
+    assert s.claim(T, 10, CLAIM) == [DebounceClaimed(K, "b", "p2", 1)]
+
+
+def test_a_run_given_back_is_claimed_again_soon_under_a_higher_ticket(w):
+    s = w.store
+    s.call(T, K, "a", "p1", 0)
+    assert s.claim(T, 10, CLAIM) == [DebounceClaimed(K, "a", "p1", 1)]
+    assert s.unclaim(T, K, "a", 2, SEC) is False  # not that claim's
+    assert s.unclaim(T, K, "a", 1, SEC) is True
+    w.clock.now += SEC - 1
+    assert s.claim(T, 10, CLAIM) == []
+    w.clock.now += 1
+    assert s.claim(T, 10, CLAIM) == [DebounceClaimed(K, "a", "p1", 2)]
+    assert s.ack(T, K, "a", 2, SENT) and s.unclaim(T, K, "a", 2, SEC) is False  # published: too late
+
+
+def test_a_call_with_its_own_id_never_changes_another_pending_run(w):
+    s = w.store
+    assert s.call(T, K, "a", "p1", SEC, own_id=True) == ("a", False)  # no pending run: it becomes it
+    assert s.call(T, K, "a", "p2", 2 * SEC, own_id=True) == ("a", True)  # its own id: collapses
+    assert s.call(T, K, "b", "p3", 5 * SEC, own_id=True) == ("a", True)  # another id: nothing changes
+    entry = s.entry(T, K)
+    assert entry is not None and entry.due_us == T0 + 2 * SEC
+    w.clock.now += 2 * SEC
+    assert s.claim(T, 10, CLAIM) == [DebounceClaimed(K, "a", "p2", 1)]
+
+
 def test_batch_caps_a_claim(w):
     for i in range(5):
         w.store.call(T, f"k{i}", f"t{i}", "p", 0)
@@ -270,15 +323,16 @@ class DebounceStoresAgree(RuleBasedStateMachine):
         return mine
 
     @rule(task=st.sampled_from(TASKS), digest=st.sampled_from(DIGESTS), run_id=st.sampled_from(IDS),
-          delay=st.sampled_from([0, 0, SEC, 5 * SEC]), max_wait=st.sampled_from([None, 2 * SEC]))
-    def call(self, task: str, digest: str, run_id: str, delay: int, max_wait: Optional[int]) -> None:
-        self.both("call", task, digest, run_id, f"p{self.now}", delay, max_wait)
+          delay=st.sampled_from([0, 0, SEC, 5 * SEC]), max_wait=st.sampled_from([None, 2 * SEC]),
+          own_id=st.sampled_from([False, False, True]))
+    def call(self, task: str, digest: str, run_id: str, delay: int, max_wait: Optional[int], own_id: bool) -> None:
+        self.both("call", task, digest, run_id, f"p{self.now}", delay, max_wait, own_id)
 
     @rule(task=st.sampled_from(TASKS), batch=st.sampled_from([0, 1, 10]), ttl=st.sampled_from([SEC, 30 * SEC]))
     def claim(self, task: str, batch: int, ttl: int) -> None:
         self.claimed += [(task, c) for c in self.both("claim", task, batch, ttl)]
 
-    @rule(data=st.data(), op=st.sampled_from(["ack", "start", "start", "renew", "end"]),
+    @rule(data=st.data(), op=st.sampled_from(["ack", "start", "start", "renew", "end", "requeue", "unclaim"]),
           stale=st.integers(0, 3), ttl=st.sampled_from([SEC, 30 * SEC]))
     def follow_a_claim(self, data: Any, op: str, stale: int, ttl: int) -> None:
         """What movers and workers do with what was claimed (a stale pub now and then)."""
@@ -286,8 +340,10 @@ class DebounceStoresAgree(RuleBasedStateMachine):
             return
         task, c = data.draw(st.sampled_from(self.claimed[-3:]))
         pub = c.pub - 1 if stale == 3 else c.pub
-        if op in ("ack", "start"):
+        if op in ("ack", "start", "unclaim"):
             self.both(op, task, c.digest, c.task_id, pub, ttl)
+        elif op == "requeue":
+            self.both(op, task, c.digest, c.task_id, ttl)
         elif op == "renew":
             self.both(op, task, c.digest, c.task_id, ttl)
         else:

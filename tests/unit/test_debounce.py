@@ -77,14 +77,74 @@ def test_calls_collapse_into_one_pending_run_and_every_caller_gets_its_id():
     events.DEBOUNCED.subscribe(seen.append)
     try:
         results = [refresh.delay(i) for i in range(5)]
-        given = refresh.apply_async((9,), task_id="mine")
+        again = refresh.apply_async((8,), task_id=results[0].id)  # the pending run's own id: collapses
     finally:
         events.DEBOUNCED.unsubscribe(seen.append)
-    assert len({r.id for r in results} | {given.id}) == 1  # the pending run's id, not "mine"
-    assert seen == [refresh.name] * 5  # four collapsed calls and the one that gave its own id
+    assert len({r.id for r in results} | {again.id}) == 1
+    assert seen == [refresh.name] * 5  # four collapsed calls and the one that gave the pending run's id
     store = debounce_store(runtime_for(app))
     entry = store.entry(refresh.name, DEFAULT_KEY)
     assert entry is not None and entry.pending_id == results[0].id and entry.in_flight_id is None
+
+
+def test_a_call_whose_own_id_is_waited_for_is_published_at_once_not_collapsed():
+    """A caller that will wait on its own id (explicit task_id, a frozen signature, a canvas member,
+    a link) gets that id published: it is never answered with another run's id."""
+    app = _app()
+
+    @app.task(base=TunedTask, shared=False)
+    @debounce(60)
+    def refresh(x):
+        return x
+
+    @app.task(shared=False)
+    def after(x):
+        return x
+
+    store = debounce_store(runtime_for(app))
+    pending = refresh.delay(0).id
+    with app.connection_for_write() as conn:
+        queue = conn.SimpleQueue("celery")
+        published = [
+            refresh.apply_async((1,), task_id="mine").id,
+            refresh.apply_async((2,), link=after.s()).id,
+            refresh.apply_async((3,), link_error=after.s()).id,
+            refresh.apply_async((4,), group_id="g", group_index=0).id,
+            refresh.apply_async((5,), chain=[]).id,   # a chain's last member
+        ]
+        frozen = refresh.s(6)
+        frozen_id = frozen.freeze().id
+        published.append(frozen.delay().id)
+        sent = [queue.get(timeout=1) for _ in published]
+        ids = [m.headers["id"] for m in sent]
+        for m in sent:
+            m.ack()
+        queue.close()
+    assert published[0] == "mine" and published[-1] == frozen_id
+    assert pending not in published and ids == published
+    entry = store.entry(refresh.name, DEFAULT_KEY)
+    assert entry is not None and entry.pending_id == pending  # untouched by the calls published at once
+
+
+def test_debounce_and_dedupe_on_one_task_are_refused_naming_both():
+    app = _app()
+    with pytest.raises(ConfigurationError, match=r"@debounce and @dedupe on one task"):
+        @app.task(base=TunedTask, shared=False)
+        @debounce(1)
+        @celery_tuning.dedupe()
+        def both(x):
+            return x
+
+        both.run  # noqa: B018
+
+
+def test_key_values_are_told_apart_by_their_canonical_json_and_odd_ones_refused():
+    keyed = DebouncePolicy(1.0, key=lambda v: v)
+    assert key_digest(keyed, (1,), {}) != key_digest(keyed, ("1",), {})
+    assert key_digest(keyed, ({"a": 1, "b": 2},), {}) == key_digest(keyed, ({"b": 2, "a": 1},), {})
+    assert key_digest(keyed, ((1, "a"),), {}) == key_digest(keyed, ([1, "a"],), {})
+    with pytest.raises(TypeError, match=r"@debounce\(key=\.\.\.\).*canonical JSON"):
+        key_digest(keyed, (object(),), {})
 
 
 def test_a_pickle_serializer_is_refused_when_bound_and_when_called():

@@ -13,13 +13,18 @@ between the two leaves a claim that expires and is published again under a highe
 
 Worker side (:meth:`DebounceStep.wrap`): a run from a mover first asks the store to start: a stale
 duplicate is dropped; else it holds the key's running mark, renewed like a concurrency lease while
-it runs (a dead worker's mark expires within ``tuning_concurrency_lease_ttl``) and cleared at its
-end, which makes the call that came meanwhile (the next pending run) due.
+it runs (a dead worker's mark expires within ``tuning_concurrency_lease_ttl``) and cleared when the
+run ends, which makes the call that came meanwhile (the next pending run) due. An attempt that
+publishes the run again under its id (``Task.retry``, a deferral, a park) keeps the key, as queued,
+for the next attempt. The worker's main process frees the key of a run it revoked, rejected or
+did not know (:func:`connect_receivers`).
+
+Calls somebody waits for under their own id (canvas members, links, frozen signatures, an explicit
+``task_id`` that is not the pending run's) are published at once, not debounced (:func:`waited_on`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -28,14 +33,18 @@ from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 from ... import events
 from ...errors import ConfigurationError, StorageError
+from ...policy.cachekeys import UncacheableArgument, key_function_digest
 from ...policy.debounce import DEFAULT_KEY, DebouncePolicy
 from ...storage.debounce import STALE_DUPLICATE, STARTED_WITH_MARK, DebounceClaimed, DebounceStore
 from ...storage.process import PerProcess
-from ..deferral import PAYLOAD_VERSION, _ignored, decode_payload, is_eager, route_declarations
+from ..deferral import HEADER_PARK, PAYLOAD_VERSION, Deferred, _ignored, decode_payload, is_eager, route_declarations
 from ..pipeline import Call, CallContext, PublishCall, PublishContext, Step, register_step
-from ..runtime import TuningRuntime, runtime_for
+from ..runtime import TuningRuntime, installed_runtime, runtime_for
 
-__all__ = ["HEADER_DEBOUNCE", "DebounceMoving", "DebounceRound", "DebounceStep", "debounce_store", "key_digest"]
+__all__ = [
+    "HEADER_DEBOUNCE", "DebounceMoving", "DebounceRound", "DebounceStep", "connect_receivers", "debounce_store",
+    "key_digest", "queued_ttl_us", "waited_on",
+]
 
 logger = logging.getLogger("celery_tuning.debounce")
 
@@ -43,17 +52,63 @@ logger = logging.getLogger("celery_tuning.debounce")
 HEADER_DEBOUNCE = "tuning_debounce"
 #: Registry kind of the app's debounce stores.
 _STORE = "debounce"
-#: ``apply_async`` options that are the caller's connection to the broker, not part of the call.
+#: ``apply_async`` options that are the caller's connection to the broker, not part of the call
+#: (``add_to_parent`` is acted on at the call: the caller's task gets the pending run as a child).
 _TRANSPORT = ("producer", "connection", "publisher", "router", "declare", "add_to_parent")
+#: The payload's field naming the app that stored the run: only its movers publish it.
+_APP_FIELD = "tuning_app"
+#: Seconds until a run another app stored, which a mover gave back, may be claimed again.
+FOREIGN_REST = 1.0
+
+#: ``apply_async`` options with which Celery publishes a call whose very id somebody waits for (a
+#: chord's body, a chain's next member, a group's result, a ``link=`` callback's parent, the
+#: caller of a frozen signature): such a call is published at once with its own id, never
+#: collapsed into another run's. Present at all (any value, even ``[]``): ``chain`` (a chain's
+#: members; the tracer publishes the last one with ``chain=[]``), ``reply_to`` (set by
+#: ``Signature.freeze``), ``replaced_task_nesting`` (``Task.replace``), ``retries`` (``Task.retry``
+#: and every re-publication built by ``signature_from_request``). Given a value: the others, which a
+#: plain call has none of (``parent_id``/``root_id``: the tracer publishing callbacks; Celery fills
+#: them in later, in ``send_task``, for a plain call made inside a task).
+_WAITED_PRESENT = ("chain", "reply_to", "replaced_task_nesting", "retries")
+_WAITED_SET = ("link", "link_error", "chord", "group_id", "group_index", "parent_id", "root_id")
+
+
+def waited_on(options: Dict[str, Any]) -> bool:
+    """Whether ``apply_async`` options are those of a canvas member, a frozen signature or a call
+    published again (a retry, a parked call's return): published at once, not debounced."""
+    if any(name in options for name in _WAITED_PRESENT):
+        return True
+    if any(options.get(name) not in (None, (), [], {}) for name in _WAITED_SET):
+        return True
+    headers = options.get("headers")
+    return isinstance(headers, dict) and HEADER_PARK in headers
 
 
 def key_digest(policy: DebouncePolicy, args: Any, kwargs: Any) -> str:
-    """The key a call collapses under: ``-`` for the task alone, else a digest of what ``key=``
-    returns (the raw key never reaches Redis)."""
+    """The key a call collapses under: ``-`` for the task alone, else a digest of the canonical JSON
+    of what ``key=`` returns (as the result cache's keys: ``1`` and ``"1"`` are two keys, and so
+    are ``1`` and ``1.0``); the raw key never reaches Redis.
+
+    Raises:
+        UncacheableArgument: When ``key=`` returns a value with no canonical JSON form (an object
+            of a class of its own, a set, a dict with non-string keys), naming the key function.
+    """
     if policy.key is None:
         return DEFAULT_KEY
-    value = policy.key(*(args or ()), **(kwargs or {}))
-    return hashlib.sha256(str(value).encode("utf-8", "surrogatepass")).hexdigest()[:24]
+    try:
+        return key_function_digest(policy.key, tuple(args or ()), dict(kwargs or {}))[:24]
+    except UncacheableArgument as exc:
+        raise UncacheableArgument("key", None, f"@debounce(key=...): {exc}; return str, int, float, bool, "
+                                  "None, bytes, or lists and str-keyed dicts of them") from None
+
+
+def queued_ttl_us(runtime: TuningRuntime) -> int:
+    """How long a debounced run published (or published again by a retry or a deferral) and not yet
+    started holds its key: ``tuning_dedupe_ttl`` (the bound @dedupe holds a queued call's key by),
+    at least ``tuning_park_claim_ttl``. A queue backlog shorter than that never lets the next run
+    out before this one starts; a message lost on its way (a purged queue) holds the key that long."""
+    config = runtime.config
+    return int(max(config.dedupe_ttl, config.park_claim_ttl) * 1_000_000)
 
 
 def debounce_store(runtime: TuningRuntime, mover: bool = False) -> DebounceStore:
@@ -116,6 +171,11 @@ class DebounceStep(Step):
             raise ConfigurationError(
                 f"@debounce: the task's serializer is {serializer!r}; debounced calls wait in the tuning "
                 "Redis as JSON (nothing read from Redis is unpickled): give the task serializer='json'")
+        if "dedupe" in (getattr(task_cls, "_tuning_policies", None) or {}):
+            raise ConfigurationError(
+                "@debounce and @dedupe on one task: @debounce already keeps one pending and one running "
+                "run per key, and @dedupe would swallow the run the mover publishes (its callers would "
+                "wait forever); keep one of the two")
         if self.runtime.config.defer_via != "park":
             raise ConfigurationError(
                 "@debounce needs tuning_defer_via='park' (got 'countdown'): the parking mover in the "
@@ -133,27 +193,40 @@ class DebounceStep(Step):
             headers = options.get("headers") or {}
             task = pctx.task
             if (not runtime.enabled or HEADER_DEBOUNCE in headers or task._app.conf.task_always_eager):
-                return publish_next(pctx)  # a mover publishing a run, or no broker to wait for
+                return publish_next(pctx)  # a mover publishing a run (or a run's retry), or no broker
+            if waited_on(options):
+                return publish_next(pctx)  # its own id is waited for: never collapsed into another run
             serializer = options.get("serializer") or _serializer(task)
             if serializer != "json":
                 raise ConfigurationError(
                     f"task {name!r}: @debounce: apply_async(serializer={serializer!r}): debounced calls wait "
                     "in the tuning Redis as JSON (nothing read from Redis is unpickled); send them as JSON")
-            digest = key_digest(policy, pctx.args, pctx.kwargs)
+            try:
+                digest = key_digest(policy, pctx.args, pctx.kwargs)
+            except UncacheableArgument as exc:
+                raise UncacheableArgument("key", None, f"task {name!r}: {exc}") from None
             payload = self._payload(pctx)
             if payload is None:
                 return publish_next(pctx)
+            own_id = pctx.task_id is not None
             run_id = str(pctx.task_id or uuid.uuid4())
             try:
-                run_id, collapsed = debounce_store(runtime).call(name, digest, run_id, payload, self.delay_us,
-                                                                 self.max_wait_us)
+                found, collapsed = debounce_store(runtime).call(name, digest, run_id, payload, self.delay_us,
+                                                                self.max_wait_us, own_id=own_id)
             except StorageError as exc:
                 _publish_side.failed("storing a call", exc)
                 return publish_next(pctx)
             _publish_side.answered()
+            if own_id and found != run_id:
+                return publish_next(pctx)  # the caller waits for the id it gave: that id runs
             if collapsed:
                 events.debounced(name)  # metrics, counted per task (never per key)
-            return task.AsyncResult(run_id)
+            result = task.AsyncResult(found)
+            if options.get("add_to_parent", True):
+                parent = task._app.current_worker_task
+                if parent is not None:
+                    parent.add_trail(result)  # as Celery's send_task does for a call it publishes
+            return result
 
         return publish
 
@@ -177,6 +250,7 @@ class DebounceStep(Step):
             options["root_id"] = parent.request.root_id or parent.request.id
         data = dict(task.signature(pctx.args, pctx.kwargs, options))
         data["v"] = PAYLOAD_VERSION
+        data[_APP_FIELD] = _app_name(task._app)
         try:
             return str(dumps(data))
         except (TypeError, ValueError, OverflowError) as exc:
@@ -193,8 +267,20 @@ class DebounceStep(Step):
     # -- worker side ----------------------------------------------------------------------------
 
     def wrap(self, call_next: Call) -> Call:
+        from celery.exceptions import Reject, Retry
+
         runtime, name = self.runtime, self.task_name
         lease_us = int(runtime.config.concurrency_lease_ttl * 1_000_000)
+        queued_us = queued_ttl_us(runtime)
+
+        def requeued_for(exc: BaseException) -> Optional[int]:
+            """How long the key stays held, queued, when the attempt ended by publishing the run
+            again under its id (a retry, a deferral or a park, a requeueing reject), else None."""
+            if isinstance(exc, Retry):
+                return queued_us + _retry_delay_us(exc.when)
+            if isinstance(exc, Deferred) or (isinstance(exc, Reject) and getattr(exc, "requeue", False)):
+                return queued_us
+            return None
 
         def call(ctx: CallContext) -> Any:
             request = ctx.request
@@ -220,11 +306,35 @@ class DebounceStep(Step):
                 return call_next(ctx)  # another run holds the key (a redelivery or retry of an older one)
             mark = _marks.get().hold(store, name, digest, run_id, lease_us)
             try:
-                return call_next(ctx)
-            finally:
-                _marks.get().let_go(mark)
+                result = call_next(ctx)
+            except BaseException as exc:
+                # The same run (same id) comes back: the key stays its own, or the next pending run
+                # could start before it, and its older arguments would run last.
+                _marks.get().let_go(mark, requeued_for(exc))
+                raise
+            _marks.get().let_go(mark)
+            return result
 
         return call
+
+
+def _retry_delay_us(when: Any) -> int:
+    """µs until a retry is due (``Retry.when``: seconds or an ETA), 0 when unknown."""
+    import datetime
+
+    try:
+        if isinstance(when, (int, float)):
+            return max(0, int(when * 1_000_000))
+        if isinstance(when, datetime.datetime):
+            now = datetime.datetime.now(when.tzinfo) if when.tzinfo else datetime.datetime.now()
+            return max(0, int((when - now).total_seconds() * 1_000_000))
+    except (TypeError, ValueError, OverflowError):
+        pass
+    return 0
+
+
+def _app_name(app: Any) -> str:
+    return str(getattr(app, "main", None) or "")
 
 
 class _OnceByKey:
@@ -265,6 +375,9 @@ class _Marks:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.held: Dict[_Mark, Tuple[DebounceStore, int]] = {}
+        #: Marks a renewal is on its way for, and what their run's end did meanwhile (the renewal
+        #: puts the mark back as running: the end is done again after it).
+        self.renewing: Dict[_Mark, Optional[Tuple[Optional[int]]]] = {}
         self.thread: Optional[threading.Thread] = None
         self.failing = False
 
@@ -278,16 +391,23 @@ class _Marks:
                 self.thread.start()
         return mark
 
-    def let_go(self, mark: _Mark) -> None:
+    def let_go(self, mark: _Mark, queued_us: Optional[int] = None) -> None:
+        """The attempt ended: the run's key is freed, or (``queued_us``: the run was published again
+        under its id) kept, queued, that long for its next attempt."""
         with self.lock:
             found = self.held.pop(mark, None)
+            if found is not None and mark in self.renewing:
+                self.renewing[mark] = (queued_us,)
         if found is not None:
-            self._end(found[0], mark)
+            self._end(found[0], mark, queued_us)
 
     @staticmethod
-    def _end(store: DebounceStore, mark: _Mark) -> None:
+    def _end(store: DebounceStore, mark: _Mark, queued_us: Optional[int] = None) -> None:
         try:
-            store.end(mark[1], mark[2], mark[3])
+            if queued_us is None:
+                store.end(mark[1], mark[2], mark[3])
+            else:
+                store.requeue(mark[1], mark[2], mark[3], queued_us)
         except StorageError:
             pass  # the mark expires by itself within the lease TTL
 
@@ -295,20 +415,27 @@ class _Marks:
         with self.lock:
             held = list(self.held.items())
         for mark, (store, lease_us) in held:
+            with self.lock:
+                if mark not in self.held:
+                    continue
+                self.renewing[mark] = None
             try:
                 store.renew(mark[1], mark[2], mark[3], lease_us)
             except StorageError as exc:
                 if not self.failing:
                     self.failing = True
                     logger.warning("celery-tuning @debounce: renewing running marks failed (%s)", exc)
+                with self.lock:
+                    self.renewing.pop(mark, None)
                 continue
             self.failing = False
             with self.lock:
-                ended = mark not in self.held
-            if ended:
-                # The run ended while this renewal was on its way, which put the mark back: clear it
-                # again, or it would hold the key for a whole lease TTL.
-                self._end(store, mark)
+                ended = self.renewing.pop(mark, None)
+            if ended is not None:
+                # The run ended while this renewal was on its way, which put the mark back as
+                # running: do its end again (free the key, or keep it queued for a retry), or it
+                # would hold the key as running for a whole lease TTL.
+                self._end(store, mark, ended[0])
 
     def _renew_loop(self) -> None:
         while True:
@@ -323,6 +450,64 @@ class _Marks:
 
 
 _marks: PerProcess[_Marks] = PerProcess(_Marks, name="debounce running marks")
+
+
+# -- the worker's main process: runs that end without their pool process --------------------------
+
+
+def _free_dropped(app: Any, name: Any, task_id: Any, info: Optional[Dict[str, Any]], why: str) -> None:
+    """Free the key a dropped run (revoked, rejected, unknown here) holds, if that id still holds it:
+    else it would hold the key, published and never started, for the whole queued bound."""
+    if info is None or app is None or not isinstance(name, str) or not task_id:
+        return
+    digest = info.get("k")
+    runtime = installed_runtime(app)
+    if not isinstance(digest, str) or runtime is None:
+        return
+    try:
+        if not runtime.enabled:
+            return
+        debounce_store(runtime).end(name, digest, str(task_id))
+    except (StorageError, ConfigurationError) as exc:
+        logger.warning("celery-tuning @debounce: could not free the key of %s run %s[%s] (%s); it is freed "
+                       "when its bound passes", why, name, task_id, exc)
+
+
+def _on_task_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
+    """A revoked run (dropped when it reaches a worker, or terminated while it runs) frees its key."""
+    if request is None:
+        return
+    info = _debounce_info(request)
+    if info is None:
+        return
+    task = sender if sender is not None else getattr(request, "task", None)
+    _free_dropped(getattr(task, "_app", None) or getattr(task, "app", None), getattr(task, "name", None),
+                  getattr(request, "id", None), info, "revoked")
+
+
+def _on_message_dropped(sender: Any = None, message: Any = None, **_: Any) -> None:
+    """A message no worker will run (``task_unknown``: not registered here; ``task_rejected``: it
+    cannot be decoded): its headers name the task, its id and the key its run holds."""
+    headers = getattr(message, "headers", None)
+    if not isinstance(headers, dict):
+        return
+    info = headers.get(HEADER_DEBOUNCE)
+    _free_dropped(getattr(sender, "app", None), headers.get("task"), headers.get("id"),
+                  info if isinstance(info, dict) else None, "dropped")
+
+
+def connect_receivers() -> None:
+    """Free the keys of runs the worker's main process drops (idempotent; done on import)."""
+    from celery import signals as celery_signals
+
+    celery_signals.task_revoked.connect(_on_task_revoked, weak=False, dispatch_uid="celery_tuning.debounce.revoked")
+    celery_signals.task_unknown.connect(_on_message_dropped, weak=False,
+                                        dispatch_uid="celery_tuning.debounce.unknown")
+    celery_signals.task_rejected.connect(_on_message_dropped, weak=False,
+                                         dispatch_uid="celery_tuning.debounce.rejected")
+
+
+connect_receivers()
 
 
 # -- the mover's part -----------------------------------------------------------------------------
@@ -389,26 +574,53 @@ class DebounceMoving:
         return DebounceRound(published, full, earliest)
 
     def _publish(self, store: DebounceStore, name: str, claimed: List[DebounceClaimed]) -> int:
-        from ..mover import _NO_FORK_WHILE_PUBLISHING
+        from ..mover import _NO_FORK_WHILE_PUBLISHING, ForeignEntry
 
-        done = 0
-        # A published run holds its key as long as a claim would, until a worker starts it.
-        sent_ttl_us = self.mover.claim_ttl_us
+        done, failed = 0, 0
+        # A published run holds its key until a worker starts it, within the queued bound.
+        sent_ttl_us = queued_ttl_us(self.runtime)
         with _NO_FORK_WHILE_PUBLISHING, self.app.producer_or_acquire() as producer:
             for entry in claimed:
                 try:
                     self.publish(entry, producer=producer)
-                except (TypeError, ValueError, KeyError):
-                    # Unreadable by this version: it stays claimed and comes back after the claim TTL.
-                    logger.exception("parking mover: cannot decode debounced run %s of %s", entry.task_id, name)
+                except ForeignEntry as exc:
+                    # Another app sharing the tuning Redis (and prefix) stored it: its own movers publish
+                    # it through its broker; given back, claimable again shortly.
+                    store.unclaim(name, entry.digest, entry.task_id, entry.pub, int(FOREIGN_REST * 1_000_000))
+                    if _once_options.first(("foreign", name, exc.task)):
+                        logger.warning("parking mover: debounced runs of %s were stored by another app (%r): "
+                                       "left for its movers (give each app its own tuning_key_prefix)", name,
+                                       exc.task)
+                    continue
+                except Exception:
+                    # Whatever one run does (an undecodable payload, a publish hook raising), the others
+                    # go on; it stays claimed and is claimed again (pub + 1) after the claim TTL.
+                    failed += 1
+                    if failed == 1:
+                        logger.exception("parking mover: could not publish debounced run %s of %s; it is "
+                                         "tried again after tuning_park_claim_ttl", entry.task_id, name)
                     continue
                 store.ack(name, entry.digest, entry.task_id, entry.pub, sent_ttl_us)
                 done += 1
+        if failed > 1:
+            logger.warning("parking mover: %d debounced runs of %s could not be published this round", failed, name)
         return done
 
     def publish(self, entry: DebounceClaimed, producer: Any = None) -> Any:
-        """Publish one claimed run to its queue with the :data:`HEADER_DEBOUNCE` ticket (no ack)."""
-        signature = self.app.signature(decode_payload(entry.payload))
+        """Publish one claimed run to its queue with the :data:`HEADER_DEBOUNCE` ticket (no ack).
+
+        Raises:
+            ForeignEntry: When the run's task is not one of this app's (another app stored it).
+        """
+        from ..mover import ForeignEntry
+
+        data = decode_payload(entry.payload)
+        # The app's main name is kept for diagnostics only: a producer may name the app differently
+        # from the worker (Celery(__name__) run as a script), and refusing its runs would lose them.
+        data.pop(_APP_FIELD, None)
+        signature = self.app.signature(data)
+        if signature.task not in self.app.tasks:
+            raise ForeignEntry(str(signature.task))
         signature.options["task_id"] = entry.task_id
         headers: Dict[str, Any] = dict(signature.options.get("headers") or {})
         headers[HEADER_DEBOUNCE] = {"k": entry.digest, "pub": entry.pub}

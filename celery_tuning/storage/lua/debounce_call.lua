@@ -13,6 +13,8 @@
 -- ARGV[1]  now in µs, or '' for the server's TIME      ARGV[2]  ticket TTL (µs)
 -- ARGV[3]  key digest   ARGV[4]  id for a new pending run   ARGV[5]  payload (JSON text)
 -- ARGV[6]  delay (µs)   ARGV[7]  max_wait (µs), or '' for none
+-- ARGV[8]  '1' when ARGV[4] is the caller's own id (it waits for that id): a pending run of another
+--          id is then left as it is, and its id answered with 1 (the caller publishes at once)
 -- Returns: {id of the pending run, 1 when this call collapsed into it (0: it is new)}.
 -- Touches: the task's keys; expiries extended (debounce_touch).
 -- Due: min(now + delay, first call + max_wait) (policy/debounce.py due_us). A key with an in-flight
@@ -29,6 +31,9 @@ debounce_trim(KEYS, {now})
 local id = redis.call('HGET', KEYS[2], d .. ':p')
 local first = now
 local collapsed = 0
+if id and ARGV[8] == '1' and id ~= ARGV[4] then
+  return {id, 1}
+end
 if id then
   first = tonumber(redis.call('HGET', KEYS[2], d .. ':f')) or now
   collapsed = 1
