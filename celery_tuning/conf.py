@@ -607,7 +607,8 @@ SETTINGS: Tuple[Setting, ...] = (
             "Upper bound on the life of a @dedupe lock whose decorator gives no ttl: a queued call's "
             "lock lasts at most this long (a message still queued after it no longer keeps identical "
             "calls out), a running call's is renewed up to it. A dead worker's lock goes within "
-            "tuning_concurrency_lease_ttl, not this.", _positive_float),
+            "tuning_concurrency_lease_ttl, not this. Also how long a published @debounce run (not yet "
+            "started) holds its key, so the next run waits behind a queue backlog.", _positive_float),
     Setting("tuning_defer_via", "'park' | 'countdown'", "park",
             "How a task that cannot run now (rate limit, concurrency limit, open breaker) waits: 'park' "
             "keeps it in the tuning Redis and a mover in the workers publishes it back when due (no ETA "
