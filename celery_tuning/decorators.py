@@ -350,6 +350,7 @@ def concurrency_limit(name: str, *, max_deferrals: int = 100,
 
 
 def dedupe(
+    *bare: Any,
     key: Optional[Callable[..., Any]] = None,
     until: str = "done",
     ttl: Optional[float] = None,
@@ -379,6 +380,10 @@ def dedupe(
     Raises:
         ConfigurationError: On anything malformed, naming the argument.
     """
+    if bare:
+        raise ConfigurationError(
+            "@dedupe takes keyword arguments only: write @dedupe() or @dedupe(key=..., until=..., ttl=..., "
+            f"on_duplicate=...), not @dedupe or @dedupe({bare[0]!r})")
     _key_function("dedupe", key)
     choice(Arg("dedupe", "until"), until, UNTIL)
     choice(Arg("dedupe", "on_duplicate"), on_duplicate, ON_DUPLICATE)

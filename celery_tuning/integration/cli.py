@@ -615,7 +615,9 @@ def _deduped_task(ctx: click.Context, name: str) -> Any:
 def dedupe_show(ctx: click.Context, task_name: str, limit: int, as_json: bool) -> None:
     handle = _deduped_task(ctx, task_name)
     with _as_cli_error():
-        locks = handle.locks(limit)
+        locks = handle.locks(limit + 1)  # one more: tells whether there are more than shown
+    more = len(locks) > limit
+    locks = locks[:limit]
     if as_json:
         click.echo(json.dumps([{"digest": lock.digest, "holder": lock.holder, "state": lock.state,
                                 "age": lock.age_us / 1e6, "expires_in": lock.expires_in_us / 1e6,
@@ -627,6 +629,8 @@ def dedupe_show(ctx: click.Context, task_name: str, limit: int, as_json: bool) -
     for lock in locks:
         click.echo(f"{lock.digest[:16]} {lock.holder} {lock.state}, age {lock.age_us / 1e6:.1f}s, "
                    f"expires in {lock.expires_in_us / 1e6:.1f}s, deadline in {lock.deadline_in_us / 1e6:.1f}s")
+    if more:
+        click.echo(f"... more locks are held: the first {limit} (soonest expiry first) are shown; --limit N shows more")
 
 
 @dedupe.command("clear", help="Drop every lock of a task: the next identical call is published (calls already "

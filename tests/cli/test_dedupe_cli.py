@@ -33,8 +33,11 @@ def test_show_and_clear(redis_clean):
     assert refused.returncode == 1 and "Aborted" in refused.stderr
     shown = json.loads(celery(redis_clean, "show", TASK, "--json").stdout)  # still held
     assert [(lock["digest"], lock["holder"], lock["state"]) for lock in shown] == [(digest, task_id, "queued")]
+    run_producer("from tests.apps.deduped import render\nrender.delay(2)\n", redis_clean)
+    two = celery(redis_clean, "show", TASK, "--limit", "1").stdout.splitlines()
+    assert len(two) == 2 and two[1].startswith("... more locks are held: the first 1"), two
     out = celery(redis_clean, "clear", TASK, "--yes")
-    assert out.returncode == 0 and out.stdout.strip() == f"{TASK}: dropped 1 lock(s)"
+    assert out.returncode == 0 and out.stdout.strip() == f"{TASK}: dropped 2 lock(s)"
     assert celery(redis_clean, "show", TASK).stdout.strip() == f"{TASK}: no locks held"
 
 

@@ -175,6 +175,17 @@ def test_a_key_function_that_raises_reaches_the_caller_and_nothing_is_published(
     assert queued(redis_clean) == 0 and bad.dedupe.locks() == []
     assert bad.delay(2).id == bad.delay(2).id and queued(redis_clean) == 1
 
+    # The commonest slip, a key function without **kw called with a keyword: its TypeError reaches
+    # the caller too (it was swallowed, and deduplication silently off).
+    @app.task(base=TunedTask, shared=False, name="ddbadkey.narrow")
+    @dedupe(key=lambda account_id: account_id)
+    def narrow(account_id, full=False):
+        return account_id
+
+    with pytest.raises(TypeError):
+        narrow.delay(7, full=True)
+    assert queued(redis_clean) == 1 and narrow.dedupe.locks() == []
+
 
 def test_a_cache_hit_at_publish_answers_without_publishing_or_claiming(redis_clean):
     """``@cache_result(short_circuit=True)`` under ``@dedupe``: a cached call is answered from the
@@ -247,6 +258,8 @@ def test_decorator_errors_name_the_argument():
         dedupe(ttl=0)
     with pytest.raises(ConfigurationError, match=r"@dedupe\(key='account'\): expected a callable"):
         dedupe(key="account")
+    with pytest.raises(ConfigurationError, match=r"@dedupe takes keyword arguments only"):
+        dedupe(lambda x: x)  # a bare @dedupe: it registered a task named 'decorate' before
 
 
 def test_the_counter_records_deduplicated_calls_by_task():

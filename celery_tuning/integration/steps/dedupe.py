@@ -198,16 +198,23 @@ class DedupeStep(Step):
                 self._warned.add("arguments")
                 logger.warning("@dedupe of task %s: a call is not deduplicated: %s", self.task_name, exc)
             return None
-        except TypeError:
-            return None  # arguments that do not fit the task: Celery says so (or the worker fails the call)
+        except TypeError as exc:
+            if self.policy.key is None:
+                return None  # arguments that do not fit the task: Celery says so (or the worker fails the call)
+            return self._key_failed(exc, caller)  # the key function's own TypeError (a missing **kw...)
         except Exception as exc:
-            if caller:
-                raise
-            if "key" not in self._warned:
-                self._warned.add("key")
-                logger.warning("@dedupe of task %s: its key function raised %r; the call runs without a lock",
-                               self.task_name, exc)
-            return None
+            return self._key_failed(exc, caller)
+
+    def _key_failed(self, exc: Exception, caller: bool) -> Optional[str]:
+        """The key function raised ``exc``: it reaches the caller of ``apply_async``; in a worker it
+        is logged once and the call runs without a lock."""
+        if caller:
+            raise exc
+        if "key" not in self._warned:
+            self._warned.add("key")
+            logger.warning("@dedupe of task %s: its key function raised %r; the call runs without a lock",
+                           self.task_name, exc)
+        return None
 
     def bind(self, task_cls: Any) -> None:
         task_cls.dedupe = self.handle
