@@ -36,7 +36,7 @@ from .. import events
 from ..errors import StorageError
 from ..storage.keys import lease_key, park_index_member
 from .deferral import HEADER_PARK, decode_payload, route_declarations
-from .otel import HEADER_TRACE, continued_trace
+from .otel import HEADER_TRACE, continued_trace, trace_headers
 
 __all__ = ["ForeignEntry", "Mover", "ParkedRow", "Round", "parked_rows", "parked_snapshot"]
 
@@ -146,7 +146,7 @@ class Mover:
 
         self.app = app
         self.runtime = runtime_for(app)
-        self.store = store if store is not None else self.runtime.registry.mover_park_store()
+        self._store = store
         config = self.runtime.config
         self.claim_ttl_us = int(config.park_claim_ttl * 1_000_000)
         self.batch = batch
@@ -172,6 +172,14 @@ class Mover:
 
         #: Its part for ``@debounce``: due debounced runs are published in the same rounds.
         self.debounce = DebounceMoving(self)
+
+    @property
+    def store(self) -> Any:
+        """The park store given, else the app's current one: looked up in the registry on every use,
+        because a test's ``reset_stores()`` (``tuning_memory`` under a session-wide worker) moves the
+        app to new stores while this thread runs."""
+        store = self._store
+        return store if store is not None else self.runtime.registry.mover_park_store()
 
     # -- the thread ---------------------------------------------------------------------------
 
@@ -388,6 +396,10 @@ class Mover:
             raise ForeignEntry(signature.task)
         headers: Dict[str, Any] = dict(signature.options.get("headers") or {})
         headers[HEADER_PARK] = {"id": entry.park_id, "pub": entry.pub, "r": where.reason, "n": where.name}
+        # The worker's main process, where this thread runs, is seldom instrumented (the SDK is set
+        # up in each pool child): the parking run's context goes in the message itself, for the
+        # consuming side's instrumentation to extract; an instrumented publish injects over it.
+        headers.update(trace_headers(headers.get(HEADER_TRACE)))
         signature.options["headers"] = headers
         declare = route_declarations(self.app, signature.options)
         if declare:

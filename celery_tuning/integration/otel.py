@@ -69,6 +69,7 @@ __all__ = [
     "continued_trace",
     "disconnect_tracing",
     "trace_carrier",
+    "trace_headers",
     "tracing_connected",
 ]
 
@@ -138,6 +139,12 @@ ATTR_PARK_FALLBACK = "celery_tuning.park.fallback"
 #: ``tracestate``), which the mover makes current while it publishes the call back, so the run that
 #: follows is in the same trace.
 HEADER_TRACE = "tuning_trace"
+
+#: The W3C Trace Context fields the mover copies from :data:`HEADER_TRACE` into the message headers
+#: (where the instrumentation's consumer reads them: the request's attributes).
+_W3C_FIELDS = ("traceparent", "tracestate")
+#: Longest field copied (W3C: a traceparent is 55 characters, a tracestate at most 32 members of 256).
+_W3C_MAX = 8192
 
 Attributes = Dict[str, Union[str, float, int, bool]]
 
@@ -363,6 +370,23 @@ def trace_carrier() -> Optional[Dict[str, str]]:
     carrier: Dict[str, str] = {}
     propagate.inject(carrier)
     return carrier or None
+
+
+def trace_headers(carrier: Any) -> Dict[str, str]:
+    """The W3C fields (``traceparent``, ``tracestate``) of a parked call's :data:`HEADER_TRACE`, as
+    message headers; empty when it has none (or is not a carrier).
+
+    The mover runs in the worker's main process, which is often not instrumented (the SDK and the
+    Celery instrumentation set up per pool child, in ``worker_process_init``): nothing would inject
+    the context :func:`continued_trace` makes current. With these headers on the message, the
+    consuming child's instrumentation extracts the parking run's context from the request; when the
+    main process is instrumented, its publish span's ``inject`` (``before_task_publish``, after these
+    are merged) replaces them with that span's context, a child of the same trace.
+    """
+    if not isinstance(carrier, dict):
+        return {}
+    return {name: value for name, value in ((name, carrier.get(name)) for name in _W3C_FIELDS)
+            if isinstance(value, str) and value and len(value) <= _W3C_MAX}
 
 
 @contextmanager

@@ -19,8 +19,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "MEMORY_URL", "STATEFUL_POLICIES", "STATEFUL_SETTINGS", "MemoryStores", "TuningRuntime", "env_disabled",
-    "installed_runtime", "is_memory_url", "is_redis_url", "is_worker_process", "runtime_for", "runtime_of",
-    "use_memory_everywhere",
+    "installed_runtime", "is_memory_url", "is_redis_url", "is_worker_process", "reset_stores_everywhere",
+    "runtime_for", "runtime_of", "use_memory_everywhere",
 ]
 
 T = TypeVar("T")
@@ -45,6 +45,13 @@ def use_memory_everywhere(on: bool = True) -> None:
     global _memory_everywhere
     with _lock:
         _memory_everywhere = bool(on)
+        reset_stores_everywhere()
+
+
+def reset_stores_everywhere() -> None:
+    """Every app of this process drops the components it built (limiters, breakers, caches with
+    their L1...): the next use builds them again (the pytest plugin, between tests)."""
+    with _lock:
         for runtime in list(_runtimes.values()):
             runtime.reset_stores()
 

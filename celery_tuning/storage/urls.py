@@ -11,8 +11,15 @@ __all__ = ["SUPPORTED_SCHEMES", "RedisTarget", "parse_redis_url", "redact_url"]
 
 SUPPORTED_SCHEMES = "redis://, rediss://, unix://, sentinel://, redis+cluster://, rediss+cluster://"
 
-# Where a URL starts inside a longer text (an exception message, a ';'-joined sentinel list).
-_URL_START = re.compile(r"(?<![\w+.-])(?:rediss?\+cluster|rediss?|unix|sentinel)://", re.I)
+# Where a URL starts inside a longer text (an exception message, a ';'-joined sentinel list). Ours
+# wherever they appear; any other scheme (a broker's amqp://, sqs://... quoted in an error) where a
+# URL starts in text (the start, a space, a bracket, a quote, '=', ',' or ';'), not after the ':',
+# '/' or '@' of a password that happens to hold "x://".
+_URL_START = re.compile(
+    r"(?<![\w+.-])(?:rediss?\+cluster|rediss?|unix|sentinel)://"
+    r"|(?<![^\s(\[{<'\"=,;])[a-z][a-z0-9+.-]*://",
+    re.I,
+)
 
 # A query argument that carries a secret: redis-py hands unknown ones to the connection as
 # keyword arguments (password=, ssl_password=...). The value runs to the next '&name=' or the
@@ -47,15 +54,21 @@ def _redact_one(rest: str) -> str:
     return f"{shown}{rest[at:]}"
 
 
-def redact_url(url: str) -> str:
+def redact_url(url: object) -> str:
     """Return ``url`` with every password replaced by ``***``, safe for logs and errors.
 
-    Also accepts any text that quotes URLs (an exception message): each ``redis://``,
-    ``rediss://``, ``unix://``, ``sentinel://`` or ``redis+cluster://`` in it is redacted up
-    to the next one. Hidden: the password of ``user:password@`` (reserved characters encoded
-    or not), a userinfo without ``:`` whole, and query arguments such as ``password=``,
-    ``sentinel_password=`` or ``ssl_password=``. Usernames stay visible.
+    Also accepts any text that quotes URLs (an exception message): each ``scheme://`` in it, of any
+    scheme (``redis://``, ``sentinel://``, ``redis+cluster://``, a broker's ``amqp://``, ``sqs://``...),
+    is redacted up to the next one. Hidden: the password of ``user:password@`` (reserved characters
+    encoded or not), a userinfo without ``:`` whole, and query arguments such as ``password=``,
+    ``sentinel_password=`` or ``ssl_password=``. Usernames stay visible. Never raises: anything
+    that is not a string is shown as its ``str()``, redacted, or as ``'<unprintable>'``.
     """
+    if not isinstance(url, str):
+        try:
+            url = str(url)
+        except Exception:
+            return "<unprintable>"
     starts = list(_URL_START.finditer(url))
     if not starts:
         return url

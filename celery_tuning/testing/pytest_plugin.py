@@ -9,7 +9,8 @@ Inert unless a test asks for one of its fixtures:
     ``tuning_redis_url``; each test starts from empty stores. Yields a :class:`TuningHelpers`.
 ``tuning_redis``
     The URL of a private redis-server started once per session (or ``CELERY_TUNING_TEST_REDIS_URL``),
-    flushed before each test.
+    flushed before each test; every app's components (cache L1, breakers' views, limiters) start
+    afresh too, as under ``tuning_memory``.
 ``tuning_helpers``
     The helpers alone: open a breaker, fill a rate-limit bucket, seed the cache.
 """
@@ -138,9 +139,11 @@ def tuning_redis_server() -> Iterator[Optional[Any]]:
 
 @pytest.fixture()
 def tuning_redis(tuning_redis_server: Optional[Any]) -> Iterator[str]:
-    """URL of a Redis for this test (flushed first): set it as ``tuning_redis_url``."""
+    """URL of a Redis for this test (flushed first, every app's components afresh): set it as
+    ``tuning_redis_url``."""
     import redis
 
+    from ..integration.runtime import reset_stores_everywhere
     from ..storage.cache import flush_writers
 
     flush_writers()  # an earlier test's deferred cache stores land before the flush
@@ -155,4 +158,7 @@ def tuning_redis(tuning_redis_server: Optional[Any]) -> Iterator[str]:
         client.flushdb()
     finally:
         client.close()
+    # What an earlier test left in this process (a cache's L1, a breaker's cached view) would answer
+    # for the flushed Redis.
+    reset_stores_everywhere()
     yield url

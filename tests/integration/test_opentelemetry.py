@@ -24,6 +24,7 @@ except ImportError as exc:  # pragma: no cover - the dev extra installs them
     pytest.skip(f"needs opentelemetry-sdk and opentelemetry-instrumentation-celery ({exc}); "
                 "pip install -e '.[dev]'", allow_module_level=True)
 
+from celery import Celery
 from celery.contrib.testing.worker import start_worker
 
 from celery_tuning import CircuitOpen, TunedTask, cache_result, circuit_breaker, events, rate_limit
@@ -293,3 +294,62 @@ def test_required_without_opentelemetry_is_a_clear_error(redis_clean, monkeypatc
     bad = make_app(redis_clean, "otel_bad", tuning_opentelemetry="sometimes")
     with pytest.raises(ConfigurationError, match="tuning_opentelemetry: 'sometimes' is not valid"):
         runtime_for(bad).config  # noqa: B018
+
+
+# -- prefork: the mover runs in the worker's main process ---------------------------------------
+
+
+def _spans_in(path: Any, task_id: str, count: int, timeout: float = 10.0) -> List[Dict[str, Any]]:
+    """The ``count`` run spans of ``task_id`` the workers wrote to ``path`` (JSON lines), by start."""
+    import json
+
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = path.read_text().splitlines() if path.exists() else []
+        spans = [json.loads(line) for line in lines if line.strip()]
+        runs = [s for s in spans if s["name"].startswith("run/") and s["task_id"] == task_id]
+        if len(runs) >= count or time.monotonic() > deadline:
+            assert len(runs) >= count, f"{len(runs)} run spans of {task_id}, expected {count}: {spans}"
+            return spans
+        time.sleep(0.05)
+
+
+TRACED = "tests.apps.traced.sync"
+
+
+@pytest.mark.parametrize("main", ["children only", "main process too"])
+def test_prefork_the_run_after_a_park_stays_in_the_parking_runs_trace(redis_clean, tmp_path, main):
+    """The SDK and the instrumentation set up in worker_process_init (docs/opentelemetry.md): the
+    mover, in the uninstrumented main process, puts the parking run's traceparent on the message.
+    With the main process instrumented too, its apply_async span is the parent instead."""
+    from tests.support.apps import worker_env
+    from tests.support.workers import WorkerProcess
+
+    spans_file = tmp_path / "spans.jsonl"
+    env = {**worker_env(redis_clean), "TEST_SPANS_FILE": str(spans_file)}
+    if main == "main process too":
+        env["TEST_TRACE_MAIN"] = "1"
+    producer = Celery("otel_producer", set_as_current=False, broker=redis_clean.db_url(0),
+                      backend=redis_clean.db_url(0))
+    worker = WorkerProcess("tests.apps.traced:app", env, concurrency=1, name="otel")
+    try:
+        worker.start()
+        first, second = (producer.send_task(TRACED, args=(page,)) for page in (1, 2))
+        assert first.get(timeout=15, interval=0.05) == 1
+        assert second.get(timeout=15, interval=0.05) == 2  # one of the two parked for the 4/s limit
+        spans = _spans_in(spans_file, second.id, 2)
+    finally:
+        worker.close()
+        producer.close()
+    # In the order they ended: the parking attempt, then the run after it.
+    parking, after = [s for s in spans if s["name"] == f"run/{TRACED}" and s["task_id"] == second.id]
+    assert after["trace_id"] == parking["trace_id"], "the run after the park started a new trace"
+    publishes = {s["span_id"]: s for s in spans if s["name"] == f"apply_async/{TRACED}"}
+    if main == "children only":
+        assert after["parent_id"] == parking["span_id"]  # straight from the parked call's carrier
+    else:
+        # The main process's instrumented publish injected its own span, a child of the parking run.
+        mover_publish = publishes[after["parent_id"]]
+        assert mover_publish["trace_id"] == parking["trace_id"]
+        assert mover_publish["parent_id"] == parking["span_id"]
+        assert mover_publish["pid"] != after["pid"]

@@ -97,3 +97,62 @@ def test_unencoded_slash_question_or_hash_in_the_password_is_rejected(password):
 def test_cluster_target_repr_hides_the_password():
     target = parse_redis_url("redis+cluster://:s3cret@h:7000")
     assert "s3cret" not in repr(target)
+
+
+# -- any scheme with a userinfo: a broker's URL quoted in our errors and warnings -----------------
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("amqp://guest:s3cret@127.0.0.1:5672//", "amqp://guest:***@127.0.0.1:5672//"),
+        ("amqps://user:s3cret@mq.example:5671/vhost", "amqps://user:***@mq.example:5671/vhost"),
+        ("pyamqp://guest:s3cret@localhost//", "pyamqp://guest:***@localhost//"),
+        ("sqs://AKIAEXAMPLE:s3cret@", "sqs://AKIAEXAMPLE:***@"),
+        ("sqs://AKIAEXAMPLE:s3cret@localhost", "sqs://AKIAEXAMPLE:***@localhost"),
+        ("amqp://s3cret@host//", "amqp://***@host//"),
+        ("amqp://a:s3cret@h1;amqp://b:s3cret@h2//", "amqp://a:***@h1;amqp://b:***@h2//"),
+        ("kafka://u:s3cret@h?x=1&token=s3cret", "kafka://u:***@h?x=1&token=***"),
+        # a password that holds "x://" is not taken for a second URL
+        ("amqp://u:ab://s3cret@host//", "amqp://u:***@host//"),
+        ("redis://:ab://s3cret@host/0", "redis://:***@host/0"),
+        ("the broker (amqp://guest:s3cret@127.0.0.1:5672//) is not Redis",
+         "the broker (amqp://guest:***@127.0.0.1:5672//) is not Redis"),
+        ("url='amqp://guest:s3cret@h//', then redis://:s3cret@h/0",
+         "url='amqp://guest:***@h//', then redis://:***@h/0"),
+        ("amqp://host:5672//", "amqp://host:5672//"),
+        ("http://docs.example/settings#tuning_redis_url", "http://docs.example/settings#tuning_redis_url"),
+        ("no URL in here", "no URL in here"),
+        ("", ""),
+    ],
+)
+def test_redact_any_scheme(url, expected):
+    assert redact_url(url) == expected
+    assert "s3cret" not in redact_url(url)
+
+
+@pytest.mark.parametrize("value", [None, 42, b"amqp://u:s3cret@h//", ValueError("amqp://u:s3cret@h//")])
+def test_redact_is_total(value):
+    """Whatever it is handed (an exception, bytes, None), it answers text and hides the password."""
+    shown = redact_url(value)
+    assert isinstance(shown, str) and "s3cret" not in shown
+
+    class Unprintable:
+        def __str__(self) -> str:
+            raise RuntimeError("no")
+
+    assert redact_url(Unprintable()) == "<unprintable>"
+
+
+def test_a_non_redis_broker_error_hides_its_password():
+    """tuning_redis_url unset and the broker is RabbitMQ: the error names the broker, not its password."""
+    from celery import Celery
+
+    from celery_tuning.errors import ConfigurationError
+    from celery_tuning.integration.runtime import runtime_for
+
+    app = Celery("urls_amqp", set_as_current=False, broker="amqp://guest:s3cret@127.0.0.1:5672//")
+    with pytest.raises(ConfigurationError, match=r"tuning_redis_url") as info:
+        runtime_for(app).redis_url  # noqa: B018
+    assert "s3cret" not in str(info.value)
+    assert "amqp://guest:***@127.0.0.1:5672//" in str(info.value)
