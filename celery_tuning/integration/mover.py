@@ -34,7 +34,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Set
 
 from .. import events
 from ..errors import StorageError
-from ..storage.keys import lease_key, park_index_member
+from ..storage.keys import lease_key, park_index_member, split_keyed_spot
 from .deferral import HEADER_PARK, decode_payload, route_declarations
 
 __all__ = ["ForeignEntry", "Mover", "ParkedRow", "Round", "parked_rows", "parked_snapshot"]
@@ -97,6 +97,11 @@ class ParkedRow(NamedTuple):
     @property
     def parked(self) -> int:
         return self.due + self.waiting + self.claimed
+
+
+def _limit_of(where: Any) -> str:
+    """The name a spot is filed under: a concurrency spot of one caller key belongs to its limit."""
+    return split_keyed_spot(where.name)[0] if where.reason == "concurrency" else str(where.name)
 
 
 def parked_snapshot(store: Any) -> List[ParkedRow]:
@@ -247,7 +252,9 @@ class Mover:
             names = self.names()
             # Only this app's spots: another app sharing the tuning Redis (and prefix) may publish
             # through another broker, and its entries are its own movers' to publish.
-            self._spots = [where for where in self.store.spots() if where.name in names.get(where.reason, ())]
+            # A concurrency spot of one caller key (<limit>:k:<digest>) belongs to its limit.
+            self._spots = [where for where in self.store.spots()
+                           if _limit_of(where) in names.get(where.reason, ())]
             self._spots_at = now
         if events.PARKED_COUNT.subscribers and now - self._counted_at >= COUNT_EVERY:
             self._counted_at = now
@@ -270,12 +277,19 @@ class Mover:
                 policy = policies.get(kind)
                 if policy is not None and getattr(policy, "name", None):
                     names[reason].add(policy.name)
+                elif policy is not None and kind == "concurrency":
+                    names[reason].add(task.name)  # an inline limit is the task's
         return names
 
     def count(self) -> None:
         """Tell the events sink what is parked at each spot (the ``celery_tuning_parked_tasks`` gauge)."""
+        # By limit: the spots of a per-key limit's keys add up under its name (labels stay bounded).
+        totals: Dict[Any, int] = {}
         for row in parked_snapshot(self.store):
-            events.parked_count(row.reason, row.name, row.parked)
+            label = (row.reason, _limit_of(row))
+            totals[label] = totals.get(label, 0) + row.parked
+        for (reason, name), parked in totals.items():
+            events.parked_count(reason, name, parked)
 
     def run_once(self) -> Round:
         """Promote, claim, publish and acknowledge once over every spot.
@@ -329,12 +343,15 @@ class Mover:
         handed on by the release itself; this covers leases that expired); True when any moved.
 
         Waiters left without a free slot do not keep the mover busy: a release wakes it."""
-        cap = self.runtime.config.concurrency_limits.get(where.name)
-        if cap is None:
+        # A spot of one caller key (<limit>:k:<digest>) promotes against that key's lease set and cap.
+        name, key_hash = split_keyed_spot(where.name)
+        spec = self.runtime.registry.concurrency_spec(name)  # configured, or a task's inline limit
+        if spec is None:
             return False  # not a limit of this app (another app shares the Redis)
+        cap = spec.cap_for_digest(key_hash)
         # One more than the cap while standbys are on: the waiter on its way to hold on for the next slot.
         standby = 1 if self.runtime.config.concurrency_standby > 0 else 0
-        return self.store.promote(where, lease_key(self.runtime.config.key_prefix, where.name), cap, standby) > 0
+        return self.store.promote(where, lease_key(self.runtime.config.key_prefix, name, key_hash), cap, standby) > 0
 
     def _publish(self, where: Any, claimed: List[Any]) -> int:
         done = 0
@@ -362,7 +379,7 @@ class Mover:
                                      where.reason, where.name)
                     continue
                 self.store.ack(where, entry.park_id, entry.pub)
-                events.task_unparked(where.reason, where.name)
+                events.task_unparked(where.reason, _limit_of(where))
                 done += 1
         return done
 

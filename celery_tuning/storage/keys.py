@@ -19,6 +19,8 @@ channel ``P:cb:failures``                          pub/sub    :func:`breaker_cha
                                                               recorded failure: the breaker key)
 ``P:cc:{N}``                                       zset       :func:`lease_key` (concurrency
                                                               leases of limit ``N``)
+``P:cc:{N}:k:<sha256[:24]>``                       zset       :func:`lease_key` (the leases of one
+                                                              caller key of limit ``N``)
 ``P:cache:{T}``                                    (stem)     :func:`cache_stem` (task ``T``)
 ``P:cache:{T}:gen``                                string     :func:`cache_generation_key`
 ``P:cache:{T}:v<version>:g<gen>:<sha256>``         string     :func:`cache_value_key`
@@ -41,6 +43,9 @@ channel ``P:cache:invalidate``                     pub/sub    :func:`cache_inval
                                                               expiry, µs: published, not arrived)
 ``P:park:{N}:<r>:standby``                         zset       :func:`park_handover_keys` (standby
                                                               token -> expiry, µs; concurrency)
+``P:park:{N}:cc:k:<sha256[:24]>:<part>``           (same)     :func:`park_keys` of spot
+                                                              (``concurrency``, ``N:k:<sha256[:24]>``):
+                                                              the waiters of one caller key
 ``P:park:index``                                   set        :func:`park_index_key` (``<r>:<N>``
                                                               of every spot that may hold entries)
 channel ``P:park:wake``                           pub/sub    :func:`park_wake_channel` (a release
@@ -54,7 +59,9 @@ channel ``P:park:standby``                        pub/sub    :func:`park_standby
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+import hashlib
+import re
+from typing import Any, NamedTuple, Optional, Tuple
 
 from ..errors import ConfigurationError
 
@@ -70,6 +77,8 @@ __all__ = [
     "cache_stem",
     "cache_value_key",
     "hash_tag",
+    "key_digest",
+    "keyed_spot_name",
     "lease_key",
     "park_handover_keys",
     "park_index_key",
@@ -84,6 +93,7 @@ __all__ = [
     "rate_limit_bucket_key",
     "rate_limit_conf_key",
     "rate_limit_stem",
+    "split_keyed_spot",
 ]
 
 #: The ``kind`` part of each entity's keys.
@@ -150,9 +160,32 @@ def breaker_channel(prefix: str) -> str:
 
 # -- concurrency limits (lease_*.lua) --------------------------------------------------------
 
-def lease_key(prefix: str, name: str) -> str:
-    """Concurrency limit ``name``'s sorted set of leases."""
-    return hash_tag(prefix, LEASE, name)
+def key_digest(value: Any) -> str:
+    """Bounded, opaque id of a caller key (``str(value)``'s sha256, 24 hex digits): the raw key
+    never reaches Redis. The same digest as a per-key rate-limit bucket's."""
+    return hashlib.sha256(str(value).encode("utf-8", "surrogatepass")).hexdigest()[:24]
+
+
+def lease_key(prefix: str, name: str, key_hash: Optional[str] = None) -> str:
+    """Concurrency limit ``name``'s sorted set of leases; with ``key_hash`` (:func:`key_digest`),
+    the set of that caller key (same hash tag: one Cluster slot with the limit's park spots)."""
+    stem = hash_tag(prefix, LEASE, name)
+    return f"{stem}:k:{key_hash}" if key_hash else stem
+
+
+_KEYED_SPOT = re.compile(r"(?s)(.+):k:([0-9a-f]{24})")
+
+
+def keyed_spot_name(name: str, key_hash: Optional[str]) -> str:
+    """The parking spot name of concurrency limit ``name``'s waiters of one caller key
+    (``<name>:k:<digest>``), or ``name`` without a key."""
+    return f"{name}:k:{key_hash}" if key_hash else name
+
+
+def split_keyed_spot(name: str) -> Tuple[str, Optional[str]]:
+    """(limit name, key digest or None) of a concurrency spot name (:func:`keyed_spot_name`)."""
+    found = _KEYED_SPOT.fullmatch(name)
+    return (found.group(1), found.group(2)) if found else (name, None)
 
 
 # -- result cache (cache_*.lua) --------------------------------------------------------------
@@ -214,8 +247,16 @@ def park_reason_code(reason: str) -> str:
 
 
 def park_stem(prefix: str, reason: str, name: str) -> str:
-    """The stem of spot (``reason``, ``name``): same hash tag as the limiter, lease set and breaker ``name``."""
-    return f"{hash_tag(prefix, PARK, name)}:{park_reason_code(reason)}"
+    """The stem of spot (``reason``, ``name``): same hash tag as the limiter, lease set and breaker ``name``.
+
+    A concurrency spot of one caller key (:func:`keyed_spot_name`) takes its limit's hash tag, so its
+    scripts may touch the key's lease set (:func:`lease_key`) in one Cluster slot."""
+    code = park_reason_code(reason)
+    if reason == "concurrency":
+        limit, key_hash = split_keyed_spot(name)
+        if key_hash:
+            return f"{hash_tag(prefix, PARK, limit)}:{code}:k:{key_hash}"
+    return f"{hash_tag(prefix, PARK, name)}:{code}"
 
 
 def park_keys(prefix: str, reason: str, name: str) -> ParkKeys:

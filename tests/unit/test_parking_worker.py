@@ -357,3 +357,34 @@ def test_a_new_call_reusing_the_task_id_of_one_that_ran_parks_under_its_own_id(a
         finally:
             task.pop_request()
         assert store.snapshot(SPOT).due == parked
+
+
+def test_a_redelivered_original_of_a_per_key_limit_is_checked_at_its_keys_spot(app, store):
+    """A per-key concurrency limit parks at the spot of the call's key, which its arguments decide:
+    the redelivery guard asks the step for that spot (it had none to check before)."""
+    from celery_tuning import TunedTask, concurrency_limit
+    from celery_tuning.integration.pipeline import CallContext, _guarded
+
+    @app.task(bind=True, name="unit.per_tenant", shared=False, base=TunedTask)
+    @concurrency_limit("solo", key=lambda tenant: tenant)
+    def per_tenant(self: Any, tenant: str) -> str:
+        return tenant
+
+    task = app.tasks["unit.per_tenant"]
+    steps = type(task)._tuning_steps
+    [step] = [s for s in steps if s.kind == "concurrency"]
+    assert step.park_spot() is None  # the arguments decide it
+    where = step.park_spot_for(CallContext(task, ("acme",), {}))
+    assert where is not None and where.name.startswith("solo:k:") and where != step.park_spot_for(
+        CallContext(task, ("other",), {}))
+    store.park(where, "t-1:0:1", "{}", None)  # this attempt parked at acme's spot, then its worker died
+    request = _request()
+    request.delivery_info = {"exchange": "", "routing_key": "work-q", "redelivered": True}
+    request.args = ("acme",)
+    task.push_request(**vars(request))
+    try:
+        with pytest.raises(Ignore, match="redelivered original"):
+            _guarded(lambda ctx: "ran", steps)(CallContext(task, ("acme",), {}))
+        assert _guarded(lambda ctx: "ran", steps)(CallContext(task, ("other",), {})) == "ran"
+    finally:
+        task.pop_request()
