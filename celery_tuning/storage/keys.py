@@ -46,8 +46,13 @@ channel ``P:cache:invalidate``                     pub/sub    :func:`cache_inval
 ``P:park:{N}:cc:k:<sha256[:24]>:<part>``           (same)     :func:`park_keys` of spot
                                                               (``concurrency``, ``N:k:<sha256[:24]>``):
                                                               the waiters of one caller key
+``P:park:{N}:cc:keys``                             set        :func:`park_key_index_key` (digests
+                                                              of limit ``N``'s caller keys whose
+                                                              spot holds parked or claimed entries)
 ``P:park:index``                                   set        :func:`park_index_key` (``<r>:<N>``
-                                                              of every spot that may hold entries)
+                                                              of every spot that may hold entries;
+                                                              ``ck:<N>`` once for a limit whose
+                                                              caller keys park)
 channel ``P:park:wake``                           pub/sub    :func:`park_wake_channel` (a release
                                                               made a waiter due: movers wake)
 channel ``P:park:standby``                        pub/sub    :func:`park_standby_channel` (a lease
@@ -83,6 +88,9 @@ __all__ = [
     "park_handover_keys",
     "park_index_key",
     "park_index_member",
+    "park_key_index_key",
+    "park_keyed_index_member",
+    "park_keyed_limit_of",
     "park_keys",
     "park_reason_code",
     "park_spot_of",
@@ -220,6 +228,8 @@ def cache_invalidation_channel(prefix: str) -> str:
 #: A parking reason and the code its keys and index members carry.
 PARK_REASONS = {"rate_limit": RATE_LIMIT, "concurrency": LEASE, "circuit_open": BREAKER}
 _PARK_REASON_OF_CODE = {code: reason for reason, code in PARK_REASONS.items()}
+#: The index code of a limit whose caller keys park (:func:`park_keyed_index_member`).
+KEYED_CODE = "ck"
 
 
 class ParkKeys(NamedTuple):
@@ -294,6 +304,28 @@ def park_wake_channel(prefix: str) -> str:
 def park_standby_channel(prefix: str) -> str:
     """The channel a lease release publishes its spot's index member on while a standby waits."""
     return prefixed_key(prefix, PARK, "standby")
+
+
+def park_key_index_key(prefix: str, reason: str, name: str) -> str:
+    """The set of caller-key digests of spot (``reason``, ``name``)'s limit whose spots hold parked or
+    claimed entries (same hash tag as the limit, so the scripts of a caller key's spot keep it in the
+    same Cluster slot). Every ``park_*.lua`` script receives it as KEYS[9]; only the spots of a caller
+    key (:func:`keyed_spot_name`) ever write it, so the movers visit the keys with entries, not every
+    key that ever parked."""
+    limit = split_keyed_spot(name)[0] if reason == "concurrency" else name
+    return f"{hash_tag(prefix, PARK, limit)}:{park_reason_code(reason)}:keys"
+
+
+def park_keyed_index_member(limit: str) -> str:
+    """``ck:<limit>``: the one member of :func:`park_index_key` for every caller key of concurrency
+    limit ``limit`` (their spots are listed from :func:`park_key_index_key`)."""
+    return f"{KEYED_CODE}:{limit}"
+
+
+def park_keyed_limit_of(member: str) -> Optional[str]:
+    """The limit of a :func:`park_keyed_index_member`, or None for any other member."""
+    code, sep, limit = member.partition(":")
+    return limit if sep and code == KEYED_CODE else None
 
 
 def park_index_member(reason: str, name: str) -> str:
