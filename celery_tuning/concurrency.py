@@ -92,6 +92,7 @@ class ConcurrencyLimiter:
 
     #: Standby slots releases promote for above the cap (``tuning_concurrency_standby``: 1 when on;
     #: the concurrency step sets it): a woken waiter holds on for the next slot in its worker.
+    #: Never for a caller key's leases: per-key waiters have no standby.
     standby_slots: int = 0
 
     def __init__(self, name: str, cap: int, store: Union[LeaseStore, RedisConnector], *, prefix: str = "tuning",
@@ -200,7 +201,8 @@ class ConcurrencyLimiter:
                 spot = parking[1]
                 if slot.key_hash:
                     spot = type(spot)(spot.reason, keyed_spot_name(spot.name, slot.key_hash))
-                parking[0].release_lease(spot, where, lease.id, slot.cap, self.standby_slots)
+                # A caller key's waiters have no standby (see ConcurrencyStep): promote to its cap.
+                parking[0].release_lease(spot, where, lease.id, slot.cap, 0 if slot.key_hash else self.standby_slots)
             else:
                 self.store.release(where, lease.id)
         except StorageError:

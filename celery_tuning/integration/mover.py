@@ -34,10 +34,11 @@ from typing import Any, Dict, List, NamedTuple, Optional, Set
 
 from .. import events
 from ..errors import StorageError
-from ..storage.keys import lease_key, park_index_member, split_keyed_spot
+from ..storage.keys import lease_key, park_spot_of, split_keyed_spot
+from ..storage.park import Spot
 from .deferral import HEADER_PARK, decode_payload, route_declarations
 
-__all__ = ["ForeignEntry", "Mover", "ParkedRow", "Round", "parked_rows", "parked_snapshot"]
+__all__ = ["ForeignEntry", "Mover", "ParkedRow", "Round", "parked_by_limit", "parked_rows", "parked_snapshot"]
 
 logger = logging.getLogger("celery_tuning.parking")
 
@@ -93,6 +94,8 @@ class ParkedRow(NamedTuple):
     claimed: int
     next_due_in: Optional[float]
     oldest_age: Optional[float]
+    #: Caller keys of a per-key limit with entries, in a row of :func:`parked_by_limit` (0 otherwise).
+    keys: int = 0
 
     @property
     def parked(self) -> int:
@@ -119,6 +122,23 @@ def parked_snapshot(store: Any) -> List[ParkedRow]:
         age = None if snap.oldest_us is None or snap.oldest_us > now else (now - snap.oldest_us) / 1e6
         rows.append(ParkedRow(where.reason, where.name, snap.due, snap.waiting, snap.claimed, next_in, age))
     return rows
+
+
+def parked_by_limit(rows: List[ParkedRow]) -> List[ParkedRow]:
+    """``rows`` with the spots of a per-key limit's caller keys added up under the limit's name
+    (``keys``: how many), so neither the CLI nor a metric label ever names a tenant's spot."""
+    groups: Dict[Any, List[ParkedRow]] = {}
+    for row in rows:
+        groups.setdefault((row.reason, _limit_of(row)), []).append(row)
+    out = []
+    for (reason, name), group in sorted(groups.items()):
+        nexts = [r.next_due_in for r in group if r.next_due_in is not None]
+        ages = [r.oldest_age for r in group if r.oldest_age is not None]
+        keyed = sum(1 for r in group if r.name != name)
+        out.append(ParkedRow(reason, name, sum(r.due for r in group), sum(r.waiting for r in group),
+                             sum(r.claimed for r in group), min(nexts) if nexts else None,
+                             max(ages) if ages else None, keyed))
+    return out
 
 
 def parked_rows(app: Any) -> List[ParkedRow]:
@@ -158,8 +178,11 @@ class Mover:
         self.idle_sleep = idle_sleep
         self.spots_ttl = spots_ttl
         self._spots: List[Any] = []
+        self._names: Dict[str, Set[str]] = {}
         self._spots_at = -1e9
         self._counted_at = -1e9
+        #: Labels last counted above 0 (set to 0 when they leave the index).
+        self._counted: Set[Any] = set()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._failing = False
@@ -249,7 +272,7 @@ class Mover:
         """The spots that may hold entries (the store's index, reused for ``spots_ttl`` s)."""
         now = time.monotonic()
         if self._idle or now - self._spots_at >= self.spots_ttl:
-            names = self.names()
+            names = self._names = self.names()
             # Only this app's spots: another app sharing the tuning Redis (and prefix) may publish
             # through another broker, and its entries are its own movers' to publish.
             # A concurrency spot of one caller key (<limit>:k:<digest>) belongs to its limit.
@@ -284,10 +307,11 @@ class Mover:
     def count(self) -> None:
         """Tell the events sink what is parked at each spot (the ``celery_tuning_parked_tasks`` gauge)."""
         # By limit: the spots of a per-key limit's keys add up under its name (labels stay bounded).
-        totals: Dict[Any, int] = {}
-        for row in parked_snapshot(self.store):
-            label = (row.reason, _limit_of(row))
-            totals[label] = totals.get(label, 0) + row.parked
+        totals = {(row.reason, row.name): row.parked for row in parked_by_limit(parked_snapshot(self.store))}
+        # A per-key limit whose keys all drained leaves the index: its count is 0, not the last one.
+        for label in self._counted - set(totals):
+            totals[label] = 0
+        self._counted = {label for label, parked in totals.items() if parked}
         for (reason, name), parked in totals.items():
             events.parked_count(reason, name, parked)
 
@@ -330,8 +354,16 @@ class Mover:
         """Claim and publish what is due at the spots named by releases (index members
         ``<r>:<name>``) that are this mover's; returns how many were published."""
         published = 0
-        for where in self.spots():
-            if park_index_member(where.reason, where.name) in members:
+        if not self._names:
+            self.spots()
+        for member in sorted(members):
+            # Read from the message, not the cached spot list: a caller key's spot parked since
+            # the list was read is not in it.
+            found = park_spot_of(member)
+            if found is None:
+                continue
+            where = Spot(*found)
+            if _limit_of(where) in self._names.get(where.reason, ()):
                 claimed = self.store.claim(where, self.batch, self.claim_ttl_us)
                 if claimed:
                     published += self._publish(where, claimed)
@@ -349,8 +381,9 @@ class Mover:
         if spec is None:
             return False  # not a limit of this app (another app shares the Redis)
         cap = spec.cap_for_digest(key_hash)
-        # One more than the cap while standbys are on: the waiter on its way to hold on for the next slot.
-        standby = 1 if self.runtime.config.concurrency_standby > 0 else 0
+        # One more than the cap while standbys are on: the waiter on its way to hold on for the next
+        # slot (a caller key's waiters have none).
+        standby = 1 if self.runtime.config.concurrency_standby > 0 and key_hash is None else 0
         return self.store.promote(where, lease_key(self.runtime.config.key_prefix, name, key_hash), cap, standby) > 0
 
     def _publish(self, where: Any, claimed: List[Any]) -> int:

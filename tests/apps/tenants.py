@@ -2,7 +2,7 @@
 
 ``sync`` is limited by the named limit 'sync' per tenant (1 by default, 2 for 'big' through
 ``per_key``); ``inline_sync`` by an inline limit with the same caps. Every run records its span
-per tenant and its run count per task id in the tuning Redis.
+per tenant (and its start, as it starts) and its run count per task id in the tuning Redis.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ def tenant_of(tenant, i, **kw):
 
 def _run(kind: str, task_id: str, tenant: str, i: int, seconds: float) -> int:
     start = time.time()
+    ledger.rpush(f"starts:{kind}:{tenant}", f"{i} {start}")
     time.sleep(seconds)
     ledger.hincrby("runs", task_id, 1)
     ledger.rpush(f"spans:{kind}:{tenant}", f"{i} {start} {time.time()}")

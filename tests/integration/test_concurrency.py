@@ -331,3 +331,45 @@ def test_per_key_caps_hold_per_tenant_while_tenants_run_side_by_side(redis_clean
     assert any(":k:" in k for k in keys) and not any("small" in k or "big" in k for k in keys), keys  # hashed
     per_key = [k for k in keys if k.startswith("tuning:cc:{") and ":k:" in k]
     assert all(client.pttl(k) > 0 or not client.exists(k) for k in per_key)  # idle keys expire
+
+
+@pytest.mark.slow
+def test_a_tenant_at_its_cap_holds_no_worker_process_another_tenant_needs(redis_clean):
+    """Review finding: a woken waiter of a tenant at its cap held on in its worker as that key's
+    standby, and kept the worker's other process from another tenant's tasks until the running one
+    ended. A per-key waiter has no standby: with 'small' at its cap (1) holding one of two processes
+    and its backlog parked, 'other' tenant's tasks run in the second one and all end before
+    'small''s running task does (an order, not a time)."""
+    with running_workers("tests.apps.tenants:app", worker_env(redis_clean), count=1, concurrency=2, prefix="tc"):
+        out = run_producer(
+            "import json, time\n"
+            "from tests.apps.tenants import app, ledger, sync\n"
+            "from celery_tuning.integration.runtime import runtime_for\n"
+            "from celery_tuning.storage.keys import key_digest, keyed_spot_name\n"
+            "from celery_tuning.storage.park import Spot\n"
+            "store = runtime_for(app).registry.park_store()\n"
+            "spot = Spot('concurrency', keyed_spot_name('sync', key_digest('small')))\n"
+            "first = sync.delay('small', 0, seconds=3.0)\n"
+            "deadline = time.time() + 30\n"
+            "while not ledger.llen('starts:named:small'):\n"
+            "    assert time.time() < deadline, 'small 0 never started'\n"
+            "    time.sleep(0.02)\n"
+            "backlog = [sync.delay('small', i, seconds=3.0) for i in (1, 2)]\n"
+            "while True:  # its backlog settled: parked, or (before the fix) one held on as a standby\n"
+            "    snap = store.snapshot(spot)\n"
+            "    if snap.waiting + snap.standbys == 2 and snap.due + snap.claimed == 0:\n"
+            "        break\n"
+            "    assert time.time() < deadline, snap\n"
+            "    time.sleep(0.02)\n"
+            "time.sleep(0.3)  # a woken waiter on its way would be holding on by now\n"
+            "others = [sync.delay('other', i, seconds=0.05) for i in range(3)]\n"
+            "print(json.dumps({'others': [r.get(timeout=60) for r in others], 'first': first.get(timeout=60)}))\n",
+            redis_clean)
+    assert json.loads(out.splitlines()[-1]) == {"others": [0, 1, 2], "first": 0}
+    client = redis_clean.client(1)
+    [(first_start, first_end)] = [span for raw, span in zip(client.lrange("spans:named:small", 0, -1),
+                                                             _spans(client, "spans:named:small"))
+                                  if raw.split()[0] == b"0"]
+    others = _spans(client, "spans:named:other")
+    assert len(others) == 3
+    assert max(end for _, end in others) < first_end, (others, first_start, first_end)

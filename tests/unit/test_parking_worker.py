@@ -388,3 +388,48 @@ def test_a_redelivered_original_of_a_per_key_limit_is_checked_at_its_keys_spot(a
         assert _guarded(lambda ctx: "ran", steps)(CallContext(task, ("other",), {})) == "ran"
     finally:
         task.pop_request()
+
+
+def test_per_key_spots_are_counted_under_their_limit_and_promoted_to_their_cap_alone(app, store):
+    """Review findings: parked gauges and counters name the limit, never a caller key's spot; a
+    per-key limit whose keys drained counts 0 (its spots left the index); a key's waiters are
+    promoted to its cap, with no standby slot over it."""
+    from celery_tuning.storage.keys import key_digest, keyed_spot_name
+
+    task = app.tasks["unit.work"]
+    app.conf.tuning_concurrency_standby = 10.0  # standbys on: a limit's own spot promotes cap + 1
+    counted: List[Any] = []
+    unparked: List[Any] = []
+
+    def count(reason: str, name: str, parked: int) -> None:
+        counted.append((reason, name, parked))
+
+    def seen(reason: str, name: str) -> None:
+        unparked.append((reason, name))
+
+    tenants = {t: Spot("concurrency", keyed_spot_name("solo", key_digest(t))) for t in ("a", "b", "c")}
+    for tenant, where in sorted(tenants.items()):
+        for i in range(2 if tenant == "a" else 1):
+            request = _request(task_id=f"{tenant}-{i}")
+            store.park(where, f"{tenant}-{i}:0:1", encode_payload(task, request, {}, where.reason, where.name), None)
+    events.PARKED_COUNT.subscribe(count)
+    events.TASK_UNPARKED.subscribe(seen)
+    try:
+        mover = Mover(app, store)
+        mover.count()
+        assert counted == [("concurrency", "solo", 4)]
+        done = mover.run_once()
+        assert done.published == 3  # a's second waiter stays: cap 1, no standby slot over it
+        assert unparked == [("concurrency", "solo")] * 3
+        assert store.spots() == [tenants["a"]]
+        for tenant in "bc":
+            assert store.redeem(tenants[tenant], f"{tenant}-0:0:1", 1)
+        store.purge(tenants["a"])
+        assert store.spots() == []
+        counted.clear()
+        mover.count()
+        assert counted == [("concurrency", "solo", 0)]  # not its last count
+    finally:
+        events.PARKED_COUNT.unsubscribe(count)
+        events.TASK_UNPARKED.unsubscribe(seen)
+    assert sorted(m.headers["id"] for m in _queued(app, "work-q")) == ["a-0", "b-0", "c-0"]

@@ -100,9 +100,12 @@ class ConcurrencyStep(Step):
                     info = park_info(request) or {}
                     # A waiter the mover woke for this limit holds on for the next slot when no
                     # other waiter does (the standby); else, or when its wait ends, it parks again.
+                    # Never a caller key's waiter: only its own key's releases free its slot, and
+                    # holding a worker process for them would keep other tenants' tasks (under
+                    # their caps) from running; a release of its key wakes the next one at once.
                     woken = info.get("r") == "concurrency"
-                    held = (self._stand_by(limiter, request, where, key) if woken and info.get("n") == where.name
-                            and _may_stand_by(ctx.task, request) else None)
+                    held = (self._stand_by(limiter, request, where, key) if woken and key is None
+                            and info.get("n") == where.name and _may_stand_by(ctx.task, request) else None)
                     if held is not None:
                         lease = held
                         request.tuning_standby = True  # for the task (and tests) to tell
@@ -125,7 +128,7 @@ class ConcurrencyStep(Step):
 
     def _stand_by(self, limiter: ConcurrencyLimiter, request: Any, where: Any, key: Any) -> Optional[Lease]:
         """A woken waiter that found no free slot: hold on as the standby of its spot ``where`` (one
-        at a time per limit, or per caller key, cluster-wide) and take the next slot a release frees,
+        at a time per limit cluster-wide; never for a caller key) and take the next slot a release frees,
         for up to ``tuning_concurrency_standby`` seconds. The lease, or None: not the standby (another
         is), Redis failed, or the wait ended (then the call parks again at its place, as any refused
         woken waiter does)."""
