@@ -195,9 +195,10 @@ def main(argv: List[str]) -> int:
     parser.add_argument("--tasks", type=int, default=3000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--pools", default="prefork,threads,solo")
-    parser.add_argument("--only", default="passthrough,floor,tracer,limiter,breaker,cache,metrics,accuracy,scaling",
+    parser.add_argument("--only", default="passthrough,floor,tracer,limiter,breaker,cache,metrics,accuracy,scaling,"
+                                          "dedupe",
                         help="comma-separated sections: passthrough, floor, tracer, limiter, breaker, cache, "
-                             "metrics, accuracy, scaling, parking (not in the default: --only parking --tasks "
+                             "metrics, accuracy, scaling, dedupe, parking (not in the default: --only parking --tasks "
                              "20000 for issue #17's burst; its cap part runs min(2000, tasks) tasks)")
     args = parser.parse_args(argv)
     sections = set(args.only.split(","))
@@ -264,6 +265,11 @@ def main(argv: List[str]) -> int:
                 "breaker_threads": scaling.breaker_threads(server.db_url(5)),
             }
             print("\n" + scaling.render(results["scaling"]), flush=True)
+        if "dedupe" in sections:
+            from benchmarks import dedupe
+
+            results["dedupe"] = dedupe.run(server.db_url(8), server.db_url(9), runs=args.runs)
+            print("\n" + dedupe.render(results["dedupe"]), flush=True)
         if "parking" in sections:
             from benchmarks import parking
 

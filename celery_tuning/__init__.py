@@ -23,6 +23,9 @@ _EXPORTS = {
     "sla": "celery_tuning.decorators",
     "concurrency_limit": "celery_tuning.decorators",
     "ConcurrencyLimited": "celery_tuning.errors",
+    "DuplicateTask": "celery_tuning.errors",
+    "dedupe": "celery_tuning.decorators",
+    "debounce": "celery_tuning.decorators",
     "install": "celery_tuning.integration.install",
     "stamp_headers": "celery_tuning.integration.receivers",
     "TunedTask": "celery_tuning.integration.task",
@@ -37,6 +40,7 @@ __all__ = [
     "CircuitOpen",
     "ConcurrencyLimited",
     "ConfigurationError",
+    "DuplicateTask",
     "GcraLimiter",
     "RateLimited",
     "SharedBreaker",
@@ -48,6 +52,8 @@ __all__ = [
     "cache_result",
     "circuit_breaker",
     "concurrency_limit",
+    "debounce",
+    "dedupe",
     "install",
     "limiter",
     "rate_limit",
@@ -77,8 +83,16 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover
     from .circuit import CircuitOpen, SharedBreaker
-    from .decorators import cache_result, circuit_breaker, concurrency_limit, rate_limit, sla
-    from .errors import ConcurrencyLimited, ConfigurationError, RateLimited, StorageError, Throttled, TuningError
+    from .decorators import cache_result, circuit_breaker, concurrency_limit, debounce, dedupe, rate_limit, sla
+    from .errors import (
+        ConcurrencyLimited,
+        ConfigurationError,
+        DuplicateTask,
+        RateLimited,
+        StorageError,
+        Throttled,
+        TuningError,
+    )
     from .integration.install import install
     from .integration.receivers import stamp_headers
     from .integration.registry import breaker, limiter

@@ -680,6 +680,12 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting("tuning_concurrency_scale", "float", 1.0,
             "Multiplies profile concurrency (operators set it from the environment).",
             _positive_float, env="CELERY_TUNING_CONCURRENCY_SCALE"),
+    Setting("tuning_dedupe_ttl", "float (s)", 3600.0,
+            "Upper bound on the life of a @dedupe lock whose decorator gives no ttl: a queued call's "
+            "lock lasts at most this long (a message still queued after it no longer keeps identical "
+            "calls out), a running call's is renewed up to it. A dead worker's lock goes within "
+            "tuning_concurrency_lease_ttl, not this. Also how long a published @debounce run (not yet "
+            "started) holds its key, so the next run waits behind a queue backlog.", _positive_float),
     Setting("tuning_defer_via", "'park' | 'countdown'", "park",
             "How a task that cannot run now (rate limit, concurrency limit, open breaker) waits: 'park' "
             "keeps it in the tuning Redis and a mover in the workers publishes it back when due (no ETA "
@@ -749,6 +755,7 @@ class TuningConfig:
     concurrency_lease_ttl: float
     concurrency_standby: float
     concurrency_scale: float
+    dedupe_ttl: float
     defer_via: str
     park_claim_ttl: float
     park_ticket_ttl: float

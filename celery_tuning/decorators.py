@@ -27,8 +27,10 @@ from .policy.attach import (
     SlaPolicy,
     attach_policy,
 )
+from .policy.debounce import DebouncePolicy
+from .policy.dedupe import ON_DUPLICATE, UNTIL, DedupePolicy
 
-__all__ = ["cache_result", "circuit_breaker", "concurrency_limit", "rate_limit", "sla"]
+__all__ = ["cache_result", "circuit_breaker", "concurrency_limit", "debounce", "dedupe", "rate_limit", "sla"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -380,6 +382,91 @@ def concurrency_limit(name: Optional[str] = None, *, limit: Optional[int] = None
 
     def decorate(fun: F) -> F:
         attach_policy(fun, "concurrency", policy, "concurrency_limit")
+        return fun
+
+    return decorate
+
+
+def dedupe(
+    *bare: Any,
+    key: Optional[Callable[..., Any]] = None,
+    until: str = "done",
+    ttl: Optional[float] = None,
+    on_duplicate: str = "return",
+) -> Callable[[F], F]:
+    """Publish a call only when no identical call is queued (or, with ``until="done"``, running).
+
+    A duplicate's ``apply_async()``/``delay()`` returns the queued or running call's
+    ``AsyncResult`` (same task id) without publishing anything. The lock is held by that task id:
+    renewed while it runs, freed when it finishes, fails, hits its hard time limit or is revoked,
+    and within ``tuning_concurrency_lease_ttl`` when its worker dies; a retry or a deferral keeps
+    it. ``app.send_task`` by name does not go through ``apply_async`` and is never deduplicated
+    (see docs/dedupe.md for it and canvas members).
+
+    Arguments:
+        key: Called with the task's arguments; calls whose values are equal are duplicates
+            (``key=lambda account_id, **kw: account_id``). Default: every argument, as the result
+            cache keys them (task name + canonical JSON of the arguments, hashed).
+        until: ``"done"`` (default): a call keeps identical calls out until it finishes;
+            ``"started"``: only while it is queued (a new call goes through once its body starts).
+        ttl: Upper bound on a lock's life in seconds, whatever happens (a call still queued after
+            it no longer keeps identical calls out). Default: ``tuning_dedupe_ttl``.
+        on_duplicate: ``"return"`` (default) the holder's ``AsyncResult``; ``"raise"``
+            :class:`~celery_tuning.DuplicateTask` (its ``holder_id`` names the holder); ``"ignore"``
+            returns None.
+
+    Raises:
+        ConfigurationError: On anything malformed, naming the argument.
+    """
+    if bare:
+        raise ConfigurationError(
+            "@dedupe takes keyword arguments only: write @dedupe() or @dedupe(key=..., until=..., ttl=..., "
+            f"on_duplicate=...), not @dedupe or @dedupe({bare[0]!r})")
+    _key_function("dedupe", key)
+    choice(Arg("dedupe", "until"), until, UNTIL)
+    choice(Arg("dedupe", "on_duplicate"), on_duplicate, ON_DUPLICATE)
+    policy = DedupePolicy(key=key, until=until, on_duplicate=on_duplicate,
+                          ttl=None if ttl is None else _seconds("dedupe", "ttl", ttl, allow_zero=False))
+
+    def decorate(fun: F) -> F:
+        attach_policy(fun, "dedupe", policy, "dedupe")
+        return fun
+
+    return decorate
+
+
+def debounce(delay: float, key: Optional[Callable[..., Any]] = None,
+             max_wait: Optional[float] = None) -> Callable[[F], F]:
+    """Collapse calls made within ``delay`` seconds of each other into one run with the latest arguments.
+
+    ``apply_async()``/``delay()`` publishes nothing: the call waits in the tuning Redis as its key's
+    pending run, due ``delay`` after the last call (at most ``max_wait`` after the first), and
+    returns that run's ``AsyncResult`` (every collapsed caller gets the same id). The parking mover
+    in the workers publishes it when due. A call that comes while the key's run executes schedules
+    exactly one more run, after it. Needs ``tuning_defer_via="park"`` and a JSON serializer (see
+    docs/debounce.md).
+
+    Arguments:
+        delay: Seconds after the last call the run is due (> 0).
+        key: Called with the task's arguments; only calls whose values are equal collapse
+            (``key=lambda account_id, **kw: account_id``). Default: the task alone, so calls
+            with different arguments collapse.
+        max_wait: At most this many seconds after the first collapsed call (>= ``delay``;
+            default: no bound, a steady stream of calls closer than ``delay`` never runs).
+
+    Raises:
+        ConfigurationError: On anything malformed, naming the argument.
+    """
+    delay_ = _seconds("debounce", "delay", delay, allow_zero=False)
+    _key_function("debounce", key)
+    max_wait_ = None if max_wait is None else _seconds("debounce", "max_wait", max_wait, allow_zero=False)
+    if max_wait_ is not None and max_wait_ < delay_:
+        raise ConfigurationError(
+            f"@debounce(max_wait={max_wait!r}): expected a number of seconds >= delay ({delay!r})")
+    policy = DebouncePolicy(delay=delay_, key=key, max_wait=max_wait_)
+
+    def decorate(fun: F) -> F:
+        attach_policy(fun, "debounce", policy, "debounce")
         return fun
 
     return decorate

@@ -8,6 +8,7 @@ from typing import Optional
 __all__ = [
     "ConcurrencyLimited",
     "ConfigurationError",
+    "DuplicateTask",
     "RateLimited",
     "StorageError",
     "Throttled",
@@ -97,3 +98,21 @@ class ConcurrencyLimited(TuningError):
 
     def __str__(self) -> str:
         return f"concurrency limit {self.name!r} reached; retry after {self.retry_after:.3f}s"
+
+
+class DuplicateTask(TuningError):
+    """A ``@dedupe(on_duplicate="raise")`` task was called while an identical call is queued or
+    running; nothing was published.
+
+    Arguments:
+        task: The task's name.
+        holder_id: The id of the queued or running call (``task.AsyncResult(exc.holder_id)``).
+    """
+
+    def __init__(self, task: str, holder_id: str) -> None:
+        self.task = task
+        self.holder_id = holder_id
+        super().__init__(task, holder_id)
+
+    def __str__(self) -> str:
+        return f"task {self.task!r} has an identical call queued or running (task id {self.holder_id}); not published"

@@ -36,7 +36,10 @@ from typing import Any, Generic, Optional, Protocol, Tuple, TypeVar
 
 __all__ = [
     "BREAKER",
+    "BREAKER_REJECTED",
     "CACHE",
+    "DEBOUNCED",
+    "DEDUPLICATED",
     "LIMITER",
     "PARKED_COUNT",
     "PARK_FALLBACK",
@@ -46,8 +49,11 @@ __all__ = [
     "TASK_PARKED",
     "TASK_TIMED",
     "TASK_UNPARKED",
+    "BreakerRejectedSubscriber",
     "BreakerSubscriber",
     "CacheSubscriber",
+    "DebounceSubscriber",
+    "DedupeSubscriber",
     "LimiterSubscriber",
     "ParkSubscriber",
     "ParkedSubscriber",
@@ -56,8 +62,11 @@ __all__ = [
     "TaskDeferredSubscriber",
     "TaskTimedSubscriber",
     "Topic",
+    "breaker_rejected",
     "breaker_transition",
     "cache_event",
+    "debounced",
+    "deduplicated",
     "limiter_event",
     "park_fallback",
     "parked_count",
@@ -129,6 +138,10 @@ class BreakerSubscriber(Protocol):
     def __call__(self, name: str, old: str, new: str, reason: str, /) -> None: ...
 
 
+class BreakerRejectedSubscriber(Protocol):
+    def __call__(self, name: str, task_name: str, action: str, retry_after: float, /) -> None: ...
+
+
 class TaskTimedSubscriber(Protocol):
     def __call__(self, *, sender: Any, task_id: str, queue: str, wait: Optional[float], run: float,
                  total: Optional[float], state: Optional[str], clamped: bool, cpu: float) -> None: ...
@@ -155,6 +168,14 @@ class ParkedSubscriber(Protocol):
     def __call__(self, reason: str, name: str, parked: int, /) -> None: ...
 
 
+class DedupeSubscriber(Protocol):
+    def __call__(self, task_name: str, /) -> None: ...
+
+
+class DebounceSubscriber(Protocol):
+    def __call__(self, task_name: str, /) -> None: ...
+
+
 #: Rate-limit decisions: ``(name, event, seconds)``; event is 'acquired', 'waited', 'reserved',
 #: 'rejected', 'throttled', 'fallback' or 'slot_expired' (a deferred task came back later than
 #: ``tuning_rate_limit_slot_grace`` for its reserved slot, and takes its turn among the late
@@ -165,6 +186,9 @@ CACHE: Topic[CacheSubscriber] = Topic("cache")
 #: Circuit-breaker state changes: ``(name, old, new, reason)`` ('observed' when another process
 #: changed it).
 BREAKER: Topic[BreakerSubscriber] = Topic("breaker")
+#: An open breaker refused a task's call in its ``@circuit_breaker`` step:
+#: ``(name, task_name, action, retry_after)``, action ``fallback``, ``fail`` or ``defer``.
+BREAKER_REJECTED: Topic[BreakerRejectedSubscriber] = Topic("breaker_rejected")
 #: A task attempt timed in the worker (keywords as the ``task_timed`` signal; sender: the task).
 TASK_TIMED: Topic[TaskTimedSubscriber] = Topic("task_timed")
 #: A task attempt checked against an SLA: ``(task, queue)``.
@@ -185,6 +209,12 @@ PARK_FALLBACK: Topic[ParkSubscriber] = Topic("park_fallback")
 #: A mover counted what is parked at a spot: ``(reason, name, parked)`` (due, waiting and claimed;
 #: sent about every few seconds by each mover, only while someone subscribes).
 PARKED_COUNT: Topic[ParkedSubscriber] = Topic("parked_count")
+#: A ``@dedupe`` call found an identical call queued or running and was not published: ``(task_name,)``
+#: (sent in the process that made the call, whatever ``on_duplicate`` then does).
+DEDUPLICATED: Topic[DedupeSubscriber] = Topic("deduplicated")
+#: A ``@debounce`` call collapsed into the pending run of its key (not published): ``(task_name,)``
+#: (sent in the process that made the call).
+DEBOUNCED: Topic[DebounceSubscriber] = Topic("debounced")
 
 
 def limiter_event(name: str, event: str, seconds: float = 0.0) -> None:
@@ -195,6 +225,11 @@ def limiter_event(name: str, event: str, seconds: float = 0.0) -> None:
 def cache_event(task_name: str, event: str) -> None:
     """The result cache of ``task_name`` saw ``event``."""
     CACHE.emit(task_name, event)
+
+
+def breaker_rejected(name: str, task_name: str, action: str, retry_after: float) -> None:
+    """Breaker ``name`` was open for a call of ``task_name``, which then took ``action``."""
+    BREAKER_REJECTED.emit(name, task_name, action, retry_after)
 
 
 def breaker_transition(name: str, old: str, new: str, reason: str) -> None:
@@ -245,3 +280,13 @@ def park_fallback(reason: str, why: str) -> None:
 def parked_count(reason: str, name: str, parked: int) -> None:
     """``parked`` tasks wait at spot ``(reason, name)`` now."""
     PARKED_COUNT.emit(reason, name, parked)
+
+
+def deduplicated(task_name: str) -> None:
+    """A ``@dedupe`` call of ``task_name`` was not published: an identical one is queued or running."""
+    DEDUPLICATED.emit(task_name)
+
+
+def debounced(task_name: str) -> None:
+    """A ``@debounce`` call of ``task_name`` collapsed into the pending run of its key."""
+    DEBOUNCED.emit(task_name)

@@ -611,6 +611,65 @@ def cache_clear(ctx: click.Context, task_name: str) -> None:
     click.echo(f"{task_name}: cleared (generation {generation})")
 
 
+@tuning.group(help="Show and clear @dedupe locks (one queued or running call per key).")
+def dedupe() -> None:
+    """Dedupe commands."""
+
+
+def _deduped_task(ctx: click.Context, name: str) -> Any:
+    app = ctx.obj.app
+    app.loader.import_default_modules()
+    task = app.tasks.get(name)
+    if task is None:
+        raise click.ClickException(f"no task named {name!r} (is its module imported by the app?)")
+    handle = getattr(type(task), "dedupe", None)
+    if handle is None or not hasattr(handle, "locks"):
+        raise click.ClickException(f"task {name!r} has no @dedupe")
+    return handle
+
+
+@dedupe.command("show", help="Held locks of a task: key digest, holder task id, queued or running, age, "
+                             "time to expiry (renewed while running) and to the deadline (ttl).")
+@click.argument("task_name")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1), help="Show at most this many.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of lines.")
+@click.pass_context
+def dedupe_show(ctx: click.Context, task_name: str, limit: int, as_json: bool) -> None:
+    handle = _deduped_task(ctx, task_name)
+    with _as_cli_error():
+        locks = handle.locks(limit + 1)  # one more: tells whether there are more than shown
+    more = len(locks) > limit
+    locks = locks[:limit]
+    if as_json:
+        click.echo(json.dumps([{"digest": lock.digest, "holder": lock.holder, "state": lock.state,
+                                "age": lock.age_us / 1e6, "expires_in": lock.expires_in_us / 1e6,
+                                "deadline_in": lock.deadline_in_us / 1e6} for lock in locks], indent=2))
+        return
+    if not locks:
+        click.echo(f"{task_name}: no locks held")
+        return
+    for lock in locks:
+        click.echo(f"{lock.digest[:16]} {lock.holder} {lock.state}, age {lock.age_us / 1e6:.1f}s, "
+                   f"expires in {lock.expires_in_us / 1e6:.1f}s, deadline in {lock.deadline_in_us / 1e6:.1f}s")
+    if more:
+        click.echo(f"... more locks are held: the first {limit} (soonest expiry first) are shown; --limit N shows more")
+
+
+@dedupe.command("clear", help="Drop every lock of a task: the next identical call is published (calls already "
+                              "queued still run; a running call's lock returns at its next renewal).")
+@click.argument("task_name")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_context
+def dedupe_clear(ctx: click.Context, task_name: str, yes: bool) -> None:
+    handle = _deduped_task(ctx, task_name)
+    if not yes:
+        click.confirm(f"drop every @dedupe lock of {task_name}? identical calls will be published again",
+                      abort=True)
+    with _as_cli_error():
+        dropped = handle.clear()
+    click.echo(f"{task_name}: dropped {dropped} lock(s)")
+
+
 @tuning.command(help="Effective concurrency settings per queue (as `celery worker -Q QUEUE` would get them) "
                      "and the profile of a worker started without -Q.")
 @click.pass_context

@@ -366,6 +366,16 @@ def _seq_of(headers: Dict[str, Any]) -> int:
     return seq
 
 
+def _carry_trace(headers: Dict[str, Any]) -> None:
+    """Keep the parking run's OpenTelemetry context in the parked call (when spans are recorded)."""
+    from . import otel
+
+    if otel.tracing_connected():
+        carrier = otel.trace_carrier()
+        if carrier:
+            headers[otel.HEADER_TRACE] = carrier
+
+
 def _park(task: Any, request: Any, park: ParkRequest, headers: Dict[str, Any], count: int, reason: str) -> None:
     """Park the call and raise Ignore; return (to defer with a countdown) when parking is off or fails."""
     from .runtime import runtime_for
@@ -387,6 +397,7 @@ def _park(task: Any, request: Any, park: ParkRequest, headers: Dict[str, Any], c
     seq: Optional[int] = None
     if park.delay is None:
         seq = _seq_of(headers)
+    _carry_trace(headers)
     try:
         payload = encode_payload(task, request, headers, where.reason, where.name)
     except (TypeError, ValueError, OverflowError) as exc:

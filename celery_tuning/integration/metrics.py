@@ -236,6 +236,12 @@ class TuningMetrics:
                                    multiprocess_mode="mostrecent")
         self.cache = counter("celery_tuning_cache_events_total", "Result-cache events (hits by level, misses...).",
                              ("task", "event"))
+        self.deduplicated = counter("celery_tuning_deduplicated_total",
+                                    "@dedupe calls not published: an identical call was queued or running.",
+                                    ("task",))
+        self.debounced = counter("celery_tuning_debounced_total",
+                                 "@debounce calls collapsed into the pending run of their key (not published).",
+                                 ("task",))
         self.parked = counter("celery_tuning_parked_total", "Deferred calls parked in the tuning Redis.",
                               ("reason", "name"))
         self.unparked = counter("celery_tuning_unparked_total", "Parked calls a mover published back to their queue.",
@@ -948,6 +954,14 @@ def _record_cache(task: str, event: str) -> None:
     _labelled("cache", task, event).inc()
 
 
+def _record_deduplicated(task: str) -> None:
+    _labelled("deduplicated", task).inc()
+
+
+def _record_debounced(task: str) -> None:
+    _labelled("debounced", task).inc()
+
+
 def _record_parked(reason: str, name: str) -> None:
     _labelled("parked", reason, name).inc()
 
@@ -1001,6 +1015,8 @@ def connect_metric_receivers(buckets: Optional[Tuple[float, ...]] = None) -> Non
     events.SLA_CHECKED.subscribe(_on_sla_checked)
     events.LIMITER.subscribe(_record_limiter)
     events.CACHE.subscribe(_record_cache)
+    events.DEDUPLICATED.subscribe(_record_deduplicated)
+    events.DEBOUNCED.subscribe(_record_debounced)
     events.TASK_DEFERRED.subscribe(_on_deferred)
     events.SLA_BREACHED.subscribe(_on_sla)
     events.BREAKER.subscribe(_record_breaker)

@@ -37,6 +37,7 @@ from ..errors import StorageError
 from ..storage.keys import lease_key, park_spot_of, split_keyed_spot
 from ..storage.park import Spot
 from .deferral import HEADER_PARK, decode_payload, route_declarations
+from .otel import HEADER_TRACE, continued_trace
 
 __all__ = ["ForeignEntry", "Mover", "ParkedRow", "Round", "parked_by_limit", "parked_rows", "parked_snapshot"]
 
@@ -195,6 +196,10 @@ class Mover:
         self._woken_lock = threading.Lock()
         #: Entries published since start (all spots).
         self.published = 0
+        from .steps.debounce import DebounceMoving
+
+        #: Its part for ``@debounce``: due debounced runs are published in the same rounds.
+        self.debounce = DebounceMoving(self)
 
     # -- the thread ---------------------------------------------------------------------------
 
@@ -339,6 +344,12 @@ class Mover:
             if due is not None:
                 parked = True
                 earliest = due if earliest is None else min(earliest, due)
+        debounced = self.debounce.run_once(time.monotonic())
+        published += debounced.published
+        full = full or debounced.full
+        if debounced.next_due_us is not None:
+            parked = True
+            earliest = debounced.next_due_us if earliest is None else min(earliest, debounced.next_due_us)
         self.published += published
         self._idle = not parked
         if full:
@@ -431,4 +442,5 @@ class Mover:
         declare = route_declarations(self.app, signature.options)
         if declare:
             signature.options["declare"] = declare
-        return signature.apply_async(producer=producer)
+        with continued_trace(headers.get(HEADER_TRACE)):
+            return signature.apply_async(producer=producer)

@@ -24,7 +24,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Callable, Dict, Optional, Union
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterator, Optional, Union
 
 from celery import signals as celery_signals
 from celery._state import get_current_task
@@ -62,9 +63,12 @@ __all__ = [
     "EVENT_PARKED",
     "EVENT_PARK_FALLBACK",
     "EVENT_RATE_LIMIT",
+    "HEADER_TRACE",
     "available",
     "connect_tracing",
+    "continued_trace",
     "disconnect_tracing",
+    "trace_carrier",
     "tracing_connected",
 ]
 
@@ -78,7 +82,8 @@ EVENT_RATE_LIMIT = "celery_tuning.rate_limit."
 EVENT_CACHE = "celery_tuning.cache."
 #: A circuit breaker changed state (this call opened or closed it, or saw another process do it).
 EVENT_BREAKER_STATE_CHANGED = "celery_tuning.breaker.state_changed"
-#: An open (or half-open, trial elsewhere) breaker refused the call: it was deferred, or failed.
+#: An open (or half-open, trial elsewhere) breaker refused the call: it was deferred, answered by the
+#: fallback, or failed.
 EVENT_BREAKER_REJECTED = "celery_tuning.breaker.rejected"
 #: The task was deferred without a retry: re-published with a countdown, or parked.
 EVENT_DEFERRED = "celery_tuning.deferred"
@@ -106,8 +111,9 @@ ATTR_BREAKER_OLD_STATE = "celery_tuning.breaker.old_state"
 ATTR_BREAKER_STATE = "celery_tuning.breaker.state"
 #: Why the state changed (``'3 consecutive failures, last TimeoutError'``, ``'observed'``, ``'manual'``...).
 ATTR_BREAKER_REASON = "celery_tuning.breaker.reason"
-#: What the refused call did: ``defer`` (re-published or parked), ``fail`` (raised CircuitOpen) or
-#: ``retry`` (CircuitOpen made Celery retry it: ``autoretry_for``).
+#: What the refused call did: ``defer`` (re-published or parked), ``fallback`` (the decorator's
+#: ``fallback=`` answered), ``fail`` (raised CircuitOpen) or ``retry`` (CircuitOpen made Celery retry
+#: it: ``autoretry_for``).
 ATTR_BREAKER_ACTION = "celery_tuning.breaker.action"
 #: Seconds until the breaker lets a trial call through.
 ATTR_BREAKER_RETRY_AFTER = "celery_tuning.breaker.retry_after"
@@ -127,6 +133,11 @@ ATTR_PARK_REASON = "celery_tuning.park.reason"
 ATTR_PARK_NAME = "celery_tuning.park.name"
 #: Why parking fell back to a countdown: ``storage``, ``serializer`` or ``encoding``.
 ATTR_PARK_FALLBACK = "celery_tuning.park.fallback"
+
+#: Message header of a parked call: the parking run's trace context (W3C ``traceparent`` and
+#: ``tracestate``), which the mover makes current while it publishes the call back, so the run that
+#: follows is in the same trace.
+HEADER_TRACE = "tuning_trace"
 
 Attributes = Dict[str, Union[str, float, int, bool]]
 
@@ -181,6 +192,7 @@ def connect_tracing(setting: Optional[bool] = None) -> bool:
         events.LIMITER.subscribe(_on_limiter)
         events.CACHE.subscribe(_on_cache)
         events.BREAKER.subscribe(_on_breaker)
+        events.BREAKER_REJECTED.subscribe(_on_breaker_rejected)
         events.TASK_DEFERRED.subscribe(_on_deferred)
         events.TASK_PARKED.subscribe(_on_parked)
         events.PARK_FALLBACK.subscribe(_on_park_fallback)
@@ -200,6 +212,7 @@ def disconnect_tracing() -> None:
         events.LIMITER.unsubscribe(_on_limiter)
         events.CACHE.unsubscribe(_on_cache)
         events.BREAKER.unsubscribe(_on_breaker)
+        events.BREAKER_REJECTED.unsubscribe(_on_breaker_rejected)
         events.TASK_DEFERRED.unsubscribe(_on_deferred)
         events.TASK_PARKED.unsubscribe(_on_parked)
         events.PARK_FALLBACK.unsubscribe(_on_park_fallback)
@@ -292,13 +305,19 @@ def _on_deferred(*, sender: Any, task_id: str, reason: str, countdown: float, de
     span.add_event(EVENT_DEFERRED, attributes)
     span.set_attribute(ATTR_DEFERRALS, int(deferrals))
     span.set_attribute(ATTR_DEFER_REASON, reason)
-    if reason == "circuit_open":
-        policy = (getattr(type(sender), "_tuning_policies", None) or {}).get("breaker")
-        name = getattr(policy, "name", None)
-        if name is not None:
-            span.add_event(EVENT_BREAKER_REJECTED, {
-                ATTR_BREAKER_NAME: str(name), ATTR_BREAKER_ACTION: "defer", ATTR_BREAKER_RETRY_AFTER: float(countdown),
-            })
+
+
+def _on_breaker_rejected(name: str, task_name: str, action: str, retry_after: float) -> None:
+    # 'fail' is recorded from what Celery does with the CircuitOpen (task_failure, or task_retry under
+    # autoretry_for), which also covers a breaker used inline in the body: not twice here.
+    if action == "fail":
+        return
+    span = _span()
+    if span is None:
+        return
+    span.add_event(EVENT_BREAKER_REJECTED, {
+        ATTR_BREAKER_NAME: name, ATTR_BREAKER_ACTION: action, ATTR_BREAKER_RETRY_AFTER: float(retry_after),
+    })
 
 
 def _on_parked(reason: str, name: str) -> None:
@@ -332,3 +351,38 @@ def _on_task_failure(sender: Any = None, exception: Any = None, **_: Any) -> Non
 
 def _on_task_retry(sender: Any = None, reason: Any = None, **_: Any) -> None:
     _rejected(sender, reason, "retry")
+
+
+def trace_carrier() -> Optional[Dict[str, str]]:
+    """The current span's context as W3C headers, for a call parked now; None when nothing records."""
+    span = _span()
+    if span is None:
+        return None
+    from opentelemetry import propagate
+
+    carrier: Dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier or None
+
+
+@contextmanager
+def continued_trace(carrier: Any) -> Iterator[None]:
+    """Make the context in ``carrier`` (a parked call's :data:`HEADER_TRACE`) current meanwhile.
+
+    The mover publishes parked calls from a thread with no span of its own; under this context the
+    instrumentation's ``apply_async`` span is a child of the run that parked the call.
+    """
+    if not _connected or not isinstance(carrier, dict) or not carrier:
+        yield
+        return
+    from opentelemetry import context, propagate
+
+    try:
+        token = context.attach(propagate.extract({str(k): str(v) for k, v in carrier.items()}))
+    except Exception:  # a foreign or corrupt header: publish without it
+        yield
+        return
+    try:
+        yield
+    finally:
+        context.detach(token)

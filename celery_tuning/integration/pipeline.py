@@ -15,7 +15,8 @@ thread-locals or by looking each other up:
   local look (:meth:`Step.passes_locally`, an open breaker says no);
 - a step that may return a stand-in for the body's result returns a :class:`Degraded`; outer
   steps see it for what it is and the chain hands Celery its value;
-- publish-side hooks (:meth:`Step.publish`) wrap ``apply_async`` in the same order;
+- publish-side hooks (:meth:`Step.publish`) wrap ``apply_async`` in the same order, except that
+  the cache's short circuit runs before ``dedupe`` claims a key (:func:`_publish_order`);
 - before every step, a **guard** drops a stale duplicate of a message the parking mover published
   twice (:func:`celery_tuning.integration.deferral.guard`), so it never runs.
 """
@@ -35,8 +36,11 @@ __all__ = [
 #: while a spent token is not (the slot is held while a call waits up to
 #: ``max_wait`` for its token); the cache store runs after ``run`` on the way back
 #: out. ``celery_tuning.integration.interactions`` tabulates what each step does
-#: with every outcome of the steps inside it.
-STEP_ORDER: Tuple[str, ...] = ("cache", "breaker", "concurrency", "rate_limit")
+#: with every outcome of the steps inside it. ``dedupe`` is outermost: its lock follows the whole
+#: attempt (held while running, kept when an inner step defers the call, freed on every other exit).
+#: ``debounce`` is before it: a debounced call is stored, not published, and its run (published by
+#: the mover) holds the key's running mark around everything else.
+STEP_ORDER: Tuple[str, ...] = ("debounce", "dedupe", "cache", "breaker", "concurrency", "rate_limit")
 
 
 class CallContext:
@@ -263,6 +267,18 @@ def _guarded(call_next: Call, steps: List[Step]) -> Call:
     return call
 
 
+def _publish_order(steps: List[Step]) -> List[Step]:
+    """``steps`` (outermost first) as their publish hooks nest: as :data:`STEP_ORDER`, except that
+    the cache's short circuit answers before ``dedupe`` claims a key. A claim taken for a call the
+    cache then answers would name, for a moment, an id that is never published: an identical call
+    made in that moment would be answered with it and wait forever."""
+    kinds = [step.kind for step in steps]
+    if "cache" in kinds and "dedupe" in kinds and kinds.index("cache") > kinds.index("dedupe"):
+        steps = list(steps)
+        steps.insert(kinds.index("dedupe"), steps.pop(kinds.index("cache")))
+    return steps
+
+
 def build_publisher(steps: List[Step], send: Callable[..., Any]) -> Optional[Callable[..., Any]]:
     """An ``apply_async(self, args, kwargs, task_id, **options)`` running the steps' publish hooks
     around ``send`` (the class's own ``apply_async``), or None when no step has one."""
@@ -272,7 +288,7 @@ def build_publisher(steps: List[Step], send: Callable[..., Any]) -> Optional[Cal
 
     chain: PublishCall = last
     wrapped = False
-    for step in reversed(steps):
+    for step in reversed(_publish_order(steps)):
         hooked = step.publish(chain)
         if hooked is not None:
             chain, wrapped = hooked, True

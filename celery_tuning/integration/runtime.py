@@ -33,7 +33,7 @@ MEMORY_URL = "memory://"
 
 #: The attributes in which pipeline steps keep the component they built (dropped by
 #: :meth:`TuningRuntime.reset_stores` so the next call builds it again on the current stores).
-_STEP_COMPONENTS = ("_limiter", "_limiters", "_breaker", "_cache", "_carries")
+_STEP_COMPONENTS = ("_limiter", "_limiters", "_breaker", "_cache", "_carries", "_dedupe_store")
 
 # Every app of this process on memory://, whatever its settings (the pytest plugin's ``tuning_memory``).
 _memory_everywhere = False
@@ -57,7 +57,7 @@ _REDIS_SCHEMES = tuple(scheme.strip() for scheme in SUPPORTED_SCHEMES.split(",")
 #: Settings whose entries keep state in the tuning Redis.
 STATEFUL_SETTINGS = ("tuning_rate_limits", "tuning_circuit_breakers", "tuning_concurrency_limits")
 #: Policy kinds whose state lives in the tuning Redis (``sla`` is timed in the worker alone).
-STATEFUL_POLICIES = ("cache", "breaker", "rate_limit", "concurrency")
+STATEFUL_POLICIES = ("cache", "breaker", "rate_limit", "concurrency", "dedupe", "debounce")
 
 
 def env_disabled() -> bool:
@@ -97,6 +97,9 @@ class MemoryStores:
         self.breaker = MemoryBreakerStore()
         self.lease = MemoryLeaseStore()
         self.park = MemoryParkStore(leases=self.lease)
+        from ..storage.dedupe import MemoryDedupeStore
+
+        self.dedupe = MemoryDedupeStore()
 
 
 def is_worker_process(argv: Optional[Sequence[str]] = None) -> bool:

@@ -57,6 +57,18 @@ channel ``P:park:wake``                           pub/sub    :func:`park_wake_ch
                                                               made a waiter due: movers wake)
 channel ``P:park:standby``                        pub/sub    :func:`park_standby_channel` (a lease
                                                               released while a standby waits)
+``P:dd:{T}:l:<digest>``                            hash       :func:`dedupe_lock_key` (one
+                                                              ``@dedupe`` lock of task ``T``)
+``P:dd:{T}:idx``                                   zset       :func:`dedupe_index_key` (digest ->
+                                                              lock expiry, µs)
+``P:db:{T}:due``                                   zset       :func:`debounce_keys` (``@debounce``
+                                                              key digest -> next look, µs)
+``P:db:{T}:runs``                                  hash       :func:`debounce_keys` (a key's
+                                                              pending and in-flight runs)
+``P:db:{T}:tix``                                   hash       :func:`debounce_keys` (task id ->
+                                                              ticket ``<pub>`` or ``<pub>:r``)
+``P:db:{T}:tixat``                                 zset       :func:`debounce_keys` (task id ->
+                                                              when its ticket may go, µs)
 ``P:<part>:<part>…``                               any        :func:`prefixed_key` (anything else
                                                               under the prefix)
 =================================================  =========  ====================================
@@ -71,7 +83,9 @@ from typing import Any, NamedTuple, Optional, Tuple
 from ..errors import ConfigurationError
 
 __all__ = [
+    "DEBOUNCE",
     "PARK_REASONS",
+    "DebounceKeys",
     "ParkHandoverKeys",
     "ParkKeys",
     "breaker_channel",
@@ -81,6 +95,10 @@ __all__ = [
     "cache_lock_key",
     "cache_stem",
     "cache_value_key",
+    "debounce_keys",
+    "dedupe_index_key",
+    "dedupe_lock_key",
+    "dedupe_stem",
     "hash_tag",
     "key_digest",
     "keyed_spot_name",
@@ -338,3 +356,43 @@ def park_spot_of(member: str) -> Optional[Tuple[str, str]]:
     code, sep, name = member.partition(":")
     reason = _PARK_REASON_OF_CODE.get(code)
     return (reason, name) if sep and reason is not None else None
+
+
+# -- publish once: @dedupe locks and @debounce runs (one hash tag per task) ------------------------
+
+def dedupe_stem(prefix: str, task: str) -> str:
+    """The stem of every dedupe key of task ``task``."""
+    return hash_tag(prefix, "dd", task)
+
+
+def dedupe_lock_key(prefix: str, task: str, digest: str) -> str:
+    """The lock of one key of task ``task``."""
+    return f"{dedupe_stem(prefix, task)}:l:{digest}"
+
+
+def dedupe_index_key(prefix: str, task: str) -> str:
+    """Task ``task``'s index of locks (digest -> expiry, µs)."""
+    return f"{dedupe_stem(prefix, task)}:idx"
+
+
+#: The ``kind`` part of the debounce keys: ``P:db:{T}:…``.
+DEBOUNCE = "db"
+
+
+class DebounceKeys(NamedTuple):
+    """One debounced task's keys, in the order every ``debounce_*.lua`` script receives them."""
+
+    #: zset key digest -> when a mover looks at the key next (µs).
+    due: str
+    #: hash ``<digest>:<field>`` -> the key's pending and in-flight runs.
+    runs: str
+    #: hash task id -> ticket ``<pub>`` or ``<pub>:r``.
+    tix: str
+    #: zset task id -> when its ticket may go (µs).
+    tixat: str
+
+
+def debounce_keys(prefix: str, task: str) -> DebounceKeys:
+    """Every key of debounced task ``task`` (one Cluster slot: the task name is the hash tag)."""
+    stem = hash_tag(prefix, DEBOUNCE, task)
+    return DebounceKeys(*(f"{stem}:{part}" for part in DebounceKeys._fields))

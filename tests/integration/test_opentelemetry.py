@@ -163,6 +163,11 @@ def test_breaker_opening_and_rejections_are_events(redis_clean, exporter):
     def refund(tenant):
         return "refunded"
 
+    @app.task(base=TunedTask, shared=False)
+    @circuit_breaker("pay", fallback=lambda tenant: "queued for later")
+    def quote(tenant):
+        return "quoted"
+
     with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=10):
         opened = charge.delay(SECRET)
         with pytest.raises(ConnectionError):
@@ -172,7 +177,10 @@ def test_breaker_opening_and_rejections_are_events(redis_clean, exporter):
         with pytest.raises(CircuitOpen):
             failed.get(timeout=10)
         charges = _run_spans(exporter, charge, 2)
+        answered = quote.delay(SECRET)
+        assert answered.get(timeout=10) == "queued for later"
         refunds = _run_spans(exporter, refund, 1)
+        quotes = _run_spans(exporter, quote, 1)
     [change] = _named(_span_of(charges, opened.id), "celery_tuning.breaker.state_changed")
     assert change["celery_tuning.breaker.name"] == "pay"
     assert (change["celery_tuning.breaker.old_state"], change["celery_tuning.breaker.state"]) == ("closed", "open")
@@ -193,6 +201,8 @@ def test_breaker_opening_and_rejections_are_events(redis_clean, exporter):
     [fail] = _named(_span_of(refunds, failed.id), "celery_tuning.breaker.rejected")
     assert fail["celery_tuning.breaker.name"] == "pay" and fail["celery_tuning.breaker.action"] == "fail"
     assert 50 < fail["celery_tuning.breaker.retry_after"] <= 60
+    [fallback] = _named(_span_of(quotes, answered.id), "celery_tuning.breaker.rejected")
+    assert fallback["celery_tuning.breaker.name"] == "pay" and fallback["celery_tuning.breaker.action"] == "fallback"
     _no_arguments_anywhere(list(exporter.get_finished_spans()))
 
 
@@ -227,6 +237,8 @@ def test_a_parked_deferral_and_the_run_after_it(redis_clean, exporter):
     assert parking.attributes["celery_tuning.deferrals"] == 1
     assert after.attributes["celery_tuning.deferrals"] == 1
     assert _named(after, "celery_tuning.cache.miss") and not _named(after, "celery_tuning.parked")
+    # The mover published it under the parking run's context: the run after the park is in its trace.
+    assert after.context.trace_id == parking.context.trace_id, "the run after a park starts no new trace"
     _no_arguments_anywhere(list(exporter.get_finished_spans()))
 
 

@@ -423,7 +423,9 @@ def test_tiers_admit_the_enterprise_burst_while_the_default_key_is_refused():
     assert 59 < info.value.retry_after <= 60, "the default tier: 1/m after its burst of 2"
     lim = celery_tuning.limiter("openai", app=app)
     assert (lim.snapshot(key="enterprise").burst, lim.snapshot(key="free").burst) == (20, 2)
-    assert lim.charge(1, key="enterprise") == pytest.approx(2.0, abs=0.1), "the tier's 1 s tokens: next + 1 owed"
+    # The tier's 1 s tokens: the next token (under 1 s away, less the time the calls above took on a
+    # loaded machine) plus the 1 s now owed; the default tier's would be over a minute.
+    assert 1.0 < lim.charge(1, key="enterprise") <= 2.05, "the tier's 1 s tokens: next + 1 owed"
 
     @app.task(name="tiers.bad", shared=False)
     @rate_limit("openai", key=lambda tenant: tenant, per_key=lambda tenant: "lots")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional
 
+from ... import events
 from ...circuit import CircuitOpen, SharedBreaker
 from ...errors import ConfigurationError
 from ...policy import admission
@@ -75,6 +76,8 @@ class BreakerStep(Step):
         policy = self.policy
         action = admission.when_open(policy.fallback is not None, policy.on_open, is_eager(ctx.request))
         fallback = policy.fallback
+        events.breaker_rejected(exc.name, self.task_name, "fallback" if action == "fallback" and fallback is not None
+                                else "fail" if action == "raise" else "defer", exc.retry_after)
         if action == "fallback" and fallback is not None:
             # Marked, so the cache around this step does not keep it as the task's result.
             return Degraded(fallback(*ctx.args, **ctx.kwargs), "fallback")
