@@ -674,8 +674,9 @@ SETTINGS: Tuple[Setting, ...] = (
             "With tuning_defer_via='park': how long a woken concurrency waiter that found no free slot "
             "may hold on in its worker as the limit's one standby, taking the next slot a release frees "
             "(about 1 ms instead of a mover and broker round trip); it then parks again at its place. "
-            "It holds a worker process meanwhile. Only acks_late tasks without time limits, and never "
-            "a per-key limit's caller-key waiters (they would hold processes other tenants need). "
+            "It holds a worker process meanwhile. Only limits whose tasks are all acks_late without time "
+            "limits (no slot is kept for a standby otherwise), and never a per-key limit's caller-key "
+            "waiters (they would hold processes other tenants need). "
             "0: no standby.", _non_negative_float),
     Setting("tuning_concurrency_scale", "float", 1.0,
             "Multiplies profile concurrency (operators set it from the environment).",

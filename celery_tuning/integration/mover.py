@@ -393,8 +393,10 @@ class Mover:
             return False  # not a limit of this app (another app shares the Redis)
         cap = spec.cap_for_digest(key_hash)
         # One more than the cap while standbys are on: the waiter on its way to hold on for the next
-        # slot (a caller key's waiters have none).
-        standby = 1 if self.runtime.config.concurrency_standby > 0 and key_hash is None else 0
+        # slot (a caller key's waiters have none, nor a limit whose tasks' waiters cannot stand by:
+        # not acks_late, or under a time limit).
+        standby = 1 if (self.runtime.config.concurrency_standby > 0 and key_hash is None
+                        and self.runtime.registry.standby_able(name)) else 0
         return self.store.promote(where, lease_key(self.runtime.config.key_prefix, name, key_hash), cap, standby) > 0
 
     def _publish(self, where: Any, claimed: List[Any]) -> int:

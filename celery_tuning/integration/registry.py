@@ -65,6 +65,8 @@ CONCURRENCY_LIMITS = Kind("concurrency", "concurrency limit", "tuning_concurrenc
 PARK_STORE = "park"
 #: Registry key of the inline concurrency limits' specs (name -> ConcurrencySpec).
 INLINE_CONCURRENCY = "concurrency-inline"
+#: Concurrency limit name -> whether every task using it can hold on as its standby.
+STANDBY_ABLE = "standby_able"
 KINDS: Dict[str, Kind] = {k.key: k for k in (LIMITERS, BREAKERS, CONCURRENCY_LIMITS)}
 
 
@@ -199,6 +201,17 @@ class Registry:
         """Note a task's inline concurrency limit (the mover reads its caps by name)."""
         with self._lock:
             self._built.setdefault(INLINE_CONCURRENCY, {})[spec.name] = spec
+
+    def note_standby(self, limit: str, able: bool) -> None:
+        """Note whether a task using concurrency limit ``limit`` can hold on as its standby (its
+        waiters are ``acks_late`` with no time limit); the limit has a standby only when all can."""
+        with self._lock:
+            seen = self._built.setdefault(STANDBY_ABLE, {})
+            seen[limit] = seen.get(limit, True) and able
+
+    def standby_able(self, limit: str) -> bool:
+        """Whether every task noted for concurrency limit ``limit`` can stand by (False when none was)."""
+        return bool(self._built.get(STANDBY_ABLE, {}).get(limit, False))
 
     def concurrency_spec(self, name: str) -> Optional[ConcurrencySpec]:
         """Concurrency limit ``name``: from ``tuning_concurrency_limits``, else a noted inline one

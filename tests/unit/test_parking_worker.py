@@ -139,6 +139,8 @@ def test_the_mover_wakes_concurrency_waiters_in_fifo_order(app, store):
     spot = Spot("concurrency", "solo")
     for i, seq in ((0, 30), (1, 10), (2, 20)):
         store.park(spot, f"w{i}:1", encode_payload(task, _request(f"w{i}"), {}, "concurrency", "solo"), None, seq)
+    # The limit's tasks can stand by (acks_late, no time limit: noted when they are bound).
+    runtime_for(app).registry.note_standby("solo", True)
     mover = Mover(app, store)
     # A cap of 1, no lease held: the first waiter, and the next one to hold on as the standby.
     assert mover.run_once().published == 2

@@ -29,12 +29,16 @@ def _may_stand_by(task: Any, request: Any) -> bool:
     that died while it waited would lose a task that never ran (parking again keeps it in Redis).
     Never under a time limit: the wait would count against it (waiters failed with
     SoftTimeLimitExceeded before their body started)."""
+    limits = getattr(request, "timelimit", None) or (None, None)
+    return _may_ever_stand_by(task) and not any(limits)
+
+
+def _may_ever_stand_by(task: Any) -> bool:
+    """The part of :func:`_may_stand_by` that the task class decides: ``acks_late``, no time limit."""
     if not getattr(task, "acks_late", False):
         return False
-    limits = getattr(request, "timelimit", None) or (None, None)
     conf = task._app.conf
-    return not any(value for value in (*limits, getattr(task, "time_limit", None),
-                                       getattr(task, "soft_time_limit", None),
+    return not any(value for value in (getattr(task, "time_limit", None), getattr(task, "soft_time_limit", None),
                                        conf.task_time_limit, conf.task_soft_time_limit))
 
 
@@ -57,12 +61,17 @@ class ConcurrencyStep(Step):
             self._inline = ConcurrencySpec(self.name, int(policy.limit or 1), dict(policy.per_key or {}))
             self.runtime.registry.inline_concurrency(self._inline)  # the mover reads its caps
         self._limiter: Optional[ConcurrencyLimiter] = None
+        # A limit keeps a slot for a standby only when its woken waiters can take it: one that
+        # cannot parks again at once, and a slot kept for it had it woken again every mover round
+        # (a plain task's waiter was received 17 times a second for as long as the slot was held).
+        self._standby_able = policy.key is None and _may_ever_stand_by(task_cls)
+        self.runtime.registry.note_standby(self.name, self._standby_able)
 
     @property
     def limiter(self) -> ConcurrencyLimiter:
         if self._limiter is None:
             limiter = concurrency_limiter_for(self.runtime, self.name, self._inline)
-            if self._standby_wait() > 0:
+            if self._standby_wait() > 0 and self.runtime.registry.standby_able(self.name):
                 limiter.standby_slots = 1
             self._limiter = limiter
         return self._limiter
