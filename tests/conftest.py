@@ -8,6 +8,7 @@ pytest's rewriting out of the window where in-process worker threads run.
 
 from __future__ import annotations
 
+import sys
 from typing import Iterator
 
 import hypothesis
@@ -16,6 +17,17 @@ import pytest
 
 from celery_tuning.storage.cache import flush_writers
 from celery_tuning.testing import RedisClusterServers, RedisServer
+
+
+@pytest.fixture(autouse=True)
+def _fresh_kombu_event_loop() -> Iterator[None]:
+    """Celery < 5.6 leaves a stopped in-process worker's kombu hub as the global event loop, so
+    the next in-process worker in this process never fires its timers (a countdown or a retry
+    waits forever; plain Celery 5.5.3 does it too). Celery 5.6+ clears it; the lowest row needs this."""
+    yield
+    loop = sys.modules.get("kombu.asynchronous")  # a test that never imported kombu needs nothing
+    if loop is not None:
+        loop.set_event_loop(None)
 
 
 @pytest.fixture(scope="session")

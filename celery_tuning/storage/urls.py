@@ -80,6 +80,9 @@ def _split(url: str, whole: str) -> SplitResult:
     except ValueError:  # a raw '[' or ']' (taken for an IPv6 host), and urlsplit quotes it
         raise ValueError(f"{redact_url(whole)!r}: percent-encode '[' and ']' in the user:password part "
                          "(%5B, %5D), or write an IPv6 host as [address]") from None
+    if any(c in parts.netloc.rpartition("@")[0] for c in "[]"):  # urlsplit before 3.11.4 lets "a[b]c" through
+        raise ValueError(f"{redact_url(whole)!r}: percent-encode '[' and ']' in the user:password part "
+                         "(%5B, %5D), or write an IPv6 host as [address]")
     rest = url.split("://", 1)[1]
     if not rest.startswith(parts.netloc):  # urlsplit dropped tabs or line breaks
         raise ValueError(f"{redact_url(whole)!r}: a URL cannot hold tabs or line breaks")

@@ -124,7 +124,8 @@ def everything_shown_for(url: str) -> str:
             TuningWorkerStep(worker).start(worker)
         for args in (["check"], ["status"], ["status", "--json"]):
             result = CliRunner().invoke(tuning, args, obj=SimpleNamespace(app=app))
-            texts += [result.output, result.stderr]
+            # Before click 8.2 the runner mixes stderr into output and has no separate stderr.
+            texts += [result.output] + ([result.stderr] if result.stderr_bytes is not None else [])
             if result.exception is not None and not isinstance(result.exception, SystemExit):
                 texts += traceback.format_exception(result.exception)
     finally:

@@ -327,6 +327,22 @@ def stacked(*entries):
     return [StackedBucket(*entry) for entry in entries]
 
 
+def test_a_stack_charges_a_bucket_that_is_full_by_the_calls_time_as_idle_after_a_rate_change(store):
+    """Found by the differential machine: a per-key bucket charged at 1 µs per token is full again
+    3 + 10 µs later by its stored reckoning; an adaptive throttle then makes the limiter's interval
+    10 µs; a stacked call reserved 20 µs ahead must see that bucket as idle at its time (as a call
+    decided then would), in both stores. Redis used the bucket as read before and charged it
+    8 intervals more than the memory store."""
+    shared, tenant = bucket(), bucket(key="tenant-b")
+    assert store.acquire(shared, 1, 11, 13, -1, now=T0).allowed
+    assert store.acquire(tenant, 1, 11, 13, -1, now=T0).allowed  # allow_at T0+3, full_at T0+13
+    store.pause(shared, 1, 11, 0, AdaptiveSpec(decrease=0.1, min_factor=0.1, recovery_seconds=0.5), now=T0)
+    decided = store.acquire_many(stacked((shared, 1, 11, 3), (tenant, 1, 11, 2)), 250_000, now=T0)
+    assert decided.allowed
+    probes = [tuple(store.acquire(b, 1, 11, 13, -1, now=T0)[:2]) for b in (shared, tenant)]
+    assert probes == [(False, 133), (False, 43)], probes
+
+
 def test_a_stack_admits_only_when_every_bucket_admits_and_takes_all_or_none(store):
     loose, tight = bucket(), bucket(key="tenant")
     stack = stacked((loose, 1000, 5, 1), (tight, 10_000, 2, 1))

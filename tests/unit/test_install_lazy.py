@@ -155,7 +155,7 @@ def test_environment_kill_switch_reads_no_settings(monkeypatch):
     def f():
         return 1
 
-    assert cls_of(f).run is f._decorated_fun
+    assert cls_of(f).run is f.__wrapped__
 
 
 def test_config_kill_switch_set_after_install():
@@ -168,7 +168,7 @@ def test_config_kill_switch_set_after_install():
     def f():
         return 1
 
-    assert cls_of(f).run is f._decorated_fun
+    assert cls_of(f).run is f.__wrapped__
     assert runtime.enabled is False
     assert TuningWorkerStep not in app.steps["worker"]  # the worker runs as if never installed
 

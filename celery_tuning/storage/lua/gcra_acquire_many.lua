@@ -55,7 +55,11 @@ if refused then return {-longest, longest_at} end
 -- call of its key too early: two runs of a 10/s tenant 50 ms apart behind a slower shared limit).
 local at = now + longest
 for i = 1, n do
-  local prev, interval, burst, cost = writes[i][1], writes[i][2], writes[i][3], writes[i][4]
+  local interval, burst, cost = writes[i][2], writes[i][3], writes[i][4]
+  -- The bucket as it stands at `at`: one full by then (full_at <= at) counts as idle, as a call
+  -- decided at `at` would see it (after a rate change the stored full_at is not allow_at + the
+  -- burst at today's interval, so this is not the same as comparing with base below).
+  local prev = gcra_state({KEYS[2 * i - 1]}, {at})
   local base = at - (burst - 1) * interval
   if prev and prev > base then base = prev end
   local allow_at = base + cost * interval
