@@ -20,6 +20,7 @@ __all__ = [
     "SETTINGS",
     "Arg",
     "BreakerSpec",
+    "ConcurrencySpec",
     "LimiterSpec",
     "RateLimitSpec",
     "Setting",
@@ -28,6 +29,8 @@ __all__ = [
     "env_override",
     "load_config",
     "parse_breaker_spec",
+    "parse_concurrency_per_key",
+    "parse_concurrency_spec",
     "parse_limiter_spec",
     "parse_per_key",
     "parse_tier",
@@ -495,6 +498,75 @@ def _int_caps(name: str, value: Any) -> Dict[str, int]:
     }
 
 
+# -- cluster-wide concurrency limits ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConcurrencySpec:
+    """A concurrency limit: ``tuning_concurrency_limits`` entry, or a task's inline limit."""
+
+    name: str
+    #: Holders at once (per caller key when the task gives ``key=``).
+    limit: int
+    #: Per-key caps: key value (``str()`` of what the task's ``key`` returns) -> that key's cap.
+    per_key: Mapping[str, int] = dataclass_field(default_factory=dict, hash=False)
+    _by_digest: Mapping[str, int] = dataclass_field(default_factory=dict, init=False, repr=False,
+                                                    compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        from .storage.keys import key_digest
+
+        object.__setattr__(self, "_by_digest", {key_digest(k): cap for k, cap in self.per_key.items()})
+
+    def cap_for(self, key: Any) -> int:
+        """The cap of caller key ``key`` (None: the limit's shared cap)."""
+        return self.limit if key is None else self.per_key.get(str(key), self.limit)
+
+    def cap_for_digest(self, key_hash: Optional[str]) -> int:
+        """The cap of the caller key whose digest is ``key_hash`` (the mover knows only the digest)."""
+        return self.limit if key_hash is None else self._by_digest.get(key_hash, self.limit)
+
+
+def parse_concurrency_per_key(where: Where, value: Any) -> Dict[str, int]:
+    """A concurrency limit's ``per_key``: key value -> cap (keys compared as ``str``)."""
+    if not isinstance(value, Mapping):
+        raise _fail(where, value, "a dict of key -> cap like {'acme': 10}")
+    caps: Dict[str, int] = {}
+    for key, cap in value.items():
+        if key is None:
+            raise ConfigurationError(f"{_where_text(where)}: key None names the shared cap, not a key's; "
+                                     "set the limit's own 'limit' instead")
+        caps[str(key)] = _positive_int(f"{_where_text(where)}[{key!r}]", cap)
+    return caps
+
+
+def _where_text(where: Where) -> str:
+    return f"@{where.decorator}({where.name}=...)" if isinstance(where, Arg) else where
+
+
+def parse_concurrency_spec(where: str, name: str, value: Any) -> ConcurrencySpec:
+    """Validate one ``tuning_concurrency_limits`` entry: ``2`` or ``{'limit': 2, 'per_key': {'acme': 10}}``."""
+    from .storage.keys import split_keyed_spot
+
+    if split_keyed_spot(name)[1] is not None:
+        raise ConfigurationError(f"{where}: a name ending in ':k:' and 24 hex digits is reserved for per-key "
+                                 "parking spots; choose another name")
+    if isinstance(value, Mapping):
+        _unknown_options(where, value, ("limit", "per_key"), "'limit', 'per_key'")
+        if "limit" not in value:
+            raise ConfigurationError(f"{where}: missing 'limit' (an integer >= 1)")
+        return ConcurrencySpec(name, _positive_int(f"{where}['limit']", value["limit"]),
+                               parse_concurrency_per_key(f"{where}['per_key']", value.get("per_key", {})))
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise _fail(where, value, "an integer >= 1 or a dict like {'limit': 2, 'per_key': {'acme': 10}}")
+    return ConcurrencySpec(name, _positive_int(where, value))
+
+
+def _concurrency_limits(name: str, value: Any) -> Dict[str, ConcurrencySpec]:
+    return {key: parse_concurrency_spec(f"{name}[{key!r}]", key, spec)
+            for key, spec in _mapping(name, value).items()}
+
+
 def _buckets(name: str, value: Any) -> Optional[Tuple[float, ...]]:
     if value is None:
         return None
@@ -589,8 +661,11 @@ SETTINGS: Tuple[Setting, ...] = (
             _queue_profiles),
     Setting("tuning_queue_concurrency", "dict[str, int]", {},
             "Per-queue in-flight caps inside one worker.", _int_caps),
-    Setting("tuning_concurrency_limits", "dict[str, int]", {},
-            "Cluster-wide caps on tasks running at once, by name.", _int_caps),
+    Setting("tuning_concurrency_limits", "dict[str, int | dict]", {},
+            "Cluster-wide caps on tasks running at once, by name: {'sync': 2}, or "
+            "{'sync': {'limit': 2, 'per_key': {'acme': 10}}}. With @concurrency_limit('sync', key=...) the "
+            "cap holds per key (keys hashed, idle ones expire); 'per_key' gives listed keys a cap of their own.",
+            _concurrency_limits),
     Setting("tuning_concurrency_lease_ttl", "float (s)", 30.0,
             "Lifetime of a concurrency-limit lease or a cache single-flight lock without renewal: how soon "
             "a dead worker's slot or lock returns.",
@@ -599,7 +674,10 @@ SETTINGS: Tuple[Setting, ...] = (
             "With tuning_defer_via='park': how long a woken concurrency waiter that found no free slot "
             "may hold on in its worker as the limit's one standby, taking the next slot a release frees "
             "(about 1 ms instead of a mover and broker round trip); it then parks again at its place. "
-            "It holds a worker process meanwhile. 0: no standby.", _non_negative_float),
+            "It holds a worker process meanwhile. Only limits whose tasks are all acks_late without time "
+            "limits (no slot is kept for a standby otherwise), and never a per-key limit's caller-key "
+            "waiters (they would hold processes other tenants need). "
+            "0: no standby.", _non_negative_float),
     Setting("tuning_concurrency_scale", "float", 1.0,
             "Multiplies profile concurrency (operators set it from the environment).",
             _positive_float, env="CELERY_TUNING_CONCURRENCY_SCALE"),
@@ -674,7 +752,7 @@ class TuningConfig:
     profiles: Mapping[str, Mapping[str, Any]]
     queue_profiles: Mapping[str, str]
     queue_concurrency: Mapping[str, int]
-    concurrency_limits: Mapping[str, int]
+    concurrency_limits: Mapping[str, ConcurrencySpec]
     concurrency_lease_ttl: float
     concurrency_standby: float
     concurrency_scale: float

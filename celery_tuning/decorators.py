@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, TypeVar, Union
 
 from .conf import (
     Arg,
@@ -10,6 +10,7 @@ from .conf import (
     choice,
     count,
     parse_breaker_spec,
+    parse_concurrency_per_key,
     parse_per_key,
     rate,
     seconds,
@@ -318,17 +319,33 @@ def sla(
     return decorate
 
 
-def concurrency_limit(name: str, *, max_deferrals: int = 100,
+def concurrency_limit(name: Optional[str] = None, *, limit: Optional[int] = None,
+                      key: Optional[Callable[..., Any]] = None,
+                      per_key: Optional[Mapping[Any, Any]] = None, max_deferrals: int = 100,
                       max_wait: Optional[float] = None) -> Callable[[F], F]:
-    """Run at most N of these tasks at once across every worker (N from ``tuning_concurrency_limits``).
+    """Run at most N of these tasks at once across every worker (N from ``tuning_concurrency_limits``,
+    or ``limit=N`` inline); with ``key=``, at most N per key.
 
     A task that finds every slot taken is re-published for a little later without
     touching ``request.retries``. Slots are leases in Redis, renewed while the task
     runs, so a worker killed mid-task gives its slot back within
     ``tuning_concurrency_lease_ttl`` seconds.
 
+    Example::
+
+        @app.task
+        @concurrency_limit(limit=2, key=lambda tenant_id, **kw: tenant_id)
+        def sync(tenant_id, since): ...
+
     Arguments:
-        name: A key of ``tuning_concurrency_limits``.
+        name: A key of ``tuning_concurrency_limits`` (or give ``limit``).
+        limit: An inline limit's cap, named after the task.
+        key: Called with the task's arguments; returns the caller key (a tenant). Each key has
+            its own cap (its ``per_key`` entry, else the limit's), its own leases and its own
+            waiters; keys reach Redis only hashed, and an idle key's state expires. None: the
+            limit's shared cap.
+        per_key: An inline limit's per-key caps, ``{"acme": 10}`` (keys compared as ``str``; needs
+            ``key``). Named limits take theirs from ``tuning_concurrency_limits``.
         max_deferrals: Deferrals allowed per task before it fails with
             :class:`~celery_tuning.ConcurrencyLimited`.
         max_wait: Seconds a call that has no message of its own to defer (``apply()``,
@@ -336,11 +353,32 @@ def concurrency_limit(name: str, *, max_deferrals: int = 100,
             before raising :class:`~celery_tuning.ConcurrencyLimited` (default: the lease
             TTL; 0 raises at once).
     """
-    if not isinstance(name, str) or not name.strip():
+    if name is not None and (not isinstance(name, str) or not name.strip()):
         raise ConfigurationError(f"@concurrency_limit({name!r}): expected a name from tuning_concurrency_limits")
+    if name is not None and limit is not None:
+        raise ConfigurationError(
+            f"@concurrency_limit({name!r}, limit={limit!r}): give a name from tuning_concurrency_limits "
+            "or an inline limit=N, not both")
+    if name is None and limit is None:
+        raise ConfigurationError(
+            "@concurrency_limit(): expected a name from tuning_concurrency_limits or an inline limit=N")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ConfigurationError(f"@concurrency_limit(limit={limit!r}): expected an integer >= 1")
+    if key is not None and not callable(key):
+        raise ConfigurationError(f"@concurrency_limit(key={key!r}): expected a callable taking the task's arguments")
+    caps: Optional[Dict[str, int]] = None
+    if per_key is not None:
+        if name is not None:
+            raise ConfigurationError(
+                f"@concurrency_limit({name!r}, per_key=...): a named limit takes its per-key caps from "
+                f"tuning_concurrency_limits[{name!r}]['per_key']")
+        if key is None:
+            raise ConfigurationError("@concurrency_limit(per_key=...): needs key= (per_key caps are per caller key)")
+        caps = parse_concurrency_per_key(Arg("concurrency_limit", "per_key"), per_key)
     policy = ConcurrencyPolicy(
         name=name, max_deferrals=_count("concurrency_limit", "max_deferrals", max_deferrals, minimum=0),
-        max_wait=None if max_wait is None else _seconds("concurrency_limit", "max_wait", max_wait))
+        max_wait=None if max_wait is None else _seconds("concurrency_limit", "max_wait", max_wait),
+        limit=limit, key=key, per_key=caps)
 
     def decorate(fun: F) -> F:
         attach_policy(fun, "concurrency", policy, "concurrency_limit")

@@ -480,14 +480,16 @@ def breaker_reset(ctx: click.Context, name: str) -> None:
 def parked(ctx: click.Context, as_json: bool) -> None:
     if ctx.invoked_subcommand is not None:
         return
-    from .mover import parked_snapshot
+    from .mover import parked_by_limit, parked_snapshot
 
     runtime = _runtime(ctx)
     with _as_cli_error():
-        rows = parked_snapshot(runtime.registry.park_store())
+        # A per-key limit's caller keys add up under the limit (tenants are never listed).
+        rows = parked_by_limit(parked_snapshot(runtime.registry.park_store()))
     if as_json:
         click.echo(json.dumps([{"reason": r.reason, "name": r.name, "due": r.due, "waiting": r.waiting,
-                                "claimed": r.claimed, "next_due_in": r.next_due_in, "oldest_age": r.oldest_age}
+                                "claimed": r.claimed, "next_due_in": r.next_due_in, "oldest_age": r.oldest_age,
+                                "keys": r.keys}
                                for r in rows], indent=2))
         return
     if not rows:
@@ -496,11 +498,19 @@ def parked(ctx: click.Context, as_json: bool) -> None:
     for row in rows:
         next_due = "-" if row.next_due_in is None else f"{row.next_due_in:.1f}s"
         oldest = "-" if row.oldest_age is None else f"{row.oldest_age:.1f}s"
+        keyed = f" (over {row.keys} caller keys)" if row.keys else ""
         click.echo(f"{row.reason}:{row.name}: due {row.due}, waiting {row.waiting}, claimed {row.claimed}, "
-                   f"next due in {next_due}, oldest {oldest}")
+                   f"next due in {next_due}, oldest {oldest}{keyed}")
 
 
 _REASON = click.Choice(["rate_limit", "concurrency", "circuit_open"])
+
+
+def _limit_name(where: Any) -> str:
+    """The name a spot is filed under: a per-key concurrency limit's caller-key spot, its limit's."""
+    from ..storage.keys import split_keyed_spot
+
+    return split_keyed_spot(where.name)[0] if where.reason == "concurrency" else str(where.name)
 
 
 def _spots(ctx: click.Context, name: str, reason: Optional[str]) -> Any:
@@ -509,7 +519,8 @@ def _spots(ctx: click.Context, name: str, reason: Optional[str]) -> Any:
     runtime = _runtime(ctx)
     store = runtime.registry.park_store()
     with _as_cli_error():
-        known = [s for s in store.spots() if s.name == name and (reason is None or s.reason == reason)]
+        # NAME covers the spots of every caller key of a per-key limit too.
+        known = [s for s in store.spots() if _limit_name(s) == name and (reason is None or s.reason == reason)]
     if not known and reason is not None:
         known = [Spot(reason, name)]
     if not known:
@@ -530,8 +541,7 @@ def _spots(ctx: click.Context, name: str, reason: Optional[str]) -> Any:
 def parked_release(ctx: click.Context, name: str, reason: Optional[str]) -> None:
     store, spots = _spots(ctx, name, reason)
     with _as_cli_error():
-        for where in spots:
-            click.echo(f"{where.reason}:{where.name}: released {store.release(where)}")
+        _per_limit(spots, store.release, "released")
 
 
 @parked.command("purge", help="Drop every task parked under NAME (they never run; results stay PENDING).")
@@ -542,11 +552,23 @@ def parked_release(ctx: click.Context, name: str, reason: Optional[str]) -> None
 def parked_purge(ctx: click.Context, name: str, reason: Optional[str], yes: bool) -> None:
     store, spots = _spots(ctx, name, reason)
     if spots and not yes:
-        names = ", ".join(f"{s.reason}:{s.name}" for s in spots)
+        names = ", ".join(sorted({f"{s.reason}:{_limit_name(s)}" for s in spots}))
         click.confirm(f"drop every task parked at {names}? they will never run", abort=True)
     with _as_cli_error():
-        for where in spots:
-            click.echo(f"{where.reason}:{where.name}: purged {store.purge(where)}")
+        _per_limit(spots, store.purge, "purged")
+
+
+def _per_limit(spots: Any, operate: Any, done: str) -> None:
+    """Run ``operate`` on every spot, one line per (reason, limit): a per-key limit's caller keys add up."""
+    totals: Dict[Tuple[str, str], List[int]] = {}
+    for where in spots:
+        label = (where.reason, _limit_name(where))
+        total = totals.setdefault(label, [0, 0])
+        total[0] += int(operate(where))
+        total[1] += where.name != label[1]
+    for (reason, name), (count, keyed) in sorted(totals.items()):
+        over = f" (over {keyed} caller keys)" if keyed else ""
+        click.echo(f"{reason}:{name}: {done} {count}{over}")
 
 
 @tuning.group(help="Inspect and clear result caches.")

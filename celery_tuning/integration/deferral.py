@@ -17,13 +17,14 @@ import threading
 import time
 import uuid
 import warnings
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, NoReturn, Optional, Sequence, Set
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, NoReturn, Optional, Sequence, Set, Union
 
 from celery import states
 from celery.exceptions import Ignore
 
 from .. import events
 from ..errors import StorageError
+from ..storage.keys import split_keyed_spot
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..storage.park import Spot
@@ -427,7 +428,9 @@ def _park(task: Any, request: Any, park: ParkRequest, headers: Dict[str, Any], c
     _once.clear("storage")
     if not parked:
         raise _ignored(f"already ran: a redelivered message that celery-tuning had parked ({reason})")
-    events.task_parked(where.reason, where.name)
+    # Labelled by the limit: a per-key spot's name carries its key's digest (one series per tenant).
+    label = split_keyed_spot(where.name)[0] if where.reason == "concurrency" else where.name
+    events.task_parked(where.reason, label)
     events.task_deferred(task, request.id, reason, park.delay or 0.0, count)  # the task_deferred signal
     raise _ignored(f"parked by celery-tuning ({reason}) at {where.reason}:{where.name}")
 
@@ -441,7 +444,7 @@ def park_info(request: Any) -> Optional[Dict[str, Any]]:
     return info if isinstance(info, dict) else None
 
 
-def guard(task: Any, request: Any, spots: Sequence[Spot] = ()) -> None:
+def guard(task: Any, request: Any, spots: Union[Sequence[Spot], Callable[[], Sequence[Spot]]] = ()) -> None:
     """Before any step: drop a stale duplicate of a message the mover published (Ignore, acked).
 
     A message published by the mover is redeemed against its ticket: a lower publication number
@@ -454,7 +457,7 @@ def guard(task: Any, request: Any, spots: Sequence[Spot] = ()) -> None:
     info = park_info(request)
     if info is None:
         if spots and _redelivered(request):
-            _drop_if_parked(task, request, spots)
+            _drop_if_parked(task, request, spots() if callable(spots) else spots)
         return
     try:
         where = spot(str(info["r"]), str(info["n"]))
@@ -477,7 +480,7 @@ def guard(task: Any, request: Any, spots: Sequence[Spot] = ()) -> None:
     if spots and _redelivered(request):
         # The same publication again (acks_late, its worker died): if that attempt parked the call
         # again before dying, the new entry owns the run.
-        _drop_if_parked(task, request, spots)
+        _drop_if_parked(task, request, spots() if callable(spots) else spots)
 
 
 def _redelivered(request: Any) -> bool:

@@ -34,11 +34,12 @@ from typing import Any, Dict, List, NamedTuple, Optional, Set
 
 from .. import events
 from ..errors import StorageError
-from ..storage.keys import lease_key, park_index_member
+from ..storage.keys import lease_key, park_spot_of, split_keyed_spot
+from ..storage.park import Spot
 from .deferral import HEADER_PARK, decode_payload, route_declarations
 from .otel import HEADER_TRACE, continued_trace, trace_headers
 
-__all__ = ["ForeignEntry", "Mover", "ParkedRow", "Round", "parked_rows", "parked_snapshot"]
+__all__ = ["ForeignEntry", "Mover", "ParkedRow", "Round", "parked_by_limit", "parked_rows", "parked_snapshot"]
 
 logger = logging.getLogger("celery_tuning.parking")
 
@@ -94,10 +95,17 @@ class ParkedRow(NamedTuple):
     claimed: int
     next_due_in: Optional[float]
     oldest_age: Optional[float]
+    #: Caller keys of a per-key limit with entries, in a row of :func:`parked_by_limit` (0 otherwise).
+    keys: int = 0
 
     @property
     def parked(self) -> int:
         return self.due + self.waiting + self.claimed
+
+
+def _limit_of(where: Any) -> str:
+    """The name a spot is filed under: a concurrency spot of one caller key belongs to its limit."""
+    return split_keyed_spot(where.name)[0] if where.reason == "concurrency" else str(where.name)
 
 
 def parked_snapshot(store: Any) -> List[ParkedRow]:
@@ -115,6 +123,23 @@ def parked_snapshot(store: Any) -> List[ParkedRow]:
         age = None if snap.oldest_us is None or snap.oldest_us > now else (now - snap.oldest_us) / 1e6
         rows.append(ParkedRow(where.reason, where.name, snap.due, snap.waiting, snap.claimed, next_in, age))
     return rows
+
+
+def parked_by_limit(rows: List[ParkedRow]) -> List[ParkedRow]:
+    """``rows`` with the spots of a per-key limit's caller keys added up under the limit's name
+    (``keys``: how many), so neither the CLI nor a metric label ever names a tenant's spot."""
+    groups: Dict[Any, List[ParkedRow]] = {}
+    for row in rows:
+        groups.setdefault((row.reason, _limit_of(row)), []).append(row)
+    out = []
+    for (reason, name), group in sorted(groups.items()):
+        nexts = [r.next_due_in for r in group if r.next_due_in is not None]
+        ages = [r.oldest_age for r in group if r.oldest_age is not None]
+        keyed = sum(1 for r in group if r.name != name)
+        out.append(ParkedRow(reason, name, sum(r.due for r in group), sum(r.waiting for r in group),
+                             sum(r.claimed for r in group), min(nexts) if nexts else None,
+                             max(ages) if ages else None, keyed))
+    return out
 
 
 def parked_rows(app: Any) -> List[ParkedRow]:
@@ -154,8 +179,11 @@ class Mover:
         self.idle_sleep = idle_sleep
         self.spots_ttl = spots_ttl
         self._spots: List[Any] = []
+        self._names: Dict[str, Set[str]] = {}
         self._spots_at = -1e9
         self._counted_at = -1e9
+        #: Labels last counted above 0 (set to 0 when they leave the index).
+        self._counted: Set[Any] = set()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._failing = False
@@ -257,10 +285,12 @@ class Mover:
         """The spots that may hold entries (the store's index, reused for ``spots_ttl`` s)."""
         now = time.monotonic()
         if self._idle or now - self._spots_at >= self.spots_ttl:
-            names = self.names()
+            names = self._names = self.names()
             # Only this app's spots: another app sharing the tuning Redis (and prefix) may publish
             # through another broker, and its entries are its own movers' to publish.
-            self._spots = [where for where in self.store.spots() if where.name in names.get(where.reason, ())]
+            # A concurrency spot of one caller key (<limit>:k:<digest>) belongs to its limit.
+            self._spots = [where for where in self.store.spots()
+                           if _limit_of(where) in names.get(where.reason, ())]
             self._spots_at = now
         if events.PARKED_COUNT.subscribers and now - self._counted_at >= COUNT_EVERY:
             self._counted_at = now
@@ -283,12 +313,20 @@ class Mover:
                 policy = policies.get(kind)
                 if policy is not None and getattr(policy, "name", None):
                     names[reason].add(policy.name)
+                elif policy is not None and kind == "concurrency":
+                    names[reason].add(task.name)  # an inline limit is the task's
         return names
 
     def count(self) -> None:
         """Tell the events sink what is parked at each spot (the ``celery_tuning_parked_tasks`` gauge)."""
-        for row in parked_snapshot(self.store):
-            events.parked_count(row.reason, row.name, row.parked)
+        # By limit: the spots of a per-key limit's keys add up under its name (labels stay bounded).
+        totals = {(row.reason, row.name): row.parked for row in parked_by_limit(parked_snapshot(self.store))}
+        # A per-key limit whose keys all drained leaves the index: its count is 0, not the last one.
+        for label in self._counted - set(totals):
+            totals[label] = 0
+        self._counted = {label for label, parked in totals.items() if parked}
+        for (reason, name), parked in totals.items():
+            events.parked_count(reason, name, parked)
 
     def run_once(self) -> Round:
         """Promote, claim, publish and acknowledge once over every spot.
@@ -335,8 +373,16 @@ class Mover:
         """Claim and publish what is due at the spots named by releases (index members
         ``<r>:<name>``) that are this mover's; returns how many were published."""
         published = 0
-        for where in self.spots():
-            if park_index_member(where.reason, where.name) in members:
+        if not self._names:
+            self.spots()
+        for member in sorted(members):
+            # Read from the message, not the cached spot list: a caller key's spot parked since
+            # the list was read is not in it.
+            found = park_spot_of(member)
+            if found is None:
+                continue
+            where = Spot(*found)
+            if _limit_of(where) in self._names.get(where.reason, ()):
                 claimed = self.store.claim(where, self.batch, self.claim_ttl_us)
                 if claimed:
                     published += self._publish(where, claimed)
@@ -348,12 +394,18 @@ class Mover:
         handed on by the release itself; this covers leases that expired); True when any moved.
 
         Waiters left without a free slot do not keep the mover busy: a release wakes it."""
-        cap = self.runtime.config.concurrency_limits.get(where.name)
-        if cap is None:
+        # A spot of one caller key (<limit>:k:<digest>) promotes against that key's lease set and cap.
+        name, key_hash = split_keyed_spot(where.name)
+        spec = self.runtime.registry.concurrency_spec(name)  # configured, or a task's inline limit
+        if spec is None:
             return False  # not a limit of this app (another app shares the Redis)
-        # One more than the cap while standbys are on: the waiter on its way to hold on for the next slot.
-        standby = 1 if self.runtime.config.concurrency_standby > 0 else 0
-        return self.store.promote(where, lease_key(self.runtime.config.key_prefix, where.name), cap, standby) > 0
+        cap = spec.cap_for_digest(key_hash)
+        # One more than the cap while standbys are on: the waiter on its way to hold on for the next
+        # slot (a caller key's waiters have none, nor a limit whose tasks' waiters cannot stand by:
+        # not acks_late, or under a time limit).
+        standby = 1 if (self.runtime.config.concurrency_standby > 0 and key_hash is None
+                        and self.runtime.registry.standby_able(name)) else 0
+        return self.store.promote(where, lease_key(self.runtime.config.key_prefix, name, key_hash), cap, standby) > 0
 
     def _publish(self, where: Any, claimed: List[Any]) -> int:
         done = 0
@@ -381,7 +433,7 @@ class Mover:
                                      where.reason, where.name)
                     continue
                 self.store.ack(where, entry.park_id, entry.pub)
-                events.task_unparked(where.reason, where.name)
+                events.task_unparked(where.reason, _limit_of(where))
                 done += 1
         return done
 

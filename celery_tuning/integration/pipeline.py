@@ -137,8 +137,13 @@ class Step:
     refuses_remotely: bool = False
 
     def park_spot(self) -> Optional[Any]:
-        """The parking spot this step's deferrals park at (None: it never parks)."""
+        """The parking spot this step's deferrals park at (None: it never parks, or the call's
+        arguments decide it: see :meth:`park_spot_for`)."""
         return None
+
+    def park_spot_for(self, ctx: CallContext) -> Optional[Any]:
+        """The parking spot this call's deferral would park at (the fixed one by default)."""
+        return self.park_spot()
 
     def wrap(self, call_next: Call) -> Call:  # pragma: no cover - interface
         """Return a call that applies this step, then ``call_next``."""
@@ -234,7 +239,7 @@ def build_chain(task_cls: Any, policies: Mapping[str, Any],
     for step in reversed(steps):
         chain = step.wrap(chain)
     if steps:
-        chain = _guarded(chain, [where for where in (step.park_spot() for step in steps) if where is not None])
+        chain = _guarded(chain, steps)
     inner = chain
 
     if any(step.degrades for step in steps):
@@ -248,13 +253,15 @@ def build_chain(task_cls: Any, policies: Mapping[str, Any],
     return call, steps
 
 
-def _guarded(call_next: Call, spots: List[Any]) -> Call:
+def _guarded(call_next: Call, steps: List[Step]) -> Call:
     """The outermost link: a message published back by the parking mover is redeemed first (and a
-    redelivered original whose attempt parked at one of ``spots`` is dropped)."""
+    redelivered message whose attempt parked again at one of the steps' spots is dropped; the
+    spots are worked out only for a redelivered message, the call's arguments may decide them)."""
     from .deferral import guard
 
     def call(ctx: CallContext) -> Any:
-        guard(ctx.task, ctx.request, spots)
+        guard(ctx.task, ctx.request,
+              lambda: [where for where in (step.park_spot_for(ctx) for step in steps) if where is not None])
         return call_next(ctx)
 
     return call

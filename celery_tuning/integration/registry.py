@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, TypeVar, Union
 
 from .. import events
-from ..conf import BreakerSpec, known_names, parse_breaker_spec
+from ..conf import BreakerSpec, ConcurrencySpec, known_names, parse_breaker_spec
 from ..errors import ConfigurationError
 from ..policy.rates import Rate
 
@@ -63,6 +63,10 @@ BREAKERS = Kind("breaker", "breaker", "tuning_circuit_breakers")
 CONCURRENCY_LIMITS = Kind("concurrency", "concurrency limit", "tuning_concurrency_limits")
 #: Registry key of the app's park store (one per runtime).
 PARK_STORE = "park"
+#: Registry key of the inline concurrency limits' specs (name -> ConcurrencySpec).
+INLINE_CONCURRENCY = "concurrency-inline"
+#: Concurrency limit name -> whether every task using it can hold on as its standby.
+STANDBY_ABLE = "standby_able"
 KINDS: Dict[str, Kind] = {k.key: k for k in (LIMITERS, BREAKERS, CONCURRENCY_LIMITS)}
 
 
@@ -171,17 +175,20 @@ class Registry:
 
         return self.get(BREAKERS.key, name, build)
 
-    def concurrency_limiter(self, name: str) -> ConcurrencyLimiter:
-        """Concurrency limiter ``name`` from ``tuning_concurrency_limits``."""
+    def concurrency_limiter(self, name: str, spec: Optional[ConcurrencySpec] = None) -> ConcurrencyLimiter:
+        """Concurrency limiter ``name`` from ``tuning_concurrency_limits`` (with its ``per_key``
+        caps); with ``spec``, a task's inline limit of that name."""
+        if spec is not None:
+            self.inline_concurrency(spec)
 
         def build() -> ConcurrencyLimiter:
             from ..concurrency import ConcurrencyLimiter
 
-            cap = self.spec(CONCURRENCY_LIMITS, name)
+            found = spec if spec is not None else self.spec(CONCURRENCY_LIMITS, name)
             runtime = self.runtime
             store = runtime.memory.lease if runtime.in_memory else runtime.connector
-            limiter = ConcurrencyLimiter(name, cap, store, prefix=runtime.config.key_prefix,
-                                         ttl=runtime.config.concurrency_lease_ttl)
+            limiter = ConcurrencyLimiter(name, found.limit, store, prefix=runtime.config.key_prefix,
+                                         ttl=runtime.config.concurrency_lease_ttl, per_key=found.per_key)
             if runtime.config.defer_via == "park":
                 from ..storage.park import Spot
 
@@ -189,6 +196,30 @@ class Registry:
             return limiter
 
         return self.get(CONCURRENCY_LIMITS.key, name, build)
+
+    def inline_concurrency(self, spec: ConcurrencySpec) -> None:
+        """Note a task's inline concurrency limit (the mover reads its caps by name)."""
+        with self._lock:
+            self._built.setdefault(INLINE_CONCURRENCY, {})[spec.name] = spec
+
+    def note_standby(self, limit: str, able: bool) -> None:
+        """Note whether a task using concurrency limit ``limit`` can hold on as its standby (its
+        waiters are ``acks_late`` with no time limit); the limit has a standby only when all can."""
+        with self._lock:
+            seen = self._built.setdefault(STANDBY_ABLE, {})
+            seen[limit] = seen.get(limit, True) and able
+
+    def standby_able(self, limit: str) -> bool:
+        """Whether every task noted for concurrency limit ``limit`` can stand by (False when none was)."""
+        return bool(self._built.get(STANDBY_ABLE, {}).get(limit, False))
+
+    def concurrency_spec(self, name: str) -> Optional[ConcurrencySpec]:
+        """Concurrency limit ``name``: from ``tuning_concurrency_limits``, else a noted inline one
+        (None: neither)."""
+        found: Optional[ConcurrencySpec] = self.configured(CONCURRENCY_LIMITS).get(name)
+        if found is None:
+            found = self._built.get(INLINE_CONCURRENCY, {}).get(name)
+        return found
 
     def park_store(self) -> ParkStore:
         """Where this app's deferred calls park (``tuning_defer_via="park"``): the tuning Redis."""
@@ -271,13 +302,15 @@ def breaker_for(runtime: TuningRuntime, name: str,
     return runtime.registry.breaker(name, options)
 
 
-def concurrency_limiter_for(runtime: TuningRuntime, name: str) -> ConcurrencyLimiter:
-    """The process's limiter for ``tuning_concurrency_limits[name]`` (created once).
+def concurrency_limiter_for(runtime: TuningRuntime, name: str,
+                            spec: Optional[ConcurrencySpec] = None) -> ConcurrencyLimiter:
+    """The process's limiter for ``tuning_concurrency_limits[name]`` (created once); with
+    ``spec``, a task's inline limit of that name.
 
     Raises:
-        ConfigurationError: When ``name`` is not configured.
+        ConfigurationError: When ``name`` is not configured and no spec is given.
     """
-    return runtime.registry.concurrency_limiter(name)
+    return runtime.registry.concurrency_limiter(name, spec)
 
 
 def _app_runtime(app: Any) -> TuningRuntime:

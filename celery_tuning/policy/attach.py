@@ -145,12 +145,20 @@ class CachePolicy:
 
 @dataclass(frozen=True)
 class ConcurrencyPolicy:
-    """A task's cluster-wide concurrency limit (a key of ``tuning_concurrency_limits``)."""
+    """A task's cluster-wide concurrency limit: a key of ``tuning_concurrency_limits``, or an
+    inline ``limit`` (named after the task)."""
 
-    name: str
+    #: Name in ``tuning_concurrency_limits``; None for an inline limit (named after the task).
+    name: Optional[str] = None
     max_deferrals: int = 100
     #: Seconds a call with no broker to defer through waits for a slot (None: the lease TTL).
     max_wait: Optional[float] = None
+    #: An inline limit's cap (per key with ``key``).
+    limit: Optional[int] = None
+    #: Per-key limit: called with the task's arguments, returns the caller key (None: the shared cap).
+    key: Optional[Callable[..., Any]] = None
+    #: An inline limit's per-key caps: key value (``str``) -> cap.
+    per_key: Optional[Mapping[str, int]] = dataclass_field(default=None, hash=False)
 
 
 def _looks_like_task(obj: Any) -> bool:

@@ -19,6 +19,8 @@ channel ``P:cb:failures``                          pub/sub    :func:`breaker_cha
                                                               recorded failure: the breaker key)
 ``P:cc:{N}``                                       zset       :func:`lease_key` (concurrency
                                                               leases of limit ``N``)
+``P:cc:{N}:k:<sha256[:24]>``                       zset       :func:`lease_key` (the leases of one
+                                                              caller key of limit ``N``)
 ``P:cache:{T}``                                    (stem)     :func:`cache_stem` (task ``T``)
 ``P:cache:{T}:gen``                                string     :func:`cache_generation_key`
 ``P:cache:{T}:v<version>:g<gen>:<sha256>``         string     :func:`cache_value_key`
@@ -41,8 +43,16 @@ channel ``P:cache:invalidate``                     pub/sub    :func:`cache_inval
                                                               expiry, µs: published, not arrived)
 ``P:park:{N}:<r>:standby``                         zset       :func:`park_handover_keys` (standby
                                                               token -> expiry, µs; concurrency)
+``P:park:{N}:cc:k:<sha256[:24]>:<part>``           (same)     :func:`park_keys` of spot
+                                                              (``concurrency``, ``N:k:<sha256[:24]>``):
+                                                              the waiters of one caller key
+``P:park:{N}:cc:keys``                             set        :func:`park_key_index_key` (digests
+                                                              of limit ``N``'s caller keys whose
+                                                              spot holds parked or claimed entries)
 ``P:park:index``                                   set        :func:`park_index_key` (``<r>:<N>``
-                                                              of every spot that may hold entries)
+                                                              of every spot that may hold entries;
+                                                              ``ck:<N>`` once for a limit whose
+                                                              caller keys park)
 channel ``P:park:wake``                           pub/sub    :func:`park_wake_channel` (a release
                                                               made a waiter due: movers wake)
 channel ``P:park:standby``                        pub/sub    :func:`park_standby_channel` (a lease
@@ -66,7 +76,9 @@ channel ``P:park:standby``                        pub/sub    :func:`park_standby
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+import hashlib
+import re
+from typing import Any, NamedTuple, Optional, Tuple
 
 from ..errors import ConfigurationError
 
@@ -88,10 +100,15 @@ __all__ = [
     "dedupe_lock_key",
     "dedupe_stem",
     "hash_tag",
+    "key_digest",
+    "keyed_spot_name",
     "lease_key",
     "park_handover_keys",
     "park_index_key",
     "park_index_member",
+    "park_key_index_key",
+    "park_keyed_index_member",
+    "park_keyed_limit_of",
     "park_keys",
     "park_reason_code",
     "park_spot_of",
@@ -102,6 +119,7 @@ __all__ = [
     "rate_limit_bucket_key",
     "rate_limit_conf_key",
     "rate_limit_stem",
+    "split_keyed_spot",
 ]
 
 #: The ``kind`` part of each entity's keys.
@@ -168,9 +186,32 @@ def breaker_channel(prefix: str) -> str:
 
 # -- concurrency limits (lease_*.lua) --------------------------------------------------------
 
-def lease_key(prefix: str, name: str) -> str:
-    """Concurrency limit ``name``'s sorted set of leases."""
-    return hash_tag(prefix, LEASE, name)
+def key_digest(value: Any) -> str:
+    """Bounded, opaque id of a caller key (``str(value)``'s sha256, 24 hex digits): the raw key
+    never reaches Redis. The same digest as a per-key rate-limit bucket's."""
+    return hashlib.sha256(str(value).encode("utf-8", "surrogatepass")).hexdigest()[:24]
+
+
+def lease_key(prefix: str, name: str, key_hash: Optional[str] = None) -> str:
+    """Concurrency limit ``name``'s sorted set of leases; with ``key_hash`` (:func:`key_digest`),
+    the set of that caller key (same hash tag: one Cluster slot with the limit's park spots)."""
+    stem = hash_tag(prefix, LEASE, name)
+    return f"{stem}:k:{key_hash}" if key_hash else stem
+
+
+_KEYED_SPOT = re.compile(r"(?s)(.+):k:([0-9a-f]{24})")
+
+
+def keyed_spot_name(name: str, key_hash: Optional[str]) -> str:
+    """The parking spot name of concurrency limit ``name``'s waiters of one caller key
+    (``<name>:k:<digest>``), or ``name`` without a key."""
+    return f"{name}:k:{key_hash}" if key_hash else name
+
+
+def split_keyed_spot(name: str) -> Tuple[str, Optional[str]]:
+    """(limit name, key digest or None) of a concurrency spot name (:func:`keyed_spot_name`)."""
+    found = _KEYED_SPOT.fullmatch(name)
+    return (found.group(1), found.group(2)) if found else (name, None)
 
 
 # -- result cache (cache_*.lua) --------------------------------------------------------------
@@ -205,6 +246,8 @@ def cache_invalidation_channel(prefix: str) -> str:
 #: A parking reason and the code its keys and index members carry.
 PARK_REASONS = {"rate_limit": RATE_LIMIT, "concurrency": LEASE, "circuit_open": BREAKER}
 _PARK_REASON_OF_CODE = {code: reason for reason, code in PARK_REASONS.items()}
+#: The index code of a limit whose caller keys park (:func:`park_keyed_index_member`).
+KEYED_CODE = "ck"
 
 
 class ParkKeys(NamedTuple):
@@ -232,8 +275,16 @@ def park_reason_code(reason: str) -> str:
 
 
 def park_stem(prefix: str, reason: str, name: str) -> str:
-    """The stem of spot (``reason``, ``name``): same hash tag as the limiter, lease set and breaker ``name``."""
-    return f"{hash_tag(prefix, PARK, name)}:{park_reason_code(reason)}"
+    """The stem of spot (``reason``, ``name``): same hash tag as the limiter, lease set and breaker ``name``.
+
+    A concurrency spot of one caller key (:func:`keyed_spot_name`) takes its limit's hash tag, so its
+    scripts may touch the key's lease set (:func:`lease_key`) in one Cluster slot."""
+    code = park_reason_code(reason)
+    if reason == "concurrency":
+        limit, key_hash = split_keyed_spot(name)
+        if key_hash:
+            return f"{hash_tag(prefix, PARK, limit)}:{code}:k:{key_hash}"
+    return f"{hash_tag(prefix, PARK, name)}:{code}"
 
 
 def park_keys(prefix: str, reason: str, name: str) -> ParkKeys:
@@ -271,6 +322,28 @@ def park_wake_channel(prefix: str) -> str:
 def park_standby_channel(prefix: str) -> str:
     """The channel a lease release publishes its spot's index member on while a standby waits."""
     return prefixed_key(prefix, PARK, "standby")
+
+
+def park_key_index_key(prefix: str, reason: str, name: str) -> str:
+    """The set of caller-key digests of spot (``reason``, ``name``)'s limit whose spots hold parked or
+    claimed entries (same hash tag as the limit, so the scripts of a caller key's spot keep it in the
+    same Cluster slot). Every ``park_*.lua`` script receives it as KEYS[9]; only the spots of a caller
+    key (:func:`keyed_spot_name`) ever write it, so the movers visit the keys with entries, not every
+    key that ever parked."""
+    limit = split_keyed_spot(name)[0] if reason == "concurrency" else name
+    return f"{hash_tag(prefix, PARK, limit)}:{park_reason_code(reason)}:keys"
+
+
+def park_keyed_index_member(limit: str) -> str:
+    """``ck:<limit>``: the one member of :func:`park_index_key` for every caller key of concurrency
+    limit ``limit`` (their spots are listed from :func:`park_key_index_key`)."""
+    return f"{KEYED_CODE}:{limit}"
+
+
+def park_keyed_limit_of(member: str) -> Optional[str]:
+    """The limit of a :func:`park_keyed_index_member`, or None for any other member."""
+    code, sep, limit = member.partition(":")
+    return limit if sep and code == KEYED_CODE else None
 
 
 def park_index_member(reason: str, name: str) -> str:

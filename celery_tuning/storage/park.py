@@ -21,6 +21,12 @@ release frees (releases announce themselves on the standby channel while one wai
 parking again and coming back through a mover and the broker. Promotion aims at the cap plus the
 standby slots, so a waiter is always on its way to become the next standby.
 
+The spots of a per-key concurrency limit's caller keys (``<limit>:k:<digest>``) are listed apart:
+the index holds their limit once, and the limit's key index the digests of the keys whose spot
+holds due, waiting or claimed entries. A key joins it with its first entry and leaves it in the
+script that removes its last, so the movers' rounds cost what the keys with entries cost, never
+what every key that ever parked would. Such spots have no standby (see the concurrency step).
+
 Time is integer microseconds by the Redis server's clock (``server_clock.lua``); tests pass a
 manual clock to both stores. :class:`MemoryParkStore` is the reference the Lua scripts mirror
 (a differential state machine holds them together).
@@ -168,7 +174,16 @@ class ParkStore(Protocol):
         """Drop every entry of the spot (tickets stay); returns how many."""
 
     def spots(self) -> List[Spot]:
-        """The spots that may hold entries (from the index, sorted)."""
+        """The spots that may hold entries (from the index, sorted). A caller key's spot of a
+        per-key concurrency limit is listed only while it holds due, waiting or claimed entries."""
+
+
+def _keyed(spot: Spot) -> Optional[Tuple[str, str]]:
+    """(limit, key digest) of a caller key's concurrency spot, else None."""
+    if spot.reason != "concurrency":
+        return None
+    limit, key_hash = keys.split_keyed_spot(spot.name)
+    return None if key_hash is None else (limit, key_hash)
 
 
 def _check_spot(spot: Spot) -> None:
@@ -209,12 +224,16 @@ class _SpotState:
 
 
 class _Parked:
-    __slots__ = ("index", "lock", "spots")
+    __slots__ = ("index", "keyed", "keyed_limits", "lock", "spots")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.spots: Dict[Spot, _SpotState] = {}
         self.index: Set[Spot] = set()
+        #: Limits whose caller keys parked (the index's ``ck:<limit>`` members).
+        self.keyed_limits: Set[str] = set()
+        #: Limit -> digests of its caller keys whose spot holds entries (the key indexes).
+        self.keyed: Dict[str, Set[str]] = {}
 
 
 class _Bells:
@@ -283,14 +302,31 @@ class MemoryParkStore:
         state.tix[park_id] = ticket
         state.tixat[park_id] = now + self.ticket_ttl_us
 
+    def _unindex(self, spot: Spot, state: _SpotState) -> None:
+        keyed = _keyed(spot)
+        if keyed is None or state.due or state.wait or state.claim:
+            return
+        digests = self._process.get().keyed.get(keyed[0])
+        if digests is not None:
+            digests.discard(keyed[1])
+            if not digests:
+                del self._process.get().keyed[keyed[0]]
+
     def park(self, spot: Spot, park_id: str, payload: str, delay_us: Optional[int],
              seq_us: Optional[int] = None) -> bool:
         with self._lock:
             now = self.clock()
-            self._process.get().index.add(Spot(*spot))
+            parked = self._process.get()
+            keyed = _keyed(spot)
+            if keyed is None:
+                parked.index.add(Spot(*spot))
+            else:
+                parked.keyed_limits.add(keyed[0])
             held = self._state(spot).tix.get(park_id)
             if held is not None and str(held).endswith(":r"):
                 return False
+            if keyed is not None:
+                parked.keyed.setdefault(keyed[0], set()).add(keyed[1])
             state = self._state(spot)
             state.trim(now)
             state.drop(park_id)
@@ -314,6 +350,7 @@ class MemoryParkStore:
                 del state.claim[park_id]
                 state.due[park_id] = now
             if batch <= 0:
+                self._unindex(spot, state)
                 return []
             ready = _ordered({k: v for k, v in state.due.items() if v <= now})[:batch]
             claimed = []
@@ -330,6 +367,7 @@ class MemoryParkStore:
                 self._stamp(state, park_id, str(pub), now)
                 state.claim[park_id] = now + int(claim_ttl_us)
                 claimed.append(Claimed(park_id, payload, pub))
+            self._unindex(spot, state)
             return claimed
 
     def ack(self, spot: Spot, park_id: str, pub: int) -> bool:
@@ -346,6 +384,7 @@ class MemoryParkStore:
             state.due.pop(park_id, None)
             state.msg.pop(park_id, None)
             self._stamp(state, park_id, ticket, now)
+            self._unindex(spot, state)
             return True
 
     def unclaim(self, spot: Spot, park_id: str, pub: int, delay_us: int = 0) -> bool:
@@ -370,6 +409,7 @@ class MemoryParkStore:
             self._stamp(state, park_id, f"{int(pub)}:r", now)
             state.drop(park_id)
             state.pub.pop(park_id, None)
+            self._unindex(spot, state)
             return True
 
     def seen(self, spot: Spot, park_id: str) -> bool:
@@ -463,11 +503,17 @@ class MemoryParkStore:
             state.wait.clear()
             state.claim.clear()
             state.msg.clear()
+            self._unindex(spot, state)
             return count
 
     def spots(self) -> List[Spot]:
         with self._lock:
-            return sorted(self._process.get().index)
+            parked = self._process.get()
+            found = set(parked.index)
+            for limit in parked.keyed_limits:
+                found.update(Spot("concurrency", keys.keyed_spot_name(limit, digest))
+                             for digest in parked.keyed.get(limit, ()))
+            return sorted(found)
 
 
 class RedisParkStore:
@@ -495,6 +541,7 @@ class RedisParkStore:
         self._cluster = connector.target.kind == "cluster"
         self._keys: Dict[Spot, ParkKeys] = {}
         self._handover: Dict[Spot, ParkHandoverKeys] = {}
+        self._key_index: Dict[Spot, str] = {}
         self._bells: PerProcess[_Bells] = PerProcess(_Bells, name="standby bells")
 
     def keys(self, spot: Spot) -> ParkKeys:
@@ -511,14 +558,25 @@ class RedisParkStore:
             found = self._handover[spot] = keys.park_handover_keys(self.prefix, spot.reason, spot.name)
         return found
 
+    def key_index(self, spot: Spot) -> str:
+        """The key index of the spot's limit (KEYS[9] of every spot script; cached)."""
+        found = self._key_index.get(spot)
+        if found is None:
+            found = self._key_index[spot] = keys.park_key_index_key(self.prefix, spot.reason, spot.name)
+        return found
+
     def _run(self, script: str, spot: Spot, args: Iterable[Any], extra_keys: Tuple[str, ...] = ()) -> Any:
         now = "" if self.clock is None else int(self.clock())
-        return self.connector.evalsha(script, [*self.keys(spot), *self.handover_keys(spot), *extra_keys],
-                                      [now, self.ticket_ttl_us, *args])
+        return self.connector.evalsha(
+            script, [*self.keys(spot), *self.handover_keys(spot), self.key_index(spot), *extra_keys],
+            [now, self.ticket_ttl_us, *args])
 
     def park(self, spot: Spot, park_id: str, payload: str, delay_us: Optional[int],
              seq_us: Optional[int] = None) -> bool:
-        member = keys.park_index_member(spot.reason, spot.name)
+        keyed = _keyed(spot)
+        # A caller key's spot is listed under its limit's one member, and by its limit's key index.
+        member = (keys.park_index_member(spot.reason, spot.name) if keyed is None
+                  else keys.park_keyed_index_member(keyed[0]))
         args = ["" if delay_us is None else int(delay_us), "" if seq_us is None else int(seq_us),
                 park_id, payload, member]
         horizon = max(0, int(delay_us or 0))
@@ -608,13 +666,25 @@ class RedisParkStore:
         return int(self._run("park_purge", spot, []))
 
     def spots(self) -> List[Spot]:
-        members = self.connector.run(lambda c: c.smembers(self.index_key), what="SMEMBERS park index")
-        found = sorted(Spot(*spot) for spot in (keys.park_spot_of(_text(m)) for m in members) if spot is not None)
-        if found:
+        members = [_text(m) for m in
+                   self.connector.run(lambda c: c.smembers(self.index_key), what="SMEMBERS park index")]
+        found = [Spot(*spot) for spot in (keys.park_spot_of(m) for m in members) if spot is not None]
+        for limit in sorted(filter(None, (keys.park_keyed_limit_of(m) for m in members))):
+            index = keys.park_key_index_key(self.prefix, "concurrency", limit)
+            digests = self.connector.run(_members_of(index), what="SMEMBERS park key index")
+            named = (keys.keyed_spot_name(limit, _text(d)) for d in digests)
+            # A member that is no digest (foreign data) would name another spot: left out.
+            found += [Spot("concurrency", name) for name in named if keys.split_keyed_spot(name)[1]]
+        found.sort()
+        if members:
             # Read by the movers about once a second: a spot whose entries outlive the last park
             # (concurrency waiters queued longer than the ticket TTL) stays listed while movers run.
             self.connector.evalsha("park_index_keep", [self.index_key], [self.ticket_ttl_us])
         return found
+
+
+def _members_of(key: str) -> Callable[[Any], Any]:
+    return lambda client: client.smembers(key)
 
 
 def _text(value: Any) -> str:

@@ -27,7 +27,7 @@ app.conf.update(
     tuning_park_mover=os.environ.get("TEST_PARK_MOVER", "1"),
     tuning_rate_limits={"paced": {"rate": "20/s", "burst": 1}},
     tuning_circuit_breakers={"flaky": {"fail_max": 1, "reset_timeout": 1.0}},
-    tuning_concurrency_limits={"solo": 1},
+    tuning_concurrency_limits={"solo": 1, "solo_plain": 1},
     tuning_concurrency_lease_ttl=5.0,
     broker_connection_retry_on_startup=True,
     worker_prefetch_multiplier=1,
@@ -100,6 +100,19 @@ def solo(self, i, seconds=0.2):
     standby = int(bool(getattr(self.request, "tuning_standby", False)))
     ledger.rpush("solo_spans", f"{i} {start} {time.time()} {seq} {standby}")
     return i
+
+
+@app.task(bind=True, max_retries=0)  # not acks_late: its woken waiters cannot stand by
+@concurrency_limit("solo_plain")
+def plain_solo(self, i, seconds=0.2):
+    """One at a time; returns how many times it was deferred (counted or free) before it ran."""
+    time.sleep(seconds)
+    _ran(self.request.id)
+
+    def header(name):
+        return int(getattr(self.request, name, None) or (self.request.headers or {}).get(name) or 0)
+
+    return [i, header("tuning_deferrals") + header("tuning_free_deferrals")]
 
 
 @app.task(bind=True, max_retries=0, track_started=True)

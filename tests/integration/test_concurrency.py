@@ -291,3 +291,85 @@ def test_a_woken_waiter_refused_again_parks_without_spending_its_budget(redis_cl
     else:
         assert info.state == "FAILURE" and isinstance(info.retval, ConcurrencyLimited)
         assert parked.waiting + parked.due == 0
+
+
+def _spans(client, name):
+    return [tuple(float(x) for x in raw.split()[1:]) for raw in client.lrange(name, 0, -1)]
+
+
+def _most_at_once(spans):
+    edges = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans], key=lambda e: (e[0], e[1]))
+    most = now = 0
+    for _, step in edges:
+        now += step
+        most = max(most, now)
+    return most
+
+
+@pytest.mark.slow
+def test_per_key_caps_hold_per_tenant_while_tenants_run_side_by_side(redis_clean):
+    """Issue #18: per tenant never above its cap (1, and 2 for 'big' through per_key), different
+    tenants at once, each task once; named and inline limits; tenants reach Redis only hashed."""
+    with running_workers("tests.apps.tenants:app", worker_env(redis_clean), count=2, concurrency=3, prefix="tn"):
+        out = run_producer(
+            "import json\nfrom tests.apps.tenants import sync, inline_sync\n"
+            "rs = [task.delay(tenant, i) for i in range(6) for tenant in ('small', 'big')\n"
+            "      for task in (sync, inline_sync)]\n"
+            "print(json.dumps(sorted(r.get(timeout=90) for r in rs)))\n", redis_clean)
+    assert json.loads(out.splitlines()[-1]) == sorted(list(range(6)) * 4)
+    client = redis_clean.client(1)
+    runs = client.hgetall("runs")
+    assert len(runs) == 24 and set(runs.values()) == {b"1"}  # each task once
+    for kind in ("named", "inline"):
+        small, big = _spans(client, f"spans:{kind}:small"), _spans(client, f"spans:{kind}:big")
+        assert len(small) == len(big) == 6
+        assert _most_at_once(small) == 1, (kind, small)
+        assert _most_at_once(big) == 2, (kind, big)  # its own cap, reached
+        # side by side: a small tenant's run overlaps a big tenant's
+        assert any(s0 < b1 and b0 < s1 for s0, s1 in small for b0, b1 in big), kind
+    keys = [k.decode() for k in client.keys("tuning:*")]
+    assert any(":k:" in k for k in keys) and not any("small" in k or "big" in k for k in keys), keys  # hashed
+    per_key = [k for k in keys if k.startswith("tuning:cc:{") and ":k:" in k]
+    assert all(client.pttl(k) > 0 or not client.exists(k) for k in per_key)  # idle keys expire
+
+
+@pytest.mark.slow
+def test_a_tenant_at_its_cap_holds_no_worker_process_another_tenant_needs(redis_clean):
+    """Review finding: a woken waiter of a tenant at its cap held on in its worker as that key's
+    standby, and kept the worker's other process from another tenant's tasks until the running one
+    ended. A per-key waiter has no standby: with 'small' at its cap (1) holding one of two processes
+    and its backlog parked, 'other' tenant's tasks run in the second one and all end before
+    'small''s running task does (an order, not a time)."""
+    with running_workers("tests.apps.tenants:app", worker_env(redis_clean), count=1, concurrency=2, prefix="tc"):
+        out = run_producer(
+            "import json, time\n"
+            "from tests.apps.tenants import app, ledger, sync\n"
+            "from celery_tuning.integration.runtime import runtime_for\n"
+            "from celery_tuning.storage.keys import key_digest, keyed_spot_name\n"
+            "from celery_tuning.storage.park import Spot\n"
+            "store = runtime_for(app).registry.park_store()\n"
+            "spot = Spot('concurrency', keyed_spot_name('sync', key_digest('small')))\n"
+            "first = sync.delay('small', 0, seconds=3.0)\n"
+            "deadline = time.time() + 30\n"
+            "while not ledger.llen('starts:named:small'):\n"
+            "    assert time.time() < deadline, 'small 0 never started'\n"
+            "    time.sleep(0.02)\n"
+            "backlog = [sync.delay('small', i, seconds=3.0) for i in (1, 2)]\n"
+            "while True:  # its backlog settled: parked, or (before the fix) one held on as a standby\n"
+            "    snap = store.snapshot(spot)\n"
+            "    if snap.waiting + snap.standbys == 2 and snap.due + snap.claimed == 0:\n"
+            "        break\n"
+            "    assert time.time() < deadline, snap\n"
+            "    time.sleep(0.02)\n"
+            "time.sleep(0.3)  # a woken waiter on its way would be holding on by now\n"
+            "others = [sync.delay('other', i, seconds=0.05) for i in range(3)]\n"
+            "print(json.dumps({'others': [r.get(timeout=60) for r in others], 'first': first.get(timeout=60)}))\n",
+            redis_clean)
+    assert json.loads(out.splitlines()[-1]) == {"others": [0, 1, 2], "first": 0}
+    client = redis_clean.client(1)
+    [(first_start, first_end)] = [span for raw, span in zip(client.lrange("spans:named:small", 0, -1),
+                                                             _spans(client, "spans:named:small"))
+                                  if raw.split()[0] == b"0"]
+    others = _spans(client, "spans:named:other")
+    assert len(others) == 3
+    assert max(end for _, end in others) < first_end, (others, first_start, first_end)

@@ -92,6 +92,21 @@ def test_a_burst_parks_and_runs_once_at_the_limits_pace_with_no_eta_messages(red
     assert _parked(store, spot) == 0
 
 
+def test_a_waiter_that_cannot_stand_by_is_not_woken_again_and_again_while_the_slot_is_held(redis_clean):
+    """Not acks_late: a woken waiter of this limit cannot hold on as the standby, so the mover keeps
+    no slot for one. It used to: the waiter was woken, found no slot, parked again and was woken
+    again every round, 17 times a second for as long as the slot was held (100 deferrals in 6 s)."""
+    with running_workers(APP, worker_env(redis_clean), count=1, concurrency=2, prefix="ccplain"):
+        out = run_producer(
+            "import time\nfrom tests.apps.parked import plain_solo\n"
+            "first = plain_solo.delay(0, 2.0)\ntime.sleep(0.3)\nsecond = plain_solo.delay(1, 0.1)\n"
+            "import json\nprint(json.dumps([first.get(timeout=60), second.get(timeout=60)]))\n", redis_clean)
+    first, second = json.loads(out.splitlines()[-1])
+    assert first == [0, 0], "the first call took the free slot at once"
+    deferrals = second[1]
+    assert 1 <= deferrals <= 3, f"the waiter was deferred {deferrals} times while one slot was held for 2 s"
+
+
 def test_concurrency_waiters_run_fifo_and_are_woken_on_release_not_polled(redis_clean, capsys):
     """8 tasks of 0.3 s under a cap of 1 on 2 workers: one at a time, each started right after the
     previous one ended (no 0.25..10 s polling), and woken in the order they first parked. The next

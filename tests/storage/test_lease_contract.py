@@ -58,6 +58,24 @@ def test_renewal_re_creates_a_lost_lease_even_past_the_cap(store):
     assert store.acquire(KEY, 1, "c", 10 * SEC, now=T0 + 22 * SEC) == LeaseGrant(True, 1)
 
 
+def test_two_caller_keys_hold_their_own_caps_side_by_side(store):
+    from celery_tuning.storage.keys import key_digest, lease_key
+
+    acme, other = lease_key("tuning", "pdf", key_digest("acme")), lease_key("tuning", "pdf", key_digest("other"))
+    assert len({acme, other, KEY}) == 3 and all(k.startswith(KEY + ":k:") for k in (acme, other))  # one slot
+    for i in range(3):
+        assert store.acquire(acme, 3, f"a{i}", 10 * SEC, now=T0) == LeaseGrant(True, i + 1)
+    assert store.acquire(acme, 3, "a3", 10 * SEC, now=T0) == LeaseGrant(False, 10 * SEC)
+    assert store.acquire(other, 1, "o0", 10 * SEC, now=T0) == LeaseGrant(True, 1)  # a full key blocks no other
+    assert store.acquire(other, 1, "o1", 5 * SEC, now=T0) == LeaseGrant(False, 10 * SEC)
+    assert store.acquire(KEY, 1, "shared", 10 * SEC, now=T0).granted  # nor the limit's shared set
+    assert (store.count(acme, now=T0), store.count(other, now=T0), store.count(KEY, now=T0)) == (3, 1, 1)
+    store.release(other, "o0")
+    assert store.acquire(other, 1, "o1", 10 * SEC, now=T0 + SEC).granted
+    assert store.renew(acme, ["a0", "a1", "a2"], 10 * SEC, now=T0 + 2 * SEC) == 0
+    assert store.count(acme, now=T0 + 11 * SEC) == 3 and store.count(other, now=T0 + 11 * SEC) == 0
+
+
 @pytest.mark.parametrize("where", ["redis", "cluster"])
 def test_the_set_outlives_its_longest_lease(where, redis_clean, request):
     if where == "cluster":

@@ -494,3 +494,92 @@ def test_redis_memory_per_parked_entry(redis_world, capsys):
     # A claimed entry also holds its ticket; at most `batch` per mover are claimed at any time.
     assert in_flight <= parked + 512
     assert ticket <= 512
+
+
+# -- the spots of a per-key limit's caller keys (issue #18) ---------------------------------------
+
+def keyed(tenant: str, limit: str = "pdf") -> Spot:
+    return Spot("concurrency", keys.keyed_spot_name(limit, keys.key_digest(tenant)))
+
+
+def key_leases(tenant: str, limit: str = "pdf") -> str:
+    return keys.lease_key("tuning", limit, keys.key_digest(tenant))
+
+
+def test_a_caller_keys_spot_is_listed_while_it_holds_entries_and_only_then(w):
+    """A key's spot joins the index with its first entry and leaves it in the step that removes its
+    last (ack, redeem, purge); published ids do not keep it listed; parking lists it again."""
+    s = w.store
+    acme, other = keyed("acme"), keyed("other")
+    s.park(acme, "a:0:1", "{}", None)
+    s.park(other, "o:0:1", "{}", None)
+    s.park(CC, "c:0:1", "{}", None)  # the limit's own spot stays listed as before
+    assert s.spots() == sorted([CC, acme, other])
+    assert s.promote(acme, key_leases("acme"), 1) == 1
+    [claimed] = s.claim(acme, 10, CLAIM)
+    assert s.spots() == sorted([CC, acme, other])  # claimed: still the mover's
+    assert s.ack(acme, claimed.park_id, claimed.pub)
+    assert s.snapshot(acme).published == 1  # on its way to a worker: no mover needed
+    assert s.spots() == sorted([CC, other])
+    assert s.redeem(acme, claimed.park_id, claimed.pub)
+    assert s.spots() == sorted([CC, other])
+    assert s.purge(other) == 1
+    assert s.spots() == [CC]
+    s.park(acme, "a:0:2", "{}", None)
+    assert s.spots() == sorted([CC, acme])
+    assert s.redeem(acme, "a:0:2", 1)  # the worker ran it straight from a waiter (a redelivery)
+    assert s.spots() == [CC]
+
+
+def test_a_call_that_already_ran_does_not_list_its_keys_spot(w):
+    s, acme = w.store, keyed("acme")
+    s.park(acme, "a:0:1", "{}", 0)
+    [claimed] = s.claim(acme, 10, CLAIM)
+    assert s.redeem(acme, claimed.park_id, claimed.pub) and s.spots() == []
+    assert s.park(acme, "a:0:1", "{}", None) is False  # the redelivered original: nothing parks
+    assert s.spots() == []
+
+
+def test_a_thousand_tenants_parked_and_drained_leave_nothing_in_the_index(w, where):
+    """Review finding: every tenant that ever parked stayed in the index and each mover round visited
+    it. 1,000 keys park (as FIFO waiters, promoted, or made due at once, as a release does), are
+    claimed, published (acked) and run (redeemed), or purged: no spot of theirs is listed, and the
+    index holds one member for the limit (a count, not a time)."""
+    s = w.store
+    tenants = [f"tenant-{i}" for i in range(1000)]
+    for i, tenant in enumerate(tenants):
+        s.park(keyed(tenant), f"t{i}:0:1", "{}", None if i % 2 else 0)
+    assert len(s.spots()) == len(tenants)
+    for i, tenant in enumerate(tenants):
+        spot = keyed(tenant)
+        if i % 10 == 0:
+            assert s.purge(spot) == 1
+            continue
+        if i % 2:
+            assert s.promote(spot, key_leases(tenant), 1) == 1
+        [claimed] = s.claim(spot, 10, CLAIM)
+        assert s.ack(spot, claimed.park_id, claimed.pub)
+        if i % 4 == 1:
+            assert s.redeem(spot, claimed.park_id, claimed.pub)
+    assert s.spots() == []
+    if where != "memory":
+        index = w.connector.run(lambda c: c.smembers(keys.park_index_key("tuning")))
+        assert index == {keys.park_keyed_index_member("pdf").encode()}
+        key_index = keys.park_key_index_key("tuning", "concurrency", "pdf")
+        assert w.connector.run(lambda c: c.scard(key_index)) == 0
+
+
+def test_a_keys_index_outlives_its_spots_keys(make_world, where):
+    if where == "memory":
+        pytest.skip("key expiry is a Redis matter")
+    w = make_world(ticket_ttl_us=3 * SEC)
+    acme = keyed("acme")
+    w.store.park(acme, "a:0:1", "{}", 50 * SEC)
+    key_index = keys.park_key_index_key("tuning", "concurrency", "pdf")
+    assert key_index.startswith("tuning:park:{pdf}:")  # the limit's slot, with its keys' spots
+    spot_ttl = w.connector.run(lambda c: c.pttl(w.store.keys(acme).due))
+    index_ttl = w.connector.run(lambda c: c.pttl(key_index))
+    assert 53_000 <= spot_ttl <= 54_000 and spot_ttl - 100 <= index_ttl <= 54_000  # read a moment apart
+    w.connector.run(lambda c: c.pexpire(key_index, 100))  # a spot with a shorter life does not cut it
+    w.store.park(keyed("other"), "o:0:1", "{}", None)
+    assert w.connector.run(lambda c: c.pttl(key_index)) >= 3000

@@ -31,8 +31,13 @@ SEC = 1_000_000
 #: Short enough for tickets to be trimmed within an example (the keys' real TTLs stay > 60 s).
 TICKET_TTL = 60 * SEC
 CC = Spot("concurrency", "pdf")
-SPOTS = [Spot("rate_limit", "api"), CC, Spot("circuit_open", "}x")]
+#: Two caller keys' spots of limit pdf (listed by its key index only while they hold entries).
+KEYED = [Spot("concurrency", keys.keyed_spot_name("pdf", keys.key_digest(t))) for t in ("acme", "}b")]
+SPOTS = [Spot("rate_limit", "api"), CC, Spot("circuit_open", "}x"), *KEYED]
 LEASES = keys.lease_key("tuning", CC.name)
+#: The lease set each concurrency spot's promote counts.
+LEASES_OF = {CC: LEASES, **{spot: keys.lease_key("tuning", "pdf", keys.split_keyed_spot(spot.name)[1])
+                            for spot in KEYED}}
 IDS = ["t0:1", "t0:2", "t1:1", "t2:1", "t3:1", "é:1"]
 TOKENS = ["s0", "s1", "s2"]
 
@@ -130,9 +135,9 @@ class ParkStoresAgree(RuleBasedStateMachine):
             assert self.redis.redeem(spot, park_id, pub)  # the same publication again: still runs
             assert self.memory.redeem(spot, park_id, pub)
 
-    @rule(seq=seqs, park_id=ids)
-    def wait(self, seq: int, park_id: str) -> None:
-        self.park(CC, park_id, None, seq, 0)
+    @rule(seq=seqs, park_id=ids, spot=st.sampled_from([CC, CC, *KEYED]))
+    def wait(self, seq: int, park_id: str, spot: Spot) -> None:
+        self.park(spot, park_id, None, seq, 0)
 
     @rule(ttl=st.sampled_from([5 * SEC, 20 * SEC]))  # the lease set lives ttl + 1 s in real time
     def lease(self, ttl: int) -> None:
@@ -147,11 +152,11 @@ class ParkStoresAgree(RuleBasedStateMachine):
         self.memory_leases.release(LEASES, lease_id)
         self.redis_leases.release(LEASES, lease_id)
 
-    @rule(cap=st.integers(0, 4), standby=st.integers(0, 1))
-    def promote(self, cap: int, standby: int) -> None:
-        live = self.memory_leases.count(LEASES)
-        moved = self.redis.promote(CC, LEASES, cap, standby)
-        assert moved == self.memory.promote(CC, LEASES, cap, standby)
+    @rule(cap=st.integers(0, 4), standby=st.integers(0, 1), spot=st.sampled_from([CC, CC, *KEYED]))
+    def promote(self, cap: int, standby: int, spot: Spot = CC) -> None:
+        live = self.memory_leases.count(LEASES_OF[spot])
+        moved = self.redis.promote(spot, LEASES_OF[spot], cap, standby)
+        assert moved == self.memory.promote(spot, LEASES_OF[spot], cap, standby)
         assert moved <= max(0, cap + standby - live)
 
     @rule(cap=st.integers(0, 4), standby=st.integers(0, 1), data=st.data())
@@ -160,18 +165,20 @@ class ParkStoresAgree(RuleBasedStateMachine):
         self.memory.release_lease(CC, LEASES, lease_id, cap, standby)
         self.redis.release_lease(CC, LEASES, lease_id, cap, standby)
 
-    @rule(batch=st.integers(1, 3), ttl=claim_ttls, cap=st.integers(0, 3), standby=st.integers(0, 1))
-    def mover_round(self, batch: int, ttl: int, cap: int, standby: int) -> None:
-        """What a mover does at the concurrency spot: promote, claim, publish (ack): the acked ids
-        are on their way (published) and count against the free slots."""
-        self.promote(cap, standby)
-        self.claim(CC, batch, ttl)
-        for (spot, park_id), pubs in sorted(self.pubs.items()):
-            if spot == CC:
-                acked = self.redis.ack(spot, park_id, pubs[-1])
-                assert acked == self.memory.ack(spot, park_id, pubs[-1])
+    @rule(batch=st.integers(1, 3), ttl=claim_ttls, cap=st.integers(0, 3), standby=st.integers(0, 1),
+          spot=st.sampled_from([CC, CC, *KEYED]))
+    def mover_round(self, batch: int, ttl: int, cap: int, standby: int, spot: Spot = CC) -> None:
+        """What a mover does at a concurrency spot (the limit's, or a caller key's: no standby there):
+        promote, claim, publish (ack): the acked ids are on their way (published) and count against
+        the free slots."""
+        self.promote(cap, standby if spot == CC else 0, spot)
+        self.claim(spot, batch, ttl)
+        for (at, park_id), pubs in sorted(self.pubs.items()):
+            if at == spot:
+                acked = self.redis.ack(at, park_id, pubs[-1])
+                assert acked == self.memory.ack(at, park_id, pubs[-1])
                 if acked:
-                    self.parked.discard((spot, park_id))
+                    self.parked.discard((at, park_id))
 
     # The standby set lives its latest standby's time + 1 s in real time: 5 s at least here.
     @rule(token=st.sampled_from(TOKENS), ttl=st.sampled_from([5 * SEC, 20 * SEC]), slots=st.integers(1, 2))

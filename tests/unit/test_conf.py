@@ -83,6 +83,37 @@ def test_rate_limit_tiers_are_normalized_and_keyed_as_str():
     assert load_config({"tuning_rate_limits": {"a": "1/s"}}, environ={}).rate_limits["a"].per_key == {}
 
 
+def test_concurrency_limits_take_a_cap_or_a_limit_with_per_key_caps():
+    limits = {"plain": 2, "sync": {"limit": 2, "per_key": {"acme": 10, 7: "3"}}}
+    cfg = load_config({"tuning_concurrency_limits": limits}, environ={})
+    plain, sync = cfg.concurrency_limits["plain"], cfg.concurrency_limits["sync"]
+    assert (plain.limit, plain.per_key) == (2, {})
+    assert (sync.limit, sync.per_key) == (2, {"acme": 10, "7": 3})  # keys compared as str
+    assert (sync.cap_for("acme"), sync.cap_for(7), sync.cap_for("other"), sync.cap_for(None)) == (10, 3, 2, 2)
+    from celery_tuning.storage.keys import key_digest
+
+    assert sync.cap_for_digest(key_digest("acme")) == 10 and sync.cap_for_digest(key_digest("x")) == 2
+
+
+@pytest.mark.parametrize(
+    "value, fragment",
+    [
+        ({"sync": 0}, "tuning_concurrency_limits['sync']: 0 is not valid"),
+        ({"sync": {"per_key": {"acme": 1}}}, "tuning_concurrency_limits['sync']: missing 'limit'"),
+        ({"sync": {"limit": 2, "cap": 1}}, "tuning_concurrency_limits['sync']: unknown option(s) ['cap']"),
+        ({"sync": {"limit": 2, "per_key": {"acme": 0}}}, "tuning_concurrency_limits['sync']['per_key']['acme']: 0"),
+        ({"sync": {"limit": 2, "per_key": ["acme"]}}, "tuning_concurrency_limits['sync']['per_key']: ['acme']"),
+        ({"sync": {"limit": 2, "per_key": {None: 3}}}, "key None names the shared cap"),
+        ({"sync": [2]}, "expected an integer >= 1 or a dict"),
+        ({"x:k:" + "a" * 24: 1}, "reserved for per-key parking spots"),
+    ],
+)
+def test_bad_concurrency_limits_name_the_entry(value, fragment):
+    with pytest.raises(ConfigurationError) as info:
+        load_config({"tuning_concurrency_limits": value}, environ={})
+    assert fragment in str(info.value)
+
+
 def test_rate_limit_forms_are_normalized():
     cfg = load_config({"tuning_rate_limits": {"a": "20/s", "b": {"rate": "60/m", "burst": 5}}}, environ={})
     assert cfg.rate_limits["a"].burst == 1

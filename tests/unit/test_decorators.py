@@ -173,6 +173,49 @@ def test_concurrency_limit_policy_and_errors():
     assert policies_of(f)["concurrency"].name == "pdf-render"
     with pytest.raises(ConfigurationError, match="expected a name from tuning_concurrency_limits"):
         concurrency_limit("")
+
+
+def tenant_of(tenant_id, **kw):
+    return tenant_id
+
+
+def test_concurrency_limit_inline_and_per_key():
+    from celery_tuning import concurrency_limit
+
+    def f(tenant_id):
+        pass
+
+    concurrency_limit(limit=2, key=tenant_of, per_key={"acme": 10, 5: 3})(f)
+    policy = policies_of(f)["concurrency"]
+    assert (policy.name, policy.limit, policy.key, policy.per_key) == (None, 2, tenant_of, {"acme": 10, "5": 3})
+
+    def g(tenant_id):
+        pass
+
+    concurrency_limit("sync", key=tenant_of)(g)
+    assert (policies_of(g)["concurrency"].name, policies_of(g)["concurrency"].key) == ("sync", tenant_of)
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({}, "@concurrency_limit(): expected a name from tuning_concurrency_limits or an inline limit=N"),
+        ({"name": "sync", "limit": 2}, "not both"),
+        ({"limit": 0}, "@concurrency_limit(limit=0): expected an integer >= 1"),
+        ({"limit": True}, "@concurrency_limit(limit=True)"),
+        ({"limit": 2, "key": "tenant"}, "@concurrency_limit(key='tenant'): expected a callable"),
+        ({"limit": 2, "per_key": {"a": 1}}, "@concurrency_limit(per_key=...): needs key="),
+        ({"name": "sync", "key": tenant_of, "per_key": {"a": 1}}, "tuning_concurrency_limits['sync']['per_key']"),
+        ({"limit": 2, "key": tenant_of, "per_key": {"a": 0}}, "@concurrency_limit(per_key=...)['a']: 0 is not valid"),
+        ({"limit": 2, "key": tenant_of, "per_key": [1]}, "@concurrency_limit(per_key=[1]): expected a dict"),
+    ],
+)
+def test_concurrency_limit_rejects_nonsense(kwargs, fragment):
+    from celery_tuning import concurrency_limit
+
+    with pytest.raises(ConfigurationError) as info:
+        concurrency_limit(**kwargs)
+    assert fragment in str(info.value)
     with pytest.raises(ConfigurationError, match=r"@concurrency_limit\(max_deferrals=-2\)"):
         concurrency_limit("x", max_deferrals=-2)
 

@@ -139,6 +139,8 @@ def test_the_mover_wakes_concurrency_waiters_in_fifo_order(app, store):
     spot = Spot("concurrency", "solo")
     for i, seq in ((0, 30), (1, 10), (2, 20)):
         store.park(spot, f"w{i}:1", encode_payload(task, _request(f"w{i}"), {}, "concurrency", "solo"), None, seq)
+    # The limit's tasks can stand by (acks_late, no time limit: noted when they are bound).
+    runtime_for(app).registry.note_standby("solo", True)
     mover = Mover(app, store)
     # A cap of 1, no lease held: the first waiter, and the next one to hold on as the standby.
     assert mover.run_once().published == 2
@@ -357,3 +359,79 @@ def test_a_new_call_reusing_the_task_id_of_one_that_ran_parks_under_its_own_id(a
         finally:
             task.pop_request()
         assert store.snapshot(SPOT).due == parked
+
+
+def test_a_redelivered_original_of_a_per_key_limit_is_checked_at_its_keys_spot(app, store):
+    """A per-key concurrency limit parks at the spot of the call's key, which its arguments decide:
+    the redelivery guard asks the step for that spot (it had none to check before)."""
+    from celery_tuning import TunedTask, concurrency_limit
+    from celery_tuning.integration.pipeline import CallContext, _guarded
+
+    @app.task(bind=True, name="unit.per_tenant", shared=False, base=TunedTask)
+    @concurrency_limit("solo", key=lambda tenant: tenant)
+    def per_tenant(self: Any, tenant: str) -> str:
+        return tenant
+
+    task = app.tasks["unit.per_tenant"]
+    steps = type(task)._tuning_steps
+    [step] = [s for s in steps if s.kind == "concurrency"]
+    assert step.park_spot() is None  # the arguments decide it
+    where = step.park_spot_for(CallContext(task, ("acme",), {}))
+    assert where is not None and where.name.startswith("solo:k:") and where != step.park_spot_for(
+        CallContext(task, ("other",), {}))
+    store.park(where, "t-1:0:1", "{}", None)  # this attempt parked at acme's spot, then its worker died
+    request = _request()
+    request.delivery_info = {"exchange": "", "routing_key": "work-q", "redelivered": True}
+    request.args = ("acme",)
+    task.push_request(**vars(request))
+    try:
+        with pytest.raises(Ignore, match="redelivered original"):
+            _guarded(lambda ctx: "ran", steps)(CallContext(task, ("acme",), {}))
+        assert _guarded(lambda ctx: "ran", steps)(CallContext(task, ("other",), {})) == "ran"
+    finally:
+        task.pop_request()
+
+
+def test_per_key_spots_are_counted_under_their_limit_and_promoted_to_their_cap_alone(app, store):
+    """Review findings: parked gauges and counters name the limit, never a caller key's spot; a
+    per-key limit whose keys drained counts 0 (its spots left the index); a key's waiters are
+    promoted to its cap, with no standby slot over it."""
+    from celery_tuning.storage.keys import key_digest, keyed_spot_name
+
+    task = app.tasks["unit.work"]
+    app.conf.tuning_concurrency_standby = 10.0  # standbys on: a limit's own spot promotes cap + 1
+    counted: List[Any] = []
+    unparked: List[Any] = []
+
+    def count(reason: str, name: str, parked: int) -> None:
+        counted.append((reason, name, parked))
+
+    def seen(reason: str, name: str) -> None:
+        unparked.append((reason, name))
+
+    tenants = {t: Spot("concurrency", keyed_spot_name("solo", key_digest(t))) for t in ("a", "b", "c")}
+    for tenant, where in sorted(tenants.items()):
+        for i in range(2 if tenant == "a" else 1):
+            request = _request(task_id=f"{tenant}-{i}")
+            store.park(where, f"{tenant}-{i}:0:1", encode_payload(task, request, {}, where.reason, where.name), None)
+    events.PARKED_COUNT.subscribe(count)
+    events.TASK_UNPARKED.subscribe(seen)
+    try:
+        mover = Mover(app, store)
+        mover.count()
+        assert counted == [("concurrency", "solo", 4)]
+        done = mover.run_once()
+        assert done.published == 3  # a's second waiter stays: cap 1, no standby slot over it
+        assert unparked == [("concurrency", "solo")] * 3
+        assert store.spots() == [tenants["a"]]
+        for tenant in "bc":
+            assert store.redeem(tenants[tenant], f"{tenant}-0:0:1", 1)
+        store.purge(tenants["a"])
+        assert store.spots() == []
+        counted.clear()
+        mover.count()
+        assert counted == [("concurrency", "solo", 0)]  # not its last count
+    finally:
+        events.PARKED_COUNT.unsubscribe(count)
+        events.TASK_UNPARKED.unsubscribe(seen)
+    assert sorted(m.headers["id"] for m in _queued(app, "work-q")) == ["a-0", "b-0", "c-0"]

@@ -9,10 +9,12 @@
 -- At a concurrency spot, a claimed entry's id moves to the published set (KEYS[7]) with its claim's expiry: on its way
 -- to a worker, it still counts against a concurrency limit's free slots until the worker redeems
 -- it (park_redeem.lua) or that expiry passes (park_promote.lua).
+-- A caller key's spot left with no due, waiting or claimed entry leaves its limit's key index.
 -- Mirrors celery_tuning.storage.park.MemoryParkStore.ack.
 --@include server_clock
 --@include park_trim
 --@include park_touch
+--@include park_unindex
 local now = server_clock({}, {ARGV[1]})
 local ttl = tonumber(ARGV[2])
 local id = ARGV[3]
@@ -30,4 +32,5 @@ redis.call('ZREM', KEYS[1], id)
 redis.call('HDEL', KEYS[3], id)
 redis.call('ZADD', KEYS[6], string.format('%.0f', now + ttl), id)
 park_touch(KEYS, {now, ttl})
+park_unindex(KEYS, {})
 return 1

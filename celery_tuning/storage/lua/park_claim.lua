@@ -5,7 +5,8 @@
 -- ARGV[3]  batch (most entries claimed)   ARGV[4]  claim TTL (µs)
 -- ARGV[5]  most expired claims put back in this call
 -- Returns: a flat array id, payload, pub, id, payload, pub, ... oldest due first.
--- Touches: the spot's keys; expiries refreshed when anything moved.
+-- Touches: the spot's keys; expiries refreshed when anything moved; an empty caller key's spot
+-- leaves its limit's key index (park_unindex).
 -- First, claims that expired (their mover died) go back to due with score now: nothing is lost.
 -- Then up to ARGV[3] entries due by now are claimed until now + claim TTL and their ticket's pub
 -- goes up by one. An entry whose payload is gone is dropped; so is one whose ticket says it ran.
@@ -13,6 +14,7 @@
 --@include server_clock
 --@include park_trim
 --@include park_touch
+--@include park_unindex
 local now = server_clock({}, {ARGV[1]})
 local ttl = tonumber(ARGV[2])
 local nowf = string.format('%.0f', now)
@@ -53,4 +55,6 @@ end
 if #expired > 0 or #ready > 0 then
   park_touch(KEYS, {now, ttl})
 end
+-- Also when nothing moved: a listed caller key's spot whose keys expired leaves the index here.
+park_unindex(KEYS, {})
 return out

@@ -8,10 +8,12 @@
 -- task); the same pub redeemed twice (a broker redelivery) answers 1 again. On 1 the ticket
 -- becomes "<pub>:r" and the entry is dropped wherever it is (it runs now: no later claim), and
 -- from the published set (it arrived).
+-- A caller key's spot left with no due, waiting or claimed entry leaves its limit's key index.
 -- Mirrors celery_tuning.storage.park.MemoryParkStore.redeem.
 --@include server_clock
 --@include park_trim
 --@include park_touch
+--@include park_unindex
 local now = server_clock({}, {ARGV[1]})
 local ttl = tonumber(ARGV[2])
 local id = ARGV[3]
@@ -29,4 +31,5 @@ redis.call('ZREM', KEYS[4], id)
 redis.call('ZREM', KEYS[7], id)
 redis.call('HDEL', KEYS[3], id)
 park_touch(KEYS, {now, ttl})
+park_unindex(KEYS, {})
 return 1
