@@ -285,16 +285,23 @@ class MemoryDebounceStore:
                 state.tidy(digest)
             return out
 
-    def ack(self, task: str, digest: str, task_id: str, pub: int, sent_ttl_us: int) -> bool:
+    def _settle_claim(self, task: str, digest: str, task_id: str, pub: int, published: bool, ttl_us: int) -> bool:
+        """A mover's claim of ``task_id`` (pub ``pub``) ends: published (held ``ttl_us`` until started)
+        or given back (claimable again in ``ttl_us``); False when that claim is no longer held."""
         with self._lock:
             now = self.clock()
             state = self._state(task)
             key = state.runs.get(digest)
             if key is None or key.i != task_id or key.s != "c" or key.n != int(pub):
                 return False
-            key.s, key.x, key.b = "a", now + int(sent_ttl_us), None
+            if published:
+                key.s, key.b = "a", None
+            key.x = now + int(ttl_us)
             state.due[digest] = key.x
             return True
+
+    def ack(self, task: str, digest: str, task_id: str, pub: int, sent_ttl_us: int) -> bool:
+        return self._settle_claim(task, digest, task_id, pub, True, sent_ttl_us)
 
     def start(self, task: str, digest: str, task_id: str, pub: int, lease_ttl_us: int) -> int:
         with self._lock:
@@ -340,15 +347,7 @@ class MemoryDebounceStore:
             return True
 
     def unclaim(self, task: str, digest: str, task_id: str, pub: int, rest_us: int) -> bool:
-        with self._lock:
-            now = self.clock()
-            state = self._state(task)
-            key = state.runs.get(digest)
-            if key is None or key.i != task_id or key.s != "c" or key.n != int(pub):
-                return False
-            key.x = now + int(rest_us)
-            state.due[digest] = key.x
-            return True
+        return self._settle_claim(task, digest, task_id, pub, False, rest_us)
 
     def end(self, task: str, digest: str, task_id: str) -> bool:
         with self._lock:
