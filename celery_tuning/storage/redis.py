@@ -306,24 +306,19 @@ class RedisConnector:
         """Send ``commands`` in one write on one pooled connection and read every reply (an error
         reply comes back as its exception, in its place): one round trip, without a pipeline
         object's per-command bookkeeping."""
-        conn = process.checkout()
-        replies: list = []
+        packed = [pack_command(command) for command in commands]
+        if any(p is None for p in packed):
+            payload = None
+        else:
+            payload = [b"".join(cast(List[bytes], packed))]  # one write
+        conn, kept = process.checkout()
         try:
-            packed = [pack_command(command) for command in commands]
-            if any(p is None for p in packed):
-                conn.send_packed_command(conn.pack_commands(commands))
-            else:
-                conn.send_packed_command([b"".join(cast(List[bytes], packed))])  # one write
-            for _ in commands:
-                try:
-                    replies.append(conn.read_response())
-                except redis.ResponseError as exc:  # an error reply: the others still follow
-                    replies.append(exc)
-        except BaseException:
-            process.discard(conn)  # never use a half-read socket again (see _command_on_connection)
-            raise
-        process.checkin(conn)
-        return replies
+            return _pipeline_round_trip(process, conn, commands, payload)
+        except redis.ConnectionError:
+            if not kept:
+                raise
+        # See _command_on_connection: the kept connection was closed by the server meanwhile.
+        return _pipeline_round_trip(process, process.checked_connection(), commands, payload)
 
     def get(self, key: str) -> Any:
         """GET ``key`` with one round trip on the lean path (the cache's hit path)."""
@@ -349,24 +344,21 @@ class RedisConnector:
         # Straight to a connection of the client's pool: redis-py's execute_command adds a retry
         # wrapper and per-command instrumentation that cost ~15 µs on every decision, and EVALSHA
         # and GET need no response callback. Same pool, same timeouts, same health checks.
-        conn = process.checkout()
+        conn, kept = process.checkout()
         try:
-            packed = pack_command(command)
-            if packed is None:
-                conn.send_command(*command)
-            else:
-                conn.send_packed_command([packed])
-            reply = conn.read_response()
-        except redis.ResponseError:
-            process.checkin(conn)  # an error reply (NOSCRIPT...), read in full
-            raise
-        except BaseException:
-            # A broken connection, or an exception raised into this thread mid-read (a Celery
-            # soft time limit): never use a half-read socket again.
-            process.discard(conn)
-            raise
-        process.checkin(conn)
-        return reply
+            return _round_trip(process, conn, command)
+        except redis.ConnectionError:
+            if not kept:
+                raise
+        # The connection was kept from a call less than IDLE_TRUST ago and so skipped the pool's
+        # readiness check, and the server closed it meanwhile (a Redis restarted that fast, CLIENT
+        # KILL): once more on a connection the pool checks (and reconnects), as if the check had
+        # run. A timeout is not retried (the call already waited its socket timeout). The retry
+        # is safe in the case it is for: a socket the server closed before the call never
+        # delivered it. A connection cut after Redis ran the command but before its reply came
+        # back would run it twice (one token or lease too many, given back by its TTL), as
+        # redis-py's own retry on connection errors (its default since 6.0) would.
+        return _round_trip(process, process.checked_connection(), command)
 
     def ping(self) -> float:
         """Round-trip time in seconds of one PING. Raises :class:`StorageError`."""
@@ -386,10 +378,53 @@ class RedisConnector:
                 pass
 
 
+def _round_trip(process: _ProcessClient, conn: Any, command: Tuple[Any, ...]) -> Any:
+    """Send ``command`` on ``conn`` and read its reply; ``conn`` is kept for the next call, or
+    discarded when the call failed on it."""
+    try:
+        packed = pack_command(command)
+        if packed is None:
+            conn.send_command(*command)
+        else:
+            conn.send_packed_command([packed])
+        reply = conn.read_response()
+    except redis.ResponseError:
+        process.checkin(conn)  # an error reply (NOSCRIPT...), read in full
+        raise
+    except BaseException:
+        # A broken connection, or an exception raised into this thread mid-read (a Celery
+        # soft time limit): never use a half-read socket again.
+        process.discard(conn)
+        raise
+    process.checkin(conn)
+    return reply
+
+
+def _pipeline_round_trip(process: _ProcessClient, conn: Any, commands: Sequence[Tuple[Any, ...]],
+                         payload: Optional[List[bytes]]) -> list:
+    """Send ``commands`` (``payload``: packed already, or None) on ``conn`` in one write and read
+    every reply (an error reply comes back as its exception, in its place)."""
+    replies: list = []
+    try:
+        conn.send_packed_command(conn.pack_commands(commands) if payload is None else payload)
+        for _ in commands:
+            try:
+                replies.append(conn.read_response())
+            except redis.ResponseError as exc:  # an error reply: the others still follow
+                replies.append(exc)
+    except BaseException:
+        process.discard(conn)  # never use a half-read socket again (see _round_trip)
+        raise
+    process.checkin(conn)
+    return replies
+
+
 #: Seconds a connection of the lean path may sit idle and still be used without the pool's
 #: readiness check. A busy worker makes its round trips milliseconds apart; a Redis restart or
-#: failover takes longer than this, so a connection the server closed meanwhile is found out by
-#: the pool's check (and reconnected) instead of failing the first call after it.
+#: failover mostly takes longer than this, so a connection the server closed meanwhile is found
+#: out by the pool's check (and reconnected) instead of failing the first call after it. One that
+#: was faster (a restart in 25 ms, CLIENT KILL) fails the call on a kept connection: the call is
+#: then made once more on one through the pool's check (RedisConnector._command_on_connection).
 IDLE_TRUST = 0.05
 
 
@@ -413,17 +448,23 @@ class _ProcessClient:
         self.scripts: Dict[str, Script] = {}
         self.idle: List[Tuple[Any, float]] = []  # (connection, when it was last used)
 
-    def checkout(self) -> Any:
-        """A connection ready to send: one kept from the last calls, else the pool's."""
+    def checkout(self) -> Tuple[Any, bool]:
+        """A connection ready to send: one kept from the last calls, else the pool's; and whether
+        it is a kept one (it skipped the pool's readiness check: the server may have closed it)."""
         try:
             conn, used = self.idle.pop()  # atomic: threads never share a connection
         except IndexError:
             conn = None
-        pool = self.client.connection_pool
         if conn is not None:
             if time.monotonic() - used <= IDLE_TRUST:
-                return conn
-            pool.release(conn)  # idle a while: through the pool's readiness check again
+                return conn, True
+            self.client.connection_pool.release(conn)  # idle a while: through the pool's check again
+        return self.checked_connection(), False
+
+    def checked_connection(self) -> Any:
+        """A connection from the pool, through its readiness check (reconnected when the server
+        closed it)."""
+        pool = self.client.connection_pool
         try:
             return pool.get_connection()
         except TypeError:  # redis-py < 5.3 wants a command name
