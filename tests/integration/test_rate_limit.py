@@ -565,4 +565,7 @@ def test_stacked_limits_admit_only_what_the_tightest_allows_and_refused_calls_sp
     # the script saw by one or two slots (CI admitted 31 of a computed 32.9).
     assert most - 3 <= counts["admitted"] <= most + 0.5, (counts, span)
     assert counts["admitted"] + counts["refused"] > 5 + 50 * span, "the looser bucket alone would have run dry"
-    assert loose.tokens >= 4, f"refused calls spent the looser bucket: {loose.tokens} of 5 tokens left"
+    # Refused calls come every few ms, faster than the looser bucket refills (one token per 20 ms):
+    # had they spent it, it would be empty. Admitted calls did spend it, and the last one or two may
+    # have come within 20-40 ms of the snapshot on a loaded host (a run saw 3 of 5).
+    assert loose.tokens >= 2, f"refused calls spent the looser bucket: {loose.tokens} of 5 tokens left"
