@@ -26,6 +26,7 @@ _EXPORTS = {
     "DuplicateTask": "celery_tuning.errors",
     "dedupe": "celery_tuning.decorators",
     "debounce": "celery_tuning.decorators",
+    "fair": "celery_tuning.decorators",
     "install": "celery_tuning.integration.install",
     "stamp_headers": "celery_tuning.integration.receivers",
     "TunedTask": "celery_tuning.integration.task",
@@ -54,6 +55,7 @@ __all__ = [
     "concurrency_limit",
     "debounce",
     "dedupe",
+    "fair",
     "install",
     "limiter",
     "rate_limit",
@@ -83,7 +85,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover
     from .circuit import CircuitOpen, SharedBreaker
-    from .decorators import cache_result, circuit_breaker, concurrency_limit, debounce, dedupe, rate_limit, sla
+    from .decorators import cache_result, circuit_breaker, concurrency_limit, debounce, dedupe, fair, rate_limit, sla
     from .errors import (
         ConcurrencyLimited,
         ConfigurationError,

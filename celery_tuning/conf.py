@@ -701,6 +701,11 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting("tuning_park_mover", "bool", True,
             "Run a mover thread in this worker's main process (several workers' movers cooperate through "
             "an atomic claim).", _bool),
+    Setting("tuning_fair_window", "int | None", None,
+            "Most @fair messages of one queue released into the broker and not yet started (see "
+            "docs/fair.md). None: the sum of concurrency x prefetch multiplier of the workers consuming "
+            "the queue (each worker's dispatcher registers its own; none running: nothing is released).",
+            _optional_positive_int),
     Setting("tuning_timing", "bool | None", None,
             "Worker-side timing (task_timed signal, SLA checks). None: on when tuning_sla, an @sla "
             "task or tuning_metrics_port needs it, so pass-through workers pay nothing.",
@@ -761,6 +766,7 @@ class TuningConfig:
     park_claim_ttl: float
     park_ticket_ttl: float
     park_mover: bool
+    fair_window: Optional[int]
     timing: Optional[bool]
     metrics_buckets: Optional[Tuple[float, ...]]
     metrics_port: Optional[int]

@@ -29,8 +29,9 @@ from .policy.attach import (
 )
 from .policy.debounce import DebouncePolicy
 from .policy.dedupe import ON_DUPLICATE, UNTIL, DedupePolicy
+from .policy.fair import FairPolicy
 
-__all__ = ["cache_result", "circuit_breaker", "concurrency_limit", "debounce", "dedupe", "rate_limit", "sla"]
+__all__ = ["cache_result", "circuit_breaker", "concurrency_limit", "debounce", "dedupe", "fair", "rate_limit", "sla"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -467,6 +468,53 @@ def debounce(delay: float, key: Optional[Callable[..., Any]] = None,
 
     def decorate(fun: F) -> F:
         attach_policy(fun, "debounce", policy, "debounce")
+        return fun
+
+    return decorate
+
+
+def fair(*bare: Any, key: Optional[Callable[..., Any]] = None,
+         weights: Union[Mapping[Any, int], Callable[[Any], int], None] = None) -> Callable[[F], F]:
+    """Queue a task's calls per key and release them round-robin across keys (fair queues).
+
+    ``apply_async()``/``delay()`` publishes nothing: the call joins its key's list in the tuning
+    Redis and returns its ``AsyncResult``. A dispatcher in the workers (the parking mover's thread)
+    releases the calls into the task's queue one key at a time, keeping at most a window of
+    released-but-not-started messages per queue (``tuning_fair_window``, default the consuming
+    workers' concurrency x prefetch), so one key's backlog never delays another key's calls by
+    more than a window. Needs ``tuning_defer_via="park"`` and a JSON serializer (see docs/fair.md).
+
+    Arguments:
+        key: Called with the task's arguments (``key=lambda tenant_id, **kw: tenant_id``); calls
+            whose values are equal (as ``str()``) share a turn.
+        weights: Messages a key gives per turn: ``{"enterprise": 4}`` (keys as ``str()``, others 1)
+            or a callable taking the key's value and answering an integer >= 1.
+
+    Raises:
+        ConfigurationError: On anything malformed, naming the argument.
+    """
+    if bare or key is None:
+        raise ConfigurationError(
+            "@fair takes keyword arguments only and needs key=: write @fair(key=lambda tenant_id, **kw: "
+            "tenant_id) or @fair(key=..., weights={...})")
+    _key_function("fair", key)
+    table: Union[Dict[str, int], Callable[[Any], int], None]
+    if weights is None or callable(weights):
+        table = weights
+    elif isinstance(weights, Mapping):
+        table = {}
+        for name, value in weights.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigurationError(
+                    f"@fair(weights=...): the weight of {name!r} must be an integer >= 1, got {value!r}")
+            table[str(name)] = value
+    else:
+        raise ConfigurationError(
+            f"@fair(weights={weights!r}): expected a mapping of key -> integer >= 1, a callable, or None")
+    policy = FairPolicy(key=key, weights=table)
+
+    def decorate(fun: F) -> F:
+        attach_policy(fun, "fair", policy, "fair")
         return fun
 
     return decorate

@@ -40,6 +40,9 @@ __all__ = [
     "CACHE",
     "DEBOUNCED",
     "DEDUPLICATED",
+    "FAIR_COUNT",
+    "FAIR_QUEUED",
+    "FAIR_RELEASED",
     "LIMITER",
     "PARKED_COUNT",
     "PARK_FALLBACK",
@@ -54,6 +57,8 @@ __all__ = [
     "CacheSubscriber",
     "DebounceSubscriber",
     "DedupeSubscriber",
+    "FairCountSubscriber",
+    "FairSubscriber",
     "LimiterSubscriber",
     "ParkSubscriber",
     "ParkedSubscriber",
@@ -176,6 +181,14 @@ class DebounceSubscriber(Protocol):
     def __call__(self, task_name: str, /) -> None: ...
 
 
+class FairSubscriber(Protocol):
+    def __call__(self, queue: str, count: int, /) -> None: ...
+
+
+class FairCountSubscriber(Protocol):
+    def __call__(self, queue: str, waiting: int, keys: int, in_window: int, /) -> None: ...
+
+
 #: Rate-limit decisions: ``(name, event, seconds)``; event is 'acquired', 'waited', 'reserved',
 #: 'rejected', 'throttled', 'fallback' or 'slot_expired' (a deferred task came back later than
 #: ``tuning_rate_limit_slot_grace`` for its reserved slot, and takes its turn among the late
@@ -215,6 +228,14 @@ DEDUPLICATED: Topic[DedupeSubscriber] = Topic("deduplicated")
 #: A ``@debounce`` call collapsed into the pending run of its key (not published): ``(task_name,)``
 #: (sent in the process that made the call).
 DEBOUNCED: Topic[DebounceSubscriber] = Topic("debounced")
+#: ``@fair`` calls joined their key's list in queue ``queue``: ``(queue, count)`` (sent in the
+#: process that made the call; never per key).
+FAIR_QUEUED: Topic[FairSubscriber] = Topic("fair_queued")
+#: A fair dispatcher published ``count`` messages of queue ``queue``: ``(queue, count)``.
+FAIR_RELEASED: Topic[FairSubscriber] = Topic("fair_released")
+#: A fair dispatcher's view of a queue after a release: ``(queue, waiting, keys, in_window)``
+#: (messages and keys waiting, messages released and not started; only while someone subscribes).
+FAIR_COUNT: Topic[FairCountSubscriber] = Topic("fair_count")
 
 
 def limiter_event(name: str, event: str, seconds: float = 0.0) -> None:
@@ -290,3 +311,18 @@ def deduplicated(task_name: str) -> None:
 def debounced(task_name: str) -> None:
     """A ``@debounce`` call of ``task_name`` collapsed into the pending run of its key."""
     DEBOUNCED.emit(task_name)
+
+
+def fair_queued(queue: str, count: int = 1) -> None:
+    """``count`` ``@fair`` calls joined their key's list in ``queue``."""
+    FAIR_QUEUED.emit(queue, count)
+
+
+def fair_released(queue: str, count: int) -> None:
+    """A fair dispatcher published ``count`` messages of ``queue``."""
+    FAIR_RELEASED.emit(queue, count)
+
+
+def fair_count(queue: str, waiting: int, keys: int, in_window: int) -> None:
+    """``waiting`` fair messages of ``keys`` keys wait in ``queue``, ``in_window`` are released and not started."""
+    FAIR_COUNT.emit(queue, waiting, keys, in_window)

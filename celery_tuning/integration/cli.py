@@ -670,6 +670,43 @@ def dedupe_clear(ctx: click.Context, task_name: str, yes: bool) -> None:
     click.echo(f"{task_name}: dropped {dropped} lock(s)")
 
 
+@tuning.group(help="Show @fair queues: calls waiting per key in the tuning Redis for their turn.")
+def fair() -> None:
+    """Fair-queue commands."""
+
+
+@fair.command("show", help="Per queue: messages and keys waiting, the window in use (released, not started) "
+                           "and its size, released in total, and the deepest keys (as digests: sha256 of "
+                           "str(key), 24 hex digits; tenants' own names never reach Redis).")
+@click.option("--top", default=10, show_default=True, type=click.IntRange(0), help="Deepest keys shown per queue.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of lines.")
+@click.pass_context
+def fair_show(ctx: click.Context, top: int, as_json: bool) -> None:
+    from .steps.fair import fair_store
+
+    runtime = _runtime(ctx)
+    with _as_cli_error():
+        store = fair_store(runtime)
+        snaps = [(queue, store.snapshot(queue, top=top)) for queue in store.queues()]
+    window = runtime.config.fair_window
+    if as_json:
+        click.echo(json.dumps([{"queue": q, "waiting": s.waiting, "keys": s.keys, "in_window": s.in_window,
+                                "window": window if window is not None else s.capacity, "claimed": s.claimed,
+                                "released_total": s.released_total,
+                                "deepest": [{"key": d, "waiting": n} for d, n in s.deepest]}
+                               for q, s in snaps], indent=2))
+        return
+    if not snaps:
+        click.echo("no fair queues")
+        return
+    for queue, snap in snaps:
+        size = f"{window} (tuning_fair_window)" if window is not None else f"{snap.capacity} (consumers)"
+        click.echo(f"{queue}: waiting {snap.waiting} over {snap.keys} keys, window in use {snap.in_window} "
+                   f"of {size}, claimed {snap.claimed}, released {snap.released_total}")
+        for digest, depth in snap.deepest:
+            click.echo(f"  {digest} {depth}")
+
+
 @tuning.command(help="Effective concurrency settings per queue (as `celery worker -Q QUEUE` would get them) "
                      "and the profile of a worker started without -Q.")
 @click.pass_context

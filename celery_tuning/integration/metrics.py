@@ -253,6 +253,21 @@ class TuningMetrics:
         self.parked_tasks = gauge("celery_tuning_parked_tasks",
                                   "Tasks parked now (due, waiting and claimed), as last counted by a mover.",
                                   ("reason", "name"), multiprocess_mode="mostrecent")
+        # @fair, per queue only (never per key: tenants are unbounded).
+        self.fair_queued = counter("celery_tuning_fair_queued_total",
+                                   "@fair calls queued per key in the tuning Redis (counted where they were made).",
+                                   ("queue",))
+        self.fair_released = counter("celery_tuning_fair_released_total",
+                                     "@fair messages a dispatcher published into their queue.", ("queue",))
+        self.fair_waiting = gauge("celery_tuning_fair_waiting",
+                                  "@fair messages waiting for their turn, as last seen by a dispatcher.",
+                                  ("queue",), multiprocess_mode="mostrecent")
+        self.fair_keys = gauge("celery_tuning_fair_keys",
+                               "Keys with @fair messages waiting, as last seen by a dispatcher.",
+                               ("queue",), multiprocess_mode="mostrecent")
+        self.fair_in_window = gauge("celery_tuning_fair_in_window",
+                                    "@fair messages released and not started yet (the window in use).",
+                                    ("queue",), multiprocess_mode="mostrecent")
 
 
 class _BulkChild:
@@ -978,6 +993,20 @@ def _record_parked_count(reason: str, name: str, parked: int) -> None:
     _labelled("parked_tasks", reason, name).set(parked)
 
 
+def _record_fair_queued(queue: str, count: int) -> None:
+    _labelled("fair_queued", queue).inc(count)
+
+
+def _record_fair_released(queue: str, count: int) -> None:
+    _labelled("fair_released", queue).inc(count)
+
+
+def _record_fair_count(queue: str, waiting: int, keys: int, in_window: int) -> None:
+    _labelled("fair_waiting", queue).set(waiting)
+    _labelled("fair_keys", queue).set(keys)
+    _labelled("fair_in_window", queue).set(in_window)
+
+
 def _count_lost(task: Any, queue: str, state: str) -> None:
     """The outcome of an attempt whose pool process was killed or lost and that was not timed
     (timing off, or no start known); a timed one is counted from its ``task_timed``, with its run
@@ -1024,6 +1053,9 @@ def connect_metric_receivers(buckets: Optional[Tuple[float, ...]] = None) -> Non
     events.TASK_UNPARKED.subscribe(_record_unparked)
     events.PARK_FALLBACK.subscribe(_record_park_fallback)
     events.PARKED_COUNT.subscribe(_record_parked_count)
+    events.FAIR_QUEUED.subscribe(_record_fair_queued)
+    events.FAIR_RELEASED.subscribe(_record_fair_released)
+    events.FAIR_COUNT.subscribe(_record_fair_count)
     connect_loss_receiver(_count_lost)
     celery_signals.worker_process_init.connect(_on_child_start, weak=False,
                                                dispatch_uid="celery_tuning.metrics.child_start")

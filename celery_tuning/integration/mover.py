@@ -200,6 +200,10 @@ class Mover:
 
         #: Its part for ``@debounce``: due debounced runs are published in the same rounds.
         self.debounce = DebounceMoving(self)
+        from .steps.fair import FairMoving
+
+        #: Its part for ``@fair``: the dispatcher releasing fair queues round-robin, in the same rounds.
+        self.fair = FairMoving(self)
 
     @property
     def store(self) -> Any:
@@ -358,6 +362,10 @@ class Mover:
         if debounced.next_due_us is not None:
             parked = True
             earliest = debounced.next_due_us if earliest is None else min(earliest, debounced.next_due_us)
+        fair = self.fair.run_once(time.monotonic())
+        published += fair.published
+        full = full or fair.full
+        parked = parked or fair.waiting
         self.published += published
         self._idle = not parked
         if full:
@@ -373,6 +381,13 @@ class Mover:
         """Claim and publish what is due at the spots named by releases (index members
         ``<r>:<name>``) that are this mover's; returns how many were published."""
         published = 0
+        from ..storage.fair import WAKE_PREFIX
+
+        fair = {member[len(WAKE_PREFIX):] for member in members if member.startswith(WAKE_PREFIX)}
+        if fair:
+            # A fair message started: its queue's window has room (see steps/fair.py).
+            published += self.fair.run_woken(fair)
+            members = members - {WAKE_PREFIX + queue for queue in fair}
         if not self._names:
             self.spots()
         for member in sorted(members):

@@ -39,8 +39,10 @@ __all__ = [
 #: with every outcome of the steps inside it. ``dedupe`` is outermost: its lock follows the whole
 #: attempt (held while running, kept when an inner step defers the call, freed on every other exit).
 #: ``debounce`` is before it: a debounced call is stored, not published, and its run (published by
-#: the mover) holds the key's running mark around everything else.
-STEP_ORDER: Tuple[str, ...] = ("debounce", "dedupe", "cache", "breaker", "concurrency", "rate_limit")
+#: the mover) holds the key's running mark around everything else. ``fair`` is first of all: a fair
+#: call waits in its key's list, not in the broker, and its run leaves the queue's window before
+#: anything else (see docs/fair.md).
+STEP_ORDER: Tuple[str, ...] = ("fair", "debounce", "dedupe", "cache", "breaker", "concurrency", "rate_limit")
 
 
 class CallContext:

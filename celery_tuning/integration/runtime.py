@@ -64,7 +64,7 @@ _REDIS_SCHEMES = tuple(scheme.strip() for scheme in SUPPORTED_SCHEMES.split(",")
 #: Settings whose entries keep state in the tuning Redis.
 STATEFUL_SETTINGS = ("tuning_rate_limits", "tuning_circuit_breakers", "tuning_concurrency_limits")
 #: Policy kinds whose state lives in the tuning Redis (``sla`` is timed in the worker alone).
-STATEFUL_POLICIES = ("cache", "breaker", "rate_limit", "concurrency", "dedupe", "debounce")
+STATEFUL_POLICIES = ("cache", "breaker", "rate_limit", "concurrency", "dedupe", "debounce", "fair")
 
 
 def env_disabled() -> bool:

@@ -69,6 +69,15 @@ channel ``P:park:standby``                        pub/sub    :func:`park_standby
                                                               ticket ``<pub>`` or ``<pub>:r``)
 ``P:db:{T}:tixat``                                 zset       :func:`debounce_keys` (task id ->
                                                               when its ticket may go, µs)
+``P:fq:{Q}:<part>``                                 various    :func:`fair_keys` (``@fair`` messages of
+                                                              queue ``Q``: ring, msg, own, claim, win,
+                                                              tix, tixat, kw, kc, wk, wkc, stat)
+``P:fq:{Q}:k:<digest>``                            list       :func:`fair_key_list` (one fair key's
+                                                              waiting message ids, FIFO)
+``P:fq:{Q}:p:<digest>``                            zset       :func:`fair_key_list` (a capped key's
+                                                              released ids -> expiry, µs)
+``P:fq:index``                                     set        :func:`fair_index_key` (queues that
+                                                              may hold fair messages)
 ``P:<part>:<part>…``                               any        :func:`prefixed_key` (anything else
                                                               under the prefix)
 =================================================  =========  ====================================
@@ -86,6 +95,7 @@ __all__ = [
     "DEBOUNCE",
     "PARK_REASONS",
     "DebounceKeys",
+    "FairKeys",
     "ParkHandoverKeys",
     "ParkKeys",
     "breaker_channel",
@@ -99,6 +109,9 @@ __all__ = [
     "dedupe_index_key",
     "dedupe_lock_key",
     "dedupe_stem",
+    "fair_index_key",
+    "fair_key_list",
+    "fair_keys",
     "hash_tag",
     "key_digest",
     "keyed_spot_name",
@@ -396,3 +409,55 @@ def debounce_keys(prefix: str, task: str) -> DebounceKeys:
     """Every key of debounced task ``task`` (one Cluster slot: the task name is the hash tag)."""
     stem = hash_tag(prefix, DEBOUNCE, task)
     return DebounceKeys(*(f"{stem}:{part}" for part in DebounceKeys._fields))
+
+
+# -- fair queues (@fair): one hash tag per queue --------------------------------------------------
+
+#: The ``kind`` part of the fair-queue keys: ``P:fq:{Q}:…``.
+FAIR = "fq"
+
+
+class FairKeys(NamedTuple):
+    """One queue's fair-queue keys, in the order every ``fair_*.lua`` script receives them."""
+
+    #: list of key digests with waiting messages, in round-robin order (each at most once).
+    ring: str
+    #: hash message id -> payload (JSON), while waiting or claimed.
+    msg: str
+    #: hash message id -> its key digest, while waiting or claimed.
+    own: str
+    #: zset message id -> claim expiry (µs): claimed by a dispatcher, not yet acknowledged.
+    claim: str
+    #: zset message id -> window expiry (µs): released, not started by a worker yet.
+    win: str
+    #: hash message id -> ticket ``<pub>`` or ``<pub>:r``.
+    tix: str
+    #: zset message id -> when its ticket may go (µs).
+    tixat: str
+    #: hash key digest -> weight (absent: 1).
+    kw: str
+    #: hash key digest -> ``<cap> <lease set>``: the key's concurrency cap and lease set.
+    kc: str
+    #: zset consumer node -> when its registration lapses (µs).
+    wk: str
+    #: hash consumer node -> its capacity (concurrency x prefetch).
+    wkc: str
+    #: hash ``n`` waiting messages, ``r`` released in total.
+    stat: str
+
+
+def fair_keys(prefix: str, queue: str) -> FairKeys:
+    """Every fixed key of fair queue ``queue`` (one Cluster slot: the queue name is the hash tag)."""
+    stem = hash_tag(prefix, FAIR, queue)
+    return FairKeys(*(f"{stem}:{part}" for part in FairKeys._fields))
+
+
+def fair_key_list(prefix: str, queue: str, digest: str, part: str = "k") -> str:
+    """Fair key ``digest``'s list of waiting ids (``part="k"``) or its released ids (``"p"``); the
+    scripts build the same names from the stem (``:k:`` / ``:p:`` + digest)."""
+    return f"{hash_tag(prefix, FAIR, queue)}:{part}:{digest}"
+
+
+def fair_index_key(prefix: str) -> str:
+    """The set of queues that may hold fair messages (a hint for dispatchers; its own slot)."""
+    return prefixed_key(prefix, FAIR, "index")

@@ -1,0 +1,471 @@
+"""The pipeline step that applies ``@fair``: calls wait per key in the tuning Redis and a dispatcher
+releases them round-robin across keys into the task's queue.
+
+Publish side (:meth:`FairStep.publish`): ``apply_async`` does not publish. One script appends the
+call (its signature as JSON, its task id kept) to its key's list in its queue's fair keys, and the
+caller gets the call's ``AsyncResult``. The tuning Redis failing here publishes the call at once
+(logged once): a call is never dropped. Calls published again under their own id (``Task.retry``,
+a parked call's return, the dispatcher's own publication) and calls with a countdown or an ETA
+are published as they are.
+
+Dispatcher (:class:`FairMoving`, one more part of each round of the parking mover,
+:class:`~celery_tuning.integration.mover.Mover`): for each queue in the fair index, one script
+registers this worker's capacity for the queue (when it consumes it), takes the next messages
+round-robin within the queue's window, and claims them; each is published with the
+:data:`HEADER_FAIR` ticket, then acknowledged. A dispatcher that dies between the two leaves a
+claim that expires and is published again under a higher ticket.
+
+Worker side (:meth:`FairStep.wrap`): before anything else, a released message *starts*: it leaves
+the window (the dispatcher is told at once when messages wait), and a stale duplicate (a lower
+ticket than the message's last publication) is dropped, never run.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+import weakref
+from typing import Any, Dict, List, NamedTuple, Optional, Set, Tuple
+
+from ... import events
+from ...errors import ConfigurationError, StorageError
+from ...policy.fair import FairPolicy, weight_of
+from ...storage.fair import RAN, FairCap, FairReleased, FairStore
+from ...storage.keys import key_digest, lease_key
+from ..deferral import HEADER_PARK, PAYLOAD_VERSION, _ignored, decode_payload, is_eager, route_declarations
+from ..pipeline import Call, CallContext, PublishCall, PublishContext, Step, register_step
+from ..runtime import TuningRuntime, runtime_for
+
+__all__ = ["HEADER_FAIR", "FairMoving", "FairMovingRound", "FairStep", "fair_store", "queue_of"]
+
+logger = logging.getLogger("celery_tuning.fair")
+
+#: Set by the dispatcher on a fair message it publishes: ``{"q": queue, "id": msg id, "pub": n, "k": digest}``.
+HEADER_FAIR = "tuning_fair"
+#: Registry kind of the app's fair stores.
+_STORE = "fair"
+#: ``apply_async`` options that are the caller's connection to the broker, not part of the call.
+_TRANSPORT = ("producer", "connection", "publisher", "router", "declare", "add_to_parent")
+#: Seconds a dispatcher's registration as a consumer of a queue lasts without renewal (renewed
+#: every round): a stopped worker's capacity leaves the window within it.
+NODE_TTL = 10.0
+#: Seconds until a message of another app, given back by a dispatcher, is released again.
+FOREIGN_REST = 1.0
+
+
+def fair_store(runtime: TuningRuntime, mover: bool = False) -> FairStore:
+    """The app's fair store (``mover``: on the mover's own connection); built once per registry."""
+
+    def build() -> FairStore:
+        from ...storage.fair import MemoryFairStore, RedisFairStore
+
+        if runtime.in_memory:
+            if mover:
+                return fair_store(runtime)
+            return MemoryFairStore(ticket_ttl_us=int(runtime.config.park_ticket_ttl * 1_000_000),
+                                   leases=runtime.memory.lease)
+        config = runtime.config
+        connector = runtime.connector
+        if mover:
+            from ...storage.redis import MOVER_CLIENT_NAME
+
+            connector = runtime.connector_named(MOVER_CLIENT_NAME)
+        return RedisFairStore(connector, prefix=config.key_prefix,
+                              ticket_ttl_us=int(config.park_ticket_ttl * 1_000_000))
+
+    return runtime.registry.get(_STORE, "mover" if mover else "store", build)
+
+
+def queue_of(task: Any, options: Dict[str, Any], args: Any, kwargs: Any) -> str:
+    """The name of the queue a call of ``task`` with ``options`` goes to, as Celery routes it."""
+    app = task._app
+    queue = options.get("queue")
+    try:
+        routed = app.amqp.router.route(dict(options), task.name, args, kwargs)
+        queue = routed.get("queue", queue)
+    except Exception:  # a router that fails here fails again when the call is published: Celery says why
+        pass
+    queue = getattr(queue, "name", queue) or getattr(task, "queue", None) or app.conf.task_default_queue
+    return str(queue or "celery")
+
+
+class _Once:
+    """Log a condition once per process until it clears (the tuning Redis failing)."""
+
+    def __init__(self, what: str, then: str) -> None:
+        self.what, self.then = what, then
+        self.failing = False
+
+    def failed(self, exc: BaseException) -> None:
+        if not self.failing:
+            self.failing = True
+            logger.warning("celery-tuning @fair: tuning Redis failed %s (%s); %s until it answers again",
+                           self.what, exc, self.then)
+
+    def answered(self) -> None:
+        if self.failing:
+            self.failing = False
+            logger.info("celery-tuning @fair: tuning Redis answers again")
+
+
+_publish_side = _Once("queueing a call", "publishing fair calls at once")
+_worker_side = _Once("starting a fair message", "running fair messages without leaving the window")
+_warned: Set[Any] = set()
+_warned_lock = threading.Lock()
+
+
+def _first(key: Any) -> bool:
+    with _warned_lock:
+        if key in _warned:
+            return False
+        _warned.add(key)
+        return True
+
+
+def _serializer(task: Any) -> str:
+    return str(getattr(task, "serializer", None) or task._app.conf.task_serializer)
+
+
+class FairStep(Step):
+    """Built once per task class when it is bound."""
+
+    kind = "fair"
+
+    def __init__(self, policy: FairPolicy, task_cls: Any) -> None:
+        self.policy = policy
+        self.task_name = task_cls.name
+        self.runtime = runtime_for(task_cls._app)
+        policies = getattr(task_cls, "_tuning_policies", None) or {}
+        serializer = _serializer(task_cls)
+        if serializer != "json":
+            raise ConfigurationError(
+                f"@fair: the task's serializer is {serializer!r}; fair calls wait in the tuning Redis as JSON "
+                "(nothing read from Redis is unpickled): give the task serializer='json'")
+        for other in ("debounce", "dedupe"):
+            if other in policies:
+                raise ConfigurationError(
+                    f"@fair and @{other} on one task: both decide at apply_async what is published and when; "
+                    "keep one of the two")
+        if self.runtime.config.defer_via != "park":
+            raise ConfigurationError(
+                "@fair needs tuning_defer_via='park' (got 'countdown'): the parking mover in the workers "
+                "dispatches fair queues")
+        self._concurrency = policies.get("concurrency")
+
+    # -- publish side ---------------------------------------------------------------------------
+
+    def _cap(self, args: Any, kwargs: Any) -> Optional[FairCap]:
+        """The concurrency cap the call will run under (a ``@concurrency_limit`` on the task), or None."""
+        policy = self._concurrency
+        if policy is None:
+            return None
+        runtime = self.runtime
+        name = policy.name or self.task_name
+        spec = runtime.registry.concurrency_spec(name)
+        if spec is None:
+            return None
+        digest = None
+        if policy.key is not None:
+            digest = key_digest(policy.key(*tuple(args or ()), **dict(kwargs or {})))
+        return FairCap(int(spec.cap_for_digest(digest)), lease_key(runtime.config.key_prefix, name, digest))
+
+    def publish(self, publish_next: PublishCall) -> Optional[PublishCall]:
+        runtime, policy, name = self.runtime, self.policy, self.task_name
+
+        def publish(pctx: PublishContext) -> Any:
+            options = pctx.options
+            headers = options.get("headers") or {}
+            task = pctx.task
+            if (not runtime.enabled or task._app.conf.task_always_eager or HEADER_FAIR in headers
+                    or HEADER_PARK in headers or "retries" in options
+                    or options.get("countdown") is not None or options.get("eta") is not None):
+                return publish_next(pctx)
+            serializer = options.get("serializer") or _serializer(task)
+            if serializer != "json":
+                if _first(("serializer", name)):
+                    logger.warning("task %s: a fair call sent with serializer=%r is published at once, not "
+                                   "queued fairly (fair calls wait in the tuning Redis as JSON)", name, serializer)
+                return publish_next(pctx)
+            args, kwargs = tuple(pctx.args or ()), dict(pctx.kwargs or {})
+            key = policy.key(*args, **kwargs)  # the key function's own errors reach the caller
+            try:
+                weight = weight_of(policy, key)
+            except ValueError as exc:
+                raise ConfigurationError(f"task {name!r}: {exc}") from None
+            digest = key_digest(key)
+            queue = queue_of(task, options, args, kwargs)
+            msg_id = str(pctx.task_id or uuid.uuid4())
+            payload = self._payload(pctx, msg_id)
+            if payload is None:
+                return publish_next(pctx)
+            try:
+                cap = self._cap(args, kwargs)
+                answer = fair_store(runtime).add(queue, msg_id, digest, payload, weight, cap)
+            except StorageError as exc:
+                _publish_side.failed(exc)
+                pctx.task_id = msg_id
+                return publish_next(pctx)
+            _publish_side.answered()
+            if answer != RAN:
+                events.fair_queued(queue)
+            result = task.AsyncResult(msg_id)
+            if options.get("add_to_parent", True):
+                parent = task._app.current_worker_task
+                if parent is not None:
+                    parent.add_trail(result)  # as Celery's send_task does for a call it publishes
+            return result
+
+        return publish
+
+    def _payload(self, pctx: PublishContext, msg_id: str) -> Optional[str]:
+        """The call's signature as JSON (its task id included), or None when its options cannot be
+        (the call is then published at once, logged once).
+
+        Raises:
+            kombu.exceptions.EncodeError: When its arguments are not JSON-encodable.
+        """
+        from kombu.exceptions import EncodeError
+        from kombu.utils.json import dumps
+
+        from ..receivers import stamp_headers
+
+        task = pctx.task
+        options = {k: v for k, v in pctx.options.items() if k not in _TRANSPORT}
+        options["task_id"] = msg_id
+        # The call's publish time is now, not when the dispatcher releases it: queue wait and
+        # end-to-end times count the wait for its turn.
+        options["headers"] = stamp_headers(dict(options.get("headers") or {}))
+        parent = task._app.current_worker_task
+        if parent is not None and "parent_id" not in options:
+            # The dispatcher publishes from no task: keep the caller's place in the workflow now.
+            options["parent_id"] = parent.request.id
+            options["root_id"] = parent.request.root_id or parent.request.id
+        data = dict(task.signature(pctx.args, pctx.kwargs, options))
+        data["v"] = PAYLOAD_VERSION
+        try:
+            return str(dumps(data))
+        except (TypeError, ValueError, OverflowError) as exc:
+            try:
+                dumps([pctx.args, pctx.kwargs])
+            except (TypeError, ValueError, OverflowError):
+                raise EncodeError(f"task {self.task_name!r}: @fair: the call's arguments are not "
+                                  f"JSON-encodable: {exc}") from None
+            if _first(("options", self.task_name)):
+                logger.warning("task %s: a fair call whose apply_async options are not JSON-encodable (%s) is "
+                               "published at once, not queued fairly", self.task_name, exc)
+            return None
+
+    # -- worker side ----------------------------------------------------------------------------
+
+    def wrap(self, call_next: Call) -> Call:
+        runtime, name = self.runtime, self.task_name
+
+        def call(ctx: CallContext) -> Any:
+            info = _fair_info(ctx.request)
+            if info is None or not runtime.enabled or is_eager(ctx.request):
+                return call_next(ctx)
+            try:
+                queue, msg_id, pub, digest = str(info["q"]), str(info["id"]), int(info["pub"]), str(info.get("k", ""))
+            except (KeyError, TypeError, ValueError):
+                return call_next(ctx)  # a header this version cannot read: run it (never lose a task)
+            try:
+                fresh = fair_store(runtime).start(queue, msg_id, pub, digest)
+            except StorageError as exc:
+                _worker_side.failed(exc)
+                return call_next(ctx)
+            _worker_side.answered()
+            if not fresh:
+                logger.info("task %s[%s]: dropped a duplicate of a fair message (publication %d)", name, msg_id, pub)
+                raise _ignored(f"duplicate of fair message {msg_id} (publication {pub})")
+            return call_next(ctx)
+
+        return call
+
+
+def _fair_info(request: Any) -> Optional[Dict[str, Any]]:
+    headers = getattr(request, "headers", None) or {}
+    info = headers.get(HEADER_FAIR) if isinstance(headers, dict) else None
+    if info is None:
+        info = getattr(request, HEADER_FAIR, None)
+    return info if isinstance(info, dict) else None
+
+
+# -- the worker this process runs (its concurrency and queues size the window) ---------------------
+
+_workers: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def _on_worker_init(sender: Any = None, **_: Any) -> None:
+    app = getattr(sender, "app", None)
+    if app is not None:
+        _workers[app] = sender
+
+
+def connect_receivers() -> None:
+    """Remember each app's worker (idempotent; done on import)."""
+    from celery import signals as celery_signals
+
+    celery_signals.worker_init.connect(_on_worker_init, weak=False, dispatch_uid="celery_tuning.fair.worker_init")
+
+
+connect_receivers()
+
+
+def consumer_capacity(app: Any) -> Tuple[str, int, Set[str]]:
+    """(node name, concurrency x prefetch multiplier, queues consumed) of the worker running in this
+    process for ``app``; ("", 0, empty) when none (a producer, a test's own mover)."""
+    worker = _workers.get(app)
+    if worker is None:
+        return "", 0, set()
+    try:
+        concurrency = int(getattr(worker, "concurrency", 0) or 0)
+        prefetch = int(app.conf.worker_prefetch_multiplier or 0)
+        queues = set(app.amqp.queues.consume_from.keys())
+    except Exception:  # a worker half set up: it registers nothing yet
+        return "", 0, set()
+    # A prefetch multiplier of 0 means "no limit" to Celery: count a worker as 4 per process then.
+    return str(getattr(worker, "hostname", "") or ""), max(0, concurrency) * (prefetch if prefetch > 0 else 4), queues
+
+
+# -- the dispatcher: the parking mover's part ------------------------------------------------------
+
+
+class FairMovingRound(NamedTuple):
+    """What one round of the dispatcher did."""
+
+    published: int
+    #: A release came back full: more may be released now.
+    full: bool
+    #: Messages wait in some queue (the mover keeps its busy pace; a start also wakes it).
+    waiting: bool
+
+
+class FairMoving:
+    """The parking mover's part for ``@fair``: releases each fair queue's messages round-robin.
+
+    Arguments:
+        mover: The :class:`~celery_tuning.integration.mover.Mover` whose thread, batch, claim TTL
+            and refresh interval it uses.
+    """
+
+    def __init__(self, mover: Any) -> None:
+        self.mover = mover
+        self.app = mover.app
+        self.runtime: TuningRuntime = mover.runtime
+        self._has_fair = False
+        self._has_fair_at = -1e9
+        self._queues: List[str] = []
+        self._queues_at = -1e9
+        #: Messages released since start (all queues).
+        self.released = 0
+
+    @property
+    def store(self) -> FairStore:
+        return fair_store(self.runtime, mover=True)
+
+    def active(self, now: float) -> bool:
+        """Whether the app has a fair task (read again every ``spots_ttl`` seconds)."""
+        if now - self._has_fair_at >= self.mover.spots_ttl:
+            self._has_fair = any("fair" in (getattr(type(task), "_tuning_policies", None) or {})
+                                 for task in list(self.app.tasks.values()))
+            self._has_fair_at = now
+        return self._has_fair
+
+    def queues(self, now: float) -> List[str]:
+        """The queues of the fair index (read again every ``spots_ttl`` seconds)."""
+        if now - self._queues_at >= self.mover.spots_ttl:
+            self._queues = self.store.queues()
+            self._queues_at = now
+        return self._queues
+
+    def run_once(self, now: float) -> FairMovingRound:
+        """Release, publish and acknowledge once over every fair queue.
+
+        Raises:
+            StorageError: When the tuning Redis fails (messages claimed so far are released again
+            after the claim TTL); the broker's errors likewise.
+        """
+        if not self.active(now):
+            return FairMovingRound(0, False, False)
+        published, full, waiting = 0, False, False
+        for queue in self.queues(now):
+            done, was_full, left = self.release(queue)
+            published += done
+            full = full or was_full
+            waiting = waiting or left
+        return FairMovingRound(published, full, waiting)
+
+    def run_woken(self, queues: Set[str]) -> int:
+        """Release at the queues whose window a start just freed; how many were published."""
+        if not self.active(time.monotonic()):
+            return 0
+        return sum(self.release(queue)[0] for queue in sorted(queues))
+
+    def release(self, queue: str) -> Tuple[int, bool, bool]:
+        """One release at ``queue``: (published, the batch was full, messages still wait)."""
+        config = self.runtime.config
+        node, capacity, consumed = consumer_capacity(self.app)
+        batch = self.mover.batch
+        claim_ttl_us = self.mover.claim_ttl_us
+        store = self.store
+        done = store.release(queue, batch, claim_ttl_us, claim_ttl_us, node,
+                             capacity if queue in consumed else 0, int(NODE_TTL * 1_000_000), config.fair_window)
+        published = self._publish(store, queue, done.released) if done.released else 0
+        if events.FAIR_COUNT.subscribers:
+            events.fair_count(queue, done.waiting, done.keys, done.in_window)
+        return published, len(done.released) >= batch, done.waiting > 0
+
+    def _publish(self, store: FairStore, queue: str, released: List[FairReleased]) -> int:
+        from ..mover import _NO_FORK_WHILE_PUBLISHING, ForeignEntry
+
+        done, failed = 0, 0
+        with _NO_FORK_WHILE_PUBLISHING, self.app.producer_or_acquire() as producer:
+            for entry in released:
+                try:
+                    self.publish(queue, entry, producer=producer)
+                except ForeignEntry as exc:
+                    store.unclaim(queue, entry.msg_id, entry.pub, int(FOREIGN_REST * 1_000_000))
+                    if _first(("foreign", queue, exc.task)):
+                        logger.warning("fair dispatcher: queue %s holds task %r, which this app does not have: "
+                                       "left for the app that queued it (give each app its own "
+                                       "tuning_key_prefix)", queue, exc.task)
+                    continue
+                except Exception:
+                    # Whatever one message does (an undecodable payload, a publish hook raising), the
+                    # others go on; it stays claimed and is released again after the claim TTL.
+                    failed += 1
+                    if failed == 1:
+                        logger.exception("fair dispatcher: could not publish message %s of queue %s; it is "
+                                         "tried again after tuning_park_claim_ttl", entry.msg_id, queue)
+                    continue
+                store.ack(queue, entry.msg_id, entry.pub)
+                done += 1
+        if done:
+            self.released += done
+            events.fair_released(queue, done)
+        return done
+
+    def publish(self, queue: str, entry: FairReleased, producer: Any = None) -> Any:
+        """Publish one released message to its queue with the :data:`HEADER_FAIR` ticket (no ack).
+
+        Raises:
+            ForeignEntry: When the message's task is not one of this app's.
+        """
+        from ..mover import ForeignEntry
+
+        signature = self.app.signature(decode_payload(entry.payload))
+        if signature.task not in self.app.tasks:
+            raise ForeignEntry(str(signature.task))
+        signature.options["task_id"] = entry.msg_id
+        headers: Dict[str, Any] = dict(signature.options.get("headers") or {})
+        headers[HEADER_FAIR] = {"q": queue, "id": entry.msg_id, "pub": entry.pub, "k": entry.digest}
+        signature.options["headers"] = headers
+        declare = route_declarations(self.app, signature.options)
+        if declare:
+            signature.options["declare"] = declare
+        return signature.apply_async(producer=producer)
+
+
+register_step("fair", FairStep)

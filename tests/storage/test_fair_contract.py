@@ -1,0 +1,283 @@
+"""One contract for the fair-queue stores (in-process reference and Redis/Lua, single server and
+Cluster), and a differential state machine that holds the two together on random sequences.
+
+A manual clock drives every store (the Redis store sends it to the scripts as their "now").
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+import pytest
+from hypothesis import HealthCheck, Phase, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
+
+from celery_tuning.storage.fair import (
+    ADDED,
+    ALREADY_WAITING,
+    RAN,
+    FairCap,
+    FairStore,
+    MemoryFairStore,
+    RedisFairStore,
+)
+from celery_tuning.storage.keys import lease_key
+from celery_tuning.storage.lease import MemoryLeaseStore, RedisLeaseStore
+from celery_tuning.storage.redis import RedisConnector
+
+pytestmark = pytest.mark.integration
+
+T0 = 1_700_000_000_000_000
+SEC = 1_000_000
+CLAIM = 30 * SEC
+Q = "tenants"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> int:
+        return self.now
+
+
+class World:
+    def __init__(self, store: FairStore, clock: Clock, leases: Any, cluster: bool = False) -> None:
+        self.store, self.clock, self.leases, self.cluster = store, clock, leases, cluster
+
+
+@pytest.fixture(params=["memory", "redis", "cluster"])
+def w(request) -> World:
+    clock = Clock()
+    if request.param == "memory":
+        leases = MemoryLeaseStore(clock=clock)
+        return World(MemoryFairStore(clock=clock, leases=leases), clock, leases)
+    if request.param == "cluster":
+        connector = RedisConnector(request.getfixturevalue("cluster_clean").url)
+    else:
+        connector = RedisConnector(request.getfixturevalue("redis_clean").db_url(5))
+    return World(RedisFairStore(connector, clock=clock), clock, RedisLeaseStore(connector),
+                 cluster=request.param == "cluster")
+
+
+def _release(s: FairStore, batch: int = 100, window: Optional[int] = 1000, **kw: Any):
+    return s.release(Q, batch, CLAIM, CLAIM, window=window, **kw)
+
+
+def _ids(done) -> List[str]:
+    return [r.msg_id for r in done.released]
+
+
+def test_release_takes_one_message_per_key_in_turn_whatever_the_backlog(w):
+    s = w.store
+    for i in range(50):
+        assert s.add(Q, f"a{i}", "A", f"pa{i}") == ADDED
+    for i in range(3):
+        assert s.add(Q, f"b{i}", "B", f"pb{i}") == ADDED
+    assert s.add(Q, "c0", "C", "pc0") == ADDED
+    done = _release(s, batch=8)
+    assert _ids(done) == ["a0", "b0", "c0", "a1", "b1", "a2", "b2", "a3"]
+    assert done.waiting == 54 - 8 and done.in_window == 8
+    assert [r.payload for r in done.released][:3] == ["pa0", "pb0", "pc0"]
+    assert all(r.pub == 1 for r in done.released)
+    snap = s.snapshot(Q, top=2)
+    assert (snap.waiting, snap.keys, snap.in_window, snap.claimed, snap.released_total) == (46, 1, 8, 8, 8)
+    assert snap.deepest == [("A", 46)]
+
+
+def test_weights_give_a_key_several_messages_per_turn(w):
+    s = w.store
+    for i in range(10):
+        s.add(Q, f"a{i}", "A", "p", weight=3)
+        s.add(Q, f"b{i}", "B", "p")
+    assert _ids(_release(s, batch=8)) == ["a0", "a1", "a2", "b0", "a3", "a4", "a5", "b1"]
+
+
+def test_a_turn_cut_short_by_a_window_of_one_goes_on_at_the_next_release(w):
+    s = w.store
+    for i in range(6):
+        s.add(Q, f"a{i}", "A", "p", weight=3)
+        s.add(Q, f"b{i}", "B", "p")
+    order = []
+    for _ in range(8):
+        done = _release(s, window=1)
+        order += _ids(done)
+        for r in done.released:
+            s.start(Q, r.msg_id, r.pub, "A")
+    assert order == ["a0", "a1", "a2", "b0", "a3", "a4", "a5", "b1"]
+
+
+def test_the_window_bounds_what_is_released_and_not_started_and_a_start_frees_room(w):
+    s = w.store
+    for i in range(10):
+        s.add(Q, f"a{i}", "A", "p")
+    done = _release(s, window=3)
+    assert _ids(done) == ["a0", "a1", "a2"] and done.window == 3
+    assert _ids(_release(s, window=3)) == []
+    for r in done.released:
+        assert s.ack(Q, r.msg_id, r.pub)
+    assert _ids(_release(s, window=3)) == [], "published is still in the window until started"
+    assert s.start(Q, "a0", 1, "A")
+    assert _ids(_release(s, window=3)) == ["a3"]
+
+
+def test_the_window_defaults_to_the_live_consumers_capacity(w):
+    s = w.store
+    for i in range(10):
+        s.add(Q, f"a{i}", "A", "p")
+    assert _ids(_release(s, window=None)) == [], "no consumer: nothing released"
+    done = _release(s, window=None, node="w1", capacity=2, node_ttl_us=10 * SEC)
+    assert len(done.released) == 2 and done.window == 2
+    done = _release(s, window=None, node="w2", capacity=3, node_ttl_us=10 * SEC)
+    assert len(done.released) == 3 and done.window == 5
+    w.clock.now += 11 * SEC  # both registrations lapse; the window entries are still live (claim TTL)
+    assert _release(s, window=None).window == 0
+
+
+def test_a_lost_start_leaves_the_window_when_its_time_passes(w):
+    s = w.store
+    for i in range(4):
+        s.add(Q, f"a{i}", "A", "p")
+    for r in _release(s, window=2).released:
+        s.ack(Q, r.msg_id, r.pub)
+    w.clock.now += CLAIM + 1
+    assert _ids(_release(s, window=2)) == ["a2", "a3"]
+
+
+def test_an_expired_claim_is_released_again_with_a_higher_pub_and_the_stale_copy_is_dropped(w):
+    s = w.store
+    s.add(Q, "a0", "A", "p0")
+    first = _release(s).released[0]
+    w.clock.now += CLAIM + 1  # its dispatcher died after publishing, before acking
+    again = _release(s).released
+    assert [(r.msg_id, r.pub, r.payload) for r in again] == [("a0", 2, "p0")]
+    assert not s.ack(Q, "a0", first.pub), "the dead dispatcher's ack no longer owns it"
+    assert s.ack(Q, "a0", 2)
+    assert not s.start(Q, "a0", 1, "A"), "the first copy is a stale duplicate"
+    assert s.start(Q, "a0", 2, "A")
+    assert s.start(Q, "a0", 2, "A"), "a broker redelivery of the same publication runs"
+    w.clock.now += CLAIM + 1
+    assert _ids(_release(s)) == []
+
+
+def test_a_message_started_before_its_claim_expired_is_never_released_again(w):
+    s = w.store
+    s.add(Q, "a0", "A", "p0")
+    r = _release(s).released[0]
+    assert s.start(Q, "a0", r.pub, "A")  # it ran; the dispatcher died before acking
+    w.clock.now += CLAIM + 1
+    assert _ids(_release(s)) == []
+    assert not s.ack(Q, "a0", r.pub)
+    assert s.add(Q, "a0", "A", "p0") == RAN
+
+
+def test_an_id_added_twice_waits_once(w):
+    s = w.store
+    assert s.add(Q, "a0", "A", "p") == ADDED
+    assert s.add(Q, "a0", "A", "p") == ALREADY_WAITING
+    assert _ids(_release(s)) == ["a0"]
+    assert s.add(Q, "a0", "A", "p") == ALREADY_WAITING, "claimed"
+
+
+def test_a_key_at_its_concurrency_cap_is_passed_over_without_losing_its_turn(w):
+    s = w.store
+    lk = lease_key("tuning", "sync", "A")
+    for i in range(5):
+        s.add(Q, f"a{i}", "A", "p", cap=FairCap(2, lk))
+        s.add(Q, f"b{i}", "B", "p")
+    done = _release(s, batch=6)
+    if w.cluster:
+        assert _ids(done) == ["a0", "b0", "a1", "b1", "a2", "b2"], "on a Cluster caps are the step's"
+        return
+    assert _ids(done) == ["a0", "b0", "a1", "b1", "b2", "b3"], "A holds 2 released: at its cap"
+    s.start(Q, "a0", 1, "A")
+    w.leases.acquire(lk, 2, "lease-a0", 30 * SEC, now=w.clock.now)  # a0 runs holding a lease
+    assert _ids(_release(s, batch=6)) == ["b4"], "a0 running + a1 on its way: still at the cap"
+    s.start(Q, "a1", 1, "A")
+    w.leases.release(lk, "lease-a0")
+    assert _ids(_release(s, batch=6)) == [], "a1 just started: it counts until it holds its lease"
+    w.clock.now += SEC
+    assert _ids(_release(s, batch=6)) == ["a2", "a3"], "nothing runs or is on its way: two slots"
+
+
+def test_purge_drops_waiting_messages_only(w):
+    s = w.store
+    for i in range(5):
+        s.add(Q, f"a{i}", "A", "p")
+    _release(s, batch=2)
+    assert s.purge(Q) == 3
+    snap = s.snapshot(Q)
+    assert (snap.waiting, snap.keys, snap.claimed) == (0, 0, 2)
+    assert Q in s.queues()
+
+
+# -- differential: random sequences through the memory reference and the Lua -------------------
+
+
+class FairMachine(RuleBasedStateMachine):
+    connector: RedisConnector
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.connector.run(lambda c: c.flushdb(), what="FLUSHDB")
+        self.clock = Clock()
+        self.mem_leases = MemoryLeaseStore(clock=self.clock)
+        self.mem = MemoryFairStore(clock=self.clock, leases=self.mem_leases)
+        self.red = RedisFairStore(self.connector, clock=self.clock)
+        self.red_leases = RedisLeaseStore(self.connector)
+        self.n = 0
+        self.released: Dict[str, int] = {}
+
+    @rule(key=st.sampled_from(["A", "B", "C", "D"]), weight=st.integers(1, 3), capped=st.booleans())
+    def add(self, key: str, weight: int, capped: bool) -> None:
+        self.n += 1
+        cap = FairCap(2, lease_key("tuning", "lim", key)) if capped else None
+        args = (Q, f"m{self.n}", key, f"p{self.n}", weight, cap)
+        assert self.mem.add(*args) == self.red.add(*args)
+
+    @rule(batch=st.integers(0, 6), window=st.one_of(st.none(), st.integers(0, 8)),
+          capacity=st.integers(0, 4))
+    def release(self, batch: int, window: Optional[int], capacity: int) -> None:
+        args = (Q, batch, 5 * SEC, 7 * SEC, "node", capacity, 10 * SEC, window)
+        a, b = self.mem.release(*args), self.red.release(*args)
+        assert a == b
+        for r in a.released:
+            self.released[r.msg_id] = r.pub
+
+    @rule(data=st.data())
+    def ack_or_start(self, data: Any) -> None:
+        if not self.released:
+            return
+        msg_id = data.draw(st.sampled_from(sorted(self.released)))
+        pub = self.released[msg_id] - data.draw(st.integers(0, 1))
+        if data.draw(st.booleans()):
+            assert self.mem.ack(Q, msg_id, pub) == self.red.ack(Q, msg_id, pub)
+        else:
+            key = "A"
+            assert self.mem.start(Q, msg_id, pub, key) == self.red.start(Q, msg_id, pub, key)
+
+    @rule(key=st.sampled_from(["A", "B"]), held=st.booleans())
+    def lease(self, key: str, held: bool) -> None:
+        lk = lease_key("tuning", "lim", key)
+        if held:
+            self.mem_leases.acquire(lk, 5, "x", 3 * SEC, now=self.clock.now)
+            self.red_leases.acquire(lk, 5, "x", 3 * SEC, now=self.clock.now)
+        else:
+            self.mem_leases.release(lk, "x")
+            self.red_leases.release(lk, "x")
+
+    @rule(seconds=st.integers(0, 8))
+    def tick(self, seconds: int) -> None:
+        self.clock.now += seconds * SEC
+
+    @invariant()
+    def same_snapshot(self) -> None:
+        assert self.mem.snapshot(Q, top=3) == self.red.snapshot(Q, top=3)
+
+
+def test_memory_and_redis_stores_agree_on_random_sequences(redis_clean):
+    FairMachine.connector = RedisConnector(redis_clean.db_url(6))
+    run_state_machine_as_test(FairMachine, settings=settings(
+        max_examples=60, stateful_step_count=40, deadline=None, phases=[Phase.generate, Phase.shrink],
+        suppress_health_check=[HealthCheck.too_slow]))
