@@ -394,8 +394,11 @@ assert flaky.delay(3).id == f.id
 assert f.get(timeout=20) == {"x": 3, "retries": 1}
 assert int(ledger.get("runs:flaky:3")) == 2
 
-# A deferral (rate limit: parked) keeps it too
-t0, t5 = trickled.delay(0), trickled.delay(5)
+# A deferral (rate limit: parked) keeps it too. t0 takes the one token first (sent together, either
+# could win it: a run on a loaded host saw t5 run at once), then t5 waits about 1 s for its slot.
+t0 = trickled.delay(0)
+wait_started(t0.id)
+t5 = trickled.delay(5)
 ids = []
 while True:  # until t5's body starts (about 1 s later: parked for its slot), every duplicate gets its id
     again = trickled.delay(5).id
