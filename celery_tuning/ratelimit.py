@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import numbers
 import threading
@@ -13,7 +12,8 @@ from .conf import Tier, parse_per_key, parse_tier
 from .errors import ConfigurationError, RateLimited, StorageError
 from .policy.gcra import interval_us
 from .policy.rates import Rate
-from .storage.gcra import AdaptiveSpec, Bucket, GcraSnapshot, GcraStore, MemoryGcraStore, StackedBucket
+from .storage.gcra import MAX_DEBT_US, AdaptiveSpec, Bucket, GcraSnapshot, GcraStore, MemoryGcraStore, StackedBucket
+from .storage.keys import key_digest
 
 __all__ = ["Decision", "GcraLimiter", "StackDecision", "Tier", "TierLike", "decide_all", "hash_key"]
 
@@ -31,8 +31,9 @@ _ON_REDIS_ERROR = ("local", "allow", "deny")
 
 
 def hash_key(value: Any) -> str:
-    """Bounded, opaque bucket id for a per-key limiter (the raw key never reaches Redis)."""
-    return hashlib.sha256(str(value).encode("utf-8", "surrogatepass")).hexdigest()[:24]
+    """Bounded, opaque bucket id for a per-key limiter (the raw key never reaches Redis; a key
+    whose ``str()`` is not the same in every process is refused, naming ``key=``)."""
+    return key_digest(value)
 
 
 class Decision(NamedTuple):
@@ -162,6 +163,12 @@ class GcraLimiter:
             raise ConfigurationError(f"limiter {self.name!r}: cost={cost!r}: expected an integer >= 1")
 
     @staticmethod
+    def _bounded(cost: int, interval: int, burst: int) -> int:
+        """``cost``, or the cost of a year of debt when it is more (as :meth:`charge` bounds it):
+        past that the scripts' arithmetic loses precision, then fails, and the stores disagree."""
+        return min(cost, burst + MAX_DEBT_US // max(1, interval))
+
+    @staticmethod
     def _reserve_us(reserve: Optional[float]) -> int:
         return -1 if reserve is None else int(reserve * 1_000_000)
 
@@ -186,7 +193,8 @@ class GcraLimiter:
         """One round trip: admit now, reserve a slot up to ``reserve`` seconds ahead, or refuse.
 
         A ``cost`` above the burst is admitted once the bucket is full (it could never be
-        otherwise), and the part above the burst is debt that delays the calls after it.
+        otherwise), and the part above the burst is debt that delays the calls after it (at most
+        a year of it, as :meth:`charge`).
 
         ``tier``: the rate and burst of ``key``'s bucket (see :meth:`tier`; default: ``per_key``).
 
@@ -197,6 +205,7 @@ class GcraLimiter:
         reserve_us = self._reserve_us(reserve)
         bucket = self.bucket(key)
         interval, burst = self._params(key, tier)
+        cost = self._bounded(cost, interval, burst)
         try:
             result = self.store.acquire(bucket, interval, burst, cost, reserve_us)
             source = "redis"
@@ -223,7 +232,8 @@ class GcraLimiter:
         if script_args is None or not self._valid_cost(cost):
             return None
         interval, burst = self._params(key, tier)
-        return script_args(self.bucket(key), interval, burst, int(cost), self._reserve_us(reserve))
+        return script_args(self.bucket(key), interval, burst, self._bounded(int(cost), interval, burst),
+                           self._reserve_us(reserve))
 
     def settle(self, reply: int) -> Decision:
         """The :class:`Decision` for a ``gcra_acquire.lua`` reply obtained through :meth:`plan`."""
@@ -405,8 +415,10 @@ def decide_all(parts: Sequence[Tuple[Any, ...]], *, reserve: Optional[float] = N
             raise ConfigurationError(
                 f"stacked limiters {first.name!r} and {limiter.name!r} keep their buckets in different stores; "
                 "one decision needs them in one")
-    entries = [StackedBucket(limiter.bucket(key), *limiter._params(key, tier), cost)
-               for limiter, cost, key, tier in live]
+    entries = []
+    for limiter, cost, key, tier in live:
+        interval, burst = limiter._params(key, tier)
+        entries.append(StackedBucket(limiter.bucket(key), interval, burst, GcraLimiter._bounded(cost, interval, burst)))
     reserve_us = GcraLimiter._reserve_us(reserve)
     try:
         result = store.acquire_many(entries, reserve_us)

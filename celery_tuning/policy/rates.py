@@ -16,6 +16,9 @@ _RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*([a-z]+)\s*$")
 
 ACCEPTED = "a rate like '20/s', '1200/m' or '5000/h'"
 
+#: The fastest rate a limiter keeps: its emission interval is counted in whole microseconds.
+MAX_PER_SECOND = 1_000_000
+
 
 class Rate(NamedTuple):
     """A number of admissions per period of seconds."""
@@ -61,4 +64,7 @@ def parse_rate(value: Union[str, Rate]) -> Rate:
     count = float(match.group(1))
     if count <= 0:
         raise ValueError(f"{value!r} must admit more than zero calls per period")
-    return Rate(count, _UNITS[match.group(2)])
+    rate = Rate(count, _UNITS[match.group(2)])
+    if rate.per_second > MAX_PER_SECOND:
+        raise ValueError(f"{value!r} is above {MAX_PER_SECOND:,}/s, the most a limiter keeps (one call per µs)")
+    return rate

@@ -201,8 +201,30 @@ def breaker_channel(prefix: str) -> str:
 
 def key_digest(value: Any) -> str:
     """Bounded, opaque id of a caller key (``str(value)``'s sha256, 24 hex digits): the raw key
-    never reaches Redis. The same digest as a per-key rate-limit bucket's."""
+    never reaches Redis. The same digest as a per-key rate-limit bucket's.
+
+    Raises :class:`~celery_tuning.errors.ConfigurationError` naming ``key=`` when ``str(value)``
+    would differ between processes for the same key (an object printed with its address, a set
+    printed in its hash order): every process would count that tenant apart, silently.
+    """
+    if type(value) is not str:
+        _check_stable(value)
     return hashlib.sha256(str(value).encode("utf-8", "surrogatepass")).hexdigest()[:24]
+
+
+def _check_stable(value: Any, depth: int = 0) -> None:
+    kind = type(value)
+    if isinstance(value, (set, frozenset)) or (kind.__str__ is object.__str__ and kind.__repr__ is object.__repr__):
+        raise ConfigurationError(
+            f"key=: the key function returned a {kind.__name__}, whose str() differs between processes "
+            f"({'hash order' if isinstance(value, (set, frozenset)) else 'it shows its address'}); "
+            "return a str or an int (or a tuple of them)")
+    if depth < 4 and isinstance(value, (tuple, list)):
+        for item in value:
+            _check_stable(item, depth + 1)
+    elif depth < 4 and isinstance(value, dict):
+        for item in value.values():
+            _check_stable(item, depth + 1)
 
 
 def lease_key(prefix: str, name: str, key_hash: Optional[str] = None) -> str:

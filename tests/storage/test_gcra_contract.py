@@ -498,3 +498,22 @@ def test_a_stack_decides_each_part_at_its_keys_tier(store):
     assert decide_all(explicit).decision.allowed
     refused = decide_all(explicit)
     assert not refused.decision.allowed and refused.decision.wait == pytest.approx(1.0), "burst 1 at 1/s"
+
+
+@pytest.mark.parametrize("cost", [10**13, 10**16, 10**19])
+def test_a_huge_cost_is_at_most_a_year_of_debt_and_every_store_agrees(store, cost):
+    """Past ~230 years of debt the scripts' floats lost precision, and from 1e16 the script failed:
+    reported as an outage, admitted by the local fallback, the debt never reached Redis."""
+    from celery_tuning.policy.rates import Rate
+    from celery_tuning.ratelimit import GcraLimiter, decide_all
+    from celery_tuning.storage.gcra import MAX_DEBT_US
+
+    now = [T0]
+    store.clock = lambda: now[0]
+    lim = GcraLimiter("huge", Rate(100, 1.0), 5, store=store)
+    first = lim.decide(cost)
+    assert first.allowed and first.source == ("redis" if isinstance(store, RedisGcraStore) else first.source)
+    after = lim.decide(1)
+    assert not after.allowed and after.source == first.source
+    assert after.wait == pytest.approx(MAX_DEBT_US / 1e6, rel=1e-6), "a year of debt, not more, not lost"
+    assert not decide_all([(lim, cost, "k"), (lim, 1, None)]).decision.allowed, "the stack: refused, no error"

@@ -30,3 +30,14 @@ def test_parse_rejects_non_strings():
 def test_round_trip_through_str(n, unit):
     rate = parse_rate(f"{n}/{unit}")
     assert parse_rate(str(rate)) == rate
+
+
+@pytest.mark.parametrize("text", ["1000001/s", "2000000/s", "1000000000/s", "3600000001/h"])
+def test_rates_above_a_million_per_second_are_refused_not_clamped(text):
+    """The emission interval is whole µs: 1e9/s was accepted and kept as 1e6/s without a word."""
+    with pytest.raises(ValueError, match="above 1,000,000/s"):
+        parse_rate(text)
+
+
+def test_a_million_per_second_is_still_accepted():
+    assert parse_rate("1000000/s").per_second == 1_000_000
