@@ -707,6 +707,39 @@ def fair_show(ctx: click.Context, top: int, as_json: bool) -> None:
             click.echo(f"  {digest} {depth}")
 
 
+@fair.command("purge", help="Drop the calls waiting for their turn in QUEUE, or only those of one key (they "
+                            "never run; results stay PENDING). Calls already released to the queue still run.")
+@click.argument("queue")
+@click.option("--key", "key", default=None, metavar="VALUE",
+              help="Only this key's calls: the value the task's key= returns (a tenant), hashed as stored.")
+@click.option("--digest", default=None, metavar="DIGEST", help="Only this key's calls, by the digest "
+                                                               "`tuning fair show` prints.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_context
+def fair_purge(ctx: click.Context, queue: str, key: Optional[str], digest: Optional[str], yes: bool) -> None:
+    from ..storage.keys import key_digest
+    from .steps.fair import fair_store
+
+    if key is not None and digest is not None:
+        raise click.UsageError("give --key or --digest, not both")
+    if key is not None:
+        digest = key_digest(key)
+    runtime = _runtime(ctx)
+    with _as_cli_error():
+        store = fair_store(runtime)
+        known = queue in store.queues()
+        waiting = store.snapshot(queue, top=0).waiting if known else 0
+    which = f"{queue} (key {digest})" if digest is not None else queue
+    if not known or not waiting:
+        click.echo(f"{queue}: no fair calls waiting")
+        return
+    if not yes:
+        click.confirm(f"drop every fair call waiting in {which}? they will never run", abort=True)
+    with _as_cli_error():
+        dropped = store.purge(queue, digest)
+    click.echo(f"{which}: purged {dropped}")
+
+
 @tuning.command(help="Effective concurrency settings per queue (as `celery worker -Q QUEUE` would get them) "
                      "and the profile of a worker started without -Q.")
 @click.pass_context

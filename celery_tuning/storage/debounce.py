@@ -29,6 +29,9 @@ from .gcra import now_us
 from .keys import DebounceKeys, debounce_keys
 from .process import PerProcess
 from .redis import RedisConnector
+from .tickets import DEFAULT_TICKET_TTL_US, TRIM_PER_CALL, RedisHeldStore
+from .tickets import reply_text as _text
+from .tickets import ticket_pub as _ticket_pub
 
 __all__ = [
     "STALE_DUPLICATE",
@@ -45,10 +48,6 @@ __all__ = [
 
 #: :meth:`DebounceStore.start` answers.
 STALE_DUPLICATE, STARTED_WITH_MARK, STARTED_UNMARKED = 0, 1, 2
-#: Default seconds a published run's ticket is kept (``tuning_park_ticket_ttl``).
-DEFAULT_TICKET_TTL_US = 86_400 * 1_000_000
-#: Tickets trimmed per call (bounded work).
-TRIM_PER_CALL = 100
 
 
 class DebounceClaimed(NamedTuple):
@@ -128,10 +127,6 @@ class DebounceStore(Protocol):
 def _ordered(zset: Dict[str, int]) -> List[Tuple[str, int]]:
     # Redis orders a sorted set by score, then by member bytes (code-point order for str).
     return sorted(zset.items(), key=lambda item: (item[1], item[0]))
-
-
-def _ticket_pub(ticket: str) -> int:
-    return int(ticket.split(":", 1)[0])
 
 
 class _Key:
@@ -382,7 +377,7 @@ class MemoryDebounceStore:
         return self.clock()
 
 
-class RedisDebounceStore:
+class RedisDebounceStore(RedisHeldStore):
     """Debounced runs in Redis (keys: :func:`debounce_keys`); one script per call.
 
     Raises :class:`~celery_tuning.errors.StorageError` when Redis fails.
@@ -396,10 +391,7 @@ class RedisDebounceStore:
 
     def __init__(self, connector: RedisConnector, prefix: str = "tuning",
                  clock: Optional[Callable[[], int]] = None, ticket_ttl_us: int = DEFAULT_TICKET_TTL_US) -> None:
-        self.connector = connector
-        self.prefix = prefix
-        self.clock = clock
-        self.ticket_ttl_us = int(ticket_ttl_us)
+        super().__init__(connector, prefix, clock, ticket_ttl_us)
         self._keys: Dict[str, DebounceKeys] = {}
 
     def keys(self, task: str) -> DebounceKeys:
@@ -454,15 +446,6 @@ class RedisDebounceStore:
             return None
         p, f, t, i, s, x, n, look = (None if v is None else _text(v) for v in reply)
         return DebounceEntry(p, _int(f), _int(t), i, s, _int(x), _int(n), _int(look))
-
-    def now_us(self) -> int:
-        if self.clock is not None:
-            return int(self.clock())
-        return int(self.connector.evalsha("park_now", [], []))
-
-
-def _text(value: Any) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 def _int(value: Optional[str]) -> Optional[int]:

@@ -36,6 +36,9 @@ from .keys import FairKeys
 from .lease import LeaseStore
 from .process import PerProcess
 from .redis import RedisConnector
+from .tickets import DEFAULT_TICKET_TTL_US, TRIM_PER_CALL, RedisHeldStore
+from .tickets import reply_text as _text
+from .tickets import ticket_pub as _ticket_pub
 
 __all__ = [
     "ADDED",
@@ -53,10 +56,6 @@ __all__ = [
 
 #: :meth:`FairStore.add` answers.
 RAN, ADDED, ALREADY_WAITING = 0, 1, 2
-#: Default seconds a message's ticket (and an idle queue's keys) are kept (``tuning_park_ticket_ttl``).
-DEFAULT_TICKET_TTL_US = 86_400 * 1_000_000
-#: Tickets trimmed per call (bounded work).
-TRIM_PER_CALL = 100
 #: Lapsed consumer registrations dropped per call.
 NODES_PER_CALL = 100
 #: What a start announces on the wake channel: this prefix and the queue name.
@@ -137,18 +136,15 @@ class FairStore(Protocol):
     def snapshot(self, queue: str, top: int = 10, scan: int = 10_000) -> FairSnapshot:
         """The queue's counts and its ``top`` deepest keys among the first ``scan`` of the ring. Read-only."""
 
-    def purge(self, queue: str) -> int:
-        """Drop every waiting message of the queue (not the claimed or released ones); how many."""
+    def purge(self, queue: str, digest: Optional[str] = None) -> int:
+        """Drop every waiting message of the queue, or of its key ``digest`` only (not the claimed or
+        released ones); how many."""
 
     def queues(self) -> List[str]:
         """The queues that may hold fair messages (the index)."""
 
     def now_us(self) -> int:
         """Now by the store's clock (µs)."""
-
-
-def _ticket_pub(ticket: str) -> int:
-    return int(ticket.split(":", 1)[0])
 
 
 class _QueueState:
@@ -405,19 +401,24 @@ class MemoryFairStore:
             return FairSnapshot(q.stat_n, len(q.ring), sum(1 for at in q.win.values() if at > now), len(q.claim),
                                 q.stat_r, capacity, deepest)
 
-    def purge(self, queue: str) -> int:
+    def purge(self, queue: str, digest: Optional[str] = None) -> int:
         with self._lock:
             q = self._state(queue)
+            if digest is not None:
+                if digest in q.ring:
+                    q.ring.remove(digest)
+                chosen = [digest]
+            else:
+                chosen, q.ring = q.ring, []
             dropped = 0
-            while q.ring:
-                digest = q.ring.pop(0)
-                for msg_id in q.lists.pop(digest, []):
+            for key in chosen:
+                for msg_id in q.lists.pop(key, []):
                     q.msg.pop(msg_id, None)
                     q.own.pop(msg_id, None)
                     dropped += 1
-                q.kw.pop(digest, None)
-                q.used.pop(digest, None)
-                q.kc.pop(digest, None)
+                q.kw.pop(key, None)
+                q.used.pop(key, None)
+                q.kc.pop(key, None)
             q.stat_n -= dropped
             return dropped
 
@@ -429,7 +430,7 @@ class MemoryFairStore:
         return self.clock()
 
 
-class RedisFairStore:
+class RedisFairStore(RedisHeldStore):
     """Fair-queue messages in Redis (keys: :func:`~celery_tuning.storage.keys.fair_keys`); one script per call.
 
     Raises :class:`~celery_tuning.errors.StorageError` when Redis fails.
@@ -438,15 +439,12 @@ class RedisFairStore:
         connector: The tuning Redis.
         prefix: ``tuning_key_prefix``.
         clock: Now in µs sent to the scripts (tests); None, the default: the Redis server's TIME.
-        ticket_ttl_us: How long a ticket is kept (``tuning_park_ticket_ttl``).
+        ticket_ttl_us: How long a ticket (and an idle queue's keys) are kept (``tuning_park_ticket_ttl``).
     """
 
     def __init__(self, connector: RedisConnector, prefix: str = "tuning",
                  clock: Optional[Callable[[], int]] = None, ticket_ttl_us: int = DEFAULT_TICKET_TTL_US) -> None:
-        self.connector = connector
-        self.prefix = prefix
-        self.clock = clock
-        self.ticket_ttl_us = int(ticket_ttl_us)
+        super().__init__(connector, prefix, clock, ticket_ttl_us)
         self.index_key = keys.fair_index_key(prefix)
         #: Starts announce freed window room here (the parking movers' channel: one subscription).
         self.wake_channel = keys.park_wake_channel(prefix)
@@ -506,11 +504,11 @@ class RedisFairStore:
         return FairSnapshot(int(reply[0]), int(reply[1]), int(reply[2]), int(reply[3]), int(reply[4]),
                             int(reply[5]), deepest)
 
-    def purge(self, queue: str) -> int:
+    def purge(self, queue: str, digest: Optional[str] = None) -> int:
         fixed, stem = self.keys(queue)
         total = 0
         while True:
-            dropped = int(self.connector.evalsha("fair_purge", list(fixed), [stem, PURGE_PER_CALL]))
+            dropped = int(self.connector.evalsha("fair_purge", list(fixed), [stem, PURGE_PER_CALL, digest or ""]))
             total += dropped
             if dropped < PURGE_PER_CALL:
                 return total
@@ -519,11 +517,3 @@ class RedisFairStore:
         members = self.connector.run(lambda c: c.smembers(self.index_key), what="SMEMBERS fair index")
         return sorted(_text(m) for m in members)
 
-    def now_us(self) -> int:
-        if self.clock is not None:
-            return int(self.clock())
-        return int(self.connector.evalsha("park_now", [], []))
-
-
-def _text(value: Any) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)

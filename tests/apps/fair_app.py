@@ -17,6 +17,7 @@ from celery import Celery
 
 import celery_tuning
 from celery_tuning import concurrency_limit, fair
+from celery_tuning.integration.steps.fair import HEADER_FAIR
 
 URL = os.environ.get("TEST_BROKER_URL", "redis://127.0.0.1:6379/0")
 TUNING = os.environ.get("TEST_TUNING_URL", "redis://127.0.0.1:6379/1")
@@ -37,10 +38,17 @@ celery_tuning.install(app)
 ledger = redis.Redis.from_url(os.environ.get("TEST_LEDGER_URL", TUNING))
 
 
-def _record(task: str, request_id: str, tenant: str, start: float) -> None:
+def _released(request) -> bool:
+    """Whether the run came through the dispatcher (its message carries the fair ticket)."""
+    headers = getattr(request, "headers", None) or {}
+    return HEADER_FAIR in headers or getattr(request, HEADER_FAIR, None) is not None
+
+
+def _record(task: str, request, tenant: str, start: float) -> None:
     pipe = ledger.pipeline()
-    pipe.hincrby(f"runs:{task}", request_id, 1)
-    pipe.rpush(f"done:{task}", json.dumps({"id": request_id, "tenant": tenant, "start": start, "end": time.time()}))
+    pipe.hincrby(f"runs:{task}", request.id, 1)
+    pipe.rpush(f"done:{task}", json.dumps({"id": request.id, "tenant": tenant, "start": start, "end": time.time(),
+                                           "released": _released(request)}))
     pipe.execute()
 
 
@@ -49,7 +57,7 @@ def _record(task: str, request_id: str, tenant: str, start: float) -> None:
 def work(self, tenant, seconds=0.01):
     start = time.time()
     time.sleep(seconds)
-    _record("work", self.request.id, tenant, start)
+    _record("work", self.request, tenant, start)
 
 
 @app.task(bind=True)
@@ -57,7 +65,7 @@ def work(self, tenant, seconds=0.01):
 def weighted(self, tenant, seconds=0.01):
     start = time.time()
     time.sleep(seconds)
-    _record("weighted", self.request.id, tenant, start)
+    _record("weighted", self.request, tenant, start)
 
 
 @app.task(bind=True)
@@ -69,7 +77,7 @@ def capped(self, tenant, seconds=0.3):
     ledger.rpush(f"peak:{tenant}", int(ledger.get(f"running:{tenant}") or 0))
     time.sleep(seconds)
     ledger.decr(f"running:{tenant}")
-    _record("capped", self.request.id, tenant, start)
+    _record("capped", self.request, tenant, start)
 
 
 _KILL_AFTER = int(os.environ.get("TEST_FAIR_KILL_AFTER", "0") or 0)

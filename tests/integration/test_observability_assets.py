@@ -29,7 +29,7 @@ def test_alert_rules_pass_promtool():
     out = subprocess.run(["promtool", "check", "rules", str(DOCS / "prometheus-alerts.yml")],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "SUCCESS: 4 rules found" in out.stdout
+    assert "SUCCESS: 5 rules found" in out.stdout
 
 
 def dashboard_queries():

@@ -212,6 +212,33 @@ def test_purge_drops_waiting_messages_only(w):
     assert Q in s.queues()
 
 
+def test_purge_of_one_key_leaves_the_others_their_turns(w):
+    s = w.store
+    for i in range(3):
+        s.add(Q, f"a{i}", "A", "p", weight=2)
+        s.add(Q, f"b{i}", "B", "p")
+        s.add(Q, f"c{i}", "C", "p")
+    assert s.purge(Q, "B") == 3
+    assert s.purge(Q, "B") == 0
+    assert s.purge(Q, "nobody") == 0
+    snap = s.snapshot(Q)
+    assert (snap.waiting, snap.keys) == (6, 2)
+    assert _ids(_release(s, batch=6)) == ["a0", "a1", "c0", "a2", "c1", "c2"]
+    s.add(Q, "b9", "B", "p")
+    assert _ids(_release(s, batch=6)) == ["b9"], "the purged key queues again, at weight 1"
+
+
+def test_purge_of_a_key_mid_turn_drops_its_place(w):
+    s = w.store
+    for i in range(4):
+        s.add(Q, f"a{i}", "A", "p", weight=3)
+    s.add(Q, "b0", "B", "p")
+    assert _ids(_release(s, batch=2)) == ["a0", "a1"]  # A's turn of 3 was cut short: A stays at the head
+    assert s.purge(Q, "A") == 2
+    assert _ids(_release(s, batch=6)) == ["b0"]
+    assert s.snapshot(Q).waiting == 0
+
+
 # -- differential: random sequences through the memory reference and the Lua -------------------
 
 
@@ -266,6 +293,10 @@ class FairMachine(RuleBasedStateMachine):
         else:
             self.mem_leases.release(lk, "x")
             self.red_leases.release(lk, "x")
+
+    @rule(key=st.sampled_from([None, "A", "B", "Z"]))
+    def purge(self, key: Optional[str]) -> None:
+        assert self.mem.purge(Q, key) == self.red.purge(Q, key)
 
     @rule(seconds=st.integers(0, 8))
     def tick(self, seconds: int) -> None:

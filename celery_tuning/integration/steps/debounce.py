@@ -37,9 +37,22 @@ from ...policy.cachekeys import UncacheableArgument, key_function_digest
 from ...policy.debounce import DEFAULT_KEY, DebouncePolicy
 from ...storage.debounce import STALE_DUPLICATE, STARTED_WITH_MARK, DebounceClaimed, DebounceStore
 from ...storage.process import PerProcess
-from ..deferral import HEADER_PARK, PAYLOAD_VERSION, Deferred, _ignored, decode_payload, is_eager, route_declarations
+from ..deferral import HEADER_PARK, Deferred, _ignored, decode_payload, is_eager
 from ..pipeline import Call, CallContext, PublishCall, PublishContext, Step, register_step
 from ..runtime import TuningRuntime, installed_runtime, runtime_for
+from .held import (
+    TRANSPORT_OPTIONS,
+    FirstTime,
+    StoreOutage,
+    add_to_parent,
+    check_held_task,
+    encode_call,
+    held_store,
+    message_ticket,
+    publish_claimed,
+    publish_held,
+    task_serializer,
+)
 
 __all__ = [
     "HEADER_DEBOUNCE", "DebounceMoving", "DebounceRound", "DebounceStep", "connect_receivers", "debounce_store",
@@ -52,9 +65,6 @@ logger = logging.getLogger("celery_tuning.debounce")
 HEADER_DEBOUNCE = "tuning_debounce"
 #: Registry kind of the app's debounce stores.
 _STORE = "debounce"
-#: ``apply_async`` options that are the caller's connection to the broker, not part of the call
-#: (``add_to_parent`` is acted on at the call: the caller's task gets the pending run as a child).
-_TRANSPORT = ("producer", "connection", "publisher", "router", "declare", "add_to_parent")
 #: The payload's field naming the app that stored the run: only its movers publish it.
 _APP_FIELD = "tuning_app"
 #: Seconds until a run another app stored, which a mover gave back, may be claimed again.
@@ -114,47 +124,25 @@ def queued_ttl_us(runtime: TuningRuntime) -> int:
 def debounce_store(runtime: TuningRuntime, mover: bool = False) -> DebounceStore:
     """The app's debounce store (``mover``: on the mover's own connection); built once per registry."""
 
-    def build() -> DebounceStore:
-        from ...storage.debounce import MemoryDebounceStore, RedisDebounceStore
+    def memory() -> DebounceStore:
+        from ...storage.debounce import MemoryDebounceStore
 
-        if runtime.in_memory:
-            return MemoryDebounceStore() if not mover else debounce_store(runtime)
+        return MemoryDebounceStore()
+
+    def redis(connector: Any) -> DebounceStore:
+        from ...storage.debounce import RedisDebounceStore
+
         config = runtime.config
-        connector = runtime.connector
-        if mover:
-            from ...storage.redis import MOVER_CLIENT_NAME
-
-            connector = runtime.connector_named(MOVER_CLIENT_NAME)
         return RedisDebounceStore(connector, prefix=config.key_prefix,
                                   ticket_ttl_us=int(config.park_ticket_ttl * 1_000_000))
 
-    return runtime.registry.get(_STORE, "mover" if mover else "store", build)
+    return held_store(runtime, _STORE, mover, memory, redis)
 
 
-class _Once:
-    """Log a condition once per process until it clears (the tuning Redis failing)."""
-
-    def __init__(self) -> None:
-        self.failing = False
-
-    def failed(self, what: str, exc: BaseException) -> None:
-        if not self.failing:
-            self.failing = True
-            logger.warning("celery-tuning @debounce: tuning Redis failed %s (%s); %s until it answers again",
-                           what, exc, "publishing debounced calls at once" if what == "storing a call"
-                           else "running debounced runs without their mark")
-
-    def answered(self) -> None:
-        if self.failing:
-            self.failing = False
-            logger.info("celery-tuning @debounce: tuning Redis answers again")
-
-
-_publish_side, _worker_side = _Once(), _Once()
-
-
-def _serializer(task: Any) -> str:
-    return str(getattr(task, "serializer", None) or task._app.conf.task_serializer)
+_publish_side = StoreOutage(logger, "@debounce", "storing a call", "publishing debounced calls at once")
+_worker_side = StoreOutage(logger, "@debounce", "starting a debounced run", "running debounced runs without their mark")
+#: Warnings logged once per process (per task, per foreign task).
+_warned = FirstTime()
 
 
 class DebounceStep(Step):
@@ -166,20 +154,12 @@ class DebounceStep(Step):
         self.policy = policy
         self.task_name = task_cls.name
         self.runtime = runtime_for(task_cls._app)
-        serializer = _serializer(task_cls)
-        if serializer != "json":
-            raise ConfigurationError(
-                f"@debounce: the task's serializer is {serializer!r}; debounced calls wait in the tuning "
-                "Redis as JSON (nothing read from Redis is unpickled): give the task serializer='json'")
+        check_held_task(task_cls, self.runtime, "@debounce", "debounced", "publishes debounced runs")
         if "dedupe" in (getattr(task_cls, "_tuning_policies", None) or {}):
             raise ConfigurationError(
                 "@debounce and @dedupe on one task: @debounce already keeps one pending and one running "
                 "run per key, and @dedupe would swallow the run the mover publishes (its callers would "
                 "wait forever); keep one of the two")
-        if self.runtime.config.defer_via != "park":
-            raise ConfigurationError(
-                "@debounce needs tuning_defer_via='park' (got 'countdown'): the parking mover in the "
-                "workers publishes debounced runs")
         self.delay_us = int(policy.delay * 1_000_000)
         self.max_wait_us = None if policy.max_wait is None else int(policy.max_wait * 1_000_000)
 
@@ -196,7 +176,7 @@ class DebounceStep(Step):
                 return publish_next(pctx)  # a mover publishing a run (or a run's retry), or no broker
             if waited_on(options):
                 return publish_next(pctx)  # its own id is waited for: never collapsed into another run
-            serializer = options.get("serializer") or _serializer(task)
+            serializer = options.get("serializer") or task_serializer(task)
             if serializer != "json":
                 raise ConfigurationError(
                     f"task {name!r}: @debounce: apply_async(serializer={serializer!r}): debounced calls wait "
@@ -214,19 +194,14 @@ class DebounceStep(Step):
                 found, collapsed = debounce_store(runtime).call(name, digest, run_id, payload, self.delay_us,
                                                                 self.max_wait_us, own_id=own_id)
             except StorageError as exc:
-                _publish_side.failed("storing a call", exc)
+                _publish_side.failed(exc)
                 return publish_next(pctx)
             _publish_side.answered()
             if own_id and found != run_id:
                 return publish_next(pctx)  # the caller waits for the id it gave: that id runs
             if collapsed:
                 events.debounced(name)  # metrics, counted per task (never per key)
-            result = task.AsyncResult(found)
-            if options.get("add_to_parent", True):
-                parent = task._app.current_worker_task
-                if parent is not None:
-                    parent.add_trail(result)  # as Celery's send_task does for a call it publishes
-            return result
+            return add_to_parent(task, options, task.AsyncResult(found))
 
         return publish
 
@@ -238,31 +213,9 @@ class DebounceStep(Step):
             kombu.exceptions.EncodeError: When its arguments are not JSON-encodable (Celery would
                 refuse to publish them as JSON too).
         """
-        from kombu.exceptions import EncodeError
-        from kombu.utils.json import dumps
-
-        task = pctx.task
-        options = {k: v for k, v in pctx.options.items() if k not in _TRANSPORT and k != "task_id"}
-        parent = task._app.current_worker_task
-        if parent is not None and "parent_id" not in options:
-            # The mover publishes from no task: keep the caller's place in the workflow now.
-            options["parent_id"] = parent.request.id
-            options["root_id"] = parent.request.root_id or parent.request.id
-        data = dict(task.signature(pctx.args, pctx.kwargs, options))
-        data["v"] = PAYLOAD_VERSION
-        data[_APP_FIELD] = _app_name(task._app)
-        try:
-            return str(dumps(data))
-        except (TypeError, ValueError, OverflowError) as exc:
-            try:
-                dumps([pctx.args, pctx.kwargs])
-            except (TypeError, ValueError, OverflowError):
-                raise EncodeError(f"task {self.task_name!r}: @debounce: the call's arguments are not "
-                                  f"JSON-encodable: {exc}") from None
-            if _once_options.first(self.task_name):
-                logger.warning("task %s: a debounced call whose apply_async options are not JSON-encodable "
-                               "(%s) is published at once, not debounced", self.task_name, exc)
-            return None
+        options = {k: v for k, v in pctx.options.items() if k not in TRANSPORT_OPTIONS and k != "task_id"}
+        return encode_call(pctx, options, {_APP_FIELD: _app_name(pctx.task._app)}, logger=logger,
+                           feature="@debounce", held_as="debounced", not_held="debounced", warned=_warned)
 
     # -- worker side ----------------------------------------------------------------------------
 
@@ -296,7 +249,7 @@ class DebounceStep(Step):
             try:
                 verdict = store.start(name, digest, run_id, pub, lease_us)
             except StorageError as exc:
-                _worker_side.failed("starting a debounced run", exc)
+                _worker_side.failed(exc)
                 return call_next(ctx)
             _worker_side.answered()
             if verdict == STALE_DUPLICATE:
@@ -337,28 +290,8 @@ def _app_name(app: Any) -> str:
     return str(getattr(app, "main", None) or "")
 
 
-class _OnceByKey:
-    def __init__(self) -> None:
-        self._seen: set = set()
-        self._lock = threading.Lock()
-
-    def first(self, key: Any) -> bool:
-        with self._lock:
-            if key in self._seen:
-                return False
-            self._seen.add(key)
-            return True
-
-
-_once_options = _OnceByKey()
-
-
 def _debounce_info(request: Any) -> Optional[Dict[str, Any]]:
-    headers = getattr(request, "headers", None) or {}
-    info = headers.get(HEADER_DEBOUNCE) if isinstance(headers, dict) else None
-    if info is None:
-        info = getattr(request, HEADER_DEBOUNCE, None)
-    return info if isinstance(info, dict) else None
+    return message_ticket(request, HEADER_DEBOUNCE)
 
 
 # -- running marks: renewed while the run runs ----------------------------------------------------
@@ -574,34 +507,22 @@ class DebounceMoving:
         return DebounceRound(published, full, earliest)
 
     def _publish(self, store: DebounceStore, name: str, claimed: List[DebounceClaimed]) -> int:
-        from ..mover import _NO_FORK_WHILE_PUBLISHING, ForeignEntry
-
-        done, failed = 0, 0
         # A published run holds its key until a worker starts it, within the queued bound.
         sent_ttl_us = queued_ttl_us(self.runtime)
-        with _NO_FORK_WHILE_PUBLISHING, self.app.producer_or_acquire() as producer:
-            for entry in claimed:
-                try:
-                    self.publish(entry, producer=producer)
-                except ForeignEntry as exc:
-                    # Another app sharing the tuning Redis (and prefix) stored it: its own movers publish
-                    # it through its broker; given back, claimable again shortly.
-                    store.unclaim(name, entry.digest, entry.task_id, entry.pub, int(FOREIGN_REST * 1_000_000))
-                    if _once_options.first(("foreign", name, exc.task)):
-                        logger.warning("parking mover: debounced runs of %s were stored by another app (%r): "
-                                       "left for its movers (give each app its own tuning_key_prefix)", name,
-                                       exc.task)
-                    continue
-                except Exception:
-                    # Whatever one run does (an undecodable payload, a publish hook raising), the others
-                    # go on; it stays claimed and is claimed again (pub + 1) after the claim TTL.
-                    failed += 1
-                    if failed == 1:
-                        logger.exception("parking mover: could not publish debounced run %s of %s; it is "
-                                         "tried again after tuning_park_claim_ttl", entry.task_id, name)
-                    continue
-                store.ack(name, entry.digest, entry.task_id, entry.pub, sent_ttl_us)
-                done += 1
+
+        def give_back(entry: DebounceClaimed, exc: Any) -> None:
+            # Another app sharing the tuning Redis (and prefix) stored it: its own movers publish it
+            # through its broker; given back, claimable again shortly.
+            store.unclaim(name, entry.digest, entry.task_id, entry.pub, int(FOREIGN_REST * 1_000_000))
+            if _warned.first(("foreign", name, exc.task)):
+                logger.warning("parking mover: debounced runs of %s were stored by another app (%r): "
+                               "left for its movers (give each app its own tuning_key_prefix)", name, exc.task)
+
+        done, failed = publish_claimed(
+            self.app, claimed, lambda entry, producer: self.publish(entry, producer=producer),
+            lambda entry: store.ack(name, entry.digest, entry.task_id, entry.pub, sent_ttl_us), give_back,
+            lambda entry: (f"parking mover: could not publish debounced run {entry.task_id} of {name}; it is "
+                           "tried again after tuning_park_claim_ttl"), logger)
         if failed > 1:
             logger.warning("parking mover: %d debounced runs of %s could not be published this round", failed, name)
         return done
@@ -612,23 +533,12 @@ class DebounceMoving:
         Raises:
             ForeignEntry: When the run's task is not one of this app's (another app stored it).
         """
-        from ..mover import ForeignEntry
-
         data = decode_payload(entry.payload)
         # The app's main name is kept for diagnostics only: a producer may name the app differently
         # from the worker (Celery(__name__) run as a script), and refusing its runs would lose them.
         data.pop(_APP_FIELD, None)
-        signature = self.app.signature(data)
-        if signature.task not in self.app.tasks:
-            raise ForeignEntry(str(signature.task))
-        signature.options["task_id"] = entry.task_id
-        headers: Dict[str, Any] = dict(signature.options.get("headers") or {})
-        headers[HEADER_DEBOUNCE] = {"k": entry.digest, "pub": entry.pub}
-        signature.options["headers"] = headers
-        declare = route_declarations(self.app, signature.options)
-        if declare:
-            signature.options["declare"] = declare
-        return signature.apply_async(producer=producer)
+        return publish_held(self.app, data, entry.task_id, HEADER_DEBOUNCE, {"k": entry.digest, "pub": entry.pub},
+                            producer)
 
 
 register_step("debounce", DebounceStep)

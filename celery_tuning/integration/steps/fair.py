@@ -23,7 +23,6 @@ ticket than the message's last publication) is dropped, never run.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import uuid
 import weakref
@@ -34,9 +33,22 @@ from ...errors import ConfigurationError, StorageError
 from ...policy.fair import FairPolicy, weight_of
 from ...storage.fair import RAN, FairCap, FairReleased, FairStore
 from ...storage.keys import key_digest, lease_key
-from ..deferral import HEADER_PARK, PAYLOAD_VERSION, _ignored, decode_payload, is_eager, route_declarations
+from ..deferral import HEADER_PARK, _ignored, decode_payload, is_eager
 from ..pipeline import Call, CallContext, PublishCall, PublishContext, Step, register_step
 from ..runtime import TuningRuntime, runtime_for
+from .held import (
+    TRANSPORT_OPTIONS,
+    FirstTime,
+    StoreOutage,
+    add_to_parent,
+    check_held_task,
+    encode_call,
+    held_store,
+    message_ticket,
+    publish_claimed,
+    publish_held,
+    task_serializer,
+)
 
 __all__ = ["HEADER_FAIR", "FairMoving", "FairMovingRound", "FairStep", "fair_store", "queue_of"]
 
@@ -46,8 +58,6 @@ logger = logging.getLogger("celery_tuning.fair")
 HEADER_FAIR = "tuning_fair"
 #: Registry kind of the app's fair stores.
 _STORE = "fair"
-#: ``apply_async`` options that are the caller's connection to the broker, not part of the call.
-_TRANSPORT = ("producer", "connection", "publisher", "router", "declare", "add_to_parent")
 #: Seconds a dispatcher's registration as a consumer of a queue lasts without renewal (renewed
 #: every round): a stopped worker's capacity leaves the window within it.
 NODE_TTL = 10.0
@@ -58,24 +68,20 @@ FOREIGN_REST = 1.0
 def fair_store(runtime: TuningRuntime, mover: bool = False) -> FairStore:
     """The app's fair store (``mover``: on the mover's own connection); built once per registry."""
 
-    def build() -> FairStore:
-        from ...storage.fair import MemoryFairStore, RedisFairStore
+    def memory() -> FairStore:
+        from ...storage.fair import MemoryFairStore
 
-        if runtime.in_memory:
-            if mover:
-                return fair_store(runtime)
-            return MemoryFairStore(ticket_ttl_us=int(runtime.config.park_ticket_ttl * 1_000_000),
-                                   leases=runtime.memory.lease)
+        return MemoryFairStore(ticket_ttl_us=int(runtime.config.park_ticket_ttl * 1_000_000),
+                               leases=runtime.memory.lease)
+
+    def redis(connector: Any) -> FairStore:
+        from ...storage.fair import RedisFairStore
+
         config = runtime.config
-        connector = runtime.connector
-        if mover:
-            from ...storage.redis import MOVER_CLIENT_NAME
-
-            connector = runtime.connector_named(MOVER_CLIENT_NAME)
         return RedisFairStore(connector, prefix=config.key_prefix,
                               ticket_ttl_us=int(config.park_ticket_ttl * 1_000_000))
 
-    return runtime.registry.get(_STORE, "mover" if mover else "store", build)
+    return held_store(runtime, _STORE, mover, memory, redis)
 
 
 def queue_of(task: Any, options: Dict[str, Any], args: Any, kwargs: Any) -> str:
@@ -91,41 +97,10 @@ def queue_of(task: Any, options: Dict[str, Any], args: Any, kwargs: Any) -> str:
     return str(queue or "celery")
 
 
-class _Once:
-    """Log a condition once per process until it clears (the tuning Redis failing)."""
-
-    def __init__(self, what: str, then: str) -> None:
-        self.what, self.then = what, then
-        self.failing = False
-
-    def failed(self, exc: BaseException) -> None:
-        if not self.failing:
-            self.failing = True
-            logger.warning("celery-tuning @fair: tuning Redis failed %s (%s); %s until it answers again",
-                           self.what, exc, self.then)
-
-    def answered(self) -> None:
-        if self.failing:
-            self.failing = False
-            logger.info("celery-tuning @fair: tuning Redis answers again")
-
-
-_publish_side = _Once("queueing a call", "publishing fair calls at once")
-_worker_side = _Once("starting a fair message", "running fair messages without leaving the window")
-_warned: Set[Any] = set()
-_warned_lock = threading.Lock()
-
-
-def _first(key: Any) -> bool:
-    with _warned_lock:
-        if key in _warned:
-            return False
-        _warned.add(key)
-        return True
-
-
-def _serializer(task: Any) -> str:
-    return str(getattr(task, "serializer", None) or task._app.conf.task_serializer)
+_publish_side = StoreOutage(logger, "@fair", "queueing a call", "publishing fair calls at once")
+_worker_side = StoreOutage(logger, "@fair", "starting a fair message",
+                           "running fair messages without leaving the window")
+_warned = FirstTime()
 
 
 class FairStep(Step):
@@ -138,20 +113,12 @@ class FairStep(Step):
         self.task_name = task_cls.name
         self.runtime = runtime_for(task_cls._app)
         policies = getattr(task_cls, "_tuning_policies", None) or {}
-        serializer = _serializer(task_cls)
-        if serializer != "json":
-            raise ConfigurationError(
-                f"@fair: the task's serializer is {serializer!r}; fair calls wait in the tuning Redis as JSON "
-                "(nothing read from Redis is unpickled): give the task serializer='json'")
+        check_held_task(task_cls, self.runtime, "@fair", "fair", "dispatches fair queues")
         for other in ("debounce", "dedupe"):
             if other in policies:
                 raise ConfigurationError(
                     f"@fair and @{other} on one task: both decide at apply_async what is published and when; "
                     "keep one of the two")
-        if self.runtime.config.defer_via != "park":
-            raise ConfigurationError(
-                "@fair needs tuning_defer_via='park' (got 'countdown'): the parking mover in the workers "
-                "dispatches fair queues")
         self._concurrency = policies.get("concurrency")
 
     # -- publish side ---------------------------------------------------------------------------
@@ -182,9 +149,9 @@ class FairStep(Step):
                     or HEADER_PARK in headers or "retries" in options
                     or options.get("countdown") is not None or options.get("eta") is not None):
                 return publish_next(pctx)
-            serializer = options.get("serializer") or _serializer(task)
+            serializer = options.get("serializer") or task_serializer(task)
             if serializer != "json":
-                if _first(("serializer", name)):
+                if _warned.first(("serializer", name)):
                     logger.warning("task %s: a fair call sent with serializer=%r is published at once, not "
                                    "queued fairly (fair calls wait in the tuning Redis as JSON)", name, serializer)
                 return publish_next(pctx)
@@ -210,12 +177,7 @@ class FairStep(Step):
             _publish_side.answered()
             if answer != RAN:
                 events.fair_queued(queue)
-            result = task.AsyncResult(msg_id)
-            if options.get("add_to_parent", True):
-                parent = task._app.current_worker_task
-                if parent is not None:
-                    parent.add_trail(result)  # as Celery's send_task does for a call it publishes
-            return result
+            return add_to_parent(task, options, task.AsyncResult(msg_id))
 
         return publish
 
@@ -226,36 +188,15 @@ class FairStep(Step):
         Raises:
             kombu.exceptions.EncodeError: When its arguments are not JSON-encodable.
         """
-        from kombu.exceptions import EncodeError
-        from kombu.utils.json import dumps
-
         from ..receivers import stamp_headers
 
-        task = pctx.task
-        options = {k: v for k, v in pctx.options.items() if k not in _TRANSPORT}
+        options = {k: v for k, v in pctx.options.items() if k not in TRANSPORT_OPTIONS}
         options["task_id"] = msg_id
         # The call's publish time is now, not when the dispatcher releases it: queue wait and
         # end-to-end times count the wait for its turn.
         options["headers"] = stamp_headers(dict(options.get("headers") or {}))
-        parent = task._app.current_worker_task
-        if parent is not None and "parent_id" not in options:
-            # The dispatcher publishes from no task: keep the caller's place in the workflow now.
-            options["parent_id"] = parent.request.id
-            options["root_id"] = parent.request.root_id or parent.request.id
-        data = dict(task.signature(pctx.args, pctx.kwargs, options))
-        data["v"] = PAYLOAD_VERSION
-        try:
-            return str(dumps(data))
-        except (TypeError, ValueError, OverflowError) as exc:
-            try:
-                dumps([pctx.args, pctx.kwargs])
-            except (TypeError, ValueError, OverflowError):
-                raise EncodeError(f"task {self.task_name!r}: @fair: the call's arguments are not "
-                                  f"JSON-encodable: {exc}") from None
-            if _first(("options", self.task_name)):
-                logger.warning("task %s: a fair call whose apply_async options are not JSON-encodable (%s) is "
-                               "published at once, not queued fairly", self.task_name, exc)
-            return None
+        return encode_call(pctx, options, logger=logger, feature="@fair", held_as="fair",
+                           not_held="queued fairly", warned=_warned)
 
     # -- worker side ----------------------------------------------------------------------------
 
@@ -263,7 +204,7 @@ class FairStep(Step):
         runtime, name = self.runtime, self.task_name
 
         def call(ctx: CallContext) -> Any:
-            info = _fair_info(ctx.request)
+            info = message_ticket(ctx.request, HEADER_FAIR)
             if info is None or not runtime.enabled or is_eager(ctx.request):
                 return call_next(ctx)
             try:
@@ -282,14 +223,6 @@ class FairStep(Step):
             return call_next(ctx)
 
         return call
-
-
-def _fair_info(request: Any) -> Optional[Dict[str, Any]]:
-    headers = getattr(request, "headers", None) or {}
-    info = headers.get(HEADER_FAIR) if isinstance(headers, dict) else None
-    if info is None:
-        info = getattr(request, HEADER_FAIR, None)
-    return info if isinstance(info, dict) else None
 
 
 # -- the worker this process runs (its concurrency and queues size the window) ---------------------
@@ -418,30 +351,18 @@ class FairMoving:
         return published, len(done.released) >= batch, done.waiting > 0
 
     def _publish(self, store: FairStore, queue: str, released: List[FairReleased]) -> int:
-        from ..mover import _NO_FORK_WHILE_PUBLISHING, ForeignEntry
+        def give_back(entry: FairReleased, exc: Any) -> None:
+            store.unclaim(queue, entry.msg_id, entry.pub, int(FOREIGN_REST * 1_000_000))
+            if _warned.first(("foreign", queue, exc.task)):
+                logger.warning("fair dispatcher: queue %s holds task %r, which this app does not have: "
+                               "left for the app that queued it (give each app its own "
+                               "tuning_key_prefix)", queue, exc.task)
 
-        done, failed = 0, 0
-        with _NO_FORK_WHILE_PUBLISHING, self.app.producer_or_acquire() as producer:
-            for entry in released:
-                try:
-                    self.publish(queue, entry, producer=producer)
-                except ForeignEntry as exc:
-                    store.unclaim(queue, entry.msg_id, entry.pub, int(FOREIGN_REST * 1_000_000))
-                    if _first(("foreign", queue, exc.task)):
-                        logger.warning("fair dispatcher: queue %s holds task %r, which this app does not have: "
-                                       "left for the app that queued it (give each app its own "
-                                       "tuning_key_prefix)", queue, exc.task)
-                    continue
-                except Exception:
-                    # Whatever one message does (an undecodable payload, a publish hook raising), the
-                    # others go on; it stays claimed and is released again after the claim TTL.
-                    failed += 1
-                    if failed == 1:
-                        logger.exception("fair dispatcher: could not publish message %s of queue %s; it is "
-                                         "tried again after tuning_park_claim_ttl", entry.msg_id, queue)
-                    continue
-                store.ack(queue, entry.msg_id, entry.pub)
-                done += 1
+        done, _ = publish_claimed(
+            self.app, released, lambda entry, producer: self.publish(queue, entry, producer=producer),
+            lambda entry: store.ack(queue, entry.msg_id, entry.pub), give_back,
+            lambda entry: (f"fair dispatcher: could not publish message {entry.msg_id} of queue {queue}; it is "
+                           "tried again after tuning_park_claim_ttl"), logger)
         if done:
             self.released += done
             events.fair_released(queue, done)
@@ -453,19 +374,8 @@ class FairMoving:
         Raises:
             ForeignEntry: When the message's task is not one of this app's.
         """
-        from ..mover import ForeignEntry
-
-        signature = self.app.signature(decode_payload(entry.payload))
-        if signature.task not in self.app.tasks:
-            raise ForeignEntry(str(signature.task))
-        signature.options["task_id"] = entry.msg_id
-        headers: Dict[str, Any] = dict(signature.options.get("headers") or {})
-        headers[HEADER_FAIR] = {"q": queue, "id": entry.msg_id, "pub": entry.pub, "k": entry.digest}
-        signature.options["headers"] = headers
-        declare = route_declarations(self.app, signature.options)
-        if declare:
-            signature.options["declare"] = declare
-        return signature.apply_async(producer=producer)
+        return publish_held(self.app, decode_payload(entry.payload), entry.msg_id, HEADER_FAIR,
+                            {"q": queue, "id": entry.msg_id, "pub": entry.pub, "k": entry.digest}, producer)
 
 
 register_step("fair", FairStep)
