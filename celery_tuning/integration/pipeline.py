@@ -16,7 +16,7 @@ thread-locals or by looking each other up:
 - a step that may return a stand-in for the body's result returns a :class:`Degraded`; outer
   steps see it for what it is and the chain hands Celery its value;
 - publish-side hooks (:meth:`Step.publish`) wrap ``apply_async`` in the same order, except that
-  the cache's short circuit runs before ``dedupe`` claims a key (:func:`_publish_order`);
+  the cache's short circuit runs before ``dedupe`` claims a key (:data:`PUBLISH_ORDER`);
 - before every step, a **guard** drops a stale duplicate of a message the parking mover published
   twice (:func:`celery_tuning.integration.deferral.guard`), so it never runs.
 """
@@ -26,7 +26,7 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 __all__ = [
-    "STEP_ORDER", "Ahead", "Call", "CallContext", "Degraded", "PublishCall", "PublishContext", "Step",
+    "PUBLISH_ORDER", "STEP_ORDER", "Ahead", "Call", "CallContext", "Degraded", "PublishCall", "PublishContext", "Step",
     "build_chain", "build_publisher", "register_step",
 ]
 
@@ -43,6 +43,12 @@ __all__ = [
 #: call waits in its key's list, not in the broker, and its run leaves the queue's window before
 #: anything else (see docs/fair.md).
 STEP_ORDER: Tuple[str, ...] = ("fair", "debounce", "dedupe", "cache", "breaker", "concurrency", "rate_limit")
+
+#: How the steps' publish hooks nest around ``apply_async``, outermost first: as
+#: :data:`STEP_ORDER`, except that the cache's short circuit answers before ``dedupe`` claims a key.
+#: A claim taken for a call the cache then answers would name, for a moment, an id that is never
+#: published: an identical call made in that moment would be answered with it and wait forever.
+PUBLISH_ORDER: Tuple[str, ...] = ("fair", "debounce", "cache", "dedupe", "breaker", "concurrency", "rate_limit")
 
 
 class CallContext:
@@ -270,15 +276,14 @@ def _guarded(call_next: Call, steps: List[Step]) -> Call:
 
 
 def _publish_order(steps: List[Step]) -> List[Step]:
-    """``steps`` (outermost first) as their publish hooks nest: as :data:`STEP_ORDER`, except that
-    the cache's short circuit answers before ``dedupe`` claims a key. A claim taken for a call the
-    cache then answers would name, for a moment, an id that is never published: an identical call
-    made in that moment would be answered with it and wait forever."""
-    kinds = [step.kind for step in steps]
-    if "cache" in kinds and "dedupe" in kinds and kinds.index("cache") > kinds.index("dedupe"):
-        steps = list(steps)
-        steps.insert(kinds.index("dedupe"), steps.pop(kinds.index("cache")))
-    return steps
+    """``steps`` (outermost first) as their publish hooks nest: :data:`PUBLISH_ORDER` (a step of
+    no known kind keeps its place)."""
+    places = [i for i, step in enumerate(steps) if step.kind in PUBLISH_ORDER]
+    ordered = sorted((steps[i] for i in places), key=lambda step: PUBLISH_ORDER.index(step.kind))
+    out = list(steps)
+    for i, step in zip(places, ordered):
+        out[i] = step
+    return out
 
 
 def build_publisher(steps: List[Step], send: Callable[..., Any]) -> Optional[Callable[..., Any]]:

@@ -212,3 +212,11 @@ def test_when_open():
     assert admission.when_open(False, "fail", False) == "raise"
     assert admission.when_open(False, "retry", True) == "raise"
     assert admission.when_open(False, "retry", False) == "defer"
+
+
+def test_publish_order_names_every_step_once_and_puts_the_cache_before_dedupe():
+    """A kind missing from PUBLISH_ORDER would fail every bind of a task using it."""
+    from celery_tuning.integration.pipeline import PUBLISH_ORDER, STEP_ORDER
+
+    assert sorted(PUBLISH_ORDER) == sorted(STEP_ORDER) and len(set(PUBLISH_ORDER)) == len(PUBLISH_ORDER)
+    assert PUBLISH_ORDER.index("cache") < PUBLISH_ORDER.index("dedupe")
