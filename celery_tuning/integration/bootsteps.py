@@ -82,6 +82,8 @@ class TuningWorkerStep(bootsteps.StartStopStep):
             runtime.enabled = False
         self.runtime = runtime
         self.mover: Any = None
+        #: With the mover off: what registers the worker's capacity for its fair queues.
+        self.fair_registration: Any = None
         self._gate = _gate_test_worker(worker)
 
     def start(self, worker: Any) -> None:
@@ -134,7 +136,12 @@ class TuningWorkerStep(bootsteps.StartStopStep):
 
     def _start_mover(self, worker: Any) -> None:
         config = self.runtime.config
-        if config.defer_via != "park" or not config.park_mover or not self.runtime.needs_redis():
+        if config.defer_via != "park" or not self.runtime.needs_redis():
+            return
+        if not config.park_mover:
+            from .steps.fair import start_consumer_registration
+
+            self.fair_registration = start_consumer_registration(worker.app)
             return
         from .mover import Mover
 
@@ -145,6 +152,9 @@ class TuningWorkerStep(bootsteps.StartStopStep):
         mover, self.mover = self.mover, None
         if mover is not None:
             mover.stop()
+        registration, self.fair_registration = self.fair_registration, None
+        if registration is not None:
+            registration.stop()
 
     def shutdown(self, worker: Any) -> None:
         self.stop(worker)

@@ -117,7 +117,11 @@ class FairStore(Protocol):
     def add(self, queue: str, msg_id: str, digest: str, payload: str, weight: int = 1,
             cap: Optional[FairCap] = None) -> int:
         """Message ``msg_id`` joins the end of key ``digest``'s list: :data:`ADDED`, :data:`ALREADY_WAITING`
-        (it waits or is claimed: nothing changes) or :data:`RAN` (its ticket says it ran)."""
+        (it waits or is claimed: nothing changes) or :data:`RAN` (its ticket says it ran).
+
+        The key's weight becomes ``weight``; its cap becomes ``cap`` when given (None leaves a cap
+        in place: a capped call is never released only to be refused at its cap). Both go when the
+        key's last waiting message leaves."""
 
     def release(self, queue: str, batch: int, claim_ttl_us: int, window_ttl_us: int, node: str = "",
                 capacity: int = 0, node_ttl_us: int = 0, window: Optional[int] = None,
@@ -140,8 +144,9 @@ class FairStore(Protocol):
         """Drop every waiting message of the queue, or of its key ``digest`` only (not the claimed or
         released ones); how many."""
 
-    def queues(self) -> List[str]:
-        """The queues that may hold fair messages (the index)."""
+    def queues(self, keep: bool = False) -> List[str]:
+        """The queues that may hold fair messages (the index); ``keep``: a dispatcher that saw
+        messages waiting refreshes the index's expiry."""
 
     def now_us(self) -> int:
         """Now by the store's clock (µs)."""
@@ -244,10 +249,8 @@ class MemoryFairStore:
                 q.kw[digest] = int(weight)
             else:
                 q.kw.pop(digest, None)
-            if cap is not None:
+            if cap is not None:  # an uncapped call leaves a cap in place (see fair_add.lua)
                 q.kc[digest] = FairCap(int(cap.cap), cap.lease_key)
-            else:
-                q.kc.pop(digest, None)
             q.stat_n += 1
             self._process.get().index.add(queue)
             return ADDED
@@ -422,7 +425,7 @@ class MemoryFairStore:
             q.stat_n -= dropped
             return dropped
 
-    def queues(self) -> List[str]:
+    def queues(self, keep: bool = False) -> List[str]:
         with self._lock:
             return sorted(self._process.get().index)
 
@@ -513,7 +516,7 @@ class RedisFairStore(RedisHeldStore):
             if dropped < PURGE_PER_CALL:
                 return total
 
-    def queues(self) -> List[str]:
-        members = self.connector.run(lambda c: c.smembers(self.index_key), what="SMEMBERS fair index")
+    def queues(self, keep: bool = False) -> List[str]:
+        members = self.connector.evalsha("fair_queues", [self.index_key], [self.ticket_ttl_us if keep else ""])
         return sorted(_text(m) for m in members)
 

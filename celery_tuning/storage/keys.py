@@ -71,9 +71,7 @@ channel ``P:park:standby``                        pub/sub    :func:`park_standby
                                                               when its ticket may go, µs)
 ``P:fq:{Q}:<part>``                                 various    :func:`fair_keys` (``@fair`` messages of
                                                               queue ``Q``: ring, msg, own, claim, win,
-                                                              tix, tixat, kw, kc, wk, wkc, stat)
-``P:fq:{Q}:k:<digest>``                            list       :func:`fair_key_list` (one fair key's
-                                                              waiting message ids, FIFO)
+                                                              tix, tixat, kw, kc, wk, wkc, stat, line)
 ``P:fq:{Q}:p:<digest>``                            zset       :func:`fair_key_list` (a capped key's
                                                               released ids -> expiry, µs)
 ``P:fq:index``                                     set        :func:`fair_index_key` (queues that
@@ -466,6 +464,10 @@ class FairKeys(NamedTuple):
     wkc: str
     #: hash ``n`` waiting messages, ``r`` released in total.
     stat: str
+    #: hash: each key's FIFO of waiting message ids (``<digest>:<n>`` -> id, ``<digest>:h`` and
+    #: ``<digest>:t`` its head and tail positions; see ``fair_line.lua``). One key for every fair
+    #: key of the queue: the waiting ids expire with the rest of the queue, never apart from it.
+    line: str
 
 
 def fair_keys(prefix: str, queue: str) -> FairKeys:
@@ -474,9 +476,9 @@ def fair_keys(prefix: str, queue: str) -> FairKeys:
     return FairKeys(*(f"{stem}:{part}" for part in FairKeys._fields))
 
 
-def fair_key_list(prefix: str, queue: str, digest: str, part: str = "k") -> str:
-    """Fair key ``digest``'s list of waiting ids (``part="k"``) or its released ids (``"p"``); the
-    scripts build the same names from the stem (``:k:`` / ``:p:`` + digest)."""
+def fair_key_list(prefix: str, queue: str, digest: str, part: str = "p") -> str:
+    """Capped fair key ``digest``'s set of released ids (``part="p"``); the scripts build the same
+    name from the stem (``:p:`` + digest). (Waiting ids are in the queue's ``line`` hash.)"""
     return f"{hash_tag(prefix, FAIR, queue)}:{part}:{digest}"
 
 

@@ -26,12 +26,16 @@ app = Celery("tests_fair", broker=URL, backend=os.environ.get("TEST_BACKEND_URL"
 app.conf.update(
     tuning_redis_url=TUNING,
     tuning_park_claim_ttl=float(os.environ.get("TEST_CLAIM_TTL", "30")),
+    tuning_park_ticket_ttl=float(os.environ.get("TEST_TICKET_TTL", "86400")),
+    tuning_park_mover=os.environ.get("TEST_NO_MOVER") != "1",
     tuning_concurrency_lease_ttl=3.0,
     broker_connection_retry_on_startup=True,
     worker_prefetch_multiplier=1,
     task_acks_late=True,
     task_default_queue="fairq",
 )
+if os.environ.get("TEST_NO_MISSING_QUEUES") == "1":
+    app.conf.task_create_missing_queues = False
 if os.environ.get("TEST_FAIR_WINDOW"):
     app.conf.tuning_fair_window = int(os.environ["TEST_FAIR_WINDOW"])
 celery_tuning.install(app)
@@ -78,6 +82,25 @@ def capped(self, tenant, seconds=0.3):
     time.sleep(seconds)
     ledger.decr(f"running:{tenant}")
     _record("capped", self.request, tenant, start)
+
+
+@app.task(bind=True, queue="fairq2")
+@fair(key=lambda tenant, **kw: tenant)
+def elsewhere(self, tenant, seconds=0.01):
+    """Routed by its decorator's ``queue=``: a worker consuming fairq2 only runs it."""
+    start = time.time()
+    time.sleep(seconds)
+    _record("elsewhere", self.request, tenant, start)
+
+
+@app.task(bind=True)
+@fair(key=lambda tenant, n: tenant)
+def pager(self, tenant, n):
+    """Replaces itself with its next page (a fair call made from inside a fair task) until n is 0."""
+    _record("pager", self.request, tenant, time.time())
+    if n > 0:
+        raise self.replace(pager.si(tenant, n - 1))
+    return f"{tenant} done"
 
 
 _KILL_AFTER = int(os.environ.get("TEST_FAIR_KILL_AFTER", "0") or 0)

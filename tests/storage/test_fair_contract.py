@@ -6,6 +6,7 @@ A manual clock drives every store (the Redis store sends it to the scripts as th
 
 from __future__ import annotations
 
+import time
 from typing import Any, Dict, List, Optional
 
 import pytest
@@ -201,6 +202,30 @@ def test_a_key_at_its_concurrency_cap_is_passed_over_without_losing_its_turn(w):
     assert _ids(_release(s, batch=6)) == ["a2", "a3"], "nothing runs or is on its way: two slots"
 
 
+def test_an_uncapped_call_of_a_capped_key_leaves_the_cap_in_place(w):
+    # Another task of the queue, without @concurrency_limit, called with the same key value.
+    s = w.store
+    lk = lease_key("tuning", "sync", "A")
+    for i in range(3):
+        s.add(Q, f"a{i}", "A", "p", cap=FairCap(2, lk))
+    s.add(Q, "u0", "A", "p")
+    s.add(Q, "b0", "B", "p")
+    done = _release(s, batch=6)
+    if w.cluster:
+        assert _ids(done) == ["a0", "b0", "a1", "a2", "u0"], "on a Cluster caps are the step's"
+        return
+    assert _ids(done) == ["a0", "b0", "a1"], "A is at its cap of 2: a2 would only be refused and parked"
+    s.start(Q, "a0", 1, "A")
+    w.clock.now += SEC
+    assert _ids(_release(s, batch=6)) == ["a2"]
+    s.start(Q, "a1", 1, "A")
+    s.start(Q, "a2", 1, "A")
+    w.clock.now += SEC
+    assert _ids(_release(s, batch=6)) == ["u0"]
+    s.add(Q, "u1", "A", "p")
+    assert _ids(_release(s, batch=6)) == ["u1"], "A left the ring with its last call: its cap went with it"
+
+
 def test_purge_drops_waiting_messages_only(w):
     s = w.store
     for i in range(5):
@@ -237,6 +262,45 @@ def test_purge_of_a_key_mid_turn_drops_its_place(w):
     assert s.purge(Q, "A") == 2
     assert _ids(_release(s, batch=6)) == ["b0"]
     assert s.snapshot(Q).waiting == 0
+
+
+# -- expiry (Redis only: the memory store keeps no TTLs) --------------------------------------------
+
+
+@pytest.fixture(params=["redis", "cluster"])
+def short_lived(request) -> RedisFairStore:
+    """A Redis store on the server's clock whose idle queues' keys expire after 0.2 s + 1 s."""
+    if request.param == "cluster":
+        connector = RedisConnector(request.getfixturevalue("cluster_clean").url)
+    else:
+        connector = RedisConnector(request.getfixturevalue("redis_clean").db_url(5))
+    return RedisFairStore(connector, ticket_ttl_us=200_000)
+
+
+def test_waiting_calls_outlive_the_ticket_ttl_while_a_dispatcher_comes_by(short_lived):
+    # No worker consumes the queue (its window is 0), but a dispatcher comes by every 0.2 s: none
+    # of the queue's calls may expire, whichever key they wait under.
+    s = short_lived
+    for i in range(2):
+        s.add(Q, f"a{i}", "A", "p")
+        s.add(Q, f"b{i}", "B", "p")
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        done = s.release(Q, 100, CLAIM, CLAIM, node="elsewhere", capacity=0, node_ttl_us=10 * SEC)
+        assert (done.released, done.waiting, done.keys) == ([], 4, 2)
+        time.sleep(0.2)
+    assert _ids(_release(s)) == ["a0", "b0", "a1", "b1"]
+
+
+def test_an_idle_queue_expires_whole(short_lived):
+    s = short_lived
+    s.add(Q, "a0", "A", "p")
+    s.add(Q, "b0", "B", "p")
+    time.sleep(1.5)
+    done = _release(s)
+    assert (done.released, done.waiting, done.keys) == ([], 0, 0), "nothing half-expired is left behind"
+    assert s.add(Q, "a1", "A", "p") == ADDED
+    assert _ids(_release(s)) == ["a1"]
 
 
 # -- differential: random sequences through the memory reference and the Lua -------------------

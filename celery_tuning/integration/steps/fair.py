@@ -2,11 +2,12 @@
 releases them round-robin across keys into the task's queue.
 
 Publish side (:meth:`FairStep.publish`): ``apply_async`` does not publish. One script appends the
-call (its signature as JSON, its task id kept) to its key's list in its queue's fair keys, and the
-caller gets the call's ``AsyncResult``. The tuning Redis failing here publishes the call at once
-(logged once): a call is never dropped. Calls published again under their own id (``Task.retry``,
-a parked call's return, the dispatcher's own publication) and calls with a countdown or an ETA
-are published as they are.
+call (its signature as JSON, its task id kept, a relative ``expires`` made absolute) to its key's
+list in the fair keys of the queue Celery routes it to, and the caller gets the call's
+``AsyncResult``. The tuning Redis failing here publishes the call at once (logged once): a call is
+never dropped. Calls published again under their own id (``Task.retry``, ``Task.replace``, a
+parked call's return, the dispatcher's own publication) and calls with a countdown or an ETA are
+published as they are.
 
 Dispatcher (:class:`FairMoving`, one more part of each round of the parking mover,
 :class:`~celery_tuning.integration.mover.Mover`): for each queue in the fair index, one script
@@ -17,15 +18,21 @@ claim that expires and is published again under a higher ticket.
 
 Worker side (:meth:`FairStep.wrap`): before anything else, a released message *starts*: it leaves
 the window (the dispatcher is told at once when messages wait), and a stale duplicate (a lower
-ticket than the message's last publication) is dropped, never run.
+ticket than the message's last publication) is dropped, never run. A released message the worker
+revokes (expired, or ``revoke()``) leaves the window at once too. A worker whose mover is off
+registers its capacity for the window from a thread of its own (:class:`ConsumerRegistration`).
 """
 
 from __future__ import annotations
 
 import logging
+import numbers
+import os
+import threading
 import time
 import uuid
 import weakref
+from datetime import datetime, timedelta, timezone
 from typing import Any, Dict, List, NamedTuple, Optional, Set, Tuple
 
 from ... import events
@@ -50,7 +57,10 @@ from .held import (
     task_serializer,
 )
 
-__all__ = ["HEADER_FAIR", "FairMoving", "FairMovingRound", "FairStep", "fair_store", "queue_of"]
+__all__ = [
+    "HEADER_FAIR", "ConsumerRegistration", "FairMoving", "FairMovingRound", "FairStep", "exec_options", "fair_store",
+    "has_fair_task", "queue_of", "start_consumer_registration",
+]
 
 logger = logging.getLogger("celery_tuning.fair")
 
@@ -84,17 +94,36 @@ def fair_store(runtime: TuningRuntime, mover: bool = False) -> FairStore:
     return held_store(runtime, _STORE, mover, memory, redis)
 
 
+def exec_options(task: Any, options: Dict[str, Any]) -> Dict[str, Any]:
+    """``options`` over the task's own (``@app.task(queue=..., expires=...)``), as ``Task.apply_async``
+    merges them before Celery routes and publishes the call."""
+    own = {k: v for k, v in task._get_exec_options().items() if v is not None}
+    return dict(own, **options)
+
+
 def queue_of(task: Any, options: Dict[str, Any], args: Any, kwargs: Any) -> str:
-    """The name of the queue a call of ``task`` with ``options`` goes to, as Celery routes it."""
+    """The name of the queue a call of ``task`` with ``options`` goes to, as Celery routes it.
+
+    Raises:
+        celery.exceptions.QueueNotFound: A queue not declared while ``task_create_missing_queues``
+            is off (and whatever else the router raises), as ``apply_async`` raises it: the call
+            is refused now, not stored for a queue it can never be published to.
+    """
     app = task._app
-    queue = options.get("queue")
-    try:
-        routed = app.amqp.router.route(dict(options), task.name, args, kwargs)
-        queue = routed.get("queue", queue)
-    except Exception:  # a router that fails here fails again when the call is published: Celery says why
-        pass
-    queue = getattr(queue, "name", queue) or getattr(task, "queue", None) or app.conf.task_default_queue
+    merged = exec_options(task, options)
+    routed = app.amqp.router.route(merged, task.name, args, kwargs, task)
+    queue = routed.get("queue") or merged.get("queue")
+    queue = getattr(queue, "name", queue) or app.conf.task_default_queue
     return str(queue or "celery")
+
+
+def _replacing(task: Any, options: Dict[str, Any], task_id: Any) -> bool:
+    """Whether the call is ``Task.replace``'s: published under the id of a task that already ran
+    (its ticket says so: stored, it would never be released)."""
+    if options.get("replaced_task_nesting"):
+        return True
+    current = task._app.current_worker_task
+    return task_id is not None and current is not None and str(task_id) == str(current.request.id)
 
 
 _publish_side = StoreOutage(logger, "@fair", "queueing a call", "publishing fair calls at once")
@@ -147,7 +176,8 @@ class FairStep(Step):
             task = pctx.task
             if (not runtime.enabled or task._app.conf.task_always_eager or HEADER_FAIR in headers
                     or HEADER_PARK in headers or "retries" in options
-                    or options.get("countdown") is not None or options.get("eta") is not None):
+                    or options.get("countdown") is not None or options.get("eta") is not None
+                    or _replacing(task, options, pctx.task_id)):
                 return publish_next(pctx)
             serializer = options.get("serializer") or task_serializer(task)
             if serializer != "json":
@@ -192,6 +222,10 @@ class FairStep(Step):
 
         options = {k: v for k, v in pctx.options.items() if k not in TRANSPORT_OPTIONS}
         options["task_id"] = msg_id
+        expires = exec_options(pctx.task, options).get("expires")
+        if isinstance(expires, numbers.Real) and not isinstance(expires, bool):
+            # Seconds from now, as Celery counts them when it publishes: not from the release.
+            options["expires"] = (datetime.now(timezone.utc) + timedelta(seconds=float(expires))).isoformat()
         # The call's publish time is now, not when the dispatcher releases it: queue wait and
         # end-to-end times count the wait for its turn.
         options["headers"] = stamp_headers(dict(options.get("headers") or {}))
@@ -236,30 +270,146 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
         _workers[app] = sender
 
 
+def _on_task_revoked(sender: Any = None, request: Any = None, **_: Any) -> None:
+    """A released message the worker revokes (it expired while it waited for its turn or in the
+    broker, or ``revoke()`` named it) never starts: it leaves the window now, not after the claim
+    TTL, and its ticket says it is done (never released again)."""
+    info = message_ticket(request, HEADER_FAIR) if request is not None else None
+    app = getattr(sender, "_app", None)
+    if info is None or app is None:
+        return
+    runtime = runtime_for(app)
+    if not runtime.enabled:
+        return
+    try:
+        queue, msg_id, pub, digest = str(info["q"]), str(info["id"]), int(info["pub"]), str(info.get("k", ""))
+    except (KeyError, TypeError, ValueError):
+        return
+    try:
+        fair_store(runtime).start(queue, msg_id, pub, digest)
+    except StorageError as exc:
+        _worker_side.failed(exc)  # its place comes back after the claim TTL
+        return
+    _worker_side.answered()
+
+
 def connect_receivers() -> None:
-    """Remember each app's worker (idempotent; done on import)."""
+    """Remember each app's worker, free the window place of a revoked message (idempotent; done on import)."""
     from celery import signals as celery_signals
 
     celery_signals.worker_init.connect(_on_worker_init, weak=False, dispatch_uid="celery_tuning.fair.worker_init")
+    celery_signals.task_revoked.connect(_on_task_revoked, weak=False, dispatch_uid="celery_tuning.fair.task_revoked")
 
 
 connect_receivers()
 
 
 def consumer_capacity(app: Any) -> Tuple[str, int, Set[str]]:
-    """(node name, concurrency x prefetch multiplier, queues consumed) of the worker running in this
-    process for ``app``; ("", 0, empty) when none (a producer, a test's own mover)."""
+    """(registration name, concurrency x prefetch multiplier, queues consumed) of the worker running
+    in this process for ``app``; ("", 0, empty) when none (a producer, a test's own mover).
+
+    The name is the worker's node name and this process's id: two workers started with the same
+    ``-n`` each count. The prefetch multiplier is the worker's own (``--prefetch-multiplier`` or a
+    queue profile's), else the app's setting.
+    """
     worker = _workers.get(app)
     if worker is None:
         return "", 0, set()
     try:
         concurrency = int(getattr(worker, "concurrency", 0) or 0)
-        prefetch = int(app.conf.worker_prefetch_multiplier or 0)
+        prefetch = getattr(worker, "prefetch_multiplier", None)
+        if prefetch is None:
+            prefetch = app.conf.worker_prefetch_multiplier
+        prefetch = int(prefetch or 0)
         queues = set(app.amqp.queues.consume_from.keys())
     except Exception:  # a worker half set up: it registers nothing yet
         return "", 0, set()
+    hostname = str(getattr(worker, "hostname", "") or "")
     # A prefetch multiplier of 0 means "no limit" to Celery: count a worker as 4 per process then.
-    return str(getattr(worker, "hostname", "") or ""), max(0, concurrency) * (prefetch if prefetch > 0 else 4), queues
+    return f"{hostname}:{os.getpid()}", max(0, concurrency) * (prefetch if prefetch > 0 else 4), queues
+
+
+def has_fair_task(app: Any) -> bool:
+    """Whether any of ``app``'s tasks is ``@fair``."""
+    return any("fair" in (getattr(type(task), "_tuning_policies", None) or {}) for task in list(app.tasks.values()))
+
+
+class ConsumerRegistration:
+    """Registers this worker's capacity for the fair queues it consumes, on a thread of its own, in a
+    worker whose parking mover is off (``tuning_park_mover=False``).
+
+    A dispatcher registers its own worker on every round; a worker without one would add nothing to
+    the windows of the queues it consumes, and with every consumer's mover off nothing would ever
+    be released. Every ``interval`` seconds it renews the registration at each fair queue (of the
+    index) the worker consumes: a release of batch 0 (registers, takes nothing). Other workers'
+    dispatchers release the calls; none running, none are.
+
+    Arguments:
+        app: The worker's Celery app.
+        interval: Seconds between renewals (well within the registration's :data:`NODE_TTL`).
+    """
+
+    def __init__(self, app: Any, interval: float = 1.0) -> None:
+        self.app = app
+        self.runtime = runtime_for(app)
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._outage = StoreOutage(logger, "@fair", "registering this worker's capacity",
+                                   "its fair queues' windows may not count it")
+
+    def start(self) -> ConsumerRegistration:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="celery-tuning-fair-registration", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.run_once()
+                self._outage.answered()
+            except StorageError as exc:
+                self._outage.failed(exc)
+            except Exception:  # the thread must outlive any one bad renewal
+                logger.exception("fair queues: renewing this worker's registration failed")
+            self._stop.wait(self.interval)
+
+    def run_once(self) -> int:
+        """Renew the registration at every fair queue this worker consumes; how many.
+
+        Raises:
+            StorageError: When the tuning Redis fails.
+        """
+        node, capacity, consumed = consumer_capacity(self.app)
+        if not node or capacity <= 0 or not has_fair_task(self.app):
+            return 0
+        store = fair_store(self.runtime, mover=True)
+        claim_ttl_us = int(self.runtime.config.park_claim_ttl * 1_000_000)
+        renewed = 0
+        for queue in store.queues():
+            if queue in consumed:
+                store.release(queue, 0, claim_ttl_us, claim_ttl_us, node, capacity, int(NODE_TTL * 1_000_000),
+                              self.runtime.config.fair_window)
+                renewed += 1
+        return renewed
+
+
+def start_consumer_registration(app: Any) -> Optional[ConsumerRegistration]:
+    """A started :class:`ConsumerRegistration` for a worker whose parking mover is off, when ``app``
+    has a fair task (else None); logged."""
+    if not has_fair_task(app):
+        return None
+    logger.info("celery-tuning: the parking mover is off on this worker (tuning_park_mover=False): it "
+                "dispatches no fair queue; it registers its capacity for the fair queues it consumes, "
+                "whose calls other workers' dispatchers release (none running: none are)")
+    return ConsumerRegistration(app).start()
 
 
 # -- the dispatcher: the parking mover's part ------------------------------------------------------
@@ -291,6 +441,8 @@ class FairMoving:
         self._has_fair_at = -1e9
         self._queues: List[str] = []
         self._queues_at = -1e9
+        #: Messages waited (or were in a window) at the last round: keep the index alive.
+        self._busy = False
         #: Messages released since start (all queues).
         self.released = 0
 
@@ -301,15 +453,14 @@ class FairMoving:
     def active(self, now: float) -> bool:
         """Whether the app has a fair task (read again every ``spots_ttl`` seconds)."""
         if now - self._has_fair_at >= self.mover.spots_ttl:
-            self._has_fair = any("fair" in (getattr(type(task), "_tuning_policies", None) or {})
-                                 for task in list(self.app.tasks.values()))
+            self._has_fair = has_fair_task(self.app)
             self._has_fair_at = now
         return self._has_fair
 
     def queues(self, now: float) -> List[str]:
         """The queues of the fair index (read again every ``spots_ttl`` seconds)."""
         if now - self._queues_at >= self.mover.spots_ttl:
-            self._queues = self.store.queues()
+            self._queues = self.store.queues(keep=self._busy)
             self._queues_at = now
         return self._queues
 
@@ -322,12 +473,14 @@ class FairMoving:
         """
         if not self.active(now):
             return FairMovingRound(0, False, False)
-        published, full, waiting = 0, False, False
+        published, full, waiting, busy = 0, False, False, False
         for queue in self.queues(now):
-            done, was_full, left = self.release(queue)
+            done, was_full, left, in_window = self._release(queue)
             published += done
             full = full or was_full
             waiting = waiting or left
+            busy = busy or left or in_window
+        self._busy = busy
         return FairMovingRound(published, full, waiting)
 
     def run_woken(self, queues: Set[str]) -> int:
@@ -338,6 +491,9 @@ class FairMoving:
 
     def release(self, queue: str) -> Tuple[int, bool, bool]:
         """One release at ``queue``: (published, the batch was full, messages still wait)."""
+        return self._release(queue)[:3]
+
+    def _release(self, queue: str) -> Tuple[int, bool, bool, bool]:
         config = self.runtime.config
         node, capacity, consumed = consumer_capacity(self.app)
         batch = self.mover.batch
@@ -348,7 +504,7 @@ class FairMoving:
         published = self._publish(store, queue, done.released) if done.released else 0
         if events.FAIR_COUNT.subscribers:
             events.fair_count(queue, done.waiting, done.keys, done.in_window)
-        return published, len(done.released) >= batch, done.waiting > 0
+        return published, len(done.released) >= batch, done.waiting > 0, done.in_window > 0
 
     def _publish(self, store: FairStore, queue: str, released: List[FairReleased]) -> int:
         def give_back(entry: FairReleased, exc: Any) -> None:

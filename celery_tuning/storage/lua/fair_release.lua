@@ -11,7 +11,8 @@
 -- ARGV[11] '1' to honour the keys' concurrency caps (reads their lease sets: single server and
 --          Sentinel only), '' not to
 -- Returns: {waiting, window, in use, keys waiting, then id, payload, pub, digest for each message taken}.
--- Touches: the queue's keys, the visited keys' lists; expiries refreshed when anything moved.
+-- Touches: the queue's keys, capped keys' released sets; expiries refreshed when anything moved
+-- or a dispatcher came by (ARGV[7]): while a dispatcher runs, none of the queue's keys expire.
 -- Steps:
 --   * the caller's registration as a consumer is renewed (or dropped at capacity 0), lapsed
 --     registrations go; the window is ARGV[10] or the live consumers' summed capacity;
@@ -32,6 +33,7 @@
 --@include server_clock
 --@include fair_trim
 --@include fair_touch
+--@include fair_line
 local now = server_clock({}, {ARGV[1]})
 local ttl = tonumber(ARGV[2])
 local stem = ARGV[3]
@@ -141,10 +143,9 @@ while released < want do
       capped = true
     end
   end
-  local list = stem .. ':k:' .. d
   local n = 0
   while n < turn do
-    local id = redis.call('LPOP', list)
+    local id = fair_line(KEYS, {'pop', d})
     if not id then
       break
     end
@@ -155,7 +156,7 @@ while released < want do
     end
   end
   released = released + n
-  if redis.call('LLEN', list) > 0 then
+  if fair_line(KEYS, {'len', d}) > 0 then
     if cut and n > 0 and n == turn then
       redis.call('LPUSH', KEYS[1], d)
       redis.call('HINCRBY', KEYS[8], 'u:' .. d, n)
@@ -163,7 +164,6 @@ while released < want do
       redis.call('RPUSH', KEYS[1], d)
       redis.call('HDEL', KEYS[8], 'u:' .. d)
     end
-    redis.call('PEXPIRE', list, math.ceil(ttl / 1000) + 1000)
   else
     redis.call('HDEL', KEYS[8], d, 'u:' .. d)
     redis.call('HDEL', KEYS[9], d)

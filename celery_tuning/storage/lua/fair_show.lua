@@ -2,13 +2,14 @@
 --
 -- KEYS     one queue's fair keys (see fair_add.lua)
 -- ARGV[1]  now in µs, or '' for the server's TIME
--- ARGV[2]  the queue's key stem   ARGV[3]  how many deepest keys to answer (0: none)
+-- ARGV[2]  the queue's key stem (not read)   ARGV[3]  how many deepest keys to answer (0: none)
 -- ARGV[4]  most keys looked at for them (the ring's head first)
 -- Returns: {waiting, keys waiting, released and not started, claimed, released in total,
 -- live consumers' capacity, then digest, depth for the deepest keys, deepest first}.
--- Touches: nothing. Looking for the deepest keys costs one LLEN per key looked at (the CLI only).
+-- Touches: nothing. Looking for the deepest keys costs one HMGET per key looked at (the CLI only).
 -- Mirrors celery_tuning.storage.fair.MemoryFairStore.snapshot.
 --@include server_clock
+--@include fair_line
 local now = server_clock({}, {ARGV[1]})
 local nowf = string.format('%.0f', now)
 local capacity = 0
@@ -27,7 +28,7 @@ local top = tonumber(ARGV[3])
 if top > 0 then
   local best = {}
   for _, d in ipairs(redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[4]) - 1)) do
-    local depth = redis.call('LLEN', ARGV[2] .. ':k:' .. d)
+    local depth = fair_line(KEYS, {'len', d})
     local i = #best + 1
     while i > 1 and (best[i - 1][2] < depth or (best[i - 1][2] == depth and best[i - 1][1] > d)) do
       i = i - 1

@@ -4,13 +4,15 @@
 -- KEYS     one queue's fair keys (see fair_add.lua)
 -- ARGV[1]  ticket TTL in µs
 -- Returns: the expiry set, in ms.
--- Touches: KEYS[1..12] (PEXPIRE; a missing key stays missing).
--- Every key outlives the queue's last write by the ticket TTL and 1 s: waiting messages, their
--- claims and the tickets of what was released outlive their use while any producer or dispatcher
--- uses the queue, and nothing lives forever once nobody does. A key's own list
--- (stem:k:<digest>) is refreshed where it is written (fair_add, fair_release).
+-- Touches: KEYS[1..13] (PEXPIRE; a missing key stays missing).
+-- Every key outlives the queue's last write, or a dispatcher's last round, by the ticket TTL and
+-- 1 s: waiting messages, their claims and the tickets of what was released outlive their use while
+-- any producer or dispatcher uses the queue, and nothing lives forever once nobody does. The
+-- keys all get one expiry in one script: they expire together, never one before the others (every
+-- key's waiting ids are in the line hash, KEYS[13], not in keys of their own). A capped key's
+-- released set (stem:p:<digest>) bounds itself (the window's TTL).
 local ms = math.ceil(tonumber(ARGV[1]) / 1000) + 1000
-for i = 1, 12 do
+for i = 1, 13 do
   redis.call('PEXPIRE', KEYS[i], ms)
 end
 return ms
