@@ -10,36 +10,16 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Dict, List
+from typing import Any
 
 import pytest
 
 from tests.support.apps import run_producer
+from tests.support.fair import APP, fair_done, fair_env, fair_runs, wait_for
 from tests.support.workers import WorkerProcess, running_workers
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-APP = "tests.apps.fair_app:app"
-
-
-def _env(server: Any, **extra: str) -> Dict[str, str]:
-    return {"TEST_BROKER_URL": server.db_url(0), "TEST_BACKEND_URL": server.db_url(0),
-            "TEST_TUNING_URL": server.db_url(1), "TEST_LEDGER_URL": server.db_url(2), **extra}
-
-
-def _runs(server: Any, task: str) -> Dict[str, int]:
-    return {k.decode(): int(v) for k, v in server.client(2).hgetall(f"runs:{task}").items()}
-
-
-def _done(server: Any, task: str) -> List[Dict[str, Any]]:
-    return [json.loads(r) for r in server.client(2).lrange(f"done:{task}", 0, -1)]
-
-
-def _wait_for(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 @pytest.fixture()
@@ -51,7 +31,7 @@ def server(redis_server) -> Any:
 
 
 def test_a_tenant_publishing_after_a_1500_task_backlog_finishes_within_2s_and_everything_runs_once(server):
-    env = _env(server)
+    env = fair_env(server)
     with running_workers(APP, env, count=1, concurrency=2, prefix="fair"):
         out = run_producer(
             "import json, time\nfrom tests.apps.fair_app import work\n"
@@ -62,12 +42,12 @@ def test_a_tenant_publishing_after_a_1500_task_backlog_finishes_within_2s_and_ev
             "    b.append((work.delay('B').id, time.time()))\n"
             "print(json.dumps({'a': a, 'b': b}))\n", server, env=env)
         data = json.loads(out.splitlines()[-1])
-        _wait_for(lambda: len(_runs(server, "work")) >= 1520, 90, "all 1,520 runs")
+        wait_for(lambda: len(fair_runs(server, "work")) >= 1520, 90, "all 1,520 runs")
         time.sleep(0.5)  # a duplicate would have run by now
-    runs = _runs(server, "work")
+    runs = fair_runs(server, "work")
     assert set(runs) == set(data["a"]) | {i for i, _ in data["b"]}
     assert set(runs.values()) == {1}, "every call ran exactly once"
-    done = {r["id"]: r for r in _done(server, "work")}
+    done = {r["id"]: r for r in fair_done(server, "work")}
     last_a = max(done[i]["end"] for i in data["a"])
     late = [done[i]["end"] - at for i, at in data["b"]]
     assert max(late) < 2.0, late
@@ -75,7 +55,7 @@ def test_a_tenant_publishing_after_a_1500_task_backlog_finishes_within_2s_and_ev
 
 
 def test_a_dispatcher_sigkilled_between_publishing_and_acking_loses_nothing_and_runs_nothing_twice(server):
-    env = _env(server, TEST_CLAIM_TTL="2", TEST_FAIR_WINDOW="40")
+    env = fair_env(server, TEST_CLAIM_TTL="2", TEST_FAIR_WINDOW="40")
     run_producer("from tests.apps.fair_app import work\n"
                  "for i in range(60):\n"
                  "    work.delay('A' if i % 2 else 'B')\n", server, env=env)
@@ -93,46 +73,46 @@ def test_a_dispatcher_sigkilled_between_publishing_and_acking_loses_nothing_and_
     finally:
         doomed.close()
     assert server.client(2).get("killed_after") == b"5"
-    assert not _runs(server, "work"), "nothing ran yet: the published copies wait in the broker"
+    assert not fair_runs(server, "work"), "nothing ran yet: the published copies wait in the broker"
     # It claimed 40 (the window), published 5 and acknowledged 4: 36 claims are left behind, the
     # 5th message's among them although a copy of it is in the broker.
     assert server.client(1).zcard("tuning:fq:{fairq}:claim") == 36
     time.sleep(2.5)  # past the claim TTL: the next dispatcher publishes all 36 again (pub 2)
     with running_workers(APP, env, count=1, concurrency=2, prefix="heir") as workers:
-        _wait_for(lambda: len(_runs(server, "work")) >= 60, 60, "all 60 runs")
+        wait_for(lambda: len(fair_runs(server, "work")) >= 60, 60, "all 60 runs")
         time.sleep(3)  # past another claim TTL: a second copy would have run by now
         log = workers[0].output()
-    runs = _runs(server, "work")
+    runs = fair_runs(server, "work")
     assert len(runs) == 60 and set(runs.values()) == {1}, runs
     assert log.count("dropped a duplicate of a fair message") <= 1, log
 
 
 def test_weights_give_a_key_several_messages_per_turn(server):
-    env = _env(server, TEST_FAIR_WINDOW="1")
+    env = fair_env(server, TEST_FAIR_WINDOW="1")
     run_producer("from tests.apps.fair_app import weighted\n"
                  "for i in range(40):\n"
                  "    weighted.delay('gold')\n"
                  "    weighted.delay('silver')\n", server, env=env)
     with running_workers(APP, env, count=1, concurrency=1, prefix="weigh"):
-        _wait_for(lambda: len(_runs(server, "weighted")) >= 80, 60, "all 80 runs")
-    order = [r["tenant"] for r in sorted(_done(server, "weighted"), key=lambda r: r["start"])]
+        wait_for(lambda: len(fair_runs(server, "weighted")) >= 80, 60, "all 80 runs")
+    order = [r["tenant"] for r in sorted(fair_done(server, "weighted"), key=lambda r: r["start"])]
     first = order[:40]
     assert 28 <= first.count("gold") <= 32, first  # three gold per silver while both wait
-    assert set(_runs(server, "weighted").values()) == {1}
+    assert set(fair_runs(server, "weighted").values()) == {1}
 
 
 def test_a_key_at_its_concurrency_cap_is_passed_over_at_release_so_its_calls_never_park(server):
-    env = _env(server, TEST_FAIR_WINDOW="8")
+    env = fair_env(server, TEST_FAIR_WINDOW="8")
     with running_workers(APP, env, count=1, concurrency=4, prefix="cap"):
         run_producer("from tests.apps.fair_app import capped\n"
                      "for i in range(6):\n"
                      "    capped.delay('X')\n"
                      "    capped.delay('Y')\n", server, env=env)
-        _wait_for(lambda: len(_runs(server, "capped")) >= 12, 60, "all 12 runs")
+        wait_for(lambda: len(fair_runs(server, "capped")) >= 12, 60, "all 12 runs")
     ledger = server.client(2)
     for tenant in ("X", "Y"):
         peaks = [int(v) for v in ledger.lrange(f"peak:{tenant}", 0, -1)]
         assert len(peaks) == 6 and max(peaks) <= 2, (tenant, peaks)
-    assert set(_runs(server, "capped").values()) == {1}
+    assert set(fair_runs(server, "capped").values()) == {1}
     parked = [k for k in server.client(1).keys("tuning:park:*")]
     assert parked == [], f"a call was fetched, refused at its cap and parked: {parked}"
