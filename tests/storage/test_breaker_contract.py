@@ -1,5 +1,7 @@
 """One contract for both breaker stores (in-process and Redis/Lua), with a fixed clock."""
 
+import uuid
+
 import pytest
 
 from celery_tuning.storage.breaker import BreakerParams, MemoryBreakerStore, RedisBreakerStore
@@ -134,13 +136,18 @@ def test_a_failure_recorded_anywhere_changes_every_process_failure_epoch(backend
     else:
         url = (request.getfixturevalue("cluster_clean").url if backend == "cluster" else redis_clean.db_url(4))
         here, there = RedisBreakerStore(RedisConnector(url)), RedisBreakerStore(RedisConnector(url))
-    seen = here.failure_epoch(P)
+    # A breaker of this test's own: on a Cluster, a failure another test announced for P on the same
+    # channel may reach this subscriber late (the announcement crosses the cluster bus), and moved
+    # the epoch before this test's first failure (seen once in CI).
+    own = BreakerParams.make("tuning", f"pay-{uuid.uuid4().hex[:8]}", reset_timeout=10, fail_max=3,
+                             success_threshold=2, trial_timeout=5)
+    seen = here.failure_epoch(own)
     assert seen is not None  # subscribed (the first read waits for it)
-    there.apply(P, "success", now=T0)
-    there.apply(P, "status", now=T0)
-    assert here.failure_epoch(P) == seen
-    there.apply(P, "failure", now=T0)
+    there.apply(own, "success", now=T0)
+    there.apply(own, "status", now=T0)
+    assert here.failure_epoch(own) == seen
+    there.apply(own, "failure", now=T0)
     deadline = time.monotonic() + 5
-    while here.failure_epoch(P) == seen and time.monotonic() < deadline:
+    while here.failure_epoch(own) == seen and time.monotonic() < deadline:
         time.sleep(0.005)
-    assert here.failure_epoch(P) != seen
+    assert here.failure_epoch(own) != seen
