@@ -185,6 +185,20 @@ def _optional_positive_int(name: str, value: Any) -> Optional[int]:
     return int(_number(name, value, minimum=1, integer=True))
 
 
+#: Largest ``tuning_fair_window``.
+WINDOW_MOST = 2**31 - 1
+
+
+def _optional_window(name: str, value: Any) -> Optional[int]:
+    """None, or an integer 1..2**31-1 (Redis scripts count the window in Lua numbers)."""
+    if value is None:
+        return None
+    window = int(_number(name, value, minimum=1, integer=True))
+    if window > WINDOW_MOST:
+        raise _fail(name, value, f"an integer between 1 and {WINDOW_MOST}")
+    return window
+
+
 def _positive_int(name: str, value: Any) -> int:
     return int(_number(name, value, minimum=1, integer=True))
 
@@ -704,8 +718,9 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting("tuning_fair_window", "int | None", None,
             "Most @fair messages of one queue released into the broker and not yet started (see "
             "docs/fair.md). None: the sum of concurrency x prefetch multiplier of the workers consuming "
-            "the queue (each worker's dispatcher registers its own; none running: nothing is released).",
-            _optional_positive_int),
+            "the queue (each worker's dispatcher registers its own; none running: nothing is released). "
+            "At most 2**31-1.",
+            _optional_window),
     Setting("tuning_timing", "bool | None", None,
             "Worker-side timing (task_timed signal, SLA checks). None: on when tuning_sla, an @sla "
             "task or tuning_metrics_port needs it, so pass-through workers pay nothing.",

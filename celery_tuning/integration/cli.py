@@ -692,7 +692,7 @@ def fair_show(ctx: click.Context, top: int, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps([{"queue": q, "waiting": s.waiting, "keys": s.keys, "in_window": s.in_window,
                                 "window": window if window is not None else s.capacity, "claimed": s.claimed,
-                                "released_total": s.released_total,
+                                "undeliverable": s.undeliverable, "released_total": s.released_total,
                                 "deepest": [{"key": d, "waiting": n} for d, n in s.deepest]}
                                for q, s in snaps], indent=2))
         return
@@ -702,13 +702,16 @@ def fair_show(ctx: click.Context, top: int, as_json: bool) -> None:
     for queue, snap in snaps:
         size = f"{window} (tuning_fair_window)" if window is not None else f"{snap.capacity} (consumers)"
         click.echo(f"{queue}: waiting {snap.waiting} over {snap.keys} keys, window in use {snap.in_window} "
-                   f"of {size}, claimed {snap.claimed}, released {snap.released_total}")
+                   f"of {size}, claimed {snap.claimed}, released {snap.released_total}"
+                   + (f", undeliverable {snap.undeliverable}" if snap.undeliverable else ""))
         for digest, depth in snap.deepest:
             click.echo(f"  {digest} {depth}")
 
 
-@fair.command("purge", help="Drop the calls waiting for their turn in QUEUE, or only those of one key (they "
-                            "never run; results stay PENDING). Calls already released to the queue still run.")
+@fair.command("purge", help="Drop the calls of QUEUE not yet published, or only those of one key: waiting for "
+                            "their turn, claimed by a dispatcher (one being published as this runs is dropped "
+                            "by the worker) and undeliverable. They never run; results stay PENDING. Calls "
+                            "already published to the queue still run.")
 @click.argument("queue")
 @click.option("--key", "key", default=None, metavar="VALUE",
               help="Only this key's calls: the value the task's key= returns (a tenant), hashed as stored.")
@@ -728,13 +731,14 @@ def fair_purge(ctx: click.Context, queue: str, key: Optional[str], digest: Optio
     with _as_cli_error():
         store = fair_store(runtime)
         known = queue in store.queues()
-        waiting = store.snapshot(queue, top=0).waiting if known else 0
+        snap = store.snapshot(queue, top=0) if known else None
     which = f"{queue} (key {digest})" if digest is not None else queue
-    if not known or not waiting:
+    if snap is None or not (snap.waiting or snap.claimed or snap.undeliverable):
         click.echo(f"{queue}: no fair calls waiting")
         return
     if not yes:
-        click.confirm(f"drop every fair call waiting in {which}? they will never run", abort=True)
+        click.confirm(f"drop every fair call of {which} not yet published (waiting, claimed, undeliverable)? "
+                      "they will never run", abort=True)
     with _as_cli_error():
         dropped = store.purge(queue, digest)
     click.echo(f"{which}: purged {dropped}")

@@ -11,6 +11,9 @@ never the number of keys. A message's life::
                                                   claim expiry: released again (pub + 1)
             start(pub): the worker runs it; it leaves the window (a stale pub is dropped)
             window expiry: it leaves the window (lost on its way, or its worker died)
+            reject(pub): it could not be published (its task unknown, its options refused): it
+                         leaves the window, is tried again after a rest and, once claimed
+                         ``attempts`` times, is set aside as *undeliverable* (shown, purged)
 
 The *window* is the queue's released-but-not-started messages: ``release`` takes no more than the
 window's room, so the broker queue stays shallow and a new key's message is never behind another
@@ -44,6 +47,9 @@ __all__ = [
     "ADDED",
     "ALREADY_WAITING",
     "RAN",
+    "TRY_AGAIN",
+    "UNDELIVERABLE",
+    "UNDELIVERABLE_MOST",
     "WAKE_PREFIX",
     "FairCap",
     "FairReleased",
@@ -65,6 +71,10 @@ WAKE_PREFIX = "fq:"
 START_GRACE_US = 200_000
 #: Messages dropped per purge call.
 PURGE_PER_CALL = 1000
+#: :meth:`FairStore.reject` answers (0: the claim no longer owns the message, nothing changed).
+TRY_AGAIN, UNDELIVERABLE = 1, 2
+#: Most undeliverable messages a queue keeps (the oldest go first; each goes after the ticket TTL).
+UNDELIVERABLE_MOST = 10_000
 
 
 class FairCap(NamedTuple):
@@ -107,6 +117,8 @@ class FairSnapshot(NamedTuple):
     released_total: int
     #: The live consumers' capacity (the window when it is not set).
     capacity: int
+    #: Messages set aside because they could not be published (see :meth:`FairStore.reject`).
+    undeliverable: int
     #: The deepest keys: (digest, waiting), deepest first.
     deepest: List[Tuple[str, int]]
 
@@ -117,7 +129,8 @@ class FairStore(Protocol):
     def add(self, queue: str, msg_id: str, digest: str, payload: str, weight: int = 1,
             cap: Optional[FairCap] = None) -> int:
         """Message ``msg_id`` joins the end of key ``digest``'s list: :data:`ADDED`, :data:`ALREADY_WAITING`
-        (it waits or is claimed: nothing changes) or :data:`RAN` (its ticket says it ran).
+        (it waits, is claimed, released and not started, or undeliverable: nothing changes) or
+        :data:`RAN` (its ticket says it ran).
 
         The key's weight becomes ``weight``; its cap becomes ``cap`` when given (None leaves a cap
         in place: a capped call is never released only to be refused at its cap). Both go when the
@@ -131,8 +144,13 @@ class FairStore(Protocol):
     def ack(self, queue: str, msg_id: str, pub: int) -> bool:
         """The dispatcher published ``msg_id`` claimed with ``pub``: True when that claim still owned it."""
 
-    def unclaim(self, queue: str, msg_id: str, pub: int, rest_us: int) -> bool:
-        """Give back a message claimed with ``pub`` without publishing it: released again in ``rest_us``."""
+    def reject(self, queue: str, msg_id: str, pub: int, rest_us: int, attempts: int,
+               most: int = UNDELIVERABLE_MOST) -> int:
+        """The dispatcher could not publish ``msg_id`` claimed with ``pub`` (its task unknown to its
+        app, its options refused): it leaves the window now. :data:`TRY_AGAIN`: claimed again after
+        ``rest_us`` (pub + 1); :data:`UNDELIVERABLE` once it was claimed ``attempts`` times: set
+        aside (at most ``most`` per queue, each for the ticket TTL), never released again; 0 when
+        that claim no longer owns it (nothing changes)."""
 
     def start(self, queue: str, msg_id: str, pub: int, digest: str) -> bool:
         """A worker is about to run ``msg_id`` published with ``pub``: False for a stale duplicate (drop it)."""
@@ -141,8 +159,10 @@ class FairStore(Protocol):
         """The queue's counts and its ``top`` deepest keys among the first ``scan`` of the ring. Read-only."""
 
     def purge(self, queue: str, digest: Optional[str] = None) -> int:
-        """Drop every waiting message of the queue, or of its key ``digest`` only (not the claimed or
-        released ones); how many."""
+        """Drop every waiting, claimed and undeliverable message of the queue, or of its key
+        ``digest`` only; how many. A claimed message's ticket goes one publication up: a copy its
+        dispatcher publishes meanwhile is dropped at its start, never run. Released (published)
+        messages are left to run."""
 
     def queues(self, keep: bool = False) -> List[str]:
         """The queues that may hold fair messages (the index); ``keep``: a dispatcher that saw
@@ -155,7 +175,7 @@ class FairStore(Protocol):
 class _QueueState:
     """One queue's state, the ``fair_*.lua`` keys as Python containers."""
 
-    __slots__ = ("claim", "kc", "kw", "lists", "msg", "own", "released", "ring", "stat_n", "stat_r",
+    __slots__ = ("claim", "dead", "kc", "kw", "lists", "msg", "own", "released", "ring", "stat_n", "stat_r",
                  "tix", "tixat", "used", "win", "wk", "wkc")
 
     def __init__(self) -> None:
@@ -175,6 +195,8 @@ class _QueueState:
         self.wkc: Dict[str, int] = {}
         #: Per capped key: released id -> window expiry.
         self.released: Dict[str, Dict[str, int]] = {}
+        #: Undeliverable id -> when it was set aside.
+        self.dead: Dict[str, int] = {}
         self.stat_n = 0
         self.stat_r = 0
 
@@ -237,7 +259,8 @@ class MemoryFairStore:
             ticket = q.tix.get(msg_id)
             if ticket is not None and ticket.endswith(":r"):
                 return RAN
-            if msg_id in q.msg:
+            if ticket is not None or msg_id in q.msg:
+                # Released and not started yet keeps its first arguments, as waiting does.
                 return ALREADY_WAITING
             ids = q.lists.setdefault(digest, [])
             ids.append(msg_id)
@@ -365,15 +388,29 @@ class MemoryFairStore:
             q.own.pop(msg_id, None)
             return True
 
-    def unclaim(self, queue: str, msg_id: str, pub: int, rest_us: int) -> bool:
+    def reject(self, queue: str, msg_id: str, pub: int, rest_us: int, attempts: int,
+               most: int = UNDELIVERABLE_MOST) -> int:
         with self._lock:
             now = self.clock()
             q = self._state(queue)
+            q.trim(now)
             ticket = q.tix.get(msg_id)
             if ticket is None or ticket.endswith(":r") or _ticket_pub(ticket) != int(pub) or msg_id not in q.claim:
-                return False
-            q.claim[msg_id] = now + int(rest_us)
-            return True
+                return 0
+            q.win.pop(msg_id, None)
+            q.released.get(q.own.get(msg_id, ""), {}).pop(msg_id, None)
+            if int(pub) < int(attempts):
+                q.claim[msg_id] = now + int(rest_us)
+                return TRY_AGAIN
+            del q.claim[msg_id]
+            q.dead[msg_id] = now
+            for stale in (lambda: _by_score(q.dead, 100, now - self.ticket_ttl_us),
+                          lambda: _by_score(q.dead, len(q.dead) - max(1, int(most)), now)):
+                for gone in stale():
+                    del q.dead[gone]
+                    q.msg.pop(gone, None)
+                    q.own.pop(gone, None)
+            return UNDELIVERABLE
 
     def start(self, queue: str, msg_id: str, pub: int, digest: str) -> bool:
         with self._lock:
@@ -387,6 +424,7 @@ class MemoryFairStore:
             q.tixat[msg_id] = now + self.ticket_ttl_us
             q.claim.pop(msg_id, None)
             q.win.pop(msg_id, None)
+            q.dead.pop(msg_id, None)
             q.msg.pop(msg_id, None)
             q.own.pop(msg_id, None)
             mine = q.released.get(digest, {})
@@ -402,7 +440,7 @@ class MemoryFairStore:
             depths = [(d, len(q.lists.get(d, []))) for d in q.ring[:max(0, scan)]]
             deepest = sorted(depths, key=lambda pair: (-pair[1], pair[0]))[:max(0, top)]
             return FairSnapshot(q.stat_n, len(q.ring), sum(1 for at in q.win.values() if at > now), len(q.claim),
-                                q.stat_r, capacity, deepest)
+                                q.stat_r, capacity, len(q.dead), deepest)
 
     def purge(self, queue: str, digest: Optional[str] = None) -> int:
         with self._lock:
@@ -423,6 +461,21 @@ class MemoryFairStore:
                 q.used.pop(key, None)
                 q.kc.pop(key, None)
             q.stat_n -= dropped
+            now = self.clock()
+            for held in (q.claim, q.dead):
+                for msg_id in sorted(held):
+                    if digest is not None and q.own.get(msg_id) != digest:
+                        continue
+                    del held[msg_id]
+                    ticket = q.tix.get(msg_id)
+                    if ticket is not None and not ticket.endswith(":r"):
+                        q.tix[msg_id] = str(_ticket_pub(ticket) + 1)
+                        q.tixat[msg_id] = now + self.ticket_ttl_us
+                    q.win.pop(msg_id, None)
+                    q.released.get(q.own.get(msg_id, ""), {}).pop(msg_id, None)
+                    q.msg.pop(msg_id, None)
+                    q.own.pop(msg_id, None)
+                    dropped += 1
             return dropped
 
     def queues(self, keep: bool = False) -> List[str]:
@@ -493,8 +546,9 @@ class RedisFairStore(RedisHeldStore):
     def ack(self, queue: str, msg_id: str, pub: int) -> bool:
         return bool(int(self._run("fair_ack", queue, [msg_id, int(pub)])))
 
-    def unclaim(self, queue: str, msg_id: str, pub: int, rest_us: int) -> bool:
-        return bool(int(self._run("fair_unclaim", queue, [msg_id, int(pub), int(rest_us)])))
+    def reject(self, queue: str, msg_id: str, pub: int, rest_us: int, attempts: int,
+               most: int = UNDELIVERABLE_MOST) -> int:
+        return int(self._run("fair_reject", queue, [msg_id, int(pub), int(rest_us), int(attempts), int(most)]))
 
     def start(self, queue: str, msg_id: str, pub: int, digest: str) -> bool:
         return bool(int(self._run("fair_start", queue, [msg_id, int(pub), digest, self.wake_channel,
@@ -503,15 +557,16 @@ class RedisFairStore(RedisHeldStore):
     def snapshot(self, queue: str, top: int = 10, scan: int = 10_000) -> FairSnapshot:
         fixed, stem = self.keys(queue)
         reply = self.connector.evalsha("fair_show", list(fixed), [self._now(), stem, int(top), int(scan)])
-        deepest = [(_text(reply[i]), int(reply[i + 1])) for i in range(6, len(reply), 2)]
+        deepest = [(_text(reply[i]), int(reply[i + 1])) for i in range(7, len(reply), 2)]
         return FairSnapshot(int(reply[0]), int(reply[1]), int(reply[2]), int(reply[3]), int(reply[4]),
-                            int(reply[5]), deepest)
+                            int(reply[5]), int(reply[6]), deepest)
 
     def purge(self, queue: str, digest: Optional[str] = None) -> int:
         fixed, stem = self.keys(queue)
         total = 0
         while True:
-            dropped = int(self.connector.evalsha("fair_purge", list(fixed), [stem, PURGE_PER_CALL, digest or ""]))
+            dropped = int(self.connector.evalsha("fair_purge", list(fixed), [
+                stem, PURGE_PER_CALL, digest or "", self._now(), self.ticket_ttl_us]))
             total += dropped
             if dropped < PURGE_PER_CALL:
                 return total

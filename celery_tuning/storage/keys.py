@@ -71,7 +71,8 @@ channel ``P:park:standby``                        pub/sub    :func:`park_standby
                                                               when its ticket may go, µs)
 ``P:fq:{Q}:<part>``                                 various    :func:`fair_keys` (``@fair`` messages of
                                                               queue ``Q``: ring, msg, own, claim, win,
-                                                              tix, tixat, kw, kc, wk, wkc, stat, line)
+                                                              tix, tixat, kw, kc, wk, wkc, stat, line,
+                                                              dead)
 ``P:fq:{Q}:p:<digest>``                            zset       :func:`fair_key_list` (a capped key's
                                                               released ids -> expiry, µs)
 ``P:fq:index``                                     set        :func:`fair_index_key` (queues that
@@ -468,6 +469,8 @@ class FairKeys(NamedTuple):
     #: ``<digest>:t`` its head and tail positions; see ``fair_line.lua``). One key for every fair
     #: key of the queue: the waiting ids expire with the rest of the queue, never apart from it.
     line: str
+    #: zset message id -> when it was set aside (µs): undeliverable (see ``fair_reject.lua``).
+    dead: str
 
 
 def fair_keys(prefix: str, queue: str) -> FairKeys:

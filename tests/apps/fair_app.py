@@ -119,3 +119,10 @@ if _KILL_AFTER:
         return result
 
     FairMoving.publish = _publish_then_die  # type: ignore[method-assign]
+
+
+if os.environ.get("TEST_FAIR_ATTEMPTS"):
+    # Set aside a message that cannot be published after this many claims (1 s apart), not 5.
+    from celery_tuning.integration.steps import fair as _fair_step
+
+    _fair_step.PUBLISH_ATTEMPTS = int(os.environ["TEST_FAIR_ATTEMPTS"])

@@ -45,7 +45,7 @@ def test_show_and_purge_a_key_then_the_queue(redis_clean):
 
     refused = fair_cmd(redis_clean, "purge", "fairq", "--key", "acme", stdin="n\n")
     assert refused.returncode == 1 and "Aborted" in refused.stderr
-    assert f"drop every fair call waiting in fairq (key {acme})?" in refused.stdout
+    assert f"drop every fair call of fairq (key {acme}) not yet published" in refused.stdout
     assert _waiting(redis_clean)["fairq"][acme] == 3
 
     out = fair_cmd(redis_clean, "purge", "fairq", "--key", "acme", stdin="y\n")

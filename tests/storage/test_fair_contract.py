@@ -18,6 +18,8 @@ from celery_tuning.storage.fair import (
     ADDED,
     ALREADY_WAITING,
     RAN,
+    TRY_AGAIN,
+    UNDELIVERABLE,
     FairCap,
     FairStore,
     MemoryFairStore,
@@ -226,15 +228,84 @@ def test_an_uncapped_call_of_a_capped_key_leaves_the_cap_in_place(w):
     assert _ids(_release(s, batch=6)) == ["u1"], "A left the ring with its last call: its cap went with it"
 
 
-def test_purge_drops_waiting_messages_only(w):
+def test_purge_drops_waiting_claimed_and_undeliverable_messages_and_a_copy_in_flight_never_runs(w):
     s = w.store
     for i in range(5):
         s.add(Q, f"a{i}", "A", "p")
-    _release(s, batch=2)
-    assert s.purge(Q) == 3
+    s.add(Q, "b0", "B", "p")
+    claimed = _release(s, batch=3).released  # a0, b0, a1: claimed, not acknowledged
+    assert s.ack(Q, "a0", 1)  # a0 was published: released, no longer the store's to drop
+    assert s.reject(Q, "b0", 1, SEC, attempts=1) == UNDELIVERABLE
+    assert s.purge(Q) == 3 + 1 + 1, "a2..a4 waiting, a1 claimed, b0 undeliverable"
     snap = s.snapshot(Q)
-    assert (snap.waiting, snap.keys, snap.claimed) == (0, 0, 2)
+    assert (snap.waiting, snap.keys, snap.claimed, snap.undeliverable, snap.in_window) == (0, 0, 0, 0, 1)
     assert Q in s.queues()
+    a1 = next(r for r in claimed if r.msg_id == "a1")
+    assert not s.ack(Q, "a1", a1.pub), "its dispatcher's ack no longer owns it"
+    assert not s.start(Q, "a1", a1.pub, "A"), "a copy published as the purge ran is dropped, never run"
+    assert s.start(Q, "a0", 1, "A"), "a message already published still runs"
+    w.clock.now += CLAIM + 1
+    assert _ids(_release(s)) == []
+
+
+def test_a_message_that_cannot_be_published_leaves_the_window_and_after_its_attempts_becomes_undeliverable(w):
+    s = w.store
+    for i in range(2):
+        s.add(Q, f"x{i}", "X", "bad")
+    for i in range(3):
+        s.add(Q, f"a{i}", "A", "good")
+    done = _release(s, window=2)
+    assert _ids(done) == ["x0", "a0"]
+    assert s.reject(Q, "x0", 1, 2 * SEC, attempts=3) == TRY_AGAIN
+    assert s.reject(Q, "x0", 1, 2 * SEC, attempts=3) == TRY_AGAIN, "the same claim: no second attempt"
+    assert not s.reject(Q, "x0", 7, 2 * SEC, attempts=3), "a claim it no longer holds"
+    assert _ids(_release(s, window=2)) == ["x1"], "x0 left the window at once"
+    assert s.reject(Q, "x1", 1, 2 * SEC, attempts=3) == TRY_AGAIN
+    assert s.ack(Q, "a0", 1) and s.start(Q, "a0", 1, "A")
+    good = _release(s, window=2).released
+    assert [r.msg_id for r in good] == ["a1", "a2"], "the bad messages hold no window place"
+    for r in good:
+        assert s.ack(Q, r.msg_id, r.pub)
+    for attempt in (2, 3):
+        w.clock.now += 2 * SEC + 1
+        again = _release(s, window=2).released
+        assert [(r.msg_id, r.pub) for r in again] == [("x0", attempt), ("x1", attempt)]
+        answer = UNDELIVERABLE if attempt == 3 else TRY_AGAIN
+        assert [s.reject(Q, r.msg_id, r.pub, 2 * SEC, attempts=3) for r in again] == [answer, answer]
+    snap = s.snapshot(Q)
+    assert (snap.claimed, snap.undeliverable, snap.in_window) == (0, 2, 2)
+    w.clock.now += CLAIM + 1
+    assert _ids(_release(s, window=2)) == [], "an undeliverable message is never released again"
+    assert s.add(Q, "x0", "X", "bad") == ALREADY_WAITING
+    assert s.purge(Q, "A") == 0 and s.purge(Q, "X") == 2
+    assert s.snapshot(Q).undeliverable == 0
+
+
+def test_undeliverable_messages_are_bounded(w):
+    s = w.store
+    for i in range(4):
+        s.add(Q, f"x{i}", "X", "bad")
+    for r in _release(s).released:
+        assert s.reject(Q, r.msg_id, r.pub, SEC, attempts=1, most=3) == UNDELIVERABLE
+    assert s.snapshot(Q).undeliverable == 3, "the oldest went"
+    assert s.add(Q, "x0", "X", "bad") == ALREADY_WAITING, "its ticket remains: the id is not queued again"
+
+
+def test_an_id_added_again_after_its_release_is_dropped_not_queued_with_new_arguments(w):
+    s = w.store
+    s.add(Q, "a0", "A", "first")
+    r = _release(s).released[0]
+    assert s.ack(Q, "a0", r.pub)
+    assert s.add(Q, "a0", "A", "second") == ALREADY_WAITING, "released, not started: it keeps its arguments"
+    assert s.start(Q, "a0", r.pub, "A")
+    assert s.add(Q, "a0", "A", "third") == RAN
+
+
+def test_a_snapshot_that_scans_no_key_shows_no_deepest_key(w):
+    s = w.store
+    s.add(Q, "a0", "A", "p")
+    assert s.snapshot(Q, top=3, scan=0).deepest == []
+    assert s.snapshot(Q, top=3, scan=1).deepest == [("A", 1)]
 
 
 def test_purge_of_one_key_leaves_the_others_their_turns(w):
@@ -259,7 +330,7 @@ def test_purge_of_a_key_mid_turn_drops_its_place(w):
         s.add(Q, f"a{i}", "A", "p", weight=3)
     s.add(Q, "b0", "B", "p")
     assert _ids(_release(s, batch=2)) == ["a0", "a1"]  # A's turn of 3 was cut short: A stays at the head
-    assert s.purge(Q, "A") == 2
+    assert s.purge(Q, "A") == 2 + 2, "a2, a3 waiting; a0, a1 claimed"
     assert _ids(_release(s, batch=6)) == ["b0"]
     assert s.snapshot(Q).waiting == 0
 
@@ -357,6 +428,15 @@ class FairMachine(RuleBasedStateMachine):
         else:
             self.mem_leases.release(lk, "x")
             self.red_leases.release(lk, "x")
+
+    @rule(data=st.data(), attempts=st.integers(1, 3), rest=st.integers(0, 3))
+    def reject(self, data: Any, attempts: int, rest: int) -> None:
+        if not self.released:
+            return
+        msg_id = data.draw(st.sampled_from(sorted(self.released)))
+        pub = self.released[msg_id] - data.draw(st.integers(0, 1))
+        args = (Q, msg_id, pub, rest * SEC, attempts, 2)
+        assert self.mem.reject(*args) == self.red.reject(*args)
 
     @rule(key=st.sampled_from([None, "A", "B", "Z"]))
     def purge(self, key: Optional[str]) -> None:

@@ -153,6 +153,9 @@ def test_rate_limit_forms_are_normalized():
         ({"tuning_profiles": {"x": {"autoscale": "2,5"}}}, "tuning_profiles['x']['autoscale']: '2,5'"),
         ({"tuning_profiles": {"x": {"autoscale": [4]}}}, "tuning_profiles['x']['autoscale']"),
         ({"tuning_profiles": {"x": {"time_limit": 0}}}, "tuning_profiles['x']['time_limit']"),
+        ({"tuning_fair_window": 10**20}, "tuning_fair_window: 100000000000000000000 is not valid; expected an "
+                                         "integer between 1 and 2147483647"),
+        ({"tuning_fair_window": 0}, "tuning_fair_window: 0"),
     ],
 )
 def test_bad_values_name_the_setting(conf, fragment):

@@ -71,6 +71,28 @@ def test_a_relative_expires_is_stored_as_an_absolute_utc_time():
     assert 119 <= (expires - before).total_seconds() <= 121
 
 
+@pytest.mark.parametrize("expires, error", [("garbage", ValueError), ([1], TypeError)])
+def test_an_expires_celery_would_refuse_at_the_call_is_refused_at_the_call(expires, error):
+    # Stored, it could never be published: Celery refuses it when the dispatcher publishes it.
+    app = _app(task_serializer="json")
+    task = _task(app, "t")
+    pctx = SimpleNamespace(task=task, args=(1,), kwargs={}, options={"expires": expires})
+    with pytest.raises(error):
+        app.send_task("t", (1,), expires=expires)  # what a plain call raises
+    with pytest.raises(error):
+        FairStep.__new__(FairStep)._payload(pctx, "id-1")
+
+
+def test_an_iso_or_datetime_expires_is_stored_as_iso():
+    app = _app(task_serializer="json")
+    task = _task(app, "t")
+    at = datetime(2030, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    for given in (at, at.isoformat()):
+        pctx = SimpleNamespace(task=task, args=(1,), kwargs={}, options={"expires": given})
+        payload = json.loads(FairStep.__new__(FairStep)._payload(pctx, "id-1"))
+        assert datetime.fromisoformat(payload["options"]["expires"]) == at
+
+
 def test_a_worker_registers_under_its_node_name_and_pid_with_its_own_prefetch_multiplier(monkeypatch):
     app = _app(worker_prefetch_multiplier=4)
     worker = SimpleNamespace(app=app, hostname="w1@host", concurrency=3, prefetch_multiplier=2)

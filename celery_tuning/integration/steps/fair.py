@@ -25,6 +25,7 @@ registers its capacity for the window from a thread of its own (:class:`Consumer
 
 from __future__ import annotations
 
+import json
 import logging
 import numbers
 import os
@@ -38,7 +39,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Set, Tuple
 from ... import events
 from ...errors import ConfigurationError, StorageError
 from ...policy.fair import FairPolicy, weight_of
-from ...storage.fair import RAN, FairCap, FairReleased, FairStore
+from ...storage.fair import ADDED, UNDELIVERABLE, FairCap, FairReleased, FairStore
 from ...storage.keys import key_digest, lease_key
 from ..deferral import HEADER_PARK, _ignored, decode_payload, is_eager
 from ..pipeline import Call, CallContext, PublishCall, PublishContext, Step, register_step
@@ -71,8 +72,12 @@ _STORE = "fair"
 #: Seconds a dispatcher's registration as a consumer of a queue lasts without renewal (renewed
 #: every round): a stopped worker's capacity leaves the window within it.
 NODE_TTL = 10.0
-#: Seconds until a message of another app, given back by a dispatcher, is released again.
+#: Seconds until a message a dispatcher could not publish (another app's task, or one a deploy
+#: removed; options the broker refuses) is claimed again: doubled at each attempt, at most the claim TTL.
 FOREIGN_REST = 1.0
+#: Claims of a message that cannot be published before it is set aside as undeliverable (tried
+#: after 1, 2, 4 and 8 s): it no longer holds a window place meanwhile, nor after.
+PUBLISH_ATTEMPTS = 5
 
 
 def fair_store(runtime: TuningRuntime, mover: bool = False) -> FairStore:
@@ -115,6 +120,28 @@ def queue_of(task: Any, options: Dict[str, Any], args: Any, kwargs: Any) -> str:
     queue = routed.get("queue") or merged.get("queue")
     queue = getattr(queue, "name", queue) or app.conf.task_default_queue
     return str(queue or "celery")
+
+
+def absolute_expires(expires: Any) -> str:
+    """A call's ``expires`` as the absolute ISO 8601 time it is stored as, checked as Celery checks
+    it when it publishes (a stored call Celery would refuse could never be released).
+
+    Seconds count from now, as Celery counts them at the call, not from the release.
+
+    Raises:
+        ValueError: A string that is no ISO 8601 time (dateutil's ``isoparse``, as Celery's).
+        TypeError: Anything but a number, a datetime or a string.
+    """
+    if isinstance(expires, numbers.Real):
+        return (datetime.now(timezone.utc) + timedelta(seconds=float(expires))).isoformat()
+    if isinstance(expires, datetime):
+        return expires.isoformat()
+    if isinstance(expires, str):
+        from dateutil.parser import isoparse
+
+        isoparse(expires)
+        return expires
+    raise TypeError(f"expires must be seconds, a datetime or an ISO 8601 string, not {type(expires).__name__}")
 
 
 def _replacing(task: Any, options: Dict[str, Any], task_id: Any) -> bool:
@@ -205,7 +232,7 @@ class FairStep(Step):
                 pctx.task_id = msg_id
                 return publish_next(pctx)
             _publish_side.answered()
-            if answer != RAN:
+            if answer == ADDED:
                 events.fair_queued(queue)
             return add_to_parent(task, options, task.AsyncResult(msg_id))
 
@@ -217,15 +244,16 @@ class FairStep(Step):
 
         Raises:
             kombu.exceptions.EncodeError: When its arguments are not JSON-encodable.
+            ValueError: An ``expires`` string that is no ISO 8601 time, as ``apply_async`` raises it.
+            TypeError: An ``expires`` that is no number, datetime or string.
         """
         from ..receivers import stamp_headers
 
         options = {k: v for k, v in pctx.options.items() if k not in TRANSPORT_OPTIONS}
         options["task_id"] = msg_id
         expires = exec_options(pctx.task, options).get("expires")
-        if isinstance(expires, numbers.Real) and not isinstance(expires, bool):
-            # Seconds from now, as Celery counts them when it publishes: not from the release.
-            options["expires"] = (datetime.now(timezone.utc) + timedelta(seconds=float(expires))).isoformat()
+        if expires is not None:
+            options["expires"] = absolute_expires(expires)
         # The call's publish time is now, not when the dispatcher releases it: queue wait and
         # end-to-end times count the wait for its turn.
         options["headers"] = stamp_headers(dict(options.get("headers") or {}))
@@ -506,19 +534,40 @@ class FairMoving:
             events.fair_count(queue, done.waiting, done.keys, done.in_window)
         return published, len(done.released) >= batch, done.waiting > 0, done.in_window > 0
 
+    def _reject(self, store: FairStore, queue: str, entry: FairReleased, why: str) -> None:
+        """``entry`` could not be published for a reason of its own: it leaves the window, and is
+        claimed again after a rest or, after :data:`PUBLISH_ATTEMPTS` claims, set aside."""
+        rest = min(FOREIGN_REST * 2 ** max(0, entry.pub - 1), self.mover.claim_ttl_us / 1e6)
+        answer = store.reject(queue, entry.msg_id, entry.pub, int(rest * 1_000_000), PUBLISH_ATTEMPTS)
+        if answer == UNDELIVERABLE:
+            # The task's name and id only: never its arguments.
+            logger.warning("fair dispatcher: message %s (task %r) of queue %s could not be published in %d "
+                           "attempts (%s): set aside as undeliverable (`celery tuning fair show` counts it, "
+                           "`celery tuning fair purge %s` drops it)", entry.msg_id, _task_of(entry), queue,
+                           entry.pub, why, queue)
+
     def _publish(self, store: FairStore, queue: str, released: List[FairReleased]) -> int:
         def give_back(entry: FairReleased, exc: Any) -> None:
-            store.unclaim(queue, entry.msg_id, entry.pub, int(FOREIGN_REST * 1_000_000))
             if _warned.first(("foreign", queue, exc.task)):
                 logger.warning("fair dispatcher: queue %s holds task %r, which this app does not have: "
-                               "left for the app that queued it (give each app its own "
-                               "tuning_key_prefix)", queue, exc.task)
+                               "left for an app that has it, set aside as undeliverable after %d attempts "
+                               "(a deploy removed or renamed it? two apps sharing the queue: give each "
+                               "its own tuning_key_prefix)", queue, exc.task, PUBLISH_ATTEMPTS)
+            self._reject(store, queue, entry, "this app has no such task")
+
+        def reject(entry: FairReleased, exc: BaseException) -> None:
+            why = f"{type(exc).__name__}: {str(exc)[:200]}"
+            if entry.pub < PUBLISH_ATTEMPTS:
+                logger.warning("fair dispatcher: could not publish message %s (task %r) of queue %s (%s); "
+                               "attempt %d of %d", entry.msg_id, _task_of(entry), queue, why, entry.pub,
+                               PUBLISH_ATTEMPTS, exc_info=entry.pub == 1)
+            self._reject(store, queue, entry, why)
 
         done, _ = publish_claimed(
             self.app, released, lambda entry, producer: self.publish(queue, entry, producer=producer),
             lambda entry: store.ack(queue, entry.msg_id, entry.pub), give_back,
             lambda entry: (f"fair dispatcher: could not publish message {entry.msg_id} of queue {queue}; it is "
-                           "tried again after tuning_park_claim_ttl"), logger)
+                           "tried again after tuning_park_claim_ttl"), logger, reject)
         if done:
             self.released += done
             events.fair_released(queue, done)
@@ -532,6 +581,14 @@ class FairMoving:
         """
         return publish_held(self.app, decode_payload(entry.payload), entry.msg_id, HEADER_FAIR,
                             {"q": queue, "id": entry.msg_id, "pub": entry.pub, "k": entry.digest}, producer)
+
+
+def _task_of(entry: FairReleased) -> str:
+    """The task name in a released message's payload ("?" when it cannot be read)."""
+    try:
+        return str(json.loads(entry.payload).get("task", "?"))
+    except (ValueError, AttributeError):
+        return "?"
 
 
 register_step("fair", FairStep)

@@ -17,7 +17,8 @@ from ..pipeline import PublishContext
 from ..runtime import TuningRuntime
 
 __all__ = [
-    "TRANSPORT_OPTIONS", "FirstTime", "StoreOutage", "add_to_parent", "check_held_task", "encode_call", "held_store",
+    "TRANSPORT_OPTIONS", "FirstTime", "StoreOutage", "add_to_parent", "broker_failure", "check_held_task",
+    "encode_call", "held_store",
     "message_ticket", "publish_claimed", "publish_held", "task_serializer",
 ]
 
@@ -180,9 +181,23 @@ def publish_held(app: Any, data: Dict[str, Any], task_id: str, header: str, tick
     return signature.apply_async(producer=producer)
 
 
+def broker_failure(producer: Any, exc: BaseException) -> bool:
+    """Whether ``exc``, raised publishing through ``producer``, is the broker's or the tuning
+    Redis's (the connection, the channel: another try may succeed), not the message's own."""
+    from kombu.exceptions import OperationalError
+
+    from ...errors import StorageError
+
+    connection = getattr(producer, "connection", None)
+    errors = (tuple(getattr(connection, "connection_errors", ()) or ())
+              + tuple(getattr(connection, "channel_errors", ()) or ()))
+    return isinstance(exc, (OperationalError, StorageError, ConnectionError, TimeoutError, *errors))
+
+
 def publish_claimed(app: Any, claimed: Iterable[E], publish: Callable[[E, Any], Any], ack: Callable[[E], Any],
                     give_back: Callable[[E, Any], None], failure: Callable[[E], str],
-                    logger: logging.Logger) -> Tuple[int, int]:
+                    logger: logging.Logger,
+                    reject: Optional[Callable[[E, BaseException], None]] = None) -> Tuple[int, int]:
     """Publish claimed entries through one producer, acknowledging each after its publication:
     (published, failed).
 
@@ -194,6 +209,8 @@ def publish_claimed(app: Any, claimed: Iterable[E], publish: Callable[[E, Any], 
         ack: Acknowledges a published entry.
         give_back: Called with an entry another app stored and the ``ForeignEntry``: unclaim it.
         failure: The log line for an entry that could not be published (logged for the first one).
+        reject: Called with an entry whose publication failed for a reason of its own (not the
+            broker's connection: :func:`broker_failure`) and the error; None: it stays claimed.
     """
     from ..mover import _NO_FORK_WHILE_PUBLISHING, ForeignEntry
 
@@ -205,11 +222,14 @@ def publish_claimed(app: Any, claimed: Iterable[E], publish: Callable[[E, Any], 
             except ForeignEntry as exc:
                 give_back(entry, exc)
                 continue
-            except Exception:
+            except Exception as exc:
                 # Whatever one entry does (an undecodable payload, a publish hook raising), the others
-                # go on; it stays claimed and is claimed again (pub + 1) after the claim TTL.
+                # go on; it stays claimed and is claimed again (pub + 1) after the claim TTL, or
+                # (reject) is told apart from the broker failing: it would fail on every claim.
                 failed += 1
-                if failed == 1:
+                if reject is not None and not broker_failure(producer, exc):
+                    reject(entry, exc)
+                elif failed == 1:
                     logger.exception(failure(entry))
                 continue
             ack(entry)

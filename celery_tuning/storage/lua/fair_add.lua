@@ -10,15 +10,17 @@
 --   [10] wk (zset consumer node -> registration expiry µs)   [11] wkc (hash node -> capacity)
 --   [12] stat (hash: n waiting messages, r released in total)
 --   [13] line (hash: each key's FIFO of waiting ids, see fair_line.lua)
---   [14] optional: the index set (single server only; on a Cluster fair_index.lua runs first)
+--   [14] dead (zset id -> when it was set aside as undeliverable, µs; see fair_reject.lua)
+--   [15] optional: the index set (single server only; on a Cluster fair_index.lua runs first)
 -- ARGV[1]  now in µs, or '' for the server's TIME      ARGV[2]  ticket TTL (µs)
 -- ARGV[3]  the queue's key stem (P:fq:{Q})
 -- ARGV[4]  message id (the task id)   ARGV[5]  key digest   ARGV[6]  payload (JSON)
 -- ARGV[7]  the key's weight (an integer >= 1)
 -- ARGV[8]  the key's concurrency cap, or '' for none   ARGV[9]  its lease set (with a cap)
 -- ARGV[10] the queue's index member (the queue name)
--- Returns: 1 added; 2 the id already waits or is claimed (nothing changes); 0 the id's ticket
--- says it ran (nothing waits).
+-- Returns: 1 added; 2 the id already waits, is claimed, was released and has not started (its
+-- ticket is "<pub>": it keeps its first arguments) or is undeliverable (nothing changes); 0 the
+-- id's ticket says it ran (nothing waits).
 -- Touches: the queue's keys, the index; expiries refreshed (fair_touch).
 -- A key joins the ring with its first waiting message (its line's depth becomes 1): a key is in the
 -- ring exactly while messages wait under it, so the dispatcher's cost follows released messages,
@@ -41,7 +43,7 @@ local ticket = redis.call('HGET', KEYS[6], id)
 if ticket and string.sub(ticket, -2) == ':r' then
   return 0
 end
-if redis.call('HEXISTS', KEYS[2], id) == 1 then
+if ticket or redis.call('HEXISTS', KEYS[2], id) == 1 then
   return 2
 end
 if fair_line(KEYS, {'push', d, id}) == 1 then
@@ -59,8 +61,8 @@ if ARGV[8] ~= '' then
 end
 redis.call('HINCRBY', KEYS[12], 'n', 1)
 local ms = fair_touch(KEYS, {ttl})
-if KEYS[14] then
-  redis.call('SADD', KEYS[14], ARGV[10])
-  redis.call('PEXPIRE', KEYS[14], ms)
+if KEYS[15] then
+  redis.call('SADD', KEYS[15], ARGV[10])
+  redis.call('PEXPIRE', KEYS[15], ms)
 end
 return 1

@@ -3,9 +3,9 @@
 -- KEYS     one queue's fair keys (see fair_add.lua)
 -- ARGV[1]  now in µs, or '' for the server's TIME
 -- ARGV[2]  the queue's key stem (not read)   ARGV[3]  how many deepest keys to answer (0: none)
--- ARGV[4]  most keys looked at for them (the ring's head first)
+-- ARGV[4]  most keys looked at for them (the ring's head first; 0: none)
 -- Returns: {waiting, keys waiting, released and not started, claimed, released in total,
--- live consumers' capacity, then digest, depth for the deepest keys, deepest first}.
+-- live consumers' capacity, undeliverable, then digest, depth for the deepest keys, deepest first}.
 -- Touches: nothing. Looking for the deepest keys costs one HMGET per key looked at (the CLI only).
 -- Mirrors celery_tuning.storage.fair.MemoryFairStore.snapshot.
 --@include server_clock
@@ -23,9 +23,10 @@ local out = {
   redis.call('ZCARD', KEYS[4]),
   tonumber(redis.call('HGET', KEYS[12], 'r')) or 0,
   capacity,
+  redis.call('ZCARD', KEYS[14]),
 }
 local top = tonumber(ARGV[3])
-if top > 0 then
+if top > 0 and tonumber(ARGV[4]) > 0 then
   local best = {}
   for _, d in ipairs(redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[4]) - 1)) do
     local depth = fair_line(KEYS, {'len', d})
