@@ -205,6 +205,10 @@ class _QueueState:
         for _, msg_id in old:
             del self.tixat[msg_id]
             self.tix.pop(msg_id, None)
+        for msg_id in _by_score(self.dead, TRIM_PER_CALL, now):  # undeliverable, past its keeping time
+            del self.dead[msg_id]
+            self.msg.pop(msg_id, None)
+            self.own.pop(msg_id, None)
 
 
 def _by_score(zset: Dict[str, int], most: int, now: int) -> List[str]:
@@ -403,13 +407,12 @@ class MemoryFairStore:
                 q.claim[msg_id] = now + int(rest_us)
                 return TRY_AGAIN
             del q.claim[msg_id]
-            q.dead[msg_id] = now
-            for stale in (lambda: _by_score(q.dead, 100, now - self.ticket_ttl_us),
-                          lambda: _by_score(q.dead, len(q.dead) - max(1, int(most)), now)):
-                for gone in stale():
-                    del q.dead[gone]
-                    q.msg.pop(gone, None)
-                    q.own.pop(gone, None)
+            q.dead[msg_id] = now + self.ticket_ttl_us  # when it goes (trim drops it then)
+            over = len(q.dead) - max(1, int(most))
+            for gone in sorted(q.dead, key=lambda m: (q.dead[m], m))[:max(0, over)]:  # the oldest first
+                del q.dead[gone]
+                q.msg.pop(gone, None)
+                q.own.pop(gone, None)
             return UNDELIVERABLE
 
     def start(self, queue: str, msg_id: str, pub: int, digest: str) -> bool:

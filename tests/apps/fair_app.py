@@ -126,3 +126,4 @@ if os.environ.get("TEST_FAIR_ATTEMPTS"):
     from celery_tuning.integration.steps import fair as _fair_step
 
     _fair_step.PUBLISH_ATTEMPTS = int(os.environ["TEST_FAIR_ATTEMPTS"])
+    _fair_step.FOREIGN_ATTEMPTS = int(os.environ.get("TEST_FAIR_FOREIGN_ATTEMPTS", os.environ["TEST_FAIR_ATTEMPTS"]))

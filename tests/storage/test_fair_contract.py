@@ -456,3 +456,21 @@ def test_memory_and_redis_stores_agree_on_random_sequences(redis_clean):
     run_state_machine_as_test(FairMachine, settings=settings(
         max_examples=60, stateful_step_count=40, deadline=None, phases=[Phase.generate, Phase.shrink],
         suppress_health_check=[HealthCheck.too_slow]))
+
+
+def test_an_undeliverable_message_goes_after_the_ticket_ttl_on_a_busy_queue(w):
+    """Swept by the next write after its keeping time (it was only swept when another was set
+    aside: on a busy queue it stayed, payload and all, and kept its id from being queued again)."""
+    from celery_tuning.storage.tickets import DEFAULT_TICKET_TTL_US
+
+    s = w.store
+    s.add(Q, "x0", "X", "bad")
+    [r] = _release(s).released
+    assert s.reject(Q, "x0", r.pub, SEC, attempts=1) == UNDELIVERABLE
+    w.clock.now += DEFAULT_TICKET_TTL_US // 2
+    s.add(Q, "a0", "A", "good")
+    assert s.snapshot(Q).undeliverable == 1, "kept for the ticket TTL"
+    w.clock.now += DEFAULT_TICKET_TTL_US // 2 + 1
+    s.add(Q, "a1", "A", "good")  # any write trims
+    assert s.snapshot(Q).undeliverable == 0
+    assert s.add(Q, "x0", "X", "again") != ALREADY_WAITING, "its id is free again"

@@ -101,3 +101,26 @@ def test_a_worker_registers_under_its_node_name_and_pid_with_its_own_prefetch_mu
     assert node == f"w1@host:{os.getpid()}"
     assert capacity == 6, "--prefetch-multiplier 2, not the app's 4"
     assert "default" in queues
+
+
+def test_a_message_of_a_task_this_app_lacks_gets_many_more_claims_than_one_that_failed_to_publish():
+    """Two apps sharing a queue and prefix: this app's dispatchers may claim the other's call
+    several times in a row; set aside after 5 claims, 4 of 20 such calls never ran (review)."""
+    from types import SimpleNamespace
+
+    from celery_tuning.integration.steps import fair as step
+    from celery_tuning.storage.fair import FairReleased
+
+    seen = []
+
+    class Store:
+        def reject(self, queue, msg_id, pub, rest_us, attempts):
+            seen.append(attempts)
+            return 1
+
+    moving = step.FairMoving(SimpleNamespace(claim_ttl_us=30_000_000, app=None, runtime=None))
+    entry = FairReleased("m1", "{}", 3, "d")
+    moving._reject(Store(), "q", entry, step.NO_SUCH_TASK)
+    moving._reject(Store(), "q", entry, "ValueError: bad option")
+    assert seen == [step.FOREIGN_ATTEMPTS, step.PUBLISH_ATTEMPTS]
+    assert step.FOREIGN_ATTEMPTS >= 50 > step.PUBLISH_ATTEMPTS

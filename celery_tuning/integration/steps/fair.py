@@ -78,6 +78,12 @@ FOREIGN_REST = 1.0
 #: Claims of a message that cannot be published before it is set aside as undeliverable (tried
 #: after 1, 2, 4 and 8 s): it no longer holds a window place meanwhile, nor after.
 PUBLISH_ATTEMPTS = 5
+#: Claims after which a message whose task this app does not have is set aside: many more than
+#: PUBLISH_ATTEMPTS, so that another app sharing the queue and prefix (discouraged) gets its calls
+#: even when this app's dispatchers claim them first several times in a row (at the
+#: claim TTL's pace, about half an hour with the default); a task a deploy removed is set aside then.
+FOREIGN_ATTEMPTS = 60
+NO_SUCH_TASK = "this app has no such task"
 
 
 def fair_store(runtime: TuningRuntime, mover: bool = False) -> FairStore:
@@ -537,8 +543,10 @@ class FairMoving:
     def _reject(self, store: FairStore, queue: str, entry: FairReleased, why: str) -> None:
         """``entry`` could not be published for a reason of its own: it leaves the window, and is
         claimed again after a rest or, after :data:`PUBLISH_ATTEMPTS` claims, set aside."""
+        foreign = why == NO_SUCH_TASK
+        attempts = FOREIGN_ATTEMPTS if foreign else PUBLISH_ATTEMPTS
         rest = min(FOREIGN_REST * 2 ** max(0, entry.pub - 1), self.mover.claim_ttl_us / 1e6)
-        answer = store.reject(queue, entry.msg_id, entry.pub, int(rest * 1_000_000), PUBLISH_ATTEMPTS)
+        answer = store.reject(queue, entry.msg_id, entry.pub, int(rest * 1_000_000), attempts)
         if answer == UNDELIVERABLE:
             # The task's name and id only: never its arguments.
             logger.warning("fair dispatcher: message %s (task %r) of queue %s could not be published in %d "
@@ -552,8 +560,8 @@ class FairMoving:
                 logger.warning("fair dispatcher: queue %s holds task %r, which this app does not have: "
                                "left for an app that has it, set aside as undeliverable after %d attempts "
                                "(a deploy removed or renamed it? two apps sharing the queue: give each "
-                               "its own tuning_key_prefix)", queue, exc.task, PUBLISH_ATTEMPTS)
-            self._reject(store, queue, entry, "this app has no such task")
+                               "its own tuning_key_prefix)", queue, exc.task, FOREIGN_ATTEMPTS)
+            self._reject(store, queue, entry, NO_SUCH_TASK)
 
         def reject(entry: FairReleased, exc: BaseException) -> None:
             why = f"{type(exc).__name__}: {str(exc)[:200]}"

@@ -42,7 +42,8 @@ if pub < tonumber(ARGV[7]) then
   return 1
 end
 redis.call('ZREM', KEYS[4], id)
-redis.call('ZADD', KEYS[14], string.format('%.0f', now), id)
+-- scored by when it goes (the ticket TTL from now): fair_trim drops it then, whatever else happens
+redis.call('ZADD', KEYS[14], string.format('%.0f', now + ttl), id)
 local function drop(ids)
   for _, gone in ipairs(ids) do
     redis.call('ZREM', KEYS[14], gone)
@@ -50,7 +51,6 @@ local function drop(ids)
     redis.call('HDEL', KEYS[3], gone)
   end
 end
-drop(redis.call('ZRANGEBYSCORE', KEYS[14], '-inf', string.format('%.0f', now - ttl), 'LIMIT', 0, 100))
 local over = redis.call('ZCARD', KEYS[14]) - math.max(1, tonumber(ARGV[8]))
 if over > 0 then
   drop(redis.call('ZRANGE', KEYS[14], 0, over - 1))
