@@ -200,6 +200,12 @@ class _QueueState:
         self.stat_n = 0
         self.stat_r = 0
 
+    def owned(self, msg_id: str, pub: int) -> bool:
+        """Whether the claim ``pub`` still owns ``msg_id`` (``fair_owned.lua``)."""
+        ticket = self.tix.get(msg_id)
+        return (ticket is not None and not ticket.endswith(":r") and _ticket_pub(ticket) == int(pub)
+                and msg_id in self.claim)
+
     def trim(self, now: int) -> None:
         old = sorted(((at, i) for i, at in self.tixat.items() if at <= now))[:TRIM_PER_CALL]
         for _, msg_id in old:
@@ -384,8 +390,7 @@ class MemoryFairStore:
         with self._lock:
             q = self._state(queue)
             q.trim(self.clock())
-            ticket = q.tix.get(msg_id)
-            if ticket is None or ticket.endswith(":r") or _ticket_pub(ticket) != int(pub) or msg_id not in q.claim:
+            if not q.owned(msg_id, pub):
                 return False
             del q.claim[msg_id]
             q.msg.pop(msg_id, None)
@@ -398,8 +403,7 @@ class MemoryFairStore:
             now = self.clock()
             q = self._state(queue)
             q.trim(now)
-            ticket = q.tix.get(msg_id)
-            if ticket is None or ticket.endswith(":r") or _ticket_pub(ticket) != int(pub) or msg_id not in q.claim:
+            if not q.owned(msg_id, pub):
                 return 0
             q.win.pop(msg_id, None)
             q.released.get(q.own.get(msg_id, ""), {}).pop(msg_id, None)

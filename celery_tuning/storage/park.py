@@ -43,6 +43,8 @@ from .keys import ParkHandoverKeys, ParkKeys
 from .lease import LeaseStore, MemoryLeaseStore
 from .process import PerProcess
 from .redis import RedisConnector
+from .tickets import DEFAULT_TICKET_TTL_US, RedisHeldStore
+from .tickets import ticket_pub as _ticket_pub
 
 __all__ = [
     "REASONS",
@@ -57,8 +59,6 @@ __all__ = [
 #: The reasons a task parks for.
 REASONS = ("rate_limit", "concurrency", "circuit_open")
 
-#: Default seconds a published entry's ticket is kept to drop duplicates (``tuning_park_ticket_ttl``).
-DEFAULT_TICKET_TTL_US = 86_400 * 1_000_000
 #: Bounded work per call: tickets trimmed, expired claims put back, entries moved by promote/release.
 TRIM_PER_CALL = 100
 RECLAIM_PER_CALL = 1000
@@ -193,10 +193,6 @@ def _check_spot(spot: Spot) -> None:
 def _ordered(zset: Dict[str, int]) -> List[Tuple[str, int]]:
     # Redis orders a sorted set by score, then by member bytes (code-point order for str).
     return sorted(zset.items(), key=lambda item: (item[1], item[0]))
-
-
-def _ticket_pub(ticket: str) -> int:
-    return int(ticket.split(":", 1)[0])
 
 
 class _SpotState:
@@ -516,7 +512,7 @@ class MemoryParkStore:
             return sorted(found)
 
 
-class RedisParkStore:
+class RedisParkStore(RedisHeldStore):
     """Parked entries in Redis (see :mod:`celery_tuning.storage.keys` for the layout); one script per call.
 
     Raises :class:`~celery_tuning.errors.StorageError` when Redis fails.
@@ -531,10 +527,7 @@ class RedisParkStore:
     def __init__(self, connector: RedisConnector, prefix: str = "tuning",
                  clock: Optional[Callable[[], int]] = None,
                  ticket_ttl_us: int = DEFAULT_TICKET_TTL_US) -> None:
-        self.connector = connector
-        self.prefix = prefix
-        self.clock = clock
-        self.ticket_ttl_us = int(ticket_ttl_us)
+        super().__init__(connector, prefix, clock, ticket_ttl_us)
         self.index_key = keys.park_index_key(prefix)
         self.wake_channel = keys.park_wake_channel(prefix)
         self.standby_channel = keys.park_standby_channel(prefix)
@@ -644,10 +637,6 @@ class RedisParkStore:
         head = self.connector.run(lambda c: c.zrange(due, 0, 0, withscores=True), what="ZRANGE parked due")
         return int(head[0][1]) if head else None
 
-    def now_us(self) -> int:
-        if self.clock is not None:
-            return int(self.clock())
-        return int(self.connector.evalsha("park_now", [], []))
 
     def snapshot(self, spot: Spot) -> ParkSnapshot:
         due, waiting, claimed, next_due, oldest, published, standbys = self._run("park_snapshot", spot, [])

@@ -11,14 +11,11 @@
 -- Mirrors celery_tuning.storage.fair.MemoryFairStore.ack.
 --@include server_clock
 --@include fair_trim
+--@include fair_owned
 local now = server_clock({}, {ARGV[1]})
 local id = ARGV[4]
 fair_trim(KEYS, {now})
-local ticket = redis.call('HGET', KEYS[6], id)
-if not ticket or string.sub(ticket, -2) == ':r' or tonumber(string.match(ticket, '^%d+')) ~= tonumber(ARGV[5]) then
-  return 0
-end
-if not redis.call('ZSCORE', KEYS[4], id) then
+if not fair_owned(KEYS, {id, ARGV[5]}) then
   return 0
 end
 redis.call('ZREM', KEYS[4], id)

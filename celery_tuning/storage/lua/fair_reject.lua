@@ -18,17 +18,14 @@
 -- Mirrors celery_tuning.storage.fair.MemoryFairStore.reject.
 --@include server_clock
 --@include fair_trim
+--@include fair_owned
 --@include fair_touch
 local now = server_clock({}, {ARGV[1]})
 local ttl = tonumber(ARGV[2])
 local id = ARGV[4]
 local pub = tonumber(ARGV[5])
 fair_trim(KEYS, {now})
-local ticket = redis.call('HGET', KEYS[6], id)
-if not ticket or string.sub(ticket, -2) == ':r' or tonumber(string.match(ticket, '^%d+')) ~= pub then
-  return 0
-end
-if not redis.call('ZSCORE', KEYS[4], id) then
+if not fair_owned(KEYS, {id, ARGV[5]}) then
   return 0
 end
 redis.call('ZREM', KEYS[5], id)
